@@ -1,0 +1,83 @@
+"""ISS configuration: the environment, read in one place into one typed object.
+
+Nothing else in ISS reads ``os.environ``; gunicorn.conf.py and the app factory
+both take a :class:`Settings`. ``example.env`` lists every variable below with
+its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value ISS cannot use."""
+
+
+def _integer(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = environ.get(name, '').strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f'{name} must be a whole number, not {raw!r}') from None
+    if value < minimum:
+        raise ConfigError(f'{name} must be at least {minimum}, not {value}')
+    return value
+
+
+def _csv(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in environ.get(name, '').split(',') if item.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything ISS can be told from outside, with the documented defaults."""
+
+    #: Root of the store: ``blobs/``, ``meta/`` and ``tmp/`` live below it.
+    data_dir: str = './data'
+    #: Largest request body accepted on POST and PUT; 413 as soon as it is crossed.
+    max_upload_bytes: int = 2 * 1024**3
+    #: Largest artifact ``meta`` JSON document, in bytes of its text.
+    max_meta_bytes: int = 16 * 1024
+    #: When set, POST and PUT need ``Authorization: Bearer <token>``.
+    api_token: str = ''
+    #: Origins allowed by CORS; empty means CORS is off.
+    cors_origins: tuple[str, ...] = ()
+    #: Where gunicorn listens.
+    host: str = '127.0.0.1'
+    port: int = 8000
+    #: gunicorn worker processes and threads per worker (gthread worker).
+    workers: int = 2
+    threads: int = 16
+    #: Seconds a connection may stay silent (gunicorn's keep-alive and worker timeout).
+    keepalive: int = 5
+    timeout: int = 60
+    log_level: str = 'info'
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build the settings from ``environ`` (default: ``os.environ``).
+
+        Raises:
+            ConfigError: a variable is set to something unusable.
+        """
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        return cls(
+            data_dir=env.get('ISS_DATA', '').strip() or defaults.data_dir,
+            max_upload_bytes=_integer(env, 'ISS_MAX_UPLOAD_BYTES', defaults.max_upload_bytes, 1),
+            max_meta_bytes=_integer(env, 'ISS_MAX_META_BYTES', defaults.max_meta_bytes, 2),
+            api_token=env.get('ISS_API_TOKEN', '').strip(),
+            cors_origins=_csv(env, 'ISS_CORS_ORIGINS'),
+            host=env.get('ISS_HOST', '').strip() or defaults.host,
+            port=_integer(env, 'ISS_PORT', defaults.port),
+            workers=_integer(env, 'ISS_WORKERS', defaults.workers, 1),
+            threads=_integer(env, 'ISS_THREADS', defaults.threads, 1),
+            keepalive=_integer(env, 'ISS_KEEPALIVE', defaults.keepalive, 1),
+            timeout=_integer(env, 'ISS_TIMEOUT', defaults.timeout, 1),
+            log_level=env.get('ISS_LOG_LEVEL', '').strip().lower() or defaults.log_level,
+        )

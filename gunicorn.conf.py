@@ -1,0 +1,25 @@
+"""gunicorn settings for ISS, from the same environment as the app (see example.env).
+
+``gunicorn iss:app`` reads this file from the working directory by itself.
+"""
+
+from config import Settings
+
+_settings = Settings.from_env()
+
+wsgi_app = 'iss:app'
+bind = f'{_settings.host}:{_settings.port}'
+workers = _settings.workers
+# NOTE: gthread, not sync: a thread per connection, so a slow client holding an
+# upload open blocks one thread, not the worker, and /health keeps answering.
+# gunicorn still hands file responses to sendfile(2) with this worker.
+worker_class = 'gthread'
+threads = _settings.threads
+keepalive = _settings.keepalive
+timeout = _settings.timeout
+graceful_timeout = 30
+loglevel = _settings.log_level
+accesslog = '-'
+errorlog = '-'
+# NOTE: gunicorn 27 otherwise opens a control socket under $HOME.
+control_socket_disable = True

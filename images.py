@@ -1,0 +1,47 @@
+"""What ISS knows about images: identification from the header, with Pillow."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import IO
+
+from PIL import Image
+
+
+class NotAnImage(ValueError):
+    """Pillow cannot identify the bytes as an image."""
+
+
+class ImageTooLarge(ValueError):
+    """The image declares more pixels than Pillow will decode (a decompression bomb)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    format: str  # Pillow's name for the format, e.g. 'PNG'
+    mime: str  # the media type that format implies, never the client's claim
+    width: int
+    height: int
+
+
+def identify(file: IO[bytes]) -> ImageInfo:
+    """Identify an image from its header, without decoding the pixels.
+
+    Raises:
+        NotAnImage: the bytes are not a format Pillow can open.
+        ImageTooLarge: the header declares a decompression bomb.
+    """
+    try:
+        with warnings.catch_warnings():
+            # NOTE: a large-but-allowed image only warns; that is not an error here.
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                width, height = image.size
+                image_format = image.format or ''
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on hostile input
+        raise NotAnImage(str(exc) or type(exc).__name__) from None
+    mime = Image.MIME.get(image_format, 'application/octet-stream')
+    return ImageInfo(image_format, mime, width, height)

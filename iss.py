@@ -1,0 +1,744 @@
+"""ISS, the Image Store Service: images and artifacts stored by content address.
+
+Read :func:`create_app` first: it wires every route to its resource. The
+resources speak HTTP; the store (``storage.py``) speaks bytes. gunicorn runs
+``iss:app``, which is built from the environment on first use::
+
+    gunicorn iss:app              # reads ./gunicorn.conf.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import pathlib
+import re
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+import falcon
+import falcon.media
+import yaml
+from swagger_ui_bundle import swagger_ui_path
+
+import images
+import storage
+from config import Settings
+
+log = logging.getLogger('iss')
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+# NOTE: one year, and "immutable": a blob's bytes can never change under its id.
+_IMMUTABLE = ('public', 'max-age=31536000', 'immutable')
+
+# APPSEC: every blob response is a sandboxed document with no sources allowed,
+# so even content that a browser would render as a page runs no script in our
+# origin; images still display when opened directly.
+_BLOB_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+
+# APPSEC: types a browser runs as active content are also sent as attachments.
+_ACTIVE_TYPES = frozenset({
+    'text/html', 'application/xhtml+xml', 'image/svg+xml', 'text/xml', 'application/xml',
+    'text/xsl', 'text/javascript', 'application/javascript', 'application/x-javascript',
+    'application/ecmascript', 'text/ecmascript', 'application/wasm', 'multipart/x-mixed-replace',
+})
+
+_KIND_PATTERN = re.compile(r'[A-Za-z0-9._-]{1,64}')
+_MEDIA_TYPE_PATTERN = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
+_CHARSET_PATTERN = re.compile(r'charset="?([A-Za-z0-9._:-]{1,40})"?')
+_RANGE_PATTERN = re.compile(r'bytes=(\d{0,18})-(\d{0,18})', re.IGNORECASE)
+
+# Keys ISS writes into every meta file; an artifact's own meta may not use them.
+RESERVED_META_KEYS = frozenset({
+    'kind', 'bytes', 'mime', 'width', 'height', 'format', 'created_at',
+    'image_id', 'artifact_id', 'filename',
+})
+
+OCTET_STREAM = 'application/octet-stream'
+
+
+# -- errors ---------------------------------------------------------------------
+
+
+class UploadTooLarge(falcon.HTTPContentTooLarge):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            title='Upload too large',
+            description=f'The request body is larger than this service accepts ({limit} bytes).',
+        )
+
+
+class IncompleteBody(falcon.HTTPBadRequest):
+    def __init__(self, detail: str) -> None:
+        super().__init__(title='Incomplete request body', description=detail)
+
+
+def _serialize_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError) -> None:
+    """Write every error as JSON, whatever the client accepts.
+
+    ``detail`` repeats the description for clients of the FastAPI version.
+    """
+    body = error.to_dict()
+    body['status'] = error.status_code
+    body['detail'] = body.get('description', body['title'])
+    resp.data = json.dumps(body).encode()
+    resp.content_type = falcon.MEDIA_JSON
+
+
+def _raise_store_error(req: falcon.Request, resp: falcon.Response, error: Exception, params: dict) -> None:
+    """Map what the store raises to HTTP, in one place for every resource."""
+    if isinstance(error, storage.BlobNotFound):
+        raise falcon.HTTPNotFound(
+            title='Blob not found', description=f'Nothing is stored under {error}.'
+        )
+    if isinstance(error, storage.InvalidId):
+        raise falcon.HTTPNotFound(
+            title='Malformed id',
+            description=f'{error}, so it names no stored blob.',
+        )
+    if isinstance(error, storage.StoreFull):
+        log.error('store full: %s', error)
+        raise falcon.HTTPInsufficientStorage(
+            title='Storage full', description='The store has no room for this upload; nothing was stored.'
+        )
+    log.error('store unavailable: %s', error)
+    raise falcon.HTTPServiceUnavailable(
+        title='Storage unavailable', description='The data directory cannot be used right now.'
+    )
+
+
+# -- the request body -----------------------------------------------------------
+
+
+class RequestBody:
+    """The request body as a stream that enforces the upload limit and notices truncation.
+
+    A body declared larger than the limit is refused before a byte is read;
+    a chunked one is refused as soon as it crosses the limit. A client that
+    goes away before sending what it declared gets :class:`IncompleteBody`,
+    which the store sees as an ordinary exception (and removes its temp file).
+    """
+
+    def __init__(self, req: falcon.Request, limit: int) -> None:
+        self._limit = limit
+        self._received = 0
+        self.declared_length = req.content_length
+        if self.declared_length is None:
+            # NOTE: a chunked body is only safe to read when the server
+            # marks where it ends (gunicorn does; PEP 3333 servers may not).
+            if not req.env.get('wsgi.input_terminated'):
+                raise falcon.HTTPLengthRequired(
+                    title='Length required',
+                    description='Send a Content-Length header (or a chunked body to a server that supports it).',
+                )
+            self._stream = req.stream
+        elif self.declared_length > limit:
+            raise UploadTooLarge(limit)
+        else:
+            self._stream = req.bounded_stream
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self._stream.read(size)
+        except Exception as exc:  # noqa: BLE001 - servers raise various types on a broken client
+            raise IncompleteBody(f'The connection failed while reading the body: {exc}') from exc
+        self._received += len(data)
+        if self._received > self._limit:
+            raise UploadTooLarge(self._limit)
+        if not data and size != 0 and self.declared_length is not None:
+            if self._received < self.declared_length:
+                raise IncompleteBody(
+                    f'Received {self._received} of the {self.declared_length} bytes declared.'
+                )
+        return data
+
+
+@dataclasses.dataclass
+class Upload:
+    """A received upload: the staged bytes and what came with them."""
+
+    staged: storage.StagedBlob
+    filename: str | None
+    content_type: str | None
+    fields: dict[str, str]
+
+
+class UploadReceiver:
+    """Stages the file of a multipart form (field ``file``) or a raw request body."""
+
+    def __init__(self, store: storage.FileStore, settings: Settings) -> None:
+        self._store = store
+        self._limit = settings.max_upload_bytes
+        options = falcon.media.multipart.MultipartParseOptions()
+        # APPSEC: a form carries one file and a couple of short fields.
+        options.max_body_part_count = 16
+        options.max_body_part_buffer_size = settings.max_meta_bytes
+        self._multipart = falcon.media.MultipartFormHandler(options)
+
+    @contextlib.contextmanager
+    def receive(self, req: falcon.Request, *, form_fields: tuple[str, ...] = ()) -> Iterator[Upload]:
+        """Stage the upload; the temp file is removed when the block exits uncommitted."""
+        body = RequestBody(req, self._limit)
+        if is_multipart(req):
+            upload = self._receive_form(req, body, form_fields)
+        else:
+            staged = self._store.stage(body)
+            upload = Upload(staged, None, req.content_type, {})
+        with upload.staged:
+            yield upload
+
+    def _receive_form(self, req: falcon.Request, body: RequestBody, form_fields: tuple[str, ...]) -> Upload:
+        # NOTE: Falcon's parser needs a bound; for a chunked body the limit is
+        # one, since RequestBody refuses to read past it anyway.
+        length = body.declared_length if body.declared_length is not None else self._limit + 1
+        form = self._multipart.deserialize(body, req.content_type, length)
+        upload: Upload | None = None
+        fields: dict[str, str] = {}
+        try:
+            for part in form:
+                if part.name == 'file':
+                    if upload is not None:
+                        raise falcon.HTTPBadRequest(
+                            title='Two files', description='Send exactly one form field named "file".'
+                        )
+                    staged = self._store.stage(part.stream)
+                    upload = Upload(staged, part.filename, part.content_type, fields)
+                elif part.name in form_fields:
+                    if part.name in fields:
+                        raise falcon.HTTPBadRequest(
+                            title='Repeated field', description=f'The form field "{part.name}" was sent twice.'
+                        )
+                    fields[part.name] = part.get_data().decode('utf-8', 'replace')
+        except BaseException:
+            if upload is not None:
+                upload.staged.discard()
+            raise
+        if upload is None:
+            raise falcon.HTTPBadRequest(
+                title='No file', description='The form has no field named "file" (curl -F file=@path).'
+            )
+        return upload
+
+
+def is_multipart(req: falcon.Request) -> bool:
+    return (req.content_type or '').lower().startswith('multipart/form-data')
+
+
+def media_type(value: str | None) -> str:
+    """Normalise a client-declared Content-Type, or fall back to octet-stream.
+
+    Only a plain ``type/subtype`` (and a charset) is kept: anything else is
+    not trusted into a response header.
+    """
+    if not value:
+        return OCTET_STREAM
+    essence, _, params = value.partition(';')
+    essence = essence.strip().lower()
+    # NOTE: curl --data-binary labels every body a form; that is no type at all.
+    if not _MEDIA_TYPE_PATTERN.fullmatch(essence) or essence == 'application/x-www-form-urlencoded':
+        return OCTET_STREAM
+    charset = _CHARSET_PATTERN.search(params)
+    return f'{essence}; charset={charset.group(1)}' if charset else essence
+
+
+# -- resources ------------------------------------------------------------------
+
+
+def store_image(store: storage.FileStore, upload: Upload) -> storage.Committed:
+    """Commit an upload as an image, after Pillow identified it from its header."""
+    with upload.staged.open() as file:
+        try:
+            info = images.identify(file)
+        except images.NotAnImage:
+            raise falcon.HTTPUnsupportedMediaType(
+                title='Not an image',
+                description='The bytes are not an image format this service can identify; '
+                'store other files with POST /artifacts?kind=...',
+            ) from None
+        except images.ImageTooLarge as exc:
+            raise falcon.HTTPContentTooLarge(title='Image too large', description=str(exc)) from None
+    meta = {
+        'kind': 'image', 'bytes': upload.staged.size, 'mime': info.mime, 'format': info.format,
+        'width': info.width, 'height': info.height, 'created_at': time.time(),
+    }
+    return store.commit(upload.staged, meta)
+
+
+class ArtifactFields:
+    """Validates an artifact's ``kind`` and ``meta`` (query string first, then form)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._max_meta_bytes = settings.max_meta_bytes
+
+    def check_query(self, req: falcon.Request) -> None:
+        """PERF: what the query string says is checked before a byte of body is read."""
+        if req.get_param('kind') is not None or not is_multipart(req):
+            self._kind(req.get_param('kind'))
+        self._meta(req.get_param('meta'))
+
+    def build_meta(self, req: falcon.Request, upload: Upload) -> dict[str, Any]:
+        """Return the meta file for this upload: the client's keys plus ISS's own."""
+        kind = self._kind(self._value(req, upload, 'kind'))
+        meta = self._meta(self._value(req, upload, 'meta'))
+        meta.update(
+            kind=kind, bytes=upload.staged.size, mime=media_type(upload.content_type), created_at=time.time()
+        )
+        return meta
+
+    @staticmethod
+    def _value(req: falcon.Request, upload: Upload, name: str) -> str | None:
+        value = req.get_param(name)
+        return upload.fields.get(name) if value is None else value
+
+    @staticmethod
+    def _kind(kind: str | None) -> str:
+        if kind is None or not _KIND_PATTERN.fullmatch(kind):
+            raise falcon.HTTPBadRequest(
+                title='Invalid kind',
+                description='kind is required: 1 to 64 characters of A-Z, a-z, 0-9, ".", "_" or "-".',
+            )
+        return kind
+
+    def _meta(self, text: str | None) -> dict[str, Any]:
+        if text is None:
+            return {}
+        if len(text.encode()) > self._max_meta_bytes:
+            raise falcon.HTTPBadRequest(
+                title='Invalid meta', description=f'meta is larger than {self._max_meta_bytes} bytes.'
+            )
+        try:
+            meta = json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise falcon.HTTPBadRequest(title='Invalid meta', description=f'meta is not JSON: {exc}') from None
+        if not isinstance(meta, dict):
+            raise falcon.HTTPBadRequest(title='Invalid meta', description='meta must be a JSON object.')
+        reserved = sorted(RESERVED_META_KEYS.intersection(meta))
+        if reserved:
+            raise falcon.HTTPBadRequest(
+                title='Invalid meta', description=f'meta may not set keys ISS owns: {", ".join(reserved)}.'
+            )
+        return meta
+
+
+def _answer_upload(
+    resp: falcon.Response, id_field: str, digest: str, committed: storage.Committed, filename: str | None
+) -> None:
+    """201 with Location for new content, 200 when it was already stored."""
+    body: dict[str, Any] = {id_field: digest, 'filename': filename}
+    for key in ('kind', 'bytes', 'mime', 'width', 'height', 'created_at'):
+        if key in committed.meta:
+            body[key] = committed.meta[key]
+    resp.media = body
+    resp.location = f'/{id_field.partition("_")[0]}s/{digest}'
+    resp.status = falcon.HTTP_201 if committed.created else falcon.HTTP_200
+
+
+def _check_claimed_id(blob_id: str) -> None:
+    try:
+        storage.parse_id(blob_id)
+    except storage.InvalidId as exc:
+        raise falcon.HTTPBadRequest(title='Malformed id', description=str(exc)) from None
+
+
+def _check_digest(staged: storage.StagedBlob, claimed: str) -> None:
+    if staged.digest != claimed:
+        raise falcon.HTTPBadRequest(
+            title='Digest mismatch',
+            description=f'The body hashes to {staged.digest}, not {claimed}; nothing was stored.',
+        )
+
+
+class Images:
+    """``POST /images``: a multipart file or a raw image/* body."""
+
+    def __init__(self, store: storage.FileStore, receiver: UploadReceiver) -> None:
+        self._store = store
+        self._receiver = receiver
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not is_multipart(req) and not (req.content_type or '').lower().startswith('image/'):
+            raise falcon.HTTPUnsupportedMediaType(
+                title='Unsupported upload',
+                description='Send multipart/form-data with a "file" field, or a raw body with an image/* '
+                'Content-Type; store other files with POST /artifacts?kind=...',
+            )
+        with self._receiver.receive(req) as upload:
+            committed = store_image(self._store, upload)
+        _answer_upload(resp, 'image_id', upload.staged.digest, committed, upload.filename)
+
+
+class Artifacts:
+    """``POST /artifacts?kind=&meta=``: a multipart file or a raw body of any type."""
+
+    def __init__(self, store: storage.FileStore, receiver: UploadReceiver, fields: ArtifactFields) -> None:
+        self._store = store
+        self._receiver = receiver
+        self._fields = fields
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._fields.check_query(req)
+        with self._receiver.receive(req, form_fields=('kind', 'meta')) as upload:
+            committed = self._store.commit(upload.staged, self._fields.build_meta(req, upload))
+        _answer_upload(resp, 'artifact_id', upload.staged.digest, committed, upload.filename)
+
+
+class ContentTypes:
+    """The Content-Type each blob is served with, remembered once learned."""
+
+    # NOTE: bounded so a scan over many ids cannot grow a worker without end.
+    _CACHE_SIZE = 100_000
+
+    def __init__(self, store: storage.FileStore) -> None:
+        self._store = store
+        # PERF: blobs are immutable, so a type learned once stays right.
+        self._known: dict[str, str] = {}
+
+    def of(self, blob_id: str) -> str:
+        content_type = self._known.get(blob_id)
+        if content_type is None:
+            content_type = self._look_up(blob_id)
+            if content_type is None:
+                return OCTET_STREAM  # NOTE: not remembered; the metadata may yet be written
+            if len(self._known) >= self._CACHE_SIZE:
+                self._known.clear()
+            self._known[blob_id] = content_type
+        return content_type
+
+    def _look_up(self, blob_id: str) -> str | None:
+        meta = self._store.read_meta(blob_id)
+        if meta is None:
+            return None
+        if meta.get('kind') == 'image' and 'format' not in meta:
+            # NOTE: the FastAPI version stored the client's claim as an image's
+            # mime; the bytes say what it really is.
+            blob = self._store.open(blob_id)
+            with blob.file:
+                try:
+                    return images.identify(blob.file).mime
+                except (images.NotAnImage, images.ImageTooLarge):
+                    return OCTET_STREAM
+        mime = meta.get('mime')
+        return media_type(mime) if isinstance(mime, str) else OCTET_STREAM
+
+
+class BlobItem:
+    """Serves a stored blob's bytes: GET and HEAD, Range, If-None-Match, zero-copy.
+
+    Either door, ``/images/{id}`` or ``/artifacts/{id}``, serves any blob.
+    """
+
+    def __init__(self, store: storage.FileStore, receiver: UploadReceiver, content_types: ContentTypes) -> None:
+        self._store = store
+        self._receiver = receiver
+        self._content_types = content_types
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
+        self._respond(req, resp, blob_id, send_body=True)
+
+    def on_head(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
+        self._respond(req, resp, blob_id, send_body=False)
+
+    def _respond(self, req: falcon.Request, resp: falcon.Response, blob_id: str, send_body: bool) -> None:
+        not_modified = _etag_matches(req.if_none_match, blob_id)
+        if send_body and not not_modified:
+            blob = self._store.open(blob_id)
+            file, size = blob.file, blob.size
+        else:
+            file, size = None, self._store.size(blob_id)
+        try:
+            content_type = self._content_types.of(blob_id)
+            resp.etag = blob_id
+            resp.cache_control = _IMMUTABLE
+            if not_modified:
+                resp.status = falcon.HTTP_304
+                return
+            resp.content_type = content_type
+            resp.accept_ranges = 'bytes'
+            resp.set_header('X-Content-Type-Options', 'nosniff')
+            resp.set_header('Content-Security-Policy', _BLOB_CSP)
+            if content_type.partition(';')[0] in _ACTIVE_TYPES or content_type.endswith('+xml'):
+                resp.set_header('Content-Disposition', 'attachment')
+            byte_range = _requested_range(req, blob_id, size)
+            if byte_range is None:
+                resp.content_length = size
+                # PERF: a plain file object: Falcon hands it to wsgi.file_wrapper
+                # and gunicorn sends it with sendfile(2).
+                resp.stream, file = file, None
+                return
+            start, end = byte_range
+            resp.status = falcon.HTTP_206
+            resp.content_range = (start, end, size)
+            resp.content_length = end - start + 1
+            if file is not None:
+                resp.stream, file = _slice(req, file, start, end - start + 1), None
+        finally:
+            if file is not None:
+                file.close()
+
+
+class ImageItem(BlobItem):
+    """``/images/{id}``: PUT stores an image under the id it claims."""
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
+        _check_claimed_id(blob_id)
+        with self._receiver.receive(req) as upload:
+            _check_digest(upload.staged, blob_id)
+            committed = store_image(self._store, upload)
+        _answer_upload(resp, 'image_id', blob_id, committed, None)
+
+
+class ArtifactItem(BlobItem):
+    """``/artifacts/{id}?kind=``: PUT stores an artifact under the id it claims."""
+
+    def __init__(
+        self, store: storage.FileStore, receiver: UploadReceiver, content_types: ContentTypes, fields: ArtifactFields
+    ) -> None:
+        super().__init__(store, receiver, content_types)
+        self._fields = fields
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
+        _check_claimed_id(blob_id)
+        self._fields.check_query(req)
+        with self._receiver.receive(req) as upload:
+            _check_digest(upload.staged, blob_id)
+            committed = self._store.commit(upload.staged, self._fields.build_meta(req, upload))
+        _answer_upload(resp, 'artifact_id', blob_id, committed, None)
+
+
+class BlobMeta:
+    """Serves what is stored about a blob."""
+
+    def __init__(self, store: storage.FileStore) -> None:
+        self._store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
+        size = self._store.size(blob_id)
+        resp.media = self._store.read_meta(blob_id) or {'bytes': size}
+
+
+class Health:
+    """Liveness and readiness: 200 while the data directory takes writes, else 503."""
+
+    def __init__(self, store: storage.FileStore) -> None:
+        self._store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.cache_control = ('no-store',)
+        try:
+            self._store.check()
+        except storage.StoreError as exc:
+            resp.status = falcon.HTTP_503
+            resp.media = {'ok': False, 'error': str(exc)}
+        else:
+            resp.media = {'ok': True}
+
+    on_head = on_get
+
+
+class OpenAPIDocument:
+    """Serves ``openapi.yaml`` as written, and the same document as JSON."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self._yaml = path.read_bytes()
+        self._json = json.dumps(yaml.safe_load(self._yaml)).encode()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = self._yaml
+        resp.content_type = 'application/yaml'
+
+    def on_get_json(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = self._json
+        resp.content_type = falcon.MEDIA_JSON
+
+
+_DOCS_PAGE = b"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>ISS API</title>
+<link rel="stylesheet" href="docs/assets/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="docs/assets/swagger-ui-bundle.js"></script>
+<script>
+window.ui = SwaggerUIBundle({url: 'openapi.json', dom_id: '#swagger-ui', deepLinking: true});
+</script>
+</body>
+</html>
+"""
+
+
+class Docs:
+    """The interactive API page; Swagger UI's files come from an installed package."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = _DOCS_PAGE
+        resp.content_type = falcon.MEDIA_HTML
+
+
+# -- middleware -----------------------------------------------------------------
+
+
+class RequireWriteToken:
+    """With ``ISS_API_TOKEN`` set, POST and PUT need ``Authorization: Bearer <token>``."""
+
+    _WRITE_METHODS = frozenset({'POST', 'PUT'})
+
+    def __init__(self, token: str) -> None:
+        self._expected = f'Bearer {token}'.encode()
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.method not in self._WRITE_METHODS:
+            return
+        given = (req.get_header('Authorization') or '').encode('utf-8', 'replace')
+        # APPSEC: constant-time, so the token cannot be guessed byte by byte.
+        if not hmac.compare_digest(given, self._expected):
+            raise falcon.HTTPUnauthorized(
+                title='Token required',
+                description='Uploads need the header "Authorization: Bearer <ISS_API_TOKEN>".',
+                challenges=['Bearer realm="iss"'],
+            )
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f'{name} is not valid JSON')
+
+
+def _etag_matches(if_none_match: list | None, blob_id: str) -> bool:
+    """If-None-Match uses weak comparison (RFC 9110 13.1.2), and ``*`` matches anything stored."""
+    if not if_none_match:
+        return False
+    return any(tag == '*' or str(tag) == blob_id for tag in if_none_match)
+
+
+def _requested_range(req: falcon.Request, blob_id: str, size: int) -> tuple[int, int] | None:
+    """Return the single byte range to serve, or None to serve the whole blob.
+
+    A Range header that is malformed, asks for several ranges, or comes with
+    an If-Range that is not our ETag is ignored, as RFC 9110 14.2 allows;
+    a well-formed range that starts past the end gets 416.
+    """
+    header = req.get_header('Range')
+    if header is None or size == 0:
+        return None
+    if_range = req.get_header('If-Range')
+    if if_range is not None and if_range.strip() != f'"{blob_id}"':
+        return None
+    match = _RANGE_PATTERN.fullmatch(header.strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first:
+        if not last or int(last) == 0:
+            raise falcon.HTTPRangeNotSatisfiable(size)
+        return max(0, size - int(last)), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None
+    if start >= size:
+        raise falcon.HTTPRangeNotSatisfiable(size)
+    return start, min(end, size - 1)
+
+
+class FileSlice:
+    """A byte range of an open file, read no further than its end."""
+
+    def __init__(self, file: IO[bytes], start: int, length: int) -> None:
+        file.seek(start)
+        self._file = file
+        self._remaining = length
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > self._remaining:
+            size = self._remaining
+        data = self._file.read(size)
+        self._remaining -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class SendfileSlice(FileSlice):
+    """A FileSlice that gunicorn may send with sendfile(2).
+
+    PERF: gunicorn sends exactly Content-Length bytes from the file's current
+    offset, so a range stays zero-copy there. Other servers may send to the
+    end of the file (see falcon.routing.static), so they get a FileSlice.
+    """
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+
+def _slice(req: falcon.Request, file: IO[bytes], start: int, length: int) -> FileSlice:
+    if req.env.get('SERVER_SOFTWARE', '').startswith('gunicorn/'):
+        return SendfileSlice(file, start, length)
+    return FileSlice(file, start, length)
+
+
+# -- the app --------------------------------------------------------------------
+
+
+def create_app(settings: Settings, store: storage.FileStore | None = None) -> falcon.App:
+    """Build the WSGI app: every route ISS serves is wired here."""
+    if store is None:
+        store = storage.FileStore(settings.data_dir)
+    middleware: list[object] = []
+    if settings.cors_origins:
+        middleware.append(
+            falcon.CORSMiddleware(
+                allow_origins=list(settings.cors_origins),
+                expose_headers=['ETag', 'Content-Range', 'Content-Length', 'Location'],
+            )
+        )
+    if settings.api_token:
+        middleware.append(RequireWriteToken(settings.api_token))
+
+    app = falcon.App(middleware=middleware)
+    app.set_error_serializer(_serialize_error)
+    app.add_error_handler(storage.StoreError, _raise_store_error)
+
+    receiver = UploadReceiver(store, settings)
+    fields = ArtifactFields(settings)
+    content_types = ContentTypes(store)
+    meta = BlobMeta(store)
+    app.add_route('/images', Images(store, receiver))
+    app.add_route('/images/{blob_id}', ImageItem(store, receiver, content_types))
+    app.add_route('/images/{blob_id}/meta', meta)
+    app.add_route('/artifacts', Artifacts(store, receiver, fields))
+    app.add_route('/artifacts/{blob_id}', ArtifactItem(store, receiver, content_types, fields))
+    app.add_route('/artifacts/{blob_id}/meta', meta)
+
+    health = Health(store)
+    app.add_route('/health', health)
+    app.add_route('/healthz', health)
+
+    openapi = OpenAPIDocument(HERE / 'openapi.yaml')
+    app.add_route('/openapi.yaml', openapi)
+    app.add_route('/openapi.json', openapi, suffix='json')
+    app.add_route('/docs', Docs())
+    app.add_static_route('/docs/assets', str(swagger_ui_path))
+    return app
+
+
+def __getattr__(name: str) -> falcon.App:
+    """Build ``iss.app`` from the environment when gunicorn first asks for it.
+
+    NOTE: lazily, so importing this module (tests, tools) touches no data directory.
+    """
+    if name == 'app':
+        app = create_app(Settings.from_env())
+        globals()['app'] = app
+        return app
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,0 +1,820 @@
+"""The ISS API through WebTest: every status and header a client depends on."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import pathlib
+import re
+import subprocess
+
+import falcon.inspect
+import pytest
+import webtest
+import yaml
+from openapi_spec_validator import validate
+from PIL import Image
+
+import iss
+import storage
+from config import ConfigError, Settings
+
+HERE = pathlib.Path(__file__).resolve().parent
+MISSING = 'sha256:' + '0' * 64
+
+
+def make_png(width: int = 100, height: int = 80, color: str = 'red') -> bytes:
+    buffer = io.BytesIO()
+    Image.new('RGB', (width, height), color).save(buffer, 'PNG')
+    return buffer.getvalue()
+
+
+def blob_id(data: bytes) -> str:
+    return 'sha256:' + hashlib.sha256(data).hexdigest()
+
+
+def files_under(path: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in path.rglob('*') if p.is_file())
+
+
+@pytest.fixture
+def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / 'data'
+
+
+@pytest.fixture
+def make_client(data_dir: pathlib.Path):
+    def make(**settings) -> webtest.TestApp:
+        return webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir), **settings)))
+
+    return make
+
+
+@pytest.fixture
+def client(make_client) -> webtest.TestApp:
+    return make_client()
+
+
+@pytest.fixture
+def png() -> bytes:
+    return make_png()
+
+
+def upload_image(client, data: bytes, name: str = 'x.png', **kwargs):
+    return client.post('/images', upload_files=[('file', name, data, 'image/png')], **kwargs)
+
+
+def assert_nothing_stored(data_dir: pathlib.Path) -> None:
+    assert files_under(data_dir) == [], 'a failed upload left files behind'
+
+
+# -- uploading images -----------------------------------------------------------
+
+
+def test_image_upload_stores_blob_and_seed_meta(client, data_dir, png):
+    response = upload_image(client, png, 'photo.png')
+
+    digest = blob_id(png)
+    assert response.status_int == 201
+    assert response.headers['Location'] == f'/images/{digest}'
+    assert response.json['image_id'] == digest
+    assert response.json['bytes'] == len(png)
+    assert response.json['filename'] == 'photo.png'
+    assert (response.json['width'], response.json['height'], response.json['mime']) == (100, 80, 'image/png')
+    hex_digest = digest[7:]
+    blob = data_dir / 'blobs' / hex_digest[:2] / hex_digest[2:4] / hex_digest
+    meta_file = data_dir / 'meta' / hex_digest[:2] / hex_digest[2:4] / f'{hex_digest}.json'
+    assert blob.read_bytes() == png
+    meta = json.loads(meta_file.read_text())
+    assert {k: meta[k] for k in ('kind', 'bytes', 'mime', 'width', 'height')} == {
+        'kind': 'image', 'bytes': len(png), 'mime': 'image/png', 'width': 100, 'height': 80,
+    }
+    assert isinstance(meta['created_at'], float)
+    # A reverse proxy running as another user must be able to read both.
+    assert blob.stat().st_mode & 0o777 == 0o644
+    assert meta_file.stat().st_mode & 0o777 == 0o644
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
+def test_same_image_twice_is_200_with_one_blob(client, data_dir, png):
+    first = upload_image(client, png)
+    second = upload_image(client, png, 'other-name.png')
+
+    assert (first.status_int, second.status_int) == (201, 200)
+    assert second.json['image_id'] == first.json['image_id']
+    assert second.json['created_at'] == first.json['created_at']
+    assert second.json['filename'] == 'other-name.png'
+    assert len(files_under(data_dir / 'blobs')) == 1
+
+
+def test_raw_image_body_is_typed_by_its_bytes_not_the_claim(client, png):
+    response = client.post('/images', png, headers={'Content-Type': 'image/gif'})
+
+    assert response.status_int == 201
+    assert response.json['mime'] == 'image/png'
+    assert response.json['filename'] is None
+    assert client.get(f'/images/{blob_id(png)}').content_type == 'image/png'
+
+
+@pytest.mark.parametrize(
+    'body, content_type',
+    [
+        (b'just some text, not an image', 'image/png'),
+        (make_png()[:20], 'image/png'),  # a truncated header
+        (b'', 'image/png'),
+    ],
+)
+def test_bytes_that_are_not_an_image_get_415_pointing_to_artifacts(client, data_dir, body, content_type):
+    response = client.post('/images', body, headers={'Content-Type': content_type}, status=415)
+
+    assert '/artifacts' in response.json['description']
+    assert_nothing_stored(data_dir / 'blobs')
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
+def test_multipart_non_image_gets_415_and_stores_nothing(client, data_dir):
+    response = client.post('/images', upload_files=[('file', 'a.txt', b'hello', 'text/plain')], status=415)
+
+    assert response.json['title'] == 'Not an image'
+    assert_nothing_stored(data_dir / 'blobs')
+
+
+def test_raw_image_upload_needs_an_image_content_type(client, png):
+    response = client.post('/images', png, headers={'Content-Type': 'application/octet-stream'}, status=415)
+
+    assert 'multipart/form-data' in response.json['description']
+
+
+# -- malformed forms ------------------------------------------------------------
+
+
+def multipart(*parts: tuple[str, str | None, bytes], boundary: str = 'XyZ') -> tuple[bytes, str]:
+    chunks = []
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else '')
+        chunks.append(f'--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n'.encode() + data + b'\r\n')
+    return b''.join(chunks) + f'--{boundary}--\r\n'.encode(), f'multipart/form-data; boundary={boundary}'
+
+
+@pytest.mark.parametrize(
+    'body, content_type, title',
+    [
+        (multipart(('other', None, b'x'))[0], multipart()[1], 'No file'),
+        (*multipart(('file', 'a.png', make_png()), ('file', 'b.png', make_png(5, 5))), 'Two files'),
+        (multipart(('file', 'a.png', make_png()))[0], 'multipart/form-data', 'Invalid header value'),
+        (multipart(('file', 'a.png', make_png()))[0][:-40], multipart()[1], 'Malformed multipart/form-data request media'),
+        (b'no boundary anywhere', multipart()[1], 'Malformed multipart/form-data request media'),
+    ],
+    ids=['no-file-part', 'two-file-parts', 'no-boundary-parameter', 'missing-closing-boundary', 'garbage'],
+)
+def test_malformed_forms_get_400_and_store_nothing(client, data_dir, body, content_type, title):
+    response = client.post('/images', body, headers={'Content-Type': content_type}, status=400)
+
+    assert response.json['title'] == title
+    assert_nothing_stored(data_dir / 'blobs')
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
+def test_too_many_form_parts_get_400(client):
+    body, content_type = multipart(*[(f'f{i}', None, b'x') for i in range(20)], ('file', 'a.png', make_png()))
+
+    response = client.post('/images', body, headers={'Content-Type': content_type}, status=400)
+
+    assert 'maximum number' in response.json['description']
+
+
+# -- artifacts ------------------------------------------------------------------
+
+
+def test_artifact_query_parameters_like_the_seed(client, data_dir):
+    data = b'test artifact data'
+    response = client.post(
+        '/artifacts?kind=test_artifact&meta=' + json.dumps({'test_key': 'test_value'}),
+        upload_files=[('file', 'test_artifact.txt', data, 'text/plain')],
+    )
+
+    assert response.status_int == 201
+    assert response.json['artifact_id'] == blob_id(data)
+    assert response.json['kind'] == 'test_artifact'
+    assert response.headers['Location'] == f'/artifacts/{blob_id(data)}'
+    meta = client.get(f'/artifacts/{blob_id(data)}/meta').json
+    assert meta['test_key'] == 'test_value'
+    assert meta['kind'] == 'test_artifact'
+    assert meta['bytes'] == len(data)
+    assert client.get(f'/artifacts/{blob_id(data)}').body == data
+
+
+def test_kind_and_meta_may_come_as_form_fields_after_the_file(client):
+    body, content_type = multipart(
+        ('file', 'w.bin', b'\x00weights'), ('kind', None, b'model'), ('meta', None, b'{"epoch": 3}')
+    )
+
+    response = client.post('/artifacts', body, headers={'Content-Type': content_type})
+
+    assert response.status_int == 201
+    assert response.json['kind'] == 'model'
+    assert client.get(f'/artifacts/{response.json["artifact_id"]}/meta').json['epoch'] == 3
+
+
+@pytest.mark.parametrize(
+    'query, description',
+    [
+        ('', 'kind is required'),
+        ('kind=', 'kind is required'),
+        ('kind=has%20space', 'kind is required'),
+        ('kind=' + 'k' * 65, 'kind is required'),
+        ('kind=ok&meta=not-json', 'meta is not JSON'),
+        ('kind=ok&meta=[1,2]', 'meta must be a JSON object'),
+        ('kind=ok&meta="text"', 'meta must be a JSON object'),
+        ('kind=ok&meta={"a":NaN}', 'meta is not JSON'),
+        ('kind=ok&meta={"kind":"other"}', 'keys ISS owns: kind'),
+        ('kind=ok&meta={"bytes":1,"created_at":2}', 'keys ISS owns: bytes, created_at'),
+        ('kind=ok&meta=' + '[' * 5000 + ']' * 5000, 'meta is not JSON'),
+        ('kind=ok&meta={"a":"' + 'x' * 17000 + '"}', 'meta is larger than 16384 bytes'),
+    ],
+)
+def test_bad_kind_or_meta_gets_400_before_anything_is_stored(client, data_dir, query, description):
+    response = client.post(
+        f'/artifacts?{query}', upload_files=[('file', 'a.bin', b'payload', 'application/octet-stream')], status=400
+    )
+
+    assert description in response.json['description']
+    assert_nothing_stored(data_dir / 'blobs')
+
+
+def test_bad_kind_in_a_form_field_after_the_file_stores_nothing(client, data_dir):
+    body, content_type = multipart(('file', 'w.bin', b'weights'), ('kind', None, b'bad kind!'))
+
+    client.post('/artifacts', body, headers={'Content-Type': content_type}, status=400)
+
+    assert_nothing_stored(data_dir / 'blobs')
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    'declared, served',
+    [
+        ('text/csv; charset=utf-8', 'text/csv; charset=utf-8'),
+        ('Application/JSON', 'application/json'),
+        (None, 'application/octet-stream'),
+        ('application/x-www-form-urlencoded', 'application/octet-stream'),  # curl --data-binary's default
+        ('not a type', 'application/octet-stream'),
+        ('text/plain; charset="x\r\nSet-Cookie: a=b"', 'text/plain; charset=x'),
+    ],
+)
+def test_raw_artifact_is_served_with_its_declared_type(client, declared, served):
+    headers = {'Content-Type': declared} if declared else {}
+    data = f'body for {declared}'.encode()
+    if declared is None:
+        # webtest sets a form type for bodies without one; send no header at all.
+        response = client.request('/artifacts?kind=raw', method='POST', body=data, content_type='')
+    else:
+        response = client.post('/artifacts?kind=raw', data, headers=headers)
+
+    assert response.status_int == 201
+    assert response.json['mime'] == served
+    assert client.get(f'/artifacts/{blob_id(data)}').headers['Content-Type'] == served
+
+
+def test_content_uploaded_twice_keeps_its_first_kind(client):
+    client.post('/artifacts?kind=first', b'same bytes', headers={'Content-Type': 'text/plain'})
+
+    response = client.post('/artifacts?kind=second', b'same bytes', headers={'Content-Type': 'text/plain'})
+
+    assert response.status_int == 200
+    assert response.json['kind'] == 'first'
+
+
+# -- PUT under a claimed id -----------------------------------------------------
+
+
+def test_put_artifact_verifies_the_claimed_digest(client, data_dir):
+    data = os.urandom(10_000)
+
+    created = client.put(f'/artifacts/{blob_id(data)}?kind=model', data)
+    again = client.put(f'/artifacts/{blob_id(data)}?kind=model', data)
+
+    assert (created.status_int, again.status_int) == (201, 200)
+    assert created.json['artifact_id'] == blob_id(data)
+    assert created.headers['Location'] == f'/artifacts/{blob_id(data)}'
+    assert client.get(f'/artifacts/{blob_id(data)}').body == data
+
+
+def test_put_with_a_wrong_digest_is_400_and_stores_nothing(client, data_dir):
+    response = client.put(f'/artifacts/{MISSING}?kind=model', b'other bytes', status=400)
+
+    assert response.json['title'] == 'Digest mismatch'
+    assert blob_id(b'other bytes') in response.json['description']
+    assert_nothing_stored(data_dir / 'blobs')
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
+@pytest.mark.parametrize('path', ['/artifacts/sha256:abc?kind=m', '/images/SHA256:' + 'A' * 64, '/images/md5:00'])
+def test_put_under_a_malformed_id_is_400(client, path):
+    response = client.put(path, b'x', status=400)
+
+    assert response.json['title'] == 'Malformed id'
+
+
+def test_put_artifact_needs_a_kind(client):
+    client.put(f'/artifacts/{blob_id(b"x")}', b'x', status=400)
+
+
+def test_put_image_must_be_an_image(client, png):
+    assert client.put(f'/images/{blob_id(png)}', png).status_int == 201
+    client.put(f'/images/{blob_id(b"text")}', b'text', status=415)
+
+
+# -- downloads ------------------------------------------------------------------
+
+
+def test_download_headers(client, png):
+    digest = upload_image(client, png).json['image_id']
+
+    response = client.get(f'/images/{digest}')
+
+    assert response.body == png
+    assert response.headers['Content-Type'] == 'image/png'
+    assert response.headers['Content-Length'] == str(len(png))
+    assert response.headers['ETag'] == f'"{digest}"'
+    assert response.headers['Cache-Control'] == 'public, max-age=31536000, immutable'
+    assert response.headers['Accept-Ranges'] == 'bytes'
+    assert response.headers['X-Content-Type-Options'] == 'nosniff'
+    assert 'sandbox' in response.headers['Content-Security-Policy']
+    assert 'Content-Disposition' not in response.headers
+
+
+def test_head_has_the_headers_of_get_and_no_body(client, png):
+    digest = upload_image(client, png).json['image_id']
+
+    get = client.get(f'/images/{digest}')
+    head = client.head(f'/images/{digest}')
+
+    assert head.status_int == 200
+    assert head.body == b''
+    assert dict(head.headers) == dict(get.headers)
+
+
+def test_either_door_serves_any_blob(client, png):
+    image = upload_image(client, png).json['image_id']
+    artifact = client.post('/artifacts?kind=k', b'data', headers={'Content-Type': 'text/plain'}).json['artifact_id']
+
+    assert client.get(f'/artifacts/{image}').body == png
+    assert client.get(f'/images/{artifact}').body == b'data'
+    assert client.get(f'/artifacts/{image}/meta').json['kind'] == 'image'
+
+
+@pytest.mark.parametrize(
+    'range_header, status, content_range, part',
+    [
+        ('bytes=0-9', 206, 'bytes 0-9/1000', slice(0, 10)),
+        ('bytes=990-', 206, 'bytes 990-999/1000', slice(990, 1000)),
+        ('bytes=-5', 206, 'bytes 995-999/1000', slice(995, 1000)),
+        ('bytes=-5000', 206, 'bytes 0-999/1000', slice(0, 1000)),
+        ('bytes=500-100000', 206, 'bytes 500-999/1000', slice(500, 1000)),
+        ('BYTES=1-1', 206, 'bytes 1-1/1000', slice(1, 2)),
+        ('bytes=0-1,5-6', 200, None, slice(0, 1000)),  # several ranges: ignored
+        ('bytes=9-2', 200, None, slice(0, 1000)),  # invalid: ignored
+        ('pages=1-2', 200, None, slice(0, 1000)),
+        ('bytes=abc', 200, None, slice(0, 1000)),
+        ('bytes=' + '9' * 40 + '-', 200, None, slice(0, 1000)),
+    ],
+)
+def test_range_requests(client, range_header, status, content_range, part):
+    data = os.urandom(1000)
+    client.post('/artifacts?kind=r', data, headers={'Content-Type': 'application/octet-stream'})
+
+    response = client.get(f'/artifacts/{blob_id(data)}', headers={'Range': range_header})
+
+    assert response.status_int == status
+    assert response.headers.get('Content-Range') == content_range
+    assert response.body == data[part]
+    assert response.headers['Content-Length'] == str(len(data[part]))
+
+
+@pytest.mark.parametrize('range_header', ['bytes=1000-', 'bytes=5000-6000', 'bytes=-0'])
+def test_unsatisfiable_range_is_416(client, range_header):
+    data = os.urandom(1000)
+    client.post('/artifacts?kind=r', data, headers={'Content-Type': 'application/octet-stream'})
+
+    response = client.get(f'/artifacts/{blob_id(data)}', headers={'Range': range_header}, status=416)
+
+    assert response.headers['Content-Range'] == 'bytes */1000'
+    assert response.content_type == 'application/json'
+
+
+def test_if_range_honours_the_range_only_for_our_etag(client):
+    data = os.urandom(100)
+    digest = client.post('/artifacts?kind=r', data, headers={'Content-Type': 'text/plain'}).json['artifact_id']
+
+    matching = client.get(f'/artifacts/{digest}', headers={'Range': 'bytes=0-9', 'If-Range': f'"{digest}"'})
+    stale = client.get(f'/artifacts/{digest}', headers={'Range': 'bytes=0-9', 'If-Range': '"other"'})
+
+    assert (matching.status_int, stale.status_int) == (206, 200)
+    assert stale.body == data
+
+
+@pytest.mark.parametrize(
+    'if_none_match, status',
+    [('"{id}"', 304), ('W/"{id}"', 304), ('"other", "{id}"', 304), ('*', 304), ('"other"', 200), ('garbage', 200)],
+)
+def test_if_none_match(client, png, if_none_match, status):
+    digest = upload_image(client, png).json['image_id']
+
+    response = client.get(f'/images/{digest}', headers={'If-None-Match': if_none_match.format(id=digest)})
+
+    assert response.status_int == status
+    assert response.headers['ETag'] == f'"{digest}"'
+    assert response.headers['Cache-Control'] == 'public, max-age=31536000, immutable'
+    if status == 304:
+        assert response.body == b''
+
+
+def test_if_none_match_star_does_not_hide_a_missing_blob(client):
+    client.get(f'/images/{MISSING}', headers={'If-None-Match': '*'}, status=404)
+
+
+@pytest.mark.parametrize(
+    'mime', ['text/html', 'image/svg+xml', 'application/xhtml+xml', 'text/javascript', 'application/rss+xml']
+)
+def test_active_content_is_served_so_it_cannot_run(client, mime):
+    data = b'<script>alert(document.cookie)</script>' + mime.encode()
+    client.post('/artifacts?kind=page', data, headers={'Content-Type': mime})
+
+    response = client.get(f'/artifacts/{blob_id(data)}')
+
+    assert response.headers['Content-Type'] == mime
+    assert response.headers['Content-Disposition'] == 'attachment'
+    assert "default-src 'none'" in response.headers['Content-Security-Policy']
+    assert 'sandbox' in response.headers['Content-Security-Policy']
+    assert response.headers['X-Content-Type-Options'] == 'nosniff'
+
+
+# -- not found ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('door', ['images', 'artifacts'])
+def test_absent_blob_is_404_saying_so(client, door):
+    response = client.get(f'/{door}/{MISSING}', status=404)
+
+    assert response.json['title'] == 'Blob not found'
+    assert MISSING in response.json['description']
+
+
+@pytest.mark.parametrize(
+    'path',
+    [
+        '/images/sha256:nonexistentimageid',  # the seed's own test
+        '/artifacts/sha256:nonexistentartifactid',
+        '/images/sha256:' + 'A' * 64,
+        '/images/' + 'a' * 64,
+        '/images/sha256:' + 'a' * 65,
+        '/images/..%2f..%2fetc%2fpasswd',
+        '/images/%00',
+        '/images/sha256:%C3%A9' + 'a' * 62,
+        '/images/' + 'x' * 5000,
+    ],
+)
+def test_malformed_id_is_404_saying_it_is_malformed(client, path):
+    response = client.get(path, status=404)
+
+    assert response.json['title'] in {'Malformed id', '404 Not Found'}
+    assert response.content_type == 'application/json'
+
+
+def test_head_and_meta_of_absent_blob_are_404(client):
+    client.head(f'/images/{MISSING}', status=404)
+    client.get(f'/images/{MISSING}/meta', status=404)
+    client.get('/artifacts/bogus/meta', status=404)
+
+
+# -- errors are JSON, always ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    'method, path, status',
+    [('DELETE', f'/images/{MISSING}', 405), ('PATCH', '/images', 405), ('GET', '/nowhere', 404), ('PUT', '/images', 405)],
+)
+def test_routing_errors_are_json_even_for_clients_asking_for_images(client, method, path, status):
+    response = client.request(path, method=method, headers={'Accept': 'image/*'}, status=status)
+
+    assert response.content_type == 'application/json'
+    assert response.json['status'] == status
+    assert 'detail' in response.json
+
+
+def test_declared_body_over_the_limit_is_413_before_reading(make_client, data_dir, png):
+    client = make_client(max_upload_bytes=len(png) - 1)
+
+    response = upload_image(client, png, status=413)
+
+    assert response.json['title'] == 'Upload too large'
+    assert_nothing_stored(data_dir / 'blobs')
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
+def test_body_shorter_than_declared_is_400(client, data_dir):
+    response = client.request(
+        '/artifacts?kind=x', method='POST', body=b'short', headers={'Content-Length': '100', 'Content-Type': 'text/plain'},
+        status=400,
+    )
+
+    assert response.json['title'] == 'Incomplete request body'
+    assert_nothing_stored(data_dir / 'blobs')
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
+def test_body_without_length_is_411_when_the_server_does_not_delimit_it(client):
+    request = webtest.TestRequest.blank('/artifacts?kind=x', method='POST', headers={'Transfer-Encoding': 'chunked'})
+    request.environ.pop('CONTENT_LENGTH', None)  # and no wsgi.input_terminated, unlike gunicorn
+
+    response = client.do_request(request, status=411)
+
+    assert response.json['title'] == 'Length required'
+
+
+# -- metadata -------------------------------------------------------------------
+
+
+def test_meta_of_a_blob_without_meta_is_its_size(client, data_dir, png):
+    digest = upload_image(client, png).json['image_id']
+    next((data_dir / 'meta').rglob('*.json')).unlink()
+
+    assert client.get(f'/images/{digest}/meta').json == {'bytes': len(png)}
+    assert client.get(f'/images/{digest}').content_type == 'application/octet-stream'
+
+
+# -- health ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('path', ['/health', '/healthz'])
+def test_health_is_exactly_the_seed_answer(client, path):
+    response = client.get(path)
+
+    assert response.json == {'ok': True}
+    assert response.headers['Cache-Control'] == 'no-store'
+    assert client.head(path).status_int == 200
+
+
+def test_health_is_503_when_the_data_directory_vanishes(client, data_dir):
+    subprocess.run(['rm', '-rf', str(data_dir)], check=True)
+
+    response = client.get('/health', status=503)
+
+    assert response.json['ok'] is False
+    assert 'missing' in response.json['error']
+
+
+def test_store_that_cannot_create_its_directories_still_starts(tmp_path):
+    blocker = tmp_path / 'file-not-dir'
+    blocker.write_text('x')
+    client = webtest.TestApp(iss.create_app(Settings(data_dir=str(blocker / 'data'))))
+
+    assert client.get('/health', status=503).json['ok'] is False
+    response = client.post('/artifacts?kind=k', b'x', headers={'Content-Type': 'text/plain'}, status=503)
+    assert response.json['title'] == 'Storage unavailable'
+
+
+# -- write token ----------------------------------------------------------------
+
+
+def test_writes_need_the_token_and_reads_do_not(make_client, png):
+    client = make_client(api_token='s3cret')
+
+    missing = upload_image(client, png, status=401)
+    wrong = upload_image(client, png, headers={'Authorization': 'Bearer s3cre'}, status=401)
+    non_ascii = upload_image(client, png, headers={'Authorization': 'Bearer s3cr\u00e9t'}, status=401)
+    put = client.put(f'/images/{blob_id(png)}', png, status=401)
+    ok = upload_image(client, png, headers={'Authorization': 'Bearer s3cret'})
+
+    for refused in (missing, wrong, non_ascii, put):
+        assert refused.headers['WWW-Authenticate'] == 'Bearer realm="iss"'
+        assert refused.json['title'] == 'Token required'
+    assert ok.status_int == 201
+    assert client.get(f'/images/{blob_id(png)}').body == png
+    assert client.get('/health').json == {'ok': True}
+
+
+# -- CORS -----------------------------------------------------------------------
+
+
+def test_cors_allows_configured_origins_and_exposes_headers(make_client, png):
+    client = make_client(cors_origins=('http://localhost:5173',))
+    digest = upload_image(client, png).json['image_id']
+
+    allowed = client.get(f'/images/{digest}', headers={'Origin': 'http://localhost:5173'})
+    other = client.get(f'/images/{digest}', headers={'Origin': 'http://evil.example'})
+    preflight = client.options(
+        '/images',
+        headers={
+            'Origin': 'http://localhost:5173',
+            'Access-Control-Request-Method': 'POST',
+            'Access-Control-Request-Headers': 'Authorization',
+        },
+    )
+
+    assert allowed.headers['Access-Control-Allow-Origin'] == 'http://localhost:5173'
+    exposed = {h.strip().lower() for h in allowed.headers['Access-Control-Expose-Headers'].split(',')}
+    assert {'etag', 'content-range', 'content-length'} <= exposed
+    assert 'Access-Control-Allow-Origin' not in other.headers
+    assert 'POST' in preflight.headers['Access-Control-Allow-Methods']
+    assert preflight.headers['Access-Control-Allow-Headers'] == 'Authorization'
+
+
+def test_no_cors_headers_by_default(client, png):
+    digest = upload_image(client, png).json['image_id']
+
+    response = client.get(f'/images/{digest}', headers={'Origin': 'http://localhost:5173'})
+
+    assert 'Access-Control-Allow-Origin' not in response.headers
+
+
+# -- the contract and the docs --------------------------------------------------
+
+
+def spec() -> dict:
+    return yaml.safe_load((HERE / 'openapi.yaml').read_text())
+
+
+def test_openapi_validates_as_3_1():
+    document = spec()
+
+    validate(document)
+    assert document['openapi'].startswith('3.1')
+
+
+def test_every_route_is_documented_and_every_documented_route_served(data_dir):
+    app = iss.create_app(Settings(data_dir=str(data_dir)))
+    served = {
+        (route.path, method.method)
+        for route in falcon.inspect.inspect_routes(app)
+        for method in route.methods
+        if not method.internal and method.method != 'OPTIONS'
+    }
+    documented = {
+        (path, method.upper())
+        for path, operations in spec()['paths'].items()
+        for method in operations
+        if method != 'parameters'
+    }
+
+    assert served == documented
+
+
+def test_openapi_is_served_as_yaml_and_as_the_same_json(client):
+    as_yaml = client.get('/openapi.yaml')
+    as_json = client.get('/openapi.json')
+
+    assert yaml.safe_load(as_yaml.body) == as_json.json == spec()
+
+
+def test_docs_page_works_offline(client):
+    page = client.get('/docs')
+
+    assert page.content_type == 'text/html'
+    assert not re.search(r'(src|href)="(https?:)?//', page.text), 'the docs page must not load from the internet'
+    for asset in re.findall(r'(?:src|href)="([^"]+)"', page.text):
+        response = client.get('/' + asset)
+        assert response.status_int == 200
+        assert len(response.body) > 1000
+    assert "url: 'openapi.json'" in page.text
+
+
+# -- compatibility with the FastAPI version's data directory ---------------------
+
+
+def test_data_directory_written_by_the_seed_is_served(tmp_path, png):
+    data_dir = tmp_path / 'seed-data'
+    digest = blob_id(png)
+    hex_digest = digest[7:]
+    for top, name, content in (
+        ('blobs', hex_digest, png),
+        ('meta', f'{hex_digest}.json', json.dumps({
+            'kind': 'image', 'bytes': len(png), 'mime': 'application/octet-stream',
+            'width': 100, 'height': 80, 'created_at': 1700000000.5,
+        }).encode()),
+    ):
+        path = data_dir / top / hex_digest[:2] / hex_digest[2:4] / name
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content)
+    client = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir))))
+
+    response = client.get(f'/images/{digest}')
+
+    assert response.body == png
+    # The seed stored the client's claim; the bytes say PNG.
+    assert response.content_type == 'image/png'
+    assert client.get(f'/images/{digest}/meta').json['created_at'] == 1700000000.5
+    assert upload_image(client, png).status_int == 200
+
+
+def test_a_damaged_blob_is_replaced_by_a_verified_upload(client, data_dir, png):
+    upload_image(client, png)
+    blob = next((data_dir / 'blobs').rglob('*'))
+    while blob.is_dir():
+        blob = next(blob.iterdir())
+    blob.write_bytes(png[:10])  # as a crash in the seed's unsynced write could leave it
+
+    upload_image(client, png)
+
+    assert blob.read_bytes() == png
+
+
+# -- the store on its own ------------------------------------------------------
+
+
+def test_temp_files_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
+    store = storage.FileStore(str(tmp_path))
+    dead = tmp_path / 'tmp' / 'upload-dead'
+    dead.write_bytes(b'partial')
+    live = tmp_path / 'tmp' / 'upload-live'
+    live.write_bytes(b'in flight')
+    with open(live, 'rb') as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+
+        assert storage.FileStore(str(tmp_path)).root == store.root
+
+        assert not dead.exists()
+        assert live.exists()
+
+
+def test_stage_failure_removes_the_temp_file(tmp_path):
+    store = storage.FileStore(str(tmp_path))
+
+    class Broken:
+        def __init__(self):
+            self.calls = 0
+
+        def read(self, size=-1):
+            self.calls += 1
+            if self.calls > 2:
+                raise ConnectionResetError('client went away')
+            return b'x' * 100
+
+    with pytest.raises(ConnectionResetError):
+        store.stage(Broken())
+    assert list((tmp_path / 'tmp').iterdir()) == []
+
+
+def test_disk_full_is_507_and_health_says_so_until_space_is_freed(tmp_path):
+    mount_point = tmp_path / 'small'
+    mount_point.mkdir()
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(mount_point)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, (
+        f'this test needs root to mount a 2 MiB tmpfs (CI runs as root): {mounted.stderr.strip()}'
+    )
+    try:
+        client = webtest.TestApp(iss.create_app(Settings(data_dir=str(mount_point / 'data'))))
+        too_big = os.urandom(3 * 1024 * 1024)
+
+        full = client.post('/artifacts?kind=k', too_big, headers={'Content-Type': 'text/plain'}, status=507)
+
+        assert full.json['title'] == 'Storage full'
+        assert list((mount_point / 'data' / 'tmp').iterdir()) == []
+        assert files_under(mount_point / 'data' / 'blobs') == []
+        filler = mount_point / 'filler'
+        with open(filler, 'wb') as out, pytest.raises(OSError):
+            out.write(os.urandom(3 * 1024 * 1024))
+            out.flush()
+        unhealthy = client.get('/health', status=503)
+        assert 'No space left' in unhealthy.json['error']
+        filler.unlink()
+        assert client.get('/health').json == {'ok': True}
+        small = os.urandom(1000)
+        assert client.post('/artifacts?kind=k', small, headers={'Content-Type': 'text/plain'}).status_int == 201
+    finally:
+        subprocess.run(['umount', '-l', str(mount_point)], check=True)
+
+
+# -- configuration --------------------------------------------------------------
+
+
+def test_settings_from_the_environment():
+    settings = Settings.from_env({
+        'ISS_DATA': '/srv/iss', 'ISS_MAX_UPLOAD_BYTES': '1024', 'ISS_API_TOKEN': ' t ',
+        'ISS_CORS_ORIGINS': 'http://a, http://b,,', 'ISS_PORT': '9000', 'ISS_WORKERS': '3',
+    })
+
+    assert settings.data_dir == '/srv/iss'
+    assert settings.max_upload_bytes == 1024
+    assert settings.api_token == 't'
+    assert settings.cors_origins == ('http://a', 'http://b')
+    assert (settings.port, settings.workers) == (9000, 3)
+    assert Settings.from_env({}) == Settings()
+
+
+@pytest.mark.parametrize('name, value', [('ISS_MAX_UPLOAD_BYTES', 'lots'), ('ISS_WORKERS', '0'), ('ISS_PORT', '-1')])
+def test_unusable_settings_are_refused_with_their_name(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_example_env_lists_every_setting():
+    example = (HERE / 'example.env').read_text()
+    source = (HERE / 'config.py').read_text()
+
+    assert set(re.findall(r"'(ISS_\w+)'", source)) == set(re.findall(r'^#?\s*(ISS_\w+)=', example, re.M))
