@@ -1,0 +1,312 @@
+"""ISS under a real gunicorn on a loopback port: what only real processes show."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+HERE = pathlib.Path(__file__).resolve().parent
+MIB = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+class Gunicorn:
+    """``gunicorn iss:app`` as an operator starts it, with its own data directory."""
+
+    def __init__(self, data_dir: pathlib.Path, log_path: pathlib.Path, wrapper: list[str] = (), **env: str) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.log_path = log_path
+        environ = {
+            **os.environ, 'ISS_DATA': str(data_dir), 'ISS_PORT': str(self.port), 'ISS_LOG_LEVEL': 'warning', **env,
+        }
+        self._log = open(log_path, 'ab')
+        # NOTE: its own session, so the test can kill master and workers at once.
+        self.process = subprocess.Popen(
+            [*wrapper, sys.executable, '-m', 'gunicorn', 'iss:app'],
+            cwd=HERE, env=environ, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self._wait_until_healthy()
+
+    def _wait_until_healthy(self, seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                if self.request('GET', '/health')[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f'gunicorn did not become healthy:\n{self.log_path.read_text()}')
+
+    @property
+    def url(self) -> str:
+        return f'http://127.0.0.1:{self.port}'
+
+    def connection(self, timeout: float = 60) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, http.client.HTTPMessage, bytes]:
+        conn = self.connection()
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+    def processes(self) -> list[int]:
+        """The master and its workers."""
+        children = pathlib.Path(f'/proc/{self.process.pid}/task/{self.process.pid}/children').read_text().split()
+        return [self.process.pid, *map(int, children)]
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@pytest.fixture
+def start(tmp_path: pathlib.Path):
+    servers: list[Gunicorn] = []
+
+    def start_server(data_dir: pathlib.Path | None = None, **env) -> Gunicorn:
+        server = Gunicorn(data_dir or tmp_path / 'data', tmp_path / f'gunicorn-{len(servers)}.log', **env)
+        servers.append(server)
+        return server
+
+    yield start_server
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start) -> Gunicorn:
+    return start()
+
+
+def files_in(directory: pathlib.Path) -> list[pathlib.Path]:
+    return [p for p in directory.rglob('*') if p.is_file()] if directory.exists() else []
+
+
+def wait_for(condition, seconds: float = 10, message: str = 'condition') -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out waiting for {message}')
+        time.sleep(0.05)
+
+
+def random_file(path: pathlib.Path, size: int) -> str:
+    """Write ``size`` random bytes to ``path``; return their id."""
+    sha256 = hashlib.sha256()
+    with open(path, 'wb') as out:
+        for _ in range(size // MIB):
+            chunk = os.urandom(MIB)
+            sha256.update(chunk)
+            out.write(chunk)
+    return 'sha256:' + sha256.hexdigest()
+
+
+def curl(*args: str) -> bytes:
+    return subprocess.run(['curl', '--silent', '--show-error', '--fail-with-body', *args],
+                          check=True, capture_output=True).stdout
+
+
+def peak_rss_mib(pids: list[int]) -> dict[int, float]:
+    peaks = {}
+    for pid in pids:
+        status = pathlib.Path(f'/proc/{pid}/status').read_text()
+        peaks[pid] = int(re.search(r'VmHWM:\s+(\d+) kB', status).group(1)) / 1024
+    return peaks
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_seed_readme_curl_examples_work_verbatim(server, tmp_path):
+    image_path = tmp_path / 'image.jpg'
+    Image.new('RGB', (64, 48), 'green').save(image_path)
+
+    # The seed README's "Uploading an Image" and "Downloading an Image", Linux/macOS.
+    uploaded = json.loads(curl('-X', 'POST', f'{server.url}/images', '-F', f'file=@{image_path}'))
+    downloaded = curl('-X', 'GET', f'{server.url}/images/{uploaded["image_id"]}')
+
+    assert downloaded == image_path.read_bytes()
+    assert uploaded['filename'] == 'image.jpg'
+    assert (uploaded['width'], uploaded['height'], uploaded['mime']) == (64, 48, 'image/jpeg')
+
+
+@pytest.mark.parametrize('form', ['multipart', 'raw-put'])
+def test_512_mib_upload_streams_in_bounded_memory(server, tmp_path, form):
+    big = tmp_path / 'big.bin'
+    digest = random_file(big, 512 * MIB)
+
+    if form == 'multipart':
+        answer = curl('-F', f'file=@{big}', f'{server.url}/artifacts?kind=big')
+    else:
+        answer = curl('-T', str(big), f'{server.url}/artifacts/{digest}?kind=big')
+
+    assert json.loads(answer)['artifact_id'] == digest
+    assert json.loads(answer)['bytes'] == 512 * MIB
+    peaks = peak_rss_mib(server.processes())
+    assert max(peaks.values()) < 100, f'peak RSS per process (MiB): {peaks}'
+    hex_digest = digest[7:]
+    assert (server.data_dir / 'blobs' / hex_digest[:2] / hex_digest[2:4] / hex_digest).stat().st_size == 512 * MIB
+
+
+def test_16_concurrent_uploads_of_the_same_content_give_one_blob(server):
+    data = os.urandom(8 * MIB)
+    digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+    boundary = 'concurrent-boundary'
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="same.bin"\r\n'
+            'Content-Type: application/octet-stream\r\n\r\n').encode() + data + f'\r\n--{boundary}--\r\n'.encode()
+    barrier = threading.Barrier(16)
+    results: list[tuple[int, dict]] = []
+
+    def upload() -> None:
+        barrier.wait()
+        status, _, answer = server.request(
+            'POST', '/artifacts?kind=same', body, {'Content-Type': f'multipart/form-data; boundary={boundary}'}
+        )
+        results.append((status, json.loads(answer)))
+
+    threads = [threading.Thread(target=upload) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    assert sorted(status for status, _ in results) == [200] * 15 + [201]
+    assert {answer['artifact_id'] for _, answer in results} == {digest}
+    assert len(files_in(server.data_dir / 'blobs')) == 1
+    assert len(files_in(server.data_dir / 'meta')) == 1
+    assert files_in(server.data_dir / 'tmp') == []
+    assert hashlib.sha256(server.request('GET', f'/artifacts/{digest}')[2]).hexdigest() == digest[7:]
+
+
+def start_upload_and_stall(server: Gunicorn, declared: int, sent: int) -> socket.socket:
+    """Open a PUT that declares ``declared`` bytes, send ``sent`` of them, and stop."""
+    sock = socket.create_connection(('127.0.0.1', server.port))
+    sock.sendall(
+        f'PUT /artifacts/sha256:{"1" * 64}?kind=partial HTTP/1.1\r\nHost: x\r\n'
+        f'Content-Length: {declared}\r\n\r\n'.encode()
+    )
+    sock.sendall(os.urandom(sent))
+    return sock
+
+
+def test_client_that_disconnects_mid_upload_leaves_nothing(server):
+    sock = start_upload_and_stall(server, declared=64 * MIB, sent=4 * MIB)
+    wait_for(lambda: files_in(server.data_dir / 'tmp'), message='the upload to reach a temp file')
+
+    sock.close()
+
+    wait_for(lambda: not files_in(server.data_dir / 'tmp'), message='the temp file to be removed')
+    assert files_in(server.data_dir / 'blobs') == []
+    assert server.request('GET', '/health')[0] == 200
+
+
+def test_temp_files_of_a_killed_server_are_swept_when_it_restarts(start, tmp_path):
+    first = start()
+    sock = start_upload_and_stall(first, declared=64 * MIB, sent=2 * MIB)
+    wait_for(lambda: files_in(first.data_dir / 'tmp'), message='the upload to reach a temp file')
+
+    first.kill()
+    sock.close()
+    assert files_in(first.data_dir / 'tmp'), 'SIGKILL should leave the temp file behind'
+    second = start(first.data_dir)
+
+    assert files_in(second.data_dir / 'tmp') == []
+    assert files_in(second.data_dir / 'blobs') == []
+
+
+def test_a_data_directory_laid_out_by_the_seed_is_served(start, tmp_path):
+    data_dir = tmp_path / 'seed-data'
+    image = tmp_path / 'seed.png'
+    Image.new('RGB', (30, 20), 'blue').save(image)
+    content = image.read_bytes()
+    hex_digest = hashlib.sha256(content).hexdigest()
+    artifact = b'test artifact data'
+    artifact_hex = hashlib.sha256(artifact).hexdigest()
+    # Exactly what the FastAPI version's upload_image and upload_artifact wrote.
+    for hexd, data, meta in (
+        (hex_digest, content, {'kind': 'image', 'bytes': len(content), 'mime': 'image/png', 'width': 30,
+                               'height': 20, 'created_at': 1719000000.123}),
+        (artifact_hex, artifact, {'test_key': 'test_value', 'kind': 'test_artifact', 'bytes': len(artifact),
+                                  'created_at': 1719000001.5}),
+    ):
+        for top, name, payload in (('blobs', hexd, data), ('meta', f'{hexd}.json', json.dumps(meta).encode())):
+            path = data_dir / top / hexd[:2] / hexd[2:4] / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(payload)
+
+    server = start(data_dir)
+
+    status, headers, body = server.request('GET', f'/images/sha256:{hex_digest}')
+    assert (status, headers['Content-Type'], body) == (200, 'image/png', content)
+    status, headers, body = server.request('GET', f'/artifacts/sha256:{artifact_hex}')
+    assert (status, headers['Content-Type'], body) == (200, 'application/octet-stream', artifact)
+    assert json.loads(server.request('GET', f'/artifacts/sha256:{artifact_hex}/meta')[2])['test_key'] == 'test_value'
+
+
+def test_downloads_go_out_with_sendfile(start, tmp_path):
+    strace = shutil.which('strace')
+    assert strace, 'strace is needed to see sendfile(2): apt-get install strace (.ci/run does)'
+    trace = tmp_path / 'trace.txt'
+    server = start(wrapper=[strace, '-f', '-qq', '-e', 'trace=sendfile', '-o', str(trace)])
+    data = os.urandom(5 * MIB)
+    digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+    assert server.request('PUT', f'/artifacts/{digest}?kind=big', data)[0] == 201
+
+    full = server.request('GET', f'/artifacts/{digest}')
+    ranged = server.request('GET', f'/artifacts/{digest}', headers={'Range': 'bytes=1000-2999'})
+
+    assert full[2] == data
+    assert (ranged[0], ranged[2]) == (206, data[1000:3000])
+    calls = trace.read_text()
+    assert re.search(rf'sendfile\(\d+, \d+, \[0\] => \[{5 * MIB}\], {5 * MIB}\)', calls), calls
+    assert re.search(r'sendfile\(\d+, \d+, \[1000\] => \[3000\], 2000\)', calls), calls
+
+
+def test_health_answers_while_slow_clients_upload(server):
+    stalled = [start_upload_and_stall(server, declared=10 * MIB, sent=64 * 1024) for _ in range(8)]
+    try:
+        wait_for(lambda: len(files_in(server.data_dir / 'tmp')) == 8, message='8 uploads in flight')
+
+        started = time.monotonic()
+        status, _, body = server.request('GET', '/health')
+
+        assert (status, json.loads(body)) == (200, {'ok': True})
+        assert time.monotonic() - started < 2
+    finally:
+        for sock in stalled:
+            sock.close()
