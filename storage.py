@@ -102,11 +102,14 @@ class OpenBlob:
 class StagedBlob:
     """An upload written to a private temp file: hashed and sized, not yet visible.
 
-    Returned by :meth:`FileStore.stage`. Use it as a context manager: leaving
-    the block removes the temp file unless :meth:`FileStore.commit` took it.
+    Returned by :meth:`FileStore.stage`. It keeps the temp file open, and so
+    its flock held, until :meth:`FileStore.commit` links it into place or
+    :meth:`discard` removes it. Use it as a context manager: leaving the
+    block discards it unless it was committed.
     """
 
-    def __init__(self, path: str, digest: str, size: int) -> None:
+    def __init__(self, fd: int, path: str, digest: str, size: int) -> None:
+        self._fd = fd
         self.path = path
         #: The content's id, ``sha256:<hex>``.
         self.digest = digest
@@ -122,8 +125,14 @@ class StagedBlob:
 
     def discard(self) -> None:
         """Remove the temp file; a no-op once committed or discarded."""
+        if self._fd < 0:
+            return
+        # NOTE: unlink before close: while the fd is open the flock keeps
+        # sweepers away, so the name is never removed by anyone else.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = -1
 
     def __enter__(self) -> StagedBlob:
         return self
@@ -214,25 +223,21 @@ class FileStore:
         sha256 = hashlib.sha256()
         size = 0
         try:
-            try:
-                while chunk := stream.read(self._CHUNK_SIZE):
-                    sha256.update(chunk)
-                    size += len(chunk)
-                    try:
-                        _write_all(fd, chunk)
-                    except OSError as exc:
-                        raise _store_error(exc, 'writing an upload') from exc
+            while chunk := stream.read(self._CHUNK_SIZE):
+                sha256.update(chunk)
+                size += len(chunk)
                 try:
-                    os.fsync(fd)
+                    _write_all(fd, chunk)
                 except OSError as exc:
-                    raise _store_error(exc, 'syncing an upload') from exc
-            finally:
-                os.close(fd)
+                    raise _store_error(exc, 'writing an upload') from exc
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise _store_error(exc, 'syncing an upload') from exc
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            _remove_temp(fd, path)
             raise
-        return StagedBlob(path, 'sha256:' + sha256.hexdigest(), size)
+        return StagedBlob(fd, path, 'sha256:' + sha256.hexdigest(), size)
 
     def commit(self, staged: StagedBlob, meta: dict[str, Any]) -> Committed:
         """Make a staged blob visible under its id, with ``meta`` if it has none yet.
@@ -278,19 +283,15 @@ class FileStore:
         try:
             fd, temp_path = self._new_temp()
             try:
-                try:
-                    _write_all(fd, json.dumps(meta, separators=(',', ':')).encode())
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _write_all(fd, json.dumps(meta, separators=(',', ':')).encode())
+                os.fsync(fd)
                 os.makedirs(os.path.dirname(meta_path), exist_ok=True)
                 os.link(temp_path, meta_path)
                 _fsync_directory(os.path.dirname(meta_path))
             except FileExistsError:
                 return self.read_meta('sha256:' + hex_digest) or meta
             finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(temp_path)
+                _remove_temp(fd, temp_path)
         except OSError as exc:
             raise _store_error(exc, 'writing metadata') from exc
         return meta
@@ -353,8 +354,7 @@ class FileStore:
             try:
                 os.write(fd, b'.')
             finally:
-                os.close(fd)
-                os.unlink(path)
+                _remove_temp(fd, path)
             usage = os.statvfs(self.root)
         except OSError as exc:
             raise _store_error(exc, 'writing to the data directory') from exc
@@ -382,6 +382,13 @@ class FileStore:
             finally:
                 os.close(fd)
         return removed
+
+
+def _remove_temp(fd: int, path: str) -> None:
+    """Remove a temp file we hold; unlink first, so no sweeper can get between."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -741,6 +741,18 @@ def test_temp_files_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
         assert live.exists()
 
 
+def test_a_staged_upload_survives_another_worker_starting_before_it_commits(tmp_path):
+    store = storage.FileStore(str(tmp_path))
+    with store.stage(io.BytesIO(b'being inspected')) as staged:
+        storage.FileStore(str(tmp_path))  # another gunicorn worker boots and sweeps tmp/
+
+        committed = store.commit(staged, {'kind': 'k'})
+
+    assert committed.created
+    assert store.open(staged.digest).file.read() == b'being inspected'
+    assert list((tmp_path / 'tmp').iterdir()) == []
+
+
 def test_stage_failure_removes_the_temp_file(tmp_path):
     store = storage.FileStore(str(tmp_path))
 
