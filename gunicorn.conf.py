@@ -3,6 +3,8 @@
 ``gunicorn iss:app`` reads this file from the working directory by itself.
 """
 
+import logging
+
 from config import Settings
 
 _settings = Settings.from_env()
@@ -23,3 +25,15 @@ accesslog = '-'
 errorlog = '-'
 # NOTE: gunicorn 27 otherwise opens a control socket under $HOME.
 control_socket_disable = True
+
+
+def post_fork(server, worker):
+    """Send ISS's own log lines through gunicorn's error log, in its format.
+
+    NOTE: post_fork, not post_worker_init: the worker builds the app (and
+    sweeps stale temp files, which it logs) before post_worker_init runs.
+    """
+    iss_log = logging.getLogger('iss')
+    iss_log.handlers = list(worker.log.error_log.handlers)
+    iss_log.setLevel(worker.log.error_log.level)
+    iss_log.propagate = False

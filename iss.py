@@ -638,7 +638,9 @@ def _requested_range(req: falcon.Request, blob_id: str, size: int) -> tuple[int,
         return None
     first, last = match.groups()
     if not first:
-        if not last or int(last) == 0:
+        if not last:
+            return None
+        if int(last) == 0:
             raise falcon.HTTPRangeNotSatisfiable(size)
         return max(0, size - int(last)), size - 1
     start = int(first)

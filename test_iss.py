@@ -380,6 +380,7 @@ def test_either_door_serves_any_blob(client, png):
         ('bytes=9-2', 200, None, slice(0, 1000)),  # invalid: ignored
         ('pages=1-2', 200, None, slice(0, 1000)),
         ('bytes=abc', 200, None, slice(0, 1000)),
+        ('bytes=-', 200, None, slice(0, 1000)),
         ('bytes=' + '9' * 40 + '-', 200, None, slice(0, 1000)),
     ],
 )
