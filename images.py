@@ -41,7 +41,7 @@ def identify(file: IO[bytes]) -> ImageInfo:
                 image_format = image.format or ''
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on hostile input
+    except Exception as exc:
         raise NotAnImage(str(exc) or type(exc).__name__) from None
     mime = Image.MIME.get(image_format, 'application/octet-stream')
     return ImageInfo(image_format, mime, width, height)

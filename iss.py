@@ -42,22 +42,44 @@ _IMMUTABLE = ('public', 'max-age=31536000', 'immutable')
 _BLOB_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 
 # APPSEC: types a browser runs as active content are also sent as attachments.
-_ACTIVE_TYPES = frozenset({
-    'text/html', 'application/xhtml+xml', 'image/svg+xml', 'text/xml', 'application/xml',
-    'text/xsl', 'text/javascript', 'application/javascript', 'application/x-javascript',
-    'application/ecmascript', 'text/ecmascript', 'application/wasm', 'multipart/x-mixed-replace',
-})
+_ACTIVE_TYPES = frozenset(
+    {
+        'text/html',
+        'application/xhtml+xml',
+        'image/svg+xml',
+        'text/xml',
+        'application/xml',
+        'text/xsl',
+        'text/javascript',
+        'application/javascript',
+        'application/x-javascript',
+        'application/ecmascript',
+        'text/ecmascript',
+        'application/wasm',
+        'multipart/x-mixed-replace',
+    }
+)
 
 _KIND_PATTERN = re.compile(r'[A-Za-z0-9._-]{1,64}')
-_MEDIA_TYPE_PATTERN = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
+_MEDIA_TYPE_PATTERN = re.compile(r'[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+')
 _CHARSET_PATTERN = re.compile(r'charset="?([A-Za-z0-9._:-]{1,40})"?')
 _RANGE_PATTERN = re.compile(r'bytes=(\d{0,18})-(\d{0,18})', re.IGNORECASE)
 
 # Keys ISS writes into every meta file; an artifact's own meta may not use them.
-RESERVED_META_KEYS = frozenset({
-    'kind', 'bytes', 'mime', 'width', 'height', 'format', 'created_at',
-    'image_id', 'artifact_id', 'filename',
-})
+RESERVED_META_KEYS = frozenset(
+    {
+        'kind',
+        'bytes',
+        'mime',
+        'width',
+        'height',
+        'format',
+        'created_at',
+        'image_id',
+        'artifact_id',
+        'filename',
+    }
+)
 
 OCTET_STREAM = 'application/octet-stream'
 
@@ -93,9 +115,7 @@ def _serialize_error(req: falcon.Request, resp: falcon.Response, error: falcon.H
 def _raise_store_error(req: falcon.Request, resp: falcon.Response, error: Exception, params: dict) -> None:
     """Map what the store raises to HTTP, in one place for every resource."""
     if isinstance(error, storage.BlobNotFound):
-        raise falcon.HTTPNotFound(
-            title='Blob not found', description=f'Nothing is stored under {error}.'
-        )
+        raise falcon.HTTPNotFound(title='Blob not found', description=f'Nothing is stored under {error}.')
     if isinstance(error, storage.InvalidId):
         raise falcon.HTTPNotFound(
             title='Malformed id',
@@ -145,16 +165,13 @@ class RequestBody:
     def read(self, size: int = -1) -> bytes:
         try:
             data = self._stream.read(size)
-        except Exception as exc:  # noqa: BLE001 - servers raise various types on a broken client
+        except Exception as exc:
             raise IncompleteBody(f'The connection failed while reading the body: {exc}') from exc
         self._received += len(data)
         if self._received > self._limit:
             raise UploadTooLarge(self._limit)
-        if not data and size != 0 and self.declared_length is not None:
-            if self._received < self.declared_length:
-                raise IncompleteBody(
-                    f'Received {self._received} of the {self.declared_length} bytes declared.'
-                )
+        if not data and size != 0 and self.declared_length is not None and self._received < self.declared_length:
+            raise IncompleteBody(f'Received {self._received} of the {self.declared_length} bytes declared.')
         return data
 
 
@@ -263,8 +280,13 @@ def store_image(store: storage.FileStore, upload: Upload) -> storage.Committed:
         except images.ImageTooLarge as exc:
             raise falcon.HTTPContentTooLarge(title='Image too large', description=str(exc)) from None
     meta = {
-        'kind': 'image', 'bytes': upload.staged.size, 'mime': info.mime, 'format': info.format,
-        'width': info.width, 'height': info.height, 'created_at': time.time(),
+        'kind': 'image',
+        'bytes': upload.staged.size,
+        'mime': info.mime,
+        'format': info.format,
+        'width': info.width,
+        'height': info.height,
+        'created_at': time.time(),
     }
     return store.commit(upload.staged, meta)
 
@@ -285,9 +307,7 @@ class ArtifactFields:
         """Return the meta file for this upload: the client's keys plus ISS's own."""
         kind = self._kind(self._value(req, upload, 'kind'))
         meta = self._meta(self._value(req, upload, 'meta'))
-        meta.update(
-            kind=kind, bytes=upload.staged.size, mime=media_type(upload.content_type), created_at=time.time()
-        )
+        meta.update(kind=kind, bytes=upload.staged.size, mime=media_type(upload.content_type), created_at=time.time())
         return meta
 
     @staticmethod

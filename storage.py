@@ -307,7 +307,7 @@ class FileStore:
         """
         path = self._blob_path(parse_id(blob_id))
         try:
-            file = open(path, 'rb')
+            file = open(path, 'rb')  # noqa: SIM115 - the caller owns and closes it
         except FileNotFoundError:
             raise BlobNotFound(blob_id) from None
         except OSError as exc:

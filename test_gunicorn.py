@@ -37,13 +37,21 @@ class Gunicorn:
         self.port = free_port()
         self.log_path = log_path
         environ = {
-            **os.environ, 'ISS_DATA': str(data_dir), 'ISS_PORT': str(self.port), 'ISS_LOG_LEVEL': 'warning', **env,
+            **os.environ,
+            'ISS_DATA': str(data_dir),
+            'ISS_PORT': str(self.port),
+            'ISS_LOG_LEVEL': 'warning',
+            **env,
         }
-        self._log = open(log_path, 'ab')
+        self._log = open(log_path, 'ab')  # noqa: SIM115 - open while the server runs; stop() closes it
         # NOTE: its own session, so the test can kill master and workers at once.
         self.process = subprocess.Popen(
             [*wrapper, sys.executable, '-m', 'gunicorn', 'iss:app'],
-            cwd=HERE, env=environ, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=HERE,
+            env=environ,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self._wait_until_healthy()
 
@@ -188,8 +196,14 @@ def test_16_concurrent_uploads_of_the_same_content_give_one_blob(server):
     data = os.urandom(8 * MIB)
     digest = 'sha256:' + hashlib.sha256(data).hexdigest()
     boundary = 'concurrent-boundary'
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="same.bin"\r\n'
-            'Content-Type: application/octet-stream\r\n\r\n').encode() + data + f'\r\n--{boundary}--\r\n'.encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="same.bin"\r\n'
+            'Content-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        + data
+        + f'\r\n--{boundary}--\r\n'.encode()
+    )
     barrier = threading.Barrier(16)
     results: list[tuple[int, dict]] = []
 
@@ -261,10 +275,23 @@ def test_a_data_directory_laid_out_by_the_seed_is_served(start, tmp_path):
     artifact_hex = hashlib.sha256(artifact).hexdigest()
     # Exactly what the FastAPI version's upload_image and upload_artifact wrote.
     for hexd, data, meta in (
-        (hex_digest, content, {'kind': 'image', 'bytes': len(content), 'mime': 'image/png', 'width': 30,
-                               'height': 20, 'created_at': 1719000000.123}),
-        (artifact_hex, artifact, {'test_key': 'test_value', 'kind': 'test_artifact', 'bytes': len(artifact),
-                                  'created_at': 1719000001.5}),
+        (
+            hex_digest,
+            content,
+            {
+                'kind': 'image',
+                'bytes': len(content),
+                'mime': 'image/png',
+                'width': 30,
+                'height': 20,
+                'created_at': 1719000000.123,
+            },
+        ),
+        (
+            artifact_hex,
+            artifact,
+            {'test_key': 'test_value', 'kind': 'test_artifact', 'bytes': len(artifact), 'created_at': 1719000001.5},
+        ),
     ):
         for top, name, payload in (('blobs', hexd, data), ('meta', f'{hexd}.json', json.dumps(meta).encode())):
             path = data_dir / top / hexd[:2] / hexd[2:4] / name
@@ -295,9 +322,11 @@ def test_downloads_go_out_with_sendfile(start, tmp_path):
     assert full[2] == data
     assert (ranged[0], ranged[2]) == (206, data[1000:3000])
     # NOTE: strace writes a call's line after it returns, maybe after the client has the bytes.
-    for call in (rf'sendfile\(\d+, \d+, \[0\] => \[{5 * MIB}\], {5 * MIB}\) = {5 * MIB}',
-                 r'sendfile\(\d+, \d+, \[1000\] => \[3000\], 2000\) = 2000'):
-        wait_for(lambda: re.search(call, trace.read_text()), message=f'{call} in {trace.read_text()}')
+    for call in (
+        rf'sendfile\(\d+, \d+, \[0\] => \[{5 * MIB}\], {5 * MIB}\) = {5 * MIB}',
+        r'sendfile\(\d+, \d+, \[1000\] => \[3000\], 2000\) = 2000',
+    ):
+        wait_for(lambda call=call: re.search(call, trace.read_text()), message=f'{call} in {trace.read_text()}')
 
 
 def test_health_answers_while_slow_clients_upload(server):

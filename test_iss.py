@@ -90,7 +90,11 @@ def test_image_upload_stores_blob_and_seed_meta(client, data_dir, png):
     assert blob.read_bytes() == png
     meta = json.loads(meta_file.read_text())
     assert {k: meta[k] for k in ('kind', 'bytes', 'mime', 'width', 'height')} == {
-        'kind': 'image', 'bytes': len(png), 'mime': 'image/png', 'width': 100, 'height': 80,
+        'kind': 'image',
+        'bytes': len(png),
+        'mime': 'image/png',
+        'width': 100,
+        'height': 80,
     }
     assert isinstance(meta['created_at'], float)
     # A reverse proxy running as another user must be able to read both.
@@ -165,7 +169,11 @@ def multipart(*parts: tuple[str, str | None, bytes], boundary: str = 'XyZ') -> t
         (multipart(('other', None, b'x'))[0], multipart()[1], 'No file'),
         (*multipart(('file', 'a.png', make_png()), ('file', 'b.png', make_png(5, 5))), 'Two files'),
         (multipart(('file', 'a.png', make_png()))[0], 'multipart/form-data', 'Invalid header value'),
-        (multipart(('file', 'a.png', make_png()))[0][:-40], multipart()[1], 'Malformed multipart/form-data request media'),
+        (
+            multipart(('file', 'a.png', make_png()))[0][:-40],
+            multipart()[1],
+            'Malformed multipart/form-data request media',
+        ),
         (b'no boundary anywhere', multipart()[1], 'Malformed multipart/form-data request media'),
     ],
     ids=['no-file-part', 'two-file-parts', 'no-boundary-parameter', 'missing-closing-boundary', 'garbage'],
@@ -497,7 +505,12 @@ def test_head_and_meta_of_absent_blob_are_404(client):
 
 @pytest.mark.parametrize(
     'method, path, status',
-    [('DELETE', f'/images/{MISSING}', 405), ('PATCH', '/images', 405), ('GET', '/nowhere', 404), ('PUT', '/images', 405)],
+    [
+        ('DELETE', f'/images/{MISSING}', 405),
+        ('PATCH', '/images', 405),
+        ('GET', '/nowhere', 404),
+        ('PUT', '/images', 405),
+    ],
 )
 def test_routing_errors_are_json_even_for_clients_asking_for_images(client, method, path, status):
     response = client.request(path, method=method, headers={'Accept': 'image/*'}, status=status)
@@ -519,7 +532,10 @@ def test_declared_body_over_the_limit_is_413_before_reading(make_client, data_di
 
 def test_body_shorter_than_declared_is_400(client, data_dir):
     response = client.request(
-        '/artifacts?kind=x', method='POST', body=b'short', headers={'Content-Length': '100', 'Content-Type': 'text/plain'},
+        '/artifacts?kind=x',
+        method='POST',
+        body=b'short',
+        headers={'Content-Length': '100', 'Content-Type': 'text/plain'},
         status=400,
     )
 
@@ -693,10 +709,20 @@ def test_data_directory_written_by_the_seed_is_served(tmp_path, png):
     hex_digest = digest[7:]
     for top, name, content in (
         ('blobs', hex_digest, png),
-        ('meta', f'{hex_digest}.json', json.dumps({
-            'kind': 'image', 'bytes': len(png), 'mime': 'application/octet-stream',
-            'width': 100, 'height': 80, 'created_at': 1700000000.5,
-        }).encode()),
+        (
+            'meta',
+            f'{hex_digest}.json',
+            json.dumps(
+                {
+                    'kind': 'image',
+                    'bytes': len(png),
+                    'mime': 'application/octet-stream',
+                    'width': 100,
+                    'height': 80,
+                    'created_at': 1700000000.5,
+                }
+            ).encode(),
+        ),
     ):
         path = data_dir / top / hex_digest[:2] / hex_digest[2:4] / name
         path.parent.mkdir(parents=True)
@@ -775,8 +801,9 @@ def test_stage_failure_removes_the_temp_file(tmp_path):
 def test_disk_full_is_507_and_health_says_so_until_space_is_freed(tmp_path):
     mount_point = tmp_path / 'small'
     mount_point.mkdir()
-    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(mount_point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(mount_point)], capture_output=True, text=True
+    )
     assert mounted.returncode == 0, (
         f'this test needs root to mount a 2 MiB tmpfs (CI runs as root): {mounted.stderr.strip()}'
     )
@@ -807,10 +834,16 @@ def test_disk_full_is_507_and_health_says_so_until_space_is_freed(tmp_path):
 
 
 def test_settings_from_the_environment():
-    settings = Settings.from_env({
-        'ISS_DATA': '/srv/iss', 'ISS_MAX_UPLOAD_BYTES': '1024', 'ISS_API_TOKEN': ' t ',
-        'ISS_CORS_ORIGINS': 'http://a, http://b,,', 'ISS_PORT': '9000', 'ISS_WORKERS': '3',
-    })
+    settings = Settings.from_env(
+        {
+            'ISS_DATA': '/srv/iss',
+            'ISS_MAX_UPLOAD_BYTES': '1024',
+            'ISS_API_TOKEN': ' t ',
+            'ISS_CORS_ORIGINS': 'http://a, http://b,,',
+            'ISS_PORT': '9000',
+            'ISS_WORKERS': '3',
+        }
+    )
 
     assert settings.data_dir == '/srv/iss'
     assert settings.max_upload_bytes == 1024
