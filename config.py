@@ -33,6 +33,13 @@ def _csv(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in environ.get(name, '').split(',') if item.strip())
 
 
+def _location(environ: Mapping[str, str], name: str) -> str:
+    raw = environ.get(name, '').strip()
+    if raw and not (raw.startswith('/') and raw.endswith('/')):
+        raise ConfigError(f'{name} must be a path that starts and ends with "/", not {raw!r}')
+    return raw
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything ISS can be told from outside, with the documented defaults."""
@@ -47,6 +54,9 @@ class Settings:
     api_token: str = ''
     #: Origins allowed by CORS; empty means CORS is off.
     cors_origins: tuple[str, ...] = ()
+    #: With nginx in front: the internal location (e.g. ``/_internal/blobs/``) aliased to
+    #: ``$ISS_DATA/blobs/``; full GETs then answer with X-Accel-Redirect and nginx sends the bytes.
+    accel_redirect: str = ''
     #: Where gunicorn listens.
     host: str = '127.0.0.1'
     port: int = 8000
@@ -73,6 +83,7 @@ class Settings:
             max_meta_bytes=_integer(env, 'ISS_MAX_META_BYTES', defaults.max_meta_bytes, 2),
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             cors_origins=_csv(env, 'ISS_CORS_ORIGINS'),
+            accel_redirect=_location(env, 'ISS_ACCEL_REDIRECT'),
             host=env.get('ISS_HOST', '').strip() or defaults.host,
             port=_integer(env, 'ISS_PORT', defaults.port),
             workers=_integer(env, 'ISS_WORKERS', defaults.workers, 1),

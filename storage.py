@@ -324,6 +324,11 @@ class FileStore:
         except OSError as exc:
             raise _store_error(exc, 'reading a blob') from exc
 
+    def relative_path(self, blob_id: str) -> str:
+        """Return where a blob lives below ``blobs/`` (``ab/cd/<hex>``), for a proxy to serve it."""
+        hex_digest = parse_id(blob_id)
+        return f'{hex_digest[0:2]}/{hex_digest[2:4]}/{hex_digest}'
+
     def read_meta(self, blob_id: str) -> dict[str, Any] | None:
         """Return a blob's stored metadata, or None when it has none (or it is unreadable)."""
         path = self._meta_path(parse_id(blob_id))

@@ -3,134 +3,22 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import pathlib
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 from PIL import Image
 
-HERE = pathlib.Path(__file__).resolve().parent
+from conftest import Gunicorn, files_in, wait_for
+
 MIB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-class Gunicorn:
-    """``gunicorn iss:app`` as an operator starts it, with its own data directory."""
-
-    def __init__(self, data_dir: pathlib.Path, log_path: pathlib.Path, wrapper: list[str] = (), **env: str) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.log_path = log_path
-        environ = {
-            **os.environ,
-            'ISS_DATA': str(data_dir),
-            'ISS_PORT': str(self.port),
-            'ISS_LOG_LEVEL': 'warning',
-            **env,
-        }
-        self._log = open(log_path, 'ab')  # noqa: SIM115 - open while the server runs; stop() closes it
-        # NOTE: its own session, so the test can kill master and workers at once.
-        self.process = subprocess.Popen(
-            [*wrapper, sys.executable, '-m', 'gunicorn', 'iss:app'],
-            cwd=HERE,
-            env=environ,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self._wait_until_healthy()
-
-    def _wait_until_healthy(self, seconds: float = 20) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                if self.request('GET', '/health')[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f'gunicorn did not become healthy:\n{self.log_path.read_text()}')
-
-    @property
-    def url(self) -> str:
-        return f'http://127.0.0.1:{self.port}'
-
-    def connection(self, timeout: float = 60) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout)
-
-    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, http.client.HTTPMessage, bytes]:
-        conn = self.connection()
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response.headers, response.read()
-        finally:
-            conn.close()
-
-    def processes(self) -> list[int]:
-        """The master and its workers."""
-        children = pathlib.Path(f'/proc/{self.process.pid}/task/{self.process.pid}/children').read_text().split()
-        return [self.process.pid, *map(int, children)]
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
-
-
-@pytest.fixture
-def start(tmp_path: pathlib.Path):
-    servers: list[Gunicorn] = []
-
-    def start_server(data_dir: pathlib.Path | None = None, **env) -> Gunicorn:
-        server = Gunicorn(data_dir or tmp_path / 'data', tmp_path / f'gunicorn-{len(servers)}.log', **env)
-        servers.append(server)
-        return server
-
-    yield start_server
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def server(start) -> Gunicorn:
-    return start()
-
-
-def files_in(directory: pathlib.Path) -> list[pathlib.Path]:
-    return [p for p in directory.rglob('*') if p.is_file()] if directory.exists() else []
-
-
-def wait_for(condition, seconds: float = 10, message: str = 'condition') -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out waiting for {message}')
-        time.sleep(0.05)
 
 
 def random_file(path: pathlib.Path, size: int) -> str:

@@ -462,6 +462,30 @@ def test_active_content_is_served_so_it_cannot_run(client, mime):
     assert response.headers['X-Content-Type-Options'] == 'nosniff'
 
 
+def test_with_nginx_in_front_full_gets_are_handed_off_with_our_headers(make_client, png):
+    client = make_client(accel_redirect='/_internal/blobs/')
+    digest = upload_image(client, png).json['image_id']
+    hex_digest = digest[7:]
+
+    get = client.get(f'/images/{digest}')
+    ranged = client.get(f'/images/{digest}', headers={'Range': 'bytes=0-9'})
+    head = client.head(f'/images/{digest}')
+
+    for response in (get, ranged):
+        assert response.status_int == 200  # nginx cuts the range
+        assert (
+            response.headers['X-Accel-Redirect'] == f'/_internal/blobs/{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}'
+        )
+        assert response.body == b''
+        assert response.headers['ETag'] == f'"{digest}"'
+        assert response.headers['Content-Type'] == 'image/png'
+    assert 'X-Accel-Redirect' not in head.headers
+    assert head.headers['Content-Length'] == str(len(png))
+    client.get(f'/images/{digest}', headers={'If-None-Match': f'"{digest}"'}, status=304)
+    client.get(f'/images/{digest}', headers={'Range': f'bytes={len(png)}-'}, status=416)
+    client.get(f'/images/{MISSING}', status=404)
+
+
 # -- not found ------------------------------------------------------------------
 
 
@@ -853,7 +877,10 @@ def test_settings_from_the_environment():
     assert Settings.from_env({}) == Settings()
 
 
-@pytest.mark.parametrize('name, value', [('ISS_MAX_UPLOAD_BYTES', 'lots'), ('ISS_WORKERS', '0'), ('ISS_PORT', '-1')])
+@pytest.mark.parametrize(
+    'name, value',
+    [('ISS_MAX_UPLOAD_BYTES', 'lots'), ('ISS_WORKERS', '0'), ('ISS_PORT', '-1'), ('ISS_ACCEL_REDIRECT', '/no-slash')],
+)
 def test_unusable_settings_are_refused_with_their_name(name, value):
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})

