@@ -48,6 +48,8 @@ class Settings:
     data_dir: str = './data'
     #: Largest request body accepted on POST and PUT; 413 as soon as it is crossed.
     max_upload_bytes: int = 2 * 1024**3
+    #: Seconds a client may pause while sending a body before ISS drops the upload.
+    body_timeout: int = 60
     #: Largest artifact ``meta`` JSON document, in bytes of its text.
     max_meta_bytes: int = 16 * 1024
     #: When set, POST and PUT need ``Authorization: Bearer <token>``.
@@ -81,6 +83,7 @@ class Settings:
             data_dir=env.get('ISS_DATA', '').strip() or defaults.data_dir,
             max_upload_bytes=_integer(env, 'ISS_MAX_UPLOAD_BYTES', defaults.max_upload_bytes, 1),
             max_meta_bytes=_integer(env, 'ISS_MAX_META_BYTES', defaults.max_meta_bytes, 2),
+            body_timeout=_integer(env, 'ISS_BODY_TIMEOUT', defaults.body_timeout, 1),
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             cors_origins=_csv(env, 'ISS_CORS_ORIGINS'),
             accel_redirect=_location(env, 'ISS_ACCEL_REDIRECT'),

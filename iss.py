@@ -140,14 +140,21 @@ class RequestBody:
 
     A body declared larger than the limit is refused before a byte is read;
     a chunked one is refused as soon as it crosses the limit. A client that
-    goes away before sending what it declared gets :class:`IncompleteBody`,
-    which the store sees as an ordinary exception (and removes its temp file).
+    goes away before sending what it declared, or pauses longer than the body
+    timeout, gets :class:`IncompleteBody`, which the store sees as an ordinary
+    exception (and removes its temp file).
     """
 
-    def __init__(self, req: falcon.Request, limit: int) -> None:
+    def __init__(self, req: falcon.Request, limit: int, timeout: int) -> None:
         self._limit = limit
         self._received = 0
         self.declared_length = req.content_length
+        connection = req.env.get('gunicorn.socket')
+        if connection is not None:
+            # APPSEC: gunicorn's threads read bodies from a blocking socket with no
+            # timeout, so a client that stops sending would hold a thread for ever.
+            # gunicorn makes the socket blocking again before the next request.
+            connection.settimeout(timeout)
         if self.declared_length is None:
             # NOTE: a chunked body is only safe to read when the server
             # marks where it ends (gunicorn does; PEP 3333 servers may not).
@@ -166,7 +173,7 @@ class RequestBody:
         try:
             data = self._stream.read(size)
         except Exception as exc:
-            raise IncompleteBody(f'The connection failed while reading the body: {exc}') from exc
+            raise IncompleteBody(f'The body stopped arriving: {exc or type(exc).__name__}') from exc
         self._received += len(data)
         if self._received > self._limit:
             raise UploadTooLarge(self._limit)
@@ -191,6 +198,7 @@ class UploadReceiver:
     def __init__(self, store: storage.FileStore, settings: Settings) -> None:
         self._store = store
         self._limit = settings.max_upload_bytes
+        self._timeout = settings.body_timeout
         options = falcon.media.multipart.MultipartParseOptions()
         # APPSEC: a form carries one file and a couple of short fields.
         options.max_body_part_count = 16
@@ -200,7 +208,7 @@ class UploadReceiver:
     @contextlib.contextmanager
     def receive(self, req: falcon.Request, *, form_fields: tuple[str, ...] = ()) -> Iterator[Upload]:
         """Stage the upload; the temp file is removed when the block exits uncommitted."""
-        body = RequestBody(req, self._limit)
+        body = RequestBody(req, self._limit, self._timeout)
         if is_multipart(req):
             upload = self._receive_form(req, body, form_fields)
         else:

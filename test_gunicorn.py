@@ -230,3 +230,21 @@ def test_health_answers_while_slow_clients_upload(server):
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_a_client_that_stalls_mid_body_is_dropped_after_the_body_timeout(start):
+    server = start(ISS_BODY_TIMEOUT='2')
+    sock = start_upload_and_stall(server, declared=10 * MIB, sent=MIB)
+    wait_for(lambda: files_in(server.data_dir / 'tmp'), message='the upload to reach a temp file')
+    stalled_at = time.monotonic()
+
+    wait_for(lambda: not files_in(server.data_dir / 'tmp'), seconds=15, message='the stalled upload to be dropped')
+    dropped_after = time.monotonic() - stalled_at
+    sock.settimeout(5)
+    answer = sock.recv(65536).decode('latin-1')
+    sock.close()
+
+    assert 1.5 < dropped_after < 8, dropped_after
+    assert answer.startswith('HTTP/1.1 400')
+    assert '"Incomplete request body"' in answer
+    assert files_in(server.data_dir / 'blobs') == []
