@@ -334,7 +334,8 @@ def test_dockerfile_copies_every_module_the_app_imports():
 
 
 def test_healthcheck_script_follows_the_health_endpoint(tmp_path):
-    server = Gunicorn(tmp_path / 'data', tmp_path / 'g.log')
+    # NOTE: one worker: a second one still booting would recreate the removed directory.
+    server = Gunicorn(tmp_path / 'data', tmp_path / 'g.log', ISS_WORKERS='1')
     env = {**os.environ, 'ISS_PORT': str(server.port)}
     try:
         healthy = subprocess.run([sys.executable, 'healthcheck.py'], cwd=HERE, env=env, capture_output=True)
