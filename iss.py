@@ -321,7 +321,13 @@ class ArtifactFields:
     @staticmethod
     def _value(req: falcon.Request, upload: Upload, name: str) -> str | None:
         value = req.get_param(name)
-        return upload.fields.get(name) if value is None else value
+        if name not in upload.fields:
+            return value
+        if value is not None:
+            raise falcon.HTTPBadRequest(
+                title=f'Repeated {name}', description=f'Give {name} once: in the query string or as a form field.'
+            )
+        return upload.fields[name]
 
     @staticmethod
     def _kind(kind: str | None) -> str:
@@ -333,7 +339,7 @@ class ArtifactFields:
         return kind
 
     def _meta(self, text: str | None) -> dict[str, Any]:
-        if text is None:
+        if not text:
             return {}
         if len(text.encode()) > self._max_meta_bytes:
             raise falcon.HTTPBadRequest(

@@ -227,6 +227,15 @@ def test_kind_and_meta_may_come_as_form_fields_after_the_file(client):
     assert client.get(f'/artifacts/{response.json["artifact_id"]}/meta').json['epoch'] == 3
 
 
+def test_kind_given_in_query_and_form_is_400(client, data_dir):
+    body, content_type = multipart(('kind', None, b'bad kind!'), ('file', 'w.bin', b'weights'))
+
+    response = client.post('/artifacts?kind=model', body, headers={'Content-Type': content_type}, status=400)
+
+    assert response.json['title'] == 'Repeated kind'
+    assert_nothing_stored(data_dir / 'blobs')
+
+
 @pytest.mark.parametrize(
     'query, description',
     [
