@@ -39,9 +39,17 @@ def free_port() -> int:
 class Gunicorn:
     """``gunicorn iss:app`` as an operator starts it, with its own data directory."""
 
-    def __init__(self, data_dir: pathlib.Path, log_path: pathlib.Path, wrapper: Sequence[str] = (), **env: str) -> None:
+    def __init__(
+        self,
+        data_dir: pathlib.Path,
+        log_path: pathlib.Path,
+        wrapper: Sequence[str] = (),
+        port: int | None = None,
+        expect_health: int = 200,
+        **env: str,
+    ) -> None:
         self.data_dir = data_dir
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = log_path
         environ = {
             **os.environ,
@@ -60,19 +68,19 @@ class Gunicorn:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self._wait_until_healthy()
+        self._wait_for_health(expect_health)
 
-    def _wait_until_healthy(self, seconds: float = 20) -> None:
+    def _wait_for_health(self, status: int, seconds: float = 20) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 break
             try:
-                if self.request('GET', '/health')[0] == 200:
+                if self.request('GET', '/health')[0] == status:
                     return
             except OSError:
                 time.sleep(0.1)
-        raise AssertionError(f'gunicorn did not become healthy:\n{self.log_path.read_text()}')
+        raise AssertionError(f'gunicorn did not answer /health with {status}:\n{self.log_path.read_text()[-3000:]}')
 
     @property
     def url(self) -> str:

@@ -3,7 +3,12 @@
 ``gunicorn iss:app`` reads this file from the working directory by itself.
 """
 
+import ctypes
+import ctypes.util
+import json
 import logging
+
+import gunicorn.util
 
 from config import Settings
 
@@ -25,6 +30,45 @@ accesslog = '-'
 errorlog = '-'
 # NOTE: gunicorn 27 otherwise opens a control socket under $HOME.
 control_socket_disable = True
+# The longest request line gunicorn allows (its default is 4094): an artifact's `meta` may
+# travel in the query string. Larger `meta` goes as a form field (ISS_MAX_META_BYTES).
+limit_request_line = 8190
+
+
+def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """Answer the requests gunicorn refuses itself (400, 414, 431...) in JSON, like ISS does.
+
+    gunicorn writes these before ISS sees the request, as an HTML page, through this one
+    function; the fields are those of every ISS error.
+    """
+    body = json.dumps({'title': reason, 'description': mesg, 'status': status_int, 'detail': mesg}).encode()
+    head = (
+        f'HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n'
+        f'Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n'
+    )
+    gunicorn.util.write_nonblock(sock, head.encode('latin-1') + body)
+
+
+gunicorn.util.write_error = _write_json_error
+
+
+def _return_large_buffers_to_the_os() -> None:
+    """Serve large allocations from mmap, always, so they go back to the OS when freed.
+
+    glibc raises its mmap threshold each time a large block is freed, after which the
+    1 MiB upload buffers come from heaps that fragment: in a 45 s soak the workers' RSS
+    rose steadily (+45 MiB) while Python's own heap stayed flat; with the threshold pinned
+    it stays flat. Called here, in the master before it forks, so every worker has it.
+    A libc without mallopt (musl) keeps its own behaviour.
+    """
+    libc_name = ctypes.util.find_library('c')
+    mallopt = getattr(ctypes.CDLL(libc_name), 'mallopt', None) if libc_name else None
+    if mallopt is not None:
+        m_mmap_threshold = -3  # from <malloc.h>
+        mallopt(m_mmap_threshold, 128 * 1024)
+
+
+_return_large_buffers_to_the_os()
 
 
 def post_fork(server, worker):

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 
 import pytest
 from PIL import Image
@@ -248,3 +249,36 @@ def test_a_client_that_stalls_mid_body_is_dropped_after_the_body_timeout(start):
     assert answer.startswith('HTTP/1.1 400')
     assert '"Incomplete request body"' in answer
     assert files_in(server.data_dir / 'blobs') == []
+
+
+@pytest.mark.parametrize(
+    'request_bytes, status',
+    [
+        (b'GET /health?' + b'x' * 9000 + b' HTTP/1.1\r\nHost: x\r\n\r\n', 414),
+        (b'GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ' + b'y' * 9000 + b'\r\n\r\n', 431),
+        (b'GARBAGE\r\n\r\n', 400),
+        (b'POST /artifacts?kind=k HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello', 400),
+    ],
+    ids=['request-line-too-long', 'header-too-large', 'not-http', 'two-content-lengths'],
+)
+def test_requests_gunicorn_refuses_itself_are_answered_in_json(server, request_bytes, status):
+    with socket.create_connection(('127.0.0.1', server.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        answer = b''
+        while chunk := sock.recv(65536):
+            answer += chunk
+
+    head, _, body = answer.partition(b'\r\n\r\n')
+    assert head.startswith(f'HTTP/1.1 {status} '.encode()), head
+    assert b'Content-Type: application/json' in head
+    assert json.loads(body)['status'] == status
+
+
+def test_meta_in_a_long_query_string_is_accepted(server):
+    meta = json.dumps({'note': 'n' * 5000})
+
+    status, _, body = server.request(
+        'POST', '/artifacts?kind=k&meta=' + urllib.parse.quote(meta), b'data', {'Content-Type': 'text/plain'}
+    )
+
+    assert status == 201, body
