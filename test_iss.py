@@ -152,6 +152,27 @@ def test_raw_image_upload_needs_an_image_content_type(client, png):
     assert 'multipart/form-data' in response.json['description']
 
 
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height: a decompression bomb when large."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+    header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b'')
+
+
+def test_decompression_bomb_is_refused_without_decoding(client, data_dir):
+    bomb = png_declaring(200_000, 200_000)  # 40 gigapixels in 57 bytes
+
+    response = client.post('/images', bomb, headers={'Content-Type': 'image/png'}, status=413)
+
+    assert response.json['title'] == 'Image too large'
+    assert_nothing_stored(data_dir / 'blobs')
+
+
 # -- malformed forms ------------------------------------------------------------
 
 
@@ -184,6 +205,16 @@ def test_malformed_forms_get_400_and_store_nothing(client, data_dir, body, conte
     assert response.json['title'] == title
     assert_nothing_stored(data_dir / 'blobs')
     assert list((data_dir / 'tmp').iterdir()) == []
+
+
+def test_huge_part_headers_get_400(client, data_dir):
+    filler = b'X-Filler: ' + b'a' * 20000
+    body = b'--XyZ\r\nContent-Disposition: form-data; name="file"\r\n' + filler + b'\r\n\r\nx\r\n--XyZ--\r\n'
+
+    response = client.post('/images', body, headers={'Content-Type': 'multipart/form-data; boundary=XyZ'}, status=400)
+
+    assert 'headers' in response.json['description']
+    assert_nothing_stored(data_dir / 'blobs')
 
 
 def test_too_many_form_parts_get_400(client):
