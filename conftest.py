@@ -36,7 +36,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Gunicorn:
+class LoopbackServer:
+    """A server process of the tests, listening on 127.0.0.1:``port``."""
+
+    port: int
+
+    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, http.client.HTTPMessage, bytes]:
+        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+
+class Gunicorn(LoopbackServer):
     """``gunicorn iss:app`` as an operator starts it, with its own data directory."""
 
     def __init__(
@@ -85,18 +100,6 @@ class Gunicorn:
     @property
     def url(self) -> str:
         return f'http://127.0.0.1:{self.port}'
-
-    def connection(self, timeout: float = 60) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout)
-
-    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, http.client.HTTPMessage, bytes]:
-        conn = self.connection()
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response.headers, response.read()
-        finally:
-            conn.close()
 
     def processes(self) -> list[int]:
         """The master and its workers."""

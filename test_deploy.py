@@ -18,7 +18,7 @@ import tempfile
 import pytest
 from PIL import Image
 
-from conftest import HERE, Gunicorn, files_in, free_port, tool, wait_for
+from conftest import HERE, Gunicorn, LoopbackServer, files_in, free_port, tool, wait_for
 
 MIB = 1024 * 1024
 UPLOAD_LIMIT = 4 * MIB
@@ -42,7 +42,7 @@ def render_template(template: str, environ: dict[str, str]) -> str:
     return re.sub(r'\$\{(\w+)\}', lambda m: environ.get(m.group(1), m.group(0)), template)
 
 
-class Nginx:
+class Nginx(LoopbackServer):
     """Debian's nginx running deploy/nginx/iss.conf.template on a loopback port."""
 
     def __init__(self, workdir: pathlib.Path, upstream_port: int, data_dir: pathlib.Path) -> None:
@@ -83,15 +83,6 @@ class Nginx:
         assert self.process.poll() is None, (self.workdir / 'stderr.log').read_text()
         with socket.socket() as sock:
             return sock.connect_ex(('127.0.0.1', self.port)) == 0
-
-    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, http.client.HTTPMessage, bytes]:
-        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response.headers, response.read()
-        finally:
-            conn.close()
 
     def stop(self) -> None:
         self.process.terminate()

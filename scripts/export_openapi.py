@@ -19,17 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--spec', type=pathlib.Path, default=ROOT / 'openapi.yaml')
     parser.add_argument('--version', help='set info.version')
-    parser.add_argument('--output', type=pathlib.Path, help='default: standard output')
+    parser.add_argument('--output', type=argparse.FileType('w'), default='-', help='default: standard output')
     args = parser.parse_args(argv)
 
     document = yaml.safe_load(args.spec.read_text())
     if args.version:
         document['info']['version'] = args.version
     text = json.dumps(document, indent=2, ensure_ascii=False) + '\n'
-    if args.output:
-        args.output.write_text(text)
-    else:
-        sys.stdout.write(text)
+    args.output.write(text)
     return 0
 
 

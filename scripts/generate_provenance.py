@@ -13,7 +13,6 @@ the same facts as a plain release asset.
 import argparse
 import datetime
 import json
-import pathlib
 import re
 import sys
 
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in ('--image', '--digest', '--repository', '--commit', '--ref', '--workflow-run'):
         parser.add_argument(name, required=True)
-    parser.add_argument('--output', type=pathlib.Path)
+    parser.add_argument('--output', type=argparse.FileType('w'), default='-', help='default: standard output')
     args = parser.parse_args(argv)
     finished = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
     try:
@@ -62,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f'generate_provenance: {exc}', file=sys.stderr)
         return 1
-    if args.output:
-        args.output.write_text(line)
-    else:
-        sys.stdout.write(line)
+    args.output.write(line)
     return 0
 
 

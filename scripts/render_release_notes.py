@@ -61,17 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--image', required=True)
     parser.add_argument('--digest', required=True)
     parser.add_argument('--changelog', type=pathlib.Path, default=ROOT / 'CHANGELOG.md')
-    parser.add_argument('--output', type=pathlib.Path)
+    parser.add_argument('--output', type=argparse.FileType('w'), default='-', help='default: standard output')
     args = parser.parse_args(argv)
     try:
         notes = render(args.changelog.read_text(), args.version.removeprefix('v'), args.image, args.digest)
     except (LookupError, ValueError) as exc:
         print(f'render_release_notes: {exc}', file=sys.stderr)
         return 1
-    if args.output:
-        args.output.write_text(notes)
-    else:
-        sys.stdout.write(notes)
+    args.output.write(notes)
     return 0
 
 
