@@ -195,6 +195,8 @@ class Upload:
 class UploadReceiver:
     """Stages the file of a multipart form (field ``file``) or a raw request body."""
 
+    _CHUNK_SIZE = 1024 * 1024
+
     def __init__(self, store: storage.FileStore, settings: Settings) -> None:
         self._store = store
         self._limit = settings.max_upload_bytes
@@ -221,7 +223,11 @@ class UploadReceiver:
         # NOTE: Falcon's parser needs a bound; for a chunked body the limit is
         # one, since RequestBody refuses to read past it anyway.
         length = body.declared_length if body.declared_length is not None else self._limit + 1
-        form = self._multipart.deserialize(body, req.content_type, length)
+        # PERF: the parser's own reader pulls 32 KiB at a time, and gunicorn copies all
+        # it has read ahead (up to 1 MiB) on every read: pulling 1 MiB instead took
+        # a 256 MiB multipart upload from 93 to 310 MB/s (curl -F, gunicorn, 2 cores).
+        buffered = falcon.util.BufferedReader(body.read, length, self._CHUNK_SIZE)
+        form = self._multipart.deserialize(buffered, req.content_type, length)
         upload: Upload | None = None
         fields: dict[str, str] = {}
         try:
