@@ -119,6 +119,9 @@ class StagedBlob:
     def hex(self) -> str:
         return self.digest[len('sha256:') :]
 
+    def fileno(self) -> int:
+        return self._fd
+
     def open(self) -> IO[bytes]:
         """Open the staged bytes for reading (to inspect them before commit)."""
         return open(self.path, 'rb')
@@ -209,6 +212,8 @@ class FileStore:
     def stage(self, stream: Readable) -> StagedBlob:
         """Copy ``stream`` to a temp file until EOF, computing its sha256.
 
+        The bytes are synced by :meth:`commit`, and only if they are new.
+
         Whatever ``stream.read`` raises (a size limit, a client that went
         away) propagates unchanged after the temp file is removed.
 
@@ -230,10 +235,6 @@ class FileStore:
                     _write_all(fd, chunk)
                 except OSError as exc:
                     raise _store_error(exc, 'writing an upload') from exc
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                raise _store_error(exc, 'syncing an upload') from exc
         except BaseException:
             _remove_temp(fd, path)
             raise
@@ -251,7 +252,7 @@ class FileStore:
         """
         blob_path = self._blob_path(staged.hex)
         try:
-            created = self._link_into_place(staged.path, blob_path, staged.size)
+            created = self._link_into_place(staged, blob_path)
         except OSError as exc:
             raise _store_error(exc, 'storing a blob') from exc
         finally:
@@ -261,19 +262,24 @@ class FileStore:
             stored = self._write_meta(staged.hex, meta)
         return Committed(created, stored)
 
-    def _link_into_place(self, temp_path: str, final_path: str, size: int) -> bool:
+    def _link_into_place(self, staged: StagedBlob, final_path: str) -> bool:
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(final_path).st_size == staged.size:
+                # PERF: already stored; a copy about to be discarded needs no fsync.
+                return False
+        os.fsync(staged.fileno())
         directory = os.path.dirname(final_path)
         os.makedirs(directory, exist_ok=True)
         try:
-            os.link(temp_path, final_path)
+            os.link(staged.path, final_path)
         except FileExistsError:
-            if os.stat(final_path).st_size == size:
+            if os.stat(final_path).st_size == staged.size:
                 return False
             # NOTE: a blob of the wrong size under this name was damaged by
             # something outside ISS (the seed wrote in place, without sync);
             # the staged bytes are verified, so they take its place atomically.
             log.warning('replacing damaged blob %s', final_path)
-            os.replace(temp_path, final_path)
+            os.replace(staged.path, final_path)
         _fsync_directory(directory)
         return True
 
