@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Benchmark ISS in its documented configurations, each against nginx and the hash+disk
+# limit in the same run. Needs wrk, curl and nginx (apt-get install -y wrk curl nginx) and
+# the project's venv (the README's first command). Results: bench/results/<date>/.
+#
+#   bash bench/run.sh [--skip-large]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="bench/results/$(date +%F)"
+mkdir -p "$out"
+extra=("$@")
+port=8800
+nginx_port=8801
+
+start_iss() {  # $1: label, then env assignments
+    local label=$1; shift
+    data=$(mktemp -d /tmp/iss-bench-XXXX)
+    chmod 755 "$data"
+    env ISS_DATA="$data/data" ISS_PORT=$port ISS_LOG_LEVEL=warning "$@" \
+        .venv/bin/gunicorn iss:app --access-logfile /dev/null > "$out/$label.gunicorn.log" 2>&1 &
+    iss_pid=$!
+    for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && return; sleep 0.2; done
+    echo "ISS did not start: see $out/$label.gunicorn.log" >&2; exit 1
+}
+
+stop_iss() { kill "$iss_pid"; wait "$iss_pid" 2>/dev/null || true; rm -rf "$data"; }
+
+bench() {  # $1: label, $2: url
+    python3 bench/iss_bench.py --url "$2" --server-pid "$iss_pid" --label "$1" \
+        --json "$out/$1.json" "${extra[@]}" | tee "$out/$1.txt"
+    if [[ " ${extra[*]} " != *" --skip-large "* ]]; then
+        python3 bench/put_upload.py --url "$2" --server-pid "$iss_pid" | tee -a "$out/$1.txt"
+    fi
+}
+
+# 1. gunicorn alone, the default worker model (gthread, 2 x 16).
+start_iss gthread
+bench gthread "http://127.0.0.1:$port"
+stop_iss
+
+# 2. gunicorn alone, sync workers (one request per process at a time), for comparison.
+start_iss sync GUNICORN_CMD_ARGS="--worker-class sync --workers 4"
+bench sync "http://127.0.0.1:$port"
+stop_iss
+
+# 3. Behind nginx, the production setup: deploy/nginx/iss.conf.template with X-Accel-Redirect.
+start_iss nginx ISS_ACCEL_REDIRECT=/_internal/blobs/
+conf=$(mktemp -d /tmp/iss-nginx-XXXX)
+sed -e "s|\${ISS_UPSTREAM}|127.0.0.1:$port|; s|\${ISS_DATA}|$data/data|; s|\${NGINX_PORT}|127.0.0.1:$nginx_port|" \
+    -e "s|\${ISS_MAX_UPLOAD_BYTES}|2147483648|g" deploy/nginx/iss.conf.template > "$conf/site.conf"
+cat > "$conf/nginx.conf" <<NGINX
+$( [ "$(id -u)" = 0 ] && echo 'user nobody nogroup;' )
+worker_processes 1;
+pid $conf/nginx.pid;
+error_log $conf/error.log warn;
+events { worker_connections 1024; }
+http {
+    include /etc/nginx/mime.types;
+    access_log off;
+    client_body_temp_path $conf/body;
+    proxy_temp_path $conf/proxy;
+    include $conf/site.conf;
+}
+NGINX
+nginx -p "$conf" -c "$conf/nginx.conf"
+bench nginx "http://127.0.0.1:$nginx_port"
+kill "$(cat "$conf/nginx.pid")"
+stop_iss
+rm -rf "$conf"
+echo "results in $out"
