@@ -59,6 +59,8 @@ class Settings:
     #: With nginx in front: the internal location (e.g. ``/_internal/blobs/``) aliased to
     #: ``$ISS_DATA/blobs/``; full GETs then answer with X-Accel-Redirect and nginx sends the bytes.
     accel_redirect: str = ''
+    #: With accel_redirect: smaller blobs are still sent by ISS, so nginx can cache them.
+    accel_min_bytes: int = 1024 * 1024
     #: Where gunicorn listens.
     host: str = '127.0.0.1'
     port: int = 8000
@@ -87,6 +89,7 @@ class Settings:
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             cors_origins=_csv(env, 'ISS_CORS_ORIGINS'),
             accel_redirect=_location(env, 'ISS_ACCEL_REDIRECT'),
+            accel_min_bytes=_integer(env, 'ISS_ACCEL_MIN_BYTES', defaults.accel_min_bytes),
             host=env.get('ISS_HOST', '').strip() or defaults.host,
             port=_integer(env, 'ISS_PORT', defaults.port),
             workers=_integer(env, 'ISS_WORKERS', defaults.workers, 1),

@@ -470,18 +470,20 @@ class BlobItem:
     """Serves a stored blob's bytes: GET and HEAD, Range, If-None-Match, zero-copy.
 
     Either door, ``/images/{id}`` or ``/artifacts/{id}``, serves any blob.
-    With ``accel_redirect`` set (nginx in front), a GET that would send bytes
-    answers with ``X-Accel-Redirect`` instead: nginx sends the file (and cuts
-    the range), while ISS has already decided the status and every header.
+    With ``accel_redirect`` set (nginx in front), a GET that would send the
+    bytes of a blob of ``accel_min_bytes`` or more answers with
+    ``X-Accel-Redirect`` instead: nginx sends the file (and cuts the range),
+    while ISS has already decided the status and every header.
     """
 
     def __init__(
-        self, store: storage.FileStore, receiver: UploadReceiver, content_types: ContentTypes, accel_redirect: str
+        self, store: storage.FileStore, receiver: UploadReceiver, content_types: ContentTypes, settings: Settings
     ) -> None:
         self._store = store
         self._receiver = receiver
         self._content_types = content_types
-        self._accel_redirect = accel_redirect
+        self._accel_redirect = settings.accel_redirect
+        self._accel_min_bytes = settings.accel_min_bytes
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         self._respond(req, resp, blob_id, send_body=True)
@@ -491,12 +493,13 @@ class BlobItem:
 
     def _respond(self, req: falcon.Request, resp: falcon.Response, blob_id: str, send_body: bool) -> None:
         not_modified = _etag_matches(req.if_none_match, blob_id)
-        hand_off = bool(self._accel_redirect) and send_body and not not_modified
-        if send_body and not not_modified and not hand_off:
+        if send_body and not not_modified:
             blob = self._store.open(blob_id)
             file, size = blob.file, blob.size
         else:
             file, size = None, self._store.size(blob_id)
+        # NOTE: small blobs are sent by ISS even behind nginx, so that nginx can cache them.
+        hand_off = file is not None and bool(self._accel_redirect) and size >= self._accel_min_bytes
         try:
             content_type = self._content_types.of(blob_id)
             resp.etag = blob_id
@@ -552,10 +555,10 @@ class ArtifactItem(BlobItem):
         store: storage.FileStore,
         receiver: UploadReceiver,
         content_types: ContentTypes,
-        accel_redirect: str,
+        settings: Settings,
         fields: ArtifactFields,
     ) -> None:
-        super().__init__(store, receiver, content_types, accel_redirect)
+        super().__init__(store, receiver, content_types, settings)
         self._fields = fields
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
@@ -773,10 +776,10 @@ def create_app(settings: Settings, store: storage.FileStore | None = None) -> fa
     content_types = ContentTypes(store)
     meta = BlobMeta(store)
     app.add_route('/images', Images(store, receiver))
-    app.add_route('/images/{blob_id}', ImageItem(store, receiver, content_types, settings.accel_redirect))
+    app.add_route('/images/{blob_id}', ImageItem(store, receiver, content_types, settings))
     app.add_route('/images/{blob_id}/meta', meta)
     app.add_route('/artifacts', Artifacts(store, receiver, fields))
-    app.add_route('/artifacts/{blob_id}', ArtifactItem(store, receiver, content_types, settings.accel_redirect, fields))
+    app.add_route('/artifacts/{blob_id}', ArtifactItem(store, receiver, content_types, settings, fields))
     app.add_route('/artifacts/{blob_id}/meta', meta)
 
     health = Health(store)

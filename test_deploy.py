@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 from PIL import Image
@@ -57,6 +58,8 @@ class Nginx(LoopbackServer):
                 'ISS_DATA': str(data_dir),
                 'ISS_MAX_UPLOAD_BYTES': str(UPLOAD_LIMIT),
                 'NGINX_PORT': f'127.0.0.1:{self.port}',
+                # NOTE: beside the data, where nginx's workers (nobody) can reach it.
+                'NGINX_CACHE_DIR': str(data_dir.parent / f'nginx-cache-{self.port}'),
             },
         )
         assert '${' not in site, 'every template variable must be substituted'
@@ -105,6 +108,7 @@ def stack(tmp_path, shared_data_dir):
         shared_data_dir,
         tmp_path / 'behind.log',
         ISS_ACCEL_REDIRECT=ACCEL,
+        ISS_ACCEL_MIN_BYTES=str(MIB),
         ISS_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
     )
     direct = Gunicorn(shared_data_dir, tmp_path / 'direct.log', ISS_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT))
@@ -150,6 +154,8 @@ def test_upload_through_nginx_and_download_with_the_headers_of_a_direct_download
     put_status, _, _ = nginx.request('PUT', f'/artifacts/{big_id}?kind=big', big)
 
     assert (page_status, put_status) == (201, 201)
+    big_revalidated = nginx.request('GET', f'/images/{big_id}', headers={'If-None-Match': f'"{big_id}"'})
+    assert (big_revalidated[0], big_revalidated[2]) == (304, b'')
     for blob, content in ((image_id, image), (json.loads(page_answer)['artifact_id'], page), (big_id, big)):
         via_nginx = nginx.request('GET', f'/images/{blob}')
         straight = direct.request('GET', f'/images/{blob}')
@@ -158,9 +164,11 @@ def test_upload_through_nginx_and_download_with_the_headers_of_a_direct_download
         assert via_nginx[2] == straight[2] == content
         assert {h: via_nginx[1][h] for h in BLOB_HEADERS} == {h: straight[1][h] for h in BLOB_HEADERS}
         assert via_nginx[1]['X-Accel-Redirect'] is None
-        # Proof that nginx, not ISS, sent the bytes:
-        assert handed_off[1]['X-Accel-Redirect'].startswith(ACCEL)
-        assert handed_off[2] == b''
+        if len(content) >= MIB:  # ISS_ACCEL_MIN_BYTES: proof that nginx, not ISS, sent the bytes
+            assert handed_off[1]['X-Accel-Redirect'].startswith(ACCEL)
+            assert handed_off[2] == b''
+        else:
+            assert handed_off[1]['X-Accel-Redirect'] is None
 
 
 def test_range_and_if_none_match_through_nginx(stack):
@@ -187,6 +195,37 @@ def test_range_and_if_none_match_through_nginx(stack):
     assert (head[0], head[1]['Content-Length'], head[2]) == (200, '100000', b'')
     assert (if_range[0], if_range[2]) == (206, data[:10])
     assert (stale[0], stale[2]) == (200, data)
+
+
+def test_small_blobs_are_served_from_nginx_cache_with_the_same_answers(stack):
+    nginx, behind, _ = stack
+    data = os.urandom(50_000)
+    blob = 'sha256:' + hashlib.sha256(data).hexdigest()
+    missing = nginx.request('GET', f'/artifacts/{blob}')  # before the upload: never cached
+    assert nginx.request('PUT', f'/artifacts/{blob}?kind=c', data)[0] == 201
+    # Revalidations go to ISS and are never kept (a kept 304 would be replayed to plain GETs).
+    cold_not_modified = nginx.request('GET', f'/artifacts/{blob}', headers={'If-None-Match': f'"{blob}"'})
+
+    first = nginx.request('GET', f'/artifacts/{blob}')
+    again = nginx.request('GET', f'/images/{blob}')  # the other door, the same entry
+    head = nginx.request('HEAD', f'/artifacts/{blob}')
+    not_modified = nginx.request('GET', f'/artifacts/{blob}', headers={'If-None-Match': f'"{blob}"'})
+    ranged = nginx.request('GET', f'/artifacts/{blob}', headers={'Range': 'bytes=10-19'})
+    beyond = nginx.request('GET', f'/artifacts/{blob}', headers={'Range': 'bytes=50000-'})
+
+    assert missing[0] == 404
+    assert (cold_not_modified[0], cold_not_modified[2]) == (304, b'')
+    assert (first[0], first[2], again[0], again[2]) == (200, data, 200, data)
+    assert {h: again[1][h] for h in BLOB_HEADERS} == {h: first[1][h] for h in BLOB_HEADERS}
+    assert (head[0], head[1]['Content-Length'], head[1]['ETag']) == (200, '50000', f'"{blob}"')
+    assert (not_modified[0], not_modified[1]['ETag']) == (304, f'"{blob}"')
+    assert (ranged[0], ranged[1]['Content-Range'], ranged[2]) == (206, 'bytes 10-19/50000', data[10:20])
+    assert (beyond[0], json.loads(beyond[2])['status']) == (416, 416)
+    # ISS saw four reads of this blob: the 404 before the upload, the two revalidations,
+    # and nginx's first miss; nginx answered the other GETs, the HEAD and the ranges.
+    time.sleep(0.5)  # gunicorn writes its access log line after the response
+    reads = re.findall(rf'"(?:GET|HEAD) /(?:images|artifacts)/{blob} ', behind.log_path.read_text())
+    assert len(reads) == 4, reads
 
 
 def test_oversized_upload_is_refused_by_nginx_with_json(stack, shared_data_dir):

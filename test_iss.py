@@ -503,8 +503,9 @@ def test_active_content_is_served_so_it_cannot_run(client, mime):
 
 
 def test_with_nginx_in_front_full_gets_are_handed_off_with_our_headers(make_client, png):
-    client = make_client(accel_redirect='/_internal/blobs/')
+    client = make_client(accel_redirect='/_internal/blobs/', accel_min_bytes=len(png))
     digest = upload_image(client, png).json['image_id']
+    small = client.post('/artifacts?kind=k', png[:-1], headers={'Content-Type': 'text/plain'}).json['artifact_id']
     hex_digest = digest[7:]
 
     get = client.get(f'/images/{digest}')
@@ -521,6 +522,10 @@ def test_with_nginx_in_front_full_gets_are_handed_off_with_our_headers(make_clie
         assert response.headers['Content-Type'] == 'image/png'
     assert 'X-Accel-Redirect' not in head.headers
     assert head.headers['Content-Length'] == str(len(png))
+    # Below accel_min_bytes ISS sends the bytes itself, so that nginx can cache them.
+    below = client.get(f'/artifacts/{small}')
+    assert 'X-Accel-Redirect' not in below.headers
+    assert below.body == png[:-1]
     client.get(f'/images/{digest}', headers={'If-None-Match': f'"{digest}"'}, status=304)
     client.get(f'/images/{digest}', headers={'Range': f'bytes={len(png)}-'}, status=416)
     client.get(f'/images/{MISSING}', status=404)
