@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 out="bench/results/$(date +%F)"
 mkdir -p "$out"
 extra=("$@")
+# A --skip-large run keeps its own files beside the full run's.
+suffix=""
+[[ " $* " == *" --skip-large "* ]] && suffix="-small"
 port=8800
 nginx_port=8801
 
@@ -27,9 +30,9 @@ stop_iss() { kill "$iss_pid"; wait "$iss_pid" 2>/dev/null || true; rm -rf "$data
 
 bench() {  # $1: label, $2: url
     python3 bench/iss_bench.py --url "$2" --server-pid "$iss_pid" --label "$1" \
-        --json "$out/$1.json" "${extra[@]}" | tee "$out/$1.txt"
+        --json "$out/$1$suffix.json" "${extra[@]}" | tee "$out/$1$suffix.txt"
     if [[ " ${extra[*]} " != *" --skip-large "* ]]; then
-        python3 bench/put_upload.py --url "$2" --server-pid "$iss_pid" | tee -a "$out/$1.txt"
+        python3 bench/put_upload.py --url "$2" --server-pid "$iss_pid" | tee -a "$out/$1$suffix.txt"
     fi
 }
 
