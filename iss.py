@@ -511,7 +511,8 @@ class BlobItem:
             resp.accept_ranges = 'bytes'
             resp.set_header('X-Content-Type-Options', 'nosniff')
             resp.set_header('Content-Security-Policy', _BLOB_CSP)
-            if content_type.partition(';')[0] in _ACTIVE_TYPES or content_type.endswith('+xml'):
+            essence = content_type.partition(';')[0]
+            if essence in _ACTIVE_TYPES or essence.endswith('+xml'):
                 resp.set_header('Content-Disposition', 'attachment')
             byte_range = _requested_range(req, blob_id, size)
             if hand_off:

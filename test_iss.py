@@ -487,7 +487,15 @@ def test_if_none_match_star_does_not_hide_a_missing_blob(client):
 
 
 @pytest.mark.parametrize(
-    'mime', ['text/html', 'image/svg+xml', 'application/xhtml+xml', 'text/javascript', 'application/rss+xml']
+    'mime',
+    [
+        'text/html',
+        'image/svg+xml',
+        'application/xhtml+xml',
+        'text/javascript',
+        'application/rss+xml',
+        'application/rss+xml; charset=utf-8',
+    ],
 )
 def test_active_content_is_served_so_it_cannot_run(client, mime):
     data = b'<script>alert(document.cookie)</script>' + mime.encode()
