@@ -54,6 +54,8 @@ class Settings:
     max_meta_bytes: int = 16 * 1024
     #: When set, POST and PUT need ``Authorization: Bearer <token>``.
     api_token: str = ''
+    #: When set, DELETE needs ``Authorization: Bearer <token>``; when empty, deletion is off (403).
+    admin_token: str = ''
     #: Origins allowed by CORS; empty means CORS is off.
     cors_origins: tuple[str, ...] = ()
     #: With nginx in front: the internal location (e.g. ``/_internal/blobs/``) aliased to
@@ -87,6 +89,7 @@ class Settings:
             max_meta_bytes=_integer(env, 'ISS_MAX_META_BYTES', defaults.max_meta_bytes, 2),
             body_timeout=_integer(env, 'ISS_BODY_TIMEOUT', defaults.body_timeout, 1),
             api_token=env.get('ISS_API_TOKEN', '').strip(),
+            admin_token=env.get('ISS_ADMIN_TOKEN', '').strip(),
             cors_origins=_csv(env, 'ISS_CORS_ORIGINS'),
             accel_redirect=_location(env, 'ISS_ACCEL_REDIRECT'),
             accel_min_bytes=_integer(env, 'ISS_ACCEL_MIN_BYTES', defaults.accel_min_bytes),

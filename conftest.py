@@ -1,8 +1,10 @@
-"""What the tests that start real processes share: a gunicorn running ISS, and waiting."""
+"""What the tests share: test images, a WebTest client of ISS, a real gunicorn running it, and waiting."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import io
 import os
 import pathlib
 import shutil
@@ -14,8 +16,55 @@ import time
 from collections.abc import Sequence
 
 import pytest
+import webtest
+from PIL import Image
+
+import iss
+from config import Settings
 
 HERE = pathlib.Path(__file__).resolve().parent
+MISSING = 'sha256:' + '0' * 64
+
+
+def make_png(width: int = 100, height: int = 80, color: str = 'red') -> bytes:
+    buffer = io.BytesIO()
+    Image.new('RGB', (width, height), color).save(buffer, 'PNG')
+    return buffer.getvalue()
+
+
+def blob_id(data: bytes) -> str:
+    return 'sha256:' + hashlib.sha256(data).hexdigest()
+
+
+def files_under(path: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in path.rglob('*') if p.is_file())
+
+
+@pytest.fixture
+def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / 'data'
+
+
+@pytest.fixture
+def make_client(data_dir: pathlib.Path):
+    def make(**settings) -> webtest.TestApp:
+        return webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir), **settings)))
+
+    return make
+
+
+@pytest.fixture
+def client(make_client) -> webtest.TestApp:
+    return make_client()
+
+
+@pytest.fixture
+def png() -> bytes:
+    return make_png()
+
+
+def upload_image(client, data: bytes, name: str = 'x.png', **kwargs):
+    return client.post('/images', upload_files=[('file', name, data, 'image/png')], **kwargs)
 
 
 def tool(name: str) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
-from typing import IO
+from typing import IO, Any
 
 from PIL import Image
 
@@ -45,3 +46,21 @@ def identify(file: IO[bytes]) -> ImageInfo:
         raise NotAnImage(str(exc) or type(exc).__name__) from None
     mime = Image.MIME.get(image_format, 'application/octet-stream')
     return ImageInfo(image_format, mime, width, height)
+
+
+def image_meta(file: IO[bytes], size: int, created_at: float | None = None) -> dict[str, Any]:
+    """The meta file of an image: the seed's keys, with what Pillow read from the header.
+
+    Raises:
+        NotAnImage, ImageTooLarge: as :func:`identify`.
+    """
+    info = identify(file)
+    return {
+        'kind': 'image',
+        'bytes': size,
+        'mime': info.mime,
+        'format': info.format,
+        'width': info.width,
+        'height': info.height,
+        'created_at': time.time() if created_at is None else created_at,
+    }

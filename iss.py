@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hmac
 import json
 import logging
 import pathlib
 import re
+import sys
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -26,6 +30,7 @@ import yaml
 from swagger_ui_bundle import swagger_ui_path
 
 import images
+import index
 import storage
 from config import Settings
 
@@ -60,9 +65,9 @@ _ACTIVE_TYPES = frozenset(
     }
 )
 
-_KIND_PATTERN = re.compile(r'[A-Za-z0-9._-]{1,64}')
 _MEDIA_TYPE_PATTERN = re.compile(r'[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+')
 _CHARSET_PATTERN = re.compile(r'charset="?([A-Za-z0-9._:-]{1,40})"?')
+_NUMBER_PATTERN = re.compile(r'-?\d{1,12}(\.\d{1,9})?')
 _RANGE_PATTERN = re.compile(r'bytes=(\d{0,18})-(\d{0,18})', re.IGNORECASE)
 
 # Keys ISS writes into every meta file; an artifact's own meta may not use them.
@@ -120,6 +125,12 @@ def _raise_store_error(req: falcon.Request, resp: falcon.Response, error: Except
         raise falcon.HTTPNotFound(
             title='Malformed id',
             description=f'{error}, so it names no stored blob.',
+        )
+    if isinstance(error, storage.IndexIncomplete):
+        raise falcon.HTTPServiceUnavailable(
+            title='Index not ready',
+            description='The index is being built from the files (python -m iss reindex); try again shortly.',
+            retry_after=10,
         )
     if isinstance(error, storage.StoreFull):
         log.error('store full: %s', error)
@@ -284,7 +295,7 @@ def store_image(store: storage.FileStore, upload: Upload) -> storage.Committed:
     """Commit an upload as an image, after Pillow identified it from its header."""
     with upload.staged.open() as file:
         try:
-            info = images.identify(file)
+            meta = images.image_meta(file, upload.staged.size)
         except images.NotAnImage:
             raise falcon.HTTPUnsupportedMediaType(
                 title='Not an image',
@@ -293,15 +304,6 @@ def store_image(store: storage.FileStore, upload: Upload) -> storage.Committed:
             ) from None
         except images.ImageTooLarge as exc:
             raise falcon.HTTPContentTooLarge(title='Image too large', description=str(exc)) from None
-    meta = {
-        'kind': 'image',
-        'bytes': upload.staged.size,
-        'mime': info.mime,
-        'format': info.format,
-        'width': info.width,
-        'height': info.height,
-        'created_at': time.time(),
-    }
     return store.commit(upload.staged, meta)
 
 
@@ -314,12 +316,12 @@ class ArtifactFields:
     def check_query(self, req: falcon.Request) -> None:
         """PERF: what the query string says is checked before a byte of body is read."""
         if req.get_param('kind') is not None or not is_multipart(req):
-            self._kind(req.get_param('kind'))
+            self.kind(req.get_param('kind'))
         self._meta(req.get_param('meta'))
 
     def build_meta(self, req: falcon.Request, upload: Upload) -> dict[str, Any]:
         """Return the meta file for this upload: the client's keys plus ISS's own."""
-        kind = self._kind(self._value(req, upload, 'kind'))
+        kind = self.kind(self._value(req, upload, 'kind'))
         meta = self._meta(self._value(req, upload, 'meta'))
         meta.update(kind=kind, bytes=upload.staged.size, mime=media_type(upload.content_type), created_at=time.time())
         return meta
@@ -336,8 +338,8 @@ class ArtifactFields:
         return upload.fields[name]
 
     @staticmethod
-    def _kind(kind: str | None) -> str:
-        if kind is None or not _KIND_PATTERN.fullmatch(kind):
+    def kind(kind: str | None) -> str:
+        if kind is None or not storage.KIND_PATTERN.fullmatch(kind):
             raise falcon.HTTPBadRequest(
                 title='Invalid kind',
                 description='kind is required: 1 to 64 characters of A-Z, a-z, 0-9, ".", "_" or "-".',
@@ -393,11 +395,55 @@ def _check_digest(staged: storage.StagedBlob, claimed: str) -> None:
         )
 
 
-class Images:
-    """``POST /images``: a multipart file or a raw image/* body."""
+class Listing:
+    """GET on a collection: its items newest first, filtered, in pages joined by a cursor.
+
+    The items come from the store's index as stored JSON and are sent as
+    they are: a page costs one indexed query, however big the store.
+    """
+
+    _DEFAULT_LIMIT = 100
+    _MAX_LIMIT = 1000
+
+    def __init__(self, store: storage.FileStore, collection: str, *, kind_filter: bool) -> None:
+        self._store = store
+        self._collection = collection
+        self._kind_filter = kind_filter
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = req.get_param_as_int('limit', min_value=1, max_value=self._MAX_LIMIT, default=self._DEFAULT_LIMIT)
+        filters: dict[str, Any] = {
+            'created_after': _timestamp_param(req, 'created_after'),
+            'created_before': _timestamp_param(req, 'created_before'),
+            'cursor': req.get_param('cursor') or None,
+        }
+        if self._kind_filter:
+            kind = req.get_param('kind')
+            filters['kind'] = None if kind is None else ArtifactFields.kind(kind)
+        try:
+            page = self._store.list(self._collection, limit=limit, **filters)
+        except index.InvalidCursor as exc:
+            raise falcon.HTTPBadRequest(title='Invalid cursor', description=str(exc)) from None
+        next_url = None
+        if page.next_cursor is not None:
+            query = {key: value for key, value in req.params.items() if key != 'cursor'}
+            query['cursor'] = page.next_cursor
+            next_url = f'{req.path}?{urllib.parse.urlencode(query, doseq=True)}'
+            resp.append_link(next_url, 'next')
+        resp.cache_control = ('no-cache',)
+        # PERF: the index stores each item as JSON, so a page is joined, not re-encoded.
+        resp.data = b'{"items":[%s],"next":%s}' % (
+            ','.join(page.items).encode(),
+            json.dumps(next_url).encode(),
+        )
+        resp.content_type = falcon.MEDIA_JSON
+
+
+class Images(Listing):
+    """``/images``: GET lists images; POST stores a multipart file or a raw image/* body."""
 
     def __init__(self, store: storage.FileStore, receiver: UploadReceiver) -> None:
-        self._store = store
+        super().__init__(store, index.IMAGES, kind_filter=False)
         self._receiver = receiver
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -412,11 +458,11 @@ class Images:
         _answer_upload(resp, 'image_id', upload.staged.digest, committed, upload.filename)
 
 
-class Artifacts:
-    """``POST /artifacts?kind=&meta=``: a multipart file or a raw body of any type."""
+class Artifacts(Listing):
+    """``/artifacts``: GET lists artifacts (of a kind); POST ``?kind=&meta=`` stores any file."""
 
     def __init__(self, store: storage.FileStore, receiver: UploadReceiver, fields: ArtifactFields) -> None:
-        self._store = store
+        super().__init__(store, index.ARTIFACTS, kind_filter=True)
         self._receiver = receiver
         self._fields = fields
 
@@ -425,6 +471,53 @@ class Artifacts:
         with self._receiver.receive(req, form_fields=('kind', 'meta')) as upload:
             committed = self._store.commit(upload.staged, self._fields.build_meta(req, upload))
         _answer_upload(resp, 'artifact_id', upload.staged.digest, committed, upload.filename)
+
+
+class MissingBlobs:
+    """``POST /blobs/missing``: which of these ids are not stored, so a client sends only those.
+
+    The Remote Execution API's FindMissingBlobs: one round trip before a batch of uploads.
+    """
+
+    MAX_IDS = 10_000
+    # NOTE: 10,000 ids are ~750 KB of JSON; 2 MiB leaves room for whitespace.
+    _MAX_BODY_BYTES = 2 * 1024 * 1024
+
+    def __init__(self, store: storage.FileStore, settings: Settings) -> None:
+        self._store = store
+        self._timeout = settings.body_timeout
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            body = json.loads(RequestBody(req, self._MAX_BODY_BYTES, self._timeout).read() or b'null')
+        except ValueError:
+            body = None
+        ids = body.get('ids') if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(blob_id, str) for blob_id in ids):
+            raise falcon.HTTPBadRequest(title='Invalid body', description='Send JSON {"ids": ["sha256:<hex>", ...]}.')
+        if len(ids) > self.MAX_IDS:
+            raise falcon.HTTPBadRequest(title='Too many ids', description=f'Send at most {self.MAX_IDS} ids.')
+        try:
+            resp.media = {'missing': self._store.missing(ids)}
+        except storage.InvalidId as exc:
+            raise falcon.HTTPBadRequest(title='Malformed id', description=str(exc)) from None
+
+
+class Stats:
+    """``GET /stats``: how many blobs and bytes the store holds, per kind."""
+
+    def __init__(self, store: storage.FileStore) -> None:
+        self._store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        totals = self._store.totals()
+        resp.cache_control = ('no-cache',)
+        resp.media = {
+            'count': sum(count for count, _ in totals.values()),
+            'bytes': sum(size for _, size in totals.values()),
+            # NOTE: blobs stored without meta (a crash before it was written) count under "".
+            'kinds': {kind: {'count': count, 'bytes': size} for kind, (count, size) in totals.items()},
+        }
 
 
 class ContentTypes:
@@ -436,17 +529,18 @@ class ContentTypes:
     def __init__(self, store: storage.FileStore) -> None:
         self._store = store
         # PERF: blobs are immutable, so a type learned once stays right.
-        self._known: dict[str, str] = {}
+        self._known: dict[tuple[str, tuple[int, int]], str] = {}
 
-    def of(self, blob_id: str) -> str:
-        content_type = self._known.get(blob_id)
+    def of(self, blob_id: str, version: tuple[int, int]) -> str:
+        """The type of the stored copy ``version`` of a blob (see storage.BlobStat)."""
+        content_type = self._known.get((blob_id, version))
         if content_type is None:
             content_type = self._look_up(blob_id)
             if content_type is None:
                 return OCTET_STREAM  # NOTE: not remembered; the metadata may yet be written
             if len(self._known) >= self._CACHE_SIZE:
                 self._known.clear()
-            self._known[blob_id] = content_type
+            self._known[(blob_id, version)] = content_type
         return content_type
 
     def _look_up(self, blob_id: str) -> str | None:
@@ -491,17 +585,23 @@ class BlobItem:
     def on_head(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         self._respond(req, resp, blob_id, send_body=False)
 
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
+        """Remove the blob, its meta and index row (the admin token was checked by RequireToken)."""
+        self._store.delete(blob_id)
+        resp.status = falcon.HTTP_204
+
     def _respond(self, req: falcon.Request, resp: falcon.Response, blob_id: str, send_body: bool) -> None:
         not_modified = _etag_matches(req.if_none_match, blob_id)
         if send_body and not not_modified:
             blob = self._store.open(blob_id)
-            file, size = blob.file, blob.size
+            file, stat = blob.file, blob.stat
         else:
-            file, size = None, self._store.size(blob_id)
+            file, stat = None, self._store.stat(blob_id)
+        size = stat.size
         # NOTE: small blobs are sent by ISS even behind nginx, so that nginx can cache them.
         hand_off = file is not None and bool(self._accel_redirect) and size >= self._accel_min_bytes
         try:
-            content_type = self._content_types.of(blob_id)
+            content_type = self._content_types.of(blob_id, stat.version)
             resp.etag = blob_id
             resp.cache_control = _IMMUTABLE
             if not_modified:
@@ -578,7 +678,7 @@ class BlobMeta:
         self._store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
-        size = self._store.size(blob_id)
+        size = self._store.stat(blob_id).size
         resp.media = self._store.read_meta(blob_id) or {'bytes': size}
 
 
@@ -646,23 +746,33 @@ class Docs:
 # -- middleware -----------------------------------------------------------------
 
 
-class RequireWriteToken:
-    """With ``ISS_API_TOKEN`` set, POST and PUT need ``Authorization: Bearer <token>``."""
+class RequireToken:
+    """Requests with one of ``methods`` need ``Authorization: Bearer <token>``.
 
-    _WRITE_METHODS = frozenset({'POST', 'PUT'})
+    With an empty token those requests are refused outright (403): that is
+    how deletion stays off until ``ISS_ADMIN_TOKEN`` is set.
+    """
 
-    def __init__(self, token: str) -> None:
-        self._expected = f'Bearer {token}'.encode()
+    def __init__(self, methods: frozenset[str], token: str, variable: str, purpose: str) -> None:
+        self._methods = methods
+        self._expected = f'Bearer {token}'.encode() if token else None
+        self._variable = variable
+        self._purpose = purpose
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if req.method not in self._WRITE_METHODS:
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
+        # NOTE: after routing, so a method no resource takes still gets its 404 or 405.
+        if req.method not in self._methods or not hasattr(resource, f'on_{req.method.lower()}'):
             return
+        if self._expected is None:
+            raise falcon.HTTPForbidden(
+                title=f'{self._purpose} is off', description=f'{self._purpose} is off until {self._variable} is set.'
+            )
         given = (req.get_header('Authorization') or '').encode('utf-8', 'replace')
         # APPSEC: constant-time, so the token cannot be guessed byte by byte.
         if not hmac.compare_digest(given, self._expected):
             raise falcon.HTTPUnauthorized(
                 title='Token required',
-                description='Uploads need the header "Authorization: Bearer <ISS_API_TOKEN>".',
+                description=f'{self._purpose} needs the header "Authorization: Bearer <{self._variable}>".',
                 challenges=['Bearer realm="iss"'],
             )
 
@@ -672,6 +782,27 @@ class RequireWriteToken:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f'{name} is not valid JSON')
+
+
+def _timestamp_param(req: falcon.Request, name: str) -> float | None:
+    """A time given as Unix seconds or ISO 8601 (no zone: UTC), as Unix seconds."""
+    raw = req.get_param(name)
+    if raw is None:
+        return None
+    try:
+        return float(raw) if _NUMBER_PATTERN.fullmatch(raw) else _iso_timestamp(raw)
+    except ValueError:
+        raise falcon.HTTPBadRequest(
+            title=f'Invalid {name}',
+            description=f'{name} must be Unix seconds or an ISO 8601 time, e.g. 2026-11-25T12:00:00Z.',
+        ) from None
+
+
+def _iso_timestamp(text: str) -> float:
+    moment = datetime.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
 
 
 def _etag_matches(if_none_match: list | None, blob_id: str) -> bool:
@@ -753,10 +884,47 @@ def _slice(req: falcon.Request, file: IO[bytes], start: int, length: int) -> Fil
 # -- the app --------------------------------------------------------------------
 
 
+def _sweep_temp(store: storage.FileStore) -> None:
+    """Remove what uploads killed mid-way left in tmp/ (live ones are flock'd and stay)."""
+    try:
+        swept = store.sweep_temp()
+    except OSError as exc:
+        log.error('data directory %s is not usable: %s', store.root, exc)
+    else:
+        if swept:
+            log.warning('removed %d stale temp file(s) from %s', swept, store.root)
+
+
+def _build_index_if_incomplete(store: storage.FileStore) -> None:
+    """Index a store that has blobs but no complete index (the FastAPI version's), in the background.
+
+    Listings answer 503 until it is done; every worker starts one, the first
+    does the work and the others find it done (storage.FileStore.reindex locks).
+    """
+    try:
+        if store.index_complete:
+            return
+    except storage.StoreError:
+        return  # NOTE: the health endpoint reports an unusable data directory
+
+    def build() -> None:
+        try:
+            counts = store.reindex(only_if_incomplete=True)
+        except Exception:
+            log.exception('building the index failed; run python -m iss reindex')
+        else:
+            if counts:
+                log.warning('indexed %d blobs found in %s', counts['blobs'], store.root)
+
+    threading.Thread(target=build, name='iss-reindex', daemon=True).start()
+
+
 def create_app(settings: Settings, store: storage.FileStore | None = None) -> falcon.App:
     """Build the WSGI app: every route ISS serves is wired here."""
     if store is None:
         store = storage.FileStore(settings.data_dir)
+    _sweep_temp(store)
+    _build_index_if_incomplete(store)
     middleware: list[object] = []
     if settings.cors_origins:
         middleware.append(
@@ -766,7 +934,8 @@ def create_app(settings: Settings, store: storage.FileStore | None = None) -> fa
             )
         )
     if settings.api_token:
-        middleware.append(RequireWriteToken(settings.api_token))
+        middleware.append(RequireToken(frozenset({'POST', 'PUT'}), settings.api_token, 'ISS_API_TOKEN', 'Uploading'))
+    middleware.append(RequireToken(frozenset({'DELETE'}), settings.admin_token, 'ISS_ADMIN_TOKEN', 'Deleting'))
 
     app = falcon.App(middleware=middleware)
     app.set_error_serializer(_serialize_error)
@@ -782,6 +951,8 @@ def create_app(settings: Settings, store: storage.FileStore | None = None) -> fa
     app.add_route('/artifacts', Artifacts(store, receiver, fields))
     app.add_route('/artifacts/{blob_id}', ArtifactItem(store, receiver, content_types, settings, fields))
     app.add_route('/artifacts/{blob_id}/meta', meta)
+    app.add_route('/blobs/missing', MissingBlobs(store, settings))
+    app.add_route('/stats', Stats(store))
 
     health = Health(store)
     app.add_route('/health', health)
@@ -805,3 +976,9 @@ def __getattr__(name: str) -> falcon.App:
         globals()['app'] = app
         return app
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+if __name__ == '__main__':
+    import cli
+
+    sys.exit(cli.main())

@@ -19,6 +19,7 @@ second backend can stand in without touching them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -29,11 +30,20 @@ import logging
 import os
 import re
 import tempfile
-from typing import IO, Any, Protocol
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, Any, Protocol, TypeVar
+
+import index
+
+_T = TypeVar('_T')
 
 log = logging.getLogger('iss.storage')
 
 _ID_PATTERN = re.compile(r'sha256:([0-9a-f]{64})')
+_HEX_PATTERN = re.compile(r'[0-9a-f]{64}')
+#: What an artifact's kind may be.
+KIND_PATTERN = re.compile(r'[A-Za-z0-9._-]{1,64}')
 
 # NOTE: errors that say the disk, not the request, is the problem.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -57,6 +67,10 @@ class StoreFull(StoreError):
 
 class StoreUnavailable(StoreError):
     """The data directory cannot be read or written (gone, read-only, I/O error)."""
+
+
+class IndexIncomplete(StoreError):
+    """The index is still being built from the files, so it cannot answer listings yet."""
 
 
 def parse_id(blob_id: str) -> str:
@@ -92,11 +106,44 @@ class Committed:
 
 
 @dataclasses.dataclass(frozen=True)
+class BlobStat:
+    """A stored blob's size, and ``version``: which stored copy it is.
+
+    NOTE: blobs never change, but a deleted one can be stored again (with
+    other meta); the inode and its change time tell the copies apart.
+    """
+
+    size: int
+    version: tuple[int, int]
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> BlobStat:
+        return cls(stat.st_size, (stat.st_ino, stat.st_ctime_ns))
+
+
+@dataclasses.dataclass
+class Verification:
+    """What :meth:`FileStore.verify` found: every problem, and how much it checked."""
+
+    blobs: int = 0
+    bytes: int = 0
+    problems: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def found(self, problem: str, path: str, blob_id: str | None = None, *, repaired: bool = False) -> None:
+        self.problems.append({'problem': problem, 'id': blob_id, 'path': path, 'repaired': repaired})
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing is wrong, or all that was wrong was repaired."""
+        return all(problem['repaired'] for problem in self.problems)
+
+
+@dataclasses.dataclass(frozen=True)
 class OpenBlob:
     """A stored blob opened for reading; the caller closes ``file``."""
 
     file: IO[bytes]
-    size: int
+    stat: BlobStat
 
 
 class StagedBlob:
@@ -150,7 +197,8 @@ class FileStore:
     Args:
         root: The data directory. Its subdirectories are created when
             missing; if that fails the store still starts, and :meth:`check`
-            (the health endpoint) says what is wrong.
+            (the health endpoint) says what is wrong. A service starting on
+            it calls :meth:`sweep_temp` (see iss.create_app).
     """
 
     # PERF: 1 MiB reads keep the per-chunk Python overhead small next to
@@ -162,15 +210,15 @@ class FileStore:
         self._blobs = os.path.join(self.root, 'blobs')
         self._meta = os.path.join(self.root, 'meta')
         self._tmp = os.path.join(self.root, 'tmp')
+        self._quarantine = os.path.join(self.root, 'quarantine')
+        self.index = index.Index(os.path.join(self.root, 'index.sqlite3'))
         try:
             for directory in (self._blobs, self._meta, self._tmp):
                 os.makedirs(directory, exist_ok=True)
-            swept = self.sweep_temp()
-        except OSError as exc:
+            if not self.index.complete and next(self._blob_files(), None) is None:
+                self.index.mark_complete()  # NOTE: an empty store's index is complete as it is
+        except (OSError, index.IndexUnavailable) as exc:
             log.error('data directory %s is not usable: %s', self.root, exc)
-        else:
-            if swept:
-                log.warning('removed %d stale temp file(s) from %s', swept, self._tmp)
 
     # -- paths ---------------------------------------------------------------
 
@@ -245,43 +293,116 @@ class FileStore:
 
         The first commit of some content wins: an existing blob is never
         overwritten (unless its size shows it is damaged, when the verified
-        bytes replace it atomically) and existing metadata is kept.
+        bytes replace it atomically) and existing metadata is kept. The blob,
+        its meta and its index row are written while the blob is held, so a
+        concurrent :meth:`delete` of the same content happens wholly before
+        or wholly after this commit.
 
         Returns:
             Whether the blob is new, and the metadata now stored for it.
         """
-        blob_path = self._blob_path(staged.hex)
         try:
-            created = self._link_into_place(staged, blob_path)
+            with self._hold_for_commit(staged) as created:
+                stored = self.read_meta(staged.digest)
+                if stored is None:
+                    stored = self._write_meta(staged.hex, meta)
+                self._index_call(self.index.put_missing, index.row_for(staged.hex, stored, time.time(), staged.size))
         except OSError as exc:
             raise _store_error(exc, 'storing a blob') from exc
         finally:
             staged.discard()
-        stored = self.read_meta(staged.digest)
-        if stored is None:
-            stored = self._write_meta(staged.hex, meta)
         return Committed(created, stored)
 
-    def _link_into_place(self, staged: StagedBlob, final_path: str) -> bool:
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(final_path).st_size == staged.size:
-                # PERF: already stored; a copy about to be discarded needs no fsync.
-                return False
+    @contextlib.contextmanager
+    def _hold_for_commit(self, staged: StagedBlob) -> Iterator[bool]:
+        """Hold the stored blob of this content, linking the staged file into place when absent.
+
+        Yields True when the staged bytes became the blob. Either way the blob
+        is flock'd until the block exits: shared when it was already stored,
+        and through the staged file's own exclusive lock when it is new.
+        """
+        final_path = self._blob_path(staged.hex)
+        while True:
+            fd = _lock_file(final_path, fcntl.LOCK_SH)
+            if fd is None:
+                if self._link_new(staged, final_path):
+                    yield True
+                    return
+                continue  # NOTE: another upload linked it first; hold theirs
+            try:
+                if os.fstat(fd).st_size == staged.size:
+                    # PERF: already stored; a copy about to be discarded needs no fsync.
+                    yield False
+                    return
+                # NOTE: a blob of the wrong size under this name was damaged by
+                # something outside ISS (the seed wrote in place, without sync);
+                # the staged bytes are verified, so they take its place atomically.
+                log.warning('replacing damaged blob %s', final_path)
+                os.fsync(staged.fileno())
+                os.replace(staged.path, final_path)
+                _fsync_directory(os.path.dirname(final_path))
+                yield True
+                return
+            finally:
+                os.close(fd)
+
+    def _link_new(self, staged: StagedBlob, final_path: str) -> bool:
+        """Link the synced staged file to ``final_path``; False if that name exists by now."""
         os.fsync(staged.fileno())
         directory = os.path.dirname(final_path)
         os.makedirs(directory, exist_ok=True)
         try:
             os.link(staged.path, final_path)
         except FileExistsError:
-            if os.stat(final_path).st_size == staged.size:
-                return False
-            # NOTE: a blob of the wrong size under this name was damaged by
-            # something outside ISS (the seed wrote in place, without sync);
-            # the staged bytes are verified, so they take its place atomically.
-            log.warning('replacing damaged blob %s', final_path)
-            os.replace(staged.path, final_path)
+            return False
         _fsync_directory(directory)
         return True
+
+    def delete(self, blob_id: str) -> None:
+        """Remove a blob, its meta and its index row.
+
+        A reader that opened the blob before keeps reading the whole of it; one
+        that comes after gets :class:`BlobNotFound`. The blob is held (flock)
+        throughout, and its meta and row go before its bytes: a commit of the
+        same content waits, then stores it anew with its own meta.
+        A crash part way leaves the blob without meta or row, which ``fsck``
+        reports (the client was not told the delete succeeded).
+
+        Raises:
+            BlobNotFound: nothing is stored under ``blob_id``.
+        """
+        hex_digest = parse_id(blob_id)
+        blob_path = self._blob_path(hex_digest)
+        try:
+            fd = _lock_file(blob_path, fcntl.LOCK_EX)
+            if fd is None:
+                raise BlobNotFound(blob_id)
+            try:
+                self._remove_meta(hex_digest)
+                self._index_call(self.index.remove, hex_digest)
+                os.unlink(blob_path)
+                _fsync_directory(os.path.dirname(blob_path))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _store_error(exc, 'deleting a blob') from exc
+
+    def _remove_meta(self, hex_digest: str) -> bool:
+        meta_path = self._meta_path(hex_digest)
+        try:
+            os.unlink(meta_path)
+        except FileNotFoundError:
+            return False
+        _fsync_directory(os.path.dirname(meta_path))
+        return True
+
+    def _index_call(self, method: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        try:
+            return method(*args, **kwargs)
+        except index.IndexFull as exc:
+            raise StoreFull(f'updating the index: {exc}') from exc
+        except index.IndexUnavailable as exc:
+            raise StoreUnavailable(f'updating the index: {exc}') from exc
 
     def _write_meta(self, hex_digest: str, meta: dict[str, Any]) -> dict[str, Any]:
         """Write ``meta`` unless another writer got there first; return what is stored."""
@@ -318,13 +439,13 @@ class FileStore:
             raise BlobNotFound(blob_id) from None
         except OSError as exc:
             raise _store_error(exc, 'opening a blob') from exc
-        return OpenBlob(file, os.fstat(file.fileno()).st_size)
+        return OpenBlob(file, BlobStat.of(os.fstat(file.fileno())))
 
-    def size(self, blob_id: str) -> int:
-        """Return the size of a stored blob in bytes (raises like :meth:`open`)."""
+    def stat(self, blob_id: str) -> BlobStat:
+        """Return a stored blob's size and version (raises like :meth:`open`)."""
         path = self._blob_path(parse_id(blob_id))
         try:
-            return os.stat(path).st_size
+            return BlobStat.of(os.stat(path))
         except FileNotFoundError:
             raise BlobNotFound(blob_id) from None
         except OSError as exc:
@@ -347,6 +468,28 @@ class FileStore:
             log.warning('ignoring unreadable metadata %s: %s', path, exc)
             return None
         return meta if isinstance(meta, dict) else None
+
+    def missing(self, blob_ids: list[str]) -> list[str]:
+        """Return the ids in ``blob_ids`` that name no stored blob, in order, once each."""
+        paths = {blob_id: self._blob_path(parse_id(blob_id)) for blob_id in blob_ids}
+        return [blob_id for blob_id, path in paths.items() if not os.path.exists(path)]
+
+    def list(self, collection: str, *, limit: int, **filters: Any) -> index.Page:
+        """A page of the index, newest first (see :meth:`index.Index.page`).
+
+        Raises:
+            IndexIncomplete: the index is still being built.
+            index.InvalidCursor: the cursor is not one a page handed out.
+        """
+        if not self.index_complete:
+            raise IndexIncomplete('the index is being built from the files')
+        return self._index_call(self.index.page, collection, limit=limit, **filters)
+
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """``{kind: (count, bytes)}`` of every stored blob (raises like :meth:`list`)."""
+        if not self.index_complete:
+            raise IndexIncomplete('the index is being built from the files')
+        return self._index_call(self.index.totals)
 
     # -- housekeeping --------------------------------------------------------
 
@@ -371,8 +514,8 @@ class FileStore:
             raise _store_error(exc, 'writing to the data directory') from exc
         return {'free_bytes': usage.f_bavail * usage.f_frsize}
 
-    def sweep_temp(self) -> int:
-        """Remove temp files left by dead processes; return how many went.
+    def sweep_temp(self, *, dry_run: bool = False) -> int:
+        """Remove temp files left by dead processes; return how many went (or would go).
 
         A temp file whose flock can be taken has no live writer: its process
         died (crash, SIGKILL, power loss) before committing it.
@@ -388,11 +531,285 @@ class FileStore:
             except BlockingIOError:
                 continue
             else:
-                os.unlink(entry.path)
+                if not dry_run:
+                    os.unlink(entry.path)
                 removed += 1
             finally:
                 os.close(fd)
         return removed
+
+    # -- the index -------------------------------------------------------------
+
+    @property
+    def index_complete(self) -> bool:
+        return self._index_call(lambda: self.index.complete)
+
+    def reindex(self, *, only_if_incomplete: bool = False) -> dict[str, int]:
+        """Rebuild the index from the files, which stay the truth; safe while ISS runs.
+
+        One rebuild runs at a time (an flock on ``index.lock``); with
+        ``only_if_incomplete``, one that finds the index complete returns at once.
+
+        Returns:
+            ``blobs`` seen, rows ``changed`` (added or corrected), stale rows ``removed``.
+        """
+        with open(os.path.join(self.root, 'index.lock'), 'a') as lock, self.index.session():
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if only_if_incomplete and self.index_complete:
+                return {}
+            counts = {'blobs': 0, 'changed': 0, 'removed': 0}
+            self._index_call(self.index.start_rebuild)
+            batch: list[str] = []
+            for hex_digest, _ in self._blob_files():
+                if hex_digest is not None:
+                    batch.append(hex_digest)
+                if len(batch) == self._REINDEX_BATCH:
+                    self._reindex_batch(batch, counts)
+                    batch = []
+            self._reindex_batch(batch, counts)
+            for hex_digest in self._index_call(self.index.unseen):
+                if not os.path.exists(self._blob_path(hex_digest)):
+                    counts['removed'] += self._index_call(self.index.remove, hex_digest)
+            self._index_call(self.index.mark_complete)
+        return counts
+
+    # PERF: rows go in by transactions of this many; uploads wait for one at most.
+    _REINDEX_BATCH = 500
+
+    def _reindex_batch(self, batch: list[str], counts: dict[str, int]) -> None:
+        # NOTE: a blob held by a commit or delete is not waited for inside the
+        # transaction (that commit may be waiting for the index): it is done after.
+        held: list[str] = []
+        with self.index.transaction():
+            for hex_digest in batch:
+                try:
+                    self._reindex_one(hex_digest, fcntl.LOCK_SH | fcntl.LOCK_NB, counts)
+                except BlockingIOError:
+                    held.append(hex_digest)
+        for hex_digest in held:
+            self._reindex_one(hex_digest, fcntl.LOCK_SH, counts)
+
+    def _reindex_one(self, hex_digest: str, lock: int, counts: dict[str, int]) -> None:
+        fd = _lock_file(self._blob_path(hex_digest), lock)
+        if fd is None:
+            return  # deleted meanwhile
+        try:
+            row = self._index_row(hex_digest, os.fstat(fd))
+            counts['blobs'] += 1
+            counts['changed'] += self._index_call(self.index.put, row)
+            self._index_call(self.index.saw, hex_digest)
+        finally:
+            os.close(fd)
+
+    def _index_row(self, hex_digest: str, stat: os.stat_result) -> index.Row:
+        return index.row_for(hex_digest, self.read_meta('sha256:' + hex_digest), stat.st_mtime, stat.st_size)
+
+    # -- integrity -------------------------------------------------------------
+
+    def verify(
+        self,
+        *,
+        repair: bool = False,
+        describe: Callable[[IO[bytes], os.stat_result], dict[str, Any]] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Verification:
+        """Re-hash every blob and cross-check blobs, meta and index (``fsck``).
+
+        With ``repair``: a corrupt blob and its meta move to ``quarantine/``,
+        meta without a blob moves there too, a blob without (readable) meta gets
+        the meta ``describe`` gives it, and the index is rebuilt. Files that are
+        no blob or meta are reported, never touched.
+
+        Args:
+            describe: makes the meta of a blob that has none, from its bytes.
+            progress: called with (blobs checked, bytes hashed) as it goes.
+        """
+        report = Verification()
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+            # NOTE: hashlib releases the GIL, so blobs hash in parallel; a few
+            # hundred at a time keep memory flat on a store of millions.
+            pending: list[tuple[str, os.DirEntry]] = []
+            for hex_digest, entry in self._blob_files():
+                if hex_digest is None:
+                    report.found('stray_file', entry.path)
+                    continue
+                pending.append((hex_digest, entry))
+                if len(pending) == 256:
+                    self._verify_blobs(pool, pending, report, repair, describe, progress)
+                    pending = []
+            self._verify_blobs(pool, pending, report, repair, describe, progress)
+        for hex_digest, entry in self._meta_files():
+            if hex_digest is None:
+                report.found('stray_file', entry.path)
+            elif not os.path.exists(self._blob_path(hex_digest)):
+                moved = repair and self._quarantine_file(entry.path, hex_digest + '.json')
+                report.found('orphaned_meta', entry.path, 'sha256:' + hex_digest, repaired=moved)
+        self._verify_index(report)
+        if repair:
+            self.reindex()
+            for problem in report.problems:
+                if problem['problem'] in ('index_missing', 'index_stale', 'index_differs'):
+                    problem['repaired'] = True
+        return report
+
+    def _verify_blobs(self, pool, pending, report, repair, describe, progress) -> None:
+        hashes = pool.map(_hash_file, [entry.path for _, entry in pending])
+        for (hex_digest, entry), actual in zip(pending, hashes, strict=True):
+            blob_id = 'sha256:' + hex_digest
+            if actual is None:
+                continue  # deleted while we looked
+            report.blobs += 1
+            report.bytes += actual[1]
+            if progress:
+                progress(report.blobs, report.bytes)
+            if actual[0] != hex_digest:
+                report.found('corrupt', entry.path, blob_id, repaired=repair and self._quarantine_blob(hex_digest))
+                continue
+            meta_path = self._meta_path(hex_digest)
+            if not os.path.exists(meta_path):
+                problem = 'missing_meta'
+            elif self.read_meta(blob_id) is None:
+                problem = 'unreadable_meta'
+            else:
+                continue
+            repaired = False
+            if repair and describe is not None:
+                if problem == 'unreadable_meta':
+                    self._quarantine_file(meta_path, hex_digest + '.json')
+                with open(entry.path, 'rb') as file:
+                    self._write_meta(hex_digest, describe(file, os.fstat(file.fileno())))
+                repaired = True
+            report.found(problem, entry.path, blob_id, repaired=repaired)
+
+    def _verify_index(self, report: Verification) -> None:
+        with self.index.session():
+            self._verify_index_rows(report)
+
+    def _verify_index_rows(self, report: Verification) -> None:
+        self._index_call(self.index.start_rebuild)
+        for hex_digest, entry in self._blob_files():
+            if hex_digest is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                expected = self._index_row(hex_digest, entry.stat())
+                row = self._index_call(self.index.get, hex_digest)
+                self._index_call(self.index.saw, hex_digest)
+                if row is None:
+                    report.found('index_missing', entry.path, 'sha256:' + hex_digest)
+                elif row != expected:
+                    report.found('index_differs', entry.path, 'sha256:' + hex_digest)
+        for hex_digest in self._index_call(self.index.unseen):
+            if not os.path.exists(self._blob_path(hex_digest)):
+                report.found('index_stale', self.index.path, 'sha256:' + hex_digest)
+
+    def _quarantine_blob(self, hex_digest: str) -> bool:
+        """Move a corrupt blob, and its meta, out of the store; its index row goes."""
+        blob_path = self._blob_path(hex_digest)
+        fd = _lock_file(blob_path, fcntl.LOCK_EX)
+        if fd is None:
+            return False
+        try:
+            self._quarantine_file(blob_path, hex_digest)
+            self._quarantine_file(self._meta_path(hex_digest), hex_digest + '.json')
+            self._index_call(self.index.remove, hex_digest)
+        finally:
+            os.close(fd)
+        return True
+
+    def _quarantine_file(self, path: str, name: str) -> bool:
+        os.makedirs(self._quarantine, exist_ok=True)
+        target = os.path.join(self._quarantine, f'{name}.{time.strftime("%Y%m%dT%H%M%S")}')
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return False
+        _fsync_directory(os.path.dirname(path))
+        _fsync_directory(self._quarantine)
+        return True
+
+    def collect_garbage(self, *, dry_run: bool = False) -> dict[str, int]:
+        """Remove what no blob needs (``gc``): stale temp files, meta and index rows of no blob.
+
+        Returns:
+            How many of each were removed (with ``dry_run``, would be).
+        """
+        counts = {'temp_files': self.sweep_temp(dry_run=dry_run), 'orphaned_meta': 0, 'index_rows': 0}
+        for hex_digest, _ in self._meta_files():
+            # NOTE: a commit links the blob before it writes the meta, and a delete
+            # holds the blob until its meta is gone: meta without a blob is never used.
+            if hex_digest is not None and not os.path.exists(self._blob_path(hex_digest)):
+                counts['orphaned_meta'] += dry_run or self._remove_meta(hex_digest)
+        for hex_digest in self._index_call(self.index.all_hexes):
+            if not os.path.exists(self._blob_path(hex_digest)):
+                counts['index_rows'] += dry_run or self._index_call(self.index.remove, hex_digest)
+        return counts
+
+    # -- walking the tree --------------------------------------------------------
+
+    def _blob_files(self) -> Iterator[tuple[str | None, os.DirEntry]]:
+        """Every file under blobs/, with its id's hex, or None for a file that is no blob."""
+        for entry in _files_below(self._blobs):
+            name = entry.name
+            valid = _HEX_PATTERN.fullmatch(name) is not None and entry.path == self._blob_path(name)
+            yield (name if valid else None), entry
+
+    def _meta_files(self) -> Iterator[tuple[str | None, os.DirEntry]]:
+        """Every file under meta/, with its blob's hex, or None for a file that is no meta."""
+        for entry in _files_below(self._meta):
+            name = entry.name.removesuffix('.json')
+            valid = _HEX_PATTERN.fullmatch(name) is not None and entry.path == self._meta_path(name)
+            yield (name if valid else None), entry
+
+
+def _files_below(top: str) -> Iterator[os.DirEntry]:
+    try:
+        entries = os.scandir(top)
+    except FileNotFoundError:
+        return
+    with entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _files_below(entry.path)
+            else:
+                yield entry
+
+
+def _hash_file(path: str) -> tuple[str, int] | None:
+    """The sha256 hex and size of a file's bytes; None when it is gone."""
+    sha256 = hashlib.sha256()
+    buffer = bytearray(1024 * 1024)
+    view = memoryview(buffer)
+    size = 0
+    try:
+        with open(path, 'rb', buffering=0) as file:
+            while count := file.readinto(buffer):
+                sha256.update(view[:count])
+                size += count
+    except FileNotFoundError:
+        return None
+    return sha256.hexdigest(), size
+
+
+def _lock_file(path: str, operation: int) -> int | None:
+    """Open ``path`` and flock it; None when it is absent, or was removed or replaced meanwhile.
+
+    Returns the open fd, which holds the lock until closed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, operation)
+        # NOTE: while we waited, a delete may have unlinked it, or a repair renamed it.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 def _remove_temp(fd: int, path: str) -> None:

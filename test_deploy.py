@@ -38,6 +38,10 @@ BLOB_HEADERS = (
 )
 
 
+# NOTE: short, so that a test can see a deleted blob leave nginx's cache.
+CACHE_VALID = '2s'
+
+
 def render_template(template: str, environ: dict[str, str]) -> str:
     """Substitute ``${NAME}`` for the names given, as the nginx image's envsubst step does."""
     return re.sub(r'\$\{(\w+)\}', lambda m: environ.get(m.group(1), m.group(0)), template)
@@ -60,6 +64,7 @@ class Nginx(LoopbackServer):
                 'NGINX_PORT': f'127.0.0.1:{self.port}',
                 # NOTE: beside the data, where nginx's workers (nobody) can reach it.
                 'NGINX_CACHE_DIR': str(data_dir.parent / f'nginx-cache-{self.port}'),
+                'NGINX_CACHE_VALID': CACHE_VALID,
             },
         )
         assert '${' not in site, 'every template variable must be substituted'
@@ -107,6 +112,7 @@ def stack(tmp_path, shared_data_dir):
     behind = Gunicorn(
         shared_data_dir,
         tmp_path / 'behind.log',
+        ISS_ADMIN_TOKEN='admin',
         ISS_ACCEL_REDIRECT=ACCEL,
         ISS_ACCEL_MIN_BYTES=str(MIB),
         ISS_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
@@ -226,6 +232,21 @@ def test_small_blobs_are_served_from_nginx_cache_with_the_same_answers(stack):
     time.sleep(0.5)  # gunicorn writes its access log line after the response
     reads = re.findall(rf'"(?:GET|HEAD) /(?:images|artifacts)/{blob} ', behind.log_path.read_text())
     assert len(reads) == 4, reads
+
+
+def test_a_deleted_blob_leaves_nginx_cache_within_its_validity(stack):
+    nginx, _, direct = stack
+    data = os.urandom(10_000)
+    blob = 'sha256:' + hashlib.sha256(data).hexdigest()
+    assert nginx.request('PUT', f'/artifacts/{blob}?kind=c', data)[0] == 201
+    assert nginx.request('GET', f'/artifacts/{blob}')[2] == data  # now cached by nginx
+
+    deleted = nginx.request('DELETE', f'/artifacts/{blob}', headers={'Authorization': 'Bearer admin'})
+
+    assert deleted[0] == 204
+    assert direct.request('GET', f'/artifacts/{blob}')[0] == 404
+    assert nginx.request('GET', f'/artifacts/{blob}')[0] == 200  # the cached copy, for now
+    wait_for(lambda: nginx.request('GET', f'/artifacts/{blob}')[0] == 404, seconds=5, message='the cache to expire')
 
 
 def test_oversized_upload_is_refused_by_nginx_with_json(stack, shared_data_dir):
@@ -357,7 +378,7 @@ def test_code_passes_ruff():
 
 
 def test_dockerfile_copies_every_module_the_app_imports():
-    copied = set(re.search(r'^COPY (config\.py .*) \./$', (HERE / 'Dockerfile').read_text(), re.M).group(1).split())
+    copied = set(re.search(r'^COPY (cli\.py .*) \./$', (HERE / 'Dockerfile').read_text(), re.M).group(1).split())
     local_modules = {p.name for p in HERE.glob('*.py') if not p.name.startswith(('test_', 'conftest'))}
 
     assert local_modules | {'openapi.yaml'} == copied

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -16,55 +15,13 @@ import pytest
 import webtest
 import yaml
 from openapi_spec_validator import validate
-from PIL import Image
 
 import iss
 import storage
 from config import ConfigError, Settings
+from conftest import MISSING, blob_id, files_under, make_png, upload_image
 
 HERE = pathlib.Path(__file__).resolve().parent
-MISSING = 'sha256:' + '0' * 64
-
-
-def make_png(width: int = 100, height: int = 80, color: str = 'red') -> bytes:
-    buffer = io.BytesIO()
-    Image.new('RGB', (width, height), color).save(buffer, 'PNG')
-    return buffer.getvalue()
-
-
-def blob_id(data: bytes) -> str:
-    return 'sha256:' + hashlib.sha256(data).hexdigest()
-
-
-def files_under(path: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in path.rglob('*') if p.is_file())
-
-
-@pytest.fixture
-def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
-    return tmp_path / 'data'
-
-
-@pytest.fixture
-def make_client(data_dir: pathlib.Path):
-    def make(**settings) -> webtest.TestApp:
-        return webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir), **settings)))
-
-    return make
-
-
-@pytest.fixture
-def client(make_client) -> webtest.TestApp:
-    return make_client()
-
-
-@pytest.fixture
-def png() -> bytes:
-    return make_png()
-
-
-def upload_image(client, data: bytes, name: str = 'x.png', **kwargs):
-    return client.post('/images', upload_files=[('file', name, data, 'image/png')], **kwargs)
 
 
 def assert_nothing_stored(data_dir: pathlib.Path) -> None:
@@ -583,7 +540,8 @@ def test_head_and_meta_of_absent_blob_are_404(client):
 @pytest.mark.parametrize(
     'method, path, status',
     [
-        ('DELETE', f'/images/{MISSING}', 405),
+        ('DELETE', '/stats', 405),
+        ('POST', '/health', 405),
         ('PATCH', '/images', 405),
         ('GET', '/nowhere', 404),
         ('PUT', '/images', 405),
@@ -839,7 +797,7 @@ def test_temp_files_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
     with open(live, 'rb') as held:
         fcntl.flock(held, fcntl.LOCK_EX)
 
-        assert storage.FileStore(str(tmp_path)).root == store.root
+        assert store.sweep_temp() == 1
 
         assert not dead.exists()
         assert live.exists()
@@ -848,7 +806,7 @@ def test_temp_files_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
 def test_a_staged_upload_survives_another_worker_starting_before_it_commits(tmp_path):
     store = storage.FileStore(str(tmp_path))
     with store.stage(io.BytesIO(b'being inspected')) as staged:
-        storage.FileStore(str(tmp_path))  # another gunicorn worker boots and sweeps tmp/
+        storage.FileStore(str(tmp_path)).sweep_temp()  # another gunicorn worker boots
 
         committed = store.commit(staged, {'kind': 'k'})
 

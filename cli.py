@@ -1,0 +1,210 @@
+"""``python -m iss``: the operator's commands, run beside (or without) the service.
+
+Every command works on the data directory of ``ISS_DATA`` (or ``--data``),
+safely while gunicorn serves it: they go through the same store, with the
+same locks. Exit codes: 0 all is well, 1 problems were found (or some files
+could not be imported), 2 the command could not run (usage, configuration,
+an unusable data directory). ``--json`` prints one JSON document instead of
+text, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mimetypes
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+import images
+import index
+import storage
+from config import ConfigError, Settings
+
+OK, PROBLEMS, UNUSABLE = 0, 1, 2
+
+
+class Progress:
+    """One self-overwriting status line on stderr, when a person is watching it."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._last = 0.0
+
+    def show(self, text: str, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self._enabled or (not final and now - self._last < 0.1):
+            return
+        self._last = now
+        sys.stderr.write(f'\r\x1b[K{text}' + ('\n' if final else ''))
+        sys.stderr.flush()
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // total if total else width
+    return '[' + '#' * filled + '.' * (width - filled) + ']'
+
+
+def _megabytes(size: int) -> str:
+    return f'{size / 1e6:,.1f} MB'
+
+
+# -- the commands ---------------------------------------------------------------
+
+
+def fsck(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+    started = time.monotonic()
+    report = store.verify(
+        repair=args.repair,
+        describe=_describe_unknown_blob,
+        progress=lambda blobs, size: progress.show(f'fsck  {blobs:,} blobs  {_megabytes(size)}'),
+    )
+    progress.show(f'fsck  {report.blobs:,} blobs  {_megabytes(report.bytes)}', final=True)
+    result = {
+        'blobs': report.blobs,
+        'bytes': report.bytes,
+        'seconds': round(time.monotonic() - started, 3),
+        'problems': report.problems,
+        'clean': report.clean,
+    }
+    return (OK if report.clean else PROBLEMS), result
+
+
+def _describe_unknown_blob(file: IO[bytes], stat: os.stat_result) -> dict[str, Any]:
+    """The meta fsck --repair writes for a blob that has none: an image if Pillow says so."""
+    try:
+        return images.image_meta(file, stat.st_size, stat.st_mtime)
+    except (images.NotAnImage, images.ImageTooLarge):
+        mime = 'application/octet-stream'
+        return {'kind': 'recovered', 'bytes': stat.st_size, 'mime': mime, 'created_at': stat.st_mtime}
+
+
+def gc(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+    return OK, {'dry_run': args.dry_run, 'removed': store.collect_garbage(dry_run=args.dry_run)}
+
+
+def reindex(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+    started = time.monotonic()
+    counts = store.reindex()
+    return OK, {**counts, 'seconds': round(time.monotonic() - started, 3)}
+
+
+def stats(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+    totals = store.totals()
+    return OK, {
+        'count': sum(count for count, _ in totals.values()),
+        'bytes': sum(size for _, size in totals.values()),
+        'kinds': {kind: {'count': count, 'bytes': size} for kind, (count, size) in totals.items()},
+        'free_bytes': store.check()['free_bytes'],
+    }
+
+
+def import_files(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+    """Store every file below a directory, as images (default) or as artifacts of ``--kind``."""
+    if not os.path.isdir(args.directory):
+        raise UsageError(f'{args.directory} is not a directory')
+    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(args.directory) for name in names)
+    result: dict[str, Any] = {'files': len(paths), 'new': 0, 'existing': 0, 'bytes': 0, 'skipped': [], 'failed': []}
+    for done, path in enumerate(paths, 1):
+        try:
+            with open(path, 'rb') as file, store.stage(file) as staged:
+                with staged.open() as stored:
+                    meta = _import_meta(args.kind, path, stored, staged.size)
+                committed = store.commit(staged, meta)
+        except (images.NotAnImage, images.ImageTooLarge) as exc:
+            result['skipped'].append({'path': path, 'reason': f'not an image: {exc}'})
+        except OSError as exc:
+            result['failed'].append({'path': path, 'reason': exc.strerror or str(exc)})
+        else:
+            result['new' if committed.created else 'existing'] += 1
+            result['bytes'] += staged.size
+        status = f'{_bar(done, len(paths))} {done:,}/{len(paths):,} files  {_megabytes(result["bytes"])}'
+        progress.show(f'import  {status}', final=done == len(paths))
+    return (PROBLEMS if result['failed'] else OK), result
+
+
+def _import_meta(kind: str | None, path: str, file: IO[bytes], size: int) -> dict[str, Any]:
+    if kind is None:
+        return images.image_meta(file, size)
+    mime = mimetypes.guess_type(path)[0] or 'application/octet-stream'
+    return {'kind': kind, 'bytes': size, 'mime': mime, 'created_at': time.time()}
+
+
+# -- the command line -----------------------------------------------------------
+
+
+class UsageError(Exception):
+    """The command was given something it cannot work with."""
+
+
+Command = Callable[[storage.FileStore, argparse.Namespace, Progress], tuple[int, dict[str, Any]]]
+
+
+def _kind(text: str) -> str:
+    if not storage.KIND_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError('1 to 64 characters of A-Z, a-z, 0-9, ".", "_" or "-"')
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog='python -m iss', description=__doc__.split('\n\n')[0])
+    top.add_argument('--data', help='the data directory (default: $ISS_DATA, else ./data)')
+    top.add_argument('--json', action='store_true', help='print one JSON document, for scripts')
+    top.add_argument('--progress', action='store_true', help='show progress even when stderr is no terminal')
+    commands = top.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+    def command(name: str, function: Command, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(function=function)
+        return sub
+
+    command('fsck', fsck, 're-hash every blob; report corrupt, orphaned or missing files and index rows').add_argument(
+        '--repair', action='store_true', help='quarantine corrupt blobs, fix meta and the index'
+    )
+    command('gc', gc, 'remove stale temp files, meta and index rows of no blob').add_argument(
+        '--dry-run', action='store_true', help='count what would go, remove nothing'
+    )
+    command('reindex', reindex, 'rebuild the index from the blob and meta files')
+    command('stats', stats, 'count blobs and bytes per kind')
+    importer = command('import', import_files, 'store every file below DIRECTORY (as images unless --kind)')
+    importer.add_argument('directory', metavar='DIRECTORY')
+    importer.add_argument('--kind', type=_kind, help='store the files as artifacts of this kind')
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        data_dir = args.data or Settings.from_env().data_dir
+        if not os.path.isdir(data_dir):
+            raise UsageError(f'{data_dir} is not a directory (set ISS_DATA or --data)')
+        store = storage.FileStore(data_dir)
+        progress = Progress(args.progress or (sys.stderr.isatty() and not args.json))
+        status, result = args.function(store, args, progress)
+    except (UsageError, ConfigError, storage.StoreError, index.IndexUnavailable) as exc:
+        _print(args, {'error': str(exc)}, stream=sys.stderr)
+        return UNUSABLE
+    _print(args, result)
+    return status
+
+
+def _print(args: argparse.Namespace, result: dict[str, Any], stream: IO[str] | None = None) -> None:
+    stream = stream or sys.stdout
+    if args.json:
+        json.dump(result, stream, indent=2)
+        stream.write('\n')
+        return
+    for key, value in result.items():
+        if isinstance(value, list):
+            stream.write(f'{key}: {len(value)}\n')
+            for item in value:
+                stream.write('  ' + '  '.join(f'{k}={v}' for k, v in item.items() if v is not None) + '\n')
+        elif isinstance(value, dict):
+            stream.write(f'{key}:\n')
+            for name, item in value.items():
+                stream.write(f'  {name or "(no meta)"}: {item}\n')
+        else:
+            stream.write(f'{key}: {value}\n')

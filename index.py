@@ -1,0 +1,308 @@
+"""The store's index: one SQLite row per blob, for listing, lookup and totals.
+
+The files under ``blobs/`` and ``meta/`` stay the source of truth; this is a
+derived copy that :meth:`storage.FileStore.reindex` can rebuild from them at
+any time. It lives at ``$ISS_DATA/index.sqlite3`` in WAL mode, so gunicorn's
+workers and threads read while one writes, each thread with its own
+connection.
+
+``complete`` says whether the rows cover the whole store: a fresh index on an
+empty store does, one created beside existing blobs (a data directory of the
+FastAPI version) does not until a rebuild has run.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+IMAGES = 'images'
+ARTIFACTS = 'artifacts'
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    hex TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,      -- 'images' or 'artifacts': the door it is listed under
+    kind TEXT,                     -- the meta's kind; NULL for a blob without meta
+    bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    item TEXT NOT NULL             -- the listing entry, JSON: the id and the stored meta
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_time ON blobs (collection, created_at, hex);
+CREATE INDEX IF NOT EXISTS blobs_by_kind ON blobs (collection, kind, created_at, hex);
+
+-- PERF: totals kept by triggers, so /stats and /metrics cost one small read.
+CREATE TABLE IF NOT EXISTS totals (
+    kind TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS totals_insert AFTER INSERT ON blobs BEGIN
+    INSERT INTO totals VALUES (coalesce(new.kind, ''), 1, new.bytes)
+    ON CONFLICT (kind) DO UPDATE SET count = count + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_delete AFTER DELETE ON blobs BEGIN
+    UPDATE totals SET count = count - 1, bytes = bytes - old.bytes WHERE kind = coalesce(old.kind, '');
+    DELETE FROM totals WHERE count = 0;
+END;
+
+CREATE TRIGGER IF NOT EXISTS totals_update AFTER UPDATE ON blobs BEGIN
+    UPDATE totals SET count = count - 1, bytes = bytes - old.bytes WHERE kind = coalesce(old.kind, '');
+    INSERT INTO totals VALUES (coalesce(new.kind, ''), 1, new.bytes)
+    ON CONFLICT (kind) DO UPDATE SET count = count + 1, bytes = bytes + excluded.bytes;
+    DELETE FROM totals WHERE count = 0;
+END;
+
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"""
+
+
+class IndexUnavailable(Exception):
+    """The index file cannot be read or written (see the wrapped sqlite3 error)."""
+
+
+class IndexFull(IndexUnavailable):
+    """The disk holding the index is full."""
+
+
+class InvalidCursor(ValueError):
+    """A listing cursor that this index did not hand out."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    hex: str
+    collection: str
+    kind: str | None
+    bytes: int
+    created_at: float
+    item: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """One page of a listing: the items' JSON texts, and the cursor of the next page."""
+
+    items: list[str]
+    next_cursor: str | None
+
+
+def row_for(hex_digest: str, meta: dict[str, Any] | None, fallback_time: float, size: int) -> Row:
+    """The index row of a blob with this metadata (None: a blob without meta)."""
+    meta = meta or {}
+    kind = meta.get('kind') if isinstance(meta.get('kind'), str) else None
+    created_at = meta.get('created_at')
+    if not isinstance(created_at, (int, float)) or isinstance(created_at, bool):
+        created_at = fallback_time
+    item = {'id': 'sha256:' + hex_digest, **meta}
+    item.setdefault('bytes', size)
+    return Row(
+        hex_digest,
+        IMAGES if kind == 'image' else ARTIFACTS,
+        kind,
+        size,
+        float(created_at),
+        json.dumps(item, separators=(',', ':')),
+    )
+
+
+class Index:
+    """The SQLite index of one store; safe to share between threads and processes."""
+
+    # NOTE: a rebuild writes in batches; writers wait for a batch, never fail.
+    _BUSY_TIMEOUT_MS = 30_000
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._schema_pid = 0
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[sqlite3.Connection]:
+        """One connection for the calls inside the block (a rebuild's transactions, its temp table).
+
+        Outside a session each call opens and closes its own. NOTE: a connection
+        held open keeps the index file open for writing, and Linux refuses to
+        remount a file system read-only while one is (the operator's first move
+        on a failing disk); opening one costs ~130 us, next to an upload's fsyncs.
+        """
+        held = getattr(self._local, 'db', None)
+        if held is not None and self._local.pid == os.getpid():
+            yield held
+            return
+        try:
+            db = sqlite3.connect(self.path, timeout=self._BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            # NOTE: NORMAL in WAL mode never corrupts; after a power loss the last
+            # transactions may be missing, and the files (the truth) still have them.
+            db.execute('PRAGMA synchronous=NORMAL')
+            if self._schema_pid != os.getpid():
+                db.execute('PRAGMA journal_mode=WAL')
+                db.executescript(_SCHEMA)
+                self._schema_pid = os.getpid()
+        except sqlite3.Error as exc:
+            raise _unavailable(self.path, exc) from exc
+        self._local.db, self._local.pid = db, os.getpid()
+        try:
+            yield db
+        finally:
+            self._local.db = None
+            db.close()
+
+    def _execute(self, sql: str, params: Iterable[Any]) -> tuple[list[tuple], int]:
+        """Run one statement; return its rows and how many rows it changed."""
+        with self.session() as db:
+            try:
+                cursor = db.execute(sql, tuple(params))
+                return cursor.fetchall(), cursor.rowcount
+            except sqlite3.Error as exc:
+                raise _unavailable(self.path, exc) from exc
+
+    def _run(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        return self._execute(sql, params)[0]
+
+    # -- writes --------------------------------------------------------------
+
+    def put(self, row: Row) -> bool:
+        """Add or replace a blob's row; return whether anything changed."""
+        return self._changes(
+            'INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hex) DO UPDATE SET '
+            'collection = excluded.collection, kind = excluded.kind, bytes = excluded.bytes, '
+            'created_at = excluded.created_at, item = excluded.item '
+            'WHERE item IS NOT excluded.item',
+            dataclasses.astuple(row),
+        )
+
+    def _changes(self, sql: str, params: Iterable[Any]) -> bool:
+        return self._execute(sql, params)[1] > 0
+
+    def put_missing(self, row: Row) -> None:
+        """Add a blob's row unless it has one (the cheap self-healing on every upload)."""
+        self._run('INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)', dataclasses.astuple(row))
+
+    def remove(self, hex_digest: str) -> bool:
+        """Remove a blob's row; return whether it had one."""
+        return self._changes('DELETE FROM blobs WHERE hex = ?', (hex_digest,))
+
+    # -- a rebuild's bookkeeping, on this thread's connection ------------------
+
+    def start_rebuild(self) -> None:
+        """Start counting which rows a rebuild has seen (see :meth:`unseen`)."""
+        self._run('DROP TABLE IF EXISTS temp.seen')
+        self._run('CREATE TEMP TABLE seen (hex TEXT PRIMARY KEY) WITHOUT ROWID')
+
+    def saw(self, hex_digest: str) -> None:
+        self._run('INSERT OR IGNORE INTO temp.seen VALUES (?)', (hex_digest,))
+
+    def unseen(self) -> list[str]:
+        """Rows the rebuild did not see: candidates for removal."""
+        return [h for (h,) in self._run('SELECT hex FROM blobs WHERE hex NOT IN (SELECT hex FROM temp.seen)')]
+
+    def transaction(self) -> _Transaction:
+        """Group writes (a rebuild) into one transaction: ``with index.transaction(): ...``."""
+        return _Transaction(self)
+
+    def mark_complete(self, complete: bool = True) -> None:
+        self._run(
+            'INSERT INTO state VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value',
+            ('complete', '1' if complete else '0'),
+        )
+
+    # -- reads ---------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        rows = self._run("SELECT value FROM state WHERE key = 'complete'")
+        return bool(rows) and rows[0][0] == '1'
+
+    def all_hexes(self) -> Iterator[str]:
+        """Every row's hex, read in pages so a huge index is never held at once."""
+        last = ''
+        while rows := self._run('SELECT hex FROM blobs WHERE hex > ? ORDER BY hex LIMIT 1000', (last,)):
+            yield from (hex_digest for (hex_digest,) in rows)
+            last = rows[-1][0]
+
+    def get(self, hex_digest: str) -> Row | None:
+        rows = self._run('SELECT * FROM blobs WHERE hex = ?', (hex_digest,))
+        return Row(*rows[0]) if rows else None
+
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """``{kind: (count, bytes)}``; a blob without meta counts under ``''``."""
+        return {kind: (count, size) for kind, count, size in self._run('SELECT * FROM totals ORDER BY kind')}
+
+    def page(
+        self,
+        collection: str,
+        *,
+        limit: int,
+        kind: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        cursor: str | None = None,
+    ) -> Page:
+        """Items of ``collection``, newest first, ``limit`` at most, after ``cursor``.
+
+        Raises:
+            InvalidCursor: ``cursor`` is not one this method returned.
+        """
+        where, params = ['collection = ?'], [collection]
+        if kind is not None:
+            where.append('kind = ?')
+            params.append(kind)
+        if created_after is not None:
+            where.append('created_at > ?')
+            params.append(created_after)
+        if created_before is not None:
+            where.append('created_at < ?')
+            params.append(created_before)
+        if cursor is not None:
+            last_time, last_hex = _decode_cursor(cursor)
+            # NOTE: keyset pagination: a page costs the same however deep it is,
+            # and uploads during a walk neither repeat nor skip older items.
+            # PERF: as a row value, SQLite seeks the index to it (an OR of the parts scans).
+            where.append('(created_at, hex) < (?, ?)')
+            params += [last_time, last_hex]
+        rows = self._run(
+            f'SELECT created_at, hex, item FROM blobs WHERE {" AND ".join(where)} '
+            'ORDER BY created_at DESC, hex DESC LIMIT ?',
+            [*params, limit + 1],
+        )
+        next_cursor = _encode_cursor(rows[limit - 1][0], rows[limit - 1][1]) if len(rows) > limit else None
+        return Page([item for _, _, item in rows[:limit]], next_cursor)
+
+
+class _Transaction:
+    def __init__(self, index: Index) -> None:
+        self._index = index
+
+    def __enter__(self) -> None:
+        self._index._run('BEGIN IMMEDIATE')
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self._index._run('ROLLBACK' if exc_type else 'COMMIT')
+
+
+def _unavailable(path: str, exc: sqlite3.Error) -> IndexUnavailable:
+    full = getattr(exc, 'sqlite_errorcode', None) == sqlite3.SQLITE_FULL
+    return (IndexFull if full else IndexUnavailable)(f'{path}: {exc}')
+
+
+def _encode_cursor(created_at: float, hex_digest: str) -> str:
+    raw = json.dumps([created_at, hex_digest], separators=(',', ':')).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip('=')
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created_at, hex_digest = json.loads(base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4)))
+        if isinstance(created_at, (int, float)) and isinstance(hex_digest, str) and len(hex_digest) == 64:
+            return float(created_at), hex_digest
+    except (ValueError, TypeError):
+        pass
+    raise InvalidCursor(f'{cursor[:80]!r} is not a cursor from a previous page')
