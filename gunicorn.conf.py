@@ -6,11 +6,24 @@
 import ctypes
 import ctypes.util
 import json
-import logging
+import os
+import shutil
+import tempfile
 
 import gunicorn.util
 
 from config import Settings
+
+# Each worker counts into its own files here; GET /metrics adds them up. A fresh directory per
+# start, as prometheus_client requires, unless the operator names one (and wipes it).
+if not os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
+    os.environ['PROMETHEUS_MULTIPROC_DIR'] = tempfile.mkdtemp(prefix='iss-metrics-')
+    _own_metrics_dir = os.environ['PROMETHEUS_MULTIPROC_DIR']
+else:
+    _own_metrics_dir = None
+
+# NOTE: only now: prometheus_client picks its multiprocess mode when first imported.
+import telemetry
 
 _settings = Settings.from_env()
 
@@ -26,8 +39,9 @@ keepalive = _settings.keepalive
 timeout = _settings.timeout
 graceful_timeout = 30
 loglevel = _settings.log_level
-accesslog = '-'
-errorlog = '-'
+# NOTE: JSON lines on stderr; ISS writes one access line per request itself (telemetry.py).
+logconfig_dict = telemetry.logging_config(_settings.log_level)
+accesslog = None
 # NOTE: gunicorn 27 otherwise opens a control socket under $HOME.
 control_socket_disable = True
 # The longest request line gunicorn allows (its default is 4094): an artifact's `meta` may
@@ -71,13 +85,13 @@ def _return_large_buffers_to_the_os() -> None:
 _return_large_buffers_to_the_os()
 
 
-def post_fork(server, worker):
-    """Send ISS's own log lines through gunicorn's error log, in its format.
+def child_exit(server, worker):
+    """A dead worker's gauges go; its counters stay in the sums (prometheus_client's rule)."""
+    from prometheus_client import multiprocess
 
-    NOTE: post_fork, not post_worker_init: the worker builds the app (and
-    sweeps stale temp files, which it logs) before post_worker_init runs.
-    """
-    iss_log = logging.getLogger('iss')
-    iss_log.handlers = list(worker.log.error_log.handlers)
-    iss_log.setLevel(worker.log.error_log.level)
-    iss_log.propagate = False
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)

@@ -32,6 +32,7 @@ from swagger_ui_bundle import swagger_ui_path
 import images
 import index
 import storage
+import telemetry
 from config import Settings
 
 log = logging.getLogger('iss')
@@ -140,6 +141,16 @@ def _raise_store_error(req: falcon.Request, resp: falcon.Response, error: Except
     log.error('store unavailable: %s', error)
     raise falcon.HTTPServiceUnavailable(
         title='Storage unavailable', description='The data directory cannot be used right now.'
+    )
+
+
+def _log_unexpected_error(req: falcon.Request, resp: falcon.Response, error: Exception, params: dict) -> None:
+    """A bug: logged with its traceback and request id; the client gets a plain JSON 500."""
+    request_id = telemetry.request_id(req)
+    log.error('unexpected error', exc_info=error, extra={'request': {'request_id': request_id}})
+    raise falcon.HTTPInternalServerError(
+        title='Internal error',
+        description=f'Something went wrong in ISS; the log has the details under request id {request_id}.',
     )
 
 
@@ -925,12 +936,13 @@ def create_app(settings: Settings, store: storage.FileStore | None = None) -> fa
         store = storage.FileStore(settings.data_dir)
     _sweep_temp(store)
     _build_index_if_incomplete(store)
-    middleware: list[object] = []
+    metrics = telemetry.Metrics(store)
+    middleware: list[object] = [telemetry.RequestTelemetry(metrics)]
     if settings.cors_origins:
         middleware.append(
             falcon.CORSMiddleware(
                 allow_origins=list(settings.cors_origins),
-                expose_headers=['ETag', 'Content-Range', 'Content-Length', 'Location'],
+                expose_headers=['ETag', 'Content-Range', 'Content-Length', 'Location', 'X-Request-Id'],
             )
         )
     if settings.api_token:
@@ -940,6 +952,7 @@ def create_app(settings: Settings, store: storage.FileStore | None = None) -> fa
     app = falcon.App(middleware=middleware)
     app.set_error_serializer(_serialize_error)
     app.add_error_handler(storage.StoreError, _raise_store_error)
+    app.add_error_handler(Exception, _log_unexpected_error)
 
     receiver = UploadReceiver(store, settings)
     fields = ArtifactFields(settings)
@@ -953,6 +966,7 @@ def create_app(settings: Settings, store: storage.FileStore | None = None) -> fa
     app.add_route('/artifacts/{blob_id}/meta', meta)
     app.add_route('/blobs/missing', MissingBlobs(store, settings))
     app.add_route('/stats', Stats(store))
+    app.add_route('/metrics', telemetry.MetricsEndpoint(metrics))
 
     health = Health(store)
     app.add_route('/health', health)

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 from PIL import Image
@@ -40,6 +39,12 @@ BLOB_HEADERS = (
 
 # NOTE: short, so that a test can see a deleted blob leave nginx's cache.
 CACHE_VALID = '2s'
+
+
+def access_lines(server: Gunicorn) -> list[dict]:
+    """The JSON access log lines ISS wrote (it runs with ISS_LOG_LEVEL=info)."""
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith('{')]
+    return [line for line in lines if line['logger'] == 'iss.access']
 
 
 def render_template(template: str, environ: dict[str, str]) -> str:
@@ -113,6 +118,7 @@ def stack(tmp_path, shared_data_dir):
         shared_data_dir,
         tmp_path / 'behind.log',
         ISS_ADMIN_TOKEN='admin',
+        ISS_LOG_LEVEL='info',  # its access log shows which requests reached it
         ISS_ACCEL_REDIRECT=ACCEL,
         ISS_ACCEL_MIN_BYTES=str(MIB),
         ISS_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
@@ -229,8 +235,7 @@ def test_small_blobs_are_served_from_nginx_cache_with_the_same_answers(stack):
     assert (beyond[0], json.loads(beyond[2])['status']) == (416, 416)
     # ISS saw four reads of this blob: the 404 before the upload, the two revalidations,
     # and nginx's first miss; nginx answered the other GETs, the HEAD and the ranges.
-    time.sleep(0.5)  # gunicorn writes its access log line after the response
-    reads = re.findall(rf'"(?:GET|HEAD) /(?:images|artifacts)/{blob} ', behind.log_path.read_text())
+    reads = [line for line in access_lines(behind) if line['path'].endswith(blob) and line['method'] in ('GET', 'HEAD')]
     assert len(reads) == 4, reads
 
 
@@ -249,6 +254,16 @@ def test_a_deleted_blob_leaves_nginx_cache_within_its_validity(stack):
     wait_for(lambda: nginx.request('GET', f'/artifacts/{blob}')[0] == 404, seconds=5, message='the cache to expire')
 
 
+def test_nginx_gives_every_request_to_iss_its_own_request_id(stack):
+    nginx, behind, _ = stack
+
+    for path in ('/health', f'/images/sha256:{"1" * 64}'):  # the general location and the downloads'
+        status, headers, _ = nginx.request('GET', path, headers={'X-Request-Id': 'from-client'})
+        logged = [line for line in access_lines(behind) if line['path'] == path][-1]
+        assert re.fullmatch('[0-9a-f]{32}', headers['X-Request-Id']), headers['X-Request-Id']
+        assert logged['request_id'] == headers['X-Request-Id']
+
+
 def test_oversized_upload_is_refused_by_nginx_with_json(stack, shared_data_dir):
     nginx, behind, _ = stack
 
@@ -260,7 +275,7 @@ def test_oversized_upload_is_refused_by_nginx_with_json(stack, shared_data_dir):
     assert headers['Content-Type'] == 'application/json'
     assert json.loads(body)['title'] == 'Upload too large'
     assert files_in(shared_data_dir / 'blobs') == []
-    assert 'POST /artifacts' not in behind.log_path.read_text(), 'nginx should refuse it before ISS sees it'
+    assert [line for line in access_lines(behind) if line['method'] == 'POST'] == [], 'nginx should have refused it'
 
 
 def test_chunked_upload_streams_through_nginx(stack):

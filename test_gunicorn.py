@@ -151,7 +151,8 @@ def test_temp_files_of_a_killed_server_are_swept_when_it_restarts(start, tmp_pat
 
     assert files_in(second.data_dir / 'tmp') == []
     assert files_in(second.data_dir / 'blobs') == []
-    assert '[WARNING] removed 1 stale temp file(s)' in second.log_path.read_text()
+    assert '"level": "warning", "logger": "iss", "pid": ' in second.log_path.read_text()
+    assert '"message": "removed 1 stale temp file(s) from ' in second.log_path.read_text()
 
 
 def test_a_data_directory_laid_out_by_the_seed_is_served(start, tmp_path):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import pytest
 import webtest
@@ -562,3 +563,112 @@ def test_a_store_of_100000_blobs_is_listed_in_full_through_gunicorn(start, tmp_p
     assert first_page < 1.0, f'first page of 1000 took {first_page:.2f} s'
     assert walked < 20.0, f'100 pages of 1000 took {walked:.2f} s'
     print(f'reindex {indexed["seconds"]} s, first page {first_page * 1000:.0f} ms, all 100 pages {walked:.2f} s')
+
+
+# -- observability ------------------------------------------------------------------
+
+
+def test_every_response_carries_a_request_id_and_a_sane_given_one_is_kept(client):
+    fresh = client.get('/health')
+    given = client.get('/health', headers={'X-Request-Id': 'trace-42:a.b'})
+    hostile = client.get('/health', headers={'X-Request-Id': 'x' * 200})
+    error = client.get('/nowhere', status=404)
+
+    assert len(fresh.headers['X-Request-Id']) == 32
+    assert given.headers['X-Request-Id'] == 'trace-42:a.b'
+    assert hostile.headers['X-Request-Id'] != 'x' * 200
+    assert len(error.headers['X-Request-Id']) == 32
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text, 0 when absent."""
+    wanted = ','.join(f'{key}="{value}"' for key, value in labels.items())
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(' ')
+        if sample == (f'{name}{{{wanted}}}' if labels else name):
+            return float(value)
+    return 0.0
+
+
+def test_metrics_add_up_every_worker(start, png):
+    server = start(ISS_WORKERS='2', ISS_LOG_LEVEL='info')
+
+    def health_lines() -> list[dict]:
+        return [line for line in json_log(server) if line.get('route') == '/health']
+
+    # NOTE: the kernel hands sequential connections to one worker; bursts reach both.
+    for _ in range(50):
+        burst = [threading.Thread(target=server.request, args=('GET', '/health')) for _ in range(16)]
+        for thread in burst:
+            thread.start()
+        for thread in burst:
+            thread.join()
+        if len({line['pid'] for line in health_lines()}) == 2:
+            break
+    assert len({line['pid'] for line in health_lines()}) == 2, 'both workers should have answered'
+    health_requests = len(health_lines())
+    assert server.request('POST', '/images', png, {'Content-Type': 'image/png'})[0] == 201
+    assert server.request('POST', '/images', png, {'Content-Type': 'image/png'})[0] == 200
+    assert server.request('GET', f'/images/{blob_id(png)}')[0] == 200
+
+    for _ in range(6):  # whichever worker answers, it sums them all
+        status, headers, body = server.request('GET', '/metrics')
+        text = body.decode()
+        assert status == 200 and headers['Content-Type'].startswith('text/plain; version=')
+        assert metric(text, 'iss_http_requests_total', method='GET', route='/health', status='200') == health_requests
+        assert metric(text, 'iss_http_request_duration_seconds_count', method='GET', route='/health') == health_requests
+        assert metric(text, 'iss_uploads_total', result='new') == 1
+        assert metric(text, 'iss_uploads_total', result='existing') == 1
+        assert metric(text, 'iss_http_received_bytes_total', route='/images') == 2 * len(png)
+        assert metric(text, 'iss_http_sent_bytes_total', route='/images/{blob_id}') == len(png)
+        assert metric(text, 'iss_store_blobs', kind='image') == 1
+        assert metric(text, 'iss_store_bytes', kind='image') == len(png)
+
+
+def json_log(server) -> list[dict]:
+    return [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith('{')]
+
+
+def test_access_log_is_one_json_line_per_request_without_bodies(start):
+    server = start(ISS_LOG_LEVEL='info')
+    secret = b'body-marker-' + os.urandom(8).hex().encode()
+
+    status, headers, _ = server.request('POST', '/artifacts?kind=k', secret, {'X-Request-Id': 'req-1'})
+    server.request('GET', '/health')
+
+    assert status == 201 and headers['X-Request-Id'] == 'req-1'
+    log = server.log_path.read_text()
+    assert secret.decode() not in log
+    lines = [line for line in json_log(server) if line['logger'] == 'iss.access']
+    upload = next(line for line in lines if line['request_id'] == 'req-1')
+    assert upload['method'] == 'POST' and upload['path'] == '/artifacts' and upload['query'] == 'kind=k'
+    assert (upload['status'], upload['bytes_in'], upload['route']) == (201, len(secret), '/artifacts')
+    assert upload['level'] == 'info' and upload['duration_ms'] > 0 and upload['time'].endswith('Z')
+    assert '"GET /health' not in log, "gunicorn's own access log is off: one line per request"
+    assert all(line.startswith('{') for line in log.splitlines()), 'every log line is JSON'
+
+
+def test_log_level_warning_keeps_access_lines_out(start):
+    server = start(ISS_LOG_LEVEL='warning')
+    server.request('GET', '/health')
+
+    assert [line for line in json_log(server) if line['logger'] == 'iss.access'] == []
+
+
+class _BrokenStore(storage.FileStore):
+    def stat(self, blob_id: str) -> storage.BlobStat:
+        raise RuntimeError('a bug in the store')
+
+
+def test_an_unexpected_error_is_a_json_500_and_a_logged_traceback(data_dir, caplog):
+    client = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir)), _BrokenStore(str(data_dir))))
+
+    response = client.head(f'/images/{MISSING}', status=500)
+    response = client.get(f'/images/{MISSING}/meta', status=500)
+
+    request_id = response.headers['X-Request-Id']
+    assert response.json['title'] == 'Internal error' and request_id in response.json['description']
+    assert 'Traceback' not in response.text and 'a bug in the store' not in response.text
+    record = caplog.records[-1]
+    assert record.levelname == 'ERROR' and record.request == {'request_id': request_id}
+    assert 'a bug in the store' in ''.join(traceback.format_exception(*record.exc_info))

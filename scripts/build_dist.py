@@ -34,6 +34,7 @@ FILES = (
     'openapi.yaml',
     'requirements.txt',
     'storage.py',
+    'telemetry.py',
 )
 
 

@@ -1,0 +1,201 @@
+"""What ISS tells its operators: Prometheus metrics, request ids and JSON logs.
+
+Metrics are prometheus_client's. Under gunicorn, gunicorn.conf.py points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers start, so
+each worker counts into its own memory-mapped file and ``GET /metrics``, served
+by any worker, adds them all up. Without it (one process, the tests) they stay
+in memory. The store's totals are read from the index when scraped.
+
+Every request gets an id (the client's or nginx's ``X-Request-Id`` when it is
+sane, else a new one), returned in ``X-Request-Id`` and written in the one JSON
+access line logged per request. Bodies are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import falcon
+import prometheus_client
+from prometheus_client import multiprocess
+from prometheus_client.core import GaugeMetricFamily
+
+import storage
+
+access_log = logging.getLogger('iss.access')
+
+_REQUEST_ID_PATTERN = re.compile(r'[A-Za-z0-9._:-]{1,128}')
+_UPLOAD_ROUTES = frozenset({'/images', '/artifacts', '/images/{blob_id}', '/artifacts/{blob_id}'})
+# Seconds until the response starts: ~0.2 ms for a small GET, up to minutes for a large upload.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    """The app's counters and histogram, and the registry ``GET /metrics`` renders."""
+
+    def __init__(self, store: storage.FileStore) -> None:
+        self._multiprocess = bool(os.environ.get('PROMETHEUS_MULTIPROC_DIR'))
+        # NOTE: in multiprocess mode values live in files, and the scrape reads them all;
+        # otherwise each app has a registry of its own (the tests build many apps).
+        own = None if self._multiprocess else prometheus_client.CollectorRegistry()
+        self.requests = prometheus_client.Counter(
+            'iss_http_requests', 'HTTP requests answered.', ['route', 'method', 'status'], registry=own
+        )
+        self.latency = prometheus_client.Histogram(
+            'iss_http_request_duration_seconds',
+            'Time until the response starts (a streamed body is sent after).',
+            ['route', 'method'],
+            buckets=_LATENCY_BUCKETS,
+            registry=own,
+        )
+        self.bytes_received = prometheus_client.Counter(
+            'iss_http_received_bytes', 'Request body bytes, as declared.', ['route'], registry=own
+        )
+        self.bytes_sent = prometheus_client.Counter(
+            'iss_http_sent_bytes', 'Response body bytes.', ['route'], registry=own
+        )
+        self.uploads = prometheus_client.Counter(
+            'iss_uploads', 'Uploads stored: new content, or content already stored.', ['result'], registry=own
+        )
+        if self._multiprocess:
+            self.registry = prometheus_client.CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.registry)
+        else:
+            self.registry = own
+        self.registry.register(StoreCollector(store))
+
+    def observe(self, req: falcon.Request, resp: falcon.Response, seconds: float, bytes_sent: int) -> None:
+        route = req.uri_template or 'unmatched'
+        status = resp.status_code
+        self.requests.labels(route, req.method, str(status)).inc()
+        self.latency.labels(route, req.method).observe(seconds)
+        if req.content_length:
+            self.bytes_received.labels(route).inc(req.content_length)
+        if bytes_sent:
+            self.bytes_sent.labels(route).inc(bytes_sent)
+        if req.method in ('POST', 'PUT') and route in _UPLOAD_ROUTES and status in (200, 201):
+            self.uploads.labels('new' if status == 201 else 'existing').inc()
+
+
+class StoreCollector:
+    """Blob count and bytes per kind, from the index's totals at scrape time."""
+
+    def __init__(self, store: storage.FileStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        blobs = GaugeMetricFamily('iss_store_blobs', 'Blobs stored, per kind.', labels=['kind'])
+        size = GaugeMetricFamily('iss_store_bytes', 'Bytes stored, per kind.', labels=['kind'])
+        try:
+            totals = self._store.totals()
+        except storage.StoreError:
+            return  # NOTE: index not built yet, or the disk is failing: no figures beats wrong ones
+        for kind, (count, total) in totals.items():
+            blobs.add_metric([kind], count)
+            size.add_metric([kind], total)
+        yield blobs
+        yield size
+
+
+class MetricsEndpoint:
+    """``GET /metrics``: the Prometheus text format."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._registry = metrics.registry
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = prometheus_client.generate_latest(self._registry)
+        resp.content_type = prometheus_client.CONTENT_TYPE_LATEST
+        resp.cache_control = ('no-store',)
+
+
+class RequestTelemetry:
+    """Middleware: a request id on every request and response, one access line, the metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._pid = os.getpid()
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+        given = req.get_header('X-Request-Id')
+        req.context.request_id = given if given and _REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
+        resp.set_header('X-Request-Id', req.context.request_id)
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        seconds = time.perf_counter() - req.context.started
+        body = resp.render_body()
+        bytes_sent = len(body) if body is not None else (resp.content_length or 0)
+        if req.method == 'HEAD' or resp.status_code == 304:
+            bytes_sent = 0
+        self._metrics.observe(req, resp, seconds, int(bytes_sent))
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                'request',
+                extra={
+                    'request': {
+                        'request_id': req.context.request_id,
+                        'method': req.method,
+                        'path': req.path,
+                        'query': req.query_string or None,
+                        'route': req.uri_template,
+                        'status': resp.status_code,
+                        'duration_ms': round(seconds * 1000, 3),
+                        'bytes_in': req.content_length or 0,
+                        'bytes_out': int(bytes_sent),
+                        'remote': req.remote_addr,
+                        'user_agent': req.user_agent,
+                    }
+                },
+            )
+
+
+def request_id(req: falcon.Request) -> str | None:
+    return getattr(req.context, 'request_id', None)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and what came with it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            'time': self.formatTime(record, '%Y-%m-%dT%H:%M:%S') + f'.{int(record.msecs):03d}Z',
+            'level': record.levelname.lower(),
+            'logger': record.name,
+            'pid': record.process,
+            'message': record.getMessage(),
+        }
+        entry.update(getattr(record, 'request', None) or {})
+        if record.exc_info:
+            entry['error'] = ''.join(traceback.format_exception(*record.exc_info)).rstrip()
+        return json.dumps(entry, default=str)
+
+    converter = time.gmtime
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """gunicorn's ``logconfig_dict``: its own logs and ISS's, all as JSON lines on stderr."""
+    handler = {'class': 'logging.StreamHandler', 'formatter': 'json', 'stream': 'ext://sys.stderr'}
+    return {
+        'version': 1,
+        'disable_existing_loggers': False,
+        'formatters': {'json': {'()': JsonFormatter}},
+        'handlers': {'console': handler},
+        'root': {'level': 'WARNING', 'handlers': []},
+        'loggers': {
+            'gunicorn.error': {'level': level.upper(), 'handlers': ['console'], 'propagate': False},
+            # NOTE: ISS writes the access log itself, with the request id; gunicorn's is off.
+            'gunicorn.access': {'level': 'CRITICAL', 'handlers': [], 'propagate': False},
+            'iss': {'level': level.upper(), 'handlers': ['console'], 'propagate': False},
+        },
+    }
