@@ -82,8 +82,36 @@ def _describe_unknown_blob(file: IO[bytes], stat: os.stat_result) -> dict[str, A
         return {'kind': 'recovered', 'bytes': stat.st_size, 'mime': mime, 'created_at': stat.st_mtime}
 
 
+def backfill(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+    """Complete the meta of every image written by the FastAPI version (format, mode, EXIF, ...)."""
+    import iss
+
+    settings = Settings.from_env()
+    result: dict[str, Any] = {'images': 0, 'completed': 0, 'failed': []}
+    for blob_id, meta in store.metas():
+        if meta.get('kind') != 'image':
+            continue
+        result['images'] += 1
+        if images.lacks_fields(meta):
+            try:
+                completed = iss.complete_image_meta(store, blob_id, settings.max_image_pixels)
+            except storage.BlobNotFound:
+                continue
+            if completed is None:
+                result['failed'].append({'id': blob_id, 'reason': 'Pillow cannot identify it'})
+            else:
+                result['completed'] += 1
+        progress.show(f'backfill  {result["images"]:,} images  {result["completed"]:,} completed')
+    progress.show(f'backfill  {result["images"]:,} images  {result["completed"]:,} completed', final=True)
+    return (PROBLEMS if result['failed'] else OK), result
+
+
 def gc(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
-    return OK, {'dry_run': args.dry_run, 'removed': store.collect_garbage(dry_run=args.dry_run)}
+    limit = Settings.from_env().derived_max_bytes
+    return OK, {
+        'dry_run': args.dry_run,
+        'removed': store.collect_garbage(dry_run=args.dry_run, derived_max_bytes=limit),
+    }
 
 
 def reindex(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
@@ -164,9 +192,12 @@ def parser() -> argparse.ArgumentParser:
     command('fsck', fsck, 're-hash every blob; report corrupt, orphaned or missing files and index rows').add_argument(
         '--repair', action='store_true', help='quarantine corrupt blobs, fix meta and the index'
     )
-    command('gc', gc, 'remove stale temp files, meta and index rows of no blob').add_argument(
-        '--dry-run', action='store_true', help='count what would go, remove nothing'
-    )
+    command(
+        'gc',
+        gc,
+        'remove stale temp files; meta, index rows and derivatives of no blob; derivatives over ISS_DERIVED_MAX_BYTES',
+    ).add_argument('--dry-run', action='store_true', help='count what would go, remove nothing')
+    command('backfill', backfill, 'complete the meta of images stored by the FastAPI version')
     command('reindex', reindex, 'rebuild the index from the blob and meta files')
     command('stats', stats, 'count blobs and bytes per kind')
     importer = command('import', import_files, 'store every file below DIRECTORY (as images unless --kind)')

@@ -63,6 +63,12 @@ class Settings:
     accel_redirect: str = ''
     #: With accel_redirect: smaller blobs are still sent by ISS, so nginx can cache them.
     accel_min_bytes: int = 1024 * 1024
+    #: Largest image (width x height) accepted at upload (413) and rendered (422): bombs are never decoded.
+    max_image_pixels: int = 89_478_485
+    #: Largest width or height a derivative may ask for (400 beyond).
+    max_derived_dimension: int = 4096
+    #: Bytes the derivative cache may take under ``derived/``; least recently used go first.
+    derived_max_bytes: int = 1024**3
     #: Where gunicorn listens.
     host: str = '127.0.0.1'
     port: int = 8000
@@ -93,6 +99,9 @@ class Settings:
             cors_origins=_csv(env, 'ISS_CORS_ORIGINS'),
             accel_redirect=_location(env, 'ISS_ACCEL_REDIRECT'),
             accel_min_bytes=_integer(env, 'ISS_ACCEL_MIN_BYTES', defaults.accel_min_bytes),
+            max_image_pixels=_integer(env, 'ISS_MAX_IMAGE_PIXELS', defaults.max_image_pixels, 1),
+            max_derived_dimension=_integer(env, 'ISS_MAX_DERIVED_DIMENSION', defaults.max_derived_dimension, 1),
+            derived_max_bytes=_integer(env, 'ISS_DERIVED_MAX_BYTES', defaults.derived_max_bytes),
             host=env.get('ISS_HOST', '').strip() or defaults.host,
             port=_integer(env, 'ISS_PORT', defaults.port),
             workers=_integer(env, 'ISS_WORKERS', defaults.workers, 1),

@@ -72,7 +72,7 @@ _NUMBER_PATTERN = re.compile(r'-?\d{1,12}(\.\d{1,9})?')
 _RANGE_PATTERN = re.compile(r'bytes=(\d{0,18})-(\d{0,18})', re.IGNORECASE)
 
 # Keys ISS writes into every meta file; an artifact's own meta may not use them.
-RESERVED_META_KEYS = frozenset(
+RESERVED_META_KEYS = images.IMAGE_META_KEYS | frozenset(
     {
         'kind',
         'bytes',
@@ -302,11 +302,11 @@ def media_type(value: str | None) -> str:
 # -- resources ------------------------------------------------------------------
 
 
-def store_image(store: storage.FileStore, upload: Upload) -> storage.Committed:
+def store_image(store: storage.FileStore, upload: Upload, max_pixels: int) -> storage.Committed:
     """Commit an upload as an image, after Pillow identified it from its header."""
     with upload.staged.open() as file:
         try:
-            meta = images.image_meta(file, upload.staged.size)
+            meta = images.image_meta(file, upload.staged.size, max_pixels=max_pixels)
         except images.NotAnImage:
             raise falcon.HTTPUnsupportedMediaType(
                 title='Not an image',
@@ -453,9 +453,10 @@ class Listing:
 class Images(Listing):
     """``/images``: GET lists images; POST stores a multipart file or a raw image/* body."""
 
-    def __init__(self, store: storage.FileStore, receiver: UploadReceiver) -> None:
+    def __init__(self, store: storage.FileStore, receiver: UploadReceiver, settings: Settings) -> None:
         super().__init__(store, index.IMAGES, kind_filter=False)
         self._receiver = receiver
+        self._max_pixels = settings.max_image_pixels
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         if not is_multipart(req) and not (req.content_type or '').lower().startswith('image/'):
@@ -465,7 +466,7 @@ class Images(Listing):
                 'Content-Type; store other files with POST /artifacts?kind=...',
             )
         with self._receiver.receive(req) as upload:
-            committed = store_image(self._store, upload)
+            committed = store_image(self._store, upload, self._max_pixels)
         _answer_upload(resp, 'image_id', upload.staged.digest, committed, upload.filename)
 
 
@@ -608,55 +609,215 @@ class BlobItem:
             file, stat = blob.file, blob.stat
         else:
             file, stat = None, self._store.stat(blob_id)
-        size = stat.size
+        accel_path = None
         # NOTE: small blobs are sent by ISS even behind nginx, so that nginx can cache them.
-        hand_off = file is not None and bool(self._accel_redirect) and size >= self._accel_min_bytes
+        if file is not None and self._accel_redirect and stat.size >= self._accel_min_bytes:
+            accel_path = self._accel_redirect + self._store.relative_path(blob_id)
         try:
             content_type = self._content_types.of(blob_id, stat.version)
-            resp.etag = blob_id
-            resp.cache_control = _IMMUTABLE
-            if not_modified:
-                resp.status = falcon.HTTP_304
-                return
-            resp.content_type = content_type
-            resp.accept_ranges = 'bytes'
-            resp.set_header('X-Content-Type-Options', 'nosniff')
-            resp.set_header('Content-Security-Policy', _BLOB_CSP)
-            essence = content_type.partition(';')[0]
-            if essence in _ACTIVE_TYPES or essence.endswith('+xml'):
-                resp.set_header('Content-Disposition', 'attachment')
-            byte_range = _requested_range(req, blob_id, size)
-            if hand_off:
-                # PERF: nginx sends the file with sendfile and applies the Range
-                # itself; an unsatisfiable one was already answered 416 above.
-                resp.set_header('X-Accel-Redirect', self._accel_redirect + self._store.relative_path(blob_id))
-                return
-            if byte_range is None:
-                resp.content_length = size
-                # PERF: a plain file object: Falcon hands it to wsgi.file_wrapper
-                # and gunicorn sends it with sendfile(2).
-                resp.stream, file = file, None
-                return
-            start, end = byte_range
-            resp.status = falcon.HTTP_206
-            resp.content_range = (start, end, size)
-            resp.content_length = end - start + 1
-            if file is not None:
-                resp.stream, file = _slice(req, file, start, end - start + 1), None
-        finally:
+        except BaseException:
             if file is not None:
                 file.close()
+            raise
+        send_file(req, resp, file, stat.size, blob_id, content_type, not_modified=not_modified, accel_path=accel_path)
+
+
+def send_file(
+    req: falcon.Request,
+    resp: falcon.Response,
+    file: IO[bytes] | None,
+    size: int,
+    etag: str,
+    content_type: str,
+    *,
+    not_modified: bool,
+    accel_path: str | None = None,
+) -> None:
+    """Answer with an immutable file: its headers, 304, one Range (206/416), zero-copy.
+
+    ``file`` is None for HEAD and 304; it is handed to the response (or closed).
+    With ``accel_path``, nginx sends the bytes (X-Accel-Redirect) and cuts the
+    range, while every header and status is decided here.
+    """
+    try:
+        resp.etag = etag
+        resp.cache_control = _IMMUTABLE
+        if not_modified:
+            resp.status = falcon.HTTP_304
+            return
+        resp.content_type = content_type
+        resp.accept_ranges = 'bytes'
+        resp.set_header('X-Content-Type-Options', 'nosniff')
+        resp.set_header('Content-Security-Policy', _BLOB_CSP)
+        essence = content_type.partition(';')[0]
+        if essence in _ACTIVE_TYPES or essence.endswith('+xml'):
+            resp.set_header('Content-Disposition', 'attachment')
+        byte_range = _requested_range(req, etag, size)
+        if accel_path is not None:
+            # PERF: nginx sends the file with sendfile and applies the Range
+            # itself; an unsatisfiable one was already answered 416 above.
+            resp.set_header('X-Accel-Redirect', accel_path)
+            return
+        if byte_range is None:
+            resp.content_length = size
+            # PERF: a plain file object: Falcon hands it to wsgi.file_wrapper
+            # and gunicorn sends it with sendfile(2).
+            resp.stream, file = file, None
+            return
+        start, end = byte_range
+        resp.status = falcon.HTTP_206
+        resp.content_range = (start, end, size)
+        resp.content_length = end - start + 1
+        if file is not None:
+            resp.stream, file = _slice(req, file, start, end - start + 1), None
+    finally:
+        if file is not None:
+            file.close()
 
 
 class ImageItem(BlobItem):
-    """``/images/{id}``: PUT stores an image under the id it claims."""
+    """``/images/{id}``: GET with ``w``, ``h``, ``fit``, ``format`` or ``q`` serves a derivative;
+    PUT stores an image under the id it claims."""
+
+    def __init__(
+        self,
+        store: storage.FileStore,
+        receiver: UploadReceiver,
+        content_types: ContentTypes,
+        settings: Settings,
+        derivatives: Derivatives,
+    ) -> None:
+        super().__init__(store, receiver, content_types, settings)
+        self._derivatives = derivatives
+        self._max_pixels = settings.max_image_pixels
+
+    def _respond(self, req: falcon.Request, resp: falcon.Response, blob_id: str, send_body: bool) -> None:
+        if not self._derivatives.respond(req, resp, blob_id, send_body):
+            super()._respond(req, resp, blob_id, send_body)
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         _check_claimed_id(blob_id)
         with self._receiver.receive(req) as upload:
             _check_digest(upload.staged, blob_id)
-            committed = store_image(self._store, upload)
+            committed = store_image(self._store, upload, self._max_pixels)
         _answer_upload(resp, 'image_id', blob_id, committed, None)
+
+
+class Derivatives:
+    """Images resized and converted on request, each rendered once and kept in a bounded cache.
+
+    ``?w=&h=`` bound the size (never enlarged, except by ``fit=fill``), ``fit``
+    is contain (default), cover (crop to fill w x h) or fill (stretch),
+    ``format`` is jpeg, png, webp, avif (where Pillow has it) or auto (from
+    Accept), ``q`` the quality (1-100; not for png). A derivative is a file
+    like a blob: strong ETag (the id and the variant), immutable, HEAD,
+    Range, 304 (answered without rendering: the variant decides the bytes).
+    """
+
+    PARAMETERS = ('w', 'h', 'fit', 'format', 'q')
+    _DEFAULT_QUALITY = 80
+
+    def __init__(self, store: storage.FileStore, settings: Settings) -> None:
+        self._store = store
+        self._max_pixels = settings.max_image_pixels
+        self._max_dimension = settings.max_derived_dimension
+        self._cache_bytes = settings.derived_max_bytes
+
+    def respond(self, req: falcon.Request, resp: falcon.Response, blob_id: str, send_body: bool) -> bool:
+        """Serve the derivative the query asks for; False when it asks for none (serve the original)."""
+        if not any(name in req.params for name in self.PARAMETERS):
+            return False
+        requested_format = self._format(req)
+        variant = self._variant(req, blob_id, requested_format)
+        if requested_format == 'auto':
+            resp.vary = ('Accept',)
+        etag = f'{blob_id}/{variant.key}'
+        if _etag_matches(req.if_none_match, etag):
+            self._store.stat(blob_id)  # NOTE: 304 only for a blob that is still stored
+            send_file(req, resp, None, 0, etag, variant.media_type, not_modified=True)
+            return True
+        derived = self._store.open_derived(blob_id, variant.key) or self._render(blob_id, variant)
+        file = derived.file if send_body else None
+        if not send_body:
+            derived.file.close()
+        send_file(req, resp, file, derived.stat.size, etag, variant.media_type, not_modified=False)
+        return True
+
+    def _render(self, blob_id: str, variant: images.Variant) -> storage.OpenBlob:
+        source = self._store.open(blob_id)
+
+        def write(out: IO[bytes]) -> None:
+            with source.file:
+                images.render(source.file, variant, out, self._max_pixels)
+
+        try:
+            return self._store.store_derived(blob_id, variant.key, write, self._cache_bytes)
+        except images.NotAnImage:
+            raise falcon.HTTPUnsupportedMediaType(
+                title='Not an image', description=f'{blob_id} is not an image, so it has no derivatives.'
+            ) from None
+        except images.ImageTooLarge as exc:
+            raise falcon.HTTPUnprocessableEntity(title='Image too large to render', description=str(exc)) from None
+        except images.CannotRender as exc:
+            raise falcon.HTTPUnprocessableEntity(
+                title='Cannot render', description=f'The image cannot be decoded: {exc}'
+            ) from None
+        finally:
+            source.file.close()
+
+    def _format(self, req: falcon.Request) -> str | None:
+        name = req.get_param('format')
+        if name is None:
+            return None
+        name = name.lower()
+        if name != 'auto' and name not in images.OUTPUT_FORMATS:
+            raise falcon.HTTPBadRequest(
+                title='Invalid format',
+                description=f'format must be one of {", ".join([*images.OUTPUT_FORMATS, "auto"])}.',
+            )
+        return name
+
+    def _variant(self, req: falcon.Request, blob_id: str, requested_format: str | None) -> images.Variant:
+        width = req.get_param_as_int('w', min_value=1, max_value=self._max_dimension)
+        height = req.get_param_as_int('h', min_value=1, max_value=self._max_dimension)
+        fit = req.get_param('fit', default='contain')
+        if fit not in images.FITS:
+            raise falcon.HTTPBadRequest(title='Invalid fit', description='fit must be contain, cover or fill.')
+        quality = req.get_param_as_int('q', min_value=1, max_value=100)
+        source = self._source(blob_id)
+        has_alpha = 'A' in source.get('mode', '') or source.get('mode') == 'P'
+        if requested_format == 'auto':
+            image_format = images.choose_format(req.get_header('Accept'), has_alpha)
+        elif requested_format is not None:
+            image_format = images.OUTPUT_FORMATS[requested_format]
+        elif source.get('format') in images.OUTPUT_TYPES:
+            image_format = source['format']  # NOTE: a resize alone keeps the format
+        else:
+            image_format = 'PNG' if has_alpha else 'JPEG'
+        if image_format == 'PNG':
+            if quality is not None and requested_format == 'png':
+                raise falcon.HTTPBadRequest(title='Invalid q', description='q applies to jpeg, webp and avif.')
+            quality = None
+        elif quality is None:
+            quality = self._DEFAULT_QUALITY
+        return images.Variant(width, height, fit, image_format, quality)
+
+    def _source(self, blob_id: str) -> dict[str, Any]:
+        """What the meta says of the source image (format and mode), read from its header if not."""
+        meta = self._store.read_meta(blob_id) or {}
+        if 'mode' in meta and 'format' in meta:
+            return meta
+        blob = self._store.open(blob_id)
+        with blob.file:
+            try:
+                info = images.identify(blob.file, self._max_pixels)
+            except images.NotAnImage:
+                raise falcon.HTTPUnsupportedMediaType(
+                    title='Not an image', description=f'{blob_id} is not an image, so it has no derivatives.'
+                ) from None
+            except images.ImageTooLarge as exc:
+                raise falcon.HTTPUnprocessableEntity(title='Image too large to render', description=str(exc)) from None
+        return {'format': info.format, **info.fields}
 
 
 class ArtifactItem(BlobItem):
@@ -683,14 +844,32 @@ class ArtifactItem(BlobItem):
 
 
 class BlobMeta:
-    """Serves what is stored about a blob."""
+    """Serves what is stored about a blob; an image's meta from the FastAPI version is completed."""
 
-    def __init__(self, store: storage.FileStore) -> None:
+    def __init__(self, store: storage.FileStore, settings: Settings) -> None:
         self._store = store
+        self._max_pixels = settings.max_image_pixels
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         size = self._store.stat(blob_id).size
-        resp.media = self._store.read_meta(blob_id) or {'bytes': size}
+        meta = self._store.read_meta(blob_id)
+        if meta is not None and images.lacks_fields(meta):
+            meta = complete_image_meta(self._store, blob_id, self._max_pixels) or meta
+        resp.media = meta or {'bytes': size}
+
+
+def complete_image_meta(store: storage.FileStore, blob_id: str, max_pixels: int) -> dict[str, Any] | None:
+    """Fill in, once and for good, the image fields a meta file lacks (the FastAPI version wrote fewer).
+
+    The seed's own keys are kept as they are; None when the bytes are no image Pillow reads.
+    """
+    blob = store.open(blob_id)
+    with blob.file:
+        try:
+            info = images.identify(blob.file, max_pixels)
+        except (images.NotAnImage, images.ImageTooLarge):
+            return None
+    return store.complete_meta(blob_id, {'format': info.format, **info.fields})
 
 
 class Health:
@@ -957,9 +1136,10 @@ def create_app(settings: Settings, store: storage.FileStore | None = None) -> fa
     receiver = UploadReceiver(store, settings)
     fields = ArtifactFields(settings)
     content_types = ContentTypes(store)
-    meta = BlobMeta(store)
-    app.add_route('/images', Images(store, receiver))
-    app.add_route('/images/{blob_id}', ImageItem(store, receiver, content_types, settings))
+    derivatives = Derivatives(store, settings)
+    meta = BlobMeta(store, settings)
+    app.add_route('/images', Images(store, receiver, settings))
+    app.add_route('/images/{blob_id}', ImageItem(store, receiver, content_types, settings, derivatives))
     app.add_route('/images/{blob_id}/meta', meta)
     app.add_route('/artifacts', Artifacts(store, receiver, fields))
     app.add_route('/artifacts/{blob_id}', ArtifactItem(store, receiver, content_types, settings, fields))

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -211,6 +212,10 @@ class FileStore:
         self._meta = os.path.join(self.root, 'meta')
         self._tmp = os.path.join(self.root, 'tmp')
         self._quarantine = os.path.join(self.root, 'quarantine')
+        self._derived = os.path.join(self.root, 'derived')
+        # NOTE: bytes under derived/ as last measured, plus what this process wrote since.
+        self._derived_bytes: int | None = None
+        self._derived_writes = 0
         self.index = index.Index(os.path.join(self.root, 'index.sqlite3'))
         try:
             for directory in (self._blobs, self._meta, self._tmp):
@@ -359,7 +364,7 @@ class FileStore:
         return True
 
     def delete(self, blob_id: str) -> None:
-        """Remove a blob, its meta and its index row.
+        """Remove a blob, its meta, its index row and its derivatives.
 
         A reader that opened the blob before keeps reading the whole of it; one
         that comes after gets :class:`BlobNotFound`. The blob is held (flock)
@@ -380,12 +385,157 @@ class FileStore:
             try:
                 self._remove_meta(hex_digest)
                 self._index_call(self.index.remove, hex_digest)
+                self._remove_derived(hex_digest)
                 os.unlink(blob_path)
                 _fsync_directory(os.path.dirname(blob_path))
             finally:
                 os.close(fd)
         except OSError as exc:
             raise _store_error(exc, 'deleting a blob') from exc
+
+    def complete_meta(self, blob_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Add to a blob's meta the ``fields`` it lacks, never changing a key it has; return it.
+
+        For meta written by the FastAPI version, which knew less. The file is
+        replaced atomically (a reader sees the old or the new one) and the
+        index row follows.
+
+        Raises:
+            BlobNotFound: the blob is not stored (or was deleted meanwhile).
+        """
+        hex_digest = parse_id(blob_id)
+        try:
+            blob = _lock_file(self._blob_path(hex_digest), fcntl.LOCK_SH)
+            if blob is None:
+                raise BlobNotFound(blob_id)
+            try:
+                meta = self.read_meta(blob_id) or {}
+                missing = {key: value for key, value in fields.items() if key not in meta}
+                if not missing:
+                    return meta
+                meta = {**meta, **missing}
+                fd, temp_path = self._new_temp()
+                try:
+                    _write_all(fd, json.dumps(meta, separators=(',', ':')).encode())
+                    os.fsync(fd)
+                    meta_path = self._meta_path(hex_digest)
+                    os.makedirs(os.path.dirname(meta_path), exist_ok=True)
+                    os.replace(temp_path, meta_path)
+                    _fsync_directory(os.path.dirname(meta_path))
+                finally:
+                    _remove_temp(fd, temp_path)
+                self._index_call(self.index.put, self._index_row(hex_digest, os.fstat(blob)))
+            finally:
+                os.close(blob)
+        except OSError as exc:
+            raise _store_error(exc, 'completing metadata') from exc
+        return meta
+
+    # -- derivatives (thumbnails, conversions): a bounded cache beside the blobs ----------
+
+    def _derived_dir(self, hex_digest: str) -> str:
+        return os.path.join(self._derived, hex_digest[0:2], hex_digest[2:4], hex_digest)
+
+    def open_derived(self, blob_id: str, name: str) -> OpenBlob | None:
+        """Open a cached derivative of a blob, or None when it is not cached."""
+        path = os.path.join(self._derived_dir(parse_id(blob_id)), name)
+        try:
+            file = open(path, 'rb')  # noqa: SIM115 - the caller owns and closes it
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _store_error(exc, 'opening a derivative') from exc
+        # NOTE: the modification time orders eviction: least recently used goes first.
+        with contextlib.suppress(OSError):
+            os.utime(file.fileno())
+        return OpenBlob(file, BlobStat.of(os.fstat(file.fileno())))
+
+    def store_derived(self, blob_id: str, name: str, write: Callable[[IO[bytes]], None], max_bytes: int) -> OpenBlob:
+        """Make a derivative with ``write`` into a temp file and cache it as ``name``; return it open.
+
+        Written like a blob (private temp file, fsync, link: two workers making the
+        same one at once both succeed, with one file), while the blob is held so
+        that a concurrent delete removes it too. Then the cache is kept under
+        ``max_bytes`` (see :meth:`evict_derived`).
+
+        Raises:
+            BlobNotFound: the blob was deleted meanwhile.
+            Whatever ``write`` raises, after the temp file is removed.
+        """
+        hex_digest = parse_id(blob_id)
+        try:
+            fd, temp_path = self._new_temp()
+        except OSError as exc:
+            raise _store_error(exc, 'creating a temp file') from exc
+        try:
+            with open(fd, 'wb', closefd=False) as temp:
+                write(temp)
+            os.fsync(fd)
+            blob = _lock_file(self._blob_path(hex_digest), fcntl.LOCK_SH)
+            if blob is None:
+                raise BlobNotFound(blob_id)
+            try:
+                directory = self._derived_dir(hex_digest)
+                os.makedirs(directory, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.link(temp_path, os.path.join(directory, name))
+            finally:
+                os.close(blob)
+            # NOTE: served from this open file: eviction below may remove the name already.
+            rendered = open(os.dup(fd), 'rb')  # noqa: SIM115 - the caller owns and closes it
+            rendered.seek(0)  # NOTE: a dup shares the writer's offset, at the end
+        except OSError as exc:
+            raise _store_error(exc, 'storing a derivative') from exc
+        finally:
+            _remove_temp(fd, temp_path)
+        stat = BlobStat.of(os.fstat(rendered.fileno()))
+        self._derived_writes += 1
+        if self._derived_bytes is not None:
+            self._derived_bytes += stat.size
+        if (
+            self._derived_bytes is None
+            or self._derived_bytes > max_bytes
+            or self._derived_writes % self._MEASURE_EVERY == 0
+        ):
+            _, remaining = self.evict_derived(max_bytes)
+            self._derived_bytes = remaining if remaining is not None else self._derived_bytes
+        return OpenBlob(rendered, stat)
+
+    # NOTE: each worker counts its own renders and measures the cache (a walk of derived/)
+    # when that count says it is full, and every this many renders to see the others' too.
+    _MEASURE_EVERY = 50
+
+    def evict_derived(self, max_bytes: int) -> tuple[int, int | None]:
+        """Remove the least recently used derivatives until they take at most ``max_bytes``.
+
+        Returns how many files went, and the bytes that remain. NOTE: one worker
+        at a time (an flock); one that finds another evicting skips, (0, None).
+        """
+        os.makedirs(self._derived, exist_ok=True)
+        with open(os.path.join(self.root, 'derived.lock'), 'a') as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0, None
+            files = []
+            for entry in _files_below(self._derived):
+                with contextlib.suppress(FileNotFoundError):
+                    stat = entry.stat(follow_symlinks=False)
+                    files.append((stat.st_mtime_ns, stat.st_size, entry.path))
+            total = sum(size for _, size, _ in files)
+            removed = 0
+            # NOTE: down to 90%, so that the next renders do not each trigger eviction.
+            for _, size, path in sorted(files):
+                if total <= max_bytes * 0.9:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed += 1
+                total -= size
+        return removed, total
+
+    def _remove_derived(self, hex_digest: str) -> None:
+        shutil.rmtree(self._derived_dir(hex_digest), ignore_errors=True)
 
     def _remove_meta(self, hex_digest: str) -> bool:
         meta_path = self._meta_path(hex_digest)
@@ -712,6 +862,7 @@ class FileStore:
             self._quarantine_file(blob_path, hex_digest)
             self._quarantine_file(self._meta_path(hex_digest), hex_digest + '.json')
             self._index_call(self.index.remove, hex_digest)
+            self._remove_derived(hex_digest)
         finally:
             os.close(fd)
         return True
@@ -727,8 +878,9 @@ class FileStore:
         _fsync_directory(self._quarantine)
         return True
 
-    def collect_garbage(self, *, dry_run: bool = False) -> dict[str, int]:
-        """Remove what no blob needs (``gc``): stale temp files, meta and index rows of no blob.
+    def collect_garbage(self, *, dry_run: bool = False, derived_max_bytes: int | None = None) -> dict[str, int]:
+        """Remove what no blob needs (``gc``): stale temp files, meta, index rows and
+        derivatives of no blob, and derivatives beyond ``derived_max_bytes``.
 
         Returns:
             How many of each were removed (with ``dry_run``, would be).
@@ -742,7 +894,22 @@ class FileStore:
         for hex_digest in self._index_call(self.index.all_hexes):
             if not os.path.exists(self._blob_path(hex_digest)):
                 counts['index_rows'] += dry_run or self._index_call(self.index.remove, hex_digest)
+        counts['derived_files'] = 0
+        for entry in _files_below(self._derived):
+            hex_digest = os.path.basename(os.path.dirname(entry.path))
+            if not os.path.exists(self._blob_path(hex_digest)):
+                counts['derived_files'] += 1
+                if not dry_run:
+                    self._remove_derived(hex_digest)
+        if derived_max_bytes is not None and not dry_run:
+            counts['derived_files'] += self.evict_derived(derived_max_bytes)[0]
         return counts
+
+    def metas(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every stored blob's id and meta (blobs without readable meta are left out)."""
+        for hex_digest, _ in self._meta_files():
+            if hex_digest is not None and (meta := self.read_meta('sha256:' + hex_digest)) is not None:
+                yield 'sha256:' + hex_digest, meta
 
     # -- walking the tree --------------------------------------------------------
 

@@ -440,14 +440,24 @@ def test_gc_removes_stale_temp_files_orphaned_meta_and_rows(client, data_dir, pn
     (data_dir / 'tmp' / 'upload-dead').write_bytes(b'half an upload')
 
     dry = cli_json(data_dir, 'gc', '--dry-run')
-    assert dry['removed'] == {'temp_files': 1, 'orphaned_meta': 1, 'index_rows': 1}
+    assert dry['removed'] == {'temp_files': 1, 'orphaned_meta': 1, 'index_rows': 1, 'derived_files': 0}
     assert (data_dir / 'tmp' / 'upload-dead').exists()
-    assert cli_json(data_dir, 'gc')['removed'] == {'temp_files': 1, 'orphaned_meta': 1, 'index_rows': 1}
+    assert cli_json(data_dir, 'gc')['removed'] == {
+        'temp_files': 1,
+        'orphaned_meta': 1,
+        'index_rows': 1,
+        'derived_files': 0,
+    }
 
     assert files_under(data_dir / 'tmp') == []
     assert files_under(data_dir / 'meta') == [blob_path(data_dir, kept, 'meta', '.json')]
     assert [item['id'] for item in client.get('/artifacts').json['items']] == []
-    assert cli_json(data_dir, 'gc')['removed'] == {'temp_files': 0, 'orphaned_meta': 0, 'index_rows': 0}
+    assert cli_json(data_dir, 'gc')['removed'] == {
+        'temp_files': 0,
+        'orphaned_meta': 0,
+        'index_rows': 0,
+        'derived_files': 0,
+    }
 
 
 def test_gc_leaves_a_live_upload_alone(data_dir):

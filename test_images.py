@@ -1,0 +1,496 @@
+"""Images as first-class: metadata from the header, derivatives rendered once and cached, limits."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import pytest
+import webtest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageOps
+
+import images
+import iss
+import storage
+from config import Settings
+from conftest import blob_id, files_under, make_png, upload_image
+from test_operations import blob_path, cli_json
+
+
+def encode(image: Image.Image, image_format: str = 'PNG', **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+def quadrants(width: int = 40, height: int = 20) -> Image.Image:
+    """Red top-left, green top-right, blue bottom-left, white bottom-right: every turn shows."""
+    image = Image.new('RGB', (width, height), 'white')
+    image.paste('red', (0, 0, width // 2, height // 2))
+    image.paste('lime', (width // 2, 0, width, height // 2))
+    image.paste('blue', (0, height // 2, width // 2, height))
+    return image
+
+
+def colours_at_quadrants(image: Image.Image) -> list[tuple[int, ...]]:
+    width, height = image.size
+    rgb = image.convert('RGB')
+    return [rgb.getpixel((x * width // 4, y * height // 4)) for y in (1, 3) for x in (1, 3)]
+
+
+def close(colour: tuple[int, ...], expected: tuple[int, ...], tolerance: int = 40) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(colour, expected, strict=True))
+
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+def store(client, data: bytes) -> str:
+    return client.post('/images', data, headers={'Content-Type': 'image/png'}).json['image_id']
+
+
+def derive(client, image_id: str, query: str, **kwargs) -> Image.Image:
+    response = client.get(f'/images/{image_id}?{query}', **kwargs)
+    return Image.open(io.BytesIO(response.body))
+
+
+# -- metadata ------------------------------------------------------------------------
+
+
+def test_upload_records_what_the_header_says_and_the_exif_fields_pipelines_use(client):
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x0112] = 'Canon', 'EOS R5', 6  # make, model, orientation
+    exif.get_ifd(0x8769)[0x9003] = '2026:11:24 08:15:00'  # DateTimeOriginal
+    jpeg = encode(Image.new('RGB', (64, 48), 'grey'), 'JPEG', exif=exif)
+
+    meta = client.get(f'/images/{store(client, jpeg)}/meta').json
+
+    assert {k: meta[k] for k in ('kind', 'mime', 'format', 'width', 'height', 'bytes')} == {
+        'kind': 'image',
+        'mime': 'image/jpeg',
+        'format': 'JPEG',
+        'width': 64,
+        'height': 48,
+        'bytes': len(jpeg),
+    }
+    assert (meta['oriented_width'], meta['oriented_height']) == (48, 64)  # orientation 6: a quarter turn
+    assert (meta['mode'], meta['bit_depth'], meta['channels'], meta['frames']) == ('RGB', 8, 3, 1)
+    assert (meta['camera_make'], meta['camera_model'], meta['orientation']) == ('Canon', 'EOS R5', 6)
+    assert meta['captured_at'] == '2026:11:24 08:15:00'
+
+
+def test_sixteen_bit_transparent_and_animated_images_are_described(client):
+    grey16 = encode(Image.new('I;16', (8, 8), 30000))
+    rgba = encode(Image.new('RGBA', (8, 8), (0, 0, 0, 0)))
+    frames = [Image.new('RGB', (8, 8), colour).convert('P') for colour in ('red', 'lime', 'blue')]
+    gif = encode(frames[0], 'GIF', save_all=True, append_images=frames[1:], duration=100)
+
+    described = [client.get(f'/images/{store(client, data)}/meta').json for data in (grey16, rgba, gif)]
+
+    assert [(m['mode'], m['bit_depth'], m['channels'], m['frames']) for m in described] == [
+        ('I;16', 16, 1, 1),
+        ('RGBA', 8, 4, 1),
+        ('P', 8, 1, 3),
+    ]
+    assert described[0]['captured_at'] is None and described[0]['orientation'] is None
+
+
+def write_seed_image(data_dir, data: bytes) -> str:
+    digest = blob_id(data)
+    meta = {'kind': 'image', 'bytes': len(data), 'mime': 'image/x-claimed', 'width': 1, 'height': 1, 'created_at': 5.0}
+    for top, suffix, content in (('blobs', '', data), ('meta', '.json', json.dumps(meta).encode())):
+        path = blob_path(data_dir, digest, top, suffix)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return digest
+
+
+def test_seed_meta_is_completed_on_read_and_kept_with_the_seed_keys_as_they_were(data_dir):
+    digest = write_seed_image(data_dir, make_png(30, 20))
+    client = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir))))
+
+    meta = client.get(f'/images/{digest}/meta').json
+
+    assert (meta['mime'], meta['width'], meta['height'], meta['created_at']) == ('image/x-claimed', 1, 1, 5.0)
+    assert (meta['format'], meta['mode'], meta['oriented_width']) == ('PNG', 'RGB', 30)
+    on_disk = json.loads(blob_path(data_dir, digest, 'meta', '.json').read_bytes())
+    assert on_disk == meta, 'completed once and for good'
+
+
+def test_backfill_completes_every_seed_image_in_the_store(data_dir, client):
+    seeds = [write_seed_image(data_dir, make_png(10 + n, 10)) for n in range(3)]
+    modern = upload_image(client, make_png(50, 50)).json['image_id']
+    cli_json(data_dir, 'reindex')
+
+    result = cli_json(data_dir, 'backfill')
+
+    assert (result['images'], result['completed'], result['failed']) == (4, 3, [])
+    for digest in seeds:
+        assert json.loads(blob_path(data_dir, digest, 'meta', '.json').read_bytes())['mode'] == 'RGB'
+    assert not images.lacks_fields(client.get(f'/images/{modern}/meta').json)
+    assert cli_json(data_dir, 'backfill')['completed'] == 0
+    assert cli_json(data_dir, 'fsck')['clean'], 'the index follows the completed meta'
+
+
+# -- derivatives: sizes, fits, formats --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    'query, size',
+    [
+        ('w=20', (20, 10)),
+        ('h=5', (10, 5)),
+        ('w=20&h=4', (8, 4)),  # contain: inside the box, aspect kept
+        ('w=10&h=10&fit=cover', (10, 10)),
+        ('w=10&h=10&fit=fill', (10, 10)),
+        ('w=100&h=3&fit=fill', (100, 3)),  # fill stretches, and may enlarge
+        ('w=1000', (40, 20)),  # contain and cover never enlarge
+        ('w=1000&h=1000&fit=cover', (40, 20)),
+    ],
+)
+def test_every_fit_gives_the_documented_size(client, query, size):
+    image_id = store(client, encode(quadrants()))
+
+    assert derive(client, image_id, query + '&format=png').size == size
+
+
+def test_cover_crops_the_centre_and_fill_stretches(client):
+    image_id = store(client, encode(quadrants(40, 20)))
+
+    cover = derive(client, image_id, 'w=20&h=20&fit=cover&format=png')
+    fill = derive(client, image_id, 'w=20&h=20&fit=fill&format=png')
+
+    # the centred 20x20 of 40x20: the quadrants' inner halves, all four colours still there
+    assert [close(c, e) for c, e in zip(colours_at_quadrants(cover), (RED, GREEN, BLUE, WHITE), strict=True)] == [
+        True
+    ] * 4
+    assert [close(c, e) for c, e in zip(colours_at_quadrants(fill), (RED, GREEN, BLUE, WHITE), strict=True)] == [
+        True
+    ] * 4
+    left_of_cover = cover.convert('RGB').getpixel((0, 5))
+    assert close(left_of_cover, RED), 'cover keeps the middle: its left edge is inside the red quadrant'
+
+
+@pytest.mark.parametrize('name', sorted(images.OUTPUT_FORMATS))
+def test_every_output_format(client, name):
+    image_id = store(client, encode(quadrants()))
+
+    response = client.get(f'/images/{image_id}?w=20&format={name}')
+
+    image = Image.open(io.BytesIO(response.body))
+    assert image.format == images.OUTPUT_FORMATS[name]
+    assert response.content_type == images.OUTPUT_TYPES[image.format]
+    assert image.size == (20, 10)
+    assert all(close(c, e, 60) for c, e in zip(colours_at_quadrants(image), (RED, GREEN, BLUE, WHITE), strict=True))
+
+
+def test_without_a_format_a_resize_keeps_the_source_format(client):
+    jpeg = store(client, encode(quadrants(), 'JPEG'))
+    gif = store(client, encode(quadrants().convert('P'), 'GIF'))
+
+    assert derive(client, jpeg, 'w=20').format == 'JPEG'
+    assert derive(client, gif, 'w=20').format == 'PNG', 'GIF is no output format: PNG keeps every colour'
+
+
+def test_quality_changes_the_bytes_and_png_takes_none(client):
+    image_id = store(client, encode(Image.effect_noise((64, 64), 60).convert('RGB')))
+
+    low = client.get(f'/images/{image_id}?format=jpeg&q=10').body
+    high = client.get(f'/images/{image_id}?format=jpeg&q=95').body
+
+    assert len(low) < len(high)
+    assert client.get(f'/images/{image_id}?format=png&q=50', status=400).json['title'] == 'Invalid q'
+
+
+@pytest.mark.parametrize(
+    'accept, expected',
+    [
+        ('image/avif,image/webp,*/*', 'AVIF'),
+        ('image/webp,*/*', 'WEBP'),
+        ('image/png,*/*;q=0.8', 'JPEG'),
+        (None, 'JPEG'),
+    ],
+)
+def test_format_auto_follows_accept_and_says_vary(client, accept, expected):
+    if expected == 'AVIF' and 'avif' not in images.OUTPUT_FORMATS:
+        expected = 'WEBP'
+    image_id = store(client, encode(quadrants(), 'JPEG'))
+    headers = {'Accept': accept} if accept else {}
+
+    response = client.get(f'/images/{image_id}?w=20&format=auto', headers=headers)
+
+    assert Image.open(io.BytesIO(response.body)).format == expected
+    assert response.headers['Vary'] == 'Accept'
+    assert 'Vary' not in client.get(f'/images/{image_id}?w=20&format=webp').headers
+
+
+def test_format_auto_without_avif_or_webp_keeps_transparency_in_png(client):
+    image_id = store(client, encode(Image.new('RGBA', (8, 8), (255, 0, 0, 0))))
+
+    assert derive(client, image_id, 'format=auto').format == 'PNG'
+
+
+# -- derivatives: orientation, colour and transparency ----------------------------------
+
+# What undoes each EXIF orientation (Pillow's exif_transpose does these).
+_UNDO = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Their inverses, to make the raw pixels a camera would have stored (the rest undo themselves).
+_INVERSE = {
+    Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+@pytest.mark.parametrize('source_format', ['PNG', 'JPEG'])
+def test_every_exif_orientation_is_applied(client, orientation, source_format):
+    upright = quadrants(40, 20)
+    undo = _UNDO[orientation]
+    raw = upright if undo is None else upright.transpose(_INVERSE.get(undo, undo))
+    assert ImageOps.exif_transpose(_tagged(raw, orientation)).tobytes() == upright.tobytes()  # the test's own premise
+    image_id = store(client, encode(raw, source_format, exif=_exif(orientation), quality=95))
+
+    derived = derive(client, image_id, 'w=40&format=png')
+
+    assert derived.size == (40, 20)
+    assert all(close(c, e) for c, e in zip(colours_at_quadrants(derived), (RED, GREEN, BLUE, WHITE), strict=True))
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def _tagged(image: Image.Image, orientation: int) -> Image.Image:
+    tagged = image.copy()
+    tagged.info['exif'] = _exif(orientation).tobytes()
+    tagged.getexif()[0x0112] = orientation
+    return tagged
+
+
+def test_transparency_becomes_white_in_jpeg_and_stays_in_webp_and_png(client):
+    rgba = Image.new('RGBA', (20, 20), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 10, 20))
+    palette = rgba.convert('P', palette=Image.Palette.ADAPTIVE)
+    palette.info['transparency'] = palette.getpixel((15, 5))
+    for source in (rgba, palette):
+        image_id = store(client, encode(source))
+
+        jpeg = derive(client, image_id, 'format=jpeg').convert('RGB')
+        webp = derive(client, image_id, 'format=webp').convert('RGBA')
+        png = derive(client, image_id, 'format=png').convert('RGBA')
+
+        assert close(jpeg.getpixel((15, 10)), WHITE) and close(jpeg.getpixel((5, 10)), RED)
+        assert webp.getpixel((15, 10))[3] == 0 and png.getpixel((15, 10))[3] == 0
+        assert png.getpixel((5, 10)) == (255, 0, 0, 255)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(client):
+    image_id = store(client, encode(Image.new('I;16', (8, 8), 32768)))
+
+    grey = derive(client, image_id, 'format=png').convert('L').getpixel((4, 4))
+
+    assert 120 <= grey <= 136, grey
+
+
+def test_cmyk_jpeg_comes_out_in_its_colours(client):
+    image_id = store(client, encode(Image.new('CMYK', (16, 16), (0, 255, 255, 0)), 'JPEG', quality=95))
+
+    for name in ('jpeg', 'png', 'webp'):
+        derived = derive(client, image_id, f'format={name}')
+        assert derived.mode in ('RGB', 'RGBA')
+        assert close(derived.convert('RGB').getpixel((8, 8)), RED), name
+
+
+def test_an_animated_gif_gives_its_first_frame(client):
+    frames = [Image.new('RGB', (8, 8), colour).convert('P') for colour in ('red', 'lime', 'blue')]
+    image_id = store(client, encode(frames[0], 'GIF', save_all=True, append_images=frames[1:], duration=100))
+
+    first = derive(client, image_id, 'format=png').convert('RGB')
+
+    assert close(first.getpixel((4, 4)), RED)
+
+
+# -- derivatives: limits and hostile input -----------------------------------------------
+
+
+def test_an_image_over_the_pixel_limit_is_refused_without_decoding(make_client, data_dir, png):
+    client = make_client()
+    image_id = upload_image(client, make_png(200, 100)).json['image_id']
+    strict = make_client(max_image_pixels=10_000)
+
+    response = strict.get(f'/images/{image_id}?w=10', status=422)
+
+    assert response.json['title'] == 'Image too large to render'
+    assert strict.post('/images', make_png(200, 100), headers={'Content-Type': 'image/png'}, status=413)
+    assert files_under(data_dir / 'derived') == []
+
+
+def test_a_truncated_image_is_422_and_nothing_is_cached(client, data_dir):
+    whole = encode(Image.effect_noise((64, 64), 50).convert('RGB'))
+    image_id = store(client, whole[: len(whole) // 2])  # the header is intact: it is stored
+
+    response = client.get(f'/images/{image_id}?w=10', status=422)
+
+    assert response.json['title'] == 'Cannot render'
+    assert files_under(data_dir / 'derived') == [] and files_under(data_dir / 'tmp') == []
+
+
+def test_an_artifact_has_no_derivatives(client):
+    artifact = client.post('/artifacts?kind=text', b'plain words').json['artifact_id']
+
+    response = client.get(f'/images/{artifact}?w=10', status=415)
+
+    assert response.json['title'] == 'Not an image'
+    assert client.get(f'/images/{artifact}').body == b'plain words', 'without parameters: the bytes'
+
+
+@pytest.mark.parametrize(
+    'query, title',
+    [
+        ('w=0', 'Invalid parameter'),
+        ('w=4097', 'Invalid parameter'),
+        ('h=-3', 'Invalid parameter'),
+        ('w=ten', 'Invalid parameter'),
+        ('q=0', 'Invalid parameter'),
+        ('q=101', 'Invalid parameter'),
+        ('fit=stretch', 'Invalid fit'),
+        ('format=gif', 'Invalid format'),
+        ('format=', 'Invalid format'),
+    ],
+)
+def test_bad_parameters_are_400(client, png, query, title):
+    image_id = store(client, png)
+
+    assert client.get(f'/images/{image_id}?{query}', status=400).json['title'] == title
+
+
+_VALUES = st.one_of(st.text(max_size=12), st.integers(-10, 10_000).map(str))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(params=st.dictionaries(st.sampled_from(['w', 'h', 'fit', 'format', 'q']), _VALUES, min_size=1))
+def test_parameter_fuzzing_never_gets_a_500(client, params):
+    image_id = store(client, make_png(60, 40))
+
+    response = client.get(f'/images/{image_id}', params=params, expect_errors=True)
+
+    assert response.status_int in (200, 400), (params, response.status, response.body[:200])
+    expected_type = 'application/json' if response.status_int == 400 else 'image/'
+    assert response.content_type.startswith(expected_type)
+
+
+# -- the cache ---------------------------------------------------------------------------
+
+
+def test_a_derivative_is_rendered_once_and_served_like_a_blob(client, data_dir, png):
+    image_id = store(client, png)
+    url = f'/images/{image_id}?w=50&format=webp'
+
+    first = client.get(url)
+    cached = files_under(data_dir / 'derived')
+    again = client.get(url)
+    head = client.head(url)
+    ranged = client.get(url, headers={'Range': 'bytes=0-9'}, status=206)
+    revalidated = client.get(url, headers={'If-None-Match': first.headers['ETag']}, status=304)
+
+    assert len(cached) == 1 and cached[0].read_bytes() == first.body == again.body
+    assert first.headers['ETag'] == f'"{image_id}/50x-contain-q80.webp"'
+    assert first.headers['Cache-Control'] == 'public, max-age=31536000, immutable'
+    assert head.headers['Content-Length'] == str(len(first.body)) and head.body == b''
+    assert ranged.body == first.body[:10] and ranged.headers['Content-Range'] == f'bytes 0-9/{len(first.body)}'
+    assert revalidated.body == b''
+    assert client.get(f'/images/{image_id}?w=51&format=webp').headers['ETag'] != first.headers['ETag']
+    assert client.get(f'/images/{image_id}').body == png, 'the original, unchanged'
+
+
+def test_the_cache_evicts_the_least_recently_used(data_dir, png):
+    store_ = storage.FileStore(str(data_dir))
+    client = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir)), store_))
+    image_id = store(client, encode(Image.effect_noise((100, 100), 50).convert('RGB')))
+    urls = [f'/images/{image_id}?w={w}&format=png' for w in (90, 91, 92)]
+    for url in urls:
+        client.get(url)
+    client.get(urls[0])  # used again: now the most recent
+    sizes = {p.name: p.stat().st_size for p in files_under(data_dir / 'derived')}
+
+    kept = sizes['90x-contain.png'] + sizes['92x-contain.png']
+    removed, remaining = store_.evict_derived(int(kept / 0.9) + 1)
+
+    assert (removed, remaining) == (1, kept)
+    assert sorted(p.name for p in files_under(data_dir / 'derived')) == ['90x-contain.png', '92x-contain.png']
+
+
+def test_the_cache_stays_near_its_bound_while_rendering(make_client, data_dir):
+    client = make_client(derived_max_bytes=40_000)
+    image_id = store(client, encode(Image.effect_noise((120, 120), 50).convert('RGB')))
+
+    for width in range(20, 60):
+        client.get(f'/images/{image_id}?w={width}&format=png')  # 1-11 kB each, 0.2 MB in all
+
+    sizes = [p.stat().st_size for p in files_under(data_dir / 'derived')]
+    # NOTE: one worker: it evicts as soon as its last render crossed the bound.
+    assert 0 < sum(sizes) <= 40_000 + max(sizes), sizes
+
+
+def test_delete_removes_the_derivatives_too(make_client, data_dir, png):
+    client = make_client(admin_token='a')
+    image_id = store(client, png)
+    client.get(f'/images/{image_id}?w=10')
+
+    client.delete(f'/images/{image_id}', headers={'Authorization': 'Bearer a'}, status=204)
+
+    assert files_under(data_dir / 'derived') == []
+    client.get(f'/images/{image_id}?w=10', status=404)
+    client.get(f'/images/{image_id}?w=10', headers={'If-None-Match': '*'}, status=404)
+
+
+def test_workers_rendering_the_same_derivative_at_once_make_one_file(start, tmp_path):
+    server = start(ISS_WORKERS='2')
+    data = encode(Image.effect_noise((1500, 1000), 50).convert('RGB'), 'JPEG')
+    status, _, body = server.request('POST', '/images', data, {'Content-Type': 'image/jpeg'})
+    image_id = json.loads(body)['image_id']
+    results: list[tuple[int, bytes]] = []
+
+    def fetch() -> None:
+        status, _, body = server.request('GET', f'/images/{image_id}?w=300&format=webp')
+        results.append((status, body))
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert {status for status, _ in results} == {200}
+    assert len({body for _, body in results}) == 1
+    assert Image.open(io.BytesIO(results[0][1])).size == (300, 200)
+    assert len(files_under(server.data_dir / 'derived')) == 1
+    assert files_under(server.data_dir / 'tmp') == []
+
+
+def test_gc_removes_derivatives_of_no_blob_and_keeps_the_cache_bounded(client, data_dir):
+    image_id = store(client, encode(Image.effect_noise((80, 80), 50).convert('RGB')))
+    kept = store(client, make_png(70, 70))
+    for width in (10, 20, 30):
+        client.get(f'/images/{image_id}?w={width}&format=png')
+    client.get(f'/images/{kept}?w=10')
+    blob_path(data_dir, image_id).unlink()  # as a crash in the middle of a delete could leave it
+
+    assert cli_json(data_dir, 'gc', '--dry-run')['removed']['derived_files'] == 3
+    assert cli_json(data_dir, 'gc')['removed']['derived_files'] == 3
+
+    assert [p.parent.name for p in files_under(data_dir / 'derived')] == [kept[7:]]
