@@ -50,7 +50,7 @@ stop_iss
 start_iss nginx ISS_ACCEL_REDIRECT=/_internal/blobs/
 conf=$(mktemp -d /tmp/iss-nginx-XXXX)
 sed -e "s|\${ISS_UPSTREAM}|127.0.0.1:$port|; s|\${ISS_DATA}|$data/data|; s|\${NGINX_PORT}|127.0.0.1:$nginx_port|" \
-    -e "s|\${NGINX_CACHE_DIR}|$conf/cache|" \
+    -e "s|\${NGINX_CACHE_DIR}|$conf/cache|; s|\${NGINX_CACHE_VALID}|1m|" \
     -e "s|\${ISS_MAX_UPLOAD_BYTES}|2147483648|g" deploy/nginx/iss.conf.template > "$conf/site.conf"
 cat > "$conf/nginx.conf" <<NGINX
 $( [ "$(id -u)" = 0 ] && echo 'user nobody nogroup;' )
