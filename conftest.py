@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import json
 import os
 import pathlib
 import shutil
@@ -65,6 +66,24 @@ def png() -> bytes:
 
 def upload_image(client, data: bytes, name: str = 'x.png', **kwargs):
     return client.post('/images', upload_files=[('file', name, data, 'image/png')], **kwargs)
+
+
+def run_cli(*args: str, data_dir: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'ISS_DATA': str(data_dir or '/nonexistent')}
+    return subprocess.run(
+        [sys.executable, '-m', 'iss', *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def cli_json(data_dir: pathlib.Path, *args: str, expect: int = 0) -> dict:
+    result = run_cli('--json', *args, data_dir=data_dir)
+    assert result.returncode == expect, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def blob_path(data_dir: pathlib.Path, digest: str, top: str = 'blobs', suffix: str = '') -> pathlib.Path:
+    hex_digest = digest[7:]
+    return data_dir / top / hex_digest[:2] / hex_digest[2:4] / (hex_digest + suffix)
 
 
 def tool(name: str) -> str:

@@ -751,17 +751,8 @@ class Derivatives:
                 images.render(source.file, variant, out, self._max_pixels)
 
         try:
-            return self._store.store_derived(blob_id, variant.key, write, self._cache_bytes)
-        except images.NotAnImage:
-            raise falcon.HTTPUnsupportedMediaType(
-                title='Not an image', description=f'{blob_id} is not an image, so it has no derivatives.'
-            ) from None
-        except images.ImageTooLarge as exc:
-            raise falcon.HTTPUnprocessableEntity(title='Image too large to render', description=str(exc)) from None
-        except images.CannotRender as exc:
-            raise falcon.HTTPUnprocessableEntity(
-                title='Cannot render', description=f'The image cannot be decoded: {exc}'
-            ) from None
+            with _refusing_what_cannot_render(blob_id):
+                return self._store.store_derived(blob_id, variant.key, write, self._cache_bytes)
         finally:
             source.file.close()
 
@@ -808,16 +799,26 @@ class Derivatives:
         if 'mode' in meta and 'format' in meta:
             return meta
         blob = self._store.open(blob_id)
-        with blob.file:
-            try:
-                info = images.identify(blob.file, self._max_pixels)
-            except images.NotAnImage:
-                raise falcon.HTTPUnsupportedMediaType(
-                    title='Not an image', description=f'{blob_id} is not an image, so it has no derivatives.'
-                ) from None
-            except images.ImageTooLarge as exc:
-                raise falcon.HTTPUnprocessableEntity(title='Image too large to render', description=str(exc)) from None
+        with blob.file, _refusing_what_cannot_render(blob_id):
+            info = images.identify(blob.file, self._max_pixels)
         return {'format': info.format, **info.fields}
+
+
+@contextlib.contextmanager
+def _refusing_what_cannot_render(blob_id: str) -> Iterator[None]:
+    """Answer what Pillow cannot (or must not) render as 415 or 422."""
+    try:
+        yield
+    except images.NotAnImage:
+        raise falcon.HTTPUnsupportedMediaType(
+            title='Not an image', description=f'{blob_id} is not an image, so it has no derivatives.'
+        ) from None
+    except images.ImageTooLarge as exc:
+        raise falcon.HTTPUnprocessableEntity(title='Image too large to render', description=str(exc)) from None
+    except images.CannotRender as exc:
+        raise falcon.HTTPUnprocessableEntity(
+            title='Cannot render', description=f'The image cannot be decoded: {exc}'
+        ) from None
 
 
 class ArtifactItem(BlobItem):

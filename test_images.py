@@ -16,8 +16,7 @@ import images
 import iss
 import storage
 from config import Settings
-from conftest import blob_id, files_under, make_png, upload_image
-from test_operations import blob_path, cli_json
+from conftest import blob_id, blob_path, cli_json, files_under, make_png, upload_image
 
 
 def encode(image: Image.Image, image_format: str = 'PNG', **options) -> bytes:

@@ -7,9 +7,6 @@ import fcntl
 import hashlib
 import json
 import os
-import pathlib
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -20,7 +17,7 @@ import webtest
 import iss
 import storage
 from config import Settings
-from conftest import HERE, MISSING, blob_id, files_under, make_png, upload_image, wait_for
+from conftest import MISSING, blob_id, blob_path, cli_json, files_under, make_png, run_cli, upload_image, wait_for
 
 ADMIN = {'Authorization': 'Bearer admin-secret'}
 
@@ -360,24 +357,6 @@ def test_delete_racing_with_downloads_and_uploads_never_serves_a_truncated_blob(
 
 
 # -- the command line -------------------------------------------------------------
-
-
-def run_cli(*args: str, data_dir: pathlib.Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, 'ISS_DATA': str(data_dir or '/nonexistent')}
-    return subprocess.run(
-        [sys.executable, '-m', 'iss', *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=120
-    )
-
-
-def cli_json(data_dir: pathlib.Path, *args: str, expect: int = 0) -> dict:
-    result = run_cli('--json', *args, data_dir=data_dir)
-    assert result.returncode == expect, result.stdout + result.stderr
-    return json.loads(result.stdout)
-
-
-def blob_path(data_dir: pathlib.Path, digest: str, top: str = 'blobs', suffix: str = '') -> pathlib.Path:
-    hex_digest = digest[7:]
-    return data_dir / top / hex_digest[:2] / hex_digest[2:4] / (hex_digest + suffix)
 
 
 def test_fsck_finds_a_flipped_bit_and_repair_quarantines_the_blob(client, data_dir, png):
