@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -237,6 +238,23 @@ def test_small_blobs_are_served_from_nginx_cache_with_the_same_answers(stack):
     # and nginx's first miss; nginx answered the other GETs, the HEAD and the ranges.
     reads = [line for line in access_lines(behind) if line['path'].endswith(blob) and line['method'] in ('GET', 'HEAD')]
     assert len(reads) == 4, reads
+
+
+def test_nginx_caches_each_derivative_apart_from_the_original(stack):
+    nginx, _, direct = stack
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert('RGB').save(buffer, 'PNG')
+    png = buffer.getvalue()
+    image_id = json.loads(nginx.request('POST', '/images', png, {'Content-Type': 'image/png'})[2])['image_id']
+
+    original = nginx.request('GET', f'/images/{image_id}')
+    small = nginx.request('GET', f'/images/{image_id}?w=16&format=webp')
+    again = nginx.request('GET', f'/artifacts/{image_id}')
+    small_again = nginx.request('GET', f'/images/{image_id}?w=16&format=webp')
+
+    assert original[2] == again[2] == png
+    assert small[1]['Content-Type'] == small_again[1]['Content-Type'] == 'image/webp'
+    assert small[2] == small_again[2] == direct.request('GET', f'/images/{image_id}?w=16&format=webp')[2]
 
 
 def test_a_deleted_blob_leaves_nginx_cache_within_its_validity(stack):
