@@ -10,6 +10,8 @@ tag, converted to what the output format can hold, resized and encoded.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import re
 import time
 import warnings
 from typing import IO, Any
@@ -21,13 +23,17 @@ OUTPUT_FORMATS = {'jpeg': 'JPEG', 'png': 'PNG', 'webp': 'WEBP'} | ({'avif': 'AVI
 OUTPUT_TYPES = {'JPEG': 'image/jpeg', 'PNG': 'image/png', 'WEBP': 'image/webp', 'AVIF': 'image/avif'}
 FITS = ('contain', 'cover', 'fill')
 
-# The EXIF fields recorded at upload (the ones pipelines sort and filter by), and their meta keys.
-_EXIF_FIELDS = {
-    'captured_at': (ExifTags.IFD.Exif, ExifTags.Base.DateTimeOriginal),
-    'camera_make': (None, ExifTags.Base.Make),
-    'camera_model': (None, ExifTags.Base.Model),
-    'orientation': (None, ExifTags.Base.Orientation),
-}
+# The EXIF fields recorded at upload: the ones pipelines sort and filter by.
+_EXIF_KEYS = ('captured_at', 'camera_make', 'camera_model', 'orientation')
+# Where a capture time may stand, best first, each with the tag of its UTC offset (EXIF 2.31).
+_CAPTURE_TIMES = (
+    (ExifTags.IFD.Exif, ExifTags.Base.DateTimeOriginal, ExifTags.Base.OffsetTimeOriginal),
+    (ExifTags.IFD.Exif, ExifTags.Base.DateTimeDigitized, ExifTags.Base.OffsetTimeDigitized),
+    (None, ExifTags.Base.DateTime, ExifTags.Base.OffsetTime),
+)
+_EXIF_TIME = re.compile(r'(\d{4}):(\d{2}):(\d{2})[ T](\d{2}):(\d{2}):(\d{2})')
+_EXIF_OFFSET = re.compile(r'[+-]\d{2}:\d{2}')
+_REFUSED = re.compile(r'q\s*=\s*0(\.0{0,3})?')
 # Orientations 5-8 turn the picture a quarter: width and height swap when it is shown.
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 # Bits per channel of Pillow's modes; what is not here has 8.
@@ -113,7 +119,7 @@ def identify(file: IO[bytes], max_pixels: int = Image.MAX_IMAGE_PIXELS or 2**31)
         }
         fields.update(_exif_fields(image))
     # NOTE: every key, null when the image has no such EXIF field: a meta file has them all.
-    fields = {key: None for key in _EXIF_FIELDS} | fields
+    fields = dict.fromkeys(_EXIF_KEYS) | fields
     turned = fields.get('orientation') in _QUARTER_TURNS
     fields['oriented_width'], fields['oriented_height'] = (height, width) if turned else (width, height)
     mime = Image.MIME.get(image_format, 'application/octet-stream')
@@ -125,21 +131,42 @@ def _exif_fields(image: Image.Image) -> dict[str, Any]:
         exif = image.getexif()
     except Exception:  # NOTE: a broken EXIF block is no reason to refuse the image
         return {}
-    found: dict[str, Any] = {}
-    for key, (ifd, tag) in _EXIF_FIELDS.items():
-        try:
-            value = (exif.get_ifd(ifd) if ifd else exif).get(tag)
-        except Exception:
+    orientation = exif.get(ExifTags.Base.Orientation)
+    return {
+        'camera_make': _exif_text(exif, None, ExifTags.Base.Make),
+        'camera_model': _exif_text(exif, None, ExifTags.Base.Model),
+        'orientation': orientation if orientation in range(1, 9) else None,
+        'captured_at': _capture_time(exif),
+    }
+
+
+def _exif_text(exif: Image.Exif, ifd: int | None, tag: int) -> str | None:
+    try:
+        value = (exif.get_ifd(ifd) if ifd else exif).get(tag)
+    except Exception:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode('utf-8', 'replace')
+    return (value.strip('\x00 ').strip() or None) if isinstance(value, str) else None
+
+
+def _capture_time(exif: Image.Exif) -> str | None:
+    """When the picture was taken, as ISO 8601 (with its UTC offset when the camera wrote one).
+
+    EXIF writes ``2026:11:24 08:15:00``, which sorts but no date parser reads;
+    a placeholder such as ``0000:00:00 00:00:00`` or a garbled value is no time.
+    """
+    for ifd, tag, offset_tag in _CAPTURE_TIMES:
+        match = _EXIF_TIME.fullmatch(_exif_text(exif, ifd, tag) or '')
+        if match is None:
             continue
-        if isinstance(value, bytes):
-            value = value.decode('utf-8', 'replace')
-        if isinstance(value, str):
-            value = value.strip('\x00 ').strip() or None
-        if key == 'orientation' and value not in range(1, 9):
-            value = None
-        if value is not None:
-            found[key] = value
-    return found
+        try:
+            moment = datetime.datetime(*map(int, match.groups()))
+        except ValueError:
+            continue
+        offset = _exif_text(exif, ifd, offset_tag) or ''
+        return moment.isoformat() + (offset if _EXIF_OFFSET.fullmatch(offset) else '')
+    return None
 
 
 def image_meta(
@@ -230,6 +257,9 @@ def _render(image: Image.Image, variant: Variant, out: IO[bytes]) -> None:
         image.draft('RGB' if image.mode not in ('L', 'CMYK') else image.mode, need[::-1] if turned else need)
     image.seek(0)  # NOTE: an animation gives its first frame
     image.load()
+    # NOTE: the colour profile goes with the pixels (a Display P3 photo stays P3), except
+    # from CMYK: its conversion to RGB leaves a CMYK profile describing nothing.
+    icc_profile = image.info.get('icc_profile') if image.mode != 'CMYK' else None
     image = _to_working_mode(image)
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
@@ -244,7 +274,7 @@ def _render(image: Image.Image, variant: Variant, out: IO[bytes]) -> None:
         # PERF: reducing_gap lets Pillow shrink by whole factors (reduce) before resampling.
         image = image.resize((width, height), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
     image = _to_output_mode(image, variant.format)
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {'icc_profile': icc_profile} if icc_profile else {}
     if variant.quality is not None:
         options['quality'] = variant.quality
     if variant.format == 'PNG':
@@ -283,8 +313,15 @@ def _to_output_mode(image: Image.Image, image_format: str) -> Image.Image:
 
 
 def choose_format(accept: str | None, has_alpha: bool) -> str:
-    """``format=auto``: AVIF or WebP when the client accepts them, else JPEG (PNG with alpha)."""
-    accepted = {part.split(';')[0].strip().lower() for part in (accept or '').split(',')}
+    """``format=auto``: AVIF or WebP when the client accepts them, else JPEG (PNG with alpha).
+
+    A type the client lists with ``q=0`` is one it refuses (RFC 9110 12.4.2).
+    """
+    accepted = set()
+    for item in (accept or '').split(','):
+        media_type, *params = (part.strip().lower() for part in item.split(';'))
+        if not any(_REFUSED.fullmatch(param) for param in params):
+            accepted.add(media_type)
     if 'image/avif' in accepted and 'avif' in OUTPUT_FORMATS:
         return 'AVIF'
     if 'image/webp' in accepted:

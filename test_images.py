@@ -10,7 +10,7 @@ import pytest
 import webtest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 import images
 import iss
@@ -78,7 +78,27 @@ def test_upload_records_what_the_header_says_and_the_exif_fields_pipelines_use(c
     assert (meta['oriented_width'], meta['oriented_height']) == (48, 64)  # orientation 6: a quarter turn
     assert (meta['mode'], meta['bit_depth'], meta['channels'], meta['frames']) == ('RGB', 8, 3, 1)
     assert (meta['camera_make'], meta['camera_model'], meta['orientation']) == ('Canon', 'EOS R5', 6)
-    assert meta['captured_at'] == '2026:11:24 08:15:00'
+    assert meta['captured_at'] == '2026-11-24T08:15:00'
+
+
+@pytest.mark.parametrize(
+    'tags, captured_at',
+    [
+        ({(0x8769, 0x9003): '2026:11:24 08:15:00', (0x8769, 0x9011): '+09:00'}, '2026-11-24T08:15:00+09:00'),
+        ({(0x8769, 0x9004): '2025:01:02 03:04:05', (None, 0x0132): '2026:01:01 00:00:00'}, '2025-01-02T03:04:05'),
+        ({(None, 0x0132): '2024:02:29 23:59:59'}, '2024-02-29T23:59:59'),
+        ({(0x8769, 0x9003): '0000:00:00 00:00:00', (None, 0x0132): '2023:07:08 09:10:11'}, '2023-07-08T09:10:11'),
+        ({(0x8769, 0x9003): 'yesterday', (0x8769, 0x9011): '+09:00'}, None),
+    ],
+    ids=['original-with-offset', 'digitized-before-modified', 'modified-alone', 'placeholder-skipped', 'garbage'],
+)
+def test_capture_time_is_iso_8601_from_the_best_exif_field_there_is(client, tags, captured_at):
+    exif = Image.Exif()
+    for (ifd, tag), value in tags.items():
+        (exif.get_ifd(ifd) if ifd else exif)[tag] = value
+    jpeg = encode(Image.new('RGB', (8, 8)), 'JPEG', exif=exif)
+
+    assert client.get(f'/images/{store(client, jpeg)}/meta').json['captured_at'] == captured_at
 
 
 def test_sixteen_bit_transparent_and_animated_images_are_described(client):
@@ -210,6 +230,8 @@ def test_quality_changes_the_bytes_and_png_takes_none(client):
         ('image/avif,image/webp,*/*', 'AVIF'),
         ('image/webp,*/*', 'WEBP'),
         ('image/png,*/*;q=0.8', 'JPEG'),
+        ('image/avif;q=0,image/webp;q=0.5', 'WEBP'),
+        ('image/avif;q=0.0,image/webp; q=0', 'JPEG'),
         (None, 'JPEG'),
     ],
 )
@@ -295,6 +317,15 @@ def test_transparency_becomes_white_in_jpeg_and_stays_in_webp_and_png(client):
         assert close(jpeg.getpixel((15, 10)), WHITE) and close(jpeg.getpixel((5, 10)), RED)
         assert webp.getpixel((15, 10))[3] == 0 and png.getpixel((15, 10))[3] == 0
         assert png.getpixel((5, 10)) == (255, 0, 0, 255)
+
+
+def test_the_colour_profile_goes_with_the_pixels(client):
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile('sRGB')).tobytes()
+    image_id = store(client, encode(quadrants(), 'JPEG', icc_profile=profile))
+
+    for output in ('jpeg', 'png', 'webp'):
+        assert derive(client, image_id, f'w=20&format={output}').info.get('icc_profile') == profile
+    assert 'icc_profile' not in derive(client, store(client, encode(quadrants())), 'w=20&format=png').info
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped(client):
