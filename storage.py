@@ -281,7 +281,7 @@ class FileStore:
         sha256 = hashlib.sha256()
         size = 0
         try:
-            while chunk := stream.read(self._CHUNK_SIZE):
+            for chunk in _chunks(stream, self._CHUNK_SIZE):
                 sha256.update(chunk)
                 size += len(chunk)
                 try:
@@ -986,7 +986,22 @@ def _remove_temp(fd: int, path: str) -> None:
     os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _chunks(stream: Readable, size: int) -> Iterator[bytes | memoryview]:
+    """The bytes of ``stream`` in pieces of at most ``size``, until EOF.
+
+    PERF: a stream that can ``readinto`` fills one reused buffer: each piece is
+    a view of it, valid until the next one is asked for.
+    """
+    if not hasattr(stream, 'readinto'):
+        while chunk := stream.read(size):
+            yield chunk
+        return
+    buffer = memoryview(bytearray(size))
+    while count := stream.readinto(buffer):
+        yield buffer[:count]
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     """Write all of ``data``; os.write may write less, e.g. when the disk fills."""
     view = memoryview(data)
     while view:
