@@ -282,6 +282,24 @@ def test_nginx_gives_every_request_to_iss_its_own_request_id(stack):
         assert logged['request_id'] == headers['X-Request-Id']
 
 
+def test_every_answer_through_nginx_has_an_id_of_its_own_cached_or_sent_by_nginx(stack):
+    """A cached answer must not replay the request id of the request that filled the cache."""
+    nginx, _, _ = stack
+    small, large = os.urandom(1000), os.urandom(MIB + 1)  # cached by nginx; sent by X-Accel-Redirect
+    paths = []
+    for data in (small, large):
+        blob = 'sha256:' + hashlib.sha256(data).hexdigest()
+        assert nginx.request('PUT', f'/artifacts/{blob}?kind=ids', data)[0] == 201
+        paths.append(f'/artifacts/{blob}')
+
+    for path in paths:
+        answers = [nginx.request(method, path) for method in ('GET', 'GET', 'GET', 'HEAD')]
+        ids = [headers.get('X-Request-Id') for _, headers, _ in answers]
+        assert [status for status, _, _ in answers] == [200] * 4
+        assert all(re.fullmatch('[0-9a-f]{32}', str(request_id)) for request_id in ids), ids
+        assert len(set(ids)) == 4, ids
+
+
 def test_oversized_upload_is_refused_by_nginx_with_json(stack, shared_data_dir):
     nginx, behind, _ = stack
 
