@@ -14,10 +14,16 @@ suffix=""
 [[ " $* " == *" --skip-large "* ]] && suffix="-small"
 port=8800
 nginx_port=8801
+# NOTE: data directories are removed at the end, not between configurations: on ext4 without a
+# journal, inodes freed in the last half minute slow every new file, which would burden the
+# configuration measured next.
+scratch=()
+trap 'rm -rf "${scratch[@]}"' EXIT
 
 start_iss() {  # $1: label, then env assignments
     local label=$1; shift
     data=$(mktemp -d /tmp/iss-bench-XXXX)
+    scratch+=("$data")
     chmod 755 "$data"
     env ISS_DATA="$data/data" ISS_PORT=$port ISS_LOG_LEVEL=warning "$@" \
         .venv/bin/gunicorn iss:app --access-logfile /dev/null > "$out/$label.gunicorn.log" 2>&1 &
@@ -26,13 +32,16 @@ start_iss() {  # $1: label, then env assignments
     echo "ISS did not start: see $out/$label.gunicorn.log" >&2; exit 1
 }
 
-stop_iss() { kill "$iss_pid"; wait "$iss_pid" 2>/dev/null || true; rm -rf "$data"; }
+stop_iss() { kill "$iss_pid"; wait "$iss_pid" 2>/dev/null || true; }
 
 bench() {  # $1: label, $2: url
     python3 bench/iss_bench.py --url "$2" --server-pid "$iss_pid" --label "$1" \
         --json "$out/$1$suffix.json" "${extra[@]}" | tee "$out/$1$suffix.txt"
+    # The limit of "small POST distinct": the same durable file operations without HTTP.
+    python3 bench/durable_limit.py --dir "$data" | head -1 | tee -a "$out/$1$suffix.txt"
     if [[ " ${extra[*]} " != *" --skip-large "* ]]; then
         python3 bench/put_upload.py --url "$2" --server-pid "$iss_pid" | tee -a "$out/$1$suffix.txt"
+        python3 bench/download.py --url "$2" --data-dir "$data/data" | tee -a "$out/$1$suffix.txt"
     fi
 }
 
@@ -70,5 +79,5 @@ nginx -p "$conf" -c "$conf/nginx.conf"
 bench nginx "http://127.0.0.1:$nginx_port"
 kill "$(cat "$conf/nginx.pid")"
 stop_iss
-rm -rf "$conf"
+scratch+=("$conf")
 echo "results in $out"
