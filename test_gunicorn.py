@@ -308,6 +308,25 @@ def test_downloads_go_out_with_sendfile(start, tmp_path):
         wait_for(lambda call=call: re.search(call, trace.read_text()), message=f'{call} in {trace.read_text()}')
 
 
+def test_a_large_upload_has_the_disk_start_writing_while_it_arrives(start, tmp_path):
+    """Every 8 MiB received, the disk is asked to start writing them (the final fsync then has little to do)."""
+    strace = shutil.which('strace')
+    assert strace, 'strace is needed to see sync_file_range(2): apt-get install strace (.ci/run does)'
+    trace = tmp_path / 'trace.txt'
+    server = start(wrapper=[strace, '-f', '-qq', '-e', 'trace=sync_file_range,fsync', '-o', str(trace)])
+    data = os.urandom(20 * MIB)
+    digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+
+    assert server.request('PUT', f'/artifacts/{digest}?kind=big', data)[0] == 201
+
+    calls = re.findall(r'sync_file_range\(\d+, (\d+), (\d+), SYNC_FILE_RANGE_WRITE\) = 0|(fsync)', trace.read_text())
+    ranges = [(int(offset), int(length)) for offset, length, _ in calls if offset]
+    # NOTE: from the start, one after the other, each of 8 to 9 MiB (the body arrives in pieces of up to 1 MiB)
+    assert [offset for offset, _ in ranges] == [0, ranges[0][1]], calls
+    assert all(8 * MIB <= length < 9 * MIB for _, length in ranges), calls
+    assert calls[len(ranges)][2] == 'fsync', 'the blob is synced after its writeback was started'
+
+
 def test_health_answers_while_slow_clients_upload(server):
     stalled = [start_upload_and_stall(server, declared=10 * MIB, sent=64 * 1024) for _ in range(8)]
     try:

@@ -37,6 +37,16 @@ stop_iss() { kill "$iss_pid"; wait "$iss_pid" 2>/dev/null || true; }
 bench() {  # $1: label, $2: url
     python3 bench/iss_bench.py --url "$2" --server-pid "$iss_pid" --label "$1" \
         --json "$out/$1$suffix.json" "${extra[@]}" | tee "$out/$1$suffix.txt"
+    # A rate of error answers is no result: every answer must have been a success.
+    python3 - "$out/$1$suffix.json" <<'CHECK'
+import json, sys
+phases = json.load(open(sys.argv[1]))['server']
+failed = {name: phase for name, phase in phases.items() if isinstance(phase, dict) and (
+    phase.get('non_2xx_3xx') or phase.get('socket_errors') or phase.get('status', 200) != 200
+    or phase.get('complete') is False or phase.get('http_code', 201) not in (200, 201))}
+if failed:
+    sys.exit(f'INVALID RUN, phases with failed requests: {sorted(failed)}')
+CHECK
     # The limit of "small POST distinct": the same durable file operations without HTTP.
     python3 bench/durable_limit.py --dir "$data" | head -1 | tee -a "$out/$1$suffix.txt"
     if [[ " ${extra[*]} " != *" --skip-large "* ]]; then
@@ -58,6 +68,9 @@ stop_iss
 # 3. Behind nginx, the production setup: deploy/nginx/iss.conf.template with X-Accel-Redirect.
 start_iss nginx ISS_ACCEL_REDIRECT=/_internal/blobs/
 conf=$(mktemp -d /tmp/iss-nginx-XXXX)
+# NOTE: nginx's workers run as nobody and keep their cache under here (mktemp makes it 0700:
+# every cached GET was then a 500).
+chmod 755 "$conf"
 sed -e "s|\${ISS_UPSTREAM}|127.0.0.1:$port|; s|\${ISS_DATA}|$data/data|; s|\${NGINX_PORT}|127.0.0.1:$nginx_port|" \
     -e "s|\${NGINX_CACHE_DIR}|$conf/cache|; s|\${NGINX_CACHE_VALID}|1m|" \
     -e "s|\${ISS_MAX_UPLOAD_BYTES}|2147483648|g" deploy/nginx/iss.conf.template > "$conf/site.conf"
