@@ -286,14 +286,24 @@ def test_a_data_directory_laid_out_by_the_seed_is_served(start, tmp_path):
     assert json.loads(server.request('GET', f'/artifacts/sha256:{artifact_hex}/meta')[2])['test_key'] == 'test_value'
 
 
-def test_downloads_go_out_with_sendfile(start, tmp_path):
+def start_under_strace(start, tmp_path: pathlib.Path, calls: str) -> tuple[Gunicorn, pathlib.Path]:
+    """gunicorn under strace, which writes the given system calls of all its processes to the returned file."""
     strace = shutil.which('strace')
-    assert strace, 'strace is needed to see sendfile(2): apt-get install strace (.ci/run does)'
+    assert strace, f'strace is needed to see {calls}: apt-get install strace (.ci/run does)'
     trace = tmp_path / 'trace.txt'
-    server = start(wrapper=[strace, '-f', '-qq', '-e', 'trace=sendfile', '-o', str(trace)])
-    data = os.urandom(5 * MIB)
+    return start(wrapper=[strace, '-f', '-qq', '-e', f'trace={calls}', '-o', str(trace)]), trace
+
+
+def put_random(server: Gunicorn, size: int) -> tuple[bytes, str]:
+    data = os.urandom(size)
     digest = 'sha256:' + hashlib.sha256(data).hexdigest()
     assert server.request('PUT', f'/artifacts/{digest}?kind=big', data)[0] == 201
+    return data, digest
+
+
+def test_downloads_go_out_with_sendfile(start, tmp_path):
+    server, trace = start_under_strace(start, tmp_path, 'sendfile')
+    data, digest = put_random(server, 5 * MIB)
 
     full = server.request('GET', f'/artifacts/{digest}')
     ranged = server.request('GET', f'/artifacts/{digest}', headers={'Range': 'bytes=1000-2999'})
@@ -310,16 +320,13 @@ def test_downloads_go_out_with_sendfile(start, tmp_path):
 
 def test_a_large_upload_has_the_disk_start_writing_while_it_arrives(start, tmp_path):
     """Every 8 MiB received, the disk is asked to start writing them (the final fsync then has little to do)."""
-    strace = shutil.which('strace')
-    assert strace, 'strace is needed to see sync_file_range(2): apt-get install strace (.ci/run does)'
-    trace = tmp_path / 'trace.txt'
-    server = start(wrapper=[strace, '-f', '-qq', '-e', 'trace=sync_file_range,fsync', '-o', str(trace)])
-    data = os.urandom(20 * MIB)
-    digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+    server, trace = start_under_strace(start, tmp_path, 'sync_file_range,fsync')
 
-    assert server.request('PUT', f'/artifacts/{digest}?kind=big', data)[0] == 201
+    put_random(server, 20 * MIB)
 
-    calls = re.findall(r'sync_file_range\(\d+, (\d+), (\d+), SYNC_FILE_RANGE_WRITE\) = 0|(fsync)', trace.read_text())
+    pattern = r'sync_file_range\(\d+, (\d+), (\d+), SYNC_FILE_RANGE_WRITE\) = 0|(fsync)'
+    wait_for(lambda: 'fsync' in trace.read_text(), message='the blob to be synced')
+    calls = re.findall(pattern, trace.read_text())
     ranges = [(int(offset), int(length)) for offset, length, _ in calls if offset]
     # NOTE: from the start, one after the other, each of 8 to 9 MiB (the body arrives in pieces of up to 1 MiB)
     assert [offset for offset, _ in ranges] == [0, ranges[0][1]], calls

@@ -3,9 +3,9 @@
     python3 bench/download.py --url http://127.0.0.1:8800 --data-dir DATA [--mib 512] [--rounds 5]
 
 iss_bench.py times one ISS download right after the upload against the median of three nginx
-downloads of another copy; here both servers send the same blob file (nginx from the blob
-directory, with sendfile), taking turns, each a median of ``--rounds`` downloads with curl to
-/dev/null. Prints MB/s for both and their ratio. Needs curl and nginx.
+downloads of another copy; here both servers send the same blob file (nginx, configured as in
+iss_bench.py, from the blob directory), taking turns, each a median of ``--rounds`` downloads
+with curl to /dev/null. Prints MB/s for both and their ratio. Needs curl and nginx.
 """
 
 import argparse
@@ -14,40 +14,15 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
+import types
+
+import iss_bench
 
 MB = 1_000_000
-
-NGINX_CONF = """
-daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        location / {{ }}
-    }}
-}}
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def download_seconds(url: str, size: int) -> float:
@@ -84,12 +59,11 @@ def main() -> int:
         subprocess.run(['curl', '-sf', '-o', '/dev/null', '-T', str(source), upload_url], check=True)
         source.unlink()
 
-        port = free_port()
-        (work / 'nginx.conf').write_text(
-            NGINX_CONF.format(prefix=work, port=port, root=os.path.abspath(os.path.join(args.data_dir, 'blobs')))
+        # NOTE: the shared benchmark's own nginx, so the limit is configured as it is there.
+        nginx, port = iss_bench.start_nginx(
+            types.SimpleNamespace(workdir=str(work), nginx_port=0, nginx_workers='1'),
+            os.path.abspath(os.path.join(args.data_dir, 'blobs')),
         )
-        nginx = subprocess.Popen(['nginx', '-p', str(work), '-c', str(work / 'nginx.conf')], start_new_session=True)
-        time.sleep(0.5)
         targets = {
             'ISS': f'{args.url}/artifacts/sha256:{hex_digest}',
             'nginx': f'http://127.0.0.1:{port}/{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}',
