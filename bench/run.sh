@@ -35,6 +35,8 @@ start_iss() {  # $1: label, then env assignments
 stop_iss() { kill "$iss_pid"; wait "$iss_pid" 2>/dev/null || true; }
 
 bench() {  # $1: label, $2: url
+    # NOTE: each configuration starts with nothing left to write back from the one before.
+    sync
     python3 bench/iss_bench.py --url "$2" --server-pid "$iss_pid" --label "$1" \
         --json "$out/$1$suffix.json" "${extra[@]}" | tee "$out/$1$suffix.txt"
     # A rate of error answers is no result: every answer must have been a success.
