@@ -4,7 +4,6 @@
 """
 
 import ctypes
-import ctypes.util
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ else:
     _own_metrics_dir = None
 
 # NOTE: only now: prometheus_client picks its multiprocess mode when first imported.
+import storage
 import telemetry
 
 _settings = Settings.from_env()
@@ -90,8 +90,7 @@ def _return_large_buffers_to_the_os() -> None:
     it stays flat. Called here, in the master before it forks, so every worker has it.
     A libc without mallopt (musl) keeps its own behaviour.
     """
-    libc_name = ctypes.util.find_library('c')
-    mallopt = getattr(ctypes.CDLL(libc_name), 'mallopt', None) if libc_name else None
+    mallopt = storage.libc_function('mallopt', ctypes.c_int, ctypes.c_int)
     if mallopt is not None:
         m_mmap_threshold = -3  # from <malloc.h>
         mallopt(m_mmap_threshold, 128 * 1024)

@@ -33,6 +33,7 @@ _CAPTURE_TIMES = (
 )
 _EXIF_TIME = re.compile(r'(\d{4}):(\d{2}):(\d{2})[ T](\d{2}):(\d{2}):(\d{2})')
 _EXIF_OFFSET = re.compile(r'[+-]\d{2}:\d{2}')
+# An Accept parameter by which a client refuses the type it follows (RFC 9110 12.4.2).
 _REFUSED = re.compile(r'q\s*=\s*0(\.0{0,3})?')
 # Orientations 5-8 turn the picture a quarter: width and height swap when it is shown.
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})

@@ -198,26 +198,30 @@ class RequestBody:
             self._stream = SocketBody.of(req.env) or req.bounded_stream
 
     def read(self, size: int = -1) -> bytes:
-        try:
+        with self._arriving():
             data = self._stream.read(size)
-        except Exception as exc:
-            raise IncompleteBody(f'The body stopped arriving: {exc or type(exc).__name__}') from exc
         self._count(len(data), size)
         return data
 
     def readinto(self, buffer: memoryview) -> int:
         """Fill the start of ``buffer`` with the next bytes of the body; 0 at its end."""
-        try:
+        with self._arriving():
             if isinstance(self._stream, SocketBody):
                 received = self._stream.readinto(buffer)
             else:
                 data = self._stream.read(len(buffer))
                 received = len(data)
                 buffer[:received] = data
-        except Exception as exc:
-            raise IncompleteBody(f'The body stopped arriving: {exc or type(exc).__name__}') from exc
         self._count(received, len(buffer))
         return received
+
+    @contextlib.contextmanager
+    def _arriving(self) -> Iterator[None]:
+        """Whatever reading the body raises (a reset, a timeout) is an incomplete body."""
+        try:
+            yield
+        except Exception as exc:
+            raise IncompleteBody(f'The body stopped arriving: {exc or type(exc).__name__}') from exc
 
     def _count(self, received: int, asked: int) -> None:
         self._received += received

@@ -1008,16 +1008,17 @@ def _chunks(stream: Readable, size: int) -> Iterator[bytes | memoryview]:
         yield buffer[:count]
 
 
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's sync_file_range(2), which the os module lacks; None elsewhere."""
-    name = ctypes.util.find_library('c')
-    function = getattr(ctypes.CDLL(name, use_errno=True), 'sync_file_range', None) if name else None
+def libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """A C library function the os module lacks, or None where this libc has none (musl: mallopt)."""
+    library = ctypes.util.find_library('c')
+    function = getattr(ctypes.CDLL(library, use_errno=True), name, None) if library else None
     if function is not None:
-        function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        function.argtypes = argtypes
     return function
 
 
-_sync_file_range = _libc_sync_file_range()
+# NOTE: Linux's sync_file_range(2); None elsewhere.
+_sync_file_range = libc_function('sync_file_range', ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>: start writeback, do not wait for it
 
 
