@@ -461,6 +461,18 @@ def test_reindex_rebuilds_a_lost_index_and_stats_reads_it(client, data_dir, png)
     assert cli_json(data_dir, 'reindex')['changed'] == 0
 
 
+def test_a_running_service_writes_to_an_index_rebuilt_under_it(client, data_dir, png):
+    upload_image(client, png)
+    for name in ('index.sqlite3', 'index.sqlite3-wal', 'index.sqlite3-shm'):
+        (data_dir / name).unlink(missing_ok=True)
+    assert cli_json(data_dir, 'reindex')['blobs'] == 1
+
+    upload_artifact(client, b'after the rebuild', kind='model')
+
+    # The service's kept connections were to the removed file; the new row is in the new one.
+    assert cli_json(data_dir, 'stats')['count'] == 2
+
+
 def test_import_stores_a_folder_as_images_and_reports_what_it_skipped(tmp_path, data_dir, client):
     folder = tmp_path / 'photos'
     (folder / 'day2').mkdir(parents=True)
