@@ -151,7 +151,7 @@ class Index:
             yield held.db
         except BaseException:
             self._local.held = None
-            held.db.close()  # NOTE: after an error (a full or failing disk) the next call starts afresh
+            _close(held)  # NOTE: after an error (a full or failing disk) the next call starts afresh
             raise
         self._local.held = None
         self._give_back(held)
@@ -163,16 +163,21 @@ class Index:
         except OSError:
             inode = None  # NOTE: not created yet, or removed: connect says which
         with self._idle_lock:
-            if self._idle_pid != os.getpid():
-                # NOTE: a forked child never uses (nor closes) its parent's connections.
-                _INHERITED.extend(self._idle)
-                self._idle, self._idle_pid, self._closer = [], os.getpid(), None
-            while self._idle:
-                connection = self._idle.pop()
+            idle = self._own_idle()
+            while idle:
+                connection = idle.pop()
                 if connection.inode == inode:
                     return connection
-                connection.db.close()  # NOTE: the file was removed or replaced (a lost index rebuilt)
+                _close(connection)  # NOTE: the file was removed or replaced (a lost index rebuilt)
         return self._connect()
+
+    def _own_idle(self) -> list[_Connection]:
+        """This process's idle connections; call it holding ``_idle_lock``."""
+        if self._idle_pid != os.getpid():
+            # NOTE: a forked child starts with none of its parent's.
+            _INHERITED.extend(self._idle)
+            self._idle, self._idle_pid, self._closer = [], os.getpid(), None
+        return self._idle
 
     def _connect(self) -> _Connection:
         try:
@@ -192,14 +197,12 @@ class Index:
         return _Connection(db, inode, os.getpid())
 
     def _give_back(self, connection: _Connection) -> None:
-        if connection.db.in_transaction:
-            connection.db.close()  # NOTE: a transaction left open rolls back; never handed on
+        if connection.pid != os.getpid() or connection.db.in_transaction:
+            _close(connection)  # NOTE: a transaction left open rolls back; never handed on
             return
         connection.idle_since = time.monotonic()
         with self._idle_lock:
-            if connection.pid != self._idle_pid:
-                return
-            self._idle.append(connection)
+            self._own_idle().append(connection)
             if self._closer is None:
                 self._close_idle_later(self._IDLE_SECONDS)
 
@@ -212,15 +215,13 @@ class Index:
         """Close the connections idle for ``_IDLE_SECONDS``; come back for the others."""
         now = time.monotonic()
         with self._idle_lock:
-            if self._idle_pid != os.getpid():
-                return
-            stale = [connection for connection in self._idle if now - connection.idle_since >= self._IDLE_SECONDS]
+            stale = [connection for connection in self._own_idle() if now - connection.idle_since >= self._IDLE_SECONDS]
             self._idle = fresh = [connection for connection in self._idle if connection not in stale]
             self._closer = None
             if fresh:
                 self._close_idle_later(min(connection.idle_since for connection in fresh) + self._IDLE_SECONDS - now)
         for connection in stale:
-            connection.db.close()
+            _close(connection)
 
     def _execute(self, sql: str, params: Iterable[Any]) -> tuple[list[tuple], int]:
         """Run one statement; return its rows and how many rows it changed."""
@@ -355,6 +356,13 @@ class _Connection:
 # NOTE: connections a forked child inherited: kept referenced, so that their
 # finalizers never close (and checkpoint) the parent's database from the child.
 _INHERITED: list[_Connection] = []
+
+
+def _close(connection: _Connection) -> None:
+    if connection.pid == os.getpid():
+        connection.db.close()
+    else:
+        _INHERITED.append(connection)
 
 
 class _Transaction:
