@@ -993,19 +993,27 @@ def _remove_temp(fd: int, path: str) -> None:
     os.close(fd)
 
 
+_FIRST_CHUNK_BYTES = 64 * 1024
+
+
 def _chunks(stream: Readable, size: int) -> Iterator[bytes | memoryview]:
     """The bytes of ``stream`` in pieces of at most ``size``, until EOF.
 
-    PERF: a stream that can ``readinto`` fills one reused buffer: each piece is
-    a view of it, valid until the next one is asked for.
+    PERF: a stream that can ``readinto`` fills a reused buffer: each piece is a
+    view of it, valid until the next one is asked for.
     """
     if not hasattr(stream, 'readinto'):
         while chunk := stream.read(size):
             yield chunk
         return
-    buffer = memoryview(bytearray(size))
+    # PERF: a small upload never needs the full size, and a fresh 1 MiB buffer costs
+    # ~0.6 ms (mmap'd, faulted in, zeroed: gunicorn.conf.py pins the mmap threshold);
+    # the first read that fills the small one says the upload is large.
+    buffer = memoryview(bytearray(min(size, _FIRST_CHUNK_BYTES)))
     while count := stream.readinto(buffer):
         yield buffer[:count]
+        if count == len(buffer) < size:
+            buffer = memoryview(bytearray(size))
 
 
 def libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:

@@ -193,6 +193,31 @@ def test_a_body_that_trickles_in_small_pieces_is_stored_whole(server):
     assert json.loads(responses[0][1])['bytes'] == len(body)
 
 
+def test_a_form_that_trickles_in_small_pieces_is_stored_whole(server):
+    # Bytes like the start of a delimiter every 12 bytes: many are cut in two between receives.
+    data = b''.join(b'\r\n--tric' + bytes([i % 80]) * 4 for i in range(300 * 1000 // 13))
+    form = (
+        b'--trickle\r\nContent-Disposition: form-data; name="file"; filename="t.bin"\r\n\r\n'
+        + data
+        + b'\r\n--trickle--\r\n'
+    )
+    request = (
+        b'POST /artifacts?kind=t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
+        b'Content-Type: multipart/form-data; boundary=trickle\r\n'
+        + f'Content-Length: {len(form)}\r\n\r\n'.encode()
+        + form
+    )
+    with socket.create_connection(('127.0.0.1', server.port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for start in range(0, len(request), 997):
+            sock.sendall(request[start : start + 997])
+            time.sleep(0.0005)
+        responses = read_responses(sock)
+
+    assert [status for status, _ in responses] == [201]
+    assert json.loads(responses[0][1])['artifact_id'] == 'sha256:' + hashlib.sha256(data).hexdigest()
+
+
 def test_a_body_cut_short_by_a_half_close_is_400_and_stores_nothing(server):
     request = put_request(os.urandom(MIB))
     with socket.create_connection(('127.0.0.1', server.port)) as sock:

@@ -164,6 +164,74 @@ def test_malformed_forms_get_400_and_store_nothing(client, data_dir, body, conte
     assert list((data_dir / 'tmp').iterdir()) == []
 
 
+# Bytes that look like the start of a delimiter (\r\n--XyZ) every 13 bytes, so that whatever
+# the read sizes, some are cut in two where one read of the body ends and the next begins
+# (none is the delimiter itself: the byte after "Xy" is never a "Z").
+NEAR_DELIMITERS = b''.join(b'\r\n--Xy' + bytes([i % 80]) * 6 for i in range(3 * 1024 * 1024 // 13))
+
+
+@pytest.mark.parametrize(
+    'preamble, padding, data, epilogue',
+    [
+        (b'', b'', NEAR_DELIMITERS, b''),
+        (b'This is a preamble.\r\n', b' \t ', b'--XyZ in the middle, not after a line break', b'\r\nan epilogue'),
+        (b'', b'', b'\r\n\r\n--\r\n', b''),
+        (b'', b'', b'', b''),
+    ],
+    ids=['near-delimiters', 'preamble-padding-epilogue', 'line-breaks-only', 'empty-file'],
+)
+def test_well_formed_forms_store_the_file_byte_for_byte(client, preamble, padding, data, epilogue):
+    body = (
+        preamble
+        + b'--XyZ'
+        + padding
+        + b'\r\nContent-Disposition: form-data; name="kind"\r\n\r\nsample\r\n--XyZ'
+        + padding
+        + b'\r\nContent-Disposition: form-data; name="file"; filename="d.bin"\r\n'
+        + b'Content-Type: application/octet-stream\r\n\r\n'
+        + data
+        + b'\r\n--XyZ--'
+        + epilogue
+    )
+
+    response = client.post('/artifacts', body, headers={'Content-Type': 'multipart/form-data; boundary=XyZ'})
+
+    assert response.json['artifact_id'] == blob_id(data)
+    assert response.json['kind'] == 'sample'
+    assert client.get(f'/artifacts/{blob_id(data)}').body == data
+
+
+def test_a_form_filename_in_rfc_5987_form_is_decoded(client):
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename*=UTF-8\'\'%C3%A9t%C3%A9.bin\r\n\r\n'
+        b'summer\r\n--XyZ--\r\n'
+    )
+
+    response = client.post('/artifacts?kind=k', body, headers={'Content-Type': 'multipart/form-data; boundary=XyZ'})
+
+    assert response.json['filename'] == '\u00e9t\u00e9.bin'
+
+
+@pytest.mark.parametrize(
+    'body, description',
+    [
+        (b'--XyZ junk\r\nContent-Disposition: form-data; name="file"\r\n\r\nx\r\n--XyZ--', 'line break'),
+        (b'--XyZ\r\nContent-Disposition form-data\r\n\r\nx\r\n--XyZ--', 'colon'),
+        (b'--XyZ\r\nContent-Disposition: form-data; name="kind"\r\n\r\n' + b'k' * 20000 + b'\r\n--XyZ--', 'over'),
+    ],
+    ids=['text-after-boundary', 'header-without-colon', 'huge-field'],
+)
+def test_forms_broken_between_parts_get_400(client, data_dir, body, description):
+    headers = {'Content-Type': 'multipart/form-data; boundary=XyZ'}
+
+    response = client.post('/artifacts', body, headers=headers, status=400)
+
+    assert response.json['title'] == 'Malformed multipart/form-data request media'
+    assert description in response.json['description']
+    assert_nothing_stored(data_dir / 'blobs')
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
 def test_huge_part_headers_get_400(client, data_dir):
     filler = b'X-Filler: ' + b'a' * 20000
     body = b'--XyZ\r\nContent-Disposition: form-data; name="file"\r\n' + filler + b'\r\n\r\nx\r\n--XyZ--\r\n'

@@ -24,6 +24,7 @@ FILES = (
     'compose.nginx.yaml',
     'compose.service.yaml',
     'config.py',
+    'forms.py',
     'deploy/nginx/iss.conf.template',
     'example.env',
     'gunicorn.conf.py',
