@@ -51,6 +51,8 @@ if failed:
 CHECK
     # The limit of "small POST distinct": the same durable file operations without HTTP.
     python3 bench/durable_limit.py --dir "$data" | head -1 | tee -a "$out/$1$suffix.txt"
+    # Small GETs against nginx sending the same blob file, taking turns.
+    python3 bench/small_get.py --url "$2" --data-dir "$data/data" | tee -a "$out/$1$suffix.txt"
     if [[ " ${extra[*]} " != *" --skip-large "* ]]; then
         python3 bench/upload.py --url "$2" --server-pid "$iss_pid" | tee -a "$out/$1$suffix.txt"
         python3 bench/download.py --url "$2" --data-dir "$data/data" | tee -a "$out/$1$suffix.txt"
