@@ -179,15 +179,20 @@ def test_a_large_json_body_is_read_whole(server):
     assert json.loads(body)['missing'] == ids
 
 
+def trickle(port: int, request: bytes, piece: int) -> list[tuple[int, bytes]]:
+    """Send ``request`` in pieces of ``piece`` bytes, each in its own packet, a pause between."""
+    with socket.create_connection(('127.0.0.1', port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for start in range(0, len(request), piece):
+            sock.sendall(request[start : start + piece])
+            time.sleep(0.0005)
+        return read_responses(sock)
+
+
 def test_a_body_that_trickles_in_small_pieces_is_stored_whole(server):
     body = os.urandom(300 * 1000)
-    request = put_request(body, close=True)
-    with socket.create_connection(('127.0.0.1', server.port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for start in range(0, len(request), 1000):
-            sock.sendall(request[start : start + 1000])
-            time.sleep(0.0005)
-        responses = read_responses(sock)
+
+    responses = trickle(server.port, put_request(body, close=True), 1000)
 
     assert [status for status, _ in responses] == [201]
     assert json.loads(responses[0][1])['bytes'] == len(body)
@@ -195,7 +200,7 @@ def test_a_body_that_trickles_in_small_pieces_is_stored_whole(server):
 
 def test_a_form_that_trickles_in_small_pieces_is_stored_whole(server):
     # Bytes like the start of a delimiter every 12 bytes: many are cut in two between receives.
-    data = b''.join(b'\r\n--tric' + bytes([i % 80]) * 4 for i in range(300 * 1000 // 13))
+    data = b''.join(b'\r\n--tric' + bytes([i % 80]) * 4 for i in range(300 * 1000 // 12))
     form = (
         b'--trickle\r\nContent-Disposition: form-data; name="file"; filename="t.bin"\r\n\r\n'
         + data
@@ -207,12 +212,8 @@ def test_a_form_that_trickles_in_small_pieces_is_stored_whole(server):
         + f'Content-Length: {len(form)}\r\n\r\n'.encode()
         + form
     )
-    with socket.create_connection(('127.0.0.1', server.port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for start in range(0, len(request), 997):
-            sock.sendall(request[start : start + 997])
-            time.sleep(0.0005)
-        responses = read_responses(sock)
+
+    responses = trickle(server.port, request, 997)
 
     assert [status for status, _ in responses] == [201]
     assert json.loads(responses[0][1])['artifact_id'] == 'sha256:' + hashlib.sha256(data).hexdigest()

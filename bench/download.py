@@ -8,19 +8,16 @@ iss_bench.py, from the blob directory), taking turns, each a median of ``--round
 with curl to /dev/null. Prints MB/s for both and their ratio. Needs curl and nginx.
 """
 
-import argparse
 import hashlib
 import os
 import pathlib
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import types
 
-import iss_bench
+import alternate
 
 MB = 1_000_000
 
@@ -37,14 +34,10 @@ def download_seconds(url: str, size: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--url', required=True, help='ISS, e.g. http://127.0.0.1:8800')
-    parser.add_argument('--data-dir', required=True, help="that ISS's ISS_DATA")
+    parser = alternate.arguments(__doc__.splitlines()[0])
     parser.add_argument('--mib', type=int, default=512)
-    parser.add_argument('--rounds', type=int, default=5)
     args = parser.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix='iss-download-'))
-    nginx = None
     try:
         source = work / 'blob.bin'
         sha256 = hashlib.sha256()
@@ -57,28 +50,12 @@ def main() -> int:
         size = source.stat().st_size
         upload_url = f'{args.url}/artifacts/sha256:{hex_digest}?kind=bench'
         subprocess.run(['curl', '-sf', '-o', '/dev/null', '-T', str(source), upload_url], check=True)
-        source.unlink()
-
-        # NOTE: the shared benchmark's own nginx, so the limit is configured as it is there.
-        nginx, port = iss_bench.start_nginx(
-            types.SimpleNamespace(workdir=str(work), nginx_port=0, nginx_workers='1'),
-            os.path.abspath(os.path.join(args.data_dir, 'blobs')),
-        )
-        targets = {
-            'ISS': f'{args.url}/artifacts/sha256:{hex_digest}',
-            'nginx': f'http://127.0.0.1:{port}/{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}',
-        }
-        for url in targets.values():  # NOTE: one warm-up each, so both start from the page cache
-            download_seconds(url, size)
-        times: dict[str, list[float]] = {name: [] for name in targets}
-        for _ in range(args.rounds):
-            for name, url in targets.items():
-                times[name].append(download_seconds(url, size))
     finally:
-        if nginx is not None:
-            nginx.send_signal(signal.SIGQUIT)
-            nginx.wait(10)
         shutil.rmtree(work)
+    with alternate.nginx_on_blobs(args.data_dir) as nginx_url:
+        targets = {'ISS': f'{args.url}/artifacts/sha256:{hex_digest}', 'nginx': nginx_url(hex_digest)}
+        # NOTE: the warm-up downloads start both from the page cache.
+        times = alternate.take_turns(targets, lambda url: download_seconds(url, size), args.rounds)
     rates = {name: size / statistics.median(seconds) / MB for name, seconds in times.items()}
     spread = {name: f'{size / max(s) / MB:,.0f}-{size / min(s) / MB:,.0f}' for name, s in times.items()}
     print(

@@ -11,18 +11,12 @@ of the rounds' ratios, ISS's median p99, and the ratio as a multiple of the Fast
 (350 req/s against nginx's 65,000 on this kind of machine). Needs wrk and nginx.
 """
 
-import argparse
-import os
-import pathlib
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import types
 import urllib.request
 
+import alternate
 import iss_bench
 
 SEED_RATIO = 350 / 65_000  # the FastAPI version's small GETs against nginx static (issue 6)
@@ -39,10 +33,7 @@ def wrk(url: str, seconds: float) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--url', required=True, help='ISS, e.g. http://127.0.0.1:8800')
-    parser.add_argument('--data-dir', required=True, help="that ISS's ISS_DATA")
-    parser.add_argument('--rounds', type=int, default=5)
+    parser = alternate.arguments(__doc__.splitlines()[0])
     parser.add_argument('--seconds', type=float, default=5)
     args = parser.parse_args()
     head, text, tail = iss_bench.make_png_parts()
@@ -51,30 +42,9 @@ def main() -> int:
     )
     with urllib.request.urlopen(upload) as answer:
         image_id = iss_bench.extract_id(answer.read())
-    hex_digest = image_id.removeprefix('sha256:')
-    work = pathlib.Path(tempfile.mkdtemp(prefix='iss-small-get-'))
-    nginx = None
-    try:
-        # NOTE: the shared benchmark's own nginx, so the limit is configured as it is there.
-        nginx, port = iss_bench.start_nginx(
-            types.SimpleNamespace(workdir=str(work), nginx_port=0, nginx_workers='1'),
-            os.path.abspath(os.path.join(args.data_dir, 'blobs')),
-        )
-        targets = {
-            'ISS': f'{args.url}/images/{image_id}',
-            'nginx': f'http://127.0.0.1:{port}/{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}',
-        }
-        for url in targets.values():
-            wrk(url, 2)  # NOTE: warm-up: connections, caches, the workers' first requests
-        rounds: dict[str, list[dict]] = {name: [] for name in targets}
-        for _ in range(args.rounds):
-            for name, url in targets.items():
-                rounds[name].append(wrk(url, args.seconds))
-    finally:
-        if nginx is not None:
-            nginx.send_signal(signal.SIGQUIT)
-            nginx.wait(10)
-        shutil.rmtree(work)
+    with alternate.nginx_on_blobs(args.data_dir) as nginx_url:
+        targets = {'ISS': f'{args.url}/images/{image_id}', 'nginx': nginx_url(image_id.removeprefix('sha256:'))}
+        rounds = alternate.take_turns(targets, lambda url: wrk(url, args.seconds), args.rounds)
     iss = statistics.median(result['rps'] for result in rounds['ISS'])
     limit = statistics.median(result['rps'] for result in rounds['nginx'])
     ratios = [a['rps'] / b['rps'] for a, b in zip(rounds['ISS'], rounds['nginx'], strict=True)]
