@@ -97,7 +97,7 @@ def _store_error(exc: OSError, doing: str) -> StoreError:
 
 
 class Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
+    def readinto(self, buffer: memoryview, /) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +271,7 @@ class FileStore:
 
         The bytes are synced by :meth:`commit`, and only if they are new.
 
-        Whatever ``stream.read`` raises (a size limit, a client that went
+        Whatever ``stream.readinto`` raises (a size limit, a client that went
         away) propagates unchanged after the temp file is removed.
 
         Raises:
@@ -996,16 +996,12 @@ def _remove_temp(fd: int, path: str) -> None:
 _FIRST_CHUNK_BYTES = 64 * 1024
 
 
-def _chunks(stream: Readable, size: int) -> Iterator[bytes | memoryview]:
+def _chunks(stream: Readable, size: int) -> Iterator[memoryview]:
     """The bytes of ``stream`` in pieces of at most ``size``, until EOF.
 
-    PERF: a stream that can ``readinto`` fills a reused buffer: each piece is a
-    view of it, valid until the next one is asked for.
+    PERF: ``readinto`` fills a reused buffer: each piece is a view of it, valid
+    until the next one is asked for.
     """
-    if not hasattr(stream, 'readinto'):
-        while chunk := stream.read(size):
-            yield chunk
-        return
     # PERF: a small upload never needs the full size, and a fresh 1 MiB buffer costs
     # ~0.6 ms (mmap'd, faulted in, zeroed: gunicorn.conf.py pins the mmap threshold);
     # the first read that fills the small one says the upload is large.

@@ -890,11 +890,12 @@ def test_stage_failure_removes_the_temp_file(tmp_path):
         def __init__(self):
             self.calls = 0
 
-        def read(self, size=-1):
+        def readinto(self, buffer):
             self.calls += 1
             if self.calls > 2:
                 raise ConnectionResetError('client went away')
-            return b'x' * 100
+            buffer[:100] = b'x' * 100
+            return 100
 
     with pytest.raises(ConnectionResetError):
         store.stage(Broken())

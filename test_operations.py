@@ -308,8 +308,10 @@ class _Chunks:
     def __init__(self, chunks: list[bytes]) -> None:
         self._chunks = list(chunks)
 
-    def read(self, size: int = -1) -> bytes:
-        return self._chunks.pop(0) if self._chunks else b''
+    def readinto(self, buffer: memoryview) -> int:
+        chunk = self._chunks.pop(0) if self._chunks else b''
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
 
 
 def test_delete_racing_with_downloads_and_uploads_never_serves_a_truncated_blob(start, tmp_path):
