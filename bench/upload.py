@@ -22,21 +22,14 @@ import sys
 import tempfile
 import time
 
+import iss_bench
+
 MB = 1_000_000
 
 
-def tree(pid: int) -> list[int]:
-    children = pathlib.Path(f'/proc/{pid}/task/{pid}/children').read_text().split()
-    return [pid, *(p for child in children for p in tree(int(child)))]
-
-
-def rss_mib(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        for line in pathlib.Path(f'/proc/{pid}/status').read_text().splitlines():
-            if line.startswith('VmRSS:'):
-                total += int(line.split()[1])
-    return total / 1024
+def rss_mib(roots: list[int]) -> float:
+    """The RSS of these processes and all their descendants, read now."""
+    return sum(info['rss_kb'] for info in iss_bench.snapshot(roots).values()) / 1024
 
 
 def make_new(source: pathlib.Path, tag: str) -> None:
@@ -61,9 +54,9 @@ def limit_mb_s(source: pathlib.Path, work: pathlib.Path) -> tuple[float, str]:
     return size / elapsed / MB, sha256.hexdigest()
 
 
-def upload_mb_s(command: list[str], size: int, pids: list[int]) -> tuple[float, float]:
+def upload_mb_s(command: list[str], size: int, roots: list[int]) -> tuple[float, float]:
     """Run curl; (MB/s, server RSS growth in MiB). Fails unless the answer is 200 or 201."""
-    before = rss_mib(pids) if pids else 0.0
+    before = rss_mib(roots) if roots else 0.0
     started = time.perf_counter()
     status = subprocess.run(
         ['curl', '-s', '-o', '/dev/null', '-w', '%{http_code}', *command], check=True, capture_output=True, text=True
@@ -71,7 +64,7 @@ def upload_mb_s(command: list[str], size: int, pids: list[int]) -> tuple[float, 
     elapsed = time.perf_counter() - started
     if status not in ('200', '201'):
         sys.exit(f'upload failed: HTTP {status} from {command[-1]}')
-    return size / elapsed / MB, (rss_mib(pids) - before if pids else float('nan'))
+    return size / elapsed / MB, (rss_mib(roots) - before if roots else float('nan'))
 
 
 def main() -> int:
@@ -81,7 +74,7 @@ def main() -> int:
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--server-pid', type=int, help='to report the RSS growth of its process tree')
     args = parser.parse_args()
-    pids = tree(args.server_pid) if args.server_pid else []
+    roots = [args.server_pid] if args.server_pid else []
     work = pathlib.Path(tempfile.mkdtemp(prefix='iss-upload-'))
     results: dict[str, list[tuple[float, float, float]]] = {'PUT': [], 'multipart': []}
     try:
@@ -95,11 +88,11 @@ def main() -> int:
             make_new(source, f'{nonce} PUT {round_number}')
             limit, hex_digest = limit_mb_s(source, work)
             put = f'{args.url}/artifacts/sha256:{hex_digest}?kind=bench'
-            results['PUT'].append((*upload_mb_s(['-T', str(source), put], size, pids), limit))
+            results['PUT'].append((*upload_mb_s(['-T', str(source), put], size, roots), limit))
             make_new(source, f'{nonce} multipart {round_number}')
             limit, _ = limit_mb_s(source, work)
             form = ['-F', f'file=@{source};type=application/octet-stream', f'{args.url}/artifacts?kind=bench']
-            results['multipart'].append((*upload_mb_s(form, size, pids), limit))
+            results['multipart'].append((*upload_mb_s(form, size, roots), limit))
     finally:
         shutil.rmtree(work)
     for method, rounds in results.items():
