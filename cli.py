@@ -11,6 +11,7 @@ text, for scripts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import mimetypes
 import os
@@ -21,8 +22,11 @@ from typing import IO, Any
 
 import images
 import index
+import maintenance
+import meta
 import storage
 from config import ConfigError, Settings
+from errors import BlobNotFound, ServiceError
 
 OK, PROBLEMS, UNUSABLE = 0, 1, 2
 
@@ -57,7 +61,8 @@ def _megabytes(size: int) -> str:
 
 def fsck(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
     started = time.monotonic()
-    report = store.verify(
+    report = maintenance.verify(
+        store,
         repair=args.repair,
         describe=_describe_unknown_blob,
         progress=lambda blobs, size: progress.show(f'fsck  {blobs:,} blobs  {_megabytes(size)}'),
@@ -76,26 +81,22 @@ def fsck(store: storage.FileStore, args: argparse.Namespace, progress: Progress)
 def _describe_unknown_blob(file: IO[bytes], stat: os.stat_result) -> dict[str, Any]:
     """The meta fsck --repair writes for a blob that has none: an image if Pillow says so."""
     try:
-        return images.image_meta(file, stat.st_size, stat.st_mtime)
+        return meta.identified_image(file, stat.st_size, stat.st_mtime)
     except (images.NotAnImage, images.ImageTooLarge):
-        mime = 'application/octet-stream'
-        return {'kind': 'recovered', 'bytes': stat.st_size, 'mime': mime, 'created_at': stat.st_mtime}
+        return meta.recovered(stat.st_size, stat.st_mtime)
 
 
 def backfill(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
     """Complete the meta of every image written by the FastAPI version (format, mode, EXIF, ...)."""
-    import iss
-
-    settings = Settings.from_env()
     result: dict[str, Any] = {'images': 0, 'completed': 0, 'failed': []}
-    for blob_id, meta in store.metas():
-        if meta.get('kind') != 'image':
+    for blob_id, stored in maintenance.metas(store):
+        if stored.get('kind') != 'image':
             continue
         result['images'] += 1
-        if images.lacks_fields(meta):
+        if meta.lacks_fields(stored):
             try:
-                completed = iss.complete_image_meta(store, blob_id, settings.max_image_pixels)
-            except storage.BlobNotFound:
+                completed = meta.complete_image(store, blob_id, args.settings.max_image_pixels)
+            except BlobNotFound:
                 continue
             if completed is None:
                 result['failed'].append({'id': blob_id, 'reason': 'Pillow cannot identify it'})
@@ -107,11 +108,7 @@ def backfill(store: storage.FileStore, args: argparse.Namespace, progress: Progr
 
 
 def gc(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
-    limit = Settings.from_env().derived_max_bytes
-    return OK, {
-        'dry_run': args.dry_run,
-        'removed': store.collect_garbage(dry_run=args.dry_run, derived_max_bytes=limit),
-    }
+    return OK, {'dry_run': args.dry_run, 'removed': maintenance.collect_garbage(store, dry_run=args.dry_run)}
 
 
 def reindex(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
@@ -121,13 +118,7 @@ def reindex(store: storage.FileStore, args: argparse.Namespace, progress: Progre
 
 
 def stats(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
-    totals = store.totals()
-    return OK, {
-        'count': sum(count for count, _ in totals.values()),
-        'bytes': sum(size for _, size in totals.values()),
-        'kinds': {kind: {'count': count, 'bytes': size} for kind, (count, size) in totals.items()},
-        'free_bytes': store.check()['free_bytes'],
-    }
+    return OK, {**index.totals_document(store.totals()), 'free_bytes': store.check()['free_bytes']}
 
 
 def import_files(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
@@ -156,9 +147,8 @@ def import_files(store: storage.FileStore, args: argparse.Namespace, progress: P
 
 def _import_meta(kind: str | None, path: str, file: IO[bytes], size: int) -> dict[str, Any]:
     if kind is None:
-        return images.image_meta(file, size)
-    mime = mimetypes.guess_type(path)[0] or 'application/octet-stream'
-    return {'kind': kind, 'bytes': size, 'mime': mime, 'created_at': time.time()}
+        return meta.identified_image(file, size)
+    return meta.artifact(kind, size, mimetypes.guess_type(path)[0])
 
 
 # -- the command line -----------------------------------------------------------
@@ -172,7 +162,7 @@ Command = Callable[[storage.FileStore, argparse.Namespace, Progress], tuple[int,
 
 
 def _kind(text: str) -> str:
-    if not storage.KIND_PATTERN.fullmatch(text):
+    if not meta.KIND_PATTERN.fullmatch(text):
         raise argparse.ArgumentTypeError('1 to 64 characters of A-Z, a-z, 0-9, ".", "_" or "-"')
     return text
 
@@ -209,13 +199,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        data_dir = args.data or Settings.from_env().data_dir
-        if not os.path.isdir(data_dir):
-            raise UsageError(f'{data_dir} is not a directory (set ISS_DATA or --data)')
-        store = storage.FileStore(data_dir)
+        args.settings = Settings.from_env()
+        if args.data:
+            args.settings = dataclasses.replace(args.settings, data_dir=args.data)
+        if not os.path.isdir(args.settings.data_dir):
+            raise UsageError(f'{args.settings.data_dir} is not a directory (set ISS_DATA or --data)')
+        store = storage.open_store(args.settings)
         progress = Progress(args.progress or (sys.stderr.isatty() and not args.json))
         status, result = args.function(store, args, progress)
-    except (UsageError, ConfigError, storage.StoreError, index.IndexUnavailable) as exc:
+    except (UsageError, ConfigError, ServiceError) as exc:
         _print(args, {'error': str(exc)}, stream=sys.stderr)
         return UNUSABLE
     _print(args, result)

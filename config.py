@@ -1,7 +1,7 @@
 """ISS configuration: the environment, read in one place into one typed object.
 
-Nothing else in ISS reads ``os.environ``; gunicorn.conf.py and the app factory
-both take a :class:`Settings`. ``example.env`` lists every variable below with
+Nothing else in ISS reads ``os.environ``; gunicorn.conf.py, the app factory
+and the command line all take a :class:`Settings`. ``example.env`` lists every variable below with
 its default.
 """
 
@@ -79,6 +79,9 @@ class Settings:
     keepalive: int = 5
     timeout: int = 60
     log_level: str = 'info'
+    #: Where prometheus_client's multiprocess mode keeps each worker's values (gunicorn.conf.py
+    #: makes a fresh one per start when unset); empty: metrics stay in the process.
+    metrics_dir: str = ''
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -109,4 +112,5 @@ class Settings:
             keepalive=_integer(env, 'ISS_KEEPALIVE', defaults.keepalive, 1),
             timeout=_integer(env, 'ISS_TIMEOUT', defaults.timeout, 1),
             log_level=env.get('ISS_LOG_LEVEL', '').strip().lower() or defaults.log_level,
+            metrics_dir=env.get('PROMETHEUS_MULTIPROC_DIR', '').strip(),
         )

@@ -49,7 +49,7 @@ def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
 @pytest.fixture
 def make_client(data_dir: pathlib.Path):
     def make(**settings) -> webtest.TestApp:
-        return webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir), **settings)))
+        return webtest.TestApp(iss.build_app(Settings(data_dir=str(data_dir), **settings)))
 
     return make
 

@@ -3,7 +3,6 @@
 ``gunicorn iss:app`` reads this file from the working directory by itself.
 """
 
-import ctypes
 import json
 import os
 import shutil
@@ -12,21 +11,20 @@ import tempfile
 import gunicorn.glogging
 import gunicorn.util
 
+import syscalls
 from config import Settings
+
+_settings = Settings.from_env()
 
 # Each worker counts into its own files here; GET /metrics adds them up. A fresh directory per
 # start, as prometheus_client requires, unless the operator names one (and wipes it).
-if not os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
-    os.environ['PROMETHEUS_MULTIPROC_DIR'] = tempfile.mkdtemp(prefix='iss-metrics-')
-    _own_metrics_dir = os.environ['PROMETHEUS_MULTIPROC_DIR']
-else:
-    _own_metrics_dir = None
+# NOTE: written to the environment, where prometheus_client and the workers' Settings read it.
+_own_metrics_dir = None
+if not _settings.metrics_dir:
+    _own_metrics_dir = os.environ['PROMETHEUS_MULTIPROC_DIR'] = tempfile.mkdtemp(prefix='iss-metrics-')
 
 # NOTE: only now: prometheus_client picks its multiprocess mode when first imported.
-import storage
-import telemetry
-
-_settings = Settings.from_env()
+import telemetry  # noqa: E402
 
 wsgi_app = 'iss:app'
 bind = f'{_settings.host}:{_settings.port}'
@@ -90,10 +88,7 @@ def _return_large_buffers_to_the_os() -> None:
     it stays flat. Called here, in the master before it forks, so every worker has it.
     A libc without mallopt (musl) keeps its own behaviour.
     """
-    mallopt = storage.libc_function('mallopt', ctypes.c_int, ctypes.c_int)
-    if mallopt is not None:
-        m_mmap_threshold = -3  # from <malloc.h>
-        mallopt(m_mmap_threshold, 128 * 1024)
+    syscalls.set_mmap_threshold(128 * 1024)
 
 
 _return_large_buffers_to_the_os()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import re
-import time
 import warnings
 from typing import IO, Any
 
@@ -22,6 +21,8 @@ from PIL import ExifTags, Image, ImageOps, features
 OUTPUT_FORMATS = {'jpeg': 'JPEG', 'png': 'PNG', 'webp': 'WEBP'} | ({'avif': 'AVIF'} if features.check('avif') else {})
 OUTPUT_TYPES = {'JPEG': 'image/jpeg', 'PNG': 'image/png', 'WEBP': 'image/webp', 'AVIF': 'image/avif'}
 FITS = ('contain', 'cover', 'fill')
+#: Pillow's own bomb limit, for callers that set none of their own.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 2**31
 
 # The EXIF fields recorded at upload: the ones pipelines sort and filter by.
 _EXIF_KEYS = ('captured_at', 'camera_make', 'camera_model', 'orientation')
@@ -40,7 +41,7 @@ _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 # Bits per channel of Pillow's modes; what is not here has 8.
 _BITS = {'1': 1, 'I;16': 16, 'I;16B': 16, 'I;16L': 16, 'I;16N': 16, 'I': 32, 'F': 32}
 
-#: Keys an image's meta file gets from :func:`image_meta`, beyond the seed's.
+#: Keys an image's meta file gets from its header (see meta.image), beyond the seed's.
 IMAGE_META_KEYS = frozenset(
     {
         'format',
@@ -56,11 +57,6 @@ IMAGE_META_KEYS = frozenset(
         'orientation',
     }
 )
-
-
-def lacks_fields(meta: dict[str, Any]) -> bool:
-    """True for an image's meta without the fields this version records (the FastAPI version's)."""
-    return meta.get('kind') == 'image' and not meta.keys() >= IMAGE_META_KEYS
 
 
 class NotAnImage(ValueError):
@@ -102,7 +98,7 @@ def _open(file: IO[bytes], max_pixels: int) -> Image.Image:
     return image
 
 
-def identify(file: IO[bytes], max_pixels: int = Image.MAX_IMAGE_PIXELS or 2**31) -> ImageInfo:
+def identify(file: IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Identify an image from its header, without decoding the pixels.
 
     Raises:
@@ -168,27 +164,6 @@ def _capture_time(exif: Image.Exif) -> str | None:
         offset = _exif_text(exif, ifd, offset_tag) or ''
         return moment.isoformat() + (offset if _EXIF_OFFSET.fullmatch(offset) else '')
     return None
-
-
-def image_meta(
-    file: IO[bytes], size: int, created_at: float | None = None, max_pixels: int = Image.MAX_IMAGE_PIXELS or 2**31
-) -> dict[str, Any]:
-    """The meta file of an image: the seed's keys, with what Pillow read from the header.
-
-    Raises:
-        NotAnImage, ImageTooLarge: as :func:`identify`.
-    """
-    info = identify(file, max_pixels)
-    return {
-        'kind': 'image',
-        'bytes': size,
-        'mime': info.mime,
-        'format': info.format,
-        'width': info.width,
-        'height': info.height,
-        **info.fields,
-        'created_at': time.time() if created_at is None else created_at,
-    }
 
 
 # -- derivatives ---------------------------------------------------------------------

@@ -24,6 +24,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import meta
+from errors import IndexFull, IndexUnavailable, InvalidCursor
+
 IMAGES = 'images'
 ARTIFACTS = 'artifacts'
 
@@ -65,18 +68,6 @@ CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WIT
 """
 
 
-class IndexUnavailable(Exception):
-    """The index file cannot be read or written (see the wrapped sqlite3 error)."""
-
-
-class IndexFull(IndexUnavailable):
-    """The disk holding the index is full."""
-
-
-class InvalidCursor(ValueError):
-    """A listing cursor that this index did not hand out."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Row:
     hex: str
@@ -95,15 +86,14 @@ class Page:
     next_cursor: str | None
 
 
-def row_for(hex_digest: str, meta: dict[str, Any] | None, fallback_time: float, size: int) -> Row:
+def row_for(hex_digest: str, stored: dict[str, Any] | None, fallback_time: float, size: int) -> Row:
     """The index row of a blob with this metadata (None: a blob without meta)."""
-    meta = meta or {}
-    kind = meta.get('kind') if isinstance(meta.get('kind'), str) else None
-    created_at = meta.get('created_at')
+    stored = stored or {}
+    kind = stored.get('kind') if isinstance(stored.get('kind'), str) else None
+    created_at = stored.get('created_at')
     if not isinstance(created_at, (int, float)) or isinstance(created_at, bool):
         created_at = fallback_time
-    item = {'id': 'sha256:' + hex_digest, **meta}
-    item.setdefault('bytes', size)
+    item = meta.listing_item('sha256:' + hex_digest, stored, size)
     return Row(
         hex_digest,
         IMAGES if kind == 'image' else ARTIFACTS,
@@ -114,7 +104,17 @@ def row_for(hex_digest: str, meta: dict[str, Any] | None, fallback_time: float, 
     )
 
 
-class Index:
+def totals_document(totals: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """What ``/stats`` and ``python -m iss stats`` say of :meth:`SQLiteIndex.totals`: in all and per kind."""
+    return {
+        'count': sum(count for count, _ in totals.values()),
+        'bytes': sum(size for _, size in totals.values()),
+        # NOTE: blobs stored without meta (a crash before it was written) count under "".
+        'kinds': {kind: {'count': count, 'bytes': size} for kind, (count, size) in totals.items()},
+    }
+
+
+class SQLiteIndex:
     """The SQLite index of one store; safe to share between threads and processes."""
 
     # NOTE: a rebuild writes in batches; writers wait for a batch, never fail.
@@ -366,7 +366,7 @@ def _close(connection: _Connection) -> None:
 
 
 class _Transaction:
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: SQLiteIndex) -> None:
         self._index = index
 
     def __enter__(self) -> None:

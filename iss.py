@@ -1,8 +1,11 @@
 """ISS, the Image Store Service: images and artifacts stored by content address.
 
 Read :func:`create_app` first: it wires every route to its resource. The
-resources speak HTTP; the store (``storage.py``) speaks bytes. gunicorn runs
-``iss:app``, which is built from the environment on first use::
+resources speak HTTP; the store (``storage.py``) speaks bytes; ``httpio.py``
+carries bytes between the two; ``meta.py`` says what a blob's meta holds.
+What goes wrong below is a typed error (``errors.py``) mapped to its answer in
+one place here. gunicorn runs ``iss:app``, which is built from the
+environment on first use::
 
     gunicorn iss:app              # reads ./gunicorn.conf.py
 """
@@ -10,144 +13,80 @@ resources speak HTTP; the store (``storage.py``) speaks bytes. gunicorn runs
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
-import hmac
-import io
 import json
 import logging
 import pathlib
 import re
-import socket
 import sys
-import threading
-import time
 import urllib.parse
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import falcon
-import gunicorn.http.body
 import yaml
 from swagger_ui_bundle import swagger_ui_path
 
-import forms
+import httpio
 import images
 import index
+import meta
 import storage
 import telemetry
+from auth import RequireToken
+from blobs import BlobStat, Committed, OpenBlob, parse_id
 from config import Settings
+from errors import BadRequest, InvalidId, InvalidIdInBody, ServiceError, StoreFailure
+from httpio import Sendable, Upload, UploadReceiver, send_file
+from storage import BlobStore
 
 log = logging.getLogger('iss')
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-# NOTE: one year, and "immutable": a blob's bytes can never change under its id.
-_IMMUTABLE = ('public', 'max-age=31536000', 'immutable')
-
-# APPSEC: every blob response is a sandboxed document with no sources allowed,
-# so even content that a browser would render as a page runs no script in our
-# origin; images still display when opened directly.
-_BLOB_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
-
-# APPSEC: types a browser runs as active content are also sent as attachments.
-_ACTIVE_TYPES = frozenset(
-    {
-        'text/html',
-        'application/xhtml+xml',
-        'image/svg+xml',
-        'text/xml',
-        'application/xml',
-        'text/xsl',
-        'text/javascript',
-        'application/javascript',
-        'application/x-javascript',
-        'application/ecmascript',
-        'text/ecmascript',
-        'application/wasm',
-        'multipart/x-mixed-replace',
-    }
-)
-
-_MEDIA_TYPE_PATTERN = re.compile(r'[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+')
-_CHARSET_PATTERN = re.compile(r'charset="?([A-Za-z0-9._:-]{1,40})"?')
 _NUMBER_PATTERN = re.compile(r'-?\d{1,12}(\.\d{1,9})?')
-_RANGE_PATTERN = re.compile(r'bytes=(\d{0,18})-(\d{0,18})', re.IGNORECASE)
-
-# Keys ISS writes into every meta file; an artifact's own meta may not use them.
-RESERVED_META_KEYS = images.IMAGE_META_KEYS | frozenset(
-    {
-        'kind',
-        'bytes',
-        'mime',
-        'width',
-        'height',
-        'format',
-        'created_at',
-        'image_id',
-        'artifact_id',
-        'filename',
-    }
-)
-
-OCTET_STREAM = 'application/octet-stream'
-
-# Blobs up to this size are read and sent from memory; larger ones go out with sendfile(2).
-_SMALL_BLOB_BYTES = 64 * 1024
 
 
-# -- errors ---------------------------------------------------------------------
+# -- errors: every one answered as JSON, from here -------------------------------------
 
 
-class UploadTooLarge(falcon.HTTPContentTooLarge):
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            title='Upload too large',
-            description=f'The request body is larger than this service accepts ({limit} bytes).',
-        )
-
-
-class IncompleteBody(falcon.HTTPBadRequest):
-    def __init__(self, detail: str) -> None:
-        super().__init__(title='Incomplete request body', description=detail)
+# NOTE: Falcon's own answers (no route, a method no resource takes, a range past
+# the end) carry no description; every ISS error has one.
+_FALCON_DESCRIPTIONS = {
+    404: 'Nothing is served at {path}; /docs lists what is.',
+    405: '{path} does not take {method}; it takes {allow}.',
+    416: 'The range asks for bytes past the end of the {length} stored.',
+}
 
 
 def _serialize_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError) -> None:
-    """Write every error as JSON, whatever the client accepts.
+    """Write every error as JSON with ``title``, ``description``, ``status`` and ``detail``.
 
     ``detail`` repeats the description for clients of the FastAPI version.
     """
     body = error.to_dict()
+    if 'description' not in body:
+        headers = error.headers or {}
+        template = _FALCON_DESCRIPTIONS.get(error.status_code, '{title}.')
+        body['description'] = template.format(
+            path=req.path,
+            method=req.method,
+            allow=headers.get('Allow', 'no method'),
+            length=headers.get('Content-Range', '').rpartition('/')[2] or 'bytes',
+            title=body['title'],
+        )
     body['status'] = error.status_code
-    body['detail'] = body.get('description', body['title'])
+    body['detail'] = body['description']
     resp.data = json.dumps(body).encode()
     resp.content_type = falcon.MEDIA_JSON
 
 
-def _raise_store_error(req: falcon.Request, resp: falcon.Response, error: Exception, params: dict) -> None:
-    """Map what the store raises to HTTP, in one place for every resource."""
-    if isinstance(error, storage.BlobNotFound):
-        raise falcon.HTTPNotFound(title='Blob not found', description=f'Nothing is stored under {error}.')
-    if isinstance(error, storage.InvalidId):
-        raise falcon.HTTPNotFound(
-            title='Malformed id',
-            description=f'{error}, so it names no stored blob.',
-        )
-    if isinstance(error, storage.IndexIncomplete):
-        raise falcon.HTTPServiceUnavailable(
-            title='Index not ready',
-            description='The index is being built from the files (python -m iss reindex); try again shortly.',
-            retry_after=10,
-        )
-    if isinstance(error, storage.StoreFull):
-        log.error('store full: %s', error)
-        raise falcon.HTTPInsufficientStorage(
-            title='Storage full', description='The store has no room for this upload; nothing was stored.'
-        )
-    log.error('store unavailable: %s', error)
-    raise falcon.HTTPServiceUnavailable(
-        title='Storage unavailable', description='The data directory cannot be used right now.'
-    )
+def _answer_service_error(req: falcon.Request, resp: falcon.Response, error: ServiceError, params: dict) -> None:
+    """What the store, the index, the meta schema or the body reader raised, as its HTTP answer."""
+    if error.status >= 500:
+        log.error('%s: %s', error.title.lower(), error)
+    headers = {'Retry-After': str(error.retry_after)} if error.retry_after else None
+    raise falcon.HTTPError(error.status, title=error.title, description=error.public_description, headers=headers)
 
 
 def _log_unexpected_error(req: falcon.Request, resp: falcon.Response, error: Exception, params: dict) -> None:
@@ -160,279 +99,77 @@ def _log_unexpected_error(req: falcon.Request, resp: falcon.Response, error: Exc
     )
 
 
-# -- the request body -----------------------------------------------------------
+# -- uploads: what makes one an image or an artifact ------------------------------------
 
 
-class RequestBody:
-    """The request body as a stream that enforces the upload limit and notices truncation.
+class Uploads(Protocol):
+    """How one door (``/images`` or ``/artifacts``) checks and commits what is uploaded to it."""
 
-    A body declared larger than the limit is refused before a byte is read;
-    a chunked one is refused as soon as it crosses the limit. A client that
-    goes away before sending what it declared, or pauses longer than the body
-    timeout, gets :class:`IncompleteBody`, which the store sees as an ordinary
-    exception (and removes its temp file).
-    """
+    #: The key of the id in the answer: ``image_id`` or ``artifact_id``.
+    id_field: str
+    #: The form fields besides ``file`` that a POST may carry.
+    form_fields: tuple[str, ...]
 
-    def __init__(self, req: falcon.Request, limit: int, timeout: int) -> None:
-        self._limit = limit
-        self._received = 0
-        self.declared_length = req.content_length
-        connection = req.env.get('gunicorn.socket')
-        if connection is not None:
-            # APPSEC: gunicorn's threads read bodies from a blocking socket with no
-            # timeout, so a client that stops sending would hold a thread for ever.
-            # gunicorn makes the socket blocking again before the next request.
-            connection.settimeout(timeout)
-        if self.declared_length is None:
-            # NOTE: a chunked body is only safe to read when the server
-            # marks where it ends (gunicorn does; PEP 3333 servers may not).
-            if not req.env.get('wsgi.input_terminated'):
-                raise falcon.HTTPLengthRequired(
-                    title='Length required',
-                    description='Send a Content-Length header (or a chunked body to a server that supports it).',
-                )
-            self._stream = req.stream
-        elif self.declared_length > limit:
-            raise UploadTooLarge(limit)
-        else:
-            self._stream = SocketBody.of(req.env) or req.bounded_stream
+    def check(self, req: falcon.Request) -> None:
+        """Refuse what the headers and query already show to be wrong, before a byte of body is read."""
 
-    def read(self, size: int = -1) -> bytes:
-        with self._arriving():
-            data = self._stream.read(size)
-        self._count(len(data), size)
-        return data
-
-    def readinto(self, buffer: memoryview) -> int:
-        """Fill the start of ``buffer`` with the next bytes of the body; 0 at its end."""
-        with self._arriving():
-            if isinstance(self._stream, SocketBody):
-                received = self._stream.readinto(buffer)
-            else:
-                data = self._stream.read(len(buffer))
-                received = len(data)
-                buffer[:received] = data
-        self._count(received, len(buffer))
-        return received
-
-    @contextlib.contextmanager
-    def _arriving(self) -> Iterator[None]:
-        """Whatever reading the body raises (a reset, a timeout) is an incomplete body."""
-        try:
-            yield
-        except Exception as exc:
-            raise IncompleteBody(f'The body stopped arriving: {exc or type(exc).__name__}') from exc
-
-    def _count(self, received: int, asked: int) -> None:
-        self._received += received
-        if self._received > self._limit:
-            raise UploadTooLarge(self._limit)
-        if not received and asked != 0 and self.declared_length is not None and self._received < self.declared_length:
-            raise IncompleteBody(f'Received {self._received} of the {self.declared_length} bytes declared.')
+    def commit(self, req: falcon.Request, upload: Upload) -> Committed:
+        """Commit the upload, with the meta this door gives it."""
 
 
-class SocketBody:
-    """The rest of a gunicorn request body of known length, received straight from its socket.
+class ImageUploads:
+    """Images: Pillow must identify the bytes from their header; the meta is what it read."""
 
-    PERF: gunicorn's reader passes each piece through three BytesIO buffers and
-    slices it on every read, and each fresh 1 MiB buffer is fresh pages from the
-    kernel; ``recv_into`` a reused buffer copies each byte once. The bytes
-    gunicorn read ahead with the headers come first, and its reader is told
-    what was taken, so it finds the body consumed when the next request on the
-    connection is parsed (or, if a read failed, closes the connection).
+    id_field = 'image_id'
+    form_fields = ()
 
-    NOTE: this reaches into gunicorn's Body, LengthReader and unreader, as of the
-    pinned gunicorn 27.0.1; test_gunicorn.py's pipelining, trickle and half-close
-    tests fail if an upgrade changes them. Any other server gets the plain stream.
-    """
-
-    _CHUNK_SIZE = 1024 * 1024
-
-    def __init__(self, body: gunicorn.http.body.Body, reader: gunicorn.http.body.LengthReader) -> None:
-        self._body = body
-        self._reader = reader
-        self._socket = reader.unreader.sock
-        # What gunicorn holds already: Body's buffer (counted off the length) and the
-        # read-ahead after the headers, of which only the body's part is taken.
-        ahead = reader.unreader.take_buffered()
-        taken, rest = ahead[: reader.length], ahead[reader.length :]
-        if rest:
-            reader.unreader.unread(rest)
-        reader.length -= len(taken)
-        self._pending = memoryview(body.buf.getvalue() + taken)
-        body.buf = io.BytesIO()
-
-    @classmethod
-    def of(cls, env: dict[str, Any]) -> SocketBody | None:
-        """The body of this request as a SocketBody, or None when it is not a gunicorn one of known length."""
-        body = env.get('wsgi.input')
-        reader = getattr(body, 'reader', None)
-        if (
-            isinstance(body, gunicorn.http.body.Body)
-            and isinstance(reader, gunicorn.http.body.LengthReader)
-            and isinstance(getattr(reader.unreader, 'sock', None), socket.socket)
-        ):
-            return cls(body, reader)
-        return None
-
-    def readinto(self, buffer: memoryview) -> int:
-        if self._pending:
-            count = min(len(buffer), len(self._pending))
-            buffer[:count], self._pending = self._pending[:count], self._pending[count:]
-            return count
-        if not self._reader.length:
-            return 0
-        with self._marking_failure():
-            count = self._socket.recv_into(buffer, min(len(buffer), self._reader.length))
-        self._reader.length -= count
-        return count
-
-    def read(self, size: int = -1) -> bytes:
-        """Like a raw stream's read: up to ``size`` bytes, fewer if fewer have arrived; all with -1."""
-        if size is None or size < 0:
-            return b''.join(iter(lambda: self.read(self._CHUNK_SIZE), b''))
-        if self._pending:
-            data, self._pending = self._pending[:size].tobytes(), self._pending[size:]
-            return data
-        if not self._reader.length:
-            return b''
-        with self._marking_failure():
-            data = self._socket.recv(min(size, self._reader.length))
-        self._reader.length -= len(data)
-        return data
-
-    @contextlib.contextmanager
-    def _marking_failure(self) -> Iterator[None]:
-        """A failed read leaves the connection mid-body: gunicorn must close it, not reuse it."""
-        try:
-            yield
-        except BaseException:
-            self._body.failed = True
-            raise
-
-
-@dataclasses.dataclass
-class Upload:
-    """A received upload: the staged bytes and what came with them."""
-
-    staged: storage.StagedBlob
-    filename: str | None
-    content_type: str | None
-    fields: dict[str, str]
-
-
-class UploadReceiver:
-    """Stages the file of a multipart form (field ``file``) or a raw request body."""
-
-    _MAX_FORM_PARTS = 16
-
-    def __init__(self, store: storage.FileStore, settings: Settings) -> None:
+    def __init__(self, store: BlobStore, settings: Settings) -> None:
         self._store = store
-        self._limit = settings.max_upload_bytes
-        self._timeout = settings.body_timeout
-        self._max_field_bytes = settings.max_meta_bytes
+        self._max_pixels = settings.max_image_pixels
 
-    @contextlib.contextmanager
-    def receive(self, req: falcon.Request, *, form_fields: tuple[str, ...] = ()) -> Iterator[Upload]:
-        """Stage the upload; the temp file is removed when the block exits uncommitted."""
-        body = RequestBody(req, self._limit, self._timeout)
-        if is_multipart(req):
-            upload = self._receive_form(req, body, form_fields)
-        else:
-            staged = self._store.stage(body)
-            upload = Upload(staged, None, req.content_type, {})
-        with upload.staged:
-            yield upload
-
-    def _receive_form(self, req: falcon.Request, body: RequestBody, form_fields: tuple[str, ...]) -> Upload:
-        # APPSEC: a form carries one file and a couple of short fields.
-        form = forms.FormReader(body, req.content_type, max_parts=self._MAX_FORM_PARTS, length=body.declared_length)
-        upload: Upload | None = None
-        fields: dict[str, str] = {}
-        try:
-            for part in form.parts():
-                if part.name == 'file':
-                    if upload is not None:
-                        raise falcon.HTTPBadRequest(
-                            title='Two files', description='Send exactly one form field named "file".'
-                        )
-                    staged = self._store.stage(part)
-                    upload = Upload(staged, part.filename, part.content_type, fields)
-                elif part.name in form_fields:
-                    if part.name in fields:
-                        raise falcon.HTTPBadRequest(
-                            title='Repeated field', description=f'The form field "{part.name}" was sent twice.'
-                        )
-                    fields[part.name] = part.read_all(self._max_field_bytes).decode('utf-8', 'replace')
-        except BaseException:
-            if upload is not None:
-                upload.staged.discard()
-            raise
-        if upload is None:
-            raise falcon.HTTPBadRequest(
-                title='No file', description='The form has no field named "file" (curl -F file=@path).'
-            )
-        return upload
-
-
-def is_multipart(req: falcon.Request) -> bool:
-    return (req.content_type or '').lower().startswith('multipart/form-data')
-
-
-def media_type(value: str | None) -> str:
-    """Normalise a client-declared Content-Type, or fall back to octet-stream.
-
-    Only a plain ``type/subtype`` (and a charset) is kept: anything else is
-    not trusted into a response header.
-    """
-    if not value:
-        return OCTET_STREAM
-    essence, _, params = value.partition(';')
-    essence = essence.strip().lower()
-    # NOTE: curl --data-binary labels every body a form; that is no type at all.
-    if not _MEDIA_TYPE_PATTERN.fullmatch(essence) or essence == 'application/x-www-form-urlencoded':
-        return OCTET_STREAM
-    charset = _CHARSET_PATTERN.search(params)
-    return f'{essence}; charset={charset.group(1)}' if charset else essence
-
-
-# -- resources ------------------------------------------------------------------
-
-
-def store_image(store: storage.FileStore, upload: Upload, max_pixels: int) -> storage.Committed:
-    """Commit an upload as an image, after Pillow identified it from its header."""
-    with upload.staged.open() as file:
-        try:
-            meta = images.image_meta(file, upload.staged.size, max_pixels=max_pixels)
-        except images.NotAnImage:
+    def check(self, req: falcon.Request) -> None:
+        if req.method == 'POST' and not httpio.is_multipart(req) and not _content_type(req).startswith('image/'):
             raise falcon.HTTPUnsupportedMediaType(
-                title='Not an image',
-                description='The bytes are not an image format this service can identify; '
-                'store other files with POST /artifacts?kind=...',
-            ) from None
-        except images.ImageTooLarge as exc:
-            raise falcon.HTTPContentTooLarge(title='Image too large', description=str(exc)) from None
-    return store.commit(upload.staged, meta)
+                title='Unsupported upload',
+                description='Send multipart/form-data with a "file" field, or a raw body with an image/* '
+                'Content-Type; store other files with POST /artifacts?kind=...',
+            )
+
+    def commit(self, req: falcon.Request, upload: Upload) -> Committed:
+        with upload.staged.open() as file:
+            try:
+                image_meta = meta.identified_image(file, upload.staged.size, max_pixels=self._max_pixels)
+            except images.NotAnImage:
+                raise falcon.HTTPUnsupportedMediaType(
+                    title='Not an image',
+                    description='The bytes are not an image format this service can identify; '
+                    'store other files with POST /artifacts?kind=...',
+                ) from None
+            except images.ImageTooLarge as exc:
+                raise falcon.HTTPContentTooLarge(title='Image too large', description=str(exc)) from None
+        return self._store.commit(upload.staged, image_meta)
 
 
-class ArtifactFields:
-    """Validates an artifact's ``kind`` and ``meta`` (query string first, then form)."""
+class ArtifactUploads:
+    """Artifacts: any bytes, with a ``kind`` and the client's ``meta`` (query string, or form fields of a POST)."""
 
-    def __init__(self, settings: Settings) -> None:
+    id_field = 'artifact_id'
+    form_fields = ('kind', 'meta')
+
+    def __init__(self, store: BlobStore, settings: Settings) -> None:
+        self._store = store
         self._max_meta_bytes = settings.max_meta_bytes
 
-    def check_query(self, req: falcon.Request) -> None:
+    def check(self, req: falcon.Request) -> None:
         """PERF: what the query string says is checked before a byte of body is read."""
-        if req.get_param('kind') is not None or not is_multipart(req):
-            self.kind(req.get_param('kind'))
-        self._meta(req.get_param('meta'))
+        if req.get_param('kind') is not None or not httpio.is_multipart(req):
+            meta.check_kind(req.get_param('kind'))
+        meta.parse_user_meta(req.get_param('meta'), self._max_meta_bytes)
 
-    def build_meta(self, req: falcon.Request, upload: Upload) -> dict[str, Any]:
-        """Return the meta file for this upload: the client's keys plus ISS's own."""
-        kind = self.kind(self._value(req, upload, 'kind'))
-        meta = self._meta(self._value(req, upload, 'meta'))
-        meta.update(kind=kind, bytes=upload.staged.size, mime=media_type(upload.content_type), created_at=time.time())
-        return meta
+    def commit(self, req: falcon.Request, upload: Upload) -> Committed:
+        kind = meta.check_kind(self._value(req, upload, 'kind'))
+        user = meta.parse_user_meta(self._value(req, upload, 'meta'), self._max_meta_bytes)
+        return self._store.commit(upload.staged, meta.artifact(kind, upload.staged.size, upload.content_type, user))
 
     @staticmethod
     def _value(req: falcon.Request, upload: Upload, name: str) -> str | None:
@@ -440,71 +177,28 @@ class ArtifactFields:
         if name not in upload.fields:
             return value
         if value is not None:
-            raise falcon.HTTPBadRequest(
-                title=f'Repeated {name}', description=f'Give {name} once: in the query string or as a form field.'
-            )
+            raise BadRequest(f'Give {name} once: in the query string or as a form field.', title=f'Repeated {name}')
         return upload.fields[name]
 
-    @staticmethod
-    def kind(kind: str | None) -> str:
-        if kind is None or not storage.KIND_PATTERN.fullmatch(kind):
-            raise falcon.HTTPBadRequest(
-                title='Invalid kind',
-                description='kind is required: 1 to 64 characters of A-Z, a-z, 0-9, ".", "_" or "-".',
-            )
-        return kind
 
-    def _meta(self, text: str | None) -> dict[str, Any]:
-        if not text:
-            return {}
-        if len(text.encode()) > self._max_meta_bytes:
-            raise falcon.HTTPBadRequest(
-                title='Invalid meta', description=f'meta is larger than {self._max_meta_bytes} bytes.'
-            )
-        try:
-            meta = json.loads(text, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:
-            raise falcon.HTTPBadRequest(title='Invalid meta', description=f'meta is not JSON: {exc}') from None
-        if not isinstance(meta, dict):
-            raise falcon.HTTPBadRequest(title='Invalid meta', description='meta must be a JSON object.')
-        reserved = sorted(RESERVED_META_KEYS.intersection(meta))
-        if reserved:
-            raise falcon.HTTPBadRequest(
-                title='Invalid meta', description=f'meta may not set keys ISS owns: {", ".join(reserved)}.'
-            )
-        return meta
-
-
-def _answer_upload(
-    resp: falcon.Response, id_field: str, digest: str, committed: storage.Committed, filename: str | None
-) -> None:
+def _answer_upload(resp: falcon.Response, uploads: Uploads, digest: str, committed: Committed, filename: str | None):
     """201 with Location for new content, 200 when it was already stored."""
-    body: dict[str, Any] = {id_field: digest, 'filename': filename}
-    for key in ('kind', 'bytes', 'mime', 'width', 'height', 'created_at'):
-        if key in committed.meta:
-            body[key] = committed.meta[key]
+    body: dict[str, Any] = {uploads.id_field: digest, 'filename': filename}
+    body.update({key: committed.meta[key] for key in meta.ANSWER_KEYS if key in committed.meta})
     resp.media = body
-    resp.location = f'/{id_field.partition("_")[0]}s/{digest}'
+    resp.location = f'/{uploads.id_field.partition("_")[0]}s/{digest}'
     resp.status = falcon.HTTP_201 if committed.created else falcon.HTTP_200
 
 
-def _check_claimed_id(blob_id: str) -> None:
-    try:
-        storage.parse_id(blob_id)
-    except storage.InvalidId as exc:
-        raise falcon.HTTPBadRequest(title='Malformed id', description=str(exc)) from None
+def _content_type(req: falcon.Request) -> str:
+    return (req.content_type or '').lower()
 
 
-def _check_digest(staged: storage.StagedBlob, claimed: str) -> None:
-    if staged.digest != claimed:
-        raise falcon.HTTPBadRequest(
-            title='Digest mismatch',
-            description=f'The body hashes to {staged.digest}, not {claimed}; nothing was stored.',
-        )
+# -- collections ----------------------------------------------------------------------
 
 
-class Listing:
-    """GET on a collection: its items newest first, filtered, in pages joined by a cursor.
+class Collection:
+    """``/images``, ``/artifacts``: GET lists newest first, filtered, in pages; POST uploads.
 
     The items come from the store's index as stored JSON and are sent as
     they are: a page costs one indexed query, however big the store.
@@ -513,10 +207,13 @@ class Listing:
     _DEFAULT_LIMIT = 100
     _MAX_LIMIT = 1000
 
-    def __init__(self, store: storage.FileStore, collection: str, *, kind_filter: bool) -> None:
+    def __init__(self, store: BlobStore, receiver: UploadReceiver, uploads: Uploads, collection: str) -> None:
         self._store = store
+        self._receiver = receiver
+        self._uploads = uploads
         self._collection = collection
-        self._kind_filter = kind_filter
+        # NOTE: artifacts are listed by kind; images all have the kind "image".
+        self._kind_filter = collection == index.ARTIFACTS
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         limit = req.get_param_as_int('limit', min_value=1, max_value=self._MAX_LIMIT, default=self._DEFAULT_LIMIT)
@@ -527,11 +224,8 @@ class Listing:
         }
         if self._kind_filter:
             kind = req.get_param('kind')
-            filters['kind'] = None if kind is None else ArtifactFields.kind(kind)
-        try:
-            page = self._store.list(self._collection, limit=limit, **filters)
-        except index.InvalidCursor as exc:
-            raise falcon.HTTPBadRequest(title='Invalid cursor', description=str(exc)) from None
+            filters['kind'] = None if kind is None else meta.check_kind(kind)
+        page = self._store.list(self._collection, limit=limit, **filters)
         next_url = None
         if page.next_cursor is not None:
             query = {key: value for key, value in req.params.items() if key != 'cursor'}
@@ -546,40 +240,11 @@ class Listing:
         )
         resp.content_type = falcon.MEDIA_JSON
 
-
-class Images(Listing):
-    """``/images``: GET lists images; POST stores a multipart file or a raw image/* body."""
-
-    def __init__(self, store: storage.FileStore, receiver: UploadReceiver, settings: Settings) -> None:
-        super().__init__(store, index.IMAGES, kind_filter=False)
-        self._receiver = receiver
-        self._max_pixels = settings.max_image_pixels
-
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not is_multipart(req) and not (req.content_type or '').lower().startswith('image/'):
-            raise falcon.HTTPUnsupportedMediaType(
-                title='Unsupported upload',
-                description='Send multipart/form-data with a "file" field, or a raw body with an image/* '
-                'Content-Type; store other files with POST /artifacts?kind=...',
-            )
-        with self._receiver.receive(req) as upload:
-            committed = store_image(self._store, upload, self._max_pixels)
-        _answer_upload(resp, 'image_id', upload.staged.digest, committed, upload.filename)
-
-
-class Artifacts(Listing):
-    """``/artifacts``: GET lists artifacts (of a kind); POST ``?kind=&meta=`` stores any file."""
-
-    def __init__(self, store: storage.FileStore, receiver: UploadReceiver, fields: ArtifactFields) -> None:
-        super().__init__(store, index.ARTIFACTS, kind_filter=True)
-        self._receiver = receiver
-        self._fields = fields
-
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self._fields.check_query(req)
-        with self._receiver.receive(req, form_fields=('kind', 'meta')) as upload:
-            committed = self._store.commit(upload.staged, self._fields.build_meta(req, upload))
-        _answer_upload(resp, 'artifact_id', upload.staged.digest, committed, upload.filename)
+        self._uploads.check(req)
+        with self._receiver.receive(req, form_fields=self._uploads.form_fields) as upload:
+            committed = self._uploads.commit(req, upload)
+        _answer_upload(resp, self._uploads, upload.staged.digest, committed, upload.filename)
 
 
 class MissingBlobs:
@@ -592,41 +257,38 @@ class MissingBlobs:
     # NOTE: 10,000 ids are ~750 KB of JSON; 2 MiB leaves room for whitespace.
     _MAX_BODY_BYTES = 2 * 1024 * 1024
 
-    def __init__(self, store: storage.FileStore, settings: Settings) -> None:
+    def __init__(self, store: BlobStore, receiver: UploadReceiver) -> None:
         self._store = store
-        self._timeout = settings.body_timeout
+        self._receiver = receiver
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
-            body = json.loads(RequestBody(req, self._MAX_BODY_BYTES, self._timeout).read() or b'null')
+            body = json.loads(self._receiver.read_small(req, self._MAX_BODY_BYTES) or b'null')
         except ValueError:
             body = None
         ids = body.get('ids') if isinstance(body, dict) else None
         if not isinstance(ids, list) or not all(isinstance(blob_id, str) for blob_id in ids):
-            raise falcon.HTTPBadRequest(title='Invalid body', description='Send JSON {"ids": ["sha256:<hex>", ...]}.')
+            raise BadRequest('Send JSON {"ids": ["sha256:<hex>", ...]}.', title='Invalid body')
         if len(ids) > self.MAX_IDS:
-            raise falcon.HTTPBadRequest(title='Too many ids', description=f'Send at most {self.MAX_IDS} ids.')
+            raise BadRequest(f'Send at most {self.MAX_IDS} ids.', title='Too many ids')
         try:
             resp.media = {'missing': self._store.missing(ids)}
-        except storage.InvalidId as exc:
-            raise falcon.HTTPBadRequest(title='Malformed id', description=str(exc)) from None
+        except InvalidId as exc:
+            raise InvalidIdInBody(str(exc)) from None
 
 
 class Stats:
     """``GET /stats``: how many blobs and bytes the store holds, per kind."""
 
-    def __init__(self, store: storage.FileStore) -> None:
+    def __init__(self, store: BlobStore) -> None:
         self._store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        totals = self._store.totals()
         resp.cache_control = ('no-cache',)
-        resp.media = {
-            'count': sum(count for count, _ in totals.values()),
-            'bytes': sum(size for _, size in totals.values()),
-            # NOTE: blobs stored without meta (a crash before it was written) count under "".
-            'kinds': {kind: {'count': count, 'bytes': size} for kind, (count, size) in totals.items()},
-        }
+        resp.media = index.totals_document(self._store.totals())
+
+
+# -- one blob ---------------------------------------------------------------------------
 
 
 class ContentTypes:
@@ -635,28 +297,28 @@ class ContentTypes:
     # NOTE: bounded so a scan over many ids cannot grow a worker without end.
     _CACHE_SIZE = 100_000
 
-    def __init__(self, store: storage.FileStore) -> None:
+    def __init__(self, store: BlobStore) -> None:
         self._store = store
         # PERF: blobs are immutable, so a type learned once stays right.
-        self._known: dict[tuple[str, tuple[int, int]], str] = {}
+        self._known: dict[tuple[str, str], str] = {}
 
-    def of(self, blob_id: str, version: tuple[int, int]) -> str:
-        """The type of the stored copy ``version`` of a blob (see storage.BlobStat)."""
-        content_type = self._known.get((blob_id, version))
+    def of(self, blob_id: str, stat: BlobStat) -> str:
+        """The type of the stored copy ``stat`` describes."""
+        content_type = self._known.get((blob_id, stat.version))
         if content_type is None:
             content_type = self._look_up(blob_id)
             if content_type is None:
-                return OCTET_STREAM  # NOTE: not remembered; the metadata may yet be written
+                return meta.OCTET_STREAM  # NOTE: not remembered; the metadata may yet be written
             if len(self._known) >= self._CACHE_SIZE:
                 self._known.clear()
-            self._known[(blob_id, version)] = content_type
+            self._known[(blob_id, stat.version)] = content_type
         return content_type
 
     def _look_up(self, blob_id: str) -> str | None:
-        meta = self._store.read_meta(blob_id)
-        if meta is None:
+        stored = self._store.read_meta(blob_id)
+        if stored is None:
             return None
-        if meta.get('kind') == 'image' and 'format' not in meta:
+        if stored.get('kind') == 'image' and 'format' not in stored:
             # NOTE: the FastAPI version stored the client's claim as an image's
             # mime; the bytes say what it really is.
             blob = self._store.open(blob_id)
@@ -664,145 +326,76 @@ class ContentTypes:
                 try:
                     return images.identify(blob.file).mime
                 except (images.NotAnImage, images.ImageTooLarge):
-                    return OCTET_STREAM
-        mime = meta.get('mime')
-        return media_type(mime) if isinstance(mime, str) else OCTET_STREAM
+                    return meta.OCTET_STREAM
+        mime = stored.get('mime')
+        return meta.media_type(mime) if isinstance(mime, str) else meta.OCTET_STREAM
 
 
-class BlobItem:
-    """Serves a stored blob's bytes: GET and HEAD, Range, If-None-Match, zero-copy.
+class Item:
+    """``/images/{id}``, ``/artifacts/{id}``: GET and HEAD the bytes, PUT under a claimed id, DELETE.
 
-    Either door, ``/images/{id}`` or ``/artifacts/{id}``, serves any blob.
-    With ``accel_redirect`` set (nginx in front), a GET that would send the
-    bytes of a blob of ``accel_min_bytes`` or more answers with
-    ``X-Accel-Redirect`` instead: nginx sends the file (and cuts the range),
-    while ISS has already decided the status and every header.
+    Either door serves any blob. GET and HEAD: Range, If-None-Match,
+    zero-copy (see :func:`httpio.send_file`); on ``/images/{id}`` a query of
+    ``w``, ``h``, ``fit``, ``format`` or ``q`` serves a derivative instead.
+    With ``accel_redirect`` set (nginx in front), a GET of a blob of
+    ``accel_min_bytes`` or more answers with ``X-Accel-Redirect`` and nginx
+    sends the bytes, while ISS has already decided the status and every header.
     """
 
     def __init__(
-        self, store: storage.FileStore, receiver: UploadReceiver, content_types: ContentTypes, settings: Settings
+        self,
+        store: BlobStore,
+        receiver: UploadReceiver,
+        uploads: Uploads,
+        content_types: ContentTypes,
+        settings: Settings,
+        derivatives: Derivatives | None = None,
     ) -> None:
         self._store = store
         self._receiver = receiver
+        self._uploads = uploads
         self._content_types = content_types
+        self._derivatives = derivatives
         self._accel_redirect = settings.accel_redirect
         self._accel_min_bytes = settings.accel_min_bytes
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
-        self._respond(req, resp, blob_id, send_body=True)
+        if self._derivatives is None or not self._derivatives.respond(req, resp, blob_id):
+            send_file(req, resp, self._original(blob_id))
 
-    def on_head(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
-        self._respond(req, resp, blob_id, send_body=False)
+    on_head = on_get
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
+        parse_id(blob_id)
+        self._uploads.check(req)
+        with self._receiver.receive(req) as upload:
+            if upload.staged.digest != blob_id:
+                raise BadRequest(
+                    f'The body hashes to {upload.staged.digest}, not {blob_id}; nothing was stored.',
+                    title='Digest mismatch',
+                )
+            committed = self._uploads.commit(req, upload)
+        _answer_upload(resp, self._uploads, blob_id, committed, None)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
-        """Remove the blob, its meta and index row (the admin token was checked by RequireToken)."""
+        """Remove the blob, its meta, index row and derivatives (RequireToken checked the admin token)."""
         self._store.delete(blob_id)
         resp.status = falcon.HTTP_204
 
-    def _respond(self, req: falcon.Request, resp: falcon.Response, blob_id: str, send_body: bool) -> None:
-        not_modified = _etag_matches(req.if_none_match, blob_id)
-        if send_body and not not_modified:
-            blob = self._store.open(blob_id)
-            file, stat = blob.file, blob.stat
-        else:
-            file, stat = None, self._store.stat(blob_id)
-        accel_path = None
-        # NOTE: small blobs are sent by ISS even behind nginx, so that nginx can cache them.
-        if file is not None and self._accel_redirect and stat.size >= self._accel_min_bytes:
-            accel_path = self._accel_redirect + self._store.relative_path(blob_id)
-        try:
-            content_type = self._content_types.of(blob_id, stat.version)
-        except BaseException:
-            if file is not None:
-                file.close()
-            raise
-        send_file(req, resp, file, stat.size, blob_id, content_type, not_modified=not_modified, accel_path=accel_path)
+    def _original(self, blob_id: str) -> Sendable:
+        def redirect(stat: BlobStat) -> str | None:
+            # NOTE: small blobs are sent by ISS even behind nginx, so that nginx can cache them.
+            if not self._accel_redirect or stat.size < self._accel_min_bytes:
+                return None
+            return self._accel_redirect + self._store.proxy_path(blob_id)
 
-
-def send_file(
-    req: falcon.Request,
-    resp: falcon.Response,
-    file: IO[bytes] | None,
-    size: int,
-    etag: str,
-    content_type: str,
-    *,
-    not_modified: bool,
-    accel_path: str | None = None,
-) -> None:
-    """Answer with an immutable file: its headers, 304, one Range (206/416), sendfile(2) when large.
-
-    ``file`` is None for HEAD and 304; it is handed to the response (or closed).
-    With ``accel_path``, nginx sends the bytes (X-Accel-Redirect) and cuts the
-    range, while every header and status is decided here.
-    """
-    try:
-        resp.etag = etag
-        resp.cache_control = _IMMUTABLE
-        if not_modified:
-            resp.status = falcon.HTTP_304
-            return
-        resp.content_type = content_type
-        resp.accept_ranges = 'bytes'
-        resp.set_header('X-Content-Type-Options', 'nosniff')
-        resp.set_header('Content-Security-Policy', _BLOB_CSP)
-        essence = content_type.partition(';')[0]
-        if essence in _ACTIVE_TYPES or essence.endswith('+xml'):
-            resp.set_header('Content-Disposition', 'attachment')
-        byte_range = _requested_range(req, etag, size)
-        if accel_path is not None:
-            # PERF: nginx sends the file with sendfile and applies the Range
-            # itself; an unsatisfiable one was already answered 416 above.
-            resp.set_header('X-Accel-Redirect', accel_path)
-            return
-        if byte_range is None:
-            if file is not None and size <= _SMALL_BLOB_BYTES:
-                # PERF: one read beats sendfile's setup for a thumbnail-sized blob
-                # (4 KiB GETs: +9-14% req/s, p99 21 -> 17 ms; gunicorn, 2 cores).
-                resp.data = file.read()
-                return
-            resp.content_length = size
-            # PERF: a plain file object: Falcon hands it to wsgi.file_wrapper
-            # and gunicorn sends it with sendfile(2).
-            resp.stream, file = file, None
-            return
-        start, end = byte_range
-        resp.status = falcon.HTTP_206
-        resp.content_range = (start, end, size)
-        resp.content_length = end - start + 1
-        if file is not None:
-            resp.stream, file = _slice(req, file, start, end - start + 1), None
-    finally:
-        if file is not None:
-            file.close()
-
-
-class ImageItem(BlobItem):
-    """``/images/{id}``: GET with ``w``, ``h``, ``fit``, ``format`` or ``q`` serves a derivative;
-    PUT stores an image under the id it claims."""
-
-    def __init__(
-        self,
-        store: storage.FileStore,
-        receiver: UploadReceiver,
-        content_types: ContentTypes,
-        settings: Settings,
-        derivatives: Derivatives,
-    ) -> None:
-        super().__init__(store, receiver, content_types, settings)
-        self._derivatives = derivatives
-        self._max_pixels = settings.max_image_pixels
-
-    def _respond(self, req: falcon.Request, resp: falcon.Response, blob_id: str, send_body: bool) -> None:
-        if not self._derivatives.respond(req, resp, blob_id, send_body):
-            super()._respond(req, resp, blob_id, send_body)
-
-    def on_put(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
-        _check_claimed_id(blob_id)
-        with self._receiver.receive(req) as upload:
-            _check_digest(upload.staged, blob_id)
-            committed = store_image(self._store, upload, self._max_pixels)
-        _answer_upload(resp, 'image_id', blob_id, committed, None)
+        return Sendable(
+            etag=blob_id,
+            open=lambda: self._store.open(blob_id),
+            stat=lambda: self._store.stat(blob_id),
+            content_type=lambda stat: self._content_types.of(blob_id, stat),
+            redirect=redirect,
+        )
 
 
 class Derivatives:
@@ -819,13 +412,12 @@ class Derivatives:
     PARAMETERS = ('w', 'h', 'fit', 'format', 'q')
     _DEFAULT_QUALITY = 80
 
-    def __init__(self, store: storage.FileStore, settings: Settings) -> None:
+    def __init__(self, store: BlobStore, settings: Settings) -> None:
         self._store = store
         self._max_pixels = settings.max_image_pixels
         self._max_dimension = settings.max_derived_dimension
-        self._cache_bytes = settings.derived_max_bytes
 
-    def respond(self, req: falcon.Request, resp: falcon.Response, blob_id: str, send_body: bool) -> bool:
+    def respond(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> bool:
         """Serve the derivative the query asks for; False when it asks for none (serve the original)."""
         if not any(name in req.params for name in self.PARAMETERS):
             return False
@@ -833,30 +425,39 @@ class Derivatives:
         variant = self._variant(req, blob_id, requested_format)
         if requested_format == 'auto':
             resp.vary = ('Accept',)
-        etag = f'{blob_id}/{variant.key}'
-        if _etag_matches(req.if_none_match, etag):
-            self._store.stat(blob_id)  # NOTE: 304 only for a blob that is still stored
-            send_file(req, resp, None, 0, etag, variant.media_type, not_modified=True)
-            return True
-        derived = self._store.open_derived(blob_id, variant.key) or self._render(blob_id, variant)
-        file = derived.file if send_body else None
-        if not send_body:
+
+        def stat() -> BlobStat:
+            derived = self._open(blob_id, variant)
             derived.file.close()
-        send_file(req, resp, file, derived.stat.size, etag, variant.media_type, not_modified=False)
+            return derived.stat
+
+        send_file(
+            req,
+            resp,
+            Sendable(
+                etag=f'{blob_id}/{variant.key}',
+                open=lambda: self._open(blob_id, variant),
+                stat=stat,
+                content_type=lambda stat: variant.media_type,
+                # NOTE: a 304 needs no render (the variant decides the bytes), only the blob.
+                exists=lambda: self._store.stat(blob_id),
+            ),
+        )
         return True
 
-    def _render(self, blob_id: str, variant: images.Variant) -> storage.OpenBlob:
+    def _open(self, blob_id: str, variant: images.Variant) -> OpenBlob:
+        """The cached derivative, rendered first if it is not cached."""
+        hex_digest = parse_id(blob_id)
+        cached = self._store.derived.open(hex_digest, variant.key)
+        if cached is not None:
+            return cached
         source = self._store.open(blob_id)
 
         def write(out: IO[bytes]) -> None:
-            with source.file:
-                images.render(source.file, variant, out, self._max_pixels)
+            images.render(source.file, variant, out, self._max_pixels)
 
-        try:
-            with _refusing_what_cannot_render(blob_id):
-                return self._store.store_derived(blob_id, variant.key, write, self._cache_bytes)
-        finally:
-            source.file.close()
+        with source.file, _refusing_what_cannot_render(blob_id):
+            return self._store.derived.put(hex_digest, variant.key, write)
 
     def _format(self, req: falcon.Request) -> str | None:
         name = req.get_param('format')
@@ -864,9 +465,8 @@ class Derivatives:
             return None
         name = name.lower()
         if name != 'auto' and name not in images.OUTPUT_FORMATS:
-            raise falcon.HTTPBadRequest(
-                title='Invalid format',
-                description=f'format must be one of {", ".join([*images.OUTPUT_FORMATS, "auto"])}.',
+            raise BadRequest(
+                f'format must be one of {", ".join([*images.OUTPUT_FORMATS, "auto"])}.', title='Invalid format'
             )
         return name
 
@@ -875,7 +475,7 @@ class Derivatives:
         height = req.get_param_as_int('h', min_value=1, max_value=self._max_dimension)
         fit = req.get_param('fit', default='contain')
         if fit not in images.FITS:
-            raise falcon.HTTPBadRequest(title='Invalid fit', description='fit must be contain, cover or fill.')
+            raise BadRequest('fit must be contain, cover or fill.', title='Invalid fit')
         quality = req.get_param_as_int('q', min_value=1, max_value=100)
         source = self._source(blob_id)
         has_alpha = 'A' in source.get('mode', '') or source.get('mode') == 'P'
@@ -889,7 +489,7 @@ class Derivatives:
             image_format = 'PNG' if has_alpha else 'JPEG'
         if image_format == 'PNG':
             if quality is not None and requested_format == 'png':
-                raise falcon.HTTPBadRequest(title='Invalid q', description='q applies to jpeg, webp and avif.')
+                raise BadRequest('q applies to jpeg, webp and avif.', title='Invalid q')
             quality = None
         elif quality is None:
             quality = self._DEFAULT_QUALITY
@@ -897,9 +497,9 @@ class Derivatives:
 
     def _source(self, blob_id: str) -> dict[str, Any]:
         """What the meta says of the source image (format and mode), read from its header if not."""
-        meta = self._store.read_meta(blob_id) or {}
-        if 'mode' in meta and 'format' in meta:
-            return meta
+        stored = self._store.read_meta(blob_id) or {}
+        if 'mode' in stored and 'format' in stored:
+            return stored
         blob = self._store.open(blob_id)
         with blob.file, _refusing_what_cannot_render(blob_id):
             info = images.identify(blob.file, self._max_pixels)
@@ -923,69 +523,32 @@ def _refusing_what_cannot_render(blob_id: str) -> Iterator[None]:
         ) from None
 
 
-class ArtifactItem(BlobItem):
-    """``/artifacts/{id}?kind=``: PUT stores an artifact under the id it claims."""
-
-    def __init__(
-        self,
-        store: storage.FileStore,
-        receiver: UploadReceiver,
-        content_types: ContentTypes,
-        settings: Settings,
-        fields: ArtifactFields,
-    ) -> None:
-        super().__init__(store, receiver, content_types, settings)
-        self._fields = fields
-
-    def on_put(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
-        _check_claimed_id(blob_id)
-        self._fields.check_query(req)
-        with self._receiver.receive(req) as upload:
-            _check_digest(upload.staged, blob_id)
-            committed = self._store.commit(upload.staged, self._fields.build_meta(req, upload))
-        _answer_upload(resp, 'artifact_id', blob_id, committed, None)
-
-
 class BlobMeta:
     """Serves what is stored about a blob; an image's meta from the FastAPI version is completed."""
 
-    def __init__(self, store: storage.FileStore, settings: Settings) -> None:
+    def __init__(self, store: BlobStore, settings: Settings) -> None:
         self._store = store
         self._max_pixels = settings.max_image_pixels
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         size = self._store.stat(blob_id).size
-        meta = self._store.read_meta(blob_id)
-        if meta is not None and images.lacks_fields(meta):
-            meta = complete_image_meta(self._store, blob_id, self._max_pixels) or meta
-        resp.media = meta or {'bytes': size}
-
-
-def complete_image_meta(store: storage.FileStore, blob_id: str, max_pixels: int) -> dict[str, Any] | None:
-    """Fill in, once and for good, the image fields a meta file lacks (the FastAPI version wrote fewer).
-
-    The seed's own keys are kept as they are; None when the bytes are no image Pillow reads.
-    """
-    blob = store.open(blob_id)
-    with blob.file:
-        try:
-            info = images.identify(blob.file, max_pixels)
-        except (images.NotAnImage, images.ImageTooLarge):
-            return None
-    return store.complete_meta(blob_id, {'format': info.format, **info.fields})
+        stored = self._store.read_meta(blob_id)
+        if stored is not None and meta.lacks_fields(stored):
+            stored = meta.complete_image(self._store, blob_id, self._max_pixels) or stored
+        resp.media = stored or {'bytes': size}
 
 
 class Health:
-    """Liveness and readiness: 200 while the data directory takes writes, else 503."""
+    """Liveness and readiness: 200 while the store takes writes, else 503."""
 
-    def __init__(self, store: storage.FileStore) -> None:
+    def __init__(self, store: BlobStore) -> None:
         self._store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.cache_control = ('no-store',)
         try:
             self._store.check()
-        except storage.StoreError as exc:
+        except StoreFailure as exc:
             resp.status = falcon.HTTP_503
             resp.media = {'ok': False, 'error': str(exc)}
         else:
@@ -1036,45 +599,7 @@ class Docs:
         resp.content_type = falcon.MEDIA_HTML
 
 
-# -- middleware -----------------------------------------------------------------
-
-
-class RequireToken:
-    """Requests with one of ``methods`` need ``Authorization: Bearer <token>``.
-
-    With an empty token those requests are refused outright (403): that is
-    how deletion stays off until ``ISS_ADMIN_TOKEN`` is set.
-    """
-
-    def __init__(self, methods: frozenset[str], token: str, variable: str, purpose: str) -> None:
-        self._methods = methods
-        self._expected = f'Bearer {token}'.encode() if token else None
-        self._variable = variable
-        self._purpose = purpose
-
-    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
-        # NOTE: after routing, so a method no resource takes still gets its 404 or 405.
-        if req.method not in self._methods or not hasattr(resource, f'on_{req.method.lower()}'):
-            return
-        if self._expected is None:
-            raise falcon.HTTPForbidden(
-                title=f'{self._purpose} is off', description=f'{self._purpose} is off until {self._variable} is set.'
-            )
-        given = (req.get_header('Authorization') or '').encode('utf-8', 'replace')
-        # APPSEC: constant-time, so the token cannot be guessed byte by byte.
-        if not hmac.compare_digest(given, self._expected):
-            raise falcon.HTTPUnauthorized(
-                title='Token required',
-                description=f'{self._purpose} needs the header "Authorization: Bearer <{self._variable}>".',
-                challenges=['Bearer realm="iss"'],
-            )
-
-
 # -- helpers --------------------------------------------------------------------
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f'{name} is not valid JSON')
 
 
 def _timestamp_param(req: falcon.Request, name: str) -> float | None:
@@ -1085,9 +610,8 @@ def _timestamp_param(req: falcon.Request, name: str) -> float | None:
     try:
         return float(raw) if _NUMBER_PATTERN.fullmatch(raw) else _iso_timestamp(raw)
     except ValueError:
-        raise falcon.HTTPBadRequest(
-            title=f'Invalid {name}',
-            description=f'{name} must be Unix seconds or an ISO 8601 time, e.g. 2026-11-25T12:00:00Z.',
+        raise BadRequest(
+            f'{name} must be Unix seconds or an ISO 8601 time, e.g. 2026-11-25T12:00:00Z.', title=f'Invalid {name}'
         ) from None
 
 
@@ -1098,127 +622,15 @@ def _iso_timestamp(text: str) -> float:
     return moment.timestamp()
 
 
-def _etag_matches(if_none_match: list | None, blob_id: str) -> bool:
-    """If-None-Match uses weak comparison (RFC 9110 13.1.2), and ``*`` matches anything stored."""
-    if not if_none_match:
-        return False
-    return any(tag == '*' or str(tag) == blob_id for tag in if_none_match)
-
-
-def _requested_range(req: falcon.Request, blob_id: str, size: int) -> tuple[int, int] | None:
-    """Return the single byte range to serve, or None to serve the whole blob.
-
-    A Range header that is malformed, asks for several ranges, or comes with
-    an If-Range that is not our ETag is ignored, as RFC 9110 14.2 allows;
-    a well-formed range that starts past the end gets 416.
-    """
-    header = req.get_header('Range')
-    if header is None or size == 0:
-        return None
-    if_range = req.get_header('If-Range')
-    if if_range is not None and if_range.strip() != f'"{blob_id}"':
-        return None
-    match = _RANGE_PATTERN.fullmatch(header.strip())
-    if match is None:
-        return None
-    first, last = match.groups()
-    if not first:
-        if not last:
-            return None
-        if int(last) == 0:
-            raise falcon.HTTPRangeNotSatisfiable(size)
-        return max(0, size - int(last)), size - 1
-    start = int(first)
-    end = int(last) if last else size - 1
-    if last and end < start:
-        return None
-    if start >= size:
-        raise falcon.HTTPRangeNotSatisfiable(size)
-    return start, min(end, size - 1)
-
-
-class FileSlice:
-    """A byte range of an open file, read no further than its end."""
-
-    def __init__(self, file: IO[bytes], start: int, length: int) -> None:
-        file.seek(start)
-        self._file = file
-        self._remaining = length
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0 or size > self._remaining:
-            size = self._remaining
-        data = self._file.read(size)
-        self._remaining -= len(data)
-        return data
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class SendfileSlice(FileSlice):
-    """A FileSlice that gunicorn may send with sendfile(2).
-
-    PERF: gunicorn sends exactly Content-Length bytes from the file's current
-    offset, so a range stays zero-copy there. Other servers may send to the
-    end of the file (see falcon.routing.static), so they get a FileSlice.
-    """
-
-    def fileno(self) -> int:
-        return self._file.fileno()
-
-
-def _slice(req: falcon.Request, file: IO[bytes], start: int, length: int) -> FileSlice:
-    if req.env.get('SERVER_SOFTWARE', '').startswith('gunicorn/'):
-        return SendfileSlice(file, start, length)
-    return FileSlice(file, start, length)
-
-
 # -- the app --------------------------------------------------------------------
 
 
-def _sweep_temp(store: storage.FileStore) -> None:
-    """Remove what uploads killed mid-way left in tmp/ (live ones are flock'd and stay)."""
-    try:
-        swept = store.sweep_temp()
-    except OSError as exc:
-        log.error('data directory %s is not usable: %s', store.root, exc)
-    else:
-        if swept:
-            log.warning('removed %d stale temp file(s) from %s', swept, store.root)
+def create_app(settings: Settings, store: BlobStore) -> falcon.App:
+    """Wire the WSGI app: every route ISS serves, its middleware and its error map.
 
-
-def _build_index_if_incomplete(store: storage.FileStore) -> None:
-    """Index a store that has blobs but no complete index (the FastAPI version's), in the background.
-
-    Listings answer 503 until it is done; every worker starts one, the first
-    does the work and the others find it done (storage.FileStore.reindex locks).
+    It only wires: the store arrives ready (see :func:`build_app`).
     """
-    try:
-        if store.index_complete:
-            return
-    except storage.StoreError:
-        return  # NOTE: the health endpoint reports an unusable data directory
-
-    def build() -> None:
-        try:
-            counts = store.reindex(only_if_incomplete=True)
-        except Exception:
-            log.exception('building the index failed; run python -m iss reindex')
-        else:
-            if counts:
-                log.warning('indexed %d blobs found in %s', counts['blobs'], store.root)
-
-    threading.Thread(target=build, name='iss-reindex', daemon=True).start()
-
-
-def create_app(settings: Settings, store: storage.FileStore | None = None) -> falcon.App:
-    """Build the WSGI app: every route ISS serves is wired here."""
-    if store is None:
-        store = storage.FileStore(settings.data_dir)
-    _sweep_temp(store)
-    _build_index_if_incomplete(store)
-    metrics = telemetry.Metrics(store)
+    metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
     middleware: list[object] = [telemetry.RequestTelemetry(metrics)]
     if settings.cors_origins:
         middleware.append(
@@ -1233,21 +645,22 @@ def create_app(settings: Settings, store: storage.FileStore | None = None) -> fa
 
     app = falcon.App(middleware=middleware)
     app.set_error_serializer(_serialize_error)
-    app.add_error_handler(storage.StoreError, _raise_store_error)
+    app.add_error_handler(ServiceError, _answer_service_error)
     app.add_error_handler(Exception, _log_unexpected_error)
 
     receiver = UploadReceiver(store, settings)
-    fields = ArtifactFields(settings)
     content_types = ContentTypes(store)
+    image_uploads = ImageUploads(store, settings)
+    artifact_uploads = ArtifactUploads(store, settings)
     derivatives = Derivatives(store, settings)
-    meta = BlobMeta(store, settings)
-    app.add_route('/images', Images(store, receiver, settings))
-    app.add_route('/images/{blob_id}', ImageItem(store, receiver, content_types, settings, derivatives))
-    app.add_route('/images/{blob_id}/meta', meta)
-    app.add_route('/artifacts', Artifacts(store, receiver, fields))
-    app.add_route('/artifacts/{blob_id}', ArtifactItem(store, receiver, content_types, settings, fields))
-    app.add_route('/artifacts/{blob_id}/meta', meta)
-    app.add_route('/blobs/missing', MissingBlobs(store, settings))
+    blob_meta = BlobMeta(store, settings)
+    app.add_route('/images', Collection(store, receiver, image_uploads, index.IMAGES))
+    app.add_route('/images/{blob_id}', Item(store, receiver, image_uploads, content_types, settings, derivatives))
+    app.add_route('/images/{blob_id}/meta', blob_meta)
+    app.add_route('/artifacts', Collection(store, receiver, artifact_uploads, index.ARTIFACTS))
+    app.add_route('/artifacts/{blob_id}', Item(store, receiver, artifact_uploads, content_types, settings))
+    app.add_route('/artifacts/{blob_id}/meta', blob_meta)
+    app.add_route('/blobs/missing', MissingBlobs(store, receiver))
     app.add_route('/stats', Stats(store))
     app.add_route('/metrics', telemetry.MetricsEndpoint(metrics))
 
@@ -1263,13 +676,20 @@ def create_app(settings: Settings, store: storage.FileStore | None = None) -> fa
     return app
 
 
+def build_app(settings: Settings) -> falcon.App:
+    """The app on the store the settings name, started (temp files swept, the index built if need be)."""
+    store = storage.open_store(settings)
+    store.start()
+    return create_app(settings, store)
+
+
 def __getattr__(name: str) -> falcon.App:
     """Build ``iss.app`` from the environment when gunicorn first asks for it.
 
     NOTE: lazily, so importing this module (tests, tools) touches no data directory.
     """
     if name == 'app':
-        app = create_app(Settings.from_env())
+        app = build_app(Settings.from_env())
         globals()['app'] = app
         return app
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

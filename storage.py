@@ -1,152 +1,114 @@
-"""The content-addressed blob store behind ISS.
+"""The content-addressed blob store behind ISS: its interface, and the store on a local disk.
 
-Layout under the data directory (the seed version's, unchanged)::
+The promise, for every backend: a blob is either wholly there with the bytes
+its name says, or not there at all. An upload is staged (hashed while it
+streams, invisible), then committed under its digest; an existing blob is
+never overwritten, so concurrent uploads of the same content all succeed
+with one blob.
 
-    blobs/ab/cd/<hex>         the bytes, named by their sha256
-    meta/ab/cd/<hex>.json     what is known about them (kind, bytes, mime, ...)
-    tmp/                      uploads in flight; never visible under blobs/ or meta/
-
-The promise: a blob is either wholly there with the bytes its name says, or
-not there at all. Every write goes to a private temp file under ``tmp/``,
-is hashed while it streams, synced, and then hard-linked into place. A link
-never replaces an existing name, so an existing blob is never overwritten
-and concurrent uploads of the same content all succeed with one blob.
-
-The resources in ``iss.py`` use only :class:`FileStore`'s public methods
-(``stage``, ``commit``, ``open``, ``size``, ``read_meta``, ``check``), so a
-second backend can stand in without touching them.
+:class:`BlobStore` is all the resources in ``iss.py`` know of a store.
+:class:`FileStore` implements it on a data directory (see ``disk.py`` for the
+layout and the write path); its index is an :class:`index.SQLiteIndex` under
+the same directory unless another is given. The maintenance commands (fsck,
+gc) are in ``maintenance.py``, the derivative cache in ``derived.py``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import ctypes
-import ctypes.util
-import dataclasses
-import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import IO, Any, Protocol, TypeVar
+from collections.abc import Iterator
+from typing import IO, Any, Protocol
 
+import disk
 import index
-
-_T = TypeVar('_T')
+import meta
+from blobs import BlobStat, Committed, OpenBlob, parse_id
+from config import Settings
+from derived import DerivedCache
+from errors import BlobNotFound, IndexIncomplete, StoreFailure, StoreUnavailable
 
 log = logging.getLogger('iss.storage')
-
-_ID_PATTERN = re.compile(r'sha256:([0-9a-f]{64})')
-_HEX_PATTERN = re.compile(r'[0-9a-f]{64}')
-#: What an artifact's kind may be.
-KIND_PATTERN = re.compile(r'[A-Za-z0-9._-]{1,64}')
-
-# NOTE: errors that say the disk, not the request, is the problem.
-_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-class StoreError(Exception):
-    """Base class of what the store raises; iss.py maps each to an HTTP status."""
-
-
-class InvalidId(StoreError, ValueError):
-    """The id is not of the form ``sha256:<64 lowercase hex>``, so it names no blob."""
-
-
-class BlobNotFound(StoreError):
-    """No blob is stored under that id."""
-
-
-class StoreFull(StoreError):
-    """The data directory has no room left for this write."""
-
-
-class StoreUnavailable(StoreError):
-    """The data directory cannot be read or written (gone, read-only, I/O error)."""
-
-
-class IndexIncomplete(StoreError):
-    """The index is still being built from the files, so it cannot answer listings yet."""
-
-
-def parse_id(blob_id: str) -> str:
-    """Return the hex digest of a ``sha256:<64 lowercase hex>`` id.
-
-    Raises:
-        InvalidId: ``blob_id`` is not of that form. APPSEC: the hex is the only
-            part of client input that ever becomes part of a path.
-    """
-    match = _ID_PATTERN.fullmatch(blob_id)
-    if match is None:
-        raise InvalidId(f'{blob_id[:80]!r} is not of the form sha256:<64 lowercase hex digits>')
-    return match.group(1)
-
-
-def _store_error(exc: OSError, doing: str) -> StoreError:
-    """Translate an OSError raised by the data directory into a StoreError."""
-    if exc.errno in _NO_SPACE:
-        return StoreFull(f'{doing}: {os.strerror(exc.errno)}')
-    return StoreUnavailable(f'{doing}: {exc.strerror or exc}')
 
 
 class Readable(Protocol):
     def readinto(self, buffer: memoryview, /) -> int: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class Committed:
-    """What :meth:`FileStore.commit` did: ``created`` is False when the blob was already stored."""
+class Staged(Protocol):
+    """An upload received whole and hashed, not yet visible; leaving its ``with`` block discards it."""
 
-    created: bool
-    meta: dict[str, Any]
+    #: The content's id, ``sha256:<hex>``.
+    digest: str
+    size: int
+
+    def open(self) -> IO[bytes]:
+        """The staged bytes, to inspect them before commit (the caller closes it)."""
+
+    def discard(self) -> None:
+        """Throw the bytes away; a no-op once committed or discarded."""
+
+    def __enter__(self) -> Staged: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class BlobStat:
-    """A stored blob's size, and ``version``: which stored copy it is.
+class BlobStore(Protocol):
+    """What ISS needs of a store, whatever holds the bytes.
 
-    NOTE: blobs never change, but a deleted one can be stored again (with
-    other meta); the inode and its change time tell the copies apart.
+    Ids are ``sha256:<hex>`` strings; a malformed one raises
+    :class:`errors.InvalidId`, an absent blob :class:`errors.BlobNotFound`,
+    and a store that cannot work right now :class:`errors.StoreUnavailable`
+    or :class:`errors.StoreFull` (both :class:`errors.StoreFailure`).
     """
 
-    size: int
-    version: tuple[int, int]
+    #: Cached derivatives of the blobs (see :class:`derived.DerivedCache`).
+    derived: DerivedCache
 
-    @classmethod
-    def of(cls, stat: os.stat_result) -> BlobStat:
-        return cls(stat.st_size, (stat.st_ino, stat.st_ctime_ns))
+    def start(self) -> None:
+        """Housekeeping when a service starts on the store (once per process)."""
 
+    def stage(self, stream: Readable) -> Staged:
+        """Receive ``stream`` to its end, hashing it; whatever reading it raises propagates."""
 
-@dataclasses.dataclass
-class Verification:
-    """What :meth:`FileStore.verify` found: every problem, and how much it checked."""
+    def commit(self, staged: Staged, meta: dict[str, Any]) -> Committed:
+        """Make a staged blob visible under its digest, with ``meta`` unless it has meta already."""
 
-    blobs: int = 0
-    bytes: int = 0
-    problems: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    def open(self, blob_id: str) -> OpenBlob:
+        """Open a stored blob for reading."""
 
-    def found(self, problem: str, path: str, blob_id: str | None = None, *, repaired: bool = False) -> None:
-        self.problems.append({'problem': problem, 'id': blob_id, 'path': path, 'repaired': repaired})
+    def stat(self, blob_id: str) -> BlobStat:
+        """A stored blob's size and version."""
 
-    @property
-    def clean(self) -> bool:
-        """True when nothing is wrong, or all that was wrong was repaired."""
-        return all(problem['repaired'] for problem in self.problems)
+    def proxy_path(self, blob_id: str) -> str:
+        """Where a proxy in front finds the blob, below the location it serves blobs from."""
 
+    def read_meta(self, blob_id: str) -> dict[str, Any] | None:
+        """A blob's stored meta, or None when it has none."""
 
-@dataclasses.dataclass(frozen=True)
-class OpenBlob:
-    """A stored blob opened for reading; the caller closes ``file``."""
+    def complete_meta(self, blob_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Add the ``fields`` a blob's meta lacks (never changing a key it has); return the meta."""
 
-    file: IO[bytes]
-    stat: BlobStat
+    def delete(self, blob_id: str) -> None:
+        """Remove a blob, its meta, its index row and its derivatives."""
+
+    def missing(self, blob_ids: list[str]) -> list[str]:
+        """The ids that name no stored blob, in order, once each."""
+
+    def list(self, collection: str, *, limit: int, **filters: Any) -> index.Page:
+        """A page of the index, newest first (see :meth:`index.SQLiteIndex.page`)."""
+
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """``{kind: (count, bytes)}`` of every stored blob."""
+
+    def check(self) -> dict[str, Any]:
+        """Prove the store takes writes; return what it can say of its room (``free_bytes``)."""
 
 
 class StagedBlob:
@@ -154,14 +116,12 @@ class StagedBlob:
 
     Returned by :meth:`FileStore.stage`. It keeps the temp file open, and so
     its flock held, until :meth:`FileStore.commit` links it into place or
-    :meth:`discard` removes it. Use it as a context manager: leaving the
-    block discards it unless it was committed.
+    :meth:`discard` removes it.
     """
 
     def __init__(self, fd: int, path: str, digest: str, size: int) -> None:
         self._fd = fd
         self.path = path
-        #: The content's id, ``sha256:<hex>``.
         self.digest = digest
         self.size = size
 
@@ -173,18 +133,14 @@ class StagedBlob:
         return self._fd
 
     def open(self) -> IO[bytes]:
-        """Open the staged bytes for reading (to inspect them before commit)."""
         return open(self.path, 'rb')
 
     def discard(self) -> None:
-        """Remove the temp file; a no-op once committed or discarded."""
         if self._fd < 0:
             return
         # NOTE: unlink before close: while the fd is open the flock keeps
         # sweepers away, so the name is never removed by anyone else.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        os.close(self._fd)
+        disk.remove_temp(self._fd, self.path)
         self._fd = -1
 
     def __enter__(self) -> StagedBlob:
@@ -200,8 +156,10 @@ class FileStore:
     Args:
         root: The data directory. Its subdirectories are created when
             missing; if that fails the store still starts, and :meth:`check`
-            (the health endpoint) says what is wrong. A service starting on
-            it calls :meth:`sweep_temp` (see iss.create_app).
+            (the health endpoint) says what is wrong.
+        index: The index of its blobs; by default the SQLite file
+            ``index.sqlite3`` in the data directory.
+        derived_max_bytes: The bound of the derivative cache.
     """
 
     # PERF: 1 MiB reads keep the per-chunk Python overhead small next to
@@ -209,68 +167,58 @@ class FileStore:
     _CHUNK_SIZE = 1024 * 1024
     # PERF: how often a large upload asks the disk to start writing what it received.
     _WRITEBACK_BYTES = 8 * 1024 * 1024
+    # PERF: a rebuild writes rows by transactions of this many; uploads wait for one at most.
+    _REINDEX_BATCH = 500
 
-    def __init__(self, root: str) -> None:
-        self.root = os.path.abspath(root)
-        self._blobs = os.path.join(self.root, 'blobs')
-        self._meta = os.path.join(self.root, 'meta')
-        self._tmp = os.path.join(self.root, 'tmp')
-        self._quarantine = os.path.join(self.root, 'quarantine')
-        self._derived = os.path.join(self.root, 'derived')
-        # NOTE: bytes under derived/ as last measured, plus what this process wrote since.
-        self._derived_bytes: int | None = None
-        self._derived_writes = 0
-        self.index = index.Index(os.path.join(self.root, 'index.sqlite3'))
+    def __init__(self, root: str, index: index.SQLiteIndex | None = None, derived_max_bytes: int = 1024**3) -> None:
+        self.layout = disk.Layout(root)
+        self.root = self.layout.root
+        self.index = index or _default_index(self.root)
+        self.derived = DerivedCache(self.layout, derived_max_bytes)
         try:
-            for directory in (self._blobs, self._meta, self._tmp):
+            for directory in (self.layout.blobs, self.layout.meta, self.layout.tmp):
                 os.makedirs(directory, exist_ok=True)
-            if not self.index.complete and next(self._blob_files(), None) is None:
+            if not self.index.complete and next(self.layout.blob_files(), None) is None:
                 self.index.mark_complete()  # NOTE: an empty store's index is complete as it is
-        except (OSError, index.IndexUnavailable) as exc:
+        except (OSError, StoreFailure) as exc:
             log.error('data directory %s is not usable: %s', self.root, exc)
 
-    # -- paths ---------------------------------------------------------------
+    def start(self) -> None:
+        """Sweep what writes killed mid-way left in tmp/, and index a store that has no complete index.
 
-    def _blob_path(self, hex_digest: str) -> str:
-        return os.path.join(self._blobs, hex_digest[0:2], hex_digest[2:4], hex_digest)
+        The index is built in the background (a data directory of the FastAPI
+        version): listings answer 503 until it is done. Every worker starts one;
+        the first does the work and the others find it done (see :meth:`reindex`).
+        """
+        try:
+            swept = self.sweep_temp()
+        except OSError as exc:
+            log.error('data directory %s is not usable: %s', self.root, exc)
+            return
+        if swept:
+            log.warning('removed %d stale temp file(s) from %s', swept, self.root)
+        try:
+            if self.index_complete:
+                return
+        except StoreFailure:
+            return  # NOTE: the health endpoint reports an unusable data directory
+        threading.Thread(target=self._build_index, name='iss-reindex', daemon=True).start()
 
-    def _meta_path(self, hex_digest: str) -> str:
-        return os.path.join(self._meta, hex_digest[0:2], hex_digest[2:4], hex_digest + '.json')
+    def _build_index(self) -> None:
+        try:
+            counts = self.reindex(only_if_incomplete=True)
+        except Exception:
+            log.exception('building the index failed; run python -m iss reindex')
+        else:
+            if counts:
+                log.warning('indexed %d blobs found in %s', counts['blobs'], self.root)
 
     # -- writing -------------------------------------------------------------
-
-    def _new_temp(self) -> tuple[int, str]:
-        """Create a locked temp file under tmp/ and return (fd, path).
-
-        The exclusive flock marks the file as in use for as long as this
-        process lives, so :meth:`sweep_temp` in another worker never takes a
-        live upload, and a killed worker's file is swept at the next start.
-        """
-        while True:
-            fd, path = tempfile.mkstemp(dir=self._tmp, prefix='upload-')
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                # NOTE: a sweeper may have taken the file between mkstemp
-                # and flock; then it is unlinked (or locked) and we start over.
-                if os.fstat(fd).st_nlink:
-                    # APPSEC: mkstemp makes 0600 files; a reverse proxy serving
-                    # blobs as another user needs to read them.
-                    os.fchmod(fd, 0o644)
-                    return fd, path
-            except BlockingIOError:
-                pass
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                raise
-            os.close(fd)
 
     def stage(self, stream: Readable) -> StagedBlob:
         """Copy ``stream`` to a temp file until EOF, computing its sha256.
 
         The bytes are synced by :meth:`commit`, and only if they are new.
-
         Whatever ``stream.readinto`` raises (a size limit, a client that went
         away) propagates unchanged after the temp file is removed.
 
@@ -278,25 +226,21 @@ class FileStore:
             StoreFull: the disk filled up (the temp file is removed).
             StoreUnavailable: the data directory cannot be written.
         """
-        try:
-            fd, path = self._new_temp()
-        except OSError as exc:
-            raise _store_error(exc, 'creating a temp file') from exc
+        with disk.translated('creating a temp file'):
+            fd, path = self.layout.new_temp()
         sha256 = hashlib.sha256()
         size = written_back = 0
         try:
             for chunk in _chunks(stream, self._CHUNK_SIZE):
                 sha256.update(chunk)
                 size += len(chunk)
-                try:
-                    _write_all(fd, chunk)
-                except OSError as exc:
-                    raise _store_error(exc, 'writing an upload') from exc
+                with disk.translated('writing an upload'):
+                    disk.write_all(fd, chunk)
                 if size - written_back >= self._WRITEBACK_BYTES:
-                    _start_writeback(fd, written_back, size - written_back)
+                    disk.start_writeback(fd, written_back, size - written_back)
                     written_back = size
         except BaseException:
-            _remove_temp(fd, path)
+            disk.remove_temp(fd, path)
             raise
         return StagedBlob(fd, path, 'sha256:' + sha256.hexdigest(), size)
 
@@ -314,13 +258,11 @@ class FileStore:
             Whether the blob is new, and the metadata now stored for it.
         """
         try:
-            with self._hold_for_commit(staged) as created:
+            with disk.translated('storing a blob'), self._hold_for_commit(staged) as created:
                 stored = self.read_meta(staged.digest)
                 if stored is None:
-                    stored = self._write_meta(staged.hex, meta)
-                self._index_call(self.index.put_missing, index.row_for(staged.hex, stored, time.time(), staged.size))
-        except OSError as exc:
-            raise _store_error(exc, 'storing a blob') from exc
+                    stored = self.write_meta(staged.hex, meta)
+                self.index.put_missing(index.row_for(staged.hex, stored, time.time(), staged.size))
         finally:
             staged.discard()
         return Committed(created, stored)
@@ -333,11 +275,12 @@ class FileStore:
         is flock'd until the block exits: shared when it was already stored,
         and through the staged file's own exclusive lock when it is new.
         """
-        final_path = self._blob_path(staged.hex)
+        final_path = self.layout.blob(staged.hex)
         while True:
-            fd = _lock_file(final_path, fcntl.LOCK_SH)
+            fd = disk.lock_file(final_path, fcntl.LOCK_SH)
             if fd is None:
-                if self._link_new(staged, final_path):
+                os.fsync(staged.fileno())
+                if disk.place(staged.path, final_path):
                     yield True
                     return
                 continue  # NOTE: another upload linked it first; hold theirs
@@ -351,24 +294,19 @@ class FileStore:
                 # the staged bytes are verified, so they take its place atomically.
                 log.warning('replacing damaged blob %s', final_path)
                 os.fsync(staged.fileno())
-                os.replace(staged.path, final_path)
-                _fsync_directory(os.path.dirname(final_path))
+                disk.place(staged.path, final_path, replace=True)
                 yield True
                 return
             finally:
                 os.close(fd)
 
-    def _link_new(self, staged: StagedBlob, final_path: str) -> bool:
-        """Link the synced staged file to ``final_path``; False if that name exists by now."""
-        os.fsync(staged.fileno())
-        directory = os.path.dirname(final_path)
-        os.makedirs(directory, exist_ok=True)
-        try:
-            os.link(staged.path, final_path)
-        except FileExistsError:
-            return False
-        _fsync_directory(directory)
-        return True
+    def write_meta(self, hex_digest: str, meta_doc: dict[str, Any], *, replace: bool = False) -> dict[str, Any]:
+        """Write a blob's meta (unless another writer got there first); return what is stored."""
+        with disk.translated('writing metadata'):
+            placed, _ = disk.write_atomically(
+                self.layout, self.layout.meta_file(hex_digest), disk.write_bytes(meta.encode(meta_doc)), replace=replace
+            )
+        return meta_doc if placed else self.read_meta('sha256:' + hex_digest) or meta_doc
 
     def delete(self, blob_id: str) -> None:
         """Remove a blob, its meta, its index row and its derivatives.
@@ -379,26 +317,13 @@ class FileStore:
         same content waits, then stores it anew with its own meta.
         A crash part way leaves the blob without meta or row, which ``fsck``
         reports (the client was not told the delete succeeded).
-
-        Raises:
-            BlobNotFound: nothing is stored under ``blob_id``.
         """
         hex_digest = parse_id(blob_id)
-        blob_path = self._blob_path(hex_digest)
-        try:
-            fd = _lock_file(blob_path, fcntl.LOCK_EX)
-            if fd is None:
-                raise BlobNotFound(blob_id)
-            try:
-                self._remove_meta(hex_digest)
-                self._index_call(self.index.remove, hex_digest)
-                self._remove_derived(hex_digest)
-                os.unlink(blob_path)
-                _fsync_directory(os.path.dirname(blob_path))
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise _store_error(exc, 'deleting a blob') from exc
+        with disk.translated('deleting a blob'), disk.hold(self.layout, hex_digest, fcntl.LOCK_EX):
+            disk.unlink_durably(self.layout.meta_file(hex_digest))
+            self.index.remove(hex_digest)
+            self.derived.remove(hex_digest)
+            disk.unlink_durably(self.layout.blob(hex_digest))
 
     def complete_meta(self, blob_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         """Add to a blob's meta the ``fields`` it lacks, never changing a key it has; return it.
@@ -411,174 +336,14 @@ class FileStore:
             BlobNotFound: the blob is not stored (or was deleted meanwhile).
         """
         hex_digest = parse_id(blob_id)
-        try:
-            blob = _lock_file(self._blob_path(hex_digest), fcntl.LOCK_SH)
-            if blob is None:
-                raise BlobNotFound(blob_id)
-            try:
-                meta = self.read_meta(blob_id) or {}
-                missing = {key: value for key, value in fields.items() if key not in meta}
-                if not missing:
-                    return meta
-                meta = {**meta, **missing}
-                fd, temp_path = self._new_temp()
-                try:
-                    _write_all(fd, json.dumps(meta, separators=(',', ':')).encode())
-                    os.fsync(fd)
-                    meta_path = self._meta_path(hex_digest)
-                    os.makedirs(os.path.dirname(meta_path), exist_ok=True)
-                    os.replace(temp_path, meta_path)
-                    _fsync_directory(os.path.dirname(meta_path))
-                finally:
-                    _remove_temp(fd, temp_path)
-                self._index_call(self.index.put, self._index_row(hex_digest, os.fstat(blob)))
-            finally:
-                os.close(blob)
-        except OSError as exc:
-            raise _store_error(exc, 'completing metadata') from exc
-        return meta
-
-    # -- derivatives (thumbnails, conversions): a bounded cache beside the blobs ----------
-
-    def _derived_dir(self, hex_digest: str) -> str:
-        return os.path.join(self._derived, hex_digest[0:2], hex_digest[2:4], hex_digest)
-
-    def open_derived(self, blob_id: str, name: str) -> OpenBlob | None:
-        """Open a cached derivative of a blob, or None when it is not cached."""
-        path = os.path.join(self._derived_dir(parse_id(blob_id)), name)
-        try:
-            file = open(path, 'rb')  # noqa: SIM115 - the caller owns and closes it
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _store_error(exc, 'opening a derivative') from exc
-        # NOTE: the modification time orders eviction: least recently used goes first.
-        with contextlib.suppress(OSError):
-            os.utime(file.fileno())
-        return OpenBlob(file, BlobStat.of(os.fstat(file.fileno())))
-
-    def store_derived(self, blob_id: str, name: str, write: Callable[[IO[bytes]], None], max_bytes: int) -> OpenBlob:
-        """Make a derivative with ``write`` into a temp file and cache it as ``name``; return it open.
-
-        Written like a blob (private temp file, fsync, link: two workers making the
-        same one at once both succeed, with one file), while the blob is held so
-        that a concurrent delete removes it too. Then the cache is kept under
-        ``max_bytes`` (see :meth:`evict_derived`).
-
-        Raises:
-            BlobNotFound: the blob was deleted meanwhile.
-            Whatever ``write`` raises, after the temp file is removed.
-        """
-        hex_digest = parse_id(blob_id)
-        try:
-            fd, temp_path = self._new_temp()
-        except OSError as exc:
-            raise _store_error(exc, 'creating a temp file') from exc
-        try:
-            with open(fd, 'wb', closefd=False) as temp:
-                write(temp)
-            os.fsync(fd)
-            blob = _lock_file(self._blob_path(hex_digest), fcntl.LOCK_SH)
-            if blob is None:
-                raise BlobNotFound(blob_id)
-            try:
-                directory = self._derived_dir(hex_digest)
-                os.makedirs(directory, exist_ok=True)
-                with contextlib.suppress(FileExistsError):
-                    os.link(temp_path, os.path.join(directory, name))
-            finally:
-                os.close(blob)
-            # NOTE: served from this open file: eviction below may remove the name already.
-            rendered = open(os.dup(fd), 'rb')  # noqa: SIM115 - the caller owns and closes it
-            rendered.seek(0)  # NOTE: a dup shares the writer's offset, at the end
-        except OSError as exc:
-            raise _store_error(exc, 'storing a derivative') from exc
-        finally:
-            _remove_temp(fd, temp_path)
-        stat = BlobStat.of(os.fstat(rendered.fileno()))
-        self._derived_writes += 1
-        if self._derived_bytes is not None:
-            self._derived_bytes += stat.size
-        if (
-            self._derived_bytes is None
-            or self._derived_bytes > max_bytes
-            or self._derived_writes % self._MEASURE_EVERY == 0
-        ):
-            _, remaining = self.evict_derived(max_bytes)
-            self._derived_bytes = remaining if remaining is not None else self._derived_bytes
-        return OpenBlob(rendered, stat)
-
-    # NOTE: each worker counts its own renders and measures the cache (a walk of derived/)
-    # when that count says it is full, and every this many renders to see the others' too.
-    _MEASURE_EVERY = 50
-
-    def evict_derived(self, max_bytes: int) -> tuple[int, int | None]:
-        """Remove the least recently used derivatives until they take at most ``max_bytes``.
-
-        Returns how many files went, and the bytes that remain. NOTE: one worker
-        at a time (an flock); one that finds another evicting skips, (0, None).
-        """
-        os.makedirs(self._derived, exist_ok=True)
-        with open(os.path.join(self.root, 'derived.lock'), 'a') as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return 0, None
-            files = []
-            for entry in _files_below(self._derived):
-                with contextlib.suppress(FileNotFoundError):
-                    stat = entry.stat(follow_symlinks=False)
-                    files.append((stat.st_mtime_ns, stat.st_size, entry.path))
-            total = sum(size for _, size, _ in files)
-            removed = 0
-            # NOTE: down to 90%, so that the next renders do not each trigger eviction.
-            for _, size, path in sorted(files):
-                if total <= max_bytes * 0.9:
-                    break
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    removed += 1
-                total -= size
-        return removed, total
-
-    def _remove_derived(self, hex_digest: str) -> None:
-        shutil.rmtree(self._derived_dir(hex_digest), ignore_errors=True)
-
-    def _remove_meta(self, hex_digest: str) -> bool:
-        meta_path = self._meta_path(hex_digest)
-        try:
-            os.unlink(meta_path)
-        except FileNotFoundError:
-            return False
-        _fsync_directory(os.path.dirname(meta_path))
-        return True
-
-    def _index_call(self, method: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        try:
-            return method(*args, **kwargs)
-        except index.IndexFull as exc:
-            raise StoreFull(f'updating the index: {exc}') from exc
-        except index.IndexUnavailable as exc:
-            raise StoreUnavailable(f'updating the index: {exc}') from exc
-
-    def _write_meta(self, hex_digest: str, meta: dict[str, Any]) -> dict[str, Any]:
-        """Write ``meta`` unless another writer got there first; return what is stored."""
-        meta_path = self._meta_path(hex_digest)
-        try:
-            fd, temp_path = self._new_temp()
-            try:
-                _write_all(fd, json.dumps(meta, separators=(',', ':')).encode())
-                os.fsync(fd)
-                os.makedirs(os.path.dirname(meta_path), exist_ok=True)
-                os.link(temp_path, meta_path)
-                _fsync_directory(os.path.dirname(meta_path))
-            except FileExistsError:
-                return self.read_meta('sha256:' + hex_digest) or meta
-            finally:
-                _remove_temp(fd, temp_path)
-        except OSError as exc:
-            raise _store_error(exc, 'writing metadata') from exc
-        return meta
+        with disk.translated('completing metadata'), disk.hold(self.layout, hex_digest) as blob:
+            stored = self.read_meta(blob_id) or {}
+            missing = {key: value for key, value in fields.items() if key not in stored}
+            if not missing:
+                return stored
+            stored = self.write_meta(hex_digest, {**stored, **missing}, replace=True)
+            self.index.put(self.index_row(hex_digest, os.fstat(blob)))
+        return stored
 
     # -- reading -------------------------------------------------------------
 
@@ -589,64 +354,69 @@ class FileStore:
             BlobNotFound: nothing is stored under ``blob_id``.
             StoreUnavailable: the blob exists but cannot be read.
         """
-        path = self._blob_path(parse_id(blob_id))
+        path = self.layout.blob(parse_id(blob_id))
         try:
             file = open(path, 'rb')  # noqa: SIM115 - the caller owns and closes it
         except FileNotFoundError:
             raise BlobNotFound(blob_id) from None
         except OSError as exc:
-            raise _store_error(exc, 'opening a blob') from exc
+            raise disk.store_error(exc, 'opening a blob') from exc
         return OpenBlob(file, BlobStat.of(os.fstat(file.fileno())))
 
     def stat(self, blob_id: str) -> BlobStat:
         """Return a stored blob's size and version (raises like :meth:`open`)."""
-        path = self._blob_path(parse_id(blob_id))
+        path = self.layout.blob(parse_id(blob_id))
         try:
             return BlobStat.of(os.stat(path))
         except FileNotFoundError:
             raise BlobNotFound(blob_id) from None
         except OSError as exc:
-            raise _store_error(exc, 'reading a blob') from exc
+            raise disk.store_error(exc, 'reading a blob') from exc
 
-    def relative_path(self, blob_id: str) -> str:
-        """Return where a blob lives below ``blobs/`` (``ab/cd/<hex>``), for a proxy to serve it."""
+    def proxy_path(self, blob_id: str) -> str:
+        """Where a blob lives below ``blobs/`` (``ab/cd/<hex>``), for a proxy to serve it."""
         hex_digest = parse_id(blob_id)
         return f'{hex_digest[0:2]}/{hex_digest[2:4]}/{hex_digest}'
 
     def read_meta(self, blob_id: str) -> dict[str, Any] | None:
         """Return a blob's stored metadata, or None when it has none (or it is unreadable)."""
-        path = self._meta_path(parse_id(blob_id))
+        path = self.layout.meta_file(parse_id(blob_id))
         try:
             with open(path, 'rb') as file:
-                meta = json.load(file)
+                stored = json.load(file)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
             log.warning('ignoring unreadable metadata %s: %s', path, exc)
             return None
-        return meta if isinstance(meta, dict) else None
+        return stored if isinstance(stored, dict) else None
 
     def missing(self, blob_ids: list[str]) -> list[str]:
         """Return the ids in ``blob_ids`` that name no stored blob, in order, once each."""
-        paths = {blob_id: self._blob_path(parse_id(blob_id)) for blob_id in blob_ids}
+        paths = {blob_id: self.layout.blob(parse_id(blob_id)) for blob_id in blob_ids}
         return [blob_id for blob_id, path in paths.items() if not os.path.exists(path)]
 
+    def is_stored(self, hex_digest: str) -> bool:
+        return os.path.exists(self.layout.blob(hex_digest))
+
     def list(self, collection: str, *, limit: int, **filters: Any) -> index.Page:
-        """A page of the index, newest first (see :meth:`index.Index.page`).
+        """A page of the index, newest first (see :meth:`index.SQLiteIndex.page`).
 
         Raises:
             IndexIncomplete: the index is still being built.
-            index.InvalidCursor: the cursor is not one a page handed out.
+            InvalidCursor: the cursor is not one a page handed out.
         """
-        if not self.index_complete:
-            raise IndexIncomplete('the index is being built from the files')
-        return self._index_call(self.index.page, collection, limit=limit, **filters)
+        self._require_complete_index()
+        return self.index.page(collection, limit=limit, **filters)
 
     def totals(self) -> dict[str, tuple[int, int]]:
         """``{kind: (count, bytes)}`` of every stored blob (raises like :meth:`list`)."""
+        self._require_complete_index()
+        return self.index.totals()
+
+    def _require_complete_index(self) -> None:
         if not self.index_complete:
             raise IndexIncomplete('the index is being built from the files')
-        return self._index_call(self.index.totals)
 
     # -- housekeeping --------------------------------------------------------
 
@@ -657,18 +427,16 @@ class FileStore:
             StoreFull: not even a byte can be written.
             StoreUnavailable: the directory is gone, read-only or failing.
         """
-        for directory in (self._blobs, self._meta):
+        for directory in (self.layout.blobs, self.layout.meta):
             if not os.path.isdir(directory):
                 raise StoreUnavailable(f'{directory} is missing')
-        try:
-            fd, path = self._new_temp()
+        with disk.translated('writing to the data directory'):
+            fd, path = self.layout.new_temp()
             try:
                 os.write(fd, b'.')
             finally:
-                _remove_temp(fd, path)
+                disk.remove_temp(fd, path)
             usage = os.statvfs(self.root)
-        except OSError as exc:
-            raise _store_error(exc, 'writing to the data directory') from exc
         return {'free_bytes': usage.f_bavail * usage.f_frsize}
 
     def sweep_temp(self, *, dry_run: bool = False) -> int:
@@ -678,7 +446,7 @@ class FileStore:
         died (crash, SIGKILL, power loss) before committing it.
         """
         removed = 0
-        for entry in os.scandir(self._tmp):
+        for entry in os.scandir(self.layout.tmp):
             try:
                 fd = os.open(entry.path, os.O_RDONLY)
             except FileNotFoundError:
@@ -699,7 +467,7 @@ class FileStore:
 
     @property
     def index_complete(self) -> bool:
-        return self._index_call(lambda: self.index.complete)
+        return self.index.complete
 
     def reindex(self, *, only_if_incomplete: bool = False) -> dict[str, int]:
         """Rebuild the index from the files, which stay the truth; safe while ISS runs.
@@ -710,28 +478,25 @@ class FileStore:
         Returns:
             ``blobs`` seen, rows ``changed`` (added or corrected), stale rows ``removed``.
         """
-        with open(os.path.join(self.root, 'index.lock'), 'a') as lock, self.index.session():
+        with open(self.layout.lock_file('index'), 'a') as lock, self.index.session():
             fcntl.flock(lock, fcntl.LOCK_EX)
             if only_if_incomplete and self.index_complete:
                 return {}
             counts = {'blobs': 0, 'changed': 0, 'removed': 0}
-            self._index_call(self.index.start_rebuild)
+            self.index.start_rebuild()
             batch: list[str] = []
-            for hex_digest, _ in self._blob_files():
+            for hex_digest, _ in self.layout.blob_files():
                 if hex_digest is not None:
                     batch.append(hex_digest)
                 if len(batch) == self._REINDEX_BATCH:
                     self._reindex_batch(batch, counts)
                     batch = []
             self._reindex_batch(batch, counts)
-            for hex_digest in self._index_call(self.index.unseen):
-                if not os.path.exists(self._blob_path(hex_digest)):
-                    counts['removed'] += self._index_call(self.index.remove, hex_digest)
-            self._index_call(self.index.mark_complete)
+            for hex_digest in self.index.unseen():
+                if not self.is_stored(hex_digest):
+                    counts['removed'] += self.index.remove(hex_digest)
+            self.index.mark_complete()
         return counts
-
-    # PERF: rows go in by transactions of this many; uploads wait for one at most.
-    _REINDEX_BATCH = 500
 
     def _reindex_batch(self, batch: list[str], counts: dict[str, int]) -> None:
         # NOTE: a blob held by a commit or delete is not waited for inside the
@@ -747,250 +512,24 @@ class FileStore:
             self._reindex_one(hex_digest, fcntl.LOCK_SH, counts)
 
     def _reindex_one(self, hex_digest: str, lock: int, counts: dict[str, int]) -> None:
-        fd = _lock_file(self._blob_path(hex_digest), lock)
-        if fd is None:
-            return  # deleted meanwhile
-        try:
-            row = self._index_row(hex_digest, os.fstat(fd))
+        with contextlib.suppress(BlobNotFound), disk.hold(self.layout, hex_digest, lock) as fd:
+            row = self.index_row(hex_digest, os.fstat(fd))
             counts['blobs'] += 1
-            counts['changed'] += self._index_call(self.index.put, row)
-            self._index_call(self.index.saw, hex_digest)
-        finally:
-            os.close(fd)
+            counts['changed'] += self.index.put(row)
+            self.index.saw(hex_digest)
 
-    def _index_row(self, hex_digest: str, stat: os.stat_result) -> index.Row:
+    def index_row(self, hex_digest: str, stat: os.stat_result) -> index.Row:
+        """The row the index should have for a stored blob."""
         return index.row_for(hex_digest, self.read_meta('sha256:' + hex_digest), stat.st_mtime, stat.st_size)
 
-    # -- integrity -------------------------------------------------------------
 
-    def verify(
-        self,
-        *,
-        repair: bool = False,
-        describe: Callable[[IO[bytes], os.stat_result], dict[str, Any]] | None = None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> Verification:
-        """Re-hash every blob and cross-check blobs, meta and index (``fsck``).
-
-        With ``repair``: a corrupt blob and its meta move to ``quarantine/``,
-        meta without a blob moves there too, a blob without (readable) meta gets
-        the meta ``describe`` gives it, and the index is rebuilt. Files that are
-        no blob or meta are reported, never touched.
-
-        Args:
-            describe: makes the meta of a blob that has none, from its bytes.
-            progress: called with (blobs checked, bytes hashed) as it goes.
-        """
-        report = Verification()
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
-            # NOTE: hashlib releases the GIL, so blobs hash in parallel; a few
-            # hundred at a time keep memory flat on a store of millions.
-            pending: list[tuple[str, os.DirEntry]] = []
-            for hex_digest, entry in self._blob_files():
-                if hex_digest is None:
-                    report.found('stray_file', entry.path)
-                    continue
-                pending.append((hex_digest, entry))
-                if len(pending) == 256:
-                    self._verify_blobs(pool, pending, report, repair, describe, progress)
-                    pending = []
-            self._verify_blobs(pool, pending, report, repair, describe, progress)
-        for hex_digest, entry in self._meta_files():
-            if hex_digest is None:
-                report.found('stray_file', entry.path)
-            elif not os.path.exists(self._blob_path(hex_digest)):
-                moved = repair and self._quarantine_file(entry.path, hex_digest + '.json')
-                report.found('orphaned_meta', entry.path, 'sha256:' + hex_digest, repaired=moved)
-        self._verify_index(report)
-        if repair:
-            self.reindex()
-            for problem in report.problems:
-                if problem['problem'] in ('index_missing', 'index_stale', 'index_differs'):
-                    problem['repaired'] = True
-        return report
-
-    def _verify_blobs(self, pool, pending, report, repair, describe, progress) -> None:
-        hashes = pool.map(_hash_file, [entry.path for _, entry in pending])
-        for (hex_digest, entry), actual in zip(pending, hashes, strict=True):
-            blob_id = 'sha256:' + hex_digest
-            if actual is None:
-                continue  # deleted while we looked
-            report.blobs += 1
-            report.bytes += actual[1]
-            if progress:
-                progress(report.blobs, report.bytes)
-            if actual[0] != hex_digest:
-                report.found('corrupt', entry.path, blob_id, repaired=repair and self._quarantine_blob(hex_digest))
-                continue
-            meta_path = self._meta_path(hex_digest)
-            if not os.path.exists(meta_path):
-                problem = 'missing_meta'
-            elif self.read_meta(blob_id) is None:
-                problem = 'unreadable_meta'
-            else:
-                continue
-            repaired = False
-            if repair and describe is not None:
-                if problem == 'unreadable_meta':
-                    self._quarantine_file(meta_path, hex_digest + '.json')
-                with open(entry.path, 'rb') as file:
-                    self._write_meta(hex_digest, describe(file, os.fstat(file.fileno())))
-                repaired = True
-            report.found(problem, entry.path, blob_id, repaired=repaired)
-
-    def _verify_index(self, report: Verification) -> None:
-        with self.index.session():
-            self._verify_index_rows(report)
-
-    def _verify_index_rows(self, report: Verification) -> None:
-        self._index_call(self.index.start_rebuild)
-        for hex_digest, entry in self._blob_files():
-            if hex_digest is None:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                expected = self._index_row(hex_digest, entry.stat())
-                row = self._index_call(self.index.get, hex_digest)
-                self._index_call(self.index.saw, hex_digest)
-                if row is None:
-                    report.found('index_missing', entry.path, 'sha256:' + hex_digest)
-                elif row != expected:
-                    report.found('index_differs', entry.path, 'sha256:' + hex_digest)
-        for hex_digest in self._index_call(self.index.unseen):
-            if not os.path.exists(self._blob_path(hex_digest)):
-                report.found('index_stale', self.index.path, 'sha256:' + hex_digest)
-
-    def _quarantine_blob(self, hex_digest: str) -> bool:
-        """Move a corrupt blob, and its meta, out of the store; its index row goes."""
-        blob_path = self._blob_path(hex_digest)
-        fd = _lock_file(blob_path, fcntl.LOCK_EX)
-        if fd is None:
-            return False
-        try:
-            self._quarantine_file(blob_path, hex_digest)
-            self._quarantine_file(self._meta_path(hex_digest), hex_digest + '.json')
-            self._index_call(self.index.remove, hex_digest)
-            self._remove_derived(hex_digest)
-        finally:
-            os.close(fd)
-        return True
-
-    def _quarantine_file(self, path: str, name: str) -> bool:
-        os.makedirs(self._quarantine, exist_ok=True)
-        target = os.path.join(self._quarantine, f'{name}.{time.strftime("%Y%m%dT%H%M%S")}')
-        try:
-            os.rename(path, target)
-        except FileNotFoundError:
-            return False
-        _fsync_directory(os.path.dirname(path))
-        _fsync_directory(self._quarantine)
-        return True
-
-    def collect_garbage(self, *, dry_run: bool = False, derived_max_bytes: int | None = None) -> dict[str, int]:
-        """Remove what no blob needs (``gc``): stale temp files, meta, index rows and
-        derivatives of no blob, and derivatives beyond ``derived_max_bytes``.
-
-        Returns:
-            How many of each were removed (with ``dry_run``, would be).
-        """
-        counts = {'temp_files': self.sweep_temp(dry_run=dry_run), 'orphaned_meta': 0, 'index_rows': 0}
-        for hex_digest, _ in self._meta_files():
-            # NOTE: a commit links the blob before it writes the meta, and a delete
-            # holds the blob until its meta is gone: meta without a blob is never used.
-            if hex_digest is not None and not os.path.exists(self._blob_path(hex_digest)):
-                counts['orphaned_meta'] += dry_run or self._remove_meta(hex_digest)
-        for hex_digest in self._index_call(self.index.all_hexes):
-            if not os.path.exists(self._blob_path(hex_digest)):
-                counts['index_rows'] += dry_run or self._index_call(self.index.remove, hex_digest)
-        counts['derived_files'] = 0
-        for entry in _files_below(self._derived):
-            hex_digest = os.path.basename(os.path.dirname(entry.path))
-            if not os.path.exists(self._blob_path(hex_digest)):
-                counts['derived_files'] += 1
-                if not dry_run:
-                    self._remove_derived(hex_digest)
-        if derived_max_bytes is not None and not dry_run:
-            counts['derived_files'] += self.evict_derived(derived_max_bytes)[0]
-        return counts
-
-    def metas(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Every stored blob's id and meta (blobs without readable meta are left out)."""
-        for hex_digest, _ in self._meta_files():
-            if hex_digest is not None and (meta := self.read_meta('sha256:' + hex_digest)) is not None:
-                yield 'sha256:' + hex_digest, meta
-
-    # -- walking the tree --------------------------------------------------------
-
-    def _blob_files(self) -> Iterator[tuple[str | None, os.DirEntry]]:
-        """Every file under blobs/, with its id's hex, or None for a file that is no blob."""
-        for entry in _files_below(self._blobs):
-            name = entry.name
-            valid = _HEX_PATTERN.fullmatch(name) is not None and entry.path == self._blob_path(name)
-            yield (name if valid else None), entry
-
-    def _meta_files(self) -> Iterator[tuple[str | None, os.DirEntry]]:
-        """Every file under meta/, with its blob's hex, or None for a file that is no meta."""
-        for entry in _files_below(self._meta):
-            name = entry.name.removesuffix('.json')
-            valid = _HEX_PATTERN.fullmatch(name) is not None and entry.path == self._meta_path(name)
-            yield (name if valid else None), entry
+def open_store(settings: Settings) -> FileStore:
+    """The store the settings name (a :class:`config.Settings`), not yet started."""
+    return FileStore(settings.data_dir, derived_max_bytes=settings.derived_max_bytes)
 
 
-def _files_below(top: str) -> Iterator[os.DirEntry]:
-    try:
-        entries = os.scandir(top)
-    except FileNotFoundError:
-        return
-    with entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                yield from _files_below(entry.path)
-            else:
-                yield entry
-
-
-def _hash_file(path: str) -> tuple[str, int] | None:
-    """The sha256 hex and size of a file's bytes; None when it is gone."""
-    sha256 = hashlib.sha256()
-    buffer = bytearray(1024 * 1024)
-    view = memoryview(buffer)
-    size = 0
-    try:
-        with open(path, 'rb', buffering=0) as file:
-            while count := file.readinto(buffer):
-                sha256.update(view[:count])
-                size += count
-    except FileNotFoundError:
-        return None
-    return sha256.hexdigest(), size
-
-
-def _lock_file(path: str, operation: int) -> int | None:
-    """Open ``path`` and flock it; None when it is absent, or was removed or replaced meanwhile.
-
-    Returns the open fd, which holds the lock until closed.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, operation)
-        # NOTE: while we waited, a delete may have unlinked it, or a repair renamed it.
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return None
-
-
-def _remove_temp(fd: int, path: str) -> None:
-    """Remove a temp file we hold; unlink first, so no sweeper can get between."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    os.close(fd)
+def _default_index(root: str) -> index.SQLiteIndex:
+    return index.SQLiteIndex(os.path.join(root, 'index.sqlite3'))
 
 
 _FIRST_CHUNK_BYTES = 64 * 1024
@@ -1010,45 +549,3 @@ def _chunks(stream: Readable, size: int) -> Iterator[memoryview]:
         yield buffer[:count]
         if count == len(buffer) < size:
             buffer = memoryview(bytearray(size))
-
-
-def libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
-    """A C library function the os module lacks, or None where this libc has none (musl: mallopt)."""
-    library = ctypes.util.find_library('c')
-    function = getattr(ctypes.CDLL(library, use_errno=True), name, None) if library else None
-    if function is not None:
-        function.argtypes = argtypes
-    return function
-
-
-# NOTE: Linux's sync_file_range(2); None elsewhere.
-_sync_file_range = libc_function('sync_file_range', ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-_SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>: start writeback, do not wait for it
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Have the disk start writing these bytes now, without waiting for it.
-
-    PERF: an upload is synced before it becomes a blob; started while the rest is
-    still arriving, the disk's work overlaps the transfer instead of following it
-    (a 512 MiB multipart upload: 1.23-1.25 s -> 0.97-1.02 s). It also keeps the dirty
-    page cache small, which a container's memory limit counts. Errors surface at the fsync.
-    """
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write all of ``data``; os.write may write less, e.g. when the disk fills."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_directory(path: str) -> None:
-    """Make a new directory entry durable (the link itself, not just the bytes)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

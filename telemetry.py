@@ -1,7 +1,7 @@
 """What ISS tells its operators: Prometheus metrics, request ids and JSON logs.
 
 Metrics are prometheus_client's. Under gunicorn, gunicorn.conf.py points
-``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers start, so
+``PROMETHEUS_MULTIPROC_DIR`` (``Settings.metrics_dir``) at a fresh directory before the workers start, so
 each worker counts into its own memory-mapped file and ``GET /metrics``, served
 by any worker, adds them all up. Without it (one process, the tests) they stay
 in memory. The store's totals are read from the index when scraped.
@@ -29,7 +29,8 @@ import prometheus_client
 from prometheus_client import multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
-import storage
+from errors import ServiceError
+from storage import BlobStore
 
 access_log = logging.getLogger('iss.access')
 
@@ -42,8 +43,9 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class Metrics:
     """The app's counters and histogram, and the registry ``GET /metrics`` renders."""
 
-    def __init__(self, store: storage.FileStore) -> None:
-        self._multiprocess = bool(os.environ.get('PROMETHEUS_MULTIPROC_DIR'))
+    def __init__(self, store: BlobStore, *, shared: bool) -> None:
+        """``shared``: prometheus_client's multiprocess mode, values in files every worker adds to."""
+        self._multiprocess = shared
         # NOTE: in multiprocess mode values live in files, and the scrape reads them all;
         # otherwise each app has a registry of its own (the tests build many apps).
         own = None if self._multiprocess else prometheus_client.CollectorRegistry()
@@ -89,7 +91,7 @@ class Metrics:
 class StoreCollector:
     """Blob count and bytes per kind, from the index's totals at scrape time."""
 
-    def __init__(self, store: storage.FileStore) -> None:
+    def __init__(self, store: BlobStore) -> None:
         self._store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -97,7 +99,7 @@ class StoreCollector:
         size = GaugeMetricFamily('iss_store_bytes', 'Bytes stored, per kind.', labels=['kind'])
         try:
             totals = self._store.totals()
-        except storage.StoreError:
+        except ServiceError:
             return  # NOTE: index not built yet, or the disk is failing: no figures beats wrong ones
         for kind, (count, total) in totals.items():
             blobs.add_metric([kind], count)

@@ -266,7 +266,7 @@ def test_temp_files_of_a_killed_server_are_swept_when_it_restarts(start, tmp_pat
 
     assert files_in(second.data_dir / 'tmp') == []
     assert files_in(second.data_dir / 'blobs') == []
-    assert '"level": "warning", "logger": "iss", "pid": ' in second.log_path.read_text()
+    assert '"level": "warning", "logger": "iss.storage", "pid": ' in second.log_path.read_text()
     assert '"message": "removed 1 stale temp file(s) from ' in second.log_path.read_text()
 
 

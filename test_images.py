@@ -14,6 +14,7 @@ from PIL import Image, ImageCms, ImageOps
 
 import images
 import iss
+import meta
 import storage
 from config import Settings
 from conftest import blob_id, blob_path, cli_json, files_under, make_png, upload_image
@@ -129,7 +130,7 @@ def write_seed_image(data_dir, data: bytes) -> str:
 
 def test_seed_meta_is_completed_on_read_and_kept_with_the_seed_keys_as_they_were(data_dir):
     digest = write_seed_image(data_dir, make_png(30, 20))
-    client = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir))))
+    client = webtest.TestApp(iss.build_app(Settings(data_dir=str(data_dir))))
 
     meta = client.get(f'/images/{digest}/meta').json
 
@@ -149,7 +150,7 @@ def test_backfill_completes_every_seed_image_in_the_store(data_dir, client):
     assert (result['images'], result['completed'], result['failed']) == (4, 3, [])
     for digest in seeds:
         assert json.loads(blob_path(data_dir, digest, 'meta', '.json').read_bytes())['mode'] == 'RGB'
-    assert not images.lacks_fields(client.get(f'/images/{modern}/meta').json)
+    assert not meta.lacks_fields(client.get(f'/images/{modern}/meta').json)
     assert cli_json(data_dir, 'backfill')['completed'] == 0
     assert cli_json(data_dir, 'fsck')['clean'], 'the index follows the completed meta'
 
@@ -458,7 +459,7 @@ def test_the_cache_evicts_the_least_recently_used(data_dir, png):
     sizes = {p.name: p.stat().st_size for p in files_under(data_dir / 'derived')}
 
     kept = sizes['90x-contain.png'] + sizes['92x-contain.png']
-    removed, remaining = store_.evict_derived(int(kept / 0.9) + 1)
+    removed, remaining = store_.derived.evict(int(kept / 0.9) + 1)
 
     assert (removed, remaining) == (1, kept)
     assert sorted(p.name for p in files_under(data_dir / 'derived')) == ['90x-contain.png', '92x-contain.png']

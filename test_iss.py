@@ -9,6 +9,7 @@ import os
 import pathlib
 import re
 import subprocess
+import sys
 
 import falcon.inspect
 import pytest
@@ -386,8 +387,8 @@ def test_put_with_a_wrong_digest_is_400_and_stores_nothing(client, data_dir):
 
 
 @pytest.mark.parametrize('path', ['/artifacts/sha256:abc?kind=m', '/images/SHA256:' + 'A' * 64, '/images/md5:00'])
-def test_put_under_a_malformed_id_is_400(client, path):
-    response = client.put(path, b'x', status=400)
+def test_put_under_a_malformed_id_is_404_like_every_route_that_takes_an_id(client, path):
+    response = client.put(path, b'x', status=404)
 
     assert response.json['title'] == 'Malformed id'
 
@@ -623,6 +624,62 @@ def test_routing_errors_are_json_even_for_clients_asking_for_images(client, meth
     assert 'detail' in response.json
 
 
+@pytest.mark.parametrize(
+    'method, path, headers, status, words',
+    [
+        ('GET', '/nowhere', {}, 404, '/nowhere'),
+        ('DELETE', '/stats', {}, 405, 'GET'),
+        ('GET', f'/images/{blob_id(make_png())}', {'Range': 'bytes=999999-'}, 416, str(len(make_png()))),
+    ],
+)
+def test_falcons_own_errors_have_every_documented_key(client, png, method, path, headers, status, words):
+    upload_image(client, png)
+
+    response = client.request(path, method=method, headers=headers, status=status)
+
+    assert set(response.json) >= {'title', 'description', 'status', 'detail'}
+    assert response.json['status'] == status
+    assert words in response.json['description']
+    assert response.json['detail'] == response.json['description']
+
+
+_MALFORMED = 'sha256:' + 'A' * 64
+
+
+@pytest.mark.parametrize(
+    'method, path',
+    [
+        ('GET', f'/images/{_MALFORMED}'),
+        ('HEAD', f'/images/{_MALFORMED}'),
+        ('GET', f'/artifacts/{_MALFORMED}'),
+        ('GET', f'/images/{_MALFORMED}?w=10'),
+        ('GET', f'/images/{_MALFORMED}/meta'),
+        ('GET', f'/artifacts/{_MALFORMED}/meta'),
+        ('PUT', f'/images/{_MALFORMED}'),
+        ('PUT', f'/artifacts/{_MALFORMED}?kind=k'),
+        ('DELETE', f'/images/{_MALFORMED}'),
+        ('DELETE', f'/artifacts/{_MALFORMED}'),
+    ],
+)
+def test_a_malformed_id_is_answered_alike_on_every_route_that_takes_one(make_client, method, path):
+    client = make_client(admin_token='admin')
+
+    response = client.request(
+        path, method=method, body=b'x', headers={'Authorization': 'Bearer admin'}, expect_errors=True
+    )
+
+    assert response.status_int == 404
+    if method != 'HEAD':
+        assert response.json['title'] == 'Malformed id'
+        assert 'sha256:<64 lowercase hex digits>' in response.json['description']
+
+
+def test_a_malformed_id_in_a_body_is_400(client):
+    response = client.post_json('/blobs/missing', {'ids': [_MALFORMED]}, status=400)
+
+    assert response.json['title'] == 'Malformed id'
+
+
 def test_declared_body_over_the_limit_is_413_before_reading(make_client, data_dir, png):
     client = make_client(max_upload_bytes=len(png) - 1)
 
@@ -691,7 +748,7 @@ def test_health_is_503_when_the_data_directory_vanishes(client, data_dir):
 def test_store_that_cannot_create_its_directories_still_starts(tmp_path):
     blocker = tmp_path / 'file-not-dir'
     blocker.write_text('x')
-    client = webtest.TestApp(iss.create_app(Settings(data_dir=str(blocker / 'data'))))
+    client = webtest.TestApp(iss.build_app(Settings(data_dir=str(blocker / 'data'))))
 
     assert client.get('/health', status=503).json['ok'] is False
     response = client.post('/artifacts?kind=k', b'x', headers={'Content-Type': 'text/plain'}, status=503)
@@ -767,7 +824,7 @@ def test_openapi_validates_as_3_1():
 
 
 def test_every_route_is_documented_and_every_documented_route_served(data_dir):
-    app = iss.create_app(Settings(data_dir=str(data_dir)))
+    app = iss.build_app(Settings(data_dir=str(data_dir)))
     served = {
         (route.path, method.method)
         for route in falcon.inspect.inspect_routes(app)
@@ -830,7 +887,7 @@ def test_data_directory_written_by_the_seed_is_served(tmp_path, png):
         path = data_dir / top / hex_digest[:2] / hex_digest[2:4] / name
         path.parent.mkdir(parents=True)
         path.write_bytes(content)
-    client = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir))))
+    client = webtest.TestApp(iss.build_app(Settings(data_dir=str(data_dir))))
 
     response = client.get(f'/images/{digest}')
 
@@ -883,6 +940,18 @@ def test_a_staged_upload_survives_another_worker_starting_before_it_commits(tmp_
     assert list((tmp_path / 'tmp').iterdir()) == []
 
 
+def test_create_app_only_wires_and_the_stores_start_does_the_housekeeping(tmp_path):
+    store = storage.FileStore(str(tmp_path))
+    stale = tmp_path / 'tmp' / 'upload-of-a-killed-worker'
+    stale.write_bytes(b'partial')
+
+    iss.create_app(Settings(data_dir=str(tmp_path)), store)
+    assert stale.exists(), 'create_app did housekeeping'
+    store.start()
+
+    assert not stale.exists()
+
+
 def test_stage_failure_removes_the_temp_file(tmp_path):
     store = storage.FileStore(str(tmp_path))
 
@@ -912,7 +981,7 @@ def test_disk_full_is_507_and_health_says_so_until_space_is_freed(tmp_path):
         f'this test needs root to mount a 2 MiB tmpfs (CI runs as root): {mounted.stderr.strip()}'
     )
     try:
-        client = webtest.TestApp(iss.create_app(Settings(data_dir=str(mount_point / 'data'))))
+        client = webtest.TestApp(iss.build_app(Settings(data_dir=str(mount_point / 'data'))))
         too_big = os.urandom(3 * 1024 * 1024)
 
         full = client.post('/artifacts?kind=k', too_big, headers={'Content-Type': 'text/plain'}, status=507)
@@ -964,6 +1033,24 @@ def test_settings_from_the_environment():
 def test_unusable_settings_are_refused_with_their_name(name, value):
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_nothing_but_config_reads_the_environment():
+    # NOTE: gunicorn.conf.py may write it (for prometheus_client), never read it.
+    reads = re.compile(r'\bos\.environ\b(?!\[[^]]+\]\s*=[^=])|\bos\.getenv|\bgetenv\(')
+    readers = {
+        path.name
+        for path in HERE.glob('*.py')
+        if not path.name.startswith(('test_', 'conftest')) and reads.search(path.read_text())
+    }
+
+    assert readers == {'config.py'}
+
+
+def test_the_command_line_does_not_load_the_app_module_twice():
+    # NOTE: python -m iss runs iss.py as __main__; a cli that imported iss would load it again.
+    code = 'import sys, cli; assert "iss" not in sys.modules, sorted(sys.modules)'
+    subprocess.run([sys.executable, '-c', code], cwd=HERE, check=True, capture_output=True, timeout=60)
 
 
 def test_example_env_lists_every_setting():

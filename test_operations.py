@@ -135,7 +135,7 @@ def test_a_seed_data_directory_is_indexed_in_the_background(tmp_path, png):
     orphan_path.parent.mkdir(parents=True)
     orphan_path.write_bytes(orphan)
 
-    client = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir))))
+    client = webtest.TestApp(iss.build_app(Settings(data_dir=str(data_dir))))
 
     wait_for(lambda: client.get('/images', expect_errors=True).status_int == 200, message='the index')
     assert ids_of(client.get('/images')) == [digest]
@@ -145,6 +145,7 @@ def test_a_seed_data_directory_is_indexed_in_the_background(tmp_path, png):
 def test_listing_answers_503_while_the_index_is_incomplete(data_dir, png):
     store = storage.FileStore(str(data_dir))
     store.index.mark_complete(False)
+    store.start()
     client = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir)), store))
 
     # NOTE: the app started a build in a thread; holding its lock keeps it from finishing.
@@ -262,7 +263,7 @@ def test_a_delete_waits_for_an_upload_of_the_same_content_to_finish(data_dir):
         deleter.start()
         time.sleep(0.2)
         assert not deleted.is_set(), 'the delete did not wait for the upload'
-        store._write_meta(staged.hex, {'kind': 'x', 'bytes': 7})
+        store.write_meta(staged.hex, {'kind': 'x', 'bytes': 7})
         store.index.put_missing(storage.index.row_for(staged.hex, {'kind': 'x'}, 0, 7))
     staged.discard()
     deleter.join(5)

@@ -1,0 +1,142 @@
+"""What goes wrong in ISS, as typed errors that carry their HTTP meaning.
+
+Every module below the resources (the store, the index, the meta schema, the
+request body) raises one of these; ``iss.py`` turns each into its JSON answer
+in one place, by its ``status``, ``title`` and ``description``. Nothing here
+knows Falcon, so the store stays usable from the command line and tests.
+
+A server-side failure (``status`` 500 and up) keeps the details it was raised
+with for the log (``str(error)``) and tells the client only its
+``description``: paths and errno texts of the data directory are no client's
+business.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error ISS answers on purpose.
+
+    Args:
+        subject: what happened, or the one value the class's ``detail_format``
+            is about (an id, a limit). The client sees the detail as the
+            description, unless the class has a fixed ``description``
+            (server-side failures).
+        title: overrides the class's title, for a family of input errors.
+    """
+
+    status = 500
+    title = 'Internal error'
+    #: The client's text when it must not be the detail (a server-side failure).
+    description: str | None = None
+    #: Seconds after which trying again may succeed (sent as Retry-After).
+    retry_after: int | None = None
+    #: How the detail reads, made from the subject it is raised with.
+    detail_format = '{}'
+
+    def __init__(self, subject: object, *, title: str | None = None) -> None:
+        super().__init__(self.detail_format.format(subject))
+        if title is not None:
+            self.title = title
+
+    @property
+    def public_description(self) -> str:
+        return self.description or str(self)
+
+
+# -- the client's mistakes --------------------------------------------------------
+
+
+class BadRequest(ServiceError):
+    """Input that cannot be used as it is; the title names what (``Invalid kind``, ``Digest mismatch``)."""
+
+    status = 400
+    title = 'Bad request'
+
+
+class InvalidId(ServiceError, ValueError):
+    """The id is not of the form ``sha256:<64 lowercase hex>``, so it names no blob.
+
+    NOTE: 404 on every route that takes an id in its path, GET or PUT alike: the
+    URL names nothing that could ever exist. In a request body it is 400 (see
+    :class:`InvalidIdInBody`).
+    """
+
+    status = 404
+    title = 'Malformed id'
+
+
+class InvalidIdInBody(BadRequest):
+    """A malformed id inside a request body (``POST /blobs/missing``)."""
+
+    title = 'Malformed id'
+
+
+class BlobNotFound(ServiceError):
+    """No blob is stored under that id."""
+
+    status = 404
+    title = 'Blob not found'
+    detail_format = 'Nothing is stored under {}.'
+
+
+class InvalidCursor(BadRequest, ValueError):
+    """A listing cursor that this index did not hand out."""
+
+    title = 'Invalid cursor'
+
+
+class LengthRequired(ServiceError):
+    status = 411
+    title = 'Length required'
+
+
+class UploadTooLarge(ServiceError):
+    status = 413
+    title = 'Upload too large'
+    detail_format = 'The request body is larger than this service accepts ({} bytes).'
+
+
+class IncompleteBody(BadRequest):
+    """The client went away, or paused too long, before sending the body it declared."""
+
+    title = 'Incomplete request body'
+
+
+# -- the service's own trouble ------------------------------------------------------
+
+
+class StoreFailure(ServiceError):
+    """The store cannot do this right now: the service's trouble, not the request's."""
+
+
+class StoreFull(StoreFailure):
+    """The store has no room left for this write."""
+
+    status = 507
+    title = 'Storage full'
+    description = 'The store has no room for this upload; nothing was stored.'
+
+
+class StoreUnavailable(StoreFailure):
+    """The store cannot be read or written (gone, read-only, I/O error)."""
+
+    status = 503
+    title = 'Storage unavailable'
+    description = 'The data directory cannot be used right now.'
+
+
+class IndexUnavailable(StoreUnavailable):
+    """The index cannot be read or written (see the wrapped error)."""
+
+
+class IndexFull(StoreFull):
+    """The disk holding the index is full."""
+
+
+class IndexIncomplete(StoreUnavailable):
+    """The index is still being built from the files, so it cannot answer listings yet."""
+
+    title = 'Index not ready'
+    description = 'The index is being built from the files (python -m iss reindex); try again shortly.'
+    retry_after = 10

@@ -1,0 +1,214 @@
+"""The operator's checks and clean-ups of a file store: ``fsck`` and ``gc``.
+
+Both run beside a live service, through the same locks as its writes (see
+``disk.py``): a blob being committed or deleted is never judged half-way.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import disk
+from errors import BlobNotFound
+from storage import FileStore
+
+#: Makes the meta of a blob that has none, from its bytes and stat.
+Describe = Callable[[IO[bytes], os.stat_result], dict[str, Any]]
+
+
+@dataclasses.dataclass
+class Verification:
+    """What :func:`verify` found: every problem, and how much it checked."""
+
+    blobs: int = 0
+    bytes: int = 0
+    problems: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def found(self, problem: str, path: str, blob_id: str | None = None, *, repaired: bool = False) -> None:
+        self.problems.append({'problem': problem, 'id': blob_id, 'path': path, 'repaired': repaired})
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing is wrong, or all that was wrong was repaired."""
+        return all(problem['repaired'] for problem in self.problems)
+
+
+# NOTE: a few hundred blobs hash at a time: memory stays flat on a store of millions.
+_VERIFY_BATCH = 256
+
+
+def verify(
+    store: FileStore,
+    *,
+    repair: bool = False,
+    describe: Describe | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Verification:
+    """Re-hash every blob and cross-check blobs, meta and index (``fsck``).
+
+    With ``repair``: a corrupt blob and its meta move to ``quarantine/``,
+    meta without a blob moves there too, a blob without (readable) meta gets
+    the meta ``describe`` gives it, and the index is rebuilt. Files that are
+    no blob or meta are reported, never touched.
+
+    Args:
+        describe: makes the meta of a blob that has none, from its bytes.
+        progress: called with (blobs checked, bytes hashed) as it goes.
+    """
+    checker = _Checker(store, repair, describe, progress)
+    layout = store.layout
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        # NOTE: hashlib releases the GIL, so blobs hash in parallel.
+        pending: list[tuple[str, os.DirEntry]] = []
+        for hex_digest, entry in layout.blob_files():
+            if hex_digest is None:
+                checker.report.found('stray_file', entry.path)
+                continue
+            pending.append((hex_digest, entry))
+            if len(pending) == _VERIFY_BATCH:
+                checker.check_blobs(pool, pending)
+                pending = []
+        checker.check_blobs(pool, pending)
+    for hex_digest, entry in layout.meta_files():
+        if hex_digest is None:
+            checker.report.found('stray_file', entry.path)
+        elif not store.is_stored(hex_digest):
+            moved = repair and checker.quarantine_file(entry.path, hex_digest + '.json')
+            checker.report.found('orphaned_meta', entry.path, 'sha256:' + hex_digest, repaired=moved)
+    with store.index.session():
+        checker.check_index()
+    if repair:
+        store.reindex()
+        for problem in checker.report.problems:
+            if problem['problem'] in ('index_missing', 'index_stale', 'index_differs'):
+                problem['repaired'] = True
+    return checker.report
+
+
+class _Checker:
+    """One fsck run: what it found so far, and how it repairs."""
+
+    def __init__(
+        self,
+        store: FileStore,
+        repair: bool,
+        describe: Describe | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        self.report = Verification()
+        self._store = store
+        self._layout = store.layout
+        self._repair = repair
+        self._describe = describe
+        self._progress = progress
+
+    def check_blobs(self, pool: concurrent.futures.Executor, pending: list[tuple[str, os.DirEntry]]) -> None:
+        hashes = pool.map(disk.hash_file, [entry.path for _, entry in pending])
+        for (hex_digest, entry), actual in zip(pending, hashes, strict=True):
+            if actual is None:
+                continue  # deleted while we looked
+            self.report.blobs += 1
+            self.report.bytes += actual[1]
+            if self._progress:
+                self._progress(self.report.blobs, self.report.bytes)
+            if actual[0] != hex_digest:
+                repaired = self._repair and self._quarantine_blob(hex_digest)
+                self.report.found('corrupt', entry.path, 'sha256:' + hex_digest, repaired=repaired)
+            else:
+                self._check_meta(hex_digest, entry)
+
+    def _check_meta(self, hex_digest: str, entry: os.DirEntry) -> None:
+        blob_id = 'sha256:' + hex_digest
+        meta_path = self._layout.meta_file(hex_digest)
+        if not os.path.exists(meta_path):
+            problem = 'missing_meta'
+        elif self._store.read_meta(blob_id) is None:
+            problem = 'unreadable_meta'
+        else:
+            return
+        repaired = False
+        if self._repair and self._describe is not None:
+            if problem == 'unreadable_meta':
+                self.quarantine_file(meta_path, hex_digest + '.json')
+            with open(entry.path, 'rb') as file:
+                self._store.write_meta(hex_digest, self._describe(file, os.fstat(file.fileno())))
+            repaired = True
+        self.report.found(problem, entry.path, blob_id, repaired=repaired)
+
+    def check_index(self) -> None:
+        index = self._store.index
+        index.start_rebuild()
+        for hex_digest, entry in self._layout.blob_files():
+            if hex_digest is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                expected = self._store.index_row(hex_digest, entry.stat())
+                row = index.get(hex_digest)
+                index.saw(hex_digest)
+                if row is None:
+                    self.report.found('index_missing', entry.path, 'sha256:' + hex_digest)
+                elif row != expected:
+                    self.report.found('index_differs', entry.path, 'sha256:' + hex_digest)
+        for hex_digest in index.unseen():
+            if not self._store.is_stored(hex_digest):
+                self.report.found('index_stale', index.path, 'sha256:' + hex_digest)
+
+    def _quarantine_blob(self, hex_digest: str) -> bool:
+        """Move a corrupt blob, and its meta, out of the store; its index row and derivatives go."""
+        try:
+            with disk.hold(self._layout, hex_digest, fcntl.LOCK_EX):
+                self.quarantine_file(self._layout.blob(hex_digest), hex_digest)
+                self.quarantine_file(self._layout.meta_file(hex_digest), hex_digest + '.json')
+                self._store.index.remove(hex_digest)
+                self._store.derived.remove(hex_digest)
+        except BlobNotFound:
+            return False
+        return True
+
+    def quarantine_file(self, path: str, name: str) -> bool:
+        quarantine = self._layout.quarantine
+        os.makedirs(quarantine, exist_ok=True)
+        target = os.path.join(quarantine, f'{name}.{time.strftime("%Y%m%dT%H%M%S")}')
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return False
+        disk.fsync_directory(os.path.dirname(path))
+        disk.fsync_directory(quarantine)
+        return True
+
+
+def collect_garbage(store: FileStore, *, dry_run: bool = False) -> dict[str, int]:
+    """Remove what no blob needs (``gc``): stale temp files, meta, index rows and
+    derivatives of no blob, and derivatives beyond the cache's bound.
+
+    Returns:
+        How many of each were removed (with ``dry_run``, would be).
+    """
+    counts = {'temp_files': store.sweep_temp(dry_run=dry_run), 'orphaned_meta': 0, 'index_rows': 0}
+    for hex_digest, _ in store.layout.meta_files():
+        # NOTE: a commit links the blob before it writes the meta, and a delete
+        # holds the blob until its meta is gone: meta without a blob is never used.
+        if hex_digest is not None and not store.is_stored(hex_digest):
+            counts['orphaned_meta'] += dry_run or disk.unlink_durably(store.layout.meta_file(hex_digest))
+    for hex_digest in store.index.all_hexes():
+        if not store.is_stored(hex_digest):
+            counts['index_rows'] += dry_run or store.index.remove(hex_digest)
+    counts['derived_files'] = store.derived.remove_orphans(store.is_stored, dry_run=dry_run)
+    if not dry_run:
+        counts['derived_files'] += store.derived.evict(store.derived.max_bytes)[0]
+    return counts
+
+
+def metas(store: FileStore) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every stored blob's id and meta (blobs without readable meta are left out)."""
+    for hex_digest, _ in store.layout.meta_files():
+        if hex_digest is not None and (stored := store.read_meta('sha256:' + hex_digest)) is not None:
+            yield 'sha256:' + hex_digest, stored

@@ -1,0 +1,199 @@
+"""The meta document of a blob: what ISS writes into ``meta/ab/cd/<hex>.json``, in one place.
+
+Every writer of meta (an upload, ``python -m iss import``, ``fsck --repair``,
+the completion of a FastAPI-era image) builds it here, and the listing item
+the index keeps is made here too, so the schema is written down once:
+
+- every blob: ``kind``, ``bytes``, ``mime``, ``created_at`` (Unix seconds);
+- an image (kind ``image``): ``format``, ``width``, ``height`` and the fields of
+  :data:`images.IMAGE_META_KEYS`, read from its header by Pillow;
+- an artifact: the client's own keys besides, which may not be any of ISS's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import IO, Any, Protocol
+
+import images
+from errors import BadRequest
+
+OCTET_STREAM = 'application/octet-stream'
+
+#: What an artifact's kind may be.
+KIND_PATTERN = re.compile(r'[A-Za-z0-9._-]{1,64}')
+
+#: Keys ISS writes into every meta file; an artifact's own meta may not use them.
+RESERVED_KEYS = images.IMAGE_META_KEYS | frozenset(
+    {
+        'kind',
+        'bytes',
+        'mime',
+        'width',
+        'height',
+        'format',
+        'created_at',
+        'image_id',
+        'artifact_id',
+        'filename',
+    }
+)
+
+#: The keys an upload's answer repeats from the stored meta.
+ANSWER_KEYS = ('kind', 'bytes', 'mime', 'width', 'height', 'created_at')
+
+_MEDIA_TYPE_PATTERN = re.compile(r'[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+')
+_CHARSET_PATTERN = re.compile(r'charset="?([A-Za-z0-9._:-]{1,40})"?')
+
+
+# -- building ----------------------------------------------------------------------
+
+
+def image(info: images.ImageInfo, size: int, created_at: float | None = None) -> dict[str, Any]:
+    """The meta of an image: the seed's keys, with what Pillow read from its header."""
+    return {
+        'kind': 'image',
+        'bytes': size,
+        'mime': info.mime,
+        'format': info.format,
+        'width': info.width,
+        'height': info.height,
+        **info.fields,
+        'created_at': _now(created_at),
+    }
+
+
+def identified_image(
+    file: IO[bytes], size: int, created_at: float | None = None, max_pixels: int = images.DEFAULT_MAX_PIXELS
+) -> dict[str, Any]:
+    """The meta of the image in ``file``.
+
+    Raises:
+        images.NotAnImage, images.ImageTooLarge: as :func:`images.identify`.
+    """
+    return image(images.identify(file, max_pixels), size, created_at)
+
+
+def artifact(
+    kind: str, size: int, mime: str | None, user: dict[str, Any] | None = None, created_at: float | None = None
+) -> dict[str, Any]:
+    """The meta of an artifact: the client's keys (checked by :func:`parse_user_meta`) and ISS's."""
+    return {**(user or {}), 'kind': kind, 'bytes': size, 'mime': media_type(mime), 'created_at': _now(created_at)}
+
+
+def recovered(size: int, created_at: float) -> dict[str, Any]:
+    """The meta ``fsck --repair`` gives a blob that had none and is no image."""
+    return artifact('recovered', size, OCTET_STREAM, created_at=created_at)
+
+
+def image_completion(info: images.ImageInfo) -> dict[str, Any]:
+    """The fields a FastAPI-era image's meta lacks, from its header."""
+    return {'format': info.format, **info.fields}
+
+
+class _Completable(Protocol):
+    """The two calls of a store (:class:`storage.BlobStore`) that :func:`complete_image` makes."""
+
+    def open(self, blob_id: str) -> Any: ...
+
+    def complete_meta(self, blob_id: str, fields: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def complete_image(store: _Completable, blob_id: str, max_pixels: int) -> dict[str, Any] | None:
+    """Fill in, once and for good, the image fields a stored meta lacks (the FastAPI version wrote fewer).
+
+    The seed's own keys are kept as they are; None when the bytes are no image Pillow reads.
+    """
+    blob = store.open(blob_id)
+    with blob.file:
+        try:
+            info = images.identify(blob.file, max_pixels)
+        except (images.NotAnImage, images.ImageTooLarge):
+            return None
+    return store.complete_meta(blob_id, image_completion(info))
+
+
+def lacks_fields(meta: dict[str, Any]) -> bool:
+    """True for an image's meta without the fields this version records (the FastAPI version's)."""
+    return meta.get('kind') == 'image' and not meta.keys() >= images.IMAGE_META_KEYS
+
+
+def listing_item(blob_id: str, meta: dict[str, Any] | None, size: int) -> dict[str, Any]:
+    """A blob as listings show it: its id and stored meta (``bytes`` at least)."""
+    item = {'id': blob_id, **(meta or {})}
+    item.setdefault('bytes', size)
+    return item
+
+
+def encode(meta: dict[str, Any]) -> bytes:
+    """The bytes of a meta file (compact JSON)."""
+    return json.dumps(meta, separators=(',', ':')).encode()
+
+
+def _now(created_at: float | None) -> float:
+    return time.time() if created_at is None else created_at
+
+
+# -- checking what clients send ----------------------------------------------------------
+
+
+def check_kind(kind: str | None) -> str:
+    """Return ``kind`` if it is a valid artifact kind.
+
+    Raises:
+        BadRequest: it is missing or not of :data:`KIND_PATTERN`.
+    """
+    if kind is None or not KIND_PATTERN.fullmatch(kind):
+        raise BadRequest(
+            'kind is required: 1 to 64 characters of A-Z, a-z, 0-9, ".", "_" or "-".', title='Invalid kind'
+        )
+    return kind
+
+
+def parse_user_meta(text: str | None, max_bytes: int) -> dict[str, Any]:
+    """Parse an artifact's own meta (a JSON object of at most ``max_bytes``), refusing ISS's keys.
+
+    Raises:
+        BadRequest: too large, not a JSON object, or setting a reserved key.
+    """
+    if not text:
+        return {}
+    if len(text.encode()) > max_bytes:
+        raise _invalid_meta(f'meta is larger than {max_bytes} bytes.')
+    try:
+        parsed = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _invalid_meta(f'meta is not JSON: {exc}') from None
+    if not isinstance(parsed, dict):
+        raise _invalid_meta('meta must be a JSON object.')
+    reserved = sorted(RESERVED_KEYS.intersection(parsed))
+    if reserved:
+        raise _invalid_meta(f'meta may not set keys ISS owns: {", ".join(reserved)}.')
+    return parsed
+
+
+def media_type(value: str | None) -> str:
+    """Normalise a client-declared Content-Type, or fall back to octet-stream.
+
+    Only a plain ``type/subtype`` (and a charset) is kept: anything else is
+    not trusted into a response header.
+    """
+    if not value:
+        return OCTET_STREAM
+    essence, _, params = value.partition(';')
+    essence = essence.strip().lower()
+    # NOTE: curl --data-binary labels every body a form; that is no type at all.
+    if not _MEDIA_TYPE_PATTERN.fullmatch(essence) or essence == 'application/x-www-form-urlencoded':
+        return OCTET_STREAM
+    charset = _CHARSET_PATTERN.search(params)
+    return f'{essence}; charset={charset.group(1)}' if charset else essence
+
+
+def _invalid_meta(description: str) -> BadRequest:
+    return BadRequest(description, title='Invalid meta')
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f'{name} is not valid JSON')

@@ -1,0 +1,40 @@
+"""The few Linux C library calls ISS uses that Python's os module lacks.
+
+Each is None-safe: where this libc has no such function (musl has no
+``mallopt``; macOS no ``sync_file_range``) the call does nothing, and ISS
+keeps its guarantees, only without that optimisation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Callable
+
+
+def libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """A C library function, or None where this libc has none."""
+    library = ctypes.util.find_library('c')
+    function = getattr(ctypes.CDLL(library, use_errno=True), name, None) if library else None
+    if function is not None:
+        function.argtypes = argtypes
+    return function
+
+
+_sync_file_range = libc_function('sync_file_range', ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>: start writeback, do not wait for it
+
+_mallopt = libc_function('mallopt', ctypes.c_int, ctypes.c_int)
+_M_MMAP_THRESHOLD = -3  # from <malloc.h>
+
+
+def sync_file_range_write(fd: int, offset: int, length: int) -> None:
+    """Start writing these bytes of ``fd`` to disk, without waiting (sync_file_range(2))."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def set_mmap_threshold(size: int) -> None:
+    """Serve allocations of ``size`` bytes and more from mmap, always (mallopt(3))."""
+    if _mallopt is not None:
+        _mallopt(_M_MMAP_THRESHOLD, size)
