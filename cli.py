@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import images
 import index
+import iss_client
 import maintenance
 import meta
 import storage
@@ -122,33 +123,60 @@ def stats(store: storage.FileStore, args: argparse.Namespace, progress: Progress
 
 
 def import_files(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
-    """Store every file below a directory, as images (default) or as artifacts of ``--kind``."""
+    """Store every file below a directory, as images (default) or as artifacts of ``--kind``.
+
+    APPSEC: a symlink is followed only while it stays inside the directory; one that
+    leads out (to ``/etc/passwd``, say) is skipped and reported, never stored.
+    """
     if not os.path.isdir(args.directory):
         raise UsageError(f'{args.directory} is not a directory')
-    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(args.directory) for name in names)
-    result: dict[str, Any] = {'files': len(paths), 'new': 0, 'existing': 0, 'bytes': 0, 'skipped': [], 'failed': []}
-    for done, path in enumerate(paths, 1):
+    top = os.path.realpath(args.directory)
+    files, skipped = iss_client.files_below([args.directory])
+    result: dict[str, Any] = {
+        'files': len(files) + len(skipped),
+        'new': 0,
+        'existing': 0,
+        'bytes': 0,
+        'skipped': skipped,
+        'failed': [],
+        'manifest': [],
+    }
+    for done, (path, relative) in enumerate(files, 1):
         try:
             with open(path, 'rb') as file, store.stage(file) as staged:
                 with staged.open() as stored:
-                    meta = _import_meta(args.kind, path, stored, staged.size)
-                committed = store.commit(staged, meta)
-        except (images.NotAnImage, images.ImageTooLarge) as exc:
-            result['skipped'].append({'path': path, 'reason': f'not an image: {exc}'})
+                    import_meta = _import_meta(args.kind, path, stored, staged.size)
+                committed = store.commit(staged, import_meta)
+        except images.NotAnImage:
+            result['skipped'].append({'path': path, 'reason': 'not an image Pillow can identify (use --kind)'})
+        except images.ImageTooLarge as exc:
+            result['skipped'].append({'path': path, 'reason': f'image too large: {exc}'})
         except OSError as exc:
-            result['failed'].append({'path': path, 'reason': exc.strerror or str(exc)})
+            result['failed'].append({'path': path, 'reason': exc.strerror or type(exc).__name__})
         else:
             result['new' if committed.created else 'existing'] += 1
             result['bytes'] += staged.size
-        status = f'{_bar(done, len(paths))} {done:,}/{len(paths):,} files  {_megabytes(result["bytes"])}'
-        progress.show(f'import  {status}', final=done == len(paths))
-    return (PROBLEMS if result['failed'] else OK), result
+            result['manifest'].append(
+                iss_client.manifest_entry(
+                    os.path.relpath(path, top) if relative is None else relative,
+                    staged.digest,
+                    staged.size,
+                    committed.created,
+                )
+            )
+        status = f'{_bar(done, len(files))} {done:,}/{len(files):,} files  {_megabytes(result["bytes"])}'
+        progress.show(f'import  {status}', final=done == len(files))
+    if args.manifest:
+        with open(args.manifest, 'w') as out:
+            out.writelines(json.dumps(entry) + '\n' for entry in result['manifest'])
+    return (PROBLEMS if result['failed'] or result['skipped'] else OK), result
 
 
 def _import_meta(kind: str | None, path: str, file: IO[bytes], size: int) -> dict[str, Any]:
+    name = os.path.basename(path)
     if kind is None:
-        return meta.identified_image(file, size)
-    return meta.artifact(kind, size, mimetypes.guess_type(path)[0])
+        return meta.identified_image(file, size, filename=name)
+    return meta.artifact(kind, size, mimetypes.guess_type(path)[0], filename=name)
 
 
 # -- the command line -----------------------------------------------------------
@@ -174,8 +202,14 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument('--progress', action='store_true', help='show progress even when stderr is no terminal')
     commands = top.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
+    # NOTE: the output options work before or after the command; SUPPRESS keeps a
+    # subcommand's default from undoing one given before it.
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument('--json', action='store_true', default=argparse.SUPPRESS, help='print one JSON document')
+    output.add_argument('--progress', action='store_true', default=argparse.SUPPRESS, help='show progress anyway')
+
     def command(name: str, function: Command, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[output])
         sub.set_defaults(function=function)
         return sub
 
@@ -193,6 +227,7 @@ def parser() -> argparse.ArgumentParser:
     importer = command('import', import_files, 'store every file below DIRECTORY (as images unless --kind)')
     importer.add_argument('directory', metavar='DIRECTORY')
     importer.add_argument('--kind', type=_kind, help='store the files as artifacts of this kind')
+    importer.add_argument('--manifest', metavar='FILE', help='also write the manifest there, one JSON line a file')
     return top
 
 
@@ -215,19 +250,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print(args: argparse.Namespace, result: dict[str, Any], stream: IO[str] | None = None) -> None:
+    """The result as one JSON document (``--json``), else as lines a person reads."""
     stream = stream or sys.stdout
     if args.json:
         json.dump(result, stream, indent=2)
         stream.write('\n')
         return
     for key, value in result.items():
-        if isinstance(value, list):
-            stream.write(f'{key}: {len(value)}\n')
+        label = key.replace('_', ' ')
+        if key == 'manifest':
+            stream.write(f'{label}: {len(value):,} files (--json or --manifest FILE to see them)\n')
+        elif isinstance(value, list):
+            stream.write(f'{label}: {len(value):,}\n')
             for item in value:
                 stream.write('  ' + '  '.join(f'{k}={v}' for k, v in item.items() if v is not None) + '\n')
+        elif key == 'kinds':
+            stream.write(f'{label}:\n')
+            for name, totals in value.items():
+                stream.write(f'  {name or "(no meta)"}: {totals["count"]:,} blobs, {_megabytes(totals["bytes"])}\n')
         elif isinstance(value, dict):
-            stream.write(f'{key}:\n')
-            for name, item in value.items():
-                stream.write(f'  {name or "(no meta)"}: {item}\n')
+            stream.write(f'{label}: ' + ', '.join(f'{name} {count:,}' for name, count in value.items()) + '\n')
+        elif key.endswith('bytes') and isinstance(value, int):
+            stream.write(f'{label}: {_megabytes(value)} ({value:,} bytes)\n')
         else:
-            stream.write(f'{key}: {value}\n')
+            stream.write(
+                f'{label}: {value:,}\n'
+                if isinstance(value, int) and not isinstance(value, bool)
+                else f'{label}: {value}\n'
+            )

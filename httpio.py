@@ -15,6 +15,8 @@ import dataclasses
 import io
 import re
 import socket
+import unicodedata
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -281,18 +283,26 @@ def is_multipart(req: falcon.Request) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class Presentation:
+    """How a file is presented to the client: its type, and the name it is saved as."""
+
+    content_type: str
+    filename: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Sendable:
     """What :func:`send_file` serves, and how to learn about it only as far as the request needs.
 
     A GET costs an ``open``, a HEAD a ``stat``, and a 304 only the check that
     the thing is still stored (``exists``, by default the ``stat``). The type
-    may depend on which stored copy it is.
+    and the name to save it as may depend on which stored copy it is.
     """
 
     etag: str
     open: Callable[[], OpenBlob]
     stat: Callable[[], BlobStat]
-    content_type: Callable[[BlobStat], str]
+    describe: Callable[[BlobStat], Presentation]
     exists: Callable[[], object] | None = None
     #: Where a proxy in front finds the bytes (X-Accel-Redirect), or None to send them here.
     redirect: Callable[[BlobStat], str | None] = lambda stat: None
@@ -315,15 +325,15 @@ def send_file(req: falcon.Request, resp: falcon.Response, sendable: Sendable) ->
     file = blob.file if blob is not None else None
     try:
         stat = blob.stat if blob is not None else sendable.stat()
-        content_type = sendable.content_type(stat)
+        presentation = sendable.describe(stat)
         _immutable(resp, sendable.etag)
-        resp.content_type = content_type
+        resp.content_type = presentation.content_type
         resp.accept_ranges = 'bytes'
         resp.set_header('X-Content-Type-Options', 'nosniff')
         resp.set_header('Content-Security-Policy', _BLOB_CSP)
-        essence = content_type.partition(';')[0]
-        if essence in _ACTIVE_TYPES or essence.endswith('+xml'):
-            resp.set_header('Content-Disposition', 'attachment')
+        essence = presentation.content_type.partition(';')[0]
+        active = essence in _ACTIVE_TYPES or essence.endswith('+xml')
+        resp.set_header('Content-Disposition', content_disposition(presentation.filename, attachment=active))
         byte_range = _requested_range(req, sendable.etag, stat.size)
         redirect = sendable.redirect(stat) if file is not None else None
         if redirect is not None:
@@ -351,6 +361,26 @@ def send_file(req: falcon.Request, resp: falcon.Response, sendable: Sendable) ->
     finally:
         if file is not None:
             file.close()
+
+
+def content_disposition(filename: str, *, attachment: bool = False) -> str:
+    """``inline`` (or ``attachment``) with the file name, RFC 6266: ``filename*`` when it is not ASCII.
+
+    ``filename`` comes cleaned of control characters (see meta.clean_filename); quotes
+    and backslashes are escaped here, so nothing in it can end the header or the parameter.
+    """
+    kind = 'attachment' if attachment else 'inline'
+    try:
+        filename.encode('ascii')
+    except UnicodeEncodeError:
+        fallback = unicodedata.normalize('NFKD', filename).encode('ascii', 'ignore').decode() or 'download'
+        encoded = urllib.parse.quote(filename, safe='!#$&+-.^_`|~')
+        return f'{kind}; filename="{_quoted(fallback)}"; filename*=UTF-8\'\'{encoded}'
+    return f'{kind}; filename="{_quoted(filename)}"'
+
+
+def _quoted(text: str) -> str:
+    return text.replace('\\', '\\\\').replace('"', '\\"')
 
 
 def _immutable(resp: falcon.Response, etag: str) -> None:

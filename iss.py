@@ -37,7 +37,7 @@ from auth import RequireToken
 from blobs import BlobStat, Committed, OpenBlob, parse_id
 from config import Settings
 from errors import BadRequest, InvalidId, InvalidIdInBody, ServiceError, StoreFailure
-from httpio import Sendable, Upload, UploadReceiver, send_file
+from httpio import Presentation, Sendable, Upload, UploadReceiver, send_file
 from storage import BlobStore
 
 log = logging.getLogger('iss')
@@ -138,7 +138,9 @@ class ImageUploads:
     def commit(self, req: falcon.Request, upload: Upload) -> Committed:
         with upload.staged.open() as file:
             try:
-                image_meta = meta.identified_image(file, upload.staged.size, max_pixels=self._max_pixels)
+                image_meta = meta.identified_image(
+                    file, upload.staged.size, max_pixels=self._max_pixels, filename=_offered_name(req, upload)
+                )
             except images.NotAnImage:
                 raise falcon.HTTPUnsupportedMediaType(
                     title='Not an image',
@@ -169,7 +171,10 @@ class ArtifactUploads:
     def commit(self, req: falcon.Request, upload: Upload) -> Committed:
         kind = meta.check_kind(self._value(req, upload, 'kind'))
         user = meta.parse_user_meta(self._value(req, upload, 'meta'), self._max_meta_bytes)
-        return self._store.commit(upload.staged, meta.artifact(kind, upload.staged.size, upload.content_type, user))
+        artifact_meta = meta.artifact(
+            kind, upload.staged.size, upload.content_type, user, filename=_offered_name(req, upload)
+        )
+        return self._store.commit(upload.staged, artifact_meta)
 
     @staticmethod
     def _value(req: falcon.Request, upload: Upload, name: str) -> str | None:
@@ -181,10 +186,21 @@ class ArtifactUploads:
         return upload.fields[name]
 
 
-def _answer_upload(resp: falcon.Response, uploads: Uploads, digest: str, committed: Committed, filename: str | None):
-    """201 with Location for new content, 200 when it was already stored."""
-    body: dict[str, Any] = {uploads.id_field: digest, 'filename': filename}
-    body.update({key: committed.meta[key] for key in meta.ANSWER_KEYS if key in committed.meta})
+def _offered_name(req: falcon.Request, upload: Upload) -> str | None:
+    """The file name the client gives: ``?filename=`` (any upload), else the form part's."""
+    return req.get_param('filename') or upload.filename
+
+
+def _answer_upload(resp: falcon.Response, uploads: Uploads, digest: str, committed: Committed, offered: str | None):
+    """201 with Location for new content; 200 and the meta stored before when it was already stored.
+
+    ``created`` says which in the body too; ``filename`` is the stored one (the first
+    upload's), or for a blob stored without one, the name this upload offered.
+    """
+    stored = committed.meta
+    body: dict[str, Any] = {uploads.id_field: digest, 'filename': stored.get('filename', meta.clean_filename(offered))}
+    body.update({key: stored[key] for key in meta.ANSWER_KEYS if key in stored})
+    body['created'] = committed.created
     resp.media = body
     resp.location = f'/{uploads.id_field.partition("_")[0]}s/{digest}'
     resp.status = falcon.HTTP_201 if committed.created else falcon.HTTP_200
@@ -291,33 +307,37 @@ class Stats:
 # -- one blob ---------------------------------------------------------------------------
 
 
-class ContentTypes:
-    """The Content-Type each blob is served with, remembered once learned."""
+class Presentations:
+    """How each blob is presented: the Content-Type it is served with and the name it is saved as.
+
+    Learned from its meta once per stored copy, and remembered.
+    """
 
     # NOTE: bounded so a scan over many ids cannot grow a worker without end.
     _CACHE_SIZE = 100_000
 
     def __init__(self, store: BlobStore) -> None:
         self._store = store
-        # PERF: blobs are immutable, so a type learned once stays right.
-        self._known: dict[tuple[str, str], str] = {}
+        # PERF: blobs are immutable, so what is learned once of a stored copy stays right.
+        self._known: dict[tuple[str, str], Presentation] = {}
 
-    def of(self, blob_id: str, stat: BlobStat) -> str:
-        """The type of the stored copy ``stat`` describes."""
-        content_type = self._known.get((blob_id, stat.version))
-        if content_type is None:
-            content_type = self._look_up(blob_id)
-            if content_type is None:
-                return meta.OCTET_STREAM  # NOTE: not remembered; the metadata may yet be written
+    def of(self, blob_id: str, stat: BlobStat) -> Presentation:
+        """The presentation of the stored copy ``stat`` describes."""
+        known = self._known.get((blob_id, stat.version))
+        if known is not None:
+            return known
+        stored = self._store.read_meta(blob_id)
+        content_type = self._content_type(blob_id, stored)
+        presentation = Presentation(content_type, meta.download_name(blob_id, stored, content_type))
+        if stored is not None:  # NOTE: not remembered without meta; it may yet be written
             if len(self._known) >= self._CACHE_SIZE:
                 self._known.clear()
-            self._known[(blob_id, stat.version)] = content_type
-        return content_type
+            self._known[(blob_id, stat.version)] = presentation
+        return presentation
 
-    def _look_up(self, blob_id: str) -> str | None:
-        stored = self._store.read_meta(blob_id)
+    def _content_type(self, blob_id: str, stored: dict[str, Any] | None) -> str:
         if stored is None:
-            return None
+            return meta.OCTET_STREAM
         if stored.get('kind') == 'image' and 'format' not in stored:
             # NOTE: the FastAPI version stored the client's claim as an image's
             # mime; the bytes say what it really is.
@@ -347,14 +367,14 @@ class Item:
         store: BlobStore,
         receiver: UploadReceiver,
         uploads: Uploads,
-        content_types: ContentTypes,
+        presentations: Presentations,
         settings: Settings,
         derivatives: Derivatives | None = None,
     ) -> None:
         self._store = store
         self._receiver = receiver
         self._uploads = uploads
-        self._content_types = content_types
+        self._presentations = presentations
         self._derivatives = derivatives
         self._accel_redirect = settings.accel_redirect
         self._accel_min_bytes = settings.accel_min_bytes
@@ -375,7 +395,7 @@ class Item:
                     title='Digest mismatch',
                 )
             committed = self._uploads.commit(req, upload)
-        _answer_upload(resp, self._uploads, blob_id, committed, None)
+        _answer_upload(resp, self._uploads, blob_id, committed, _offered_name(req, upload))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         """Remove the blob, its meta, index row and derivatives (RequireToken checked the admin token)."""
@@ -393,7 +413,7 @@ class Item:
             etag=blob_id,
             open=lambda: self._store.open(blob_id),
             stat=lambda: self._store.stat(blob_id),
-            content_type=lambda stat: self._content_types.of(blob_id, stat),
+            describe=lambda stat: self._presentations.of(blob_id, stat),
             redirect=redirect,
         )
 
@@ -438,12 +458,17 @@ class Derivatives:
                 etag=f'{blob_id}/{variant.key}',
                 open=lambda: self._open(blob_id, variant),
                 stat=stat,
-                content_type=lambda stat: variant.media_type,
+                describe=lambda stat: self._presentation(blob_id, variant),
                 # NOTE: a 304 needs no render (the variant decides the bytes), only the blob.
                 exists=lambda: self._store.stat(blob_id),
             ),
         )
         return True
+
+    def _presentation(self, blob_id: str, variant: images.Variant) -> Presentation:
+        """A derivative is saved as its source's name with the variant: ``photo-256x256-cover.webp``."""
+        source_name = meta.download_name(blob_id, self._store.read_meta(blob_id), meta.OCTET_STREAM)
+        return Presentation(variant.media_type, f'{pathlib.PurePath(source_name).stem}-{variant.key}')
 
     def _open(self, blob_id: str, variant: images.Variant) -> OpenBlob:
         """The cached derivative, rendered first if it is not cached."""
@@ -649,16 +674,16 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     app.add_error_handler(Exception, _log_unexpected_error)
 
     receiver = UploadReceiver(store, settings)
-    content_types = ContentTypes(store)
+    presentations = Presentations(store)
     image_uploads = ImageUploads(store, settings)
     artifact_uploads = ArtifactUploads(store, settings)
     derivatives = Derivatives(store, settings)
     blob_meta = BlobMeta(store, settings)
     app.add_route('/images', Collection(store, receiver, image_uploads, index.IMAGES))
-    app.add_route('/images/{blob_id}', Item(store, receiver, image_uploads, content_types, settings, derivatives))
+    app.add_route('/images/{blob_id}', Item(store, receiver, image_uploads, presentations, settings, derivatives))
     app.add_route('/images/{blob_id}/meta', blob_meta)
     app.add_route('/artifacts', Collection(store, receiver, artifact_uploads, index.ARTIFACTS))
-    app.add_route('/artifacts/{blob_id}', Item(store, receiver, artifact_uploads, content_types, settings))
+    app.add_route('/artifacts/{blob_id}', Item(store, receiver, artifact_uploads, presentations, settings))
     app.add_route('/artifacts/{blob_id}/meta', blob_meta)
     app.add_route('/blobs/missing', MissingBlobs(store, receiver))
     app.add_route('/stats', Stats(store))

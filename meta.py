@@ -13,8 +13,10 @@ the index keeps is made here too, so the schema is written down once:
 from __future__ import annotations
 
 import json
+import mimetypes
 import re
 import time
+import unicodedata
 from typing import IO, Any, Protocol
 
 import images
@@ -51,7 +53,9 @@ _CHARSET_PATTERN = re.compile(r'charset="?([A-Za-z0-9._:-]{1,40})"?')
 # -- building ----------------------------------------------------------------------
 
 
-def image(info: images.ImageInfo, size: int, created_at: float | None = None) -> dict[str, Any]:
+def image(
+    info: images.ImageInfo, size: int, created_at: float | None = None, filename: str | None = None
+) -> dict[str, Any]:
     """The meta of an image: the seed's keys, with what Pillow read from its header."""
     return {
         'kind': 'image',
@@ -61,26 +65,85 @@ def image(info: images.ImageInfo, size: int, created_at: float | None = None) ->
         'width': info.width,
         'height': info.height,
         **info.fields,
+        **_named(filename),
         'created_at': _now(created_at),
     }
 
 
 def identified_image(
-    file: IO[bytes], size: int, created_at: float | None = None, max_pixels: int = images.DEFAULT_MAX_PIXELS
+    file: IO[bytes],
+    size: int,
+    created_at: float | None = None,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    filename: str | None = None,
 ) -> dict[str, Any]:
     """The meta of the image in ``file``.
 
     Raises:
         images.NotAnImage, images.ImageTooLarge: as :func:`images.identify`.
     """
-    return image(images.identify(file, max_pixels), size, created_at)
+    return image(images.identify(file, max_pixels), size, created_at, filename)
 
 
 def artifact(
-    kind: str, size: int, mime: str | None, user: dict[str, Any] | None = None, created_at: float | None = None
+    kind: str,
+    size: int,
+    mime: str | None,
+    user: dict[str, Any] | None = None,
+    created_at: float | None = None,
+    filename: str | None = None,
 ) -> dict[str, Any]:
     """The meta of an artifact: the client's keys (checked by :func:`parse_user_meta`) and ISS's."""
-    return {**(user or {}), 'kind': kind, 'bytes': size, 'mime': media_type(mime), 'created_at': _now(created_at)}
+    return {
+        **(user or {}),
+        'kind': kind,
+        'bytes': size,
+        'mime': media_type(mime),
+        **_named(filename),
+        'created_at': _now(created_at),
+    }
+
+
+def _named(filename: str | None) -> dict[str, str]:
+    """``filename``, as stored: the client's base name only, or nothing."""
+    name = clean_filename(filename)
+    return {'filename': name} if name else {}
+
+
+# NOTE: a name longer than most filesystems take is no name to save a file as.
+_MAX_FILENAME_BYTES = 255
+
+
+def clean_filename(name: str | None) -> str | None:
+    """The base name of a client's file name, safe to store and to send back in a header.
+
+    APPSEC: no directories (``../etc/passwd`` is ``passwd``), no control or format
+    characters (no header can be injected through it), at most 255 bytes of UTF-8;
+    None when nothing is left.
+    """
+    if not name:
+        return None
+    base = re.split(r'[/\\]', name)[-1]
+    base = ''.join(ch for ch in base if unicodedata.category(ch) not in ('Cc', 'Cf', 'Zl', 'Zp')).strip()
+    encoded = base.encode()
+    if len(encoded) > _MAX_FILENAME_BYTES:
+        base = encoded[:_MAX_FILENAME_BYTES].decode('utf-8', 'ignore')
+    return base if base not in ('', '.', '..') else None
+
+
+def download_name(blob_id: str, stored: dict[str, Any] | None, content_type: str) -> str:
+    """What a download of the blob is saved as: the stored file name, else ``<hex>.<ext>`` from its type."""
+    stored_name = (stored or {}).get('filename')
+    name = clean_filename(stored_name) if isinstance(stored_name, str) else None
+    if name:
+        return name
+    essence = content_type.partition(';')[0]
+    extension = _EXTENSIONS.get(essence) or mimetypes.guess_extension(essence) or ''
+    return blob_id.removeprefix('sha256:') + extension
+
+
+# NOTE: mimetypes' first guess for these is an odd one (.jpe, .htm...).
+_EXTENSIONS = {'image/jpeg': '.jpg', 'text/html': '.html', 'text/plain': '.txt', 'application/octet-stream': '.bin'}
 
 
 def recovered(size: int, created_at: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import urllib.parse
 
 import falcon.inspect
 import pytest
@@ -68,7 +69,9 @@ def test_same_image_twice_is_200_with_one_blob(client, data_dir, png):
     assert (first.status_int, second.status_int) == (201, 200)
     assert second.json['image_id'] == first.json['image_id']
     assert second.json['created_at'] == first.json['created_at']
-    assert second.json['filename'] == 'other-name.png'
+    # the answer is the stored meta, the first upload's name included, and says so
+    assert second.json['filename'] == 'x.png'
+    assert (first.json['created'], second.json['created']) == (True, False)
     assert len(files_under(data_dir / 'blobs')) == 1
 
 
@@ -418,7 +421,7 @@ def test_download_headers(client, png):
     assert response.headers['Accept-Ranges'] == 'bytes'
     assert response.headers['X-Content-Type-Options'] == 'nosniff'
     assert 'sandbox' in response.headers['Content-Security-Policy']
-    assert 'Content-Disposition' not in response.headers
+    assert response.headers['Content-Disposition'] == 'inline; filename="x.png"'
 
 
 def test_head_has_the_headers_of_get_and_no_body(client, png):
@@ -530,7 +533,7 @@ def test_active_content_is_served_so_it_cannot_run(client, mime):
     response = client.get(f'/artifacts/{blob_id(data)}')
 
     assert response.headers['Content-Type'] == mime
-    assert response.headers['Content-Disposition'] == 'attachment'
+    assert response.headers['Content-Disposition'].startswith('attachment; filename=')
     assert "default-src 'none'" in response.headers['Content-Security-Policy']
     assert 'sandbox' in response.headers['Content-Security-Policy']
     assert response.headers['X-Content-Type-Options'] == 'nosniff'
@@ -711,6 +714,74 @@ def test_body_without_length_is_411_when_the_server_does_not_delimit_it(client):
     response = client.do_request(request, status=411)
 
     assert response.json['title'] == 'Length required'
+
+
+# -- names ----------------------------------------------------------------------
+
+
+def test_the_first_uploads_name_is_kept_and_downloads_are_saved_under_it(client, png):
+    digest = upload_image(client, png, 'holiday.png').json['image_id']
+    upload_image(client, png, 'renamed.png')
+
+    assert client.get(f'/images/{digest}/meta').json['filename'] == 'holiday.png'
+    assert client.get(f'/images/{digest}').headers['Content-Disposition'] == 'inline; filename="holiday.png"'
+    assert client.head(f'/images/{digest}').headers['Content-Disposition'] == 'inline; filename="holiday.png"'
+    derived = client.get(f'/images/{digest}?w=10&format=webp')
+    assert derived.headers['Content-Disposition'] == 'inline; filename="holiday-10x-contain-q80.webp"'
+    assert client.get('/images').json['items'][0]['filename'] == 'holiday.png'
+
+
+def test_a_put_names_its_file_with_the_filename_parameter(client):
+    data = b'weights'
+    response = client.put(f'/artifacts/{blob_id(data)}?kind=model&filename=model.bin', data)
+
+    assert response.json['filename'] == 'model.bin'
+    assert client.get(f'/artifacts/{blob_id(data)}').headers['Content-Disposition'] == 'inline; filename="model.bin"'
+
+
+@pytest.mark.parametrize(
+    'mime, extension', [('image/png', '.png'), ('application/octet-stream', '.bin'), ('text/csv', '.csv')]
+)
+def test_a_blob_without_a_name_is_saved_as_its_hex_with_the_extension_of_its_type(client, mime, extension):
+    data = make_png() if mime == 'image/png' else b'a,b\n1,2\n'
+    door = 'images' if mime == 'image/png' else 'artifacts?kind=k'
+    client.post(f'/{door}', data, headers={'Content-Type': mime})
+    response = client.get(f'/artifacts/{blob_id(data)}')
+
+    assert response.headers['Content-Disposition'] == f'inline; filename="{blob_id(data)[7:]}{extension}"'
+
+
+@pytest.mark.parametrize(
+    'offered, stored, header',
+    [
+        ('../../etc/passwd', 'passwd', 'inline; filename="passwd"'),
+        ('C:\\Users\\me\\cat.png', 'cat.png', 'inline; filename="cat.png"'),
+        ('a\r\nSet-Cookie: x=1.png', 'aSet-Cookie: x=1.png', 'inline; filename="aSet-Cookie: x=1.png"'),
+        ('say "hi".png', 'say "hi".png', 'inline; filename="say \\"hi\\".png"'),
+        (
+            'été 2026.png',
+            'été 2026.png',
+            'inline; filename="ete 2026.png"; filename*=UTF-8\'\'%C3%A9t%C3%A9%202026.png',
+        ),
+        ('\u202egnp.exe', 'gnp.exe', 'inline; filename="gnp.exe"'),
+        ('..', None, None),
+    ],
+)
+def test_a_clients_file_name_is_stored_as_a_base_name_that_cannot_inject_a_header(client, offered, stored, header):
+    data = offered.encode() + b' bytes'
+    response = client.put(f'/artifacts/{blob_id(data)}?kind=k&filename={urllib.parse.quote(offered)}', data)
+
+    assert response.json['filename'] == stored
+    assert client.get(f'/artifacts/{blob_id(data)}/meta').json.get('filename') == stored
+    disposition = client.get(f'/artifacts/{blob_id(data)}').headers['Content-Disposition']
+    assert disposition == (header or f'inline; filename="{blob_id(data)[7:]}.bin"')
+
+
+def test_a_stored_name_is_bounded_to_255_bytes(client):
+    data = b'long'
+    client.put(f'/artifacts/{blob_id(data)}?kind=k&filename={"é" * 200}.bin', data)
+
+    assert len(client.get(f'/artifacts/{blob_id(data)}/meta').json['filename'].encode()) <= 255
 
 
 # -- metadata -------------------------------------------------------------------
@@ -1036,12 +1107,13 @@ def test_unusable_settings_are_refused_with_their_name(name, value):
 
 
 def test_nothing_but_config_reads_the_environment():
-    # NOTE: gunicorn.conf.py may write it (for prometheus_client), never read it.
+    # NOTE: gunicorn.conf.py may write it (for prometheus_client), never read it; the client
+    # (iss_client.py) is a program of its own, installed without the server, and reads ISS_URL.
     reads = re.compile(r'\bos\.environ\b(?!\[[^]]+\]\s*=[^=])|\bos\.getenv|\bgetenv\(')
     readers = {
         path.name
         for path in HERE.glob('*.py')
-        if not path.name.startswith(('test_', 'conftest')) and reads.search(path.read_text())
+        if not path.name.startswith(('test_', 'conftest', 'iss_client')) and reads.search(path.read_text())
     }
 
     assert readers == {'config.py'}

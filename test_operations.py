@@ -7,6 +7,9 @@ import fcntl
 import hashlib
 import json
 import os
+import pathlib
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -17,7 +20,7 @@ import webtest
 import iss
 import storage
 from config import Settings
-from conftest import MISSING, blob_id, blob_path, cli_json, files_under, make_png, run_cli, upload_image, wait_for
+from conftest import HERE, MISSING, blob_id, blob_path, cli_json, files_under, make_png, run_cli, upload_image, wait_for
 
 ADMIN = {'Authorization': 'Bearer admin-secret'}
 
@@ -486,14 +489,79 @@ def test_import_stores_a_folder_as_images_and_reports_what_it_skipped(tmp_path, 
 
     result = run_cli('--progress', 'import', str(folder), data_dir=data_dir)
 
-    assert result.returncode == 0, result.stderr
+    # NOTE: a file skipped is a file not imported: the exit code says so (1), as the README's
+    # exit codes do, and the reason speaks of the file, not of ISS's internals.
+    assert result.returncode == 1, result.stderr
     assert 'files: 4\nnew: 2\nexisting: 1\n' in result.stdout
     assert 'skipped: 1\n' in result.stdout and 'notes.txt' in result.stdout
+    assert 'not an image Pillow can identify' in result.stdout and '<_io' not in result.stdout
     assert '[' + '#' * 30 + '] 4/4 files' in result.stderr
     listed = client.get('/images').json['items']
     assert sorted(item['id'] for item in listed) == sorted(
         {blob_id(make_png(color='red')), blob_id(make_png(color='blue'))}
     )
+
+
+def test_import_skips_symlinks_that_lead_out_of_the_folder(tmp_path, data_dir, client):
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    (folder / 'a.png').write_bytes(make_png(color='red'))
+    (folder / 'inside.png').symlink_to(folder / 'a.png')
+    (folder / 'passwd').symlink_to('/etc/passwd')
+    (folder / 'etc').symlink_to('/etc')
+
+    result = cli_json(data_dir, 'import', str(folder), '--kind', 'file', expect=1)
+
+    assert sorted(item['path'] for item in result['skipped']) == [str(folder / 'etc'), str(folder / 'passwd')]
+    assert all('leads out of' in item['reason'] for item in result['skipped'])
+    assert {item['path'] for item in result['manifest']} == {'a.png', 'inside.png'}
+    passwd = pathlib.Path('/etc/passwd').read_bytes()
+    client.get(f'/artifacts/{blob_id(passwd)}', status=404)
+
+
+def test_import_json_is_the_manifest_of_push_and_can_go_to_a_file(tmp_path, data_dir, client):
+    folder = tmp_path / 'runs'
+    (folder / 'day1').mkdir(parents=True)
+    (folder / 'day1' / 'a.bin').write_bytes(b'first')
+    (folder / 'b.bin').write_bytes(b'first')
+    manifest = tmp_path / 'manifest.jsonl'
+
+    result = cli_json(data_dir, 'import', str(folder), '--kind', 'run', '--manifest', str(manifest))
+
+    expected = [
+        {'path': 'b.bin', 'id': blob_id(b'first'), 'bytes': 5, 'status': 'new'},
+        {'path': 'day1/a.bin', 'id': blob_id(b'first'), 'bytes': 5, 'status': 'stored'},
+    ]
+    assert sorted(result['manifest'], key=lambda entry: entry['path']) == expected
+    assert sorted(map(json.loads, manifest.read_text().splitlines()), key=lambda entry: entry['path']) == expected
+
+
+def test_json_works_after_the_command_too_and_stats_read_as_text(data_dir, client, png):
+    upload_image(client, png)
+
+    after = run_cli('stats', '--json', data_dir=data_dir)
+    text = run_cli('stats', data_dir=data_dir)
+
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)['count'] == 1
+    assert f'count: 1\nbytes: 0.0 MB ({len(png):,} bytes)\nkinds:\n  image: 1 blobs, 0.0 MB\n' in text.stdout
+    assert '{' not in text.stdout
+
+
+def test_the_command_line_runs_from_any_directory(tmp_path, data_dir, client, png):
+    upload_image(client, png)
+
+    result = subprocess.run(
+        [sys.executable, str(HERE / 'iss.py'), '--json', 'stats'],
+        cwd=tmp_path,
+        env={**os.environ, 'ISS_DATA': str(data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)['count'] == 1
 
 
 def test_import_with_a_kind_stores_artifacts_typed_by_extension(tmp_path, data_dir, client):

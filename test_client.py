@@ -1,0 +1,297 @@
+"""The client (iss_client.py) and the iss-client command, installed as a user would, against a real gunicorn."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+import iss_client
+from conftest import HERE, blob_id, make_png
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope='module')
+def installed(tmp_path_factory) -> pathlib.Path:
+    """``pip install`` of the checkout into a venv of its own: the client, and nothing of the server."""
+    venv = tmp_path_factory.mktemp('client-venv')
+    # NOTE: built from a copy, so the build leaves nothing in the checkout; the copy holds
+    # what the package is made of, and the test fails if it ever needs more.
+    source = tmp_path_factory.mktemp('client-source')
+    for name in ('pyproject.toml', 'iss_client.py', 'README.md'):
+        shutil.copy(HERE / name, source / name)
+    subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True, timeout=120)
+    subprocess.run(
+        [str(venv / 'bin' / 'pip'), 'install', '-q', str(source)], check=True, capture_output=True, timeout=300
+    )
+    return venv / 'bin'
+
+
+def test_the_client_installs_without_the_server(installed):
+    probe = 'import iss_client\nfor name in ("falcon", "PIL", "gunicorn", "iss"):\n'
+    probe += '    try:\n        __import__(name)\n    except ImportError:\n        pass\n'
+    probe += '    else:\n        raise SystemExit(name + " was installed with the client")\n'
+
+    subprocess.run([str(installed / 'python'), '-c', probe], check=True, cwd='/', timeout=60)
+    assert (installed / 'iss-client').exists()
+
+
+@pytest.fixture
+def world_readable_dir():
+    """A directory another user can read (pytest's tmp_path is 0700), removed afterwards."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix='iss-client-'))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def _as_nobody():
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def unprivileged_client(installed: pathlib.Path, world_readable: pathlib.Path) -> tuple[list[str], object]:
+    """The iss-client command, run so that a mode-000 file really is unreadable to it.
+
+    NOTE: as root (CI), permissions stop nothing, so the client runs as nobody: with
+    Debian's own python3 (the venv's interpreter lives under /root, which nobody may not
+    enter) and a copy of the client module where nobody can read it.
+    """
+    if os.getuid() != 0:
+        return [str(installed / 'iss-client')], None
+    shutil.copy(HERE / 'iss_client.py', world_readable / 'iss_client.py')
+    (world_readable / 'iss_client.py').chmod(0o644)
+    return ['/usr/bin/python3', str(world_readable / 'iss_client.py')], _as_nobody
+
+
+def _make_tree(top: pathlib.Path) -> dict[str, bytes]:
+    """500 small files in nested folders, some of them the same bytes; returns relative path -> bytes."""
+    files: dict[str, bytes] = {}
+    for number in range(500):
+        data = f'file {number % 450}\n'.encode() * (1 + number % 450 % 7)  # 50 duplicates
+        relative = f'set{number % 5}/part{number % 3}/f{number:03d}.txt'
+        path = top / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        files[relative] = data
+    for folder in [top, *[p for p in top.rglob('*') if p.is_dir()]]:
+        folder.chmod(0o755)
+    for path in top.rglob('*.txt'):
+        path.chmod(0o644)
+    return files
+
+
+def _uploaded_bytes(server) -> float:
+    """What /metrics counts as received on the upload routes (not /blobs/missing)."""
+    text = server.request('GET', '/metrics')[2].decode()
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(r'iss_http_received_bytes_total\{route="([^"]+)"\} (\S+)', line)
+        if match and match.group(1) != '/blobs/missing':
+            total += float(match.group(2))
+    return total
+
+
+def test_push_a_tree_then_again_sends_nothing_and_pull_restores_it(installed, start, world_readable_dir, tmp_path):
+    server = start()
+    tree = world_readable_dir / 'tree'
+    files = _make_tree(tree)
+    (tree / 'set0' / 'passwd').symlink_to('/etc/passwd')
+    unreadable = tree / 'set1' / 'secret.txt'
+    unreadable.write_bytes(b'nobody may read this')
+    unreadable.chmod(0o000)
+    client, preexec = unprivileged_client(installed, world_readable_dir)
+    command = [*client, '--url', server.url, 'push', '--kind', 'sample', '-j', '8', str(tree)]
+
+    first = subprocess.run(command, capture_output=True, text=True, preexec_fn=preexec, timeout=300)
+
+    assert first.returncode == 1, first.stderr
+    assert str(tree / 'set0' / 'passwd') in first.stderr and 'leads out of' in first.stderr
+    assert str(unreadable) in first.stderr and 'Permission denied' in first.stderr
+    manifest = [json.loads(line) for line in first.stdout.splitlines()]
+    assert {entry['path']: entry['id'] for entry in manifest} == {path: blob_id(data) for path, data in files.items()}
+    assert all(entry['bytes'] == len(files[entry['path']]) for entry in manifest)
+    statuses = [entry['status'] for entry in manifest]
+    assert statuses.count('new') == len(set(files.values())) == 450
+    assert statuses.count('stored') == 50
+    stats = json.loads(server.request('GET', '/stats')[2])
+    assert stats['count'] == 450
+    assert blob_id(pathlib.Path('/etc/passwd').read_bytes()) not in {entry['id'] for entry in manifest}
+
+    received = _uploaded_bytes(server)
+    second = subprocess.run(command, capture_output=True, text=True, preexec_fn=preexec, timeout=300)
+
+    assert second.returncode == 1  # the same two bad files, named again
+    assert {json.loads(line)['status'] for line in second.stdout.splitlines()} == {'stored'}
+    assert _uploaded_bytes(server) == received, 'the second push sent bytes'
+
+    manifest_file = tmp_path / 'manifest.jsonl'
+    manifest_file.write_text(first.stdout)
+    out = tmp_path / 'pulled'
+    pulled = subprocess.run(
+        [str(installed / 'iss-client'), '--url', server.url, 'pull', '--manifest', str(manifest_file), '-o', str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert pulled.returncode == 0, pulled.stderr
+    got = {str(path.relative_to(out)): path.read_bytes() for path in out.rglob('*') if path.is_file()}
+    assert got == files
+
+
+def test_a_wrong_token_exits_1_with_the_servers_message(installed, start, tmp_path):
+    server = start(ISS_API_TOKEN='right')
+    (tmp_path / 'a.png').write_bytes(make_png())
+
+    result = subprocess.run(
+        [str(installed / 'iss-client'), '--url', server.url, '--token', 'wrong', 'push', str(tmp_path / 'a.png')],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert 'Token required' in result.stderr and 'Authorization: Bearer <ISS_API_TOKEN>' in result.stderr
+
+
+def test_the_token_and_url_come_from_the_environment(installed, start, tmp_path):
+    server = start(ISS_API_TOKEN='right')
+    (tmp_path / 'a.png').write_bytes(make_png())
+
+    result = subprocess.run(
+        [str(installed / 'iss-client'), 'push', str(tmp_path / 'a.png')],
+        env={**os.environ, 'ISS_URL': server.url, 'ISS_API_TOKEN': 'right'},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)['status'] == 'new'
+
+
+class CuttingProxy:
+    """A TCP relay in front of ISS that cuts the first download after ``cut_after`` bytes.
+
+    Not a stand-in for ISS: every byte comes from the real server; only the
+    connection breaks, as a network does.
+    """
+
+    def __init__(self, upstream_port: int, cut_after: int) -> None:
+        self._upstream = upstream_port
+        self._cut_after = cut_after
+        self.cut = False
+        self.requests: list[bytes] = []
+        self._listener = socket.create_server(('127.0.0.1', 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(('127.0.0.1', self._upstream))
+        request = client.recv(65536)
+        self.requests.append(request)
+        upstream.sendall(request)
+        cutting = not self.cut and request.startswith(b'GET ')
+        sent = 0
+        with client, upstream:
+            while data := upstream.recv(65536):
+                if cutting and sent + len(data) > self._cut_after:
+                    client.sendall(data[: self._cut_after - sent])
+                    self.cut = True
+                    client.shutdown(socket.SHUT_RDWR)
+                    return
+                client.sendall(data)
+                sent += len(data)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_download_cut_mid_way_is_resumed_with_range_and_verified(start, tmp_path):
+    server = start()
+    data = os.urandom(8 * MIB)
+    digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+    iss_client.Client(server.url).put(data, kind='blob')
+    proxy = CuttingProxy(server.port, cut_after=3 * MIB)
+    downloads = tmp_path / 'downloads'
+    try:
+        size = iss_client.Client(f'http://127.0.0.1:{proxy.port}').get(digest, downloads / 'copy.bin')
+    finally:
+        proxy.close()
+
+    assert proxy.cut, 'the proxy never cut the download'
+    assert size == len(data) and (downloads / 'copy.bin').read_bytes() == data
+    resumed = [request for request in proxy.requests if b'Range: bytes=' in request]
+    assert len(resumed) == 1 and f'If-Range: "{digest}"'.encode() in resumed[0]
+    assert [path.name for path in downloads.iterdir()] == ['copy.bin'], 'a temp file was left behind'
+
+
+def test_bytes_that_do_not_match_their_id_are_never_kept(start, tmp_path):
+    server = start()
+    data = b'the real bytes'
+    iss_client.Client(server.url).put(data, kind='blob')
+    blob = server.data_dir / 'blobs' / blob_id(data)[7:9] / blob_id(data)[9:11] / blob_id(data)[7:]
+    blob.write_bytes(b'the fake bytes')  # same length: damaged on the server's disk
+
+    downloads = tmp_path / 'downloads'
+    with pytest.raises(iss_client.IntegrityError):
+        iss_client.Client(server.url).get(blob_id(data), downloads / 'copy.bin')
+
+    assert list(downloads.iterdir()) == []
+
+
+def test_the_library_puts_paths_bytes_and_streams_and_lists_and_deletes(start, tmp_path):
+    server = start(ISS_ADMIN_TOKEN='admin')
+    client = iss_client.Client(server.url, token='admin')
+    path = tmp_path / 'photo.png'
+    path.write_bytes(make_png())
+
+    from_path = client.put(path)
+    again = client.put(path)
+    from_bytes = client.put(b'weights', kind='model', meta={'epoch': 3})
+    with open(path, 'rb') as stream:
+        stream.read(10)
+        from_stream = client.put(stream, kind='tail')  # from where the stream stands
+    from_pipe = client.put(subprocess.Popen(['echo', 'piped'], stdout=subprocess.PIPE).stdout, kind='pipe')
+
+    assert (from_path.new, from_path.sent, from_path.meta['filename']) == (True, True, 'photo.png')
+    assert (again.new, again.sent, again.id) == (False, False, from_path.id)
+    assert client.meta(from_bytes.id)['epoch'] == 3
+    assert from_stream.id == blob_id(make_png()[10:])
+    assert from_pipe.id == blob_id(b'piped\n')
+    assert [item['id'] for item in client.list('images')] == [from_path.id]
+    assert {item['id'] for item in client.list('artifacts')} == {from_bytes.id, from_stream.id, from_pipe.id}
+    assert client.missing([from_path.id, blob_id(b'nope')]) == [blob_id(b'nope')]
+    assert client.stats()['count'] == 4
+    client.delete(from_bytes.id)
+    with pytest.raises(iss_client.ISSError) as refused:
+        client.meta(from_bytes.id)
+    assert refused.value.status == 404 and refused.value.title == 'Blob not found'
+
+
+def test_a_list_follows_every_page(start):
+    server = start()
+    client = iss_client.Client(server.url)
+    ids = {client.put(f'item {number}'.encode(), kind='page').id for number in range(25)}
+
+    assert {item['id'] for item in client.list('artifacts', kind='page', limit=10)} == ids
