@@ -191,7 +191,9 @@ def _offered_name(req: falcon.Request, upload: Upload) -> str | None:
     return req.get_param('filename') or upload.filename
 
 
-def _answer_upload(resp: falcon.Response, uploads: Uploads, digest: str, committed: Committed, offered: str | None):
+def _answer_upload(
+    resp: falcon.Response, uploads: Uploads, digest: str, committed: Committed, offered: str | None
+) -> None:
     """201 with Location for new content; 200 and the meta stored before when it was already stored.
 
     ``created`` says which in the body too; ``filename`` is the stored one (the first

@@ -77,8 +77,8 @@ class BlobStore(Protocol):
     def stage(self, stream: Readable) -> Staged:
         """Receive ``stream`` to its end, hashing it; whatever reading it raises propagates."""
 
-    def commit(self, staged: Staged, meta: dict[str, Any]) -> Committed:
-        """Make a staged blob visible under its digest, with ``meta`` unless it has meta already."""
+    def commit(self, staged: Staged, new_meta: dict[str, Any]) -> Committed:
+        """Make a staged blob visible under its digest, with ``new_meta`` unless it has meta already."""
 
     def open(self, blob_id: str) -> OpenBlob:
         """Open a stored blob for reading."""
@@ -244,8 +244,8 @@ class FileStore:
             raise
         return StagedBlob(fd, path, 'sha256:' + sha256.hexdigest(), size)
 
-    def commit(self, staged: StagedBlob, meta: dict[str, Any]) -> Committed:
-        """Make a staged blob visible under its id, with ``meta`` if it has none yet.
+    def commit(self, staged: StagedBlob, new_meta: dict[str, Any]) -> Committed:
+        """Make a staged blob visible under its id, with ``new_meta`` if it has none yet.
 
         The first commit of some content wins: an existing blob is never
         overwritten (unless its size shows it is damaged, when the verified
@@ -261,7 +261,7 @@ class FileStore:
             with disk.translated('storing a blob'), self._hold_for_commit(staged) as created:
                 stored = self.read_meta(staged.digest)
                 if stored is None:
-                    stored = self.write_meta(staged.hex, meta)
+                    stored = self.write_meta(staged.hex, new_meta)
                 self.index.put_missing(index.row_for(staged.hex, stored, time.time(), staged.size))
         finally:
             staged.discard()
