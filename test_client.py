@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -295,3 +296,34 @@ def test_a_list_follows_every_page(start):
     ids = {client.put(f'item {number}'.encode(), kind='page').id for number in range(25)}
 
     assert {item['id'] for item in client.list('artifacts', kind='page', limit=10)} == ids
+
+
+def test_an_upload_answered_503_is_retried_until_the_store_is_back(start, tmp_path):
+    server = start(tmp_path / 'data', ISS_WORKERS='1')
+    away = tmp_path / 'away'
+    (tmp_path / 'data').rename(away)  # the data directory vanishes: uploads answer 503
+    restore = threading.Timer(1.0, lambda: away.rename(tmp_path / 'data'))
+    restore.start()
+    try:
+        stored = iss_client.Client(server.url, retries=6).put(b'arrives at last', kind='retry')
+    finally:
+        restore.join()
+
+    assert stored.new and stored.sent
+    metrics = server.request('GET', '/metrics')[2].decode()
+    assert re.search(
+        r'iss_http_requests_total\{method="PUT",route="/artifacts/\{blob_id\}",status="503"\} [1-9]', metrics
+    )
+    assert iss_client.Client(server.url).meta(stored.id)['kind'] == 'retry'
+
+
+def test_an_error_that_retrying_cannot_mend_is_raised_at_once(start):
+    server = start()
+    client = iss_client.Client(server.url, retries=6)
+
+    started = time.monotonic()
+    with pytest.raises(iss_client.ISSError) as refused:
+        client.put(b'no kind', kind='not a kind!')
+
+    assert refused.value.status == 400 and refused.value.title == 'Invalid kind'
+    assert time.monotonic() - started < 1, 'a 400 was retried'
