@@ -444,7 +444,8 @@ class Derivatives:
         if not any(name in req.params for name in self.PARAMETERS):
             return False
         requested_format = self._format(req)
-        variant = self._variant(req, blob_id, requested_format)
+        stored = self._store.read_meta(blob_id) or {}
+        variant = self._variant(req, blob_id, stored, requested_format)
         if requested_format == 'auto':
             resp.vary = ('Accept',)
 
@@ -460,16 +461,17 @@ class Derivatives:
                 etag=f'{blob_id}/{variant.key}',
                 open=lambda: self._open(blob_id, variant),
                 stat=stat,
-                describe=lambda stat: self._presentation(blob_id, variant),
+                describe=lambda stat: self._presentation(blob_id, stored, variant),
                 # NOTE: a 304 needs no render (the variant decides the bytes), only the blob.
                 exists=lambda: self._store.stat(blob_id),
             ),
         )
         return True
 
-    def _presentation(self, blob_id: str, variant: images.Variant) -> Presentation:
+    @staticmethod
+    def _presentation(blob_id: str, stored: dict[str, Any], variant: images.Variant) -> Presentation:
         """A derivative is saved as its source's name with the variant: ``photo-256x256-cover.webp``."""
-        source_name = meta.download_name(blob_id, self._store.read_meta(blob_id), meta.OCTET_STREAM)
+        source_name = meta.download_name(blob_id, stored, meta.OCTET_STREAM)
         return Presentation(variant.media_type, f'{pathlib.PurePath(source_name).stem}-{variant.key}')
 
     def _open(self, blob_id: str, variant: images.Variant) -> OpenBlob:
@@ -497,14 +499,16 @@ class Derivatives:
             )
         return name
 
-    def _variant(self, req: falcon.Request, blob_id: str, requested_format: str | None) -> images.Variant:
+    def _variant(
+        self, req: falcon.Request, blob_id: str, stored: dict[str, Any], requested_format: str | None
+    ) -> images.Variant:
         width = req.get_param_as_int('w', min_value=1, max_value=self._max_dimension)
         height = req.get_param_as_int('h', min_value=1, max_value=self._max_dimension)
         fit = req.get_param('fit', default='contain')
         if fit not in images.FITS:
             raise BadRequest('fit must be contain, cover or fill.', title='Invalid fit')
         quality = req.get_param_as_int('q', min_value=1, max_value=100)
-        source = self._source(blob_id)
+        source = self._source(blob_id, stored)
         has_alpha = 'A' in source.get('mode', '') or source.get('mode') == 'P'
         if requested_format == 'auto':
             image_format = images.choose_format(req.get_header('Accept'), has_alpha)
@@ -522,9 +526,8 @@ class Derivatives:
             quality = self._DEFAULT_QUALITY
         return images.Variant(width, height, fit, image_format, quality)
 
-    def _source(self, blob_id: str) -> dict[str, Any]:
+    def _source(self, blob_id: str, stored: dict[str, Any]) -> dict[str, Any]:
         """What the meta says of the source image (format and mode), read from its header if not."""
-        stored = self._store.read_meta(blob_id) or {}
         if 'mode' in stored and 'format' in stored:
             return stored
         blob = self._store.open(blob_id)
