@@ -130,7 +130,6 @@ def import_files(store: storage.FileStore, args: argparse.Namespace, progress: P
     """
     if not os.path.isdir(args.directory):
         raise UsageError(f'{args.directory} is not a directory')
-    top = os.path.realpath(args.directory)
     files, skipped = iss_client.files_below([args.directory])
     result: dict[str, Any] = {
         'files': len(files) + len(skipped),
@@ -157,12 +156,7 @@ def import_files(store: storage.FileStore, args: argparse.Namespace, progress: P
             result['new' if committed.created else 'existing'] += 1
             result['bytes'] += staged.size
             result['manifest'].append(
-                iss_client.manifest_entry(
-                    os.path.relpath(path, top) if relative is None else relative,
-                    staged.digest,
-                    staged.size,
-                    committed.created,
-                )
+                iss_client.manifest_entry(relative, staged.digest, staged.size, committed.created)
             )
         status = f'{_bar(done, len(files))} {done:,}/{len(files):,} files  {_megabytes(result["bytes"])}'
         progress.show(f'import  {status}', final=done == len(files))

@@ -430,17 +430,14 @@ def files_below(paths: Iterable[str]) -> tuple[list[tuple[str, str]], list[dict[
             continue
         top = os.path.realpath(given)
         for folder, directories, names in os.walk(given):
-            for name in sorted(directories):
-                path = os.path.join(folder, name)
-                if os.path.islink(path) and not _inside(os.path.realpath(path), top):
-                    skipped.append({'path': path, 'reason': f'a symlink that leads out of {given}'})
+            # NOTE: os.walk never descends into a symlinked directory; one that leads out is named.
             directories.sort()
-            for name in sorted(names):
+            for name in [*directories, *sorted(names)]:
                 path = os.path.join(folder, name)
                 if os.path.islink(path) and not _inside(os.path.realpath(path), top):
                     skipped.append({'path': path, 'reason': f'a symlink that leads out of {given}'})
-                    continue
-                files.append((path, os.path.relpath(path, given)))
+                elif name not in directories:
+                    files.append((path, os.path.relpath(path, given)))
     return files, skipped
 
 
@@ -527,11 +524,10 @@ def push(client: Client, args: argparse.Namespace) -> int:
     missing = set(client.missing(list(dict.fromkeys(blob_id for _, _, blob_id, _ in hashed))))
     meta = json.loads(args.meta) if args.meta else None
     progress = _Progress(len(hashed), sum(size for *_, size in hashed), _watched(args))
-    entries: list[dict[str, Any]] = []
     sending: dict[str, tuple[str, str, str, int]] = {}
     for item in hashed:
-        if item[2] in missing and item[2] not in sending:
-            sending[item[2]] = item  # NOTE: one upload for files of the same bytes
+        if item[2] in missing:
+            sending.setdefault(item[2], item)  # NOTE: one upload for files of the same bytes
     uploaded: dict[str, bool] = {}
 
     def upload(item: tuple[str, str, str, int]) -> Stored:
@@ -545,13 +541,15 @@ def push(client: Client, args: argparse.Namespace) -> int:
         else:
             uploaded[item[2]] = stored.new
         progress.advance(item[3])
-    for path, relative, blob_id, size in hashed:
+    entries: list[dict[str, Any]] = []
+    for item in hashed:
+        _, relative, blob_id, size = item
+        sent_itself = sending.get(blob_id) is item
+        if not sent_itself:
+            progress.advance(size)  # NOTE: stored already, or the same bytes as a file that was sent
         if blob_id in missing and blob_id not in uploaded:
             continue  # NOTE: its upload failed, and was named above
-        new = uploaded.get(blob_id, False) and sending[blob_id][0] == path
-        entries.append(manifest_entry(relative, blob_id, size, new))
-        if blob_id not in sending:
-            progress.advance(size)
+        entries.append(manifest_entry(relative, blob_id, size, sent_itself and uploaded[blob_id]))
     _write_manifest(entries, args.manifest)
     return SOME_FAILED if failed else OK
 
@@ -559,13 +557,15 @@ def push(client: Client, args: argparse.Namespace) -> int:
 def pull(client: Client, args: argparse.Namespace) -> int:
     if args.manifest:
         with open(args.manifest) as file:
-            wanted = [(entry['id'], entry['path']) for entry in map(json.loads, filter(str.strip, file))]
+            entries = [json.loads(line) for line in file if line.strip()]
+        wanted = [(entry['id'], entry['path'], entry.get('bytes', 0)) for entry in entries]
     else:
-        wanted = [(blob_id, blob_id.removeprefix('sha256:')) for blob_id in args.ids]
+        wanted = [(blob_id, blob_id.removeprefix('sha256:'), 0) for blob_id in args.ids]
     output = pathlib.Path(args.output).resolve()
     failed = False
     todo: list[tuple[str, pathlib.Path]] = []
-    for blob_id, relative in wanted:
+    sizes: dict[str, int] = {}  # NOTE: what the manifest says, for the progress bar
+    for blob_id, relative, size in wanted:
         target = (output / relative).resolve()
         # APPSEC: a manifest names paths below the output directory, never outside it.
         if not _inside(str(target), str(output)) or target == output:
@@ -573,12 +573,13 @@ def pull(client: Client, args: argparse.Namespace) -> int:
             failed = True
             continue
         todo.append((blob_id, target))
-    progress = _Progress(len(todo), 0, _watched(args))
+        sizes[str(target)] = size
+    progress = _Progress(len(todo), sum(sizes.values()), _watched(args))
     for (blob_id, target), _, exc in _parallel(lambda item: client.get(*item), todo, args.jobs):
         if exc is not None:
             _fail(f'{blob_id} -> {target}', exc)
             failed = True
-        progress.advance(0)
+        progress.advance(sizes[str(target)])
     return SOME_FAILED if failed else OK
 
 
