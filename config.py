@@ -48,6 +48,8 @@ class Settings:
     data_dir: str = './data'
     #: Largest request body accepted on POST and PUT; 413 as soon as it is crossed.
     max_upload_bytes: int = 2 * 1024**3
+    #: Most ``file`` parts one multipart POST may carry (a batch upload); 413 beyond.
+    max_batch_files: int = 1000
     #: Seconds a client may pause while sending a body before ISS drops the upload.
     body_timeout: int = 60
     #: Largest artifact ``meta`` JSON document, in bytes of its text.
@@ -96,6 +98,7 @@ class Settings:
             data_dir=env.get('ISS_DATA', '').strip() or defaults.data_dir,
             max_upload_bytes=_integer(env, 'ISS_MAX_UPLOAD_BYTES', defaults.max_upload_bytes, 1),
             max_meta_bytes=_integer(env, 'ISS_MAX_META_BYTES', defaults.max_meta_bytes, 2),
+            max_batch_files=_integer(env, 'ISS_MAX_BATCH_FILES', defaults.max_batch_files, 1),
             body_timeout=_integer(env, 'ISS_BODY_TIMEOUT', defaults.body_timeout, 1),
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             admin_token=env.get('ISS_ADMIN_TOKEN', '').strip(),

@@ -97,6 +97,36 @@ class UploadTooLarge(ServiceError):
     detail_format = 'The request body is larger than this service accepts ({} bytes).'
 
 
+class TooManyFiles(ServiceError):
+    """A batch upload with more files than one request may carry."""
+
+    status = 413
+    title = 'Too many files'
+    detail_format = 'One request may carry at most {} files; send the rest in another.'
+
+
+class FileRefused(ServiceError):
+    """This file's bytes cannot be stored where they were sent; in a batch, the other files still are."""
+
+    status = 422
+    title = 'File refused'
+
+
+class NotAnImage(FileRefused):
+    status = 415
+    title = 'Not an image'
+    detail_format = (
+        'The bytes{} are not an image format this service can identify; store other files with POST /artifacts?kind=...'
+    )
+
+
+class OversizedImage(FileRefused):
+    """An image with more pixels than the service decodes (a decompression bomb, or just too big)."""
+
+    status = 413
+    title = 'Image too large'
+
+
 class IncompleteBody(BadRequest):
     """The client went away, or paused too long, before sending the body it declared."""
 

@@ -5,6 +5,7 @@
 
 import json
 import os
+import resource
 import shutil
 import tempfile
 
@@ -92,6 +93,21 @@ def _return_large_buffers_to_the_os() -> None:
 
 
 _return_large_buffers_to_the_os()
+
+
+def _allow_the_files_batches_hold() -> None:
+    """Raise the soft limit of open files to the hard one, in the master, so every worker has it.
+
+    Each file of a batch upload in flight holds a descriptor (its staged temp file, whose
+    flock marks it live) until the batch commits: 16 threads each receiving a batch of
+    ISS_MAX_BATCH_FILES would pass the usual soft limit of 1024 long before the hard one.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+_allow_the_files_batches_hold()
 
 
 def child_exit(server, worker):

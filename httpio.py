@@ -26,7 +26,7 @@ import gunicorn.http.body
 import forms
 from blobs import BlobStat, OpenBlob
 from config import Settings
-from errors import BadRequest, IncompleteBody, LengthRequired, UploadTooLarge
+from errors import BadRequest, IncompleteBody, LengthRequired, TooManyFiles, UploadTooLarge
 from storage import BlobStore, Staged
 
 # NOTE: one year, and "immutable": a blob's bytes can never change under its id.
@@ -224,9 +224,10 @@ class Upload:
 
 
 class UploadReceiver:
-    """Stages the file of a multipart form (field ``file``) or a raw request body."""
+    """Stages the files of a multipart form (fields ``file``) or a raw request body."""
 
-    _MAX_FORM_PARTS = 16
+    # NOTE: besides its files, a form carries a couple of short fields.
+    _MAX_OTHER_PARTS = 16
 
     def __init__(self, store: BlobStore, settings: Settings) -> None:
         self._store = store
@@ -235,44 +236,66 @@ class UploadReceiver:
         self._max_field_bytes = settings.max_meta_bytes
 
     @contextlib.contextmanager
-    def receive(self, req: falcon.Request, *, form_fields: tuple[str, ...] = ()) -> Iterator[Upload]:
-        """Stage the upload; the staged bytes are discarded when the block exits uncommitted."""
+    def receive(
+        self, req: falcon.Request, *, form_fields: tuple[str, ...] = (), max_files: int = 1
+    ) -> Iterator[list[Upload]]:
+        """Stage the upload's files, in order; what is not committed is discarded when the block exits.
+
+        A raw body is one file; a form carries 1 to ``max_files`` parts named ``file``.
+
+        Raises:
+            TooManyFiles: the form carries more than ``max_files`` (which is more than 1).
+        """
         body = RequestBody(req, self._limit, self._timeout)
         if is_multipart(req):
-            upload = self._receive_form(req, body, form_fields)
+            uploads = self._receive_form(req, body, form_fields, max_files)
         else:
-            staged = self._store.stage(body)
-            upload = Upload(staged, None, req.content_type, {})
-        with upload.staged:
-            yield upload
+            uploads = [Upload(self._store.stage(body), None, req.content_type, {})]
+        try:
+            yield uploads
+        finally:
+            for upload in uploads:
+                upload.staged.discard()
 
     def read_small(self, req: falcon.Request, limit: int) -> bytes:
         """The whole body of a request that carries a small document (JSON), at most ``limit`` bytes."""
         return RequestBody(req, limit, self._timeout).read()
 
-    def _receive_form(self, req: falcon.Request, body: RequestBody, form_fields: tuple[str, ...]) -> Upload:
-        # APPSEC: a form carries one file and a couple of short fields.
-        form = forms.FormReader(body, req.content_type, max_parts=self._MAX_FORM_PARTS, length=body.declared_length)
-        upload: Upload | None = None
+    def _receive_form(
+        self, req: falcon.Request, body: RequestBody, form_fields: tuple[str, ...], max_files: int
+    ) -> list[Upload]:
+        form = forms.FormReader(
+            body, req.content_type, max_parts=max_files + self._MAX_OTHER_PARTS, length=body.declared_length
+        )
+        uploads: list[Upload] = []
         fields: dict[str, str] = {}
+        other_parts = 0
         try:
             for part in form.parts():
+                if part.name != 'file':
+                    other_parts += 1
+                    if other_parts > self._MAX_OTHER_PARTS:
+                        raise BadRequest(
+                            f'The form exceeds the maximum number of parts besides files ({self._MAX_OTHER_PARTS}).',
+                            title='Malformed multipart/form-data request media',
+                        )
                 if part.name == 'file':
-                    if upload is not None:
-                        raise BadRequest('Send exactly one form field named "file".', title='Two files')
-                    staged = self._store.stage(part)
-                    upload = Upload(staged, part.filename, part.content_type, fields)
+                    if len(uploads) == max_files:
+                        if max_files == 1:
+                            raise BadRequest('Send exactly one form field named "file".', title='Two files')
+                        raise TooManyFiles(max_files)
+                    uploads.append(Upload(self._store.stage(part), part.filename, part.content_type, fields))
                 elif part.name in form_fields:
                     if part.name in fields:
                         raise BadRequest(f'The form field "{part.name}" was sent twice.', title='Repeated field')
                     fields[part.name] = part.read_all(self._max_field_bytes).decode('utf-8', 'replace')
         except BaseException:
-            if upload is not None:
+            for upload in uploads:
                 upload.staged.discard()
             raise
-        if upload is None:
+        if not uploads:
             raise BadRequest('The form has no field named "file" (curl -F file=@path).', title='No file')
-        return upload
+        return uploads
 
 
 def is_multipart(req: falcon.Request) -> bool:

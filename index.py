@@ -250,9 +250,22 @@ class SQLiteIndex:
     def _changes(self, sql: str, params: Iterable[Any]) -> bool:
         return self._execute(sql, params)[1] > 0
 
-    def put_missing(self, row: Row) -> None:
-        """Add a blob's row unless it has one (the cheap self-healing on every upload)."""
-        self._run('INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)', dataclasses.astuple(row))
+    def put_missing(self, rows: list[Row]) -> None:
+        """Add each blob's row unless it has one (the cheap self-healing on every upload); one transaction."""
+        if len(rows) == 1:  # PERF: a lone row commits by itself, without BEGIN and COMMIT
+            self._run(self._PUT_MISSING, dataclasses.astuple(rows[0]))
+            return
+        with self.session() as db:
+            try:
+                db.execute('BEGIN IMMEDIATE')
+                db.executemany(self._PUT_MISSING, [dataclasses.astuple(row) for row in rows])
+                db.execute('COMMIT')
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute('ROLLBACK')
+                raise _unavailable(self.path, exc) from exc
+
+    _PUT_MISSING = 'INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)'
 
     def remove(self, hex_digest: str) -> bool:
         """Remove a blob's row; return whether it had one."""

@@ -36,7 +36,16 @@ import telemetry
 from auth import RequireToken
 from blobs import BlobStat, Committed, OpenBlob, parse_id
 from config import Settings
-from errors import BadRequest, InvalidId, InvalidIdInBody, ServiceError, StoreFailure
+from errors import (
+    BadRequest,
+    FileRefused,
+    InvalidId,
+    InvalidIdInBody,
+    NotAnImage,
+    OversizedImage,
+    ServiceError,
+    StoreFailure,
+)
 from httpio import Presentation, Sendable, Upload, UploadReceiver, send_file
 from storage import BlobStore
 
@@ -113,8 +122,13 @@ class Uploads(Protocol):
     def check(self, req: falcon.Request) -> None:
         """Refuse what the headers and query already show to be wrong, before a byte of body is read."""
 
-    def commit(self, req: falcon.Request, upload: Upload) -> Committed:
-        """Commit the upload, with the meta this door gives it."""
+    def meta_for(self, req: falcon.Request, upload: Upload) -> dict[str, Any]:
+        """The meta this door gives the uploaded file.
+
+        Raises:
+            FileRefused: this file cannot be stored here (in a batch, the others still are).
+            ServiceError: the request is wrong for every file it carries.
+        """
 
 
 class ImageUploads:
@@ -135,21 +149,16 @@ class ImageUploads:
                 'Content-Type; store other files with POST /artifacts?kind=...',
             )
 
-    def commit(self, req: falcon.Request, upload: Upload) -> Committed:
+    def meta_for(self, req: falcon.Request, upload: Upload) -> dict[str, Any]:
         with upload.staged.open() as file:
             try:
-                image_meta = meta.identified_image(
+                return meta.identified_image(
                     file, upload.staged.size, max_pixels=self._max_pixels, filename=_offered_name(req, upload)
                 )
             except images.NotAnImage:
-                raise falcon.HTTPUnsupportedMediaType(
-                    title='Not an image',
-                    description='The bytes are not an image format this service can identify; '
-                    'store other files with POST /artifacts?kind=...',
-                ) from None
+                raise NotAnImage('') from None
             except images.ImageTooLarge as exc:
-                raise falcon.HTTPContentTooLarge(title='Image too large', description=str(exc)) from None
-        return self._store.commit(upload.staged, image_meta)
+                raise OversizedImage(exc) from None
 
 
 class ArtifactUploads:
@@ -168,13 +177,10 @@ class ArtifactUploads:
             meta.check_kind(req.get_param('kind'))
         meta.parse_user_meta(req.get_param('meta'), self._max_meta_bytes)
 
-    def commit(self, req: falcon.Request, upload: Upload) -> Committed:
+    def meta_for(self, req: falcon.Request, upload: Upload) -> dict[str, Any]:
         kind = meta.check_kind(self._value(req, upload, 'kind'))
         user = meta.parse_user_meta(self._value(req, upload, 'meta'), self._max_meta_bytes)
-        artifact_meta = meta.artifact(
-            kind, upload.staged.size, upload.content_type, user, filename=_offered_name(req, upload)
-        )
-        return self._store.commit(upload.staged, artifact_meta)
+        return meta.artifact(kind, upload.staged.size, upload.content_type, user, filename=_offered_name(req, upload))
 
     @staticmethod
     def _value(req: falcon.Request, upload: Upload, name: str) -> str | None:
@@ -192,20 +198,70 @@ def _offered_name(req: falcon.Request, upload: Upload) -> str | None:
 
 
 def _answer_upload(
-    resp: falcon.Response, uploads: Uploads, digest: str, committed: Committed, offered: str | None
+    req: falcon.Request, resp: falcon.Response, uploads: Uploads, upload: Upload, committed: Committed
 ) -> None:
-    """201 with Location for new content; 200 and the meta stored before when it was already stored.
+    """201 with Location for new content; 200 and the meta stored before when it was already stored."""
+    body = _upload_outcome(req, uploads, upload, committed)
+    del body['status']
+    resp.media = body
+    resp.location = f'/{uploads.id_field.partition("_")[0]}s/{upload.staged.digest}'
+    resp.status = falcon.HTTP_201 if committed.created else falcon.HTTP_200
 
-    ``created`` says which in the body too; ``filename`` is the stored one (the first
-    upload's), or for a blob stored without one, the name this upload offered.
+
+def _upload_outcome(req: falcon.Request, uploads: Uploads, upload: Upload, committed: Committed) -> dict[str, Any]:
+    """What the client is told of one stored file: its id, the stored meta's answer keys, ``created``.
+
+    ``filename`` is the stored one (the first upload's), or for a blob stored
+    without one, the name this upload offered; ``status`` is 201 or 200.
     """
     stored = committed.meta
-    body: dict[str, Any] = {uploads.id_field: digest, 'filename': stored.get('filename', meta.clean_filename(offered))}
+    body: dict[str, Any] = {
+        uploads.id_field: upload.staged.digest,
+        'filename': stored.get('filename', meta.clean_filename(_offered_name(req, upload))),
+    }
     body.update({key: stored[key] for key in meta.ANSWER_KEYS if key in stored})
     body['created'] = committed.created
-    resp.media = body
-    resp.location = f'/{uploads.id_field.partition("_")[0]}s/{digest}'
-    resp.status = falcon.HTTP_201 if committed.created else falcon.HTTP_200
+    body['status'] = 201 if committed.created else 200
+    return body
+
+
+def _answer_batch(
+    req: falcon.Request, resp: falcon.Response, uploads: Uploads, store: BlobStore, files: list[Upload]
+) -> None:
+    """Several files in one form: one group commit, and a list with each file's outcome, in order.
+
+    A refused file (not an image, say) is an entry with its error; the others
+    are stored all the same. The status is 201 when every file is stored and
+    one at least is new, 200 when all were stored already, 207 when any was
+    refused.
+    """
+    outcomes: list[dict[str, Any] | None] = []
+    accepted: list[tuple[Upload, dict[str, Any]]] = []
+    for upload in files:
+        try:
+            accepted.append((upload, uploads.meta_for(req, upload)))
+            outcomes.append(None)
+        except FileRefused as exc:
+            outcomes.append(_refusal(exc, _offered_name(req, upload)))
+    committed = iter(store.commit_all([(upload.staged, file_meta) for upload, file_meta in accepted]))
+    stored = iter(accepted)
+    outcomes = [outcome or _upload_outcome(req, uploads, next(stored)[0], next(committed)) for outcome in outcomes]
+    resp.media = outcomes
+    if len(accepted) < len(files):
+        resp.status = falcon.HTTP_207
+    else:
+        resp.status = falcon.HTTP_201 if any(outcome['created'] for outcome in outcomes) else falcon.HTTP_200
+
+
+def _refusal(error: FileRefused, offered_name: str | None) -> dict[str, Any]:
+    description = error.public_description
+    return {
+        'status': error.status,
+        'title': error.title,
+        'description': description,
+        'detail': description,
+        'filename': meta.clean_filename(offered_name),
+    }
 
 
 def _content_type(req: falcon.Request) -> str:
@@ -225,11 +281,14 @@ class Collection:
     _DEFAULT_LIMIT = 100
     _MAX_LIMIT = 1000
 
-    def __init__(self, store: BlobStore, receiver: UploadReceiver, uploads: Uploads, collection: str) -> None:
+    def __init__(
+        self, store: BlobStore, receiver: UploadReceiver, uploads: Uploads, collection: str, settings: Settings
+    ) -> None:
         self._store = store
         self._receiver = receiver
         self._uploads = uploads
         self._collection = collection
+        self._max_batch_files = settings.max_batch_files
         # NOTE: artifacts are listed by kind; images all have the kind "image".
         self._kind_filter = collection == index.ARTIFACTS
 
@@ -259,10 +318,16 @@ class Collection:
         resp.content_type = falcon.MEDIA_JSON
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Store the body, or the form's ``file`` part; several ``file`` parts are a batch (a list answers)."""
         self._uploads.check(req)
-        with self._receiver.receive(req, form_fields=self._uploads.form_fields) as upload:
-            committed = self._uploads.commit(req, upload)
-        _answer_upload(resp, self._uploads, upload.staged.digest, committed, upload.filename)
+        with self._receiver.receive(
+            req, form_fields=self._uploads.form_fields, max_files=self._max_batch_files
+        ) as files:
+            if len(files) > 1:
+                _answer_batch(req, resp, self._uploads, self._store, files)
+                return
+            committed = self._store.commit(files[0].staged, self._uploads.meta_for(req, files[0]))
+        _answer_upload(req, resp, self._uploads, files[0], committed)
 
 
 class MissingBlobs:
@@ -390,14 +455,14 @@ class Item:
     def on_put(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         parse_id(blob_id)
         self._uploads.check(req)
-        with self._receiver.receive(req) as upload:
+        with self._receiver.receive(req) as (upload,):
             if upload.staged.digest != blob_id:
                 raise BadRequest(
                     f'The body hashes to {upload.staged.digest}, not {blob_id}; nothing was stored.',
                     title='Digest mismatch',
                 )
-            committed = self._uploads.commit(req, upload)
-        _answer_upload(resp, self._uploads, blob_id, committed, _offered_name(req, upload))
+            committed = self._store.commit(upload.staged, self._uploads.meta_for(req, upload))
+        _answer_upload(req, resp, self._uploads, upload, committed)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         """Remove the blob, its meta, index row and derivatives (RequireToken checked the admin token)."""
@@ -684,10 +749,10 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     artifact_uploads = ArtifactUploads(store, settings)
     derivatives = Derivatives(store, settings)
     blob_meta = BlobMeta(store, settings)
-    app.add_route('/images', Collection(store, receiver, image_uploads, index.IMAGES))
+    app.add_route('/images', Collection(store, receiver, image_uploads, index.IMAGES, settings))
     app.add_route('/images/{blob_id}', Item(store, receiver, image_uploads, presentations, settings, derivatives))
     app.add_route('/images/{blob_id}/meta', blob_meta)
-    app.add_route('/artifacts', Collection(store, receiver, artifact_uploads, index.ARTIFACTS))
+    app.add_route('/artifacts', Collection(store, receiver, artifact_uploads, index.ARTIFACTS, settings))
     app.add_route('/artifacts/{blob_id}', Item(store, receiver, artifact_uploads, presentations, settings))
     app.add_route('/artifacts/{blob_id}/meta', blob_meta)
     app.add_route('/blobs/missing', MissingBlobs(store, receiver))

@@ -51,6 +51,11 @@ OK, SOME_FAILED, USAGE = 0, 1, 2
 _CHUNK = 1024 * 1024
 # NOTE: the server takes at most 10,000 ids per /blobs/missing.
 _MISSING_BATCH = 1000
+# PERF: push sends files up to this size in batches (one request, one group commit on the
+# server) of at most _BATCH_FILES files and _BATCH_BYTES bytes.
+_BATCH_FILE_BYTES = 256 * 1024
+_BATCH_FILES = 100
+_BATCH_BYTES = 8 * 1024 * 1024
 
 
 class ISSError(Exception):
@@ -143,6 +148,55 @@ class Client:
             status, _, body = self._call('PUT', path, body=content, length=size)
         answer = json.loads(body)
         return Stored(blob_id, new=status == 201, sent=True, bytes=size, meta=answer)
+
+    def put_many(
+        self,
+        files: Sequence[tuple[bytes, str | None]],
+        *,
+        kind: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> list[Stored | ISSError]:
+        """Store several small files in one request (a batch: one group commit on the server).
+
+        ``files`` are ``(content, filename)`` pairs, all of them held in memory: for small
+        files. Returns, in order, each file's :class:`Stored` or the error it alone got
+        (say, 415 for one that is not an image); an error of the whole request raises.
+        """
+        boundary = 'iss-client-' + os.urandom(12).hex()
+        parts = []
+        for content, filename in files:
+            name = (filename or 'file').replace('"', '%22').replace('\r', '').replace('\n', '')
+            parts.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                f'Content-Type: application/octet-stream\r\n\r\n'.encode()
+            )
+            parts += (content, b'\r\n')
+        parts.append(f'--{boundary}--\r\n'.encode())
+        query: dict[str, str] = {}
+        if kind is not None:
+            query['kind'] = kind
+        if meta:
+            query['meta'] = json.dumps(meta, separators=(',', ':'))
+        door = 'images' if kind is None else 'artifacts'
+        path = f'/{door}' + (f'?{urllib.parse.urlencode(query)}' if query else '')
+        _, _, body = self._call(
+            'POST', path, body=b''.join(parts), content_type=f'multipart/form-data; boundary={boundary}'
+        )
+        answers = json.loads(body)
+        answers = answers if isinstance(answers, list) else [answers]  # NOTE: one file is answered alone
+        outcomes: list[Stored | ISSError] = []
+        for (content, _), answer in zip(files, answers, strict=True):
+            status = answer.get('status', 201 if answer.get('created') else 200)
+            if status >= 400:
+                outcomes.append(ISSError(status, str(answer.get('title', '')), str(answer.get('description', ''))))
+                continue
+            blob_id = answer['image_id' if kind is None else 'artifact_id']
+            expected = 'sha256:' + hashlib.sha256(content).hexdigest()
+            if blob_id != expected:
+                outcomes.append(IntegrityError(502, 'Wrong id', f'the server stored {blob_id} for {expected}'))
+                continue
+            outcomes.append(Stored(blob_id, new=status == 201, sent=True, bytes=len(content), meta=answer))
+        return outcomes
 
     def get(self, blob_id: str, destination: str | os.PathLike | IO[bytes]) -> int:
         """Download a blob to a path (written whole or not at all) or a writable stream; return its size.
@@ -530,17 +584,30 @@ def push(client: Client, args: argparse.Namespace) -> int:
             sending.setdefault(item[2], item)  # NOTE: one upload for files of the same bytes
     uploaded: dict[str, bool] = {}
 
-    def upload(item: tuple[str, str, str, int]) -> Stored:
-        path, _, blob_id, _ = item
-        return client.put(path, kind=args.kind, meta=meta, digest=blob_id)
+    def upload(work: list[tuple[str, str, str, int]]) -> list[Stored | Exception]:
+        if len(work) == 1:
+            path, _, blob_id, _ = work[0]
+            return [client.put(path, kind=args.kind, meta=meta, digest=blob_id)]
+        contents = []
+        for path, _, _, _ in work:
+            with open(path, 'rb') as file:
+                contents.append((file.read(), os.path.basename(path)))
+        try:
+            return list(client.put_many(contents, kind=args.kind, meta=meta))
+        except ISSError as exc:
+            if exc.title != 'Two files':
+                raise
+            # NOTE: a server from before batch uploads takes one file per request
+            return [_outcome(lambda item=item: upload([item])[0]) for item in work]
 
-    for item, stored, exc in _parallel(upload, list(sending.values()), args.jobs):
-        if exc is not None:
-            _fail(item[0], exc)
-            failed = True
-        else:
-            uploaded[item[2]] = stored.new
-        progress.advance(item[3])
+    for work, outcomes, exc in _parallel(upload, _batches(list(sending.values())), args.jobs):
+        for item, outcome in zip(work, outcomes or [exc] * len(work), strict=True):
+            if isinstance(outcome, Exception):
+                _fail(item[0], outcome)
+                failed = True
+            else:
+                uploaded[item[2]] = outcome.new
+            progress.advance(item[3])
     entries: list[dict[str, Any]] = []
     for item in hashed:
         _, relative, blob_id, size = item
@@ -552,6 +619,33 @@ def push(client: Client, args: argparse.Namespace) -> int:
         entries.append(manifest_entry(relative, blob_id, size, sent_itself and uploaded[blob_id]))
     _write_manifest(entries, args.manifest)
     return SOME_FAILED if failed else OK
+
+
+def _batches(items: list[tuple[str, str, str, int]]) -> list[list[tuple[str, str, str, int]]]:
+    """Small files in batches (the largest first), every other file alone."""
+    work: list[list[tuple[str, str, str, int]]] = []
+    batch: list[tuple[str, str, str, int]] = []
+    batch_bytes = 0
+    for item in sorted(items, key=lambda item: -item[3]):
+        size = item[3]
+        if size > _BATCH_FILE_BYTES:
+            work.append([item])
+            continue
+        if batch and (len(batch) == _BATCH_FILES or batch_bytes + size > _BATCH_BYTES):
+            work.append(batch)
+            batch, batch_bytes = [], 0
+        batch.append(item)
+        batch_bytes += size
+    if batch:
+        work.append(batch)
+    return work
+
+
+def _outcome(call: Callable[[], Stored]) -> Stored | Exception:
+    try:
+        return call()
+    except Exception as exc:
+        return exc
 
 
 def pull(client: Client, args: argparse.Namespace) -> int:

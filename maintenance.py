@@ -180,8 +180,7 @@ class _Checker:
             os.rename(path, target)
         except FileNotFoundError:
             return False
-        disk.fsync_directory(os.path.dirname(path))
-        disk.fsync_directory(quarantine)
+        self._layout.flush()
         return True
 
 
@@ -197,7 +196,7 @@ def collect_garbage(store: FileStore, *, dry_run: bool = False) -> dict[str, int
         # NOTE: a commit links the blob before it writes the meta, and a delete
         # holds the blob until its meta is gone: meta without a blob is never used.
         if hex_digest is not None and not store.is_stored(hex_digest):
-            counts['orphaned_meta'] += dry_run or disk.unlink_durably(store.layout.meta_file(hex_digest))
+            counts['orphaned_meta'] += dry_run or disk.unlink_durably(store.layout, store.layout.meta_file(hex_digest))
     for hex_digest in store.index.all_hexes():
         if not store.is_stored(hex_digest):
             counts['index_rows'] += dry_run or store.index.remove(hex_digest)

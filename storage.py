@@ -80,6 +80,12 @@ class BlobStore(Protocol):
     def commit(self, staged: Staged, new_meta: dict[str, Any]) -> Committed:
         """Make a staged blob visible under its digest, with ``new_meta`` unless it has meta already."""
 
+    def commit_all(self, uploads: list[tuple[Staged, dict[str, Any]]]) -> list[Committed]:
+        """:meth:`commit` for each upload, in order, as one group: what costs per commit is paid once.
+
+        Content given twice is stored once (the later one answers as already stored).
+        """
+
     def open(self, blob_id: str) -> OpenBlob:
         """Open a stored blob for reading."""
 
@@ -245,60 +251,111 @@ class FileStore:
         return StagedBlob(fd, path, 'sha256:' + sha256.hexdigest(), size)
 
     def commit(self, staged: StagedBlob, new_meta: dict[str, Any]) -> Committed:
-        """Make a staged blob visible under its id, with ``new_meta`` if it has none yet.
+        """Make a staged blob visible under its id, with ``new_meta`` if it has none yet (see :meth:`commit_all`)."""
+        return self.commit_all([(staged, new_meta)])[0]
+
+    def commit_all(self, uploads: list[tuple[StagedBlob, dict[str, Any]]]) -> list[Committed]:
+        """Make staged blobs visible under their ids, each with its meta unless it has some; one group commit.
 
         The first commit of some content wins: an existing blob is never
         overwritten (unless its size shows it is damaged, when the verified
-        bytes replace it atomically) and existing metadata is kept. The blob,
-        its meta and its index row are written while the blob is held, so a
-        concurrent :meth:`delete` of the same content happens wholly before
-        or wholly after this commit.
+        bytes replace it atomically) and existing metadata is kept; content
+        given twice is stored once. However many uploads there are, the disk
+        is flushed three times (:class:`disk.Flusher`, shared with every commit
+        running meanwhile): once for the staged bytes and the new metas' bytes,
+        once for the blobs' names, once for the metas' names. So a crash leaves
+        each blob wholly there or not at all, and never a meta without its blob.
+        Every blob is held (flock) from its check to its index row, so a
+        concurrent :meth:`delete` of the same content happens wholly before or
+        wholly after; blobs are taken in the order of their ids, so two groups
+        sharing content never wait for each other in a circle.
 
         Returns:
-            Whether the blob is new, and the metadata now stored for it.
+            For each upload, in order: whether its blob is new, and the meta now stored for it.
         """
+        firsts: dict[str, tuple[StagedBlob, dict[str, Any]]] = {}
+        for staged, new_meta in uploads:
+            firsts.setdefault(staged.hex, (staged, new_meta))
         try:
-            with disk.translated('storing a blob'), self._hold_for_commit(staged) as created:
-                stored = self.read_meta(staged.digest)
-                if stored is None:
-                    stored = self.write_meta(staged.hex, new_meta)
-                self.index.put_missing(index.row_for(staged.hex, stored, time.time(), staged.size))
+            with disk.translated('storing a blob'), contextlib.ExitStack() as held:
+                outcome = self._commit_group(sorted(firsts.items()), held)
         finally:
-            staged.discard()
-        return Committed(created, stored)
+            for staged, _ in uploads:
+                staged.discard()
+        # NOTE: content given again later in the same group was stored by its first upload.
+        return [
+            outcome[staged.hex] if firsts[staged.hex][0] is staged else Committed(False, outcome[staged.hex].meta)
+            for staged, _ in uploads
+        ]
 
-    @contextlib.contextmanager
-    def _hold_for_commit(self, staged: StagedBlob) -> Iterator[bool]:
-        """Hold the stored blob of this content, linking the staged file into place when absent.
-
-        Yields True when the staged bytes became the blob. Either way the blob
-        is flock'd until the block exits: shared when it was already stored,
-        and through the staged file's own exclusive lock when it is new.
-        """
-        final_path = self.layout.blob(staged.hex)
-        while True:
-            fd = disk.lock_file(final_path, fcntl.LOCK_SH)
+    def _commit_group(
+        self, uploads: list[tuple[str, tuple[StagedBlob, dict[str, Any]]]], held: contextlib.ExitStack
+    ) -> dict[str, Committed]:
+        """:meth:`commit_all` for distinct contents sorted by id; locks and temp files go on ``held``."""
+        stored: dict[str, dict[str, Any] | None] = {}
+        new: list[tuple[str, StagedBlob, bool]] = []  # (hex, staged, replacing a damaged blob)
+        for hex_digest, (staged, _) in uploads:
+            fd = disk.lock_file(self.layout.blob(hex_digest), fcntl.LOCK_SH)
             if fd is None:
-                os.fsync(staged.fileno())
-                if disk.place(staged.path, final_path):
-                    yield True
-                    return
-                continue  # NOTE: another upload linked it first; hold theirs
-            try:
-                if os.fstat(fd).st_size == staged.size:
-                    # PERF: already stored; a copy about to be discarded needs no fsync.
-                    yield False
-                    return
-                # NOTE: a blob of the wrong size under this name was damaged by
-                # something outside ISS (the seed wrote in place, without sync);
-                # the staged bytes are verified, so they take its place atomically.
-                log.warning('replacing damaged blob %s', final_path)
-                os.fsync(staged.fileno())
-                disk.place(staged.path, final_path, replace=True)
-                yield True
-                return
-            finally:
-                os.close(fd)
+                new.append((hex_digest, staged, False))
+                continue
+            held.callback(os.close, fd)
+            if os.fstat(fd).st_size == staged.size:
+                # PERF: already stored; a copy about to be discarded needs no flush.
+                stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
+            else:
+                # NOTE: a blob of the wrong size under this name was damaged by something
+                # outside ISS (the seed wrote in place, without sync); the staged bytes
+                # are verified, so they take its place atomically.
+                log.warning('replacing damaged blob %s', self.layout.blob(hex_digest))
+                new.append((hex_digest, staged, True))
+        metas = {hex_digest: new_meta for hex_digest, (_, new_meta) in uploads}
+        # NOTE: a meta is readied for every blob that may need one, so one flush covers its bytes.
+        meta_temps = {
+            hex_digest: self._meta_temp(metas[hex_digest], held)
+            for hex_digest, _ in uploads
+            if hex_digest not in stored or stored[hex_digest] is None
+        }
+        if meta_temps:
+            self.layout.flush()  # the staged bytes and the metas' bytes
+        for hex_digest, staged, replace in new:
+            # NOTE: once linked, the staged file's own exclusive flock holds the blob.
+            if not self._link_blob(hex_digest, staged, replace, held):
+                stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
+        if new:
+            self.layout.flush()  # the blobs' names: before any meta's, never a meta without its blob
+        created = {hex_digest for hex_digest, _, _ in new} - stored.keys()
+        linked_metas = False
+        for hex_digest, temp_path in meta_temps.items():
+            if hex_digest in created or stored[hex_digest] is None:
+                if disk.link(temp_path, self.layout.meta_file(hex_digest)):
+                    stored[hex_digest], linked_metas = metas[hex_digest], True
+                else:  # NOTE: another writer's meta got there first; it stays
+                    stored[hex_digest] = self.read_meta('sha256:' + hex_digest) or metas[hex_digest]
+        if linked_metas:
+            self.layout.flush()  # the metas' names
+        now = time.time()
+        self.index.put_missing(
+            [index.row_for(hex_digest, stored[hex_digest], now, staged.size) for hex_digest, (staged, _) in uploads]
+        )
+        return {hex_digest: Committed(hex_digest in created, stored[hex_digest]) for hex_digest, _ in uploads}
+
+    def _meta_temp(self, new_meta: dict[str, Any], held: contextlib.ExitStack) -> str:
+        """A temp file holding ``new_meta``, removed when ``held`` closes; its path."""
+        fd, temp_path = self.layout.new_temp()
+        held.callback(disk.remove_temp, fd, temp_path)
+        disk.write_all(fd, meta.encode(new_meta))
+        return temp_path
+
+    def _link_blob(self, hex_digest: str, staged: StagedBlob, replace: bool, held: contextlib.ExitStack) -> bool:
+        """Give the staged bytes the blob's name; False when another upload did first (then theirs is held)."""
+        final_path = self.layout.blob(hex_digest)
+        while not disk.link(staged.path, final_path, replace=replace):
+            fd = disk.lock_file(final_path, fcntl.LOCK_SH)
+            if fd is not None:  # NOTE: None: deleted meanwhile; link ours after all
+                held.callback(os.close, fd)
+                return False
+        return True
 
     def write_meta(self, hex_digest: str, meta_doc: dict[str, Any], *, replace: bool = False) -> dict[str, Any]:
         """Write a blob's meta (unless another writer got there first); return what is stored."""
@@ -320,10 +377,10 @@ class FileStore:
         """
         hex_digest = parse_id(blob_id)
         with disk.translated('deleting a blob'), disk.hold(self.layout, hex_digest, fcntl.LOCK_EX):
-            disk.unlink_durably(self.layout.meta_file(hex_digest))
+            disk.unlink_durably(self.layout, self.layout.meta_file(hex_digest))
             self.index.remove(hex_digest)
             self.derived.remove(hex_digest)
-            disk.unlink_durably(self.layout.blob(hex_digest))
+            disk.unlink_durably(self.layout, self.layout.blob(hex_digest))
 
     def complete_meta(self, blob_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         """Add to a blob's meta the ``fields`` it lacks, never changing a key it has; return it.

@@ -2,13 +2,15 @@
 
 Each is None-safe: where this libc has no such function (musl has no
 ``mallopt``; macOS no ``sync_file_range``) the call does nothing, and ISS
-keeps its guarantees, only without that optimisation.
+keeps its guarantees, only without that optimisation (``syncfs`` falls
+back to ``sync``, which is as safe and slower).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from collections.abc import Callable
 
 
@@ -24,6 +26,8 @@ def libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
 _sync_file_range = libc_function('sync_file_range', ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>: start writeback, do not wait for it
 
+_syncfs = libc_function('syncfs', ctypes.c_int)
+
 _mallopt = libc_function('mallopt', ctypes.c_int, ctypes.c_int)
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
 
@@ -32,6 +36,20 @@ def sync_file_range_write(fd: int, offset: int, length: int) -> None:
     """Start writing these bytes of ``fd`` to disk, without waiting (sync_file_range(2))."""
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def syncfs(fd: int) -> None:
+    """Write every dirty page, inode and directory of the file system ``fd`` is on, and flush it (syncfs(2)).
+
+    Since Linux 5.8 it reports a writeback error seen since ``fd`` was opened (or last
+    synced through it). Where libc has no syncfs, :func:`os.sync` does the same for every
+    file system (slower, and it reports no errors).
+    """
+    if _syncfs is None:
+        os.sync()
+    elif _syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def set_mmap_threshold(size: int) -> None:

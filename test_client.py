@@ -104,6 +104,13 @@ def _uploaded_bytes(server) -> float:
     return total
 
 
+def _posts(server, route: str) -> float:
+    """How many POSTs /metrics counts on ``route``."""
+    text = server.request('GET', '/metrics')[2].decode()
+    pattern = rf'iss_http_requests_total\{{method="POST",route="{re.escape(route)}",status="\d+"\}} (\S+)'
+    return sum(float(match) for match in re.findall(pattern, text))
+
+
 def test_push_a_tree_then_again_sends_nothing_and_pull_restores_it(installed, start, world_readable_dir, tmp_path):
     server = start()
     tree = world_readable_dir / 'tree'
@@ -129,6 +136,7 @@ def test_push_a_tree_then_again_sends_nothing_and_pull_restores_it(installed, st
     stats = json.loads(server.request('GET', '/stats')[2])
     assert stats['count'] == 450
     assert blob_id(pathlib.Path('/etc/passwd').read_bytes()) not in {entry['id'] for entry in manifest}
+    assert _posts(server, '/artifacts') == 5, 'the 450 small files went in batches of 100'
 
     received = _uploaded_bytes(server)
     second = subprocess.run(command, capture_output=True, text=True, preexec_fn=preexec, timeout=300)
@@ -288,6 +296,22 @@ def test_the_library_puts_paths_bytes_and_streams_and_lists_and_deletes(start, t
     with pytest.raises(iss_client.ISSError) as refused:
         client.meta(from_bytes.id)
     assert refused.value.status == 404 and refused.value.title == 'Blob not found'
+
+
+def test_put_many_stores_a_batch_in_one_request_and_says_what_each_file_became(start):
+    server = start()
+    client = iss_client.Client(server.url)
+    png, other = make_png(), make_png(7, 7)
+    client.put(other)
+
+    outcomes = client.put_many([(png, 'a.png'), (b'not an image', 'notes.txt'), (other, 'b.png')])
+
+    assert [type(outcome) for outcome in outcomes] == [iss_client.Stored, iss_client.ISSError, iss_client.Stored]
+    assert (outcomes[0].id, outcomes[0].new, outcomes[0].meta['filename']) == (blob_id(png), True, 'a.png')
+    assert (outcomes[1].status, outcomes[1].title) == (415, 'Not an image')
+    assert (outcomes[2].id, outcomes[2].new) == (blob_id(other), False)
+    assert _posts(server, '/images') == 1, 'the three files went in one request'
+    assert client.put_many([(b'alone', 'one.bin')], kind='single')[0].id == blob_id(b'alone')
 
 
 def test_a_list_follows_every_page(start):

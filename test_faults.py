@@ -138,6 +138,102 @@ def test_sigkill_at_random_points_during_uploads_loses_and_corrupts_nothing(tmp_
     assert 'stale temp file' in log.read_text(), 'some kill should have left a temp file to sweep'
 
 
+class SmallUploader(threading.Thread):
+    """Bursts of small uploads, alone or as batches of 2-40 files, remembering every file acknowledged."""
+
+    def __init__(self, port: int, seed: int, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.random = random.Random(seed)
+        self.stop = stop
+        self.acknowledged: dict[str, bytes] = {}
+        self.batches = 0
+
+    def run(self) -> None:
+        boundary = 'burst-boundary'
+        while not self.stop.is_set():
+            files = [
+                self.random.randbytes(self.random.randrange(1, 8192)) for _ in range(self.random.choice([1, 1, 2, 40]))
+            ]
+            body = (
+                b''.join(
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="f{i}"\r\n\r\n'.encode()
+                    + data
+                    + b'\r\n'
+                    for i, data in enumerate(files)
+                )
+                + f'--{boundary}--\r\n'.encode()
+            )
+            try:
+                conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=20)
+                conn.request(
+                    'POST', '/artifacts?kind=burst', body=body,
+                    headers={'Content-Type': f'multipart/form-data; boundary={boundary}'},
+                )  # fmt: skip
+                response = conn.getresponse()
+                status, answer = response.status, response.read()
+                conn.close()
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.01)  # the worker died under us: expected here
+                continue
+            if status not in (200, 201):
+                continue
+            outcomes = json.loads(answer)
+            outcomes = outcomes if isinstance(outcomes, list) else [outcomes]
+            self.batches += len(files) > 1
+            for data, outcome in zip(files, outcomes, strict=True):
+                assert outcome['artifact_id'] == 'sha256:' + hashlib.sha256(data).hexdigest()
+                self.acknowledged[outcome['artifact_id']] = data
+
+
+def test_sigkill_during_bursts_of_small_and_batch_uploads_loses_and_corrupts_nothing(tmp_path):
+    """Group commit under fire: concurrent small uploads and batches share flushes while workers die."""
+    data_dir = tmp_path / 'data'
+    log = tmp_path / 'gunicorn.log'
+    server = Gunicorn(data_dir, log, ISS_WORKERS='2', ISS_THREADS='8')
+    port = server.port
+    stop = threading.Event()
+    uploaders = [SmallUploader(port, seed, stop) for seed in range(8)]
+    for uploader in uploaders:
+        uploader.start()
+    chaos = random.Random(20261201)
+    kill_points = {'worker': 0, 'whole server': 0}
+    deadline = time.monotonic() + 60
+    try:
+        while sum(kill_points.values()) < 60 and time.monotonic() < deadline:
+            time.sleep(chaos.uniform(0.05, 0.3))
+            if chaos.random() < 0.1:
+                server.kill()
+                kill_points['whole server'] += 1
+                server = Gunicorn(data_dir, log, port=port, ISS_WORKERS='2', ISS_THREADS='8')
+            else:
+                workers = worker_pids(server)
+                if workers:
+                    os.kill(chaos.choice(workers), signal.SIGKILL)
+                    kill_points['worker'] += 1
+    finally:
+        stop.set()
+        for uploader in uploaders:
+            uploader.join(60)
+        server.kill()
+
+    server = Gunicorn(data_dir, log, port=port)
+    try:
+        found = verify_store(data_dir)
+        acknowledged = {k: v for uploader in uploaders for k, v in uploader.acknowledged.items()}
+        for digest, data in acknowledged.items():
+            status, _, body = server.request('GET', f'/artifacts/{digest}')
+            assert (status, body == data) == (200, True), f'acknowledged {digest} is not served intact'
+    finally:
+        server.stop()
+
+    batches = sum(uploader.batches for uploader in uploaders)
+    print(f'\nkill points: {kill_points}; acknowledged files: {len(acknowledged)} ({batches} batches); store: {found}')
+    assert sum(kill_points.values()) >= 50
+    assert found['temp_files'] == 0
+    assert len(acknowledged) >= 200 and batches >= 10, 'too few uploads got through to prove anything'
+
+
 # -- disks that fail --------------------------------------------------------------
 
 

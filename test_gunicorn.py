@@ -345,19 +345,50 @@ def test_downloads_go_out_with_sendfile(start, tmp_path):
 
 
 def test_a_large_upload_has_the_disk_start_writing_while_it_arrives(start, tmp_path):
-    """Every 8 MiB received, the disk is asked to start writing them (the final fsync then has little to do)."""
-    server, trace = start_under_strace(start, tmp_path, 'sync_file_range,fsync')
+    """Every 8 MiB received, the disk is asked to start writing them (the final flush then has little to do)."""
+    server, trace = start_under_strace(start, tmp_path, 'sync_file_range,syncfs')
 
     put_random(server, 20 * MIB)
 
-    pattern = r'sync_file_range\(\d+, (\d+), (\d+), SYNC_FILE_RANGE_WRITE\) = 0|(fsync)'
-    wait_for(lambda: 'fsync' in trace.read_text(), message='the blob to be synced')
+    pattern = r'sync_file_range\(\d+, (\d+), (\d+), SYNC_FILE_RANGE_WRITE\) = 0|(syncfs)'
+    wait_for(lambda: 'syncfs' in trace.read_text(), message='the blob to be flushed')
     calls = re.findall(pattern, trace.read_text())
     ranges = [(int(offset), int(length)) for offset, length, _ in calls if offset]
     # NOTE: from the start, one after the other, each of 8 to 9 MiB (the body arrives in pieces of up to 1 MiB)
     assert [offset for offset, _ in ranges] == [0, ranges[0][1]], calls
     assert all(8 * MIB <= length < 9 * MIB for _, length in ranges), calls
-    assert calls[len(ranges)][2] == 'fsync', 'the blob is synced after its writeback was started'
+    assert calls[len(ranges)][2] == 'syncfs', 'the blob is flushed after its writeback was started'
+
+
+def test_an_upload_is_answered_only_after_the_flushes_that_make_it_durable(start, tmp_path):
+    """The thread that answers an upload, lone or a batch, has made its three flushes before it sends a byte."""
+    server, trace = start_under_strace(start, tmp_path, 'syncfs,sendto')
+    boundary = 'b0undary'
+    files = [os.urandom(1000) for _ in range(20)]
+    batch = (
+        b''.join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n'.encode()
+            + data
+            + b'\r\n'
+            for data in files
+        )
+        + f'--{boundary}--\r\n'.encode()
+    )
+
+    put_random(server, 1000)
+    status, _, _ = server.request(
+        'POST', '/artifacts?kind=batch', batch, {'Content-Type': f'multipart/form-data; boundary={boundary}'}
+    )
+
+    assert status == 201
+    wait_for(lambda: trace.read_text().count('HTTP/1.1 201') == 2, message='both answers in the trace')
+    lines = trace.read_text().splitlines()
+    for answer in [i for i, line in enumerate(lines) if 'HTTP/1.1 201' in line]:
+        thread = lines[answer].split()[0]
+        before = [line for line in lines[:answer] if line.split()[0] == thread]
+        since_last_answer = before[max((i for i, line in enumerate(before) if 'sendto' in line), default=-1) + 1 :]
+        flushes = [line for line in since_last_answer if re.search(r'syncfs(\(\d+|.*resumed>).*= 0$', line)]
+        assert len(flushes) == 3, '\n'.join(since_last_answer)
 
 
 def test_health_answers_while_slow_clients_upload(server):

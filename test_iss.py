@@ -10,6 +10,8 @@ import pathlib
 import re
 import subprocess
 import sys
+import threading
+import time
 import urllib.parse
 
 import falcon.inspect
@@ -149,7 +151,6 @@ def multipart(*parts: tuple[str, str | None, bytes], boundary: str = 'XyZ') -> t
     'body, content_type, title',
     [
         (multipart(('other', None, b'x'))[0], multipart()[1], 'No file'),
-        (*multipart(('file', 'a.png', make_png()), ('file', 'b.png', make_png(5, 5))), 'Two files'),
         (multipart(('file', 'a.png', make_png()))[0], 'multipart/form-data', 'Invalid header value'),
         (
             multipart(('file', 'a.png', make_png()))[0][:-40],
@@ -158,7 +159,7 @@ def multipart(*parts: tuple[str, str | None, bytes], boundary: str = 'XyZ') -> t
         ),
         (b'no boundary anywhere', multipart()[1], 'Malformed multipart/form-data request media'),
     ],
-    ids=['no-file-part', 'two-file-parts', 'no-boundary-parameter', 'missing-closing-boundary', 'garbage'],
+    ids=['no-file-part', 'no-boundary-parameter', 'missing-closing-boundary', 'garbage'],
 )
 def test_malformed_forms_get_400_and_store_nothing(client, data_dir, body, content_type, title):
     response = client.post('/images', body, headers={'Content-Type': content_type}, status=400)
@@ -247,11 +248,217 @@ def test_huge_part_headers_get_400(client, data_dir):
 
 
 def test_too_many_form_parts_get_400(client):
+    """Besides its files, a form carries a few short fields; a form of many other parts is refused."""
     body, content_type = multipart(*[(f'f{i}', None, b'x') for i in range(20)], ('file', 'a.png', make_png()))
 
     response = client.post('/images', body, headers={'Content-Type': content_type}, status=400)
 
     assert 'maximum number' in response.json['description']
+
+
+# -- batch uploads: several files in one form -------------------------------------
+
+
+def test_a_form_of_several_files_stores_each_and_answers_each_in_order(client, data_dir):
+    pngs = [make_png(10 + i, 10) for i in range(3)]
+    body, content_type = multipart(
+        *[('file', f'p{i}.png', data) for i, data in enumerate(pngs)], ('file', 'again.png', pngs[0])
+    )
+
+    response = client.post('/images', body, headers={'Content-Type': content_type}, status=201)
+
+    answers = response.json
+    assert [answer['image_id'] for answer in answers] == [blob_id(data) for data in [*pngs, pngs[0]]]
+    assert [answer['status'] for answer in answers] == [201, 201, 201, 200]
+    assert [answer['created'] for answer in answers] == [True, True, True, False]
+    assert [answer['filename'] for answer in answers] == ['p0.png', 'p1.png', 'p2.png', 'p0.png']
+    assert [answer['width'] for answer in answers] == [10, 11, 12, 10]
+    for data in pngs:
+        assert client.get(f'/images/{blob_id(data)}').body == data
+    assert sorted(item['id'] for item in client.get('/images').json['items']) == sorted(map(blob_id, pngs))
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
+def test_a_batch_of_files_all_stored_already_is_200(client):
+    pngs = [make_png(20 + i, 10) for i in range(2)]
+    body, content_type = multipart(*[('file', f'p{i}.png', data) for i, data in enumerate(pngs)])
+    client.post('/images', body, headers={'Content-Type': content_type}, status=201)
+
+    response = client.post('/images', body, headers={'Content-Type': content_type}, status=200)
+
+    assert [answer['status'] for answer in response.json] == [200, 200]
+
+
+def test_a_refused_file_of_a_batch_is_its_own_error_and_the_others_are_stored(client, data_dir):
+    first, last = make_png(30, 10), make_png(31, 10)
+    body, content_type = multipart(
+        ('file', 'a.png', first), ('file', 'notes.txt', b'not an image'), ('file', 'c.png', last)
+    )
+
+    response = client.post('/images', body, headers={'Content-Type': content_type}, status=207)
+
+    answers = response.json
+    assert [answer['status'] for answer in answers] == [201, 415, 201]
+    assert answers[1]['title'] == 'Not an image'
+    assert answers[1]['filename'] == 'notes.txt'
+    assert 'image_id' not in answers[1]
+    assert client.get(f'/images/{blob_id(first)}').body == first
+    assert client.get(f'/images/{blob_id(last)}').body == last
+    client.get(f'/images/{blob_id(b"not an image")}', status=404)
+    assert len(files_under(data_dir / 'blobs')) == 2
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
+def test_a_batch_of_artifacts_shares_the_kind_and_meta_of_the_request(client):
+    body, content_type = multipart(('file', 'a.bin', b'one'), ('file', 'b.bin', b'two'), ('meta', None, b'{"run": 7}'))
+
+    response = client.post('/artifacts?kind=weights', body, headers={'Content-Type': content_type}, status=201)
+
+    assert [answer['artifact_id'] for answer in response.json] == [blob_id(b'one'), blob_id(b'two')]
+    for data, name in ((b'one', 'a.bin'), (b'two', 'b.bin')):
+        stored = client.get(f'/artifacts/{blob_id(data)}/meta').json
+        assert (stored['kind'], stored['run'], stored['filename']) == ('weights', 7, name)
+
+
+def test_a_batch_whose_request_is_wrong_stores_none_of_its_files(client, data_dir):
+    body, content_type = multipart(('file', 'a.bin', b'one'), ('file', 'b.bin', b'two'))
+
+    response = client.post('/artifacts?kind=no%20spaces', body, headers={'Content-Type': content_type}, status=400)
+
+    assert response.json['title'] == 'Invalid kind'
+    assert_nothing_stored(data_dir / 'blobs')
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
+def test_a_batch_of_more_files_than_allowed_is_413_and_stores_nothing(make_client, data_dir):
+    client = make_client(max_batch_files=3)
+    body, content_type = multipart(*[('file', f'{i}.bin', b'%d' % i) for i in range(4)])
+
+    response = client.post('/artifacts?kind=x', body, headers={'Content-Type': content_type}, status=413)
+
+    assert response.json['title'] == 'Too many files'
+    assert 'at most 3 files' in response.json['description']
+    assert_nothing_stored(data_dir / 'blobs')
+    assert list((data_dir / 'tmp').iterdir()) == []
+    body, content_type = multipart(*[('file', f'{i}.bin', b'%d' % i) for i in range(3)])
+    client.post('/artifacts?kind=x', body, headers={'Content-Type': content_type}, status=201)
+
+
+def test_a_batch_larger_than_the_upload_limit_is_413_and_stores_nothing(make_client, data_dir):
+    client = make_client(max_upload_bytes=10_000)
+    body, content_type = multipart(*[('file', f'{i}.bin', os.urandom(4000)) for i in range(3)])
+
+    response = client.post('/artifacts?kind=x', body, headers={'Content-Type': content_type}, status=413)
+
+    assert response.json['title'] == 'Upload too large'
+    assert_nothing_stored(data_dir / 'blobs')
+    assert list((data_dir / 'tmp').iterdir()) == []
+
+
+def test_a_put_takes_one_file(client, data_dir, png):
+    body, content_type = multipart(('file', 'a.png', png), ('file', 'b.png', make_png(5, 5)))
+
+    response = client.put(f'/images/{blob_id(png)}', body, headers={'Content-Type': content_type}, status=400)
+
+    assert response.json['title'] == 'Two files'
+    assert_nothing_stored(data_dir / 'blobs')
+
+
+def test_a_group_of_new_uploads_costs_three_flushes_whatever_its_size(data_dir):
+    """The disk is flushed for the staged bytes, the blobs' names and the metas' names: not per upload."""
+    store = storage.FileStore(str(data_dir))
+    contents = [os.urandom(100) for _ in range(50)]
+    before = store.layout.flush.count
+
+    committed = store.commit_all([(store.stage(io.BytesIO(data)), {'kind': 'x'}) for data in contents])
+
+    assert store.layout.flush.count - before == 3
+    assert all(outcome.created for outcome in committed)
+    assert sorted(path.name for path in files_under(data_dir / 'blobs')) == sorted(blob_id(d)[7:] for d in contents)
+    again = store.layout.flush.count
+    store.commit_all([(store.stage(io.BytesIO(data)), {'kind': 'x'}) for data in contents])
+    assert store.layout.flush.count == again, 'content already stored needs no flush'
+
+
+def test_a_flush_asked_for_while_one_runs_is_a_later_one_shared_by_all_who_waited(data_dir):
+    """Group commit: a writer never trusts a flush that began before it asked; the next serves every waiter."""
+    store = storage.FileStore(str(data_dir))
+    flusher = store.layout.flush
+    flushes: list[tuple[float, float]] = []
+    real_flush = flusher._flush
+
+    def slow_flush():
+        started = time.monotonic()
+        time.sleep(0.2)
+        real_flush()
+        flushes.append((started, time.monotonic()))
+
+    flusher._flush = slow_flush
+    first = threading.Thread(target=flusher)
+    first.start()
+    time.sleep(0.05)  # the first flush is running
+    asked: list[float] = []
+    returned: list[float] = []
+
+    def wait_for_durability():
+        asked.append(time.monotonic())
+        flusher()
+        returned.append(time.monotonic())
+
+    waiters = [threading.Thread(target=wait_for_durability) for _ in range(8)]
+    for waiter in waiters:
+        waiter.start()
+    for thread in (first, *waiters):
+        thread.join(5)
+
+    assert len(flushes) == 2, 'the eight waiters shared one flush'
+    second_start, second_end = flushes[1]
+    assert second_start >= max(asked) and min(returned) >= second_end
+
+
+def test_concurrent_commits_share_their_flushes(data_dir):
+    store = storage.FileStore(str(data_dir))
+    real_flush = store.layout.flush._flush
+    store.layout.flush._flush = lambda: (time.sleep(0.05), real_flush())  # a slow disk: commits pile up
+    staged = [store.stage(io.BytesIO(os.urandom(100))) for _ in range(16)]
+    start = threading.Barrier(16)
+    committed = []
+
+    def commit(one):
+        start.wait()
+        committed.append(store.commit(one, {'kind': 'x'}))
+
+    threads = [threading.Thread(target=commit, args=(one,)) for one in staged]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+
+    assert [outcome.created for outcome in committed] == [True] * 16
+    assert store.layout.flush.count <= 9, f'{store.layout.flush.count} flushes for 16 commits (48 unshared)'
+    assert len(files_under(data_dir / 'meta')) == 16
+
+
+def test_groups_sharing_content_in_opposite_orders_never_wait_for_each_other(data_dir):
+    """Every blob of a group stays held until its row is written; taken in id order, two groups cannot deadlock."""
+    store = storage.FileStore(str(data_dir))
+    contents = [os.urandom(64) for _ in range(20)]
+    outcomes: list[list] = []
+
+    def commit(order: list[bytes]) -> None:
+        outcomes.append(store.commit_all([(store.stage(io.BytesIO(data)), {'kind': 'x'}) for data in order]))
+
+    for _ in range(10):
+        threads = [threading.Thread(target=commit, args=(order,)) for order in (contents, contents[::-1])]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert not any(thread.is_alive() for thread in threads), 'two groups waited for each other'
+        for data in contents:
+            store.delete(blob_id(data))
+    created = [sum(outcome.created for outcome in group) for group in outcomes]
+    assert [a + b for a, b in zip(created[::2], created[1::2], strict=True)] == [20] * 10
 
 
 # -- artifacts ------------------------------------------------------------------

@@ -257,18 +257,26 @@ def test_delete_of_a_malformed_id_is_404(admin_client):
 def test_a_delete_waits_for_an_upload_of_the_same_content_to_finish(data_dir):
     store = storage.FileStore(str(data_dir))
     staged = store.stage(_Chunks([b'content']))
-    deleted = threading.Event()
+    linked, go_on, deleted = threading.Event(), threading.Event(), threading.Event()
+    flush = store.layout.flush
 
-    # an upload has linked the blob and holds it while it writes meta and index row
-    with store._hold_for_commit(staged) as created:
-        assert created
-        deleter = threading.Thread(target=lambda: (store.delete(blob_id(b'content')), deleted.set()))
-        deleter.start()
-        time.sleep(0.2)
-        assert not deleted.is_set(), 'the delete did not wait for the upload'
-        store.write_meta(staged.hex, {'kind': 'x', 'bytes': 7})
-        store.index.put_missing(storage.index.row_for(staged.hex, {'kind': 'x'}, 0, 7))
-    staged.discard()
+    def flush_and_pause_once_the_blob_is_linked():
+        flush()
+        if os.path.exists(store.layout.blob(staged.hex)) and not linked.is_set():
+            linked.set()
+            go_on.wait(5)
+
+    store.layout.flush = flush_and_pause_once_the_blob_is_linked
+    uploader = threading.Thread(target=store.commit, args=(staged, {'kind': 'x', 'bytes': 7}))
+    uploader.start()
+    assert linked.wait(5)
+    # the upload has linked the blob and holds it while it writes its meta and index row
+    deleter = threading.Thread(target=lambda: (store.delete(blob_id(b'content')), deleted.set()))
+    deleter.start()
+    time.sleep(0.2)
+    assert not deleted.is_set(), 'the delete did not wait for the upload'
+    go_on.set()
+    uploader.join(5)
     deleter.join(5)
 
     assert deleted.is_set()
