@@ -15,7 +15,9 @@ Each round measures, in turn, with wrk (1 thread, 16 connections, as iss_bench.p
 - ``ISS batch``: ISS, ``--batch`` distinct PNGs as ``file`` parts of one POST /images
   (counted per file);
 - ``durable limit``: bench/durable_limit.py, the disk's rate for what one upload at a time
-  must make durable (two files, four fsyncs), 16 threads, no HTTP.
+  must make durable (two files, four fsyncs), 16 threads, no HTTP;
+- ``durable limit, grouped``: the same files made durable as ISS's group commit does
+  (``--group``: three ``syncfs`` per upload, shared by the threads waiting).
 Then one connection (wrk -c1) to ISS for its p50/p99 latency. Every request must succeed
 (a 201 for every file of every batch), or the script stops: a rate of errors is no result.
 Prints each side's median rate and the ratios to the FastAPI version's, with their range over
@@ -155,14 +157,15 @@ def wrk(url: str, script: str, seconds: float, connections: int = 16) -> dict:
     return result
 
 
-def durable_limit(directory: str, seconds: float) -> float:
+def durable_limit(directory: str, seconds: float, *how: str) -> float:
     done = subprocess.run(
-        [sys.executable, os.path.join(HERE, 'durable_limit.py'), '--dir', directory, '--seconds', f'{seconds:g}'],
+        [sys.executable, os.path.join(HERE, 'durable_limit.py'), '--dir', directory, '--seconds', f'{seconds:g}', *how],
         check=True,
         capture_output=True,
         text=True,
     )
-    first = done.stdout.splitlines()[0]  # NOTE: its files stay until the end, with ours
+    first, cpu = done.stdout.splitlines()[:2]  # NOTE: its files stay until the end, with ours
+    print(f'  ({" ".join(how) or "fsync"}) {cpu}', flush=True)
     return float(first.rsplit(': ', 1)[1].split()[0].replace(',', ''))
 
 
@@ -203,6 +206,7 @@ def main() -> int:
             'ISS': lambda: wrk(iss_url + '/images', single, args.seconds)['rps'],
             'ISS batch': lambda: wrk(iss_url + '/images', batch, args.seconds)['rps'] * args.batch,
             'durable limit': lambda: durable_limit(work, args.seconds),
+            'durable limit, grouped': lambda: durable_limit(work, args.seconds, '--group'),
         }
         if not args.batch:
             del sides['ISS batch']
