@@ -56,6 +56,10 @@ _MISSING_BATCH = 1000
 _BATCH_FILE_BYTES = 256 * 1024
 _BATCH_FILES = 100
 _BATCH_BYTES = 8 * 1024 * 1024
+# PERF: a file this large is sent while it is hashed (Client._put_while_hashing), in pieces
+# between which the upload can be stopped.
+_SEND_WHILE_HASHING_BYTES = 32 * 1024 * 1024
+_SEND_PIECE = 8 * 1024 * 1024
 
 
 class ISSError(Exception):
@@ -124,30 +128,124 @@ class Client:
 
         The sha256 is computed here first; when the server has the blob already, nothing is
         sent. ``filename`` defaults to a path's base name. Pass ``digest`` when it is known
-        (``push`` does) to skip hashing and the question.
+        (``push`` does) to skip hashing and the question. A large file is sent while it is
+        hashed (see :meth:`_put_while_hashing`), and the upload stopped if the server turns
+        out to have it.
         """
         with _opened(source) as (file, size, name):
-            filename = filename or name
-            blob_id = digest
-            if blob_id is None:
-                blob_id = 'sha256:' + _hash_stream(file)
-                if not self.missing([blob_id]):
-                    return Stored(blob_id, new=False, sent=False, bytes=size, meta=self.meta(blob_id))
             query: dict[str, str] = {}
             if kind is not None:
                 query['kind'] = kind
             if meta:
                 query['meta'] = json.dumps(meta, separators=(',', ':'))
-            if filename:
-                query['filename'] = filename
+            if filename or name:
+                query['filename'] = filename or name
             door = 'images' if kind is None else 'artifacts'
-            path = f'/{door}/{blob_id}' + (f'?{urllib.parse.urlencode(query)}' if query else '')
-            # PERF: a small body goes in the same send(2) as the headers; sent after them,
-            # Nagle's algorithm holds it until the headers are acknowledged.
-            content: bytes | IO[bytes] = file.read() if size <= _CHUNK else file
-            status, _, body = self._call('PUT', path, body=content, length=size)
-        answer = json.loads(body)
-        return Stored(blob_id, new=status == 201, sent=True, bytes=size, meta=answer)
+            blob_id = digest
+            if blob_id is None:
+                if size >= _SEND_WHILE_HASHING_BYTES and _sendable_file(file) and self._scheme == 'http':
+                    return self._put_while_hashing(file, size, door, query)
+                blob_id = 'sha256:' + _hash_stream(file)
+                if not self.missing([blob_id]):
+                    return Stored(blob_id, new=False, sent=False, bytes=size, meta=self.meta(blob_id))
+            return self._put_by_id(file, size, blob_id, door, query)
+
+    def _put_by_id(self, file: IO[bytes], size: int, blob_id: str, door: str, query: dict[str, str]) -> Stored:
+        """``PUT /{door}/{id}``: the server verifies the bytes against the id as they stream."""
+        path = f'/{door}/{blob_id}' + (f'?{urllib.parse.urlencode(query)}' if query else '')
+        # PERF: a small body goes in the same send(2) as the headers; sent after them,
+        # Nagle's algorithm holds it until the headers are acknowledged.
+        content: bytes | IO[bytes] = file.read() if size <= _CHUNK else file
+        status, _, body = self._call('PUT', path, body=content, length=size)
+        return Stored(blob_id, new=status == 201, sent=True, bytes=size, meta=json.loads(body))
+
+    def _put_while_hashing(self, file: IO[bytes], size: int, door: str, query: dict[str, str]) -> Stored:
+        """Send a large file by POST while another thread hashes it and asks whether it is stored.
+
+        PERF: hashing first puts the whole read (0.4 s for 512 MiB) before the first byte
+        is sent. Here the hash is done long before the upload, and then answers two things:
+        if the server has the blob, the upload is cut off (the server keeps nothing of a
+        body cut short) and nothing more is sent; if not, the id the server answers must be
+        this one. An upload that fails on the way is sent again as a verified PUT.
+        """
+        start = file.tell()
+        known: dict[str, Any] = {}
+        stored = threading.Event()
+
+        def hash_and_ask() -> None:
+            try:
+                sha256 = hashlib.sha256()
+                offset = start
+                while offset < start + size and (chunk := os.pread(file.fileno(), _CHUNK, offset)):
+                    sha256.update(chunk)
+                    offset += len(chunk)
+                known['id'] = 'sha256:' + sha256.hexdigest()
+                if not self.missing([known['id']]):
+                    stored.set()
+            except Exception as exc:
+                known['error'] = exc
+
+        hasher = threading.Thread(target=hash_and_ask, name='iss-client-hash', daemon=True)
+        hasher.start()
+        try:
+            answer = self._post_file(file, start, size, door, query, stored)
+        except (OSError, http.client.HTTPException, _Retry):
+            answer = None  # NOTE: sent again below, by id, with the retries of _call
+        finally:
+            hasher.join()
+        if 'error' in known:
+            raise known['error']
+        blob_id = known['id']
+        if answer is None and stored.is_set():
+            return Stored(blob_id, new=False, sent=False, bytes=size, meta=self.meta(blob_id))
+        if answer is None:
+            file.seek(start)
+            return self._put_by_id(file, size, blob_id, door, query)
+        status, body = answer
+        if body.get(f'{door[:-1]}_id') != blob_id:
+            raise IntegrityError(502, 'Wrong id', f'the server stored {body.get(f"{door[:-1]}_id")} for {blob_id}')
+        return Stored(blob_id, new=status == 201, sent=True, bytes=size, meta=body)
+
+    def _post_file(
+        self, file: IO[bytes], start: int, size: int, door: str, query: dict[str, str], stop: threading.Event
+    ) -> tuple[int, dict[str, Any]] | None:
+        """One multipart POST of the file by sendfile(2), in pieces; None when ``stop`` cut it off."""
+        boundary = 'iss-client-' + os.urandom(12).hex()
+        name = query.get('filename', 'file').replace('"', '%22').replace('\r', '').replace('\n', '')
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f'Content-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        tail = f'\r\n--{boundary}--\r\n'.encode()
+        connection = self._connection()
+        try:
+            path = f'/{door}' + (f'?{urllib.parse.urlencode(query)}' if query else '')
+            connection.putrequest('POST', self._prefix + path, skip_accept_encoding=True)
+            connection.putheader('Content-Type', f'multipart/form-data; boundary={boundary}')
+            connection.putheader('Content-Length', str(len(head) + size + len(tail)))
+            if self._token:
+                connection.putheader('Authorization', f'Bearer {self._token}')
+            connection.endheaders(head)
+            sent = 0
+            while sent < size:
+                if stop.is_set():
+                    self._drop_connection()  # NOTE: the server discards a body cut short
+                    return None
+                sent += connection.sock.sendfile(file, start + sent, min(_SEND_PIECE, size - sent))
+            connection.sock.sendall(tail)
+            response = connection.getresponse()
+            body = response.read()
+        except BaseException:
+            self._drop_connection()
+            raise
+        if response.will_close:
+            self._drop_connection()
+        if response.status >= 400:
+            error = _error_of(response.status, body)
+            if response.status in (503, 507):
+                raise _Retry(error, response.headers.get('Retry-After'))
+            raise error
+        return response.status, json.loads(body)
 
     def put_many(
         self,
@@ -567,27 +665,40 @@ def push(client: Client, args: argparse.Namespace) -> int:
     for item in skipped:
         _fail(item['path'], item['reason'])
     failed = bool(skipped)
+    # NOTE: large files are hashed while they are sent (Client.put); the rest first, so that
+    # one question finds which are missing and the small ones go in batches.
+    large: list[tuple[str, str, str, int]] = []  # path, relative, '', size
     hashed: list[tuple[str, str, str, int]] = []  # path, relative, id, size
-    for (path, relative), digest, exc in _parallel(lambda item: hash_file(item[0]), files, args.jobs):
+
+    def hash_small(item: tuple[str, str]) -> tuple[str, int] | None:
+        size = os.stat(item[0]).st_size
+        if size >= _SEND_WHILE_HASHING_BYTES:
+            large.append((*item, '', size))
+            return None
+        return hash_file(item[0])
+
+    for (path, relative), digest, exc in _parallel(hash_small, files, args.jobs):
         if exc is not None:
             _fail(path, exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
             failed = True
-        else:
+        elif digest is not None:
             hashed.append((path, relative, *digest))
     hashed.sort()
+    large.sort()
     missing = set(client.missing(list(dict.fromkeys(blob_id for _, _, blob_id, _ in hashed))))
     meta = json.loads(args.meta) if args.meta else None
-    progress = _Progress(len(hashed), sum(size for *_, size in hashed), _watched(args))
+    progress = _Progress(len(hashed) + len(large), sum(item[3] for item in hashed + large), _watched(args))
     sending: dict[str, tuple[str, str, str, int]] = {}
     for item in hashed:
         if item[2] in missing:
             sending.setdefault(item[2], item)  # NOTE: one upload for files of the same bytes
     uploaded: dict[str, bool] = {}
+    stored_large: dict[str, Stored] = {}
 
     def upload(work: list[tuple[str, str, str, int]]) -> list[Stored | Exception]:
         if len(work) == 1:
             path, _, blob_id, _ = work[0]
-            return [client.put(path, kind=args.kind, meta=meta, digest=blob_id)]
+            return [client.put(path, kind=args.kind, meta=meta, digest=blob_id or None)]
         contents = []
         for path, _, _, _ in work:
             with open(path, 'rb') as file:
@@ -600,13 +711,16 @@ def push(client: Client, args: argparse.Namespace) -> int:
             # NOTE: a server from before batch uploads takes one file per request
             return [_outcome(lambda item=item: upload([item])[0]) for item in work]
 
-    for work, outcomes, exc in _parallel(upload, _batches(list(sending.values())), args.jobs):
-        for item, outcome in zip(work, outcomes or [exc] * len(work), strict=True):
+    work = [[item] for item in large] + _batches(list(sending.values()))
+    for batch, outcomes, exc in _parallel(upload, work, args.jobs):
+        for item, outcome in zip(batch, outcomes or [exc] * len(batch), strict=True):
             if isinstance(outcome, Exception):
                 _fail(item[0], outcome)
                 failed = True
-            else:
+            elif item[2]:
                 uploaded[item[2]] = outcome.new
+            else:
+                stored_large[item[0]] = outcome
             progress.advance(item[3])
     entries: list[dict[str, Any]] = []
     for item in hashed:
@@ -617,6 +731,11 @@ def push(client: Client, args: argparse.Namespace) -> int:
         if blob_id in missing and blob_id not in uploaded:
             continue  # NOTE: its upload failed, and was named above
         entries.append(manifest_entry(relative, blob_id, size, sent_itself and uploaded[blob_id]))
+    for path, relative, _, size in large:
+        if path in stored_large:
+            stored = stored_large[path]
+            entries.append(manifest_entry(relative, stored.id, size, stored.new and stored.sent))
+    entries.sort(key=lambda entry: entry['path'])
     _write_manifest(entries, args.manifest)
     return SOME_FAILED if failed else OK
 

@@ -18,7 +18,7 @@ import time
 import pytest
 
 import iss_client
-from conftest import HERE, blob_id, make_png
+from conftest import HERE, blob_id, files_under, make_png, wait_for
 
 MIB = 1024 * 1024
 
@@ -312,6 +312,55 @@ def test_put_many_stores_a_batch_in_one_request_and_says_what_each_file_became(s
     assert (outcomes[2].id, outcomes[2].new) == (blob_id(other), False)
     assert _posts(server, '/images') == 1, 'the three files went in one request'
     assert client.put_many([(b'alone', 'one.bin')], kind='single')[0].id == blob_id(b'alone')
+
+
+def _uploads_counted(server) -> float:
+    text = server.request('GET', '/metrics')[2].decode()
+    return sum(float(value) for value in re.findall(r'iss_uploads_total\{result="\w+"\} (\S+)', text))
+
+
+def test_a_large_file_is_sent_while_it_is_hashed_and_cut_off_when_the_server_has_it(start, tmp_path):
+    server = start()
+    client = iss_client.Client(server.url)
+    path = tmp_path / 'weights.bin'
+    path.write_bytes(os.urandom(64 * MIB))
+
+    first = client.put(path, kind='model')
+
+    assert (first.id, first.new, first.sent, first.meta['filename']) == (
+        blob_id(path.read_bytes()),
+        True,
+        True,
+        'weights.bin',
+    )
+    assert _uploads_counted(server) == 1
+    again = client.put(path, kind='model')
+
+    assert (again.id, again.new, again.sent) == (first.id, False, False)
+    assert _uploads_counted(server) == 1, 'the second upload was cut off before it was stored'
+    wait_for(lambda: files_under(server.data_dir / 'tmp') == [], message='the cut-off upload to leave nothing')
+    path.write_bytes(os.urandom(40 * MIB))
+    with pytest.raises(iss_client.ISSError) as refused:
+        client.put(path)  # new bytes by the image door: they are not an image
+    assert refused.value.status == 415
+
+
+def test_push_hashes_a_large_file_while_sending_it_and_names_it_in_the_manifest(start, tmp_path):
+    server = start()
+    tree = tmp_path / 'tree'
+    (tree / 'small').mkdir(parents=True)
+    (tree / 'small' / 'a.txt').write_bytes(b'small')
+    (tree / 'big.bin').write_bytes(os.urandom(40 * MIB))
+    command = [sys.executable, str(HERE / 'iss_client.py'), '--url', server.url, 'push', '--kind', 'set', str(tree)]
+
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    manifest = {entry['path']: entry for entry in map(json.loads, first.stdout.splitlines())}
+    assert manifest['big.bin']['id'] == blob_id((tree / 'big.bin').read_bytes())
+    assert [manifest[path]['status'] for path in ('big.bin', 'small/a.txt')] == ['new', 'new']
+    assert {json.loads(line)['status'] for line in second.stdout.splitlines()} == {'stored'}
 
 
 def test_a_list_follows_every_page(start):
