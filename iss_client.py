@@ -209,19 +209,29 @@ class Client:
     def _post_file(
         self, file: IO[bytes], start: int, size: int, door: str, query: dict[str, str], stop: threading.Event
     ) -> tuple[int, dict[str, Any]] | None:
-        """One multipart POST of the file by sendfile(2), in pieces; None when ``stop`` cut it off."""
-        boundary = 'iss-client-' + os.urandom(12).hex()
-        name = query.get('filename', 'file').replace('"', '%22').replace('\r', '').replace('\n', '')
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-            f'Content-Type: application/octet-stream\r\n\r\n'
-        ).encode()
-        tail = f'\r\n--{boundary}--\r\n'.encode()
+        """One POST of the file by sendfile(2), in pieces; None when ``stop`` cut it off.
+
+        PERF: the raw body, as a PUT's, when the door takes it (an artifact, or an image whose
+        first bytes say its type): the server reads it straight into the store, where a
+        multipart form costs it a search for the boundary and one more copy of every byte.
+        """
+        head = tail = b''
+        content_type = _image_type(os.pread(file.fileno(), 12, start)) if door == 'images' else None
+        if door == 'images' and content_type is None:
+            boundary = 'iss-client-' + os.urandom(12).hex()
+            name = query.get('filename', 'file').replace('"', '%22').replace('\r', '').replace('\n', '')
+            head = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                f'Content-Type: application/octet-stream\r\n\r\n'
+            ).encode()
+            tail = f'\r\n--{boundary}--\r\n'.encode()
+            content_type = f'multipart/form-data; boundary={boundary}'
         connection = self._connection()
         try:
             path = f'/{door}' + (f'?{urllib.parse.urlencode(query)}' if query else '')
             connection.putrequest('POST', self._prefix + path, skip_accept_encoding=True)
-            connection.putheader('Content-Type', f'multipart/form-data; boundary={boundary}')
+            if content_type is not None:
+                connection.putheader('Content-Type', content_type)
             connection.putheader('Content-Length', str(len(head) + size + len(tail)))
             if self._token:
                 connection.putheader('Authorization', f'Bearer {self._token}')
@@ -232,7 +242,8 @@ class Client:
                     self._drop_connection()  # NOTE: the server discards a body cut short
                     return None
                 sent += connection.sock.sendfile(file, start + sent, min(_SEND_PIECE, size - sent))
-            connection.sock.sendall(tail)
+            if tail:
+                connection.sock.sendall(tail)
             response = connection.getresponse()
             body = response.read()
         except BaseException:
@@ -488,6 +499,25 @@ class _Retry(Exception):
         super().__init__(str(error))
         self.error = error
         self.retry_after = float(retry_after) if retry_after and retry_after.isdigit() else None
+
+
+# NOTE: enough to send an image as a raw body (image/*); the server types it by its bytes anyway.
+_IMAGE_SIGNATURES = (
+    (b'\x89PNG\r\n\x1a\n', 'image/png'),
+    (b'\xff\xd8\xff', 'image/jpeg'),
+    (b'GIF87a', 'image/gif'),
+    (b'GIF89a', 'image/gif'),
+    (b'II*\x00', 'image/tiff'),
+    (b'MM\x00*', 'image/tiff'),
+    (b'BM', 'image/bmp'),
+)
+
+
+def _image_type(start: bytes) -> str | None:
+    """The image type the first bytes of a file announce, or None."""
+    if start[:4] == b'RIFF' and start[8:12] == b'WEBP':
+        return 'image/webp'
+    return next((media_type for signature, media_type in _IMAGE_SIGNATURES if start.startswith(signature)), None)
 
 
 def _error_of(status: int, body: bytes) -> ISSError:

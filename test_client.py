@@ -343,6 +343,11 @@ def test_a_large_file_is_sent_while_it_is_hashed_and_cut_off_when_the_server_has
     with pytest.raises(iss_client.ISSError) as refused:
         client.put(path)  # new bytes by the image door: they are not an image
     assert refused.value.status == 415
+    photo = tmp_path / 'huge.png'
+    photo.write_bytes(make_png() + os.urandom(40 * MIB))  # a PNG with 40 MiB after its end: still one
+    image = client.put(photo)
+    assert (image.new, image.meta['mime'], image.meta['filename']) == (True, 'image/png', 'huge.png')
+    assert client.get(image.id, tmp_path / 'back.png') == photo.stat().st_size
 
 
 def test_push_hashes_a_large_file_while_sending_it_and_names_it_in_the_manifest(start, tmp_path):
