@@ -20,7 +20,7 @@ class RequireToken:
 
     def __init__(self, methods: frozenset[str], token: str, variable: str, purpose: str) -> None:
         self._methods = methods
-        self._expected = f'Bearer {token}'.encode() if token else None
+        self._expected = token.encode() if token else None
         self._variable = variable
         self._purpose = purpose
 
@@ -32,11 +32,22 @@ class RequireToken:
             raise falcon.HTTPForbidden(
                 title=f'{self._purpose} is off', description=f'{self._purpose} is off until {self._variable} is set.'
             )
-        given = (req.get_header('Authorization') or '').encode('utf-8', 'replace')
-        # APPSEC: constant-time, so the token cannot be guessed byte by byte.
-        if not hmac.compare_digest(given, self._expected):
+        if not hmac.compare_digest(bearer_token(req.get_header('Authorization')), self._expected):
             raise falcon.HTTPUnauthorized(
                 title='Token required',
                 description=f'{self._purpose} needs the header "Authorization: Bearer <{self._variable}>".',
                 challenges=['Bearer realm="iss"'],
             )
+
+
+def bearer_token(authorization: str | None) -> bytes:
+    """The token of an ``Authorization: Bearer <token>`` header; empty for any other header.
+
+    The scheme's name is case-insensitive (RFC 9110, section 11.1): ``bearer`` and ``BEARER``
+    are ``Bearer``. The caller compares the token in constant time (``hmac.compare_digest``),
+    so that it cannot be guessed byte by byte.
+    """
+    scheme, _, token = (authorization or '').partition(' ')
+    if scheme.lower() != 'bearer':
+        return b''
+    return token.strip(' ').encode('utf-8', 'replace')

@@ -188,13 +188,41 @@ class SQLiteIndex:
             # transactions may be missing, and the files (the truth) still have them.
             db.execute('PRAGMA synchronous=NORMAL')
             if self._schema_pid != os.getpid():
-                db.execute('PRAGMA journal_mode=WAL')
-                db.executescript(_SCHEMA)
+                self._enter_wal_mode(db)
+                # NOTE: in one write transaction taken up front: statements that each read the
+                # schema and then write upgrade a read lock, which SQLite refuses at once, without
+                # waiting, while another process creates the schema ("database is locked" from
+                # one worker in ~15 first starts of two).
+                db.execute('BEGIN IMMEDIATE')
+                try:
+                    for statement in _schema_statements():
+                        db.execute(statement)
+                    db.execute('COMMIT')
+                except BaseException:
+                    db.execute('ROLLBACK')
+                    raise
                 self._schema_pid = os.getpid()
             inode = os.stat(self.path).st_ino
         except (sqlite3.Error, OSError) as exc:
             raise _unavailable(self.path, exc) from exc
         return _Connection(db, inode, os.getpid())
+
+    def _enter_wal_mode(self, db: sqlite3.Connection) -> None:
+        """Switch a new index file to WAL (a no-op for one that is), waiting for other processes doing it.
+
+        NOTE: the switch needs the file to itself, and SQLite answers "database is locked" at
+        once instead of calling the busy handler: several workers starting on a fresh data
+        directory all try it in the same millisecond.
+        """
+        deadline = time.monotonic() + self._BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                db.execute('PRAGMA journal_mode=WAL')
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def _give_back(self, connection: _Connection) -> None:
         if connection.pid != os.getpid() or connection.db.in_transaction:
@@ -387,6 +415,17 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self._index._run('ROLLBACK' if exc_type else 'COMMIT')
+
+
+def _schema_statements() -> list[str]:
+    """The statements of ``_SCHEMA``, one by one (a trigger's body holds semicolons of its own)."""
+    statements, current = [], ''
+    for line in _SCHEMA.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ''
+    return statements
 
 
 def _unavailable(path: str, exc: sqlite3.Error | OSError) -> IndexUnavailable:

@@ -508,6 +508,7 @@ class Derivatives:
         """Serve the derivative the query asks for; False when it asks for none (serve the original)."""
         if not any(name in req.params for name in self.PARAMETERS):
             return False
+        self._refuse_what_would_be_ignored(req)
         requested_format = self._format(req)
         stored = self._store.read_meta(blob_id) or {}
         variant = self._variant(req, blob_id, stored, requested_format)
@@ -553,6 +554,21 @@ class Derivatives:
         with source.file, _refusing_what_cannot_render(blob_id):
             return self._store.derived.put(hex_digest, variant.key, write)
 
+    def _refuse_what_would_be_ignored(self, req: falcon.Request) -> None:
+        """A derivative's query says exactly one thing: no parameter twice, none unknown.
+
+        NOTE: each of these was once taken silently (the last ``w`` of two won, an unknown
+        one was ignored), rendering and caching something the client did not ask for.
+        """
+        for name, value in req.params.items():
+            if name not in self.PARAMETERS:
+                raise BadRequest(
+                    f'{name} is not a derivative parameter; they are {", ".join(self.PARAMETERS)}.',
+                    title='Unknown parameter',
+                )
+            if isinstance(value, list):
+                raise BadRequest(f'Give {name} once.', title='Repeated parameter')
+
     def _format(self, req: falcon.Request) -> str | None:
         name = req.get_param('format')
         if name is None:
@@ -572,6 +588,9 @@ class Derivatives:
         fit = req.get_param('fit', default='contain')
         if fit not in images.FITS:
             raise BadRequest('fit must be contain, cover or fill.', title='Invalid fit')
+        if fit != 'contain' and (width is None or height is None):
+            # NOTE: "exactly w x h" needs both; with one, cover rendered the source's aspect
+            raise BadRequest(f'fit={fit} makes exactly w x h: give both w and h.', title='Invalid fit')
         quality = req.get_param_as_int('q', min_value=1, max_value=100)
         source = self._source(blob_id, stored)
         has_alpha = 'A' in source.get('mode', '') or source.get('mode') == 'P'

@@ -401,6 +401,12 @@ def test_an_artifact_has_no_derivatives(client):
         ('fit=stretch', 'Invalid fit'),
         ('format=gif', 'Invalid format'),
         ('format=', 'Invalid format'),
+        ('h=64&fit=cover', 'Invalid fit'),  # it answered 48x64 where cover promises exactly w x h
+        ('w=64&fit=fill', 'Invalid fit'),
+        ('fit=cover', 'Invalid fit'),
+        ('w=64&w=65', 'Repeated parameter'),  # the last one won
+        ('w=64&width=65', 'Unknown parameter'),  # ignored
+        ('w=64&fromat=webp', 'Unknown parameter'),
     ],
 )
 def test_bad_parameters_are_400(client, png, query, title):

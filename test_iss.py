@@ -1043,12 +1043,16 @@ def test_writes_need_the_token_and_reads_do_not(make_client, png):
     wrong = upload_image(client, png, headers={'Authorization': 'Bearer s3cre'}, status=401)
     non_ascii = upload_image(client, png, headers={'Authorization': 'Bearer s3cr\u00e9t'}, status=401)
     put = client.put(f'/images/{blob_id(png)}', png, status=401)
+    other_scheme = upload_image(client, png, headers={'Authorization': 'Basic s3cret'}, status=401)
     ok = upload_image(client, png, headers={'Authorization': 'Bearer s3cret'})
+    # RFC 9110: the scheme's name is case-insensitive
+    lower = upload_image(client, make_png(3, 3), headers={'Authorization': 'bearer s3cret'}, status=201)
+    upper = upload_image(client, make_png(4, 4), headers={'Authorization': 'BEARER s3cret'}, status=201)
 
-    for refused in (missing, wrong, non_ascii, put):
+    for refused in (missing, wrong, non_ascii, put, other_scheme):
         assert refused.headers['WWW-Authenticate'] == 'Bearer realm="iss"'
         assert refused.json['title'] == 'Token required'
-    assert ok.status_int == 201
+    assert ok.status_int == lower.status_int == upper.status_int == 201
     assert client.get(f'/images/{blob_id(png)}').body == png
     assert client.get('/health').json == {'ok': True}
 

@@ -6,6 +6,8 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
+import multiprocessing
 import os
 import pathlib
 import subprocess
@@ -752,3 +754,37 @@ def test_an_unexpected_error_is_a_json_500_and_a_logged_traceback(data_dir, capl
     record = caplog.records[-1]
     assert record.levelname == 'ERROR' and record.request == {'request_id': request_id}
     assert 'a bug in the store' in ''.join(traceback.format_exception(*record.exc_info))
+
+
+def _start_a_store(root: str, barrier, answers) -> None:
+    """A worker starting: build the store and read the index, after every other has arrived."""
+    complaints: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            complaints.append(record.getMessage())
+
+    logging.getLogger('iss').addHandler(Collect(logging.WARNING))
+    barrier.wait()
+    try:
+        store = storage.FileStore(root)
+        store.start()
+        complaints += [] if store.index_complete else ['the index of an empty store is not complete']
+    except Exception as exc:
+        complaints.append(repr(exc))
+    answers.put(complaints)
+
+
+def test_many_workers_starting_at_once_on_a_fresh_data_directory_all_come_up(tmp_path):
+    """Eight processes create the index of a new data directory in the same instant, 25 times over."""
+    context = multiprocessing.get_context('fork')
+    for attempt in range(25):
+        root = tmp_path / f'data{attempt}'
+        barrier, answers = context.Barrier(8), context.Queue()
+        workers = [context.Process(target=_start_a_store, args=(str(root), barrier, answers)) for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        complaints = [message for _ in workers for message in answers.get(timeout=60)]
+        for worker in workers:
+            worker.join(10)
+        assert complaints == [], f'start {attempt}: {complaints}'
