@@ -133,7 +133,23 @@ def test_decompression_bomb_is_refused_without_decoding(client, data_dir):
     response = client.post('/images', bomb, headers={'Content-Type': 'image/png'}, status=413)
 
     assert response.json['title'] == 'Image too large'
+    # NOTE: in ISS's words, naming its limit (Pillow's own check spoke of twice its default)
+    assert response.json['description'] == (
+        '200000x200000 is 40000000000 pixels; this service decodes at most 89478485 (ISS_MAX_IMAGE_PIXELS)'
+    )
     assert_nothing_stored(data_dir / 'blobs')
+
+
+def test_the_pixel_limit_is_iss_max_image_pixels_even_above_pillows_own(make_client):
+    """Pillow refuses more than twice its default (178,956,970 pixels) by itself, whatever ISS was told."""
+    client = make_client(max_image_pixels=200_000_000)
+    big = png_declaring(15_000, 12_000)  # 180 megapixels
+
+    response = client.post('/images', big, headers={'Content-Type': 'image/png'}, status=201)
+
+    assert (response.json['width'], response.json['height']) == (15_000, 12_000)
+    refused = client.post('/images', png_declaring(15_000, 14_000), headers={'Content-Type': 'image/png'}, status=413)
+    assert refused.json['description'].endswith('at most 200000000 (ISS_MAX_IMAGE_PIXELS)')
 
 
 # -- malformed forms ------------------------------------------------------------
