@@ -33,6 +33,14 @@ def _csv(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in environ.get(name, '').split(',') if item.strip())
 
 
+def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first is the default, for an unset or empty variable)."""
+    raw = environ.get(name, '').strip().lower() or choices[0]
+    if raw not in choices:
+        raise ConfigError(f'{name} must be one of {", ".join(choices)}, not {raw!r}')
+    return raw
+
+
 def _location(environ: Mapping[str, str], name: str) -> str:
     raw = environ.get(name, '').strip()
     if raw and not (raw.startswith('/') and raw.endswith('/')):
@@ -48,6 +56,9 @@ class Settings:
     data_dir: str = './data'
     #: Largest request body accepted on POST and PUT; 413 as soon as it is crossed.
     max_upload_bytes: int = 2 * 1024**3
+    #: How far an uploaded image is checked: ``header`` (identified from it) or ``decode``
+    #: (every pixel of the first frame decoded; an image that does not is refused, 422).
+    verify_images: str = 'header'
     #: Most ``file`` parts one multipart POST may carry (a batch upload); 413 beyond.
     max_batch_files: int = 1000
     #: Seconds a client may pause while sending a body before ISS drops the upload.
@@ -99,6 +110,7 @@ class Settings:
             max_upload_bytes=_integer(env, 'ISS_MAX_UPLOAD_BYTES', defaults.max_upload_bytes, 1),
             max_meta_bytes=_integer(env, 'ISS_MAX_META_BYTES', defaults.max_meta_bytes, 2),
             max_batch_files=_integer(env, 'ISS_MAX_BATCH_FILES', defaults.max_batch_files, 1),
+            verify_images=_choice(env, 'ISS_VERIFY_IMAGES', ('header', 'decode')),
             body_timeout=_integer(env, 'ISS_BODY_TIMEOUT', defaults.body_timeout, 1),
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             admin_token=env.get('ISS_ADMIN_TOKEN', '').strip(),

@@ -120,6 +120,14 @@ class NotAnImage(FileRefused):
     )
 
 
+class UndecodableImage(FileRefused):
+    """An image whose header is sound but whose pixels do not decode (ISS_VERIFY_IMAGES=decode)."""
+
+    status = 422
+    title = 'Image does not decode'
+    detail_format = 'The image is identified from its header, but its pixels do not decode: {}'
+
+
 class OversizedImage(FileRefused):
     """An image with more pixels than the service decodes (a decompression bomb, or just too big)."""
 

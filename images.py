@@ -211,6 +211,20 @@ def target_size(source: tuple[int, int], variant: Variant) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def check_decodes(source: IO[bytes], max_pixels: int) -> None:
+    """Decode every pixel of ``source`` (the first frame), to prove the image is whole.
+
+    Raises:
+        NotAnImage, ImageTooLarge: as :func:`identify`.
+        CannotRender: the pixels cannot be decoded (truncated, corrupt).
+    """
+    with _open(source, max_pixels) as image:
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise CannotRender(str(exc) or type(exc).__name__) from None
+
+
 def render(source: IO[bytes], variant: Variant, out: IO[bytes], max_pixels: int) -> None:
     """Decode ``source`` once, make ``variant`` of it, and encode it into ``out``.
 

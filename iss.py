@@ -45,6 +45,7 @@ from errors import (
     OversizedImage,
     ServiceError,
     StoreFailure,
+    UndecodableImage,
 )
 from httpio import Presentation, Sendable, Upload, UploadReceiver, send_file
 from storage import BlobStore
@@ -140,6 +141,7 @@ class ImageUploads:
     def __init__(self, store: BlobStore, settings: Settings) -> None:
         self._store = store
         self._max_pixels = settings.max_image_pixels
+        self._verify = settings.verify_images
 
     def check(self, req: falcon.Request) -> None:
         if req.method == 'POST' and not httpio.is_multipart(req) and not _content_type(req).startswith('image/'):
@@ -153,12 +155,18 @@ class ImageUploads:
         with upload.staged.open() as file:
             try:
                 return meta.identified_image(
-                    file, upload.staged.size, max_pixels=self._max_pixels, filename=_offered_name(req, upload)
+                    file,
+                    upload.staged.size,
+                    max_pixels=self._max_pixels,
+                    filename=_offered_name(req, upload),
+                    verify=self._verify,
                 )
             except images.NotAnImage:
                 raise NotAnImage('') from None
             except images.ImageTooLarge as exc:
                 raise OversizedImage(exc) from None
+            except images.CannotRender as exc:
+                raise UndecodableImage(exc) from None
 
 
 class ArtifactUploads:

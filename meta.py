@@ -44,7 +44,7 @@ RESERVED_KEYS = images.IMAGE_META_KEYS | frozenset(
 )
 
 #: The keys an upload's answer repeats from the stored meta.
-ANSWER_KEYS = ('kind', 'bytes', 'mime', 'width', 'height', 'created_at')
+ANSWER_KEYS = ('kind', 'bytes', 'mime', 'width', 'height', 'verified', 'created_at')
 
 _MEDIA_TYPE_PATTERN = re.compile(r'[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+')
 _CHARSET_PATTERN = re.compile(r'charset="?([A-Za-z0-9._:-]{1,40})"?')
@@ -54,9 +54,17 @@ _CHARSET_PATTERN = re.compile(r'charset="?([A-Za-z0-9._:-]{1,40})"?')
 
 
 def image(
-    info: images.ImageInfo, size: int, created_at: float | None = None, filename: str | None = None
+    info: images.ImageInfo,
+    size: int,
+    created_at: float | None = None,
+    filename: str | None = None,
+    verified: str | None = None,
 ) -> dict[str, Any]:
-    """The meta of an image: the seed's keys, with what Pillow read from its header."""
+    """The meta of an image: the seed's keys, with what Pillow read from its header.
+
+    ``verified`` says how far the upload checked it: ``header`` (identified) or ``decode``
+    (every pixel decoded); None for meta made otherwise (fsck, the command line's imports).
+    """
     return {
         'kind': 'image',
         'bytes': size,
@@ -65,6 +73,7 @@ def image(
         'width': info.width,
         'height': info.height,
         **info.fields,
+        **({'verified': verified} if verified else {}),
         **_named(filename),
         'created_at': _now(created_at),
     }
@@ -76,13 +85,19 @@ def identified_image(
     created_at: float | None = None,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     filename: str | None = None,
+    verify: str | None = None,
 ) -> dict[str, Any]:
-    """The meta of the image in ``file``.
+    """The meta of the image in ``file``, checked as far as ``verify`` says (``header``, ``decode``).
 
     Raises:
         images.NotAnImage, images.ImageTooLarge: as :func:`images.identify`.
+        images.CannotRender: with ``decode``, the pixels do not decode.
     """
-    return image(images.identify(file, max_pixels), size, created_at, filename)
+    info = images.identify(file, max_pixels)
+    if verify == 'decode':
+        file.seek(0)
+        images.check_decodes(file, max_pixels)
+    return image(info, size, created_at, filename, verified=verify)
 
 
 def artifact(

@@ -380,6 +380,42 @@ def test_a_truncated_image_is_422_and_nothing_is_cached(client, data_dir):
     assert files_under(data_dir / 'derived') == [] and files_under(data_dir / 'tmp') == []
 
 
+def test_with_decode_verification_a_truncated_image_is_refused_at_upload(make_client, data_dir):
+    whole = encode(Image.effect_noise((64, 64), 50).convert('RGB'))
+    truncated = whole[: len(whole) // 2]
+    header_only, decoding = make_client(), make_client(verify_images='decode')
+
+    refused = decoding.post('/images', truncated, headers={'Content-Type': 'image/jpeg'}, status=422)
+    assert refused.json['title'] == 'Image does not decode'
+    assert files_under(data_dir / 'blobs') == [] and files_under(data_dir / 'tmp') == []
+    accepted = decoding.post('/images', whole, headers={'Content-Type': 'image/jpeg'}, status=201)
+    assert accepted.json['verified'] == 'decode'
+    assert decoding.get(f'/images/{accepted.json["image_id"]}/meta').json['verified'] == 'decode'
+    # by default the header is checked, and the answer says so
+    stored = header_only.post('/images', truncated, headers={'Content-Type': 'image/jpeg'}, status=201)
+    assert stored.json['verified'] == 'header'
+
+
+def test_a_batch_with_decode_verification_refuses_only_the_part_that_does_not_decode(make_client):
+    client = make_client(verify_images='decode')
+    whole = encode(Image.effect_noise((32, 32), 50).convert('RGB'))
+    boundary = 'b0undary'
+    body = (
+        b''.join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
+            + data
+            + b'\r\n'
+            for name, data in (('good.jpg', whole), ('cut.jpg', whole[: len(whole) // 2]))
+        )
+        + f'--{boundary}--\r\n'.encode()
+    )
+
+    response = client.post('/images', body, headers={'Content-Type': f'multipart/form-data; boundary={boundary}'})
+
+    assert response.status_int == 207
+    assert [(entry['status'], entry['filename']) for entry in response.json] == [(201, 'good.jpg'), (422, 'cut.jpg')]
+
+
 def test_an_artifact_has_no_derivatives(client):
     artifact = client.post('/artifacts?kind=text', b'plain words').json['artifact_id']
 
