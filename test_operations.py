@@ -775,6 +775,16 @@ def _start_a_store(root: str, barrier, answers) -> None:
     answers.put(complaints)
 
 
+def test_artifacts_of_kind_image_are_not_asked_of_the_artifacts_listing(client, png):
+    """/stats counts images under the kind image, and they are listed by /images: the two agree."""
+    upload_image(client, png)
+
+    refused = client.get('/artifacts?kind=image', status=400)
+
+    assert refused.json['title'] == 'Invalid kind' and 'GET /images' in refused.json['description']
+    assert client.get('/stats').json['kinds']['image']['count'] == len(client.get('/images').json['items']) == 1
+
+
 def test_many_workers_starting_at_once_on_a_fresh_data_directory_all_come_up(tmp_path):
     """Eight processes create the index of a new data directory in the same instant, 25 times over."""
     context = multiprocessing.get_context('fork')
