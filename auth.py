@@ -1,4 +1,4 @@
-"""Who may do what: the bearer tokens that guard uploads and deletion.
+"""Who may do what: the bearer tokens that guard uploads, deletion and, for a private store, reads.
 
 Checked by middleware after routing, before the resource runs, so a resource
 never sees a request it should not; the tokens come from :class:`config.Settings`.
@@ -38,6 +38,52 @@ class RequireToken:
                 description=f'{self._purpose} needs the header "Authorization: Bearer <{self._variable}>".',
                 challenges=['Bearer realm="iss"'],
             )
+
+
+class RequireReadToken:
+    """With ``ISS_READ_TOKEN`` set, the store is private: every read needs one of the tokens.
+
+    A read is a GET or HEAD of anything but the ``public`` resources (health, the API
+    document, its page and assets), or a POST to one of ``reads_by_post`` (asking which ids
+    are stored tells what is stored). The read, upload and admin tokens all read. Answers
+    to them are ``private`` in caches (``public`` becomes it): a shared cache (nginx's) keeps none.
+    """
+
+    def __init__(self, tokens: tuple[str, ...], public: tuple[type, ...], reads_by_post: tuple[type, ...]) -> None:
+        self._tokens = tuple(token.encode() for token in tokens if token)
+        self._public = public
+        self._reads_by_post = reads_by_post
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
+        # NOTE: no resource: a static route (the page's assets) or no route at all (its 404)
+        if resource is None or isinstance(resource, self._public):
+            return
+        if req.method not in ('GET', 'HEAD') and not (
+            req.method == 'POST' and isinstance(resource, self._reads_by_post)
+        ):
+            return
+        req.context.private_read = True
+        given = bearer_token(req.get_header('Authorization'))
+        # APPSEC: every token compared, each in constant time, so none can be told apart by timing.
+        if not any([hmac.compare_digest(given, token) for token in self._tokens]):
+            raise falcon.HTTPUnauthorized(
+                title='Token required',
+                description='This store is private: reading needs "Authorization: Bearer <ISS_READ_TOKEN>" '
+                '(or the upload or admin token).',
+                challenges=['Bearer realm="iss"'],
+            )
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        if not req.context.get('private_read'):
+            return
+        cache_control = resp.get_header('Cache-Control') or ''
+        if cache_control.startswith('public'):
+            cache_control = 'private' + cache_control.removeprefix('public')
+        elif 'private' not in cache_control:
+            cache_control = ', '.join(['private', *filter(None, [cache_control])])
+        resp.set_header('Cache-Control', cache_control)
 
 
 def bearer_token(authorization: str | None) -> bytes:

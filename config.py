@@ -67,6 +67,8 @@ class Settings:
     max_meta_bytes: int = 16 * 1024
     #: When set, POST and PUT need ``Authorization: Bearer <token>``.
     api_token: str = ''
+    #: When set, the store is private: every read needs this token (or the upload or admin one).
+    read_token: str = ''
     #: When set, DELETE needs ``Authorization: Bearer <token>``; when empty, deletion is off (403).
     admin_token: str = ''
     #: Origins allowed by CORS; empty means CORS is off.
@@ -114,6 +116,7 @@ class Settings:
             body_timeout=_integer(env, 'ISS_BODY_TIMEOUT', defaults.body_timeout, 1),
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             admin_token=env.get('ISS_ADMIN_TOKEN', '').strip(),
+            read_token=env.get('ISS_READ_TOKEN', '').strip(),
             cors_origins=_csv(env, 'ISS_CORS_ORIGINS'),
             accel_redirect=_location(env, 'ISS_ACCEL_REDIRECT'),
             accel_min_bytes=_integer(env, 'ISS_ACCEL_MIN_BYTES', defaults.accel_min_bytes),

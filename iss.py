@@ -33,7 +33,7 @@ import index
 import meta
 import storage
 import telemetry
-from auth import RequireToken
+from auth import RequireReadToken, RequireToken
 from blobs import BlobStat, Committed, OpenBlob, parse_id
 from config import Settings
 from errors import (
@@ -767,6 +767,14 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     if settings.api_token:
         middleware.append(RequireToken(frozenset({'POST', 'PUT'}), settings.api_token, 'ISS_API_TOKEN', 'Uploading'))
     middleware.append(RequireToken(frozenset({'DELETE'}), settings.admin_token, 'ISS_ADMIN_TOKEN', 'Deleting'))
+    if settings.read_token:
+        middleware.append(
+            RequireReadToken(
+                (settings.read_token, settings.api_token, settings.admin_token),
+                public=(Health, OpenAPIDocument, Docs),
+                reads_by_post=(MissingBlobs,),
+            )
+        )
 
     app = falcon.App(middleware=middleware)
     app.set_error_serializer(_serialize_error)

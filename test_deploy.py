@@ -240,6 +240,41 @@ def test_small_blobs_are_served_from_nginx_cache_with_the_same_answers(stack):
     assert len(reads) == 4, reads
 
 
+def test_a_private_store_behind_nginx_never_serves_a_cached_copy_to_a_request_iss_refuses(tmp_path, shared_data_dir):
+    behind = Gunicorn(
+        shared_data_dir,
+        tmp_path / 'private.log',
+        ISS_READ_TOKEN='reader',
+        ISS_LOG_LEVEL='info',
+        ISS_ACCEL_REDIRECT=ACCEL,
+        ISS_ACCEL_MIN_BYTES=str(MIB),
+    )
+    nginx_dir = tmp_path / 'nginx'
+    nginx_dir.mkdir()
+    nginx = Nginx(nginx_dir, behind.port, shared_data_dir)
+    try:
+        small, large = os.urandom(50_000), os.urandom(2 * MIB)  # sent by ISS (cacheable), by nginx
+        reader = {'Authorization': 'Bearer reader'}
+        for data in (small, large):
+            blob = 'sha256:' + hashlib.sha256(data).hexdigest()
+            assert nginx.request('PUT', f'/artifacts/{blob}?kind=p', data)[0] == 201
+            answers = [
+                nginx.request('GET', f'/artifacts/{blob}', headers=reader),
+                nginx.request('GET', f'/artifacts/{blob}', headers=reader),
+                nginx.request('GET', f'/artifacts/{blob}'),
+                nginx.request('GET', f'/images/{blob}'),
+                nginx.request('GET', f'/artifacts/{blob}', headers={'Authorization': 'Bearer wrong'}),
+            ]
+            assert [status for status, _, _ in answers] == [200, 200, 401, 401, 401], blob
+            assert answers[0][2] == answers[1][2] == data
+            assert answers[0][1]['Cache-Control'].startswith('private')
+            reads = [line for line in access_lines(behind) if line['path'].endswith(blob) and line['method'] == 'GET']
+            assert len(reads) == 5, 'every read went to ISS, none was answered from the cache'
+    finally:
+        nginx.stop()
+        behind.stop()
+
+
 def test_nginx_caches_each_derivative_apart_from_the_original(stack):
     nginx, _, direct = stack
     buffer = io.BytesIO()

@@ -1073,6 +1073,61 @@ def test_writes_need_the_token_and_reads_do_not(make_client, png):
     assert client.get('/health').json == {'ok': True}
 
 
+def test_a_private_store_answers_reads_only_with_a_token(make_client, png):
+    client = make_client(read_token='reader', api_token='uploader', admin_token='admin')
+    image_id = upload_image(client, png, headers={'Authorization': 'Bearer uploader'}).json['image_id']
+    reads = [
+        ('GET', f'/images/{image_id}'),
+        ('HEAD', f'/images/{image_id}'),
+        ('GET', f'/images/{image_id}?w=10'),
+        ('GET', f'/images/{image_id}/meta'),
+        ('GET', f'/artifacts/{image_id}'),
+        ('GET', '/images'),
+        ('GET', '/artifacts'),
+        ('GET', '/stats'),
+        ('GET', '/metrics'),
+    ]
+
+    for method, path in reads:
+        for refused in (None, 'Bearer wrong', 'Basic reader'):
+            headers = {'Authorization': refused} if refused else {}
+            answer = client.request(path, method=method, headers=headers, expect_errors=True)
+            assert answer.status_int == 401, (method, path, refused)
+            assert answer.headers['WWW-Authenticate'] == 'Bearer realm="iss"'
+        for token in ('reader', 'uploader', 'admin'):
+            answer = client.request(path, method=method, headers={'Authorization': f'bearer {token}'})
+            assert answer.status_int == 200, (method, path, token)
+    # asking which ids are stored tells what is stored: a read (and a POST: with an upload
+    # token set, that one is needed, as for every POST)
+    missing = {'ids': [image_id]}
+    client.post_json('/blobs/missing', missing, headers={'Authorization': 'Bearer reader'}, status=401)
+    client.post_json('/blobs/missing', missing, headers={'Authorization': 'Bearer uploader'}, status=200)
+    readers_only = make_client(read_token='reader')
+    readers_only.post_json('/blobs/missing', missing, status=401)
+    assert readers_only.post_json('/blobs/missing', missing, headers={'Authorization': 'Bearer reader'}).json == {
+        'missing': []
+    }
+    for open_path in ('/health', '/openapi.yaml', '/openapi.json', '/docs'):
+        client.get(open_path, status=200)
+    # the read token reads, and only reads
+    upload_image(client, make_png(5, 5), headers={'Authorization': 'Bearer reader'}, status=401)
+    client.delete(f'/images/{image_id}', headers={'Authorization': 'Bearer reader'}, status=401)
+
+
+def test_a_private_stores_answers_are_private_in_caches(make_client, png):
+    public = make_client()
+    image_id = upload_image(public, png).json['image_id']
+    assert public.get(f'/images/{image_id}').headers['Cache-Control'].startswith('public')
+    private = make_client(read_token='reader')
+    reader = {'Authorization': 'Bearer reader'}
+
+    for path in (f'/images/{image_id}', f'/images/{image_id}?w=10', f'/images/{image_id}/meta'):
+        cache_control = private.get(path, headers=reader).headers['Cache-Control']
+        assert 'public' not in cache_control and cache_control.startswith('private'), (path, cache_control)
+    not_modified = private.get(f'/images/{image_id}', headers={**reader, 'If-None-Match': f'"{image_id}"'}, status=304)
+    assert not_modified.headers['Cache-Control'].startswith('private')
+
+
 # -- CORS -----------------------------------------------------------------------
 
 
