@@ -10,6 +10,8 @@ import hmac
 
 import falcon
 
+import signing
+
 
 class RequireToken:
     """Requests with one of ``methods`` need ``Authorization: Bearer <token>``.
@@ -18,15 +20,20 @@ class RequireToken:
     how deletion stays off until ``ISS_ADMIN_TOKEN`` is set.
     """
 
-    def __init__(self, methods: frozenset[str], token: str, variable: str, purpose: str) -> None:
+    def __init__(
+        self, methods: frozenset[str], token: str, variable: str, purpose: str, exempt: tuple[type, ...] = ()
+    ) -> None:
         self._methods = methods
         self._expected = token.encode() if token else None
         self._variable = variable
         self._purpose = purpose
+        self._exempt = exempt  # NOTE: resources that check a token of their own
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
         # NOTE: after routing, so a method no resource takes still gets its 404 or 405.
         if req.method not in self._methods or not hasattr(resource, f'on_{req.method.lower()}'):
+            return
+        if isinstance(resource, self._exempt):
             return
         if self._expected is None:
             raise falcon.HTTPForbidden(
@@ -49,10 +56,17 @@ class RequireReadToken:
     to them are ``private`` in caches (``public`` becomes it): a shared cache (nginx's) keeps none.
     """
 
-    def __init__(self, tokens: tuple[str, ...], public: tuple[type, ...], reads_by_post: tuple[type, ...]) -> None:
+    def __init__(
+        self,
+        tokens: tuple[str, ...],
+        public: tuple[type, ...],
+        reads_by_post: tuple[type, ...],
+        signing_keys: tuple[str, ...] = (),
+    ) -> None:
         self._tokens = tuple(token.encode() for token in tokens if token)
         self._public = public
         self._reads_by_post = reads_by_post
+        self._signing_keys = tuple(key for key in signing_keys if key)
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
         # NOTE: no resource: a static route (the page's assets) or no route at all (its 404)
@@ -63,6 +77,12 @@ class RequireReadToken:
         ):
             return
         req.context.private_read = True
+        if 'signature' in req.params and req.method in ('GET', 'HEAD') and self._signing_keys:
+            try:
+                signing.verify(self._signing_keys, req.path, req.params)
+            except signing.BadSignature as exc:
+                raise falcon.HTTPForbidden(title='Invalid signature', description=str(exc)) from None
+            return  # NOTE: a valid signature stands in for the token, for this one read
         given = bearer_token(req.get_header('Authorization'))
         # APPSEC: every token compared, each in constant time, so none can be told apart by timing.
         if not any([hmac.compare_digest(given, token) for token in self._tokens]):

@@ -25,7 +25,9 @@ import index
 import iss_client
 import maintenance
 import meta
+import signing
 import storage
+from blobs import parse_id
 from config import ConfigError, Settings
 from errors import BlobNotFound, ServiceError
 
@@ -173,6 +175,17 @@ def _import_meta(kind: str | None, path: str, file: IO[bytes], size: int) -> dic
     return meta.artifact(kind, size, mimetypes.guess_type(path)[0], filename=name)
 
 
+def sign(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+    if not args.settings.signing_key:
+        raise UsageError('signing needs ISS_SIGNING_KEY')
+    hex_digest = parse_id(args.id)
+    params = dict(param.partition('=')[::2] for param in args.params)
+    if not 0 < args.expires <= 7 * 24 * 3600 or any(name in signing.PARAMETERS for name in params):
+        raise UsageError('--expires is 1 to 604800 seconds; expires and signature are added, not given')
+    path = f'/{"artifacts" if args.artifact else "images"}/sha256:{hex_digest}'
+    return OK, {'url': signing.signed_path(args.settings.signing_key, path, params, args.expires)}
+
+
 # -- the command line -----------------------------------------------------------
 
 
@@ -218,6 +231,13 @@ def parser() -> argparse.ArgumentParser:
     command('backfill', backfill, 'complete the meta of images stored by the FastAPI version')
     command('reindex', reindex, 'rebuild the index from the blob and meta files')
     command('stats', stats, 'count blobs and bytes per kind')
+    signer = command('sign', sign, 'print a URL that reads ID without a token until it expires (ISS_SIGNING_KEY)')
+    signer.add_argument('id', metavar='ID')
+    signer.add_argument('--artifact', action='store_true', help='under /artifacts (default: /images)')
+    signer.add_argument('--expires', type=int, default=3600, help='seconds it stays valid (default 3600)')
+    signer.add_argument(
+        'params', nargs='*', metavar='NAME=VALUE', help='derivative parameters it is for: w=256 h=256 fit=cover ...'
+    )
     importer = command('import', import_files, 'store every file below DIRECTORY (as images unless --kind)')
     importer.add_argument('directory', metavar='DIRECTORY')
     importer.add_argument('--kind', type=_kind, help='store the files as artifacts of this kind')

@@ -69,6 +69,10 @@ class Settings:
     api_token: str = ''
     #: When set, the store is private: every read needs this token (or the upload or admin one).
     read_token: str = ''
+    #: Key of signed URLs (``POST /sign``, ``python -m iss sign``); empty: signing is off.
+    signing_key: str = ''
+    #: The key before the current one, still accepted, so that keys rotate.
+    signing_key_previous: str = ''
     #: When set, DELETE needs ``Authorization: Bearer <token>``; when empty, deletion is off (403).
     admin_token: str = ''
     #: Origins allowed by CORS; empty means CORS is off.
@@ -117,6 +121,8 @@ class Settings:
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             admin_token=env.get('ISS_ADMIN_TOKEN', '').strip(),
             read_token=env.get('ISS_READ_TOKEN', '').strip(),
+            signing_key=env.get('ISS_SIGNING_KEY', '').strip(),
+            signing_key_previous=env.get('ISS_SIGNING_KEY_PREVIOUS', '').strip(),
             cors_origins=_csv(env, 'ISS_CORS_ORIGINS'),
             accel_redirect=_location(env, 'ISS_ACCEL_REDIRECT'),
             accel_min_bytes=_integer(env, 'ISS_ACCEL_MIN_BYTES', defaults.accel_min_bytes),

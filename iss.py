@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hmac
 import json
 import logging
 import pathlib
@@ -31,9 +32,10 @@ import httpio
 import images
 import index
 import meta
+import signing
 import storage
 import telemetry
-from auth import RequireReadToken, RequireToken
+from auth import RequireReadToken, RequireToken, bearer_token
 from blobs import BlobStat, Committed, OpenBlob, parse_id
 from config import Settings
 from errors import (
@@ -572,6 +574,8 @@ class Derivatives:
         one was ignored), rendering and caching something the client did not ask for.
         """
         for name, value in req.params.items():
+            if name in signing.PARAMETERS:
+                continue  # NOTE: a signed URL's own (checked by auth.RequireReadToken)
             if name not in self.PARAMETERS:
                 raise BadRequest(
                     f'{name} is not a derivative parameter; they are {", ".join(self.PARAMETERS)}.',
@@ -661,6 +665,69 @@ class BlobMeta:
         if stored is not None and meta.lacks_fields(stored):
             stored = meta.complete_image(self._store, blob_id, self._max_pixels) or stored
         resp.media = stored or {'bytes': size}
+
+
+class Sign:
+    """``POST /sign``: a URL that reads one blob (or one derivative of it) without a token, for a while.
+
+    Body: ``{"id": "sha256:...", "door": "images" | "artifacts", "params": {"w": 256, ...},
+    "expires_in": 3600}``; only ``id`` is required. Needs the upload or the admin token, so
+    it needs one of them set; signing is off without ``ISS_SIGNING_KEY`` (403).
+    """
+
+    MAX_EXPIRES_IN = 7 * 24 * 3600
+    _MAX_BODY_BYTES = 64 * 1024
+
+    def __init__(self, receiver: UploadReceiver, settings: Settings) -> None:
+        self._receiver = receiver
+        self._key = settings.signing_key
+        self._tokens = tuple(token.encode() for token in (settings.api_token, settings.admin_token) if token)
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not self._key or not self._tokens:
+            raise falcon.HTTPForbidden(
+                title='Signing is off',
+                description='Signing needs ISS_SIGNING_KEY, and ISS_API_TOKEN or ISS_ADMIN_TOKEN to ask for it.',
+            )
+        given = bearer_token(req.get_header('Authorization'))
+        if not any([hmac.compare_digest(given, token) for token in self._tokens]):
+            raise falcon.HTTPUnauthorized(
+                title='Token required',
+                description='Signing needs "Authorization: Bearer <ISS_API_TOKEN or ISS_ADMIN_TOKEN>".',
+                challenges=['Bearer realm="iss"'],
+            )
+        try:
+            body = json.loads(self._receiver.read_small(req, self._MAX_BODY_BYTES) or b'null')
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise BadRequest(
+                'Send JSON {"id": "sha256:<hex>", "params": {...}, "expires_in": 3600}.', title='Invalid body'
+            )
+        try:
+            blob_id = parse_id(str(body.get('id')))
+        except InvalidId as exc:
+            raise InvalidIdInBody(str(exc)) from None
+        door, params, expires_in = body.get('door', 'images'), body.get('params', {}), body.get('expires_in', 3600)
+        if door not in ('images', 'artifacts'):
+            raise BadRequest('door is images or artifacts.', title='Invalid body')
+        if isinstance(params, dict):  # NOTE: 256.0 is an integer to JSON Schema
+            params = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in params.items()}
+        if not isinstance(params, dict) or not all(
+            name in Derivatives.PARAMETERS and isinstance(value, (str, int)) and not isinstance(value, bool)
+            for name, value in params.items()
+        ):
+            raise BadRequest(
+                'params is an object of derivative parameters (w, h, fit, format, q) and their values.',
+                title='Invalid body',
+            )
+        if isinstance(expires_in, float) and expires_in.is_integer():
+            expires_in = int(expires_in)  # NOTE: 3600.0 is an integer to JSON Schema
+        if not isinstance(expires_in, int) or isinstance(expires_in, bool) or not 0 < expires_in <= self.MAX_EXPIRES_IN:
+            raise BadRequest(f'expires_in is 1 to {self.MAX_EXPIRES_IN} seconds.', title='Invalid body')
+        path = f'/{door}/sha256:{blob_id}'
+        url = signing.signed_path(self._key, path, {str(k): str(v) for k, v in params.items()}, expires_in)
+        resp.media = {'url': url, 'expires': int(urllib.parse.parse_qs(url.partition('?')[2])['expires'][0])}
 
 
 class Health:
@@ -765,7 +832,9 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
             )
         )
     if settings.api_token:
-        middleware.append(RequireToken(frozenset({'POST', 'PUT'}), settings.api_token, 'ISS_API_TOKEN', 'Uploading'))
+        middleware.append(
+            RequireToken(frozenset({'POST', 'PUT'}), settings.api_token, 'ISS_API_TOKEN', 'Uploading', exempt=(Sign,))
+        )
     middleware.append(RequireToken(frozenset({'DELETE'}), settings.admin_token, 'ISS_ADMIN_TOKEN', 'Deleting'))
     if settings.read_token:
         middleware.append(
@@ -773,6 +842,7 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
                 (settings.read_token, settings.api_token, settings.admin_token),
                 public=(Health, OpenAPIDocument, Docs),
                 reads_by_post=(MissingBlobs,),
+                signing_keys=(settings.signing_key, settings.signing_key_previous),
             )
         )
 
@@ -795,6 +865,7 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     app.add_route('/artifacts/{blob_id}/meta', blob_meta)
     app.add_route('/blobs/missing', MissingBlobs(store, receiver))
     app.add_route('/stats', Stats(store))
+    app.add_route('/sign', Sign(receiver, settings))
     app.add_route('/metrics', telemetry.MetricsEndpoint(metrics))
 
     health = Health(store)

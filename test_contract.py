@@ -16,8 +16,9 @@ MAX_EXAMPLES = '30'
 
 
 def test_live_server_conforms_to_its_contract(start):
-    # NOTE: with an admin token, so DELETE is exercised too (and sends 401 without it).
-    server = start(ISS_ADMIN_TOKEN='contract-admin')
+    # NOTE: with an admin token, so DELETE is exercised too (and sends 401 without it), and a
+    # signing key, so POST /sign is (it takes the admin token).
+    server = start(ISS_ADMIN_TOKEN='contract-admin', ISS_SIGNING_KEY='contract-key')
     result = subprocess.run(
         [
             tool('schemathesis'), '--no-color', 'run', 'openapi.yaml', '--url', server.url,

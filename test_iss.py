@@ -19,8 +19,10 @@ import pytest
 import webtest
 import yaml
 from openapi_spec_validator import validate
+from PIL import Image
 
 import iss
+import signing
 import storage
 from config import ConfigError, Settings
 from conftest import MISSING, blob_id, files_under, make_png, upload_image
@@ -1126,6 +1128,75 @@ def test_a_private_stores_answers_are_private_in_caches(make_client, png):
         assert 'public' not in cache_control and cache_control.startswith('private'), (path, cache_control)
     not_modified = private.get(f'/images/{image_id}', headers={**reader, 'If-None-Match': f'"{image_id}"'}, status=304)
     assert not_modified.headers['Cache-Control'].startswith('private')
+
+
+def test_a_signed_url_reads_one_path_with_one_query_until_it_expires(make_client, png):
+    settings = {'read_token': 'reader', 'api_token': 'uploader', 'admin_token': 'admin', 'signing_key': 'k1'}
+    client = make_client(**settings)
+    uploader = {'Authorization': 'Bearer uploader'}
+    image_id = upload_image(client, png, headers=uploader).json['image_id']
+    other_id = upload_image(client, make_png(6, 6), headers=uploader).json['image_id']
+
+    signed = client.post_json('/sign', {'id': image_id}, headers=uploader).json
+    thumb = client.post_json(
+        '/sign',
+        {'id': image_id, 'params': {'w': 10, 'format': 'png'}, 'expires_in': 60},
+        headers={'Authorization': 'Bearer admin'},
+    ).json['url']
+
+    assert client.get(signed['url']).body == png
+    assert client.head(signed['url']).status_int == 200
+    assert client.get(thumb).content_type == 'image/png'
+    assert signed['expires'] > time.time() + 3500
+    assert client.get(signed['url']).headers['Cache-Control'].startswith('private')
+    path, _, query = signed['url'].partition('?')
+    tampered = {
+        'another id': f'/images/{other_id}?{query}',
+        'another door and path': f'/artifacts/{image_id}?{query}',
+        'other parameters': thumb.replace('w=10', 'w=11'),
+        'a parameter added': f'{thumb}&q=5',
+        'a later expiry': re.sub(r'expires=\d+', lambda m: f'expires={int(m.group(0)[8:]) + 1000}', signed['url']),
+        'a changed signature': signed['url'][:-2] + ('AA' if not signed['url'].endswith('AA') else 'BB'),
+        'no expiry': re.sub(r'&?expires=\d+', '', signed['url']),
+    }
+    for what, url in tampered.items():
+        refused = client.get(url, status=403)
+        assert refused.json['title'] == 'Invalid signature', what
+    expired = signing.signed_path('k1', f'/images/{image_id}', {}, expires_in=10, now=time.time() - 60)
+    assert 'expired' in client.get(expired, status=403).json['description']
+    # rotation: URLs signed with the previous key stay good; once it is dropped, they are not
+    rotated = make_client(**{**settings, 'signing_key': 'k2', 'signing_key_previous': 'k1'})
+    assert rotated.get(signed['url']).body == png
+    dropped = make_client(**{**settings, 'signing_key': 'k2'})
+    dropped.get(signed['url'], status=403)
+    # asking for a URL needs the upload or admin token; the read token reads, it does not sign
+    client.post_json('/sign', {'id': image_id}, status=401)
+    client.post_json('/sign', {'id': image_id}, headers={'Authorization': 'Bearer reader'}, status=401)
+    for body in ({'id': 'sha256:nothex'}, {'id': image_id, 'expires_in': 0}, {'id': image_id, 'door': 'x'}):
+        client.post_json('/sign', body, headers=uploader, status=400)
+    make_client(read_token='reader', api_token='uploader').post_json(
+        '/sign', {'id': image_id}, headers=uploader, status=403
+    )
+
+
+def test_python_m_iss_sign_prints_a_url_the_service_takes(make_client, data_dir, png):
+    client = make_client(read_token='reader', signing_key='cli-key')
+    image_id = upload_image(client, png).json['image_id']
+
+    done = subprocess.run(
+        [sys.executable, '-m', 'iss', '--json', 'sign', image_id, 'w=12', '--expires', '120'],
+        cwd=HERE,
+        env={**os.environ, 'ISS_DATA': str(data_dir), 'ISS_SIGNING_KEY': 'cli-key'},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    url = json.loads(done.stdout)['url']
+    assert url.startswith(f'/images/{image_id}?') and 'w=12' in url
+    assert Image.open(io.BytesIO(client.get(url).body)).size[0] == 12
+    client.get(url.replace('w=12', 'w=13'), status=403)
 
 
 # -- CORS -----------------------------------------------------------------------

@@ -44,6 +44,7 @@ FILES = (
     'openapi.yaml',
     'pyproject.toml',
     'requirements.txt',
+    'signing.py',
     'storage.py',
     'syscalls.py',
     'telemetry.py',
