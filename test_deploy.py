@@ -19,6 +19,7 @@ import tempfile
 import pytest
 from PIL import Image
 
+import signing
 from conftest import HERE, Gunicorn, LoopbackServer, files_in, free_port, tool, wait_for
 
 MIB = 1024 * 1024
@@ -245,6 +246,7 @@ def test_a_private_store_behind_nginx_never_serves_a_cached_copy_to_a_request_is
         shared_data_dir,
         tmp_path / 'private.log',
         ISS_READ_TOKEN='reader',
+        ISS_SIGNING_KEY='site-key',
         ISS_LOG_LEVEL='info',
         ISS_ACCEL_REDIRECT=ACCEL,
         ISS_ACCEL_MIN_BYTES=str(MIB),
@@ -270,6 +272,10 @@ def test_a_private_store_behind_nginx_never_serves_a_cached_copy_to_a_request_is
             assert answers[0][1]['Cache-Control'].startswith('private')
             reads = [line for line in access_lines(behind) if line['path'].endswith(blob) and line['method'] == 'GET']
             assert len(reads) == 5, 'every read went to ISS, none was answered from the cache'
+            signed = signing.signed_path('site-key', f'/artifacts/{blob}', {}, expires_in=60)
+            assert [nginx.request('GET', signed)[:3:2] for _ in range(2)] == [(200, data)] * 2
+            assert nginx.request('GET', signed.replace('expires=', 'expires=1'))[0] == 403
+            assert nginx.request('GET', f'/artifacts/{blob}')[0] == 401, 'the signed answers were not kept'
     finally:
         nginx.stop()
         behind.stop()
