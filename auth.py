@@ -83,9 +83,7 @@ class RequireReadToken:
             except signing.BadSignature as exc:
                 raise falcon.HTTPForbidden(title='Invalid signature', description=str(exc)) from None
             return  # NOTE: a valid signature stands in for the token, for this one read
-        given = bearer_token(req.get_header('Authorization'))
-        # APPSEC: every token compared, each in constant time, so none can be told apart by timing.
-        if not any([hmac.compare_digest(given, token) for token in self._tokens]):
+        if not carries_one_of(req, self._tokens):
             raise falcon.HTTPUnauthorized(
                 title='Token required',
                 description='This store is private: reading needs "Authorization: Bearer <ISS_READ_TOKEN>" '
@@ -104,6 +102,15 @@ class RequireReadToken:
         elif 'private' not in cache_control:
             cache_control = ', '.join(['private', *filter(None, [cache_control])])
         resp.set_header('Cache-Control', cache_control)
+
+
+def carries_one_of(req: falcon.Request, tokens: tuple[bytes, ...]) -> bool:
+    """Whether the request's bearer token is one of ``tokens``.
+
+    APPSEC: every token compared, each in constant time, so none can be told apart by timing.
+    """
+    given = bearer_token(req.get_header('Authorization'))
+    return any([hmac.compare_digest(given, token) for token in tokens])
 
 
 def bearer_token(authorization: str | None) -> bytes:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hmac
 import json
 import logging
 import pathlib
@@ -35,7 +34,7 @@ import meta
 import signing
 import storage
 import telemetry
-from auth import RequireReadToken, RequireToken, bearer_token
+from auth import RequireReadToken, RequireToken, carries_one_of
 from blobs import BlobStat, Committed, OpenBlob, parse_id
 from config import Settings
 from errors import (
@@ -689,8 +688,7 @@ class Sign:
                 title='Signing is off',
                 description='Signing needs ISS_SIGNING_KEY, and ISS_API_TOKEN or ISS_ADMIN_TOKEN to ask for it.',
             )
-        given = bearer_token(req.get_header('Authorization'))
-        if not any([hmac.compare_digest(given, token) for token in self._tokens]):
+        if not carries_one_of(req, self._tokens):
             raise falcon.HTTPUnauthorized(
                 title='Token required',
                 description='Signing needs "Authorization: Bearer <ISS_API_TOKEN or ISS_ADMIN_TOKEN>".',
