@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 
 
@@ -41,6 +42,30 @@ def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...]) -> 
     return raw
 
 
+_PRESET_NAME = re.compile(r'[a-z0-9_-]{1,32}')
+_PRESET_KEYS = ('w', 'h', 'fit', 'format', 'q')
+
+
+def _presets(environ: Mapping[str, str], name: str) -> dict[str, dict[str, str]]:
+    """``thumb=w:256,h:256,fit:cover;small=w:512`` as ``{'thumb': {'w': '256', ...}, ...}``."""
+    presets: dict[str, dict[str, str]] = {}
+    for entry in filter(None, (part.strip() for part in environ.get(name, '').split(';'))):
+        preset, equals, spec = entry.partition('=')
+        params = dict(pair.strip().partition(':')[::2] for pair in spec.split(',') if pair.strip())
+        if (
+            not equals
+            or not _PRESET_NAME.fullmatch(preset.strip())
+            or not params
+            or not set(params) <= set(_PRESET_KEYS)
+        ):
+            raise ConfigError(
+                f'{name}: {entry!r} is not NAME=KEY:VALUE,... with a name of a-z, 0-9, _ or - and keys of '
+                f'{", ".join(_PRESET_KEYS)}'
+            )
+        presets[preset.strip()] = params
+    return presets
+
+
 def _location(environ: Mapping[str, str], name: str) -> str:
     raw = environ.get(name, '').strip()
     if raw and not (raw.startswith('/') and raw.endswith('/')):
@@ -69,6 +94,11 @@ class Settings:
     api_token: str = ''
     #: When set, the store is private: every read needs this token (or the upload or admin one).
     read_token: str = ''
+    #: Named derivative parameter sets, ``thumb=w:256,h:256,fit:cover,format:webp;small=w:512``.
+    derivative_presets: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    #: Which derivatives a client may ask for: ``open`` (any), ``presets`` (only ?preset=), or
+    #: ``signed`` (presets, and any other only in a signed URL).
+    derivatives: str = 'open'
     #: Key of signed URLs (``POST /sign``, ``python -m iss sign``); empty: signing is off.
     signing_key: str = ''
     #: The key before the current one, still accepted, so that keys rotate.
@@ -117,6 +147,8 @@ class Settings:
             max_meta_bytes=_integer(env, 'ISS_MAX_META_BYTES', defaults.max_meta_bytes, 2),
             max_batch_files=_integer(env, 'ISS_MAX_BATCH_FILES', defaults.max_batch_files, 1),
             verify_images=_choice(env, 'ISS_VERIFY_IMAGES', ('header', 'decode')),
+            derivative_presets=_presets(env, 'ISS_DERIVATIVE_PRESETS'),
+            derivatives=_choice(env, 'ISS_DERIVATIVES', ('open', 'presets', 'signed')),
             body_timeout=_integer(env, 'ISS_BODY_TIMEOUT', defaults.body_timeout, 1),
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             admin_token=env.get('ISS_ADMIN_TOKEN', '').strip(),

@@ -515,15 +515,19 @@ class Derivatives:
         self._store = store
         self._max_pixels = settings.max_image_pixels
         self._max_dimension = settings.max_derived_dimension
+        self._presets = settings.derivative_presets
+        self._mode = settings.derivatives
+        self._signing_keys = (settings.signing_key, settings.signing_key_previous)
 
     def respond(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> bool:
         """Serve the derivative the query asks for; False when it asks for none (serve the original)."""
-        if not any(name in req.params for name in self.PARAMETERS):
+        if not any(name in req.params for name in (*self.PARAMETERS, 'preset')):
             return False
         self._refuse_what_would_be_ignored(req)
-        requested_format = self._format(req)
+        params = self._allowed_params(req)
+        requested_format = self._format(params)
         stored = self._store.read_meta(blob_id) or {}
-        variant = self._variant(req, blob_id, stored, requested_format)
+        variant = self._variant(req, params, blob_id, stored, requested_format)
         if requested_format == 'auto':
             resp.vary = ('Accept',)
 
@@ -575,7 +579,7 @@ class Derivatives:
         for name, value in req.params.items():
             if name in signing.PARAMETERS:
                 continue  # NOTE: a signed URL's own (checked by auth.RequireReadToken)
-            if name not in self.PARAMETERS:
+            if name not in (*self.PARAMETERS, 'preset'):
                 raise BadRequest(
                     f'{name} is not a derivative parameter; they are {", ".join(self.PARAMETERS)}.',
                     title='Unknown parameter',
@@ -583,8 +587,39 @@ class Derivatives:
             if isinstance(value, list):
                 raise BadRequest(f'Give {name} once.', title='Repeated parameter')
 
-    def _format(self, req: falcon.Request) -> str | None:
-        name = req.get_param('format')
+    def _allowed_params(self, req: falcon.Request) -> dict[str, str]:
+        """The derivative's parameters: a preset's, or the query's where ``ISS_DERIVATIVES`` allows them.
+
+        ``open``: any; ``presets``: only ``?preset=NAME``; ``signed``: presets, and other
+        parameters only in a signed URL (so nobody makes the service render sizes the
+        application did not hand out).
+        """
+        name = req.get_param('preset')
+        given = {key: value for key, value in req.params.items() if key in self.PARAMETERS}
+        if name is not None:
+            if given:
+                raise BadRequest('Give a preset, or parameters, not both.', title='Invalid preset')
+            if name not in self._presets:
+                known = ', '.join(self._presets) or 'none are configured (ISS_DERIVATIVE_PRESETS)'
+                raise BadRequest(f'{name!r} is no preset; the presets are: {known}.', title='Unknown preset')
+            return dict(self._presets[name])
+        if self._mode == 'presets':
+            raise falcon.HTTPForbidden(
+                title='Only presets',
+                description=f'This service renders only its presets: ?preset= {", ".join(self._presets)}.',
+            )
+        if self._mode == 'signed':
+            try:
+                signing.verify(self._signing_keys, req.path, req.params)
+            except signing.BadSignature as exc:
+                raise falcon.HTTPForbidden(
+                    title='Invalid signature',
+                    description=f'Derivative parameters need a signed URL (POST /sign), or ?preset=. {exc}',
+                ) from None
+        return given
+
+    def _format(self, params: dict[str, str]) -> str | None:
+        name = params.get('format')
         if name is None:
             return None
         name = name.lower()
@@ -595,17 +630,22 @@ class Derivatives:
         return name
 
     def _variant(
-        self, req: falcon.Request, blob_id: str, stored: dict[str, Any], requested_format: str | None
+        self,
+        req: falcon.Request,
+        params: dict[str, str],
+        blob_id: str,
+        stored: dict[str, Any],
+        requested_format: str | None,
     ) -> images.Variant:
-        width = req.get_param_as_int('w', min_value=1, max_value=self._max_dimension)
-        height = req.get_param_as_int('h', min_value=1, max_value=self._max_dimension)
-        fit = req.get_param('fit', default='contain')
+        width = _int_param(params, 'w', self._max_dimension)
+        height = _int_param(params, 'h', self._max_dimension)
+        fit = params.get('fit', 'contain')
         if fit not in images.FITS:
             raise BadRequest('fit must be contain, cover or fill.', title='Invalid fit')
         if fit != 'contain' and (width is None or height is None):
             # NOTE: "exactly w x h" needs both; with one, cover rendered the source's aspect
             raise BadRequest(f'fit={fit} makes exactly w x h: give both w and h.', title='Invalid fit')
-        quality = req.get_param_as_int('q', min_value=1, max_value=100)
+        quality = _int_param(params, 'q', 100)
         source = self._source(blob_id, stored)
         has_alpha = 'A' in source.get('mode', '') or source.get('mode') == 'P'
         if requested_format == 'auto':
@@ -632,6 +672,20 @@ class Derivatives:
         with blob.file, _refusing_what_cannot_render(blob_id):
             info = images.identify(blob.file, self._max_pixels)
         return {'format': info.format, **info.fields}
+
+
+def _int_param(params: dict[str, str], name: str, maximum: int) -> int | None:
+    """A whole number from 1 to ``maximum``, or None when not given; 400 otherwise, as Falcon's own."""
+    raw = params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise falcon.HTTPInvalidParam('The value must be an integer.', name) from None
+    if not 1 <= value <= maximum:
+        raise falcon.HTTPInvalidParam(f'The value must be at least 1 and at most {maximum}.', name)
+    return value
 
 
 @contextlib.contextmanager

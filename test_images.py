@@ -15,8 +15,9 @@ from PIL import Image, ImageCms, ImageOps
 import images
 import iss
 import meta
+import signing
 import storage
-from config import Settings
+from config import ConfigError, Settings
 from conftest import blob_id, blob_path, cli_json, files_under, make_png, upload_image
 
 
@@ -414,6 +415,50 @@ def test_a_batch_with_decode_verification_refuses_only_the_part_that_does_not_de
 
     assert response.status_int == 207
     assert [(entry['status'], entry['filename']) for entry in response.json] == [(201, 'good.jpg'), (422, 'cut.jpg')]
+
+
+PRESETS = {'thumb': {'w': '16', 'h': '16', 'fit': 'cover', 'format': 'png'}, 'small': {'w': '30'}}
+
+
+def test_a_preset_names_a_derivative_in_every_mode(make_client, png):
+    for mode in ('open', 'presets', 'signed'):
+        client = make_client(derivative_presets=PRESETS, derivatives=mode, signing_key='k')
+        image_id = store(client, png)
+
+        thumb = derive(client, image_id, 'preset=thumb')
+
+        assert (thumb.format, thumb.size) == ('PNG', (16, 16)), mode
+        same = client.get(f'/images/{image_id}?w=16&h=16&fit=cover&format=png', expect_errors=True)
+        if mode == 'open':
+            assert same.body == client.get(f'/images/{image_id}?preset=thumb').body, 'one variant, one file'
+        else:
+            assert same.status_int == 403, mode
+        assert client.get(f'/images/{image_id}?preset=huge', status=400).json['title'] == 'Unknown preset'
+        assert client.get(f'/images/{image_id}?preset=thumb&w=3', status=400).json['title'] == 'Invalid preset'
+
+
+def test_only_presets_mode_refuses_parameters_and_signed_mode_takes_them_signed(make_client, png):
+    presets_only = make_client(derivative_presets=PRESETS, derivatives='presets')
+    image_id = store(presets_only, png)
+    refused = presets_only.get(f'/images/{image_id}?w=64', status=403)
+    assert refused.json['title'] == 'Only presets' and 'thumb' in refused.json['description']
+    assert presets_only.get(f'/images/{image_id}').body == png, 'the original stays'
+
+    signed_mode = make_client(derivative_presets=PRESETS, derivatives='signed', signing_key='k')
+    assert signed_mode.get(f'/images/{image_id}?w=64', status=403).json['title'] == 'Invalid signature'
+    url = signing.signed_path('k', f'/images/{image_id}', {'w': '12'}, expires_in=60)
+    assert Image.open(io.BytesIO(signed_mode.get(url).body)).size[0] == 12
+    signed_mode.get(url.replace('w=12', 'w=13'), status=403)
+
+
+def test_presets_that_are_not_presets_stop_the_start():
+    for bad in ('thumb', 'thumb=', 'Thumb=w:1', 'thumb=width:5', 'a b=w:1'):
+        with pytest.raises(ConfigError, match='ISS_DERIVATIVE_PRESETS'):
+            Settings.from_env({'ISS_DERIVATIVE_PRESETS': bad})
+    presets = Settings.from_env({'ISS_DERIVATIVE_PRESETS': 'thumb=w:256,h:256,fit:cover ; small=w:512'})
+    assert presets.derivative_presets == {'thumb': {'w': '256', 'h': '256', 'fit': 'cover'}, 'small': {'w': '512'}}
+    with pytest.raises(ConfigError, match='ISS_DERIVATIVES'):
+        Settings.from_env({'ISS_DERIVATIVES': 'closed'})
 
 
 def test_an_artifact_has_no_derivatives(client):
