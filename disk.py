@@ -177,21 +177,19 @@ def link(temp_path: str, final_path: str, *, replace: bool = False) -> bool:
 
     Not durable until the next flush: the caller flushes once for every name it gave.
     """
-    for attempt in (1, 2):
+    give_name = os.replace if replace else os.link
+    try:
         try:
-            if replace:
-                os.replace(temp_path, final_path)
-            else:
-                os.link(temp_path, final_path)
-            return True
-        except FileExistsError:
-            return False
+            give_name(temp_path, final_path)
         except FileNotFoundError:
             # PERF: the fan-out directory exists for all but the first file in it; made on demand.
-            if attempt == 2 or not os.path.exists(temp_path):
+            if not os.path.exists(temp_path):
                 raise
             os.makedirs(os.path.dirname(final_path), exist_ok=True)
-    raise AssertionError('unreachable')
+            give_name(temp_path, final_path)
+    except FileExistsError:
+        return False
+    return True
 
 
 def write_bytes(data: bytes) -> Callable[[int], None]:

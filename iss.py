@@ -509,6 +509,8 @@ class Derivatives:
     """
 
     PARAMETERS = ('w', 'h', 'fit', 'format', 'q')
+    # NOTE: any of these in the query asks for a derivative (PERF: one tuple, not one per GET)
+    _QUERY_NAMES = (*PARAMETERS, 'preset')
     _DEFAULT_QUALITY = 80
 
     def __init__(self, store: BlobStore, settings: Settings) -> None:
@@ -521,7 +523,7 @@ class Derivatives:
 
     def respond(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> bool:
         """Serve the derivative the query asks for; False when it asks for none (serve the original)."""
-        if not any(name in req.params for name in (*self.PARAMETERS, 'preset')):
+        if not any(name in req.params for name in self._QUERY_NAMES):
             return False
         self._refuse_what_would_be_ignored(req)
         params = self._allowed_params(req)
@@ -579,7 +581,7 @@ class Derivatives:
         for name, value in req.params.items():
             if name in signing.PARAMETERS:
                 continue  # NOTE: a signed URL's own (checked by auth.RequireReadToken)
-            if name not in (*self.PARAMETERS, 'preset'):
+            if name not in self._QUERY_NAMES:
                 raise BadRequest(
                     f'{name} is not a derivative parameter; they are {", ".join(self.PARAMETERS)}.',
                     title='Unknown parameter',

@@ -251,11 +251,7 @@ class Client:
             raise
         if response.will_close:
             self._drop_connection()
-        if response.status >= 400:
-            error = _error_of(response.status, body)
-            if response.status in (503, 507):
-                raise _Retry(error, response.headers.get('Retry-After'))
-            raise error
+        _raise_for(response, body)
         return response.status, json.loads(body)
 
     def put_many(
@@ -445,11 +441,7 @@ class Client:
             self._drop_connection()
             raise
         try:
-            if response.status >= 400:
-                error = _error_of(response.status, response.read())
-                if response.status in (503, 507):
-                    raise _Retry(error, response.headers.get('Retry-After'))
-                raise error
+            _raise_for(response)
             yield response
         except BaseException:
             self._drop_connection()
@@ -518,6 +510,16 @@ def _image_type(start: bytes) -> str | None:
     if start[:4] == b'RIFF' and start[8:12] == b'WEBP':
         return 'image/webp'
     return next((media_type for signature, media_type in _IMAGE_SIGNATURES if start.startswith(signature)), None)
+
+
+def _raise_for(response: http.client.HTTPResponse, body: bytes | None = None) -> None:
+    """Raise the error of a response of 400 and up (503 and 507 as retryable); its body is read if not given."""
+    if response.status < 400:
+        return
+    error = _error_of(response.status, response.read() if body is None else body)
+    if response.status in (503, 507):
+        raise _Retry(error, response.headers.get('Retry-After'))
+    raise error
 
 
 def _error_of(status: int, body: bytes) -> ISSError:

@@ -89,26 +89,36 @@ class Uploader(threading.Thread):
                 self.failed += 1
 
 
-def test_sigkill_at_random_points_during_uploads_loses_and_corrupts_nothing(tmp_path):
-    data_dir = tmp_path / 'data'
-    log = tmp_path / 'gunicorn.log'
-    server = Gunicorn(data_dir, log, ISS_WORKERS='2', ISS_THREADS='4')
+def kill_at_random_points(
+    data_dir: pathlib.Path,
+    log: pathlib.Path,
+    uploaders: list[threading.Thread],
+    stop: threading.Event,
+    *,
+    threads: str,
+    seed: int,
+    pause: tuple[float, float],
+    whole_server: float,
+    server: Gunicorn,
+) -> dict[str, int]:
+    """SIGKILL workers (or, with probability ``whole_server``, master and workers) while ``uploaders`` run.
+
+    Up to 60 kill points in 60 s, a random ``pause`` apart; returns how many of each.
+    """
     port = server.port
-    stop = threading.Event()
-    uploaders = [Uploader(port, seed, stop) for seed in range(4)]
     for uploader in uploaders:
         uploader.start()
-    chaos = random.Random(20261125)
+    chaos = random.Random(seed)
     kill_points = {'worker': 0, 'whole server': 0}
     deadline = time.monotonic() + 60
     try:
         while sum(kill_points.values()) < 60 and time.monotonic() < deadline:
-            time.sleep(chaos.uniform(0.1, 0.5))
-            if chaos.random() < 0.15:
+            time.sleep(chaos.uniform(*pause))
+            if chaos.random() < whole_server:
                 # master and workers at once, as a container being killed; then a restart
                 server.kill()
                 kill_points['whole server'] += 1
-                server = Gunicorn(data_dir, log, port=port, ISS_WORKERS='2', ISS_THREADS='4')
+                server = Gunicorn(data_dir, log, port=port, ISS_WORKERS='2', ISS_THREADS=threads)
             else:
                 workers = worker_pids(server)
                 if workers:
@@ -119,18 +129,45 @@ def test_sigkill_at_random_points_during_uploads_loses_and_corrupts_nothing(tmp_
         for uploader in uploaders:
             uploader.join(60)
         server.kill()
+    return kill_points
 
-    server = Gunicorn(data_dir, log, port=port)  # a last restart sweeps what the last kill left
+
+def served_intact(
+    data_dir: pathlib.Path, log: pathlib.Path, port: int, uploaders: list, also=None
+) -> tuple[dict[str, int], dict[str, bytes]]:
+    """After a last restart (it sweeps what the last kill left): the store checked, every acknowledged upload fetched.
+
+    ``also(server)`` checks more while that server runs.
+    """
+    server = Gunicorn(data_dir, log, port=port)
     try:
         found = verify_store(data_dir)
         acknowledged = {k: v for uploader in uploaders for k, v in uploader.acknowledged.items()}
         for digest, data in acknowledged.items():
             status, _, body = server.request('GET', f'/artifacts/{digest}')
             assert (status, body == data) == (200, True), f'acknowledged {digest} is not served intact'
-        assert server.request('GET', '/health')[0] == 200
+        if also is not None:
+            also(server)
     finally:
         server.stop()
+    return found, acknowledged
 
+
+def test_sigkill_at_random_points_during_uploads_loses_and_corrupts_nothing(tmp_path):
+    data_dir = tmp_path / 'data'
+    log = tmp_path / 'gunicorn.log'
+    server = Gunicorn(data_dir, log, ISS_WORKERS='2', ISS_THREADS='4')
+    stop = threading.Event()
+    uploaders = [Uploader(server.port, seed, stop) for seed in range(4)]
+
+    kill_points = kill_at_random_points(
+        data_dir, log, uploaders, stop, threads='4', seed=20261125, pause=(0.1, 0.5), whole_server=0.15, server=server
+    )
+
+    def healthy(server: Gunicorn) -> None:
+        assert server.request('GET', '/health')[0] == 200
+
+    found, acknowledged = served_intact(data_dir, log, server.port, uploaders, also=healthy)
     print(f'\nkill points: {kill_points}; acknowledged uploads: {len(acknowledged)}; store: {found}')
     assert sum(kill_points.values()) >= 50
     assert found['temp_files'] == 0
@@ -191,42 +228,14 @@ def test_sigkill_during_bursts_of_small_and_batch_uploads_loses_and_corrupts_not
     data_dir = tmp_path / 'data'
     log = tmp_path / 'gunicorn.log'
     server = Gunicorn(data_dir, log, ISS_WORKERS='2', ISS_THREADS='8')
-    port = server.port
     stop = threading.Event()
-    uploaders = [SmallUploader(port, seed, stop) for seed in range(8)]
-    for uploader in uploaders:
-        uploader.start()
-    chaos = random.Random(20261201)
-    kill_points = {'worker': 0, 'whole server': 0}
-    deadline = time.monotonic() + 60
-    try:
-        while sum(kill_points.values()) < 60 and time.monotonic() < deadline:
-            time.sleep(chaos.uniform(0.05, 0.3))
-            if chaos.random() < 0.1:
-                server.kill()
-                kill_points['whole server'] += 1
-                server = Gunicorn(data_dir, log, port=port, ISS_WORKERS='2', ISS_THREADS='8')
-            else:
-                workers = worker_pids(server)
-                if workers:
-                    os.kill(chaos.choice(workers), signal.SIGKILL)
-                    kill_points['worker'] += 1
-    finally:
-        stop.set()
-        for uploader in uploaders:
-            uploader.join(60)
-        server.kill()
+    uploaders = [SmallUploader(server.port, seed, stop) for seed in range(8)]
 
-    server = Gunicorn(data_dir, log, port=port)
-    try:
-        found = verify_store(data_dir)
-        acknowledged = {k: v for uploader in uploaders for k, v in uploader.acknowledged.items()}
-        for digest, data in acknowledged.items():
-            status, _, body = server.request('GET', f'/artifacts/{digest}')
-            assert (status, body == data) == (200, True), f'acknowledged {digest} is not served intact'
-    finally:
-        server.stop()
+    kill_points = kill_at_random_points(
+        data_dir, log, uploaders, stop, threads='8', seed=20261201, pause=(0.05, 0.3), whole_server=0.1, server=server
+    )
 
+    found, acknowledged = served_intact(data_dir, log, server.port, uploaders)
     batches = sum(uploader.batches for uploader in uploaders)
     print(f'\nkill points: {kill_points}; acknowledged files: {len(acknowledged)} ({batches} batches); store: {found}')
     assert sum(kill_points.values()) >= 50

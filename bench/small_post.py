@@ -48,33 +48,13 @@ CHECKOUT = os.path.dirname(HERE)
 
 # Each request carries ``parts`` distinct valid PNGs: the fixed-length tEXt chunk of each holds
 # nonce + thread + counter + part, its CRC32 recomputed, so a server that checks images accepts it.
-LUA = r"""
-local bit = require("bit")
-local function slurp(p) local f = io.open(p, "rb"); local s = f:read("*a"); f:close(); return s end
-local head, tail = slurp([[{head}]]), slurp([[{tail}]])
+# NOTE: iss_bench.py's own Lua up to its request(): the PNG pieces, the CRC32, the per-thread
+# nonce and counter (iss_bench.py stays as the shared benchmark has it).
+_LUA_PNG_TEXT = iss_bench.LUA_DISTINCT[: iss_bench.LUA_DISTINCT.index('function request()')]
+LUA = (
+    _LUA_PNG_TEXT
+    + r"""
 local parts, boundary = {parts}, "{boundary}"
-local keyword, textlen = "{keyword}", {textlen}
-local crctab = {{}}
-for i = 0, 255 do
-  local c = i
-  for _ = 1, 8 do
-    if bit.band(c, 1) == 1 then c = bit.bxor(0xEDB88320, bit.rshift(c, 1)) else c = bit.rshift(c, 1) end
-  end
-  crctab[i] = c
-end
-local function crc32(s)
-  local c = 0xFFFFFFFF
-  for i = 1, #s do c = bit.bxor(crctab[bit.band(bit.bxor(c, s:byte(i)), 0xFF)], bit.rshift(c, 8)) end
-  return bit.bnot(c)
-end
-local function be32(n)
-  return string.char(bit.band(bit.rshift(n, 24), 255), bit.band(bit.rshift(n, 16), 255),
-                     bit.band(bit.rshift(n, 8), 255), bit.band(n, 255))
-end
-local threads_made = 0
-function setup(thread) threads_made = threads_made + 1; thread:set("tid", threads_made) end
-local nonce, counter = "x", 0
-function init(args) nonce = args[1] or tostring(os.time()) end
 function request()
   counter = counter + 1
   local body = {{}}
@@ -94,6 +74,7 @@ function response(status, headers, body)
   if status == 207 then wrk.thread:stop() end
 end
 """
+)
 
 
 def free_port() -> int:
