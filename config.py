@@ -88,6 +88,8 @@ class Settings:
     max_batch_files: int = 1000
     #: Seconds a client may pause while sending a body before ISS drops the upload.
     body_timeout: int = 60
+    #: Seconds a resumable upload (tus) lives after its last chunk; a finished one answers with its id as long.
+    upload_expires: int = 24 * 3600
     #: Largest artifact ``meta`` JSON document, in bytes of its text.
     max_meta_bytes: int = 16 * 1024
     #: When set, POST and PUT need ``Authorization: Bearer <token>``.
@@ -150,6 +152,7 @@ class Settings:
             derivative_presets=_presets(env, 'ISS_DERIVATIVE_PRESETS'),
             derivatives=_choice(env, 'ISS_DERIVATIVES', ('open', 'presets', 'signed')),
             body_timeout=_integer(env, 'ISS_BODY_TIMEOUT', defaults.body_timeout, 1),
+            upload_expires=_integer(env, 'ISS_UPLOAD_EXPIRES', defaults.upload_expires, 1),
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             admin_token=env.get('ISS_ADMIN_TOKEN', '').strip(),
             read_token=env.get('ISS_READ_TOKEN', '').strip(),

@@ -141,6 +141,36 @@ class IncompleteBody(BadRequest):
     title = 'Incomplete request body'
 
 
+class UploadNotFound(ServiceError):
+    """No resumable upload of that id is open to this client (none, expired, terminated, or another's)."""
+
+    status = 404
+    title = 'Upload not found'
+    detail_format = 'No upload {!r}: it never existed, expired, was terminated, or is not yours.'
+
+
+class OffsetMismatch(ServiceError):
+    """A chunk of a resumable upload sent at another offset than the upload's, or while another is arriving."""
+
+    status = 409
+    title = 'Offset mismatch'
+
+
+class ChecksumMismatch(ServiceError):
+    """A chunk whose ``Upload-Checksum`` differs from its bytes (tus's own status, 460)."""
+
+    status = 460
+    title = 'Checksum mismatch'
+
+
+class UnsupportedProtocol(ServiceError):
+    """A resumable-upload request of a tus version this server does not speak."""
+
+    status = 412
+    title = 'Unsupported tus version'
+    detail_format = 'This server speaks tus {}: send "Tus-Resumable: 1.0.0".'
+
+
 # -- the service's own trouble ------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import http
 import json
 import logging
 import pathlib
@@ -31,10 +32,11 @@ import httpio
 import images
 import index
 import meta
+import resumable
 import signing
 import storage
 import telemetry
-from auth import RequireReadToken, RequireToken, carries_one_of
+from auth import RequireReadToken, RequireToken, bearer_token, carries_one_of
 from blobs import BlobStat, Committed, OpenBlob, parse_id
 from config import Settings
 from errors import (
@@ -47,8 +49,10 @@ from errors import (
     ServiceError,
     StoreFailure,
     UndecodableImage,
+    UnsupportedProtocol,
+    UploadTooLarge,
 )
-from httpio import Presentation, Sendable, Upload, UploadReceiver, send_file
+from httpio import Presentation, RequestBody, Sendable, Upload, UploadReceiver, send_file
 from storage import BlobStore
 
 log = logging.getLogger('iss')
@@ -97,7 +101,9 @@ def _answer_service_error(req: falcon.Request, resp: falcon.Response, error: Ser
     if error.status >= 500:
         log.error('%s: %s', error.title.lower(), error)
     headers = {'Retry-After': str(error.retry_after)} if error.retry_after else None
-    raise falcon.HTTPError(error.status, title=error.title, description=error.public_description, headers=headers)
+    # NOTE: a status of no RFC (tus's 460) is named by its title, not "460 Unknown"
+    status = error.status if error.status in http.HTTPStatus._value2member_map_ else f'{error.status} {error.title}'
+    raise falcon.HTTPError(status, title=error.title, description=error.public_description, headers=headers)
 
 
 def _log_unexpected_error(req: falcon.Request, resp: falcon.Response, error: Exception, params: dict) -> None:
@@ -784,6 +790,239 @@ class Sign:
         resp.media = {'url': url, 'expires': int(urllib.parse.parse_qs(url.partition('?')[2])['expires'][0])}
 
 
+# -- resumable uploads (tus 1.0) -----------------------------------------------------
+
+
+#: What a browser's tus client must be allowed to read of the answers (CORS).
+TUS_HEADERS = (
+    'Upload-Offset',
+    'Upload-Length',
+    'Upload-Metadata',
+    'Upload-Expires',
+    'Tus-Resumable',
+    'Tus-Version',
+    'Tus-Extension',
+    'Tus-Max-Size',
+    'Tus-Checksum-Algorithm',
+    'ISS-Blob-Id',
+    'ISS-Blob-Status',
+    'ISS-Blob-Location',
+)
+
+
+class ResumableUploads:
+    """The tus 1.0 uploads under ``/uploads``: what both of its resources share.
+
+    A session is created with its length and ``Upload-Metadata`` (``kind``, ``meta``,
+    ``filename``, ``filetype``, ``sha256``), checked then as a POST's fields are, so a
+    wrong kind is refused before a byte is sent. Chunks are appended by
+    ``resumable.Sessions``; the last one commits the upload through the store like any
+    other (an image is identified then: 415, and nothing stored, for one that is not).
+    """
+
+    def __init__(self, store: BlobStore, sessions: resumable.Sessions, doors: dict[str, Uploads], settings: Settings):
+        self._store = store
+        self.sessions = sessions
+        self._doors = doors
+        self.max_size = settings.max_upload_bytes
+        self._timeout = settings.body_timeout
+        self._max_meta_bytes = settings.max_meta_bytes
+        self._upload_token = settings.api_token.encode() if settings.api_token else None
+
+    def owner(self, req: falcon.Request) -> str:
+        """The requester, as a session records its owner; with ``ISS_API_TOKEN`` set, only its holder."""
+        token = bearer_token(req.get_header('Authorization'))
+        if self._upload_token is not None and not carries_one_of(req, (self._upload_token,)):
+            raise falcon.HTTPUnauthorized(
+                title='Token required',
+                description='Uploading needs the header "Authorization: Bearer <ISS_API_TOKEN>".',
+                challenges=['Bearer realm="iss"'],
+            )
+        return resumable.owner_of(token)
+
+    def door_of(self, metadata: dict[str, str]) -> tuple[str, Uploads]:
+        """Where the finished upload goes (``images`` or ``artifacts``), its fields checked now.
+
+        Raises:
+            BadRequest: no kind, a bad kind or meta, or a ``sha256`` that is no id.
+        """
+        kind = metadata.get('kind')
+        if 'sha256' in metadata:
+            try:
+                parse_id(_as_id(metadata['sha256']))
+            except InvalidId:
+                raise BadRequest(
+                    'sha256 in Upload-Metadata is the expected id: sha256:<64 lowercase hex>.',
+                    title='Invalid Upload-Metadata',
+                ) from None
+        if kind == 'image':
+            return 'images', self._doors['images']
+        meta.check_kind(kind)
+        meta.parse_user_meta(metadata.get('meta'), self._max_meta_bytes)
+        return 'artifacts', self._doors['artifacts']
+
+    def receive(
+        self, req: falcon.Request, session_id: str, owner: str, offset: int, *, has_body: bool = True
+    ) -> resumable.Session:
+        """Append the request's body at ``offset``; commit the upload when it is its last byte."""
+        with self.sessions.writing(session_id, owner, offset) as (session, fd):
+            if has_body and req.content_length != 0:
+                body = RequestBody(req, session.length - offset, self._timeout)
+                session = self.sessions.append(
+                    session, fd, body, resumable.parse_checksum(req.get_header('Upload-Checksum'))
+                )
+            if session.complete:
+                session = self._commit(req, session, fd)
+        return session
+
+    def _commit(self, req: falcon.Request, session: resumable.Session, fd: int) -> resumable.Session:
+        """The complete upload into the store, verified and identified as a POST's would be."""
+        collection, uploads = self.door_of(session.metadata)
+        metadata = session.metadata
+        with self.sessions.staged(session, fd) as staged:
+            expected = metadata.get('sha256')
+            if expected is not None and staged.digest != _as_id(expected):
+                self.sessions.discard(session.id)
+                raise BadRequest(
+                    f'The upload hashes to {staged.digest}, not {_as_id(expected)}; nothing was stored.',
+                    title='Digest mismatch',
+                )
+            fields = {name: metadata[name] for name in ('kind', 'meta') if name in metadata}
+            upload = Upload(staged, metadata.get('filename') or metadata.get('name'), _filetype(metadata), fields)
+            try:
+                committed = self._store.commit(staged, uploads.meta_for(req, upload))
+            except FileRefused:
+                self.sessions.discard(session.id)
+                raise
+            # NOTE: recorded before the staged file goes: a crash between them leaves a finished
+            # session whose file is swept with it, never one that can neither resume nor answer
+            return self.sessions.finish(
+                session,
+                {'id': staged.digest, 'location': f'/{collection}/{staged.digest}', 'created': committed.created},
+            )
+
+    def answer(self, resp: falcon.Response, session: resumable.Session) -> None:
+        """The headers every answer about a session carries: offset, expiry, and the blob once committed."""
+        resp.set_header('Upload-Offset', str(session.offset))
+        resp.set_header(
+            'Upload-Expires', falcon.dt_to_http(datetime.datetime.fromtimestamp(session.expires, datetime.UTC))
+        )
+        if session.result is not None:
+            resp.set_header('ISS-Blob-Id', session.result['id'])
+            resp.set_header('ISS-Blob-Status', '201' if session.result['created'] else '200')
+            resp.set_header('ISS-Blob-Location', session.result['location'])
+
+
+class UploadsCollection:
+    """``/uploads``: OPTIONS tells what this tus server speaks; POST creates an upload, with its first chunk or not."""
+
+    def __init__(self, uploads: ResumableUploads) -> None:
+        self._uploads = uploads
+
+    def on_options(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.status = falcon.HTTP_204
+        resp.set_header('Tus-Version', resumable.VERSION)
+        resp.set_header('Tus-Extension', ','.join(resumable.EXTENSIONS))
+        resp.set_header('Tus-Max-Size', str(self._uploads.max_size))
+        resp.set_header('Tus-Checksum-Algorithm', ','.join(resumable.CHECKSUMS))
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.get_header('Upload-Defer-Length') is not None:
+            raise BadRequest(
+                'Give Upload-Length: this server does not take uploads of unknown length.',
+                title='Upload-Length required',
+            )
+        length = _header_count(req, 'Upload-Length')
+        if length > self._uploads.max_size:
+            raise UploadTooLarge(self._uploads.max_size)
+        metadata = resumable.parse_metadata(req.get_header('Upload-Metadata'))
+        self._uploads.door_of(metadata)
+        has_chunk = req.content_length != 0 and (req.content_length is not None or _chunk_type(req))
+        if has_chunk and not _chunk_type(req):
+            raise falcon.HTTPUnsupportedMediaType(
+                title='Unsupported chunk', description=f'A chunk is sent as Content-Type: {resumable.CHUNK_TYPE}.'
+            )
+        owner = self._uploads.owner(req)
+        session = self._uploads.sessions.create(length, metadata, owner)
+        resp.status = falcon.HTTP_201
+        resp.location = f'/uploads/{session.id}'
+        if has_chunk or length == 0:
+            session = self._uploads.receive(req, session.id, owner, 0, has_body=has_chunk)
+        self._uploads.answer(resp, session)
+
+
+class UploadSession:
+    """``/uploads/{upload_id}``: HEAD says its offset, PATCH appends a chunk, DELETE terminates it."""
+
+    def __init__(self, uploads: ResumableUploads) -> None:
+        self._uploads = uploads
+
+    def on_head(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
+        session = self._uploads.sessions.get(upload_id, self._uploads.owner(req))
+        resp.set_header('Upload-Length', str(session.length))
+        if session.metadata:
+            resp.set_header('Upload-Metadata', resumable.format_metadata(session.metadata))
+        resp.cache_control = ('no-store',)
+        self._uploads.answer(resp, session)
+
+    def on_patch(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
+        if not _chunk_type(req):
+            raise falcon.HTTPUnsupportedMediaType(
+                title='Unsupported chunk', description=f'A chunk is sent as Content-Type: {resumable.CHUNK_TYPE}.'
+            )
+        owner = self._uploads.owner(req)
+        session = self._uploads.receive(req, upload_id, owner, _header_count(req, 'Upload-Offset'))
+        resp.status = falcon.HTTP_204
+        self._uploads.answer(resp, session)
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
+        self._uploads.sessions.terminate(upload_id, self._uploads.owner(req))
+        resp.status = falcon.HTTP_204
+
+
+class TusProtocol:
+    """Middleware for ``/uploads``: ``Tus-Resumable`` asked of every request but OPTIONS, and sent on every answer."""
+
+    _RESOURCES = (UploadsCollection, UploadSession)
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
+        if (
+            isinstance(resource, self._RESOURCES)
+            and req.method != 'OPTIONS'
+            and req.get_header('Tus-Resumable') != resumable.VERSION
+        ):
+            raise UnsupportedProtocol(resumable.VERSION)
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        if isinstance(resource, self._RESOURCES):
+            resp.set_header('Tus-Resumable', resumable.VERSION)
+            resp.set_header('Tus-Version', resumable.VERSION)
+
+
+def _header_count(req: falcon.Request, name: str) -> int:
+    """A header that must be a whole number of bytes (``Upload-Length``, ``Upload-Offset``)."""
+    raw = req.get_header(name)
+    if raw is None or not raw.isdigit() or len(raw) > 18:
+        raise BadRequest(f'{name} is required: a whole number of bytes.', title=f'Invalid {name}')
+    return int(raw)
+
+
+def _chunk_type(req: falcon.Request) -> bool:
+    return _content_type(req).partition(';')[0].strip() == resumable.CHUNK_TYPE
+
+
+def _as_id(text: str) -> str:
+    """An expected digest as an id: ``sha256:<hex>``, given with the prefix or without."""
+    return text if text.startswith('sha256:') else 'sha256:' + text
+
+
+def _filetype(metadata: dict[str, str]) -> str | None:
+    """The client's media type of the file (tus-js-client and Uppy send ``filetype``, ``type``)."""
+    return metadata.get('filetype') or metadata.get('type') or None
+
+
 class Health:
     """Liveness and readiness: 200 while the store takes writes, else 503."""
 
@@ -877,24 +1116,31 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     It only wires: the store arrives ready (see :func:`build_app`).
     """
     metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
-    middleware: list[object] = [telemetry.RequestTelemetry(metrics)]
+    middleware: list[object] = [telemetry.RequestTelemetry(metrics), TusProtocol()]
     if settings.cors_origins:
         middleware.append(
             falcon.CORSMiddleware(
                 allow_origins=list(settings.cors_origins),
-                expose_headers=['ETag', 'Content-Range', 'Content-Length', 'Location', 'X-Request-Id'],
+                expose_headers=['ETag', 'Content-Range', 'Content-Length', 'Location', 'X-Request-Id', *TUS_HEADERS],
             )
         )
     if settings.api_token:
         middleware.append(
-            RequireToken(frozenset({'POST', 'PUT'}), settings.api_token, 'ISS_API_TOKEN', 'Uploading', exempt=(Sign,))
+            RequireToken(
+                frozenset({'POST', 'PUT', 'PATCH'}), settings.api_token, 'ISS_API_TOKEN', 'Uploading', exempt=(Sign,)
+            )
         )
-    middleware.append(RequireToken(frozenset({'DELETE'}), settings.admin_token, 'ISS_ADMIN_TOKEN', 'Deleting'))
+    # NOTE: an upload session is terminated by its owner, not the admin (ResumableUploads.owner)
+    middleware.append(
+        RequireToken(
+            frozenset({'DELETE'}), settings.admin_token, 'ISS_ADMIN_TOKEN', 'Deleting', exempt=(UploadSession,)
+        )
+    )
     if settings.read_token:
         middleware.append(
             RequireReadToken(
                 (settings.read_token, settings.api_token, settings.admin_token),
-                public=(Health, OpenAPIDocument, Docs),
+                public=(Health, OpenAPIDocument, Docs, UploadsCollection, UploadSession),
                 reads_by_post=(MissingBlobs,),
                 signing_keys=(settings.signing_key, settings.signing_key_previous),
             )
@@ -919,6 +1165,14 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     app.add_route('/artifacts/{blob_id}/meta', blob_meta)
     app.add_route('/blobs/missing', MissingBlobs(store, receiver))
     app.add_route('/stats', Stats(store))
+    resumable_uploads = ResumableUploads(
+        store,
+        resumable.Sessions(store, settings.upload_expires),
+        {'images': image_uploads, 'artifacts': artifact_uploads},
+        settings,
+    )
+    app.add_route('/uploads', UploadsCollection(resumable_uploads))
+    app.add_route('/uploads/{upload_id}', UploadSession(resumable_uploads))
     app.add_route('/sign', Sign(receiver, settings))
     app.add_route('/metrics', telemetry.MetricsEndpoint(metrics))
 

@@ -24,6 +24,7 @@ Exit codes: 0 all done, 1 some items failed (each named on stderr), 2 usage or n
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -60,6 +61,12 @@ _BATCH_BYTES = 8 * 1024 * 1024
 # between which the upload can be stopped.
 _SEND_WHILE_HASHING_BYTES = 32 * 1024 * 1024
 _SEND_PIECE = 8 * 1024 * 1024
+# NOTE: push sends a file this large over tus (Client.put_resumable), in chunks of
+# _RESUMABLE_CHUNK_BYTES: a broken connection costs at most a chunk, and a proxy that caps
+# a request's body (100 MB at Cloudflare) lets every chunk through.
+_RESUMABLE_BYTES = 256 * 1024 * 1024
+_RESUMABLE_CHUNK_BYTES = 64 * 1024 * 1024
+_TUS = {'Tus-Resumable': '1.0.0'}
 
 
 class ISSError(Exception):
@@ -254,6 +261,125 @@ class Client:
         _raise_for(response, body)
         return response.status, json.loads(body)
 
+    def put_resumable(
+        self,
+        path: str | os.PathLike,
+        *,
+        kind: str | None = None,
+        meta: dict[str, Any] | None = None,
+        filename: str | None = None,
+        digest: str | None = None,
+        chunk_bytes: int | None = None,
+    ) -> Stored:
+        """Store a file over tus (``/uploads``): in chunks, resumed where the server has it after a failure.
+
+        A connection that breaks, a 503 or a 409 (another request moved the upload on) is
+        followed by a HEAD for the offset and the rest of the file from there, within the
+        retries; a later call for the same file (path, size and mtime unchanged) on the same
+        server resumes the upload an earlier, interrupted run left (its URL is kept under
+        ``$XDG_CACHE_HOME/iss-client/uploads/``). The file is hashed meanwhile in another
+        thread: if the server has it already the upload stops and is terminated; otherwise
+        the id the server committed must be this one. With ``digest`` known, the server
+        checks it too (metadata ``sha256``). Chunks are ``chunk_bytes`` (default 64 MiB).
+        """
+        path = os.fspath(path)
+        chunk_bytes = chunk_bytes or _RESUMABLE_CHUNK_BYTES
+        info = os.stat(path)
+        fields = {'kind': kind or 'image', 'filename': filename or os.path.basename(path)}
+        if meta:
+            fields['meta'] = json.dumps(meta, separators=(',', ':'))
+        if digest:
+            fields['sha256'] = digest
+        record = _ResumeRecord(f'{self._scheme}://{self._netloc}{self._prefix}', path, info)
+        location = record.load()
+        offset = self._upload_offset(location) if location else None
+        if offset is None:
+            location, offset = self._create_upload(info.st_size, fields)
+            record.save(location)
+        known: dict[str, Any] = {}
+        stored = threading.Event()
+        hasher = threading.Thread(
+            target=self._hash_and_ask, args=(path, known, stored), name='iss-client-hash', daemon=True
+        )
+        hasher.start()
+        try:
+            with open(path, 'rb') as file:
+                headers = self._send_chunks(location, file, info.st_size, offset, chunk_bytes, stored)
+        finally:
+            hasher.join()
+        if 'error' in known:
+            raise known['error']
+        blob_id = known['id']
+        record.clear()
+        if headers is None:  # NOTE: the server has these bytes: stopped, and nothing kept
+            with contextlib.suppress(ISSError):
+                self._call('DELETE', location, headers=_TUS)
+            return Stored(blob_id, new=False, sent=False, bytes=info.st_size, meta=self.meta(blob_id))
+        if headers['ISS-Blob-Id'] != blob_id:
+            raise IntegrityError(502, 'Wrong id', f'the server stored {headers["ISS-Blob-Id"]} for {blob_id}')
+        new = headers['ISS-Blob-Status'] == '201'
+        return Stored(blob_id, new=new, sent=True, bytes=info.st_size, meta=self.meta(blob_id))
+
+    def _create_upload(self, size: int, fields: dict[str, str]) -> tuple[str, int]:
+        """``POST /uploads``: the new session's path, and its offset (0)."""
+        metadata = ','.join(f'{key} {base64.b64encode(value.encode()).decode()}' for key, value in fields.items())
+        _, headers, _ = self._call(
+            'POST', '/uploads', headers={**_TUS, 'Upload-Length': str(size), 'Upload-Metadata': metadata}
+        )
+        location = urllib.parse.urlsplit(headers['Location']).path.removeprefix(self._prefix)
+        return location, int(headers['Upload-Offset'])
+
+    def _upload_offset(self, location: str) -> int | None:
+        """Where the server has the session (HEAD), or None when it has no such session any more."""
+        try:
+            _, headers, _ = self._call('HEAD', location, headers=_TUS)
+        except ISSError as exc:
+            if exc.status in (404, 410):
+                return None
+            raise
+        return int(headers['Upload-Offset'])
+
+    def _send_chunks(
+        self, location: str, file: IO[bytes], size: int, offset: int, chunk_bytes: int, stop: threading.Event
+    ) -> http.client.HTTPMessage | None:
+        """PATCH the file from ``offset`` to its end; the last answer's headers, or None when ``stop`` was set."""
+        attempt = 0
+        headers = http.client.HTTPMessage()
+        while 'ISS-Blob-Id' not in headers:
+            if stop.is_set():
+                return None
+            if offset == size:  # NOTE: committed already (an empty file, or a lost last answer)
+                headers = self._call('HEAD', location, headers=_TUS)[1]
+                if 'ISS-Blob-Id' not in headers:
+                    raise ISSError(502, 'Upload not committed', f'{location} has every byte and no blob')
+                break
+            length = min(chunk_bytes, size - offset)
+            file.seek(offset)
+            try:
+                chunk = {**_TUS, 'Upload-Offset': str(offset), 'Content-Type': 'application/offset+octet-stream'}
+                with self._response('PATCH', location, body=file, length=length, headers=chunk) as response:
+                    response.read()
+                    headers = response.headers
+                offset = int(headers['Upload-Offset'])
+            except (OSError, http.client.HTTPException, _Retry, ISSError) as exc:
+                if isinstance(exc, ISSError) and exc.status != 409:
+                    raise
+                attempt = self._backoff(attempt, exc)
+                offset = self._upload_offset(location)
+                if offset is None:
+                    raise ISSError(404, 'Upload not found', f'the server lost the upload at {location}') from exc
+        return headers
+
+    def _hash_and_ask(self, path: str, known: dict[str, Any], stored: threading.Event) -> None:
+        """Hash the file and ask the server whether it has it; set ``stored`` if so (in a thread)."""
+        try:
+            with open(path, 'rb') as file:
+                known['id'] = 'sha256:' + _hash_stream(file)
+            if not self.missing([known['id']]):
+                stored.set()
+        except Exception as exc:
+            known['error'] = exc
+
     def put_many(
         self,
         files: Sequence[tuple[bytes, str | None]],
@@ -394,9 +520,10 @@ class Client:
         body: bytes | IO[bytes] | None = None,
         length: int | None = None,
         content_type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One request, retried as the class says; the status, headers and whole body of a success."""
-        headers = {'Content-Type': content_type} if content_type else {}
+        headers = {**(headers or {}), **({'Content-Type': content_type} if content_type else {})}
         attempt = 0
         while True:
             start = body.tell() if body is not None and not isinstance(body, bytes) else 0
@@ -474,6 +601,36 @@ class Client:
         if connection is not None:
             connection.close()
             self._local.connection = None
+
+
+class _ResumeRecord:
+    """Where an interrupted resumable upload of one file to one server can be resumed: its URL, kept on disk.
+
+    Keyed by the server, the file's absolute path, size and mtime: a file that changed
+    starts afresh. Under ``$XDG_CACHE_HOME/iss-client/uploads/`` (default ``~/.cache``).
+    """
+
+    def __init__(self, server: str, path: str, info: os.stat_result) -> None:
+        key = f'{server}\0{os.path.abspath(path)}\0{info.st_size}\0{info.st_mtime_ns}'
+        cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+        self.path = os.path.join(cache, 'iss-client', 'uploads', hashlib.sha256(key.encode()).hexdigest() + '.json')
+
+    def load(self) -> str | None:
+        try:
+            with open(self.path) as file:
+                return json.load(file)['location']
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, location: str) -> None:
+        with contextlib.suppress(OSError):  # NOTE: without a record the upload still works, only not across runs
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, 'w') as file:
+                json.dump({'location': location}, file)
+
+    def clear(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
 
 
 def _sendable_file(body: object) -> bool:
@@ -729,7 +886,14 @@ def push(client: Client, args: argparse.Namespace) -> int:
 
     def upload(work: list[tuple[str, str, str, int]]) -> list[Stored | Exception]:
         if len(work) == 1:
-            path, _, blob_id, _ = work[0]
+            path, _, blob_id, size = work[0]
+            if size >= _RESUMABLE_BYTES:
+                try:
+                    return [client.put_resumable(path, kind=args.kind, meta=meta)]
+                except ISSError as exc:
+                    if exc.status not in (404, 405) or exc.title == 'Upload not found':
+                        raise
+                    # NOTE: a server from before resumable uploads: one request
             return [client.put(path, kind=args.kind, meta=meta, digest=blob_id or None)]
         contents = []
         for path, _, _, _ in work:

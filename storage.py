@@ -237,7 +237,7 @@ class FileStore:
         sha256 = hashlib.sha256()
         size = written_back = 0
         try:
-            for chunk in _chunks(stream, self._CHUNK_SIZE):
+            for chunk in chunks(stream, self._CHUNK_SIZE):
                 sha256.update(chunk)
                 size += len(chunk)
                 with disk.translated('writing an upload'):
@@ -504,6 +504,8 @@ class FileStore:
         """
         removed = 0
         for entry in os.scandir(self.layout.tmp):
+            if entry.is_dir(follow_symlinks=False):
+                continue  # NOTE: tmp/uploads/ holds resumable uploads, which outlive processes
             try:
                 fd = os.open(entry.path, os.O_RDONLY)
             except FileNotFoundError:
@@ -592,7 +594,7 @@ def _default_index(root: str) -> index.SQLiteIndex:
 _FIRST_CHUNK_BYTES = 64 * 1024
 
 
-def _chunks(stream: Readable, size: int) -> Iterator[memoryview]:
+def chunks(stream: Readable, size: int) -> Iterator[memoryview]:
     """The bytes of ``stream`` in pieces of at most ``size``, until EOF.
 
     PERF: ``readinto`` fills a reused buffer: each piece is a view of it, valid

@@ -6,9 +6,9 @@ import hashlib
 import json
 import os
 import pathlib
+import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +18,7 @@ import time
 import pytest
 
 import iss_client
-from conftest import HERE, blob_id, files_under, make_png, wait_for
+from conftest import HERE, CuttingProxy, blob_id, files_under, make_png, wait_for
 
 MIB = 1024 * 1024
 
@@ -191,57 +191,12 @@ def test_the_token_and_url_come_from_the_environment(installed, start, tmp_path)
     assert json.loads(result.stdout)['status'] == 'new'
 
 
-class CuttingProxy:
-    """A TCP relay in front of ISS that cuts the first download after ``cut_after`` bytes.
-
-    Not a stand-in for ISS: every byte comes from the real server; only the
-    connection breaks, as a network does.
-    """
-
-    def __init__(self, upstream_port: int, cut_after: int) -> None:
-        self._upstream = upstream_port
-        self._cut_after = cut_after
-        self.cut = False
-        self.requests: list[bytes] = []
-        self._listener = socket.create_server(('127.0.0.1', 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _relay(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(('127.0.0.1', self._upstream))
-        request = client.recv(65536)
-        self.requests.append(request)
-        upstream.sendall(request)
-        cutting = not self.cut and request.startswith(b'GET ')
-        sent = 0
-        with client, upstream:
-            while data := upstream.recv(65536):
-                if cutting and sent + len(data) > self._cut_after:
-                    client.sendall(data[: self._cut_after - sent])
-                    self.cut = True
-                    client.shutdown(socket.SHUT_RDWR)
-                    return
-                client.sendall(data)
-                sent += len(data)
-
-    def close(self) -> None:
-        self._listener.close()
-
-
 def test_a_download_cut_mid_way_is_resumed_with_range_and_verified(start, tmp_path):
     server = start()
     data = os.urandom(8 * MIB)
     digest = 'sha256:' + hashlib.sha256(data).hexdigest()
     iss_client.Client(server.url).put(data, kind='blob')
-    proxy = CuttingProxy(server.port, cut_after=3 * MIB)
+    proxy = CuttingProxy(server.port, cut_after=3 * MIB, direction='download')
     downloads = tmp_path / 'downloads'
     try:
         size = iss_client.Client(f'http://127.0.0.1:{proxy.port}').get(digest, downloads / 'copy.bin')
@@ -334,7 +289,9 @@ def test_a_large_file_is_sent_while_it_is_hashed_and_cut_off_when_the_server_has
         'weights.bin',
     )
     assert _uploads_counted(server) == 1
-    again = client.put(path, kind='model')
+    # NOTE: over a slow link (64 MiB in ~2 s), so the hash (~0.3 s) is done long before the upload
+    slow = CuttingProxy(server.port, cut_after=1 << 40, pace=0.002)
+    again = iss_client.Client(f'http://127.0.0.1:{slow.port}').put(path, kind='model')
 
     assert (again.id, again.new, again.sent) == (first.id, False, False)
     assert _uploads_counted(server) == 1, 'the second upload was cut off before it was stored'
@@ -405,3 +362,82 @@ def test_an_error_that_retrying_cannot_mend_is_raised_at_once(start):
 
     assert refused.value.status == 400 and refused.value.title == 'Invalid kind'
     assert time.monotonic() - started < 1, 'a 400 was retried'
+
+
+# -- resumable uploads (tus) -----------------------------------------------------------
+
+
+def _session_files(server) -> list[pathlib.Path]:
+    return [p for p in files_under(server.data_dir / 'tmp') if p.suffix == '.part']
+
+
+def test_a_resumable_upload_goes_on_where_the_server_has_it_after_a_cut(start, tmp_path, monkeypatch):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    server = start()
+    path = tmp_path / 'video.bin'
+    path.write_bytes(os.urandom(6 * MIB))
+    proxy = CuttingProxy(server.port, cut_after=random.randrange(2 * MIB, 5 * MIB))
+    client = iss_client.Client(f'http://127.0.0.1:{proxy.port}', retries=5)
+
+    stored = client.put_resumable(path, kind='video', meta={'camera': 2}, chunk_bytes=MIB)
+
+    assert proxy.cuts == 1
+    assert (stored.id, stored.new, stored.sent) == (blob_id(path.read_bytes()), True, True)
+    assert stored.meta['camera'] == 2 and stored.meta['filename'] == 'video.bin'
+    assert _session_files(server) == [] and list((tmp_path / 'cache').rglob('*.json')) == []
+
+
+def test_a_resumable_upload_interrupted_in_one_run_is_resumed_by_the_next(start, tmp_path, monkeypatch):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    server = start()
+    path = tmp_path / 'model.bin'
+    path.write_bytes(os.urandom(6 * MIB))
+    proxy = CuttingProxy(server.port, cut_after=3 * MIB + 1000)
+    url = f'http://127.0.0.1:{proxy.port}'  # NOTE: the proxy cuts once; the next run passes
+    with pytest.raises(iss_client.Unreachable):
+        iss_client.Client(url, retries=0).put_resumable(path, kind='m', chunk_bytes=MIB)
+    (record,) = (tmp_path / 'cache').rglob('*.json')
+    location = json.loads(record.read_text())['location']
+    status, headers, _ = server.request('HEAD', location, headers={'Tus-Resumable': '1.0.0'})
+    assert status == 200 and int(headers['Upload-Offset']) >= 2 * MIB
+
+    stored = iss_client.Client(url).put_resumable(path, kind='m', chunk_bytes=MIB)
+
+    assert (stored.id, stored.new) == (blob_id(path.read_bytes()), True)
+    _, headers, _ = server.request('HEAD', location, headers={'Tus-Resumable': '1.0.0'})
+    assert headers['ISS-Blob-Id'] == stored.id, 'the next run finished the same session'
+    assert not record.exists()
+
+
+def test_a_resumable_upload_of_a_stored_file_stops_and_leaves_nothing(start, tmp_path, monkeypatch):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    server = start()
+    path = tmp_path / 'again.bin'
+    path.write_bytes(os.urandom(40 * MIB))
+    client = iss_client.Client(server.url)
+    client.put(path, kind='m')
+
+    again = client.put_resumable(path, kind='m', chunk_bytes=MIB)
+
+    assert (again.id, again.new) == (blob_id(path.read_bytes()), False)
+    assert _session_files(server) == []
+
+
+def test_push_sends_a_file_over_the_threshold_resumably(start, tmp_path, monkeypatch):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    monkeypatch.setattr(iss_client, '_RESUMABLE_BYTES', 2 * MIB)
+    monkeypatch.setattr(iss_client, '_RESUMABLE_CHUNK_BYTES', MIB)
+    server = start()
+    tree = tmp_path / 'tree'
+    tree.mkdir()
+    (tree / 'big.bin').write_bytes(os.urandom(5 * MIB))
+    (tree / 'small.txt').write_bytes(b'small')
+
+    assert iss_client.main(['--url', server.url, '-q', 'push', '--kind', 'set', str(tree)]) == 0
+
+    metrics = server.request('GET', '/metrics')[2].decode()
+    patches = re.search(
+        r'iss_http_requests_total\{method="PATCH",route="/uploads/\{upload_id\}",status="204"\} (\S+)', metrics
+    )
+    assert patches and float(patches.group(1)) == 5
+    assert iss_client.Client(server.url).meta(blob_id((tree / 'big.bin').read_bytes()))['kind'] == 'set'

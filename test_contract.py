@@ -6,6 +6,7 @@ an image, 400 for a body that does not hash to its id, 416 for a range past the 
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from conftest import HERE, tool
@@ -29,6 +30,7 @@ def test_live_server_conforms_to_its_contract(start):
             '--generation-database', 'none',
         ],
         cwd=HERE, capture_output=True, text=True, timeout=300,
+        env={**os.environ, 'SCHEMATHESIS_HOOKS': 'schemathesis_hooks'},
     )  # fmt: skip
 
     summary = result.stdout[-6000:]

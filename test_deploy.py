@@ -471,7 +471,10 @@ def test_code_passes_ruff():
 
 def test_dockerfile_copies_every_module_the_app_imports():
     copied = set(re.search(r'^COPY ([\w.]+\.py [^/]*) \./$', (HERE / 'Dockerfile').read_text(), re.M).group(1).split())
-    local_modules = {p.name for p in HERE.glob('*.py') if not p.name.startswith(('test_', 'conftest'))}
+    # NOTE: the tests' own modules stay out of the image
+    local_modules = {
+        p.name for p in HERE.glob('*.py') if not p.name.startswith(('test_', 'conftest', 'schemathesis_hooks'))
+    }
 
     assert local_modules | {'openapi.yaml'} == copied
 
@@ -489,3 +492,41 @@ def test_healthcheck_script_follows_the_health_endpoint(tmp_path):
     down = subprocess.run([sys.executable, 'healthcheck.py'], cwd=HERE, env=env, capture_output=True)
 
     assert (healthy.returncode, unhealthy.returncode, down.returncode) == (0, 1, 1)
+
+
+def test_a_resumable_upload_through_nginx_streams_its_chunks_and_keeps_the_tus_headers(stack, tmp_path):
+    """tuspy through the site: every chunk a request within nginx's limit, the protocol's headers both ways."""
+    from tusclient import client as tus_client
+
+    nginx, behind, _ = stack
+    data = os.urandom(UPLOAD_LIMIT - 1)
+    path = tmp_path / 'through-nginx.bin'
+    path.write_bytes(data)
+    expected = 'sha256:' + hashlib.sha256(data).hexdigest()
+
+    uploads = tus_client.TusClient(f'http://127.0.0.1:{nginx.port}/uploads')
+    uploader = uploads.uploader(str(path), chunk_size=MIB, metadata={'kind': 'via-nginx'})
+    uploader.upload()
+
+    status, headers, _ = nginx.request('HEAD', uploader.url.partition(str(nginx.port))[2], headers=TUS)
+    assert status == 200 and headers['Tus-Resumable'] == '1.0.0' and headers['ISS-Blob-Id'] == expected
+    assert nginx.request('GET', f'/artifacts/{expected}')[2] == data
+    refused = nginx.request(
+        'POST', '/uploads', headers={**TUS, 'Upload-Length': str(10), 'Upload-Metadata': 'kind dGV4dA=='}
+    )
+    location = refused[1]['Location']
+    mismatch = nginx.request(
+        'PATCH',
+        location,
+        b'0123456789',
+        {
+            **TUS,
+            'Content-Type': 'application/offset+octet-stream',
+            'Upload-Offset': '0',
+            'Upload-Checksum': 'sha1 ' + 'A' * 27 + '=',
+        },
+    )
+    assert mismatch[0] == 460 and json.loads(mismatch[2])['title'] == 'Checksum mismatch'
+
+
+TUS = {'Tus-Resumable': '1.0.0'}

@@ -44,6 +44,7 @@ FILES = (
     'openapi.yaml',
     'pyproject.toml',
     'requirements.txt',
+    'resumable.py',
     'signing.py',
     'storage.py',
     'syscalls.py',

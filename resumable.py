@@ -1,0 +1,464 @@
+"""Resumable uploads (tus 1.0): sessions that grow chunk by chunk and end as one staged blob.
+
+A session is two files under ``tmp/uploads/``: ``<id>.part``, the bytes received so
+far, and ``<id>.json``, its state (length, metadata, owner, the durable offset, the
+SHA-256 state at that offset, expiry, and once committed the blob's id). A PATCH
+holds the ``.part`` file's flock, so two at once cannot both write (the second is
+refused, 409), and appends at the offset; the state is replaced atomically after the
+bytes are flushed, so the offset never claims a byte that is not on disk. The SHA-256
+is carried from chunk to chunk in the state (OpenSSL's context, 112 bytes): the last
+chunk ends the hash, and completing a 2 GB upload reads nothing again, whichever
+worker takes which chunk.
+
+``sweep_temp`` leaves ``tmp/uploads/`` alone; :meth:`Sessions.sweep_expired` removes
+sessions whose last activity is older than ``ISS_UPLOAD_EXPIRES``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import disk
+import storage
+from errors import (
+    BadRequest,
+    ChecksumMismatch,
+    IncompleteBody,
+    OffsetMismatch,
+    StoreUnavailable,
+    UploadNotFound,
+    UploadTooLarge,
+)
+
+VERSION = '1.0.0'
+EXTENSIONS = ('creation', 'creation-with-upload', 'expiration', 'checksum', 'termination')
+#: Per-chunk checksums (``Upload-Checksum``): sha1 is the one every tus server must take.
+CHECKSUMS = {'sha1': hashlib.sha1, 'sha256': hashlib.sha256, 'md5': hashlib.md5}
+CHUNK_TYPE = 'application/offset+octet-stream'
+
+_ID_PATTERN = re.compile(r'[A-Za-z0-9_-]{22}')
+_METADATA_KEY = re.compile(r'[!#$%&\'*+.^_`|~0-9A-Za-z-]+')
+
+
+# -- a SHA-256 whose state can be saved between requests ------------------------
+
+
+class _Sha256Context(ctypes.Structure):
+    """OpenSSL's ``SHA256_CTX`` (``<openssl/sha.h>``): plain words, so its bytes are the hash's state."""
+
+    _fields_ = [
+        ('h', ctypes.c_uint32 * 8),
+        ('Nl', ctypes.c_uint32),
+        ('Nh', ctypes.c_uint32),
+        ('data', ctypes.c_uint32 * 16),
+        ('num', ctypes.c_uint),
+        ('md_len', ctypes.c_uint),
+    ]
+
+
+def _libcrypto() -> ctypes.CDLL | None:
+    """The libcrypto that hashlib uses (found through the process's own maps), or None."""
+    hashlib.sha256()  # NOTE: makes sure _hashlib, and so libcrypto, is loaded
+    with contextlib.suppress(OSError), open('/proc/self/maps') as maps:
+        for line in maps:
+            path = line.rsplit(' ', 1)[-1].strip()
+            if '/libcrypto.so' in path:
+                return ctypes.CDLL(path)
+    name = ctypes.util.find_library('crypto')
+    return ctypes.CDLL(name) if name else None
+
+
+_crypto = _libcrypto()
+if _crypto is not None:
+    for _name, _args in (
+        ('SHA256_Init', [ctypes.POINTER(_Sha256Context)]),
+        ('SHA256_Update', [ctypes.POINTER(_Sha256Context), ctypes.c_void_p, ctypes.c_size_t]),
+        ('SHA256_Final', [ctypes.c_char_p, ctypes.POINTER(_Sha256Context)]),
+    ):
+        getattr(_crypto, _name).argtypes = _args
+
+
+class Sha256:
+    """SHA-256 of a file that grows across requests and processes.
+
+    ``state`` is what to save; :meth:`restore` continues from it. Where no libcrypto
+    can be loaded, ``state`` is None and a session's hash is recomputed from its file
+    when a chunk arrives at another process (correct, and a read of what came before).
+    """
+
+    def __init__(self, state: bytes | None = None) -> None:
+        if _crypto is None:
+            self._fallback: Any = hashlib.sha256()
+            return
+        self._fallback = None
+        if state is None:
+            self._context = _Sha256Context()
+            _crypto.SHA256_Init(ctypes.byref(self._context))
+        else:
+            self._context = _Sha256Context.from_buffer_copy(state)
+
+    @property
+    def state(self) -> bytes | None:
+        return None if self._fallback is not None else bytes(self._context)
+
+    def update(self, data: memoryview) -> None:
+        if self._fallback is not None:
+            self._fallback.update(data)
+            return
+        # PERF: the chunk's own buffer, not a copy (the reused receive buffer is writable)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(data)) if len(data) else None
+        _crypto.SHA256_Update(ctypes.byref(self._context), address, len(data))
+
+    def hexdigest(self) -> str:
+        if self._fallback is not None:
+            return self._fallback.hexdigest()
+        digest = ctypes.create_string_buffer(32)
+        _crypto.SHA256_Final(digest, ctypes.byref(_Sha256Context.from_buffer_copy(bytes(self._context))))
+        return digest.raw.hex()
+
+
+# -- the protocol's headers --------------------------------------------------------
+
+
+def parse_metadata(header: str | None) -> dict[str, str]:
+    """``Upload-Metadata``: ``key base64value`` pairs, comma-separated; a key alone has an empty value.
+
+    Raises:
+        BadRequest: a pair that is not of that form, a key given twice, or a value that is not UTF-8.
+    """
+    metadata: dict[str, str] = {}
+    for pair in filter(None, (part.strip() for part in (header or '').split(','))):
+        key, _, encoded = pair.partition(' ')
+        if not _METADATA_KEY.fullmatch(key) or key in metadata:
+            raise BadRequest(f'Upload-Metadata has a bad or repeated key: {key!r}.', title='Invalid Upload-Metadata')
+        try:
+            metadata[key] = base64.b64decode(encoded.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise BadRequest(
+                f'The value of {key!r} in Upload-Metadata is not base64 of UTF-8 text.', title='Invalid Upload-Metadata'
+            ) from None
+    return metadata
+
+
+def format_metadata(metadata: dict[str, str]) -> str:
+    """``Upload-Metadata`` as a client sent it (HEAD answers with it)."""
+    return ','.join(f'{key} {base64.b64encode(value.encode()).decode()}' for key, value in metadata.items())
+
+
+def parse_checksum(header: str | None) -> tuple[str, bytes] | None:
+    """``Upload-Checksum: <algorithm> <base64 digest>`` as (algorithm, digest), or None.
+
+    Raises:
+        BadRequest: an algorithm not in :data:`CHECKSUMS`, or a digest that is not base64 of its size.
+    """
+    if header is None:
+        return None
+    algorithm, _, encoded = header.strip().partition(' ')
+    if algorithm not in CHECKSUMS:
+        raise BadRequest(
+            f'Upload-Checksum algorithm {algorithm!r} is not one of {", ".join(CHECKSUMS)}.',
+            title='Unsupported checksum algorithm',
+        )
+    try:
+        digest = base64.b64decode(encoded.strip(), validate=True)
+    except binascii.Error:
+        digest = b''
+    if len(digest) != CHECKSUMS[algorithm]().digest_size:
+        raise BadRequest(f'Upload-Checksum: {encoded!r} is not a base64 {algorithm} digest.', title='Invalid checksum')
+    return algorithm, digest
+
+
+def owner_of(token: bytes) -> str:
+    """What a session keeps of the token that created it: its SHA-256, never the token."""
+    return hashlib.sha256(b'iss-upload-owner\0' + token).hexdigest()
+
+
+# -- sessions ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Session:
+    """One resumable upload's state, as its ``.json`` file keeps it."""
+
+    id: str
+    length: int
+    metadata: dict[str, str]
+    owner: str
+    expires: float
+    offset: int = 0
+    #: The SHA-256 state at ``offset`` (hex), or None to recompute it from the file.
+    sha256_state: str | None = None
+    #: Once committed: ``{'id', 'location', 'created'}``; the session then has no ``.part``.
+    result: dict[str, Any] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.offset == self.length
+
+
+class Sessions:
+    """The resumable uploads of a file store, under its ``tmp/uploads/``.
+
+    Args:
+        store: The store the finished uploads are committed to (its layout holds the sessions).
+        expires_seconds: How long a session lives after its last chunk (and a finished one
+            still answers with its blob's id).
+    """
+
+    # PERF: as for a POST: reads of 1 MiB, and writeback started every 8 MiB.
+    _CHUNK_SIZE = 1024 * 1024
+    _WRITEBACK_BYTES = 8 * 1024 * 1024
+    # NOTE: how often (at most) creating a session also sweeps the expired ones.
+    _SWEEP_EVERY_SECONDS = 60.0
+
+    def __init__(self, store: storage.FileStore, expires_seconds: int) -> None:
+        self._layout = store.layout
+        self.directory = os.path.join(store.layout.tmp, 'uploads')
+        self.expires_seconds = expires_seconds
+        self._last_sweep = 0.0
+        self._sweep_lock = threading.Lock()
+
+    def _path(self, session_id: str, suffix: str) -> str:
+        return os.path.join(self.directory, session_id + suffix)
+
+    def create(self, length: int, metadata: dict[str, str], owner: str) -> Session:
+        """A new, empty session: its ``.part`` file and its state, durable before it is answered."""
+        self._sweep_now_and_then()
+        session = Session(
+            id=secrets.token_urlsafe(16), length=length, metadata=metadata, owner=owner, expires=self._expiry()
+        )
+        with disk.translated('creating an upload session'):
+            os.makedirs(self.directory, exist_ok=True)
+            # NOTE: the state first: what the sweep finds by it is never left behind
+            self._save(session)
+            os.close(os.open(self._path(session.id, '.part'), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        return session
+
+    def get(self, session_id: str, owner: str) -> Session:
+        """The session, if it exists, has not expired, and belongs to ``owner``.
+
+        Raises:
+            UploadNotFound: none of that (another owner's session is not told apart from none).
+        """
+        if not _ID_PATTERN.fullmatch(session_id):
+            raise _no_such_upload(session_id)
+        try:
+            with open(self._path(session_id, '.json'), 'rb') as file:
+                fields = json.load(file)
+            session = Session(**fields)
+        except FileNotFoundError:
+            raise _no_such_upload(session_id) from None
+        except OSError as exc:
+            raise disk.store_error(exc, 'reading an upload') from exc
+        except (ValueError, TypeError) as exc:
+            raise StoreUnavailable(f'upload state {session_id} is unreadable: {exc}') from exc
+        if not hmac.compare_digest(session.owner, owner) or session.expires < time.time():
+            raise _no_such_upload(session_id)
+        return session
+
+    @contextlib.contextmanager
+    def writing(self, session_id: str, owner: str, offset: int) -> Iterator[tuple[Session, int]]:
+        """Hold the session for one chunk at ``offset``: its state and its ``.part`` file, open and locked.
+
+        Raises:
+            UploadNotFound: no such session (see :meth:`get`).
+            OffsetMismatch: another request holds it, or it is not at ``offset`` (409).
+        """
+        session = self.get(session_id, owner)
+        if session.result is not None or session.offset != offset:
+            raise OffsetMismatch(f'The upload is at offset {session.offset}, not {offset}.')
+        try:
+            fd = os.open(self._path(session_id, '.part'), os.O_RDWR)
+        except FileNotFoundError:
+            raise OffsetMismatch('The upload was completed or terminated by another request.') from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OffsetMismatch(
+                    'Another request is sending a chunk of this upload; ask HEAD for the offset.'
+                ) from None
+            # NOTE: what the state says now, under the lock: the other request may have moved it on
+            session = self.get(session_id, owner)
+            if session.result is not None or session.offset != offset or not os.fstat(fd).st_nlink:
+                raise OffsetMismatch(f'The upload is at offset {session.offset}, not {offset}.')
+            yield session, fd
+        finally:
+            os.close(fd)
+
+    def append(self, session: Session, fd: int, body: storage.Readable, checksum: tuple[str, bytes] | None) -> Session:
+        """Write the chunk in ``body`` at the session's offset; return the session with the offset it reached.
+
+        Without a checksum, a body that stops arriving keeps what came (made durable, the
+        offset moved past it) and its error is raised after. With one, the chunk is kept
+        whole, or nothing of it when its digest differs (:class:`ChecksumMismatch`) or it
+        stops arriving.
+
+        Raises:
+            UploadTooLarge: the body runs past the upload's length; nothing of it kept.
+        """
+        sha256 = self._sha256_at(session, fd)
+        chunk_hash = CHECKSUMS[checksum[0]]() if checksum else None
+        start = position = written_back = session.offset
+        failure: BaseException | None = None
+        os.lseek(fd, start, os.SEEK_SET)
+        try:
+            for piece in storage.chunks(body, self._CHUNK_SIZE):
+                if position + len(piece) > session.length:
+                    raise UploadTooLarge(session.length - start)
+                with disk.translated('writing an upload chunk'):
+                    disk.write_all(fd, piece)
+                sha256.update(piece)
+                if chunk_hash is not None:
+                    chunk_hash.update(piece)
+                position += len(piece)
+                if position - written_back >= self._WRITEBACK_BYTES:
+                    disk.start_writeback(fd, written_back, position - written_back)
+                    written_back = position
+        except IncompleteBody as exc:
+            if checksum is not None:
+                self._truncate(fd, start)
+                raise
+            failure = exc  # NOTE: keep what arrived, below, then tell
+        except BaseException:
+            self._truncate(fd, start)
+            raise
+        if chunk_hash is not None and not hmac.compare_digest(chunk_hash.digest(), checksum[1]):
+            self._truncate(fd, start)
+            raise ChecksumMismatch(f'The chunk does not match its {checksum[0]} checksum; nothing of it was kept.')
+        session = dataclasses.replace(session, offset=position, expires=self._expiry())
+        session.sha256_state = _hex(sha256.state)
+        if not os.fstat(fd).st_nlink:
+            raise _no_such_upload(session.id)  # NOTE: terminated while the chunk arrived: not brought back
+        with disk.translated('saving an upload chunk'):
+            os.ftruncate(fd, position)  # NOTE: drops what an earlier, refused chunk left beyond
+            self._save(session)  # NOTE: flushes the chunk's bytes and then the state
+        if failure is not None:
+            raise failure
+        return session
+
+    def digest(self, session: Session, fd: int) -> str:
+        """The ``sha256:<hex>`` id of a complete session's bytes."""
+        return 'sha256:' + self._sha256_at(session, fd).hexdigest()
+
+    def staged(self, session: Session, fd: int) -> storage.StagedBlob:
+        """The complete session's bytes as a staged blob, for ``store.commit``; it owns a new descriptor."""
+        return storage.StagedBlob(os.dup(fd), self._path(session.id, '.part'), self.digest(session, fd), session.length)
+
+    def finish(self, session: Session, result: dict[str, Any]) -> Session:
+        """Record the committed blob (its ``.part`` is gone), so that HEAD keeps answering with it."""
+        session = dataclasses.replace(session, result=result, sha256_state=None, expires=self._expiry())
+        with disk.translated('finishing an upload'):
+            self._save(session)
+        return session
+
+    def terminate(self, session_id: str, owner: str) -> None:
+        """Remove a session (tus termination); one being written is removed when that chunk ends.
+
+        Raises:
+            UploadNotFound: no such session.
+        """
+        self.get(session_id, owner)
+        self._remove(session_id)
+
+    def discard(self, session_id: str) -> None:
+        """Remove a session that cannot complete (its bytes are not what it said they would be)."""
+        self._remove(session_id)
+
+    def sweep_expired(self, now: float | None = None) -> int:
+        """Remove the sessions past their expiry that no request holds; return how many went."""
+        now = time.time() if now is None else now
+        removed = 0
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not entry.name.endswith('.json'):
+                continue
+            session_id = entry.name.removesuffix('.json')
+            try:
+                with open(entry.path, 'rb') as file:
+                    expires = json.load(file)['expires']
+            except (OSError, ValueError, KeyError):
+                continue  # NOTE: being replaced this instant, or not ours
+            if expires < now and self._remove(session_id, only_if_idle=True):
+                removed += 1
+        return removed
+
+    # -- inside --------------------------------------------------------------------
+
+    def _sha256_at(self, session: Session, fd: int) -> Sha256:
+        """The hash of the session's first ``offset`` bytes: from its saved state, else read from the file."""
+        if session.sha256_state is not None and _crypto is not None:
+            return Sha256(bytes.fromhex(session.sha256_state))
+        sha256 = Sha256()
+        position = 0
+        buffer = memoryview(bytearray(self._CHUNK_SIZE))
+        while position < session.offset:
+            count = os.preadv(fd, [buffer[: min(len(buffer), session.offset - position)]], position)
+            if not count:
+                raise disk.store_error(OSError(5, 'the upload file is shorter than its offset'), 'hashing an upload')
+            sha256.update(buffer[:count])
+            position += count
+        return sha256
+
+    def _save(self, session: Session) -> None:
+        """Replace the session's state, durably (which also flushes the chunk written before)."""
+        data = json.dumps(dataclasses.asdict(session)).encode()
+        disk.write_atomically(self._layout, self._path(session.id, '.json'), disk.write_bytes(data), replace=True)
+
+    def _remove(self, session_id: str, *, only_if_idle: bool = False) -> bool:
+        fd = None
+        if only_if_idle:
+            try:
+                fd = disk.lock_file(self._path(session_id, '.part'), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # NOTE: a chunk is arriving: not idle, whatever its expiry said
+        try:
+            for suffix in ('.part', '.json'):  # NOTE: the state last: the sweep finds a session by it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(session_id, suffix))
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return True
+
+    def _truncate(self, fd: int, length: int) -> None:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, length)
+
+    def _expiry(self) -> float:
+        return time.time() + self.expires_seconds
+
+    def _sweep_now_and_then(self) -> None:
+        now = time.monotonic()
+        with self._sweep_lock:
+            if now - self._last_sweep < self._SWEEP_EVERY_SECONDS:
+                return
+            self._last_sweep = now
+        self.sweep_expired()
+
+
+def _hex(state: bytes | None) -> str | None:
+    return None if state is None else state.hex()
+
+
+def _no_such_upload(session_id: str) -> UploadNotFound:
+    return UploadNotFound(session_id)
