@@ -28,6 +28,7 @@ import falcon
 import yaml
 from swagger_ui_bundle import swagger_ui_path
 
+import browse
 import httpio
 import images
 import index
@@ -1023,6 +1024,43 @@ def _filetype(metadata: dict[str, str]) -> str | None:
     return metadata.get('filetype') or metadata.get('type') or None
 
 
+class BrowsePage:
+    """``GET /`` and ``/browse``: the page to look at the store, upload and delete, in a browser.
+
+    The page is public (it holds no data; the script reads through the API, with the token
+    the user gives it); revalidated on every visit, its assets cached for a year.
+    """
+
+    def __init__(self, assets: browse.Assets) -> None:
+        self._assets = assets
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.etag = self._assets.etag
+        resp.cache_control = ('no-cache',)
+        resp.set_header('Content-Security-Policy', browse.CSP)
+        resp.set_header('X-Content-Type-Options', 'nosniff')
+        resp.set_header('Referrer-Policy', 'same-origin')
+        if req.get_header('If-None-Match') == f'"{self._assets.etag}"':
+            resp.status = falcon.HTTP_304
+            return
+        resp.data = self._assets.html
+        resp.content_type = 'text/html; charset=utf-8'
+
+
+class BrowseAsset:
+    """``GET /browse/{name}``: the page's script and style, by fingerprinted name, immutable."""
+
+    def __init__(self, assets: browse.Assets) -> None:
+        self._assets = assets
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        if name not in self._assets.files:
+            raise falcon.HTTPNotFound(title='Not found', description=f'The page has no asset {name!r}.')
+        resp.data, resp.content_type = self._assets.files[name]
+        resp.cache_control = ('public', 'max-age=31536000', 'immutable')
+        resp.set_header('X-Content-Type-Options', 'nosniff')
+
+
 class Health:
     """Liveness and readiness: 200 while the store takes writes, else 503."""
 
@@ -1140,7 +1178,7 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
         middleware.append(
             RequireReadToken(
                 (settings.read_token, settings.api_token, settings.admin_token),
-                public=(Health, OpenAPIDocument, Docs, UploadsCollection, UploadSession),
+                public=(Health, OpenAPIDocument, Docs, BrowsePage, BrowseAsset, UploadsCollection, UploadSession),
                 reads_by_post=(MissingBlobs,),
                 signing_keys=(settings.signing_key, settings.signing_key_previous),
             )
@@ -1184,6 +1222,11 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     app.add_route('/openapi.yaml', openapi)
     app.add_route('/openapi.json', openapi, suffix='json')
     app.add_route('/docs', Docs())
+    assets = browse.Assets(HERE / 'browse')
+    page = BrowsePage(assets)
+    app.add_route('/', page)
+    app.add_route('/browse', page)
+    app.add_route('/browse/{name}', BrowseAsset(assets))
     app.add_static_route('/docs/assets', str(swagger_ui_path))
     return app
 

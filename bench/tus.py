@@ -19,8 +19,6 @@ import http.client
 import os
 import pathlib
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,26 +26,9 @@ import tempfile
 import threading
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent.parent
+from local_server import free_port, start_server, stop_server
+
 TUS = {'Tus-Resumable': '1.0.0'}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def start_server(data: pathlib.Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, 'ISS_DATA': str(data), 'ISS_PORT': str(port), 'ISS_LOG_LEVEL': 'warning'}
-    process = subprocess.Popen([sys.executable, '-m', 'gunicorn', 'iss:app'], cwd=HERE, env=env, start_new_session=True)
-    for _ in range(200):
-        try:
-            with socket.create_connection(('127.0.0.1', port), timeout=1):
-                return process
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit('gunicorn did not start')
 
 
 def tree_rss_kib(pid: int) -> int:
@@ -157,8 +138,7 @@ def main() -> int:
             for path in files.values():
                 path.unlink()
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        stop_server(server)
         shutil.rmtree(work)
     print(f'{args.mib} MiB in {args.chunk_mib} MiB chunks, {args.rounds} rounds, median:')
     for name in sides:

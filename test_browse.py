@@ -1,0 +1,334 @@
+"""The browse page, in a real headless Chromium (Debian's, driven by Playwright) against a real gunicorn.
+
+The store is made by the test: 150 images (each its own colour and size) and 50 artifacts of
+two kinds. Every test also checks that the page logged no console error and asked no host
+but the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import urllib.parse
+
+import pytest
+from PIL import Image, ImageChops, ImageStat
+from playwright.sync_api import sync_playwright
+
+from conftest import Gunicorn, blob_id, make_png
+
+IMAGES, ARTIFACTS = 150, 50
+ADMIN = 'browse-admin'
+CHROMIUM_FLAGS = [
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    '--no-first-run',
+]
+
+
+def colour(number: int) -> tuple[int, int, int]:
+    return ((number * 37) % 256, (number * 91) % 256, (number * 53) % 256)
+
+
+@pytest.fixture(scope='module')
+def store(tmp_path_factory):
+    """A gunicorn with 150 images and 50 artifacts, uploaded oldest first; the images' ids, newest first."""
+    directory = tmp_path_factory.mktemp('browse')
+    server = Gunicorn(directory / 'data', directory / 'gunicorn.log', ISS_ADMIN_TOKEN=ADMIN)
+    images = []
+    for number in range(IMAGES):
+        png = make_png(200 + number % 7 * 40, 150 + number % 5 * 30, colour(number))
+        status, _, body = server.request(
+            'POST', f'/images?filename=frame-{number:03d}.png', png, {'Content-Type': 'image/png'}
+        )
+        assert status == 201
+        images.append(json.loads(body)['image_id'])
+    for number in range(ARTIFACTS):
+        kind = 'model' if number % 2 else 'table'
+        status, _, _ = server.request(
+            'POST', f'/artifacts?kind={kind}&filename=a{number}.bin', os.urandom(100 + number)
+        )
+        assert status == 201
+    yield server, images[::-1]
+    server.stop()
+
+
+@pytest.fixture(scope='module')
+def browser():
+    playwright = sync_playwright().start()
+    executable = shutil.which('chromium')
+    assert executable, 'Debian chromium is needed: apt-get install chromium (.ci/run does)'
+    chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+    yield chromium
+    chromium.close()
+    playwright.stop()
+
+
+@pytest.fixture
+def page(browser, store):
+    """A fresh page on the server, watched: console errors and requests elsewhere fail the test."""
+    server, _ = store
+    context = browser.new_context(viewport={'width': 1280, 'height': 900})
+    page = context.new_page()
+    problems: list[str] = []
+    page.expected_errors = []  # NOTE: what a test provokes on purpose (the browser logs a refused upload)
+    page.on('console', lambda message: message.type == 'error' and problems.append(f'console: {message.text}'))
+    page.on('pageerror', lambda error: problems.append(f'page error: {error}'))
+    page.on(
+        'request',
+        lambda request: (
+            urllib.parse.urlsplit(request.url).netloc not in (f'127.0.0.1:{server.port}', '')
+            and not request.url.startswith(('blob:', 'data:'))
+            and problems.append(f'request elsewhere: {request.url}')
+        ),
+    )
+    page.goto(f'{server.url}/')
+    yield page
+    context.close()
+    assert [problem for problem in problems if not any(e in problem for e in page.expected_errors)] == []
+
+
+def tile_ids(page) -> list[str]:
+    return page.eval_on_selector_all('#gallery li', 'tiles => tiles.map(tile => tile.dataset.id)')
+
+
+def wait_for_thumbnails(page, count: int) -> None:
+    page.wait_for_function(
+        """count => { const images = [...document.querySelectorAll('#gallery img')].slice(0, count);
+        return images.length === count && images.every(image => image.complete && image.naturalWidth > 0); }""",
+        arg=count,
+    )
+
+
+def test_the_first_screen_shows_the_newest_thumbnails_rendered_by_iss(page, store):
+    server, newest_first = store
+    wait_for_thumbnails(page, 12)
+
+    assert tile_ids(page)[:12] == newest_first[:12]
+    for index in (0, 5, 11):
+        shown = page.evaluate(
+            """index => { const image = document.querySelectorAll('#gallery img')[index];
+            const canvas = document.createElement('canvas');
+            canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
+            const context = canvas.getContext('2d'); context.drawImage(image, 0, 0);
+            return {src: image.currentSrc, width: canvas.width,
+                    pixels: Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data)}; }""",
+            index,
+        )
+        path = urllib.parse.urlsplit(shown['src'])
+        status, headers, body = server.request(
+            'GET', f'{path.path}?{path.query}', headers={'Accept': 'image/avif,image/webp'}
+        )
+        # NOTE: the page asks JPEG of an image without transparency (these are), WebP of others
+        assert status == 200 and headers['Content-Type'] == 'image/jpeg' and 'format=jpeg' in path.query
+        derivative = Image.open(io.BytesIO(body)).convert('RGBA')
+        assert derivative.size == (shown['width'], len(shown['pixels']) // 4 // shown['width'])
+        in_browser = Image.frombytes('RGBA', derivative.size, bytes(shown['pixels']))
+        difference = ImageStat.Stat(ImageChops.difference(derivative.convert('RGB'), in_browser.convert('RGB')))
+        assert max(difference.mean) < 3, f'tile {index}: the browser shows other pixels than ISS rendered'
+        # NOTE: and they are the stored image's: tile i is image 149 - i, a plain colour
+        expected = colour(IMAGES - 1 - index)
+        assert all(abs(a - b) < 8 for a, b in zip(ImageStat.Stat(derivative).mean[:3], expected, strict=True))
+
+
+def test_scrolling_loads_every_page_once(page, store):
+    _, newest_first = store
+    wait_for_thumbnails(page, 12)
+
+    for _ in range(40):
+        if len(tile_ids(page)) == IMAGES:
+            break
+        page.mouse.wheel(0, 4000)
+        page.wait_for_timeout(150)
+
+    ids = tile_ids(page)
+    assert ids == newest_first and len(set(ids)) == IMAGES
+
+
+def test_filters_change_the_listing(page, store):
+    page.select_option('#filters [name=collection]', 'artifacts')
+    page.wait_for_function("() => document.querySelectorAll('#gallery li button.artifact').length >= 20")
+    assert page.locator('#gallery li img').count() == 0
+
+    page.fill('#filters [name=kind]', 'model')
+    page.click('#filters button[type=submit]')
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#gallery strong')].every(kind => kind.textContent === 'model')"
+        " && document.querySelectorAll('#gallery li').length === 25"
+    )
+
+    page.fill('#filters [name=created_after]', '2999-01-01T00:00')
+    page.click('#filters button[type=submit]')
+    page.wait_for_function("() => document.querySelector('#status').textContent === 'Nothing stored matches.'")
+    assert page.locator('#gallery li').count() == 0
+
+
+def test_the_detail_view_shows_the_blobs_meta_and_how_to_fetch_it(page, store):
+    server, newest_first = store
+    wait_for_thumbnails(page, 1)
+
+    page.click('#gallery li:first-child button')
+    page.wait_for_selector('#detail[open] #meta tbody tr')
+
+    stored = json.loads(server.request('GET', f'/images/{newest_first[0]}/meta')[2])
+    shown = dict(
+        page.eval_on_selector_all(
+            '#meta tbody tr',
+            'rows => rows.map(r => [r.cells[0].textContent, r.cells[0].nextElementSibling.textContent])',
+        )
+    )
+    assert shown['id'] == newest_first[0] and shown['width'] == str(stored['width'])
+    assert shown['filename'] == stored['filename'] == 'frame-149.png' and shown['format'] == 'PNG'
+    assert page.text_content('#detail-id') == newest_first[0]
+    assert newest_first[0] in page.text_content('#curl')
+    assert page.get_attribute('#download', 'href') == f'/images/{newest_first[0]}'
+    assert page.eval_on_selector_all('#formats a', 'links => links.map(l => l.textContent)') == [
+        'webp',
+        'avif',
+        'png',
+        'jpeg',
+    ]
+    page.wait_for_function("() => document.querySelector('#detail-figure img').naturalWidth > 0")
+
+
+def test_dropping_three_files_shows_each_ones_progress_and_outcome(page, store):
+    server, newest_first = store
+    fresh = make_png(64, 48, (1, 2, 3))
+    already = server.request('GET', f'/images/{newest_first[3]}')[2]
+    files = [
+        {'name': 'fresh.png', 'type': 'image/png', 'b64': base64.b64encode(fresh).decode()},
+        {'name': 'again.png', 'type': 'image/png', 'b64': base64.b64encode(already).decode()},
+        {'name': 'notes.txt', 'type': 'text/plain', 'b64': base64.b64encode(b'not an image').decode()},
+    ]
+    dropped = page.evaluate_handle(
+        """files => { const transfer = new DataTransfer();
+        for (const file of files) transfer.items.add(new File(
+            [Uint8Array.from(atob(file.b64), c => c.charCodeAt(0))], file.name, {type: file.type}));
+        return transfer; }""",
+        files,
+    )
+
+    page.expected_errors.append('status of 415 (Unsupported Media Type)')
+    page.dispatch_event('#drop', 'drop', {'dataTransfer': dropped})
+    page.wait_for_function(
+        """() => { const rows = document.querySelectorAll('#uploads li');
+        return rows.length === 3 && [...rows].every(row => /^(new:|already stored:|\\d{3} )/.test(
+            row.querySelector('.outcome').textContent)); }"""
+    )
+
+    outcomes = page.eval_on_selector_all(
+        '#uploads li',
+        """rows => rows.map(row => [row.querySelector('.name').textContent, row.querySelector('.outcome').textContent,
+            row.querySelector('progress').value === row.querySelector('progress').max])""",
+    )
+    assert outcomes[0][0] == 'fresh.png' and outcomes[0][1].startswith('new: sha256:') and outcomes[0][2]
+    assert outcomes[1][1] == f'already stored: {newest_first[3]}' and outcomes[1][2]
+    assert outcomes[2][1].startswith('415 Not an image: ') and outcomes[2][2]
+    page.wait_for_function("id => document.querySelector('#gallery li').dataset.id === id", arg=blob_id(fresh))
+    wait_for_thumbnails(page, 1)
+    # NOTE: the store stays as the other tests expect it
+    status, _, _ = server.request('DELETE', f'/images/{blob_id(fresh)}', headers={'Authorization': f'Bearer {ADMIN}'})
+    assert status == 204
+
+
+def test_delete_with_the_admin_token_removes_the_tile_and_the_blob(page, store):
+    server, newest_first = store
+    victim = make_png(30, 30, (250, 1, 250))
+    status, _, body = server.request('POST', '/images', victim, {'Content-Type': 'image/png'})
+    victim_id = json.loads(body)['image_id']
+    page.reload()
+    wait_for_thumbnails(page, 1)
+    page.fill('#token-form [name=token]', ADMIN)
+    page.click('#token-form button')
+    page.wait_for_function("id => document.querySelector('#gallery li')?.dataset.id === id", arg=victim_id)
+    page.on('dialog', lambda dialog: dialog.accept())
+
+    page.click('#gallery li:first-child button')
+    page.wait_for_selector('#detail[open]')
+    page.click('#delete')
+
+    page.wait_for_function('id => !document.querySelector(`#gallery li[data-id="${id}"]`)', arg=victim_id)
+    assert server.request('GET', f'/images/{victim_id}')[0] == 404
+    assert tile_ids(page)[0] == newest_first[0]
+
+
+def test_the_page_and_its_assets_are_served_for_caching_under_a_strict_policy(store):
+    server, _ = store
+    status, headers, body = server.request('GET', '/')
+    assert status == 200 and headers['Cache-Control'] == 'no-cache'
+    assert "default-src 'none'; script-src 'self'" in headers['Content-Security-Policy']
+    assert b'<script' in body and b'<script>' not in body, 'no inline script'
+    assert server.request('GET', '/', headers={'If-None-Match': headers['ETag']})[0] == 304
+    assets = re.findall(rb'/browse/[\w.]+\.(?:js|css|svg)', body)
+    assert len(assets) == 3
+    for asset in assets:
+        status, headers, _ = server.request('GET', asset.decode())
+        assert status == 200 and headers['Cache-Control'] == 'public, max-age=31536000, immutable'
+    assert server.request('GET', '/browse/nothing.js')[0] == 404
+    assert server.request('GET', '/browse')[2] == body
+
+
+def test_screenshots_of_the_gallery_and_the_detail_view(page, store, tmp_path):
+    """The README's pictures, taken here; ISS_SCREENSHOTS=docs writes them into the tree."""
+    out = pathlib.Path(os.environ.get('ISS_SCREENSHOTS') or tmp_path)
+    wait_for_thumbnails(page, 20)
+    gallery = page.screenshot(path=str(out / 'browse-gallery.png'))
+    page.click('#gallery li:first-child button')
+    page.wait_for_function("() => document.querySelector('#detail-figure img')?.naturalWidth > 0")
+    detail = page.screenshot(path=str(out / 'browse-detail.png'))
+    assert gallery[:8] == detail[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_the_page_works_by_keyboard_and_at_phone_width(browser, store):
+    server, newest_first = store
+    context = browser.new_context(viewport={'width': 375, 'height': 740}, device_scale_factor=2)
+    page = context.new_page()
+    page.goto(f'{server.url}/')
+    wait_for_thumbnails(page, 2)
+
+    assert page.evaluate('() => document.documentElement.scrollWidth <= window.innerWidth'), 'no sideways scrolling'
+    assert page.get_attribute('#gallery img', 'alt').startswith('frame-149.png, ')
+    assert '512' in page.evaluate("() => document.querySelector('#gallery img').currentSrc"), 'the 2x thumbnail'
+    page.focus('#gallery li:first-child button')
+    page.keyboard.press('Enter')
+    page.wait_for_selector('#detail[open]')
+    assert page.text_content('#detail-id') == newest_first[0]
+    page.keyboard.press('Escape')
+    page.wait_for_selector('#detail:not([open])', state='attached')
+    context.close()
+
+
+@pytest.fixture(scope='module')
+def private_store(tmp_path_factory):
+    directory = tmp_path_factory.mktemp('private')
+    server = Gunicorn(directory / 'data', directory / 'gunicorn.log', ISS_READ_TOKEN='reader')
+    status, _, body = server.request('POST', '/images', make_png(90, 60, (10, 200, 30)), {'Content-Type': 'image/png'})
+    assert status == 201
+    yield server, json.loads(body)['image_id']
+    server.stop()
+
+
+def test_a_private_store_is_read_with_the_token_given_to_the_page(browser, private_store):
+    server, image_id = private_store
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f'{server.url}/')
+
+    page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('401 Token required')")
+    page.fill('#token-form [name=token]', 'reader')
+    page.click('#token-form button')
+    wait_for_thumbnails(page, 1)
+
+    assert tile_ids(page) == [image_id]
+    assert page.evaluate("() => document.querySelector('#gallery img').src").startswith('blob:')
+    page.reload()  # NOTE: kept for the browser session, not asked again
+    wait_for_thumbnails(page, 1)
+    context.close()
