@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import disk
+import resumable
 from errors import BlobNotFound
 from storage import FileStore
 
@@ -185,13 +186,20 @@ class _Checker:
 
 
 def collect_garbage(store: FileStore, *, dry_run: bool = False) -> dict[str, int]:
-    """Remove what no blob needs (``gc``): stale temp files, meta, index rows and
-    derivatives of no blob, and derivatives beyond the cache's bound.
+    """Remove what no blob needs (``gc``): stale temp files, expired resumable uploads,
+    meta, index rows and derivatives of no blob, and derivatives beyond the cache's bound.
 
     Returns:
         How many of each were removed (with ``dry_run``, would be).
     """
-    counts = {'temp_files': store.sweep_temp(dry_run=dry_run), 'orphaned_meta': 0, 'index_rows': 0}
+    counts = {
+        'temp_files': store.sweep_temp(dry_run=dry_run),
+        # NOTE: a server sweeps them as uploads are created, an idle one leaves them to this;
+        # each session's state holds its own expiry, so none is given here
+        'upload_sessions': resumable.Sessions(store, expires_seconds=0).sweep_expired(dry_run=dry_run),
+        'orphaned_meta': 0,
+        'index_rows': 0,
+    }
     for hex_digest, _ in store.layout.meta_files():
         # NOTE: a commit links the blob before it writes the meta, and a delete
         # holds the blob until its meta is gone: meta without a blob is never used.

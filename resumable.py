@@ -381,8 +381,8 @@ class Sessions:
         """Remove a session that cannot complete (its bytes are not what it said they would be)."""
         self._remove(session_id)
 
-    def sweep_expired(self, now: float | None = None) -> int:
-        """Remove the sessions past their expiry that no request holds; return how many went."""
+    def sweep_expired(self, now: float | None = None, *, dry_run: bool = False) -> int:
+        """Remove the sessions past their expiry that no request holds; return how many went (or would go)."""
         now = time.time() if now is None else now
         removed = 0
         try:
@@ -398,7 +398,7 @@ class Sessions:
                     expires = json.load(file)['expires']
             except (OSError, ValueError, KeyError):
                 continue  # NOTE: being replaced this instant, or not ours
-            if expires < now and self._remove(session_id, only_if_idle=True):
+            if expires < now and (dry_run or self._remove(session_id, only_if_idle=True)):
                 removed += 1
         return removed
 

@@ -20,6 +20,7 @@ import pytest
 import webtest
 
 import iss
+import resumable
 import storage
 from config import Settings
 from conftest import HERE, MISSING, blob_id, blob_path, cli_json, files_under, make_png, run_cli, upload_image, wait_for
@@ -428,27 +429,40 @@ def test_fsck_reports_orphans_missing_meta_stray_files_and_index_drift(client, d
     assert (data_dir / 'blobs' / 'stray.txt').exists()
 
 
-def test_gc_removes_stale_temp_files_orphaned_meta_and_rows(client, data_dir, png):
+def test_gc_removes_stale_temp_files_expired_uploads_orphaned_meta_and_rows(client, data_dir, png):
     lost = upload_artifact(client, b'lost').json['artifact_id']
     kept = upload_image(client, png).json['image_id']
     blob_path(data_dir, lost).unlink()
     (data_dir / 'tmp' / 'upload-dead').write_bytes(b'half an upload')
+    store = storage.FileStore(str(data_dir))
+    owner = resumable.owner_of(b'')
+    live = resumable.Sessions(store, expires_seconds=3600).create(10, {'kind': 'a'}, owner)
+    # NOTE: created after, as a creation sweeps the expired: abandoned on a server gone idle
+    resumable.Sessions(store, expires_seconds=-1).create(10, {'kind': 'a'}, owner)
 
     dry = cli_json(data_dir, 'gc', '--dry-run')
-    assert dry['removed'] == {'temp_files': 1, 'orphaned_meta': 1, 'index_rows': 1, 'derived_files': 0}
-    assert (data_dir / 'tmp' / 'upload-dead').exists()
+    assert dry['removed'] == {
+        'temp_files': 1,
+        'upload_sessions': 1,
+        'orphaned_meta': 1,
+        'index_rows': 1,
+        'derived_files': 0,
+    }
+    assert (data_dir / 'tmp' / 'upload-dead').exists() and len(files_under(data_dir / 'tmp' / 'uploads')) == 4
     assert cli_json(data_dir, 'gc')['removed'] == {
         'temp_files': 1,
+        'upload_sessions': 1,
         'orphaned_meta': 1,
         'index_rows': 1,
         'derived_files': 0,
     }
 
-    assert files_under(data_dir / 'tmp') == []
+    assert sorted(p.name for p in files_under(data_dir / 'tmp')) == [f'{live.id}.json', f'{live.id}.part']
     assert files_under(data_dir / 'meta') == [blob_path(data_dir, kept, 'meta', '.json')]
     assert [item['id'] for item in client.get('/artifacts').json['items']] == []
     assert cli_json(data_dir, 'gc')['removed'] == {
         'temp_files': 0,
+        'upload_sessions': 0,
         'orphaned_meta': 0,
         'index_rows': 0,
         'derived_files': 0,
