@@ -985,6 +985,13 @@ class TusProtocol:
     """Middleware for ``/uploads``: ``Tus-Resumable`` asked of every request but OPTIONS, and sent on every answer."""
 
     _RESOURCES = (UploadsCollection, UploadSession)
+    _OVERRIDES = frozenset({'PATCH', 'DELETE'})
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """``X-HTTP-Method-Override``: a POST stands for a PATCH or DELETE (proxies that drop those)."""
+        override = (req.get_header('X-HTTP-Method-Override') or '').upper()
+        if req.method == 'POST' and override in self._OVERRIDES and req.path.startswith('/uploads/'):
+            req.method = override
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
         if (

@@ -254,6 +254,17 @@ def test_a_wrong_creation_is_refused_and_makes_no_session(tus, data_dir, headers
     assert files_in(sessions_dir(data_dir)) == []
 
 
+def test_a_post_with_x_http_method_override_is_the_patch_or_delete_it_names(tus, data_dir):
+    location = tus.create(4).headers['Location']
+    override = {**CHUNK, 'Upload-Offset': '0'}
+
+    tus.post(location, b'ab', headers={**override, 'X-HTTP-Method-Override': 'PATCH'}, status=204)
+    assert tus.head(location, headers=TUS).headers['Upload-Offset'] == '2'
+    tus.post(location, headers={**TUS, 'X-HTTP-Method-Override': 'DELETE'}, status=204)
+    tus.head(location, headers=TUS, status=404)
+    tus.post('/uploads/x', headers={**TUS, 'X-HTTP-Method-Override': 'PUT'}, status=405)
+
+
 def test_termination_removes_the_session_and_its_bytes(tus, data_dir):
     location = tus.create(10).headers['Location']
     tus.patch(location, b'12345', headers={**CHUNK, 'Upload-Offset': '0'}, status=204)
