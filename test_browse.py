@@ -332,3 +332,37 @@ def test_a_private_store_is_read_with_the_token_given_to_the_page(browser, priva
     page.reload()  # NOTE: kept for the browser session, not asked again
     wait_for_thumbnails(page, 1)
     context.close()
+
+
+def test_a_large_drop_goes_over_tus_in_chunks(page, store):
+    server, _ = store
+    page.fill('#upload-kind', 'video')
+    size = 70 * 1024 * 1024  # NOTE: over the page's 64 MiB threshold: five chunks of 16 MiB
+    dropped = page.evaluate_handle(
+        """size => { const bytes = new Uint8Array(size);
+        for (let at = 0; at < size; at += 65536) crypto.getRandomValues(bytes.subarray(at, at + 65536));
+        window.droppedBytes = bytes;
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], 'capture.bin', {type: 'application/octet-stream'}));
+        return transfer; }""",
+        size,
+    )
+    expected = page.evaluate(
+        """async () => 'sha256:' + [...new Uint8Array(await crypto.subtle.digest('SHA-256', window.droppedBytes))]
+        .map(b => b.toString(16).padStart(2, '0')).join('')"""
+    )
+
+    page.dispatch_event('#drop', 'drop', {'dataTransfer': dropped})
+    page.wait_for_function(
+        """() => /^(new|already stored|\\d{3}|the connection)/.test(
+            document.querySelector('#uploads .outcome')?.textContent)""",
+        timeout=120_000,
+    )
+
+    assert page.text_content('#uploads .outcome') == f'new: {expected}'
+    metrics = server.request('GET', '/metrics')[2].decode()
+    patches = re.search(r'method="PATCH",route="/uploads/\{upload_id\}",status="204"\} (\S+)', metrics)
+    assert patches and float(patches.group(1)) >= 5
+    meta = json.loads(server.request('GET', f'/artifacts/{expected}/meta')[2])
+    assert (meta['kind'], meta['filename'], meta['bytes']) == ('video', 'capture.bin', size)
+    assert server.request('DELETE', f'/artifacts/{expected}', headers={'Authorization': f'Bearer {ADMIN}'})[0] == 204

@@ -219,40 +219,92 @@ function upload(file) {
   row.append(name, bar, outcome);
   $('#uploads').append(row);
 
+  const shown = (status, body, headers = {}) => {
+    bar.value = bar.max;
+    if (status === 201 || status === 200) {
+      const id = headers.blob || body.image_id || body.artifact_id;
+      outcome.className = `outcome ${status === 201 ? 'new' : 'stored'}`;
+      outcome.textContent = `${status === 201 ? 'new' : 'already stored'}: ${id}`;
+    } else {
+      outcome.className = 'outcome error';
+      outcome.textContent = status
+        ? `${status} ${body.title || 'error'}: ${body.description || ''}`
+        : 'the connection failed';
+    }
+    return status;
+  };
+  const progress = (done) => {
+    bar.value = done;
+    outcome.textContent = `${Math.round((100 * done) / (file.size || 1))}%`;
+  };
+  if (file.size >= RESUMABLE_BYTES) return uploadResumably(file, kind, progress, shown);
   const form = new FormData();
   form.append('file', file, file.name);
   const path = kind ? `/artifacts?kind=${encodeURIComponent(kind)}` : '/images';
+  return send('POST', path, {}, form, progress).then(({ status, body }) => shown(status, body));
+}
+
+// One request by XMLHttpRequest (fetch reports no upload progress): its status, JSON body and
+// the named response headers; status 0 when the connection failed.
+function send(method, path, headers, body, onProgress = () => {}, wanted = []) {
   return new Promise((resolve) => {
     const request = new XMLHttpRequest();
-    request.open('POST', path);
-    for (const [header, value] of Object.entries(authorized())) request.setRequestHeader(header, value);
-    request.upload.addEventListener('progress', (event) => {
-      bar.value = event.loaded;
-      outcome.textContent = `${Math.round((100 * event.loaded) / (event.total || 1))}%`;
-    });
+    request.open(method, path);
+    for (const [header, value] of Object.entries(authorized(headers))) request.setRequestHeader(header, value);
+    request.upload.addEventListener('progress', (event) => onProgress(event.loaded));
     request.addEventListener('load', () => {
-      let body = {};
+      let json = {};
       try {
-        body = JSON.parse(request.responseText);
+        json = JSON.parse(request.responseText);
       } catch {}
-      bar.value = bar.max;
-      if (request.status === 201 || request.status === 200) {
-        const id = body.image_id || body.artifact_id;
-        outcome.className = `outcome ${request.status === 201 ? 'new' : 'stored'}`;
-        outcome.textContent = `${request.status === 201 ? 'new' : 'already stored'}: ${id}`;
-      } else {
-        outcome.className = 'outcome error';
-        outcome.textContent = `${request.status} ${body.title || request.statusText}: ${body.description || ''}`;
-      }
-      resolve(request.status);
+      const named = Object.fromEntries(wanted.map((name) => [name, request.getResponseHeader(name)]));
+      resolve({ status: request.status, body: json, headers: named });
     });
-    request.addEventListener('error', () => {
-      outcome.className = 'outcome error';
-      outcome.textContent = 'the connection failed';
-      resolve(0);
-    });
-    request.send(form);
+    request.addEventListener('error', () => resolve({ status: 0, body: {}, headers: {} }));
+    request.send(body);
   });
+}
+
+// A large file goes over tus (/uploads) in chunks: a broken connection costs one chunk, then
+// HEAD says where the server has it and the rest follows from there.
+const RESUMABLE_BYTES = 64 * 1024 * 1024;
+const RESUMABLE_CHUNK = 16 * 1024 * 1024;
+const TUS = { 'Tus-Resumable': '1.0.0' };
+const base64 = (text) => btoa(String.fromCharCode(...new TextEncoder().encode(text)));
+
+async function uploadResumably(file, kind, progress, shown) {
+  const fields = { kind: kind || 'image', filename: file.name, ...(file.type ? { filetype: file.type } : {}) };
+  const metadata = Object.entries(fields).map(([key, value]) => `${key} ${base64(value)}`).join(',');
+  const created = await send('POST', '/uploads', { ...TUS, 'Upload-Length': String(file.size), 'Upload-Metadata': metadata }, null, undefined, ['Location']);
+  if (created.status !== 201) return shown(created.status, created.body);
+  const location = created.headers.Location;
+  const wanted = ['Upload-Offset', 'ISS-Blob-Id', 'ISS-Blob-Status'];
+  let offset = 0;
+  let failures = 0;
+  for (;;) {
+    const chunk = file.slice(offset, offset + RESUMABLE_CHUNK);
+    const headers = { ...TUS, 'Upload-Offset': String(offset), 'Content-Type': 'application/offset+octet-stream' };
+    const answer = await send('PATCH', location, headers, chunk, (sent) => progress(offset + sent), wanted);
+    if (answer.status === 204) {
+      failures = 0;
+      offset = Number(answer.headers['Upload-Offset']);
+      progress(offset);
+      if (answer.headers['ISS-Blob-Id']) {
+        return shown(Number(answer.headers['ISS-Blob-Status']), {}, { blob: answer.headers['ISS-Blob-Id'] });
+      }
+      continue;
+    }
+    const retryable = answer.status === 0 || answer.status === 409 || answer.status >= 500;
+    if (!retryable || ++failures > 5) return shown(answer.status, answer.body);
+    await new Promise((wait) => setTimeout(wait, 250 * 2 ** failures));
+    const head = await send('HEAD', location, TUS, null, undefined, wanted);
+    if (head.status !== 200) return shown(head.status, head.body);
+    if (head.headers['ISS-Blob-Id']) {
+      // NOTE: the last chunk was committed; only its answer was lost
+      return shown(Number(head.headers['ISS-Blob-Status']), {}, { blob: head.headers['ISS-Blob-Id'] });
+    }
+    offset = Number(head.headers['Upload-Offset']);
+  }
 }
 
 async function uploadAll(files) {
