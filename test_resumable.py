@@ -555,6 +555,9 @@ def test_tuspy_uploads_cut_off_at_a_random_point_and_resumed(server, tmp_path, s
 def tus_js() -> pathlib.Path:
     """tus-js-client, installed with npm from js/package-lock.json on first use."""
     directory = HERE / 'js'
+    assert shutil.which('node') and shutil.which('npm'), (
+        'node and npm are needed: apt-get install nodejs npm (.ci/run does)'
+    )
     if not (directory / 'node_modules' / 'tus-js-client').exists():
         subprocess.run(['npm', 'ci', '--no-audit', '--no-fund', '--silent'], cwd=directory, check=True)
     return directory / 'tus_upload.mjs'
