@@ -21,17 +21,26 @@ class RequireToken:
     """
 
     def __init__(
-        self, methods: frozenset[str], token: str, variable: str, purpose: str, exempt: tuple[type, ...] = ()
+        self,
+        methods: frozenset[str],
+        token: str,
+        variable: str,
+        purpose: str,
+        exempt: tuple[type, ...] = (),
+        every_method_of: tuple[type, ...] = (),
     ) -> None:
         self._methods = methods
         self._expected = token.encode() if token else None
         self._variable = variable
         self._purpose = purpose
         self._exempt = exempt  # NOTE: resources that check a token of their own
+        self._every_method_of = every_method_of  # NOTE: resources whose reads are writes' (an upload session)
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
         # NOTE: after routing, so a method no resource takes still gets its 404 or 405.
-        if req.method not in self._methods or not hasattr(resource, f'on_{req.method.lower()}'):
+        if not hasattr(resource, f'on_{req.method.lower()}'):
+            return
+        if req.method not in self._methods and not isinstance(resource, self._every_method_of):
             return
         if isinstance(resource, self._exempt):
             return

@@ -179,20 +179,12 @@ class Client:
         known: dict[str, Any] = {}
         stored = threading.Event()
 
-        def hash_and_ask() -> None:
-            try:
-                sha256 = hashlib.sha256()
-                offset = start
-                while offset < start + size and (chunk := os.pread(file.fileno(), _CHUNK, offset)):
-                    sha256.update(chunk)
-                    offset += len(chunk)
-                known['id'] = 'sha256:' + sha256.hexdigest()
-                if not self.missing([known['id']]):
-                    stored.set()
-            except Exception as exc:
-                known['error'] = exc
-
-        hasher = threading.Thread(target=hash_and_ask, name='iss-client-hash', daemon=True)
+        hasher = threading.Thread(
+            target=self._hash_and_ask,
+            args=(file.fileno(), start, size, known, stored),
+            name='iss-client-hash',
+            daemon=True,
+        )
         hasher.start()
         try:
             answer = self._post_file(file, start, size, door, query, stored)
@@ -298,15 +290,18 @@ class Client:
             record.save(location)
         known: dict[str, Any] = {}
         stored = threading.Event()
-        hasher = threading.Thread(
-            target=self._hash_and_ask, args=(path, known, stored), name='iss-client-hash', daemon=True
-        )
-        hasher.start()
-        try:
-            with open(path, 'rb') as file:
+        with open(path, 'rb') as file:
+            hasher = threading.Thread(
+                target=self._hash_and_ask,
+                args=(file.fileno(), 0, info.st_size, known, stored),
+                name='iss-client-hash',
+                daemon=True,
+            )
+            hasher.start()
+            try:
                 headers = self._send_chunks(location, file, info.st_size, offset, chunk_bytes, stored)
-        finally:
-            hasher.join()
+            finally:
+                hasher.join()
         if 'error' in known:
             raise known['error']
         blob_id = known['id']
@@ -370,11 +365,19 @@ class Client:
                     raise ISSError(404, 'Upload not found', f'the server lost the upload at {location}') from exc
         return headers
 
-    def _hash_and_ask(self, path: str, known: dict[str, Any], stored: threading.Event) -> None:
-        """Hash the file and ask the server whether it has it; set ``stored`` if so (in a thread)."""
+    def _hash_and_ask(self, fd: int, start: int, size: int, known: dict[str, Any], stored: threading.Event) -> None:
+        """Hash ``size`` bytes of ``fd`` from ``start`` into ``known['id']`` and set ``stored`` if the server has them.
+
+        Run in a thread beside an upload of the same bytes (by ``pread``: the upload's file
+        position is its own); what goes wrong is kept as ``known['error']``.
+        """
         try:
-            with open(path, 'rb') as file:
-                known['id'] = 'sha256:' + _hash_stream(file)
+            sha256 = hashlib.sha256()
+            offset = start
+            while offset < start + size and (chunk := os.pread(fd, _CHUNK, offset)):
+                sha256.update(chunk)
+                offset += len(chunk)
+            known['id'] = 'sha256:' + sha256.hexdigest()
             if not self.missing([known['id']]):
                 stored.set()
         except Exception as exc:

@@ -221,9 +221,8 @@ class Sessions:
             still answers with its blob's id).
     """
 
-    # PERF: as for a POST: reads of 1 MiB, and writeback started every 8 MiB.
+    # PERF: what hashing a session's bytes from its file reads at a time.
     _CHUNK_SIZE = 1024 * 1024
-    _WRITEBACK_BYTES = 8 * 1024 * 1024
     # NOTE: how often (at most) creating a session also sweeps the expired ones.
     _SWEEP_EVERY_SECONDS = 60.0
 
@@ -315,22 +314,16 @@ class Sessions:
         """
         sha256 = self._sha256_at(session, fd)
         chunk_hash = CHECKSUMS[checksum[0]]() if checksum else None
-        start = position = written_back = session.offset
+        start = position = session.offset
         failure: BaseException | None = None
-        os.lseek(fd, start, os.SEEK_SET)
         try:
-            for piece in storage.chunks(body, self._CHUNK_SIZE):
-                if position + len(piece) > session.length:
-                    raise UploadTooLarge(session.length - start)
-                with disk.translated('writing an upload chunk'):
-                    disk.write_all(fd, piece)
+            for piece in storage.written(fd, body, start):
+                position += len(piece)
+                if position > session.length:
+                    raise UploadTooLarge(session.length - start)  # NOTE: nothing of it kept, below
                 sha256.update(piece)
                 if chunk_hash is not None:
                     chunk_hash.update(piece)
-                position += len(piece)
-                if position - written_back >= self._WRITEBACK_BYTES:
-                    disk.start_writeback(fd, written_back, position - written_back)
-                    written_back = position
         except IncompleteBody as exc:
             if checksum is not None:
                 self._truncate(fd, start)
@@ -342,8 +335,10 @@ class Sessions:
         if chunk_hash is not None and not hmac.compare_digest(chunk_hash.digest(), checksum[1]):
             self._truncate(fd, start)
             raise ChecksumMismatch(f'The chunk does not match its {checksum[0]} checksum; nothing of it was kept.')
-        session = dataclasses.replace(session, offset=position, expires=self._expiry())
-        session.sha256_state = _hex(sha256.state)
+        state = sha256.state
+        session = dataclasses.replace(
+            session, offset=position, expires=self._expiry(), sha256_state=None if state is None else state.hex()
+        )
         if not os.fstat(fd).st_nlink:
             raise _no_such_upload(session.id)  # NOTE: terminated while the chunk arrived: not brought back
         with disk.translated('saving an upload chunk'):
@@ -454,10 +449,6 @@ class Sessions:
                 return
             self._last_sweep = now
         self.sweep_expired()
-
-
-def _hex(state: bytes | None) -> str | None:
-    return None if state is None else state.hex()
 
 
 def _no_such_upload(session_id: str) -> UploadNotFound:

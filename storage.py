@@ -168,11 +168,6 @@ class FileStore:
         derived_max_bytes: The bound of the derivative cache.
     """
 
-    # PERF: 1 MiB reads keep the per-chunk Python overhead small next to
-    # hashing (~1.4 GB/s) while bounding memory per upload.
-    _CHUNK_SIZE = 1024 * 1024
-    # PERF: how often a large upload asks the disk to start writing what it received.
-    _WRITEBACK_BYTES = 8 * 1024 * 1024
     # PERF: a rebuild writes rows by transactions of this many; uploads wait for one at most.
     _REINDEX_BATCH = 500
 
@@ -235,16 +230,11 @@ class FileStore:
         with disk.translated('creating a temp file'):
             fd, path = self.layout.new_temp()
         sha256 = hashlib.sha256()
-        size = written_back = 0
+        size = 0
         try:
-            for chunk in chunks(stream, self._CHUNK_SIZE):
-                sha256.update(chunk)
-                size += len(chunk)
-                with disk.translated('writing an upload'):
-                    disk.write_all(fd, chunk)
-                if size - written_back >= self._WRITEBACK_BYTES:
-                    disk.start_writeback(fd, written_back, size - written_back)
-                    written_back = size
+            for piece in written(fd, stream):
+                sha256.update(piece)
+                size += len(piece)
         except BaseException:
             disk.remove_temp(fd, path)
             raise
@@ -592,9 +582,33 @@ def _default_index(root: str) -> index.SQLiteIndex:
 
 
 _FIRST_CHUNK_BYTES = 64 * 1024
+# PERF: 1 MiB reads keep the per-chunk Python overhead small next to
+# hashing (~1.4 GB/s) while bounding memory per upload.
+_CHUNK_SIZE = 1024 * 1024
+# PERF: how often a large upload asks the disk to start writing what it received.
+_WRITEBACK_BYTES = 8 * 1024 * 1024
 
 
-def chunks(stream: Readable, size: int) -> Iterator[memoryview]:
+def written(fd: int, stream: Readable, start: int = 0) -> Iterator[memoryview]:
+    """Write ``stream`` into ``fd`` from offset ``start`` until EOF, yielding each piece once it is written.
+
+    The one way an upload's bytes reach a file (a staged blob, a chunk of a resumable
+    upload): the caller hashes or counts what is yielded. Whatever reading raises
+    propagates, after the pieces yielded before it were written.
+    """
+    os.lseek(fd, start, os.SEEK_SET)
+    position = written_back = start
+    for piece in _chunks(stream, _CHUNK_SIZE):
+        with disk.translated('writing an upload'):
+            disk.write_all(fd, piece)
+        position += len(piece)
+        if position - written_back >= _WRITEBACK_BYTES:
+            disk.start_writeback(fd, written_back, position - written_back)
+            written_back = position
+        yield piece
+
+
+def _chunks(stream: Readable, size: int) -> Iterator[memoryview]:
     """The bytes of ``stream`` in pieces of at most ``size``, until EOF.
 
     PERF: ``readinto`` fills a reused buffer: each piece is a view of it, valid

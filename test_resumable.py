@@ -410,13 +410,19 @@ def test_the_openapi_document_describes_the_uploads():
 # -- faults, over a real gunicorn ----------------------------------------------------
 
 
+def start_patch(port: int, path: str, offset: int, declared: int, sent: bytes, **headers: str) -> socket.socket:
+    """A PATCH on a socket of its own that declares ``declared`` bytes and has sent ``sent`` of them so far."""
+    sock = socket.create_connection(('127.0.0.1', port))
+    head = [f'PATCH {path} HTTP/1.1', 'Host: 127.0.0.1', f'Content-Length: {declared}', f'Upload-Offset: {offset}']
+    head += [f'{name}: {value}' for name, value in {**CHUNK, **headers}.items()]
+    sock.sendall(('\r\n'.join(head) + '\r\n\r\n').encode() + sent)
+    time.sleep(0.3)  # NOTE: the server has what was sent, mid-chunk
+    return sock
+
+
 def send_partial_patch(port: int, path: str, offset: int, declared: int, sent: bytes, **headers: str) -> None:
     """A PATCH that declares ``declared`` bytes and sends ``sent``, then the connection is gone."""
-    with socket.create_connection(('127.0.0.1', port)) as sock:
-        head = [f'PATCH {path} HTTP/1.1', 'Host: 127.0.0.1', f'Content-Length: {declared}', f'Upload-Offset: {offset}']
-        head += [f'{name}: {value}' for name, value in {**CHUNK, **headers}.items()]
-        sock.sendall(('\r\n'.join(head) + '\r\n\r\n').encode() + sent)
-        time.sleep(0.3)  # NOTE: the server has it all before the connection breaks
+    start_patch(port, path, offset, declared, sent, **headers).close()
 
 
 def create_on(server, length: int, **fields: str) -> str:
@@ -461,12 +467,7 @@ def test_a_patch_cut_off_keeps_what_arrived_and_a_checksummed_one_keeps_nothing(
 def test_two_patches_at_once_one_wins_the_other_is_409(server):
     data = os.urandom(200_000)
     location = create_on(server, len(data), kind='model')
-    with socket.create_connection(('127.0.0.1', server.port)) as slow:
-        head = [f'PATCH {location} HTTP/1.1', 'Host: x', f'Content-Length: {len(data)}', 'Upload-Offset: 0']
-        head += [f'{name}: {value}' for name, value in CHUNK.items()]
-        slow.sendall(('\r\n'.join(head) + '\r\n\r\n').encode() + data[:1000])
-        time.sleep(0.3)  # NOTE: the first holds the session, mid-chunk
-
+    with start_patch(server.port, location, 0, len(data), data[:1000]) as slow:  # NOTE: holds the session
         status, _, body = server.request('PATCH', location, body=data, headers={**CHUNK, 'Upload-Offset': '0'})
         assert status == 409 and json.loads(body)['title'] == 'Offset mismatch'
 
@@ -482,11 +483,7 @@ def test_a_worker_killed_mid_chunk_leaves_a_session_another_worker_resumes(start
     status, _, _ = server.request('PATCH', location, body=data[:1_000_000], headers={**CHUNK, 'Upload-Offset': '0'})
     assert status == 204
     worker = server.processes()[1]
-    with socket.create_connection(('127.0.0.1', server.port)) as sock:
-        head = [f'PATCH {location} HTTP/1.1', 'Host: x', f'Content-Length: {len(data) - 1_000_000}']
-        head += ['Upload-Offset: 1000000', *(f'{name}: {value}' for name, value in CHUNK.items())]
-        sock.sendall(('\r\n'.join(head) + '\r\n\r\n').encode() + data[1_000_000:1_700_000])
-        time.sleep(0.3)
+    with start_patch(server.port, location, 1_000_000, len(data) - 1_000_000, data[1_000_000:1_700_000]):
         os.kill(worker, signal.SIGKILL)
     wait_for(lambda: len(server.processes()) == 2 and server.processes()[1] != worker, message='a new worker')
     wait_for(lambda: server.request('GET', '/health')[0] == 200, message='the new worker serving')

@@ -14,7 +14,6 @@ median of the pairs' ratios. Needs curl and requests (in requirements-dev.txt's 
 
 import argparse
 import functools
-import hashlib
 import os
 import pathlib
 import shutil
@@ -25,6 +24,7 @@ import tempfile
 import time
 
 import requests
+from local_server import big_file
 
 HERE = pathlib.Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, str(HERE / 'iss_client.py')]
@@ -71,16 +71,6 @@ def curl_put(url: str, path: pathlib.Path, hex_digest: str) -> None:
 def sha256sum_then_curl(url: str, path: pathlib.Path) -> None:
     hex_digest = subprocess.run(['sha256sum', str(path)], check=True, capture_output=True, text=True).stdout[:64]
     curl_put(url, path, hex_digest)
-
-
-def big_file(path: pathlib.Path, mib: int) -> str:
-    sha256 = hashlib.sha256()
-    with open(path, 'wb') as out:
-        for _ in range(mib):
-            block = os.urandom(1024 * 1024)
-            sha256.update(block)
-            out.write(block)
-    return sha256.hexdigest()
 
 
 def main() -> int:

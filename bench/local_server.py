@@ -1,5 +1,6 @@
-"""What tus.py and browse.py share: ``gunicorn iss:app`` from this tree on a free loopback port."""
+"""What tus.py, browse.py and client.py share: ``gunicorn iss:app`` from this tree on a free port, a big file."""
 
+import hashlib
 import os
 import pathlib
 import signal
@@ -34,3 +35,14 @@ def start_server(data: pathlib.Path, port: int) -> subprocess.Popen:
 def stop_server(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(30)
+
+
+def big_file(path: pathlib.Path, mib: int) -> str:
+    """Write ``mib`` MiB of new random bytes to ``path``; return their sha256 hex."""
+    sha256 = hashlib.sha256()
+    with open(path, 'wb') as out:
+        for _ in range(mib):
+            block = os.urandom(1024 * 1024)
+            sha256.update(block)
+            out.write(block)
+    return sha256.hexdigest()

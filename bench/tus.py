@@ -14,9 +14,7 @@ summed RSS, sampled every 20 ms) during each tus upload over its RSS before it.
 
 import argparse
 import base64
-import hashlib
 import http.client
-import os
 import pathlib
 import shutil
 import statistics
@@ -26,7 +24,7 @@ import tempfile
 import threading
 import time
 
-from local_server import free_port, start_server, stop_server
+from local_server import big_file, free_port, start_server, stop_server
 
 TUS = {'Tus-Resumable': '1.0.0'}
 
@@ -60,16 +58,6 @@ class PeakRss:
 
     def __exit__(self, *exc):
         self._done.set()
-
-
-def big_file(path: pathlib.Path, mib: int) -> str:
-    sha256 = hashlib.sha256()
-    with open(path, 'wb') as out:
-        for _ in range(mib):
-            block = os.urandom(1024 * 1024)
-            sha256.update(block)
-            out.write(block)
-    return sha256.hexdigest()
 
 
 def curl_put(port: int, path: pathlib.Path, hex_digest: str) -> None:
