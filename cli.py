@@ -1,8 +1,9 @@
 """``python -m iss``: the operator's commands, run beside (or without) the service.
 
-Every command works on the data directory of ``ISS_DATA`` (or ``--data``),
-safely while gunicorn serves it: they go through the same store, with the
-same locks. Exit codes: 0 all is well, 1 problems were found (or some files
+Every command works on the store of ``ISS_STORE`` (the data directory of
+``ISS_DATA`` or ``--data``, or an S3 bucket) and its ``ISS_INDEX``, safely while
+gunicorn serves it: they go through the same store, with the same locks.
+``migrate`` copies the store to another one. Exit codes: 0 all is well, 1 problems were found (or some files
 could not be imported), 2 the command could not run (usage, configuration,
 an unusable data directory). ``--json`` prints one JSON document instead of
 text, for scripts.
@@ -11,6 +12,7 @@ text, for scripts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import mimetypes
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+import backends
 import images
 import index
 import iss_client
@@ -29,7 +32,7 @@ import signing
 import storage
 from blobs import parse_id
 from config import ConfigError, Settings
-from errors import BlobNotFound, ServiceError
+from errors import BlobNotFound, CorruptBlob, ServiceError
 
 OK, PROBLEMS, UNUSABLE = 0, 1, 2
 
@@ -62,7 +65,7 @@ def _megabytes(size: int) -> str:
 # -- the commands ---------------------------------------------------------------
 
 
-def fsck(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+def fsck(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
     started = time.monotonic()
     report = maintenance.verify(
         store,
@@ -89,7 +92,7 @@ def _describe_unknown_blob(file: IO[bytes], stat: os.stat_result) -> dict[str, A
         return meta.recovered(stat.st_size, stat.st_mtime)
 
 
-def backfill(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+def backfill(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
     """Complete the meta of every image written by the FastAPI version (format, mode, EXIF, ...)."""
     result: dict[str, Any] = {'images': 0, 'completed': 0, 'failed': []}
     for blob_id, stored in maintenance.metas(store):
@@ -110,21 +113,68 @@ def backfill(store: storage.FileStore, args: argparse.Namespace, progress: Progr
     return (PROBLEMS if result['failed'] else OK), result
 
 
-def gc(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
-    return OK, {'dry_run': args.dry_run, 'removed': maintenance.collect_garbage(store, dry_run=args.dry_run)}
+def gc(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+    removed = maintenance.collect_garbage(store, dry_run=args.dry_run, upload_age=args.uploads_older_than)
+    return OK, {'dry_run': args.dry_run, 'removed': removed}
 
 
-def reindex(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+def migrate(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+    """Copy every blob and its meta to another store, each verified; run again to resume.
+
+    A blob the target has already (with its meta) is skipped, so an interrupted
+    copy goes on where it stopped. Each blob is staged by the target, hashed as it
+    streams, and committed only when it hashes to its name: one that does not is
+    reported as corrupt and not copied. The target's index gets a row per blob.
+    """
+    target = backends.open_store(_target_settings(args))
+    result: dict[str, Any] = {'to': args.to, 'blobs': 0, 'copied': 0, 'present': 0, 'bytes': 0, 'failed': []}
+    blobs = list(store.stored_blobs())
+    total_bytes = sum(size for _, size in blobs)
+    for done, (hex_digest, size) in enumerate(blobs, 1):
+        blob_id = 'sha256:' + hex_digest
+        result['blobs'] += 1
+        try:
+            if target.missing([blob_id]) or target.read_meta(blob_id) is None:
+                source_meta = store.read_meta(blob_id) or meta.recovered(size, time.time())
+                with contextlib.closing(store.open(blob_id).file) as source, target.stage(source) as staged:
+                    if staged.digest != blob_id:
+                        raise CorruptBlob(f'{blob_id} hashes to {staged.digest}')
+                    target.commit(staged, source_meta)
+                result['copied'] += 1
+            else:
+                result['present'] += 1
+        except (BlobNotFound, CorruptBlob) as exc:
+            result['failed'].append({'id': blob_id, 'reason': str(exc)})
+        result['bytes'] += size
+        status = f'{_bar(result["bytes"], total_bytes)} {done:,}/{len(blobs):,} blobs  {_megabytes(result["bytes"])}'
+        progress.show(f'migrate  {status}', final=done == len(blobs))
+    return (PROBLEMS if result['failed'] else OK), result
+
+
+def _target_settings(args: argparse.Namespace) -> Settings:
+    """The settings of ``--to``: ``s3://BUCKET[/PREFIX]`` (with ``--to-index``) or a data directory."""
+    settings = args.settings
+    if args.to.startswith('s3://'):
+        to_index = args.to_index or settings.index
+        if to_index == 'sqlite':
+            raise UsageError('an S3 store needs a shared index: --to-index postgresql://...')
+        probe = Settings.from_env({'ISS_STORE': args.to, 'ISS_INDEX': to_index})
+        return dataclasses.replace(settings, store=probe.store, index=probe.index)
+    os.makedirs(args.to, exist_ok=True)
+    return dataclasses.replace(settings, store='file', data_dir=args.to, index=args.to_index or 'sqlite')
+
+
+def reindex(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
     started = time.monotonic()
     counts = store.reindex()
     return OK, {**counts, 'seconds': round(time.monotonic() - started, 3)}
 
 
-def stats(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+def stats(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
     return OK, {**index.totals_document(store.totals()), 'free_bytes': store.check()['free_bytes']}
 
 
-def import_files(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+def import_files(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
     """Store every file below a directory, as images (default) or as artifacts of ``--kind``.
 
     APPSEC: a symlink is followed only while it stays inside the directory; one that
@@ -175,7 +225,7 @@ def _import_meta(kind: str | None, path: str, file: IO[bytes], size: int) -> dic
     return meta.artifact(kind, size, mimetypes.guess_type(path)[0], filename=name)
 
 
-def sign(store: storage.FileStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
+def sign(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
     if not args.settings.signing_key:
         raise UsageError('signing needs ISS_SIGNING_KEY')
     hex_digest = parse_id(args.id)
@@ -193,7 +243,7 @@ class UsageError(Exception):
     """The command was given something it cannot work with."""
 
 
-Command = Callable[[storage.FileStore, argparse.Namespace, Progress], tuple[int, dict[str, Any]]]
+Command = Callable[[storage.BlobStore, argparse.Namespace, Progress], tuple[int, dict[str, Any]]]
 
 
 def _kind(text: str) -> str:
@@ -223,11 +273,22 @@ def parser() -> argparse.ArgumentParser:
     command('fsck', fsck, 're-hash every blob; report corrupt, orphaned or missing files and index rows').add_argument(
         '--repair', action='store_true', help='quarantine corrupt blobs, fix meta and the index'
     )
-    command(
+    collector = command(
         'gc',
         gc,
         'remove stale temp files; meta, index rows and derivatives of no blob; derivatives over ISS_DERIVED_MAX_BYTES',
-    ).add_argument('--dry-run', action='store_true', help='count what would go, remove nothing')
+    )
+    collector.add_argument('--dry-run', action='store_true', help='count what would go, remove nothing')
+    collector.add_argument(
+        '--uploads-older-than',
+        type=float,
+        default=24 * 3600,
+        metavar='SECONDS',
+        help="on S3: abort multipart uploads started longer ago (default a day: no node's own upload lasts that long)",
+    )
+    mover = command('migrate', migrate, 'copy every blob and its meta to another store, verified; resumable')
+    mover.add_argument('--to', required=True, help='s3://BUCKET[/PREFIX] (ISS_S3_ENDPOINT, AWS_*) or a data directory')
+    mover.add_argument('--to-index', help="the target's index: sqlite (a data directory's) or postgresql://...")
     command('backfill', backfill, 'complete the meta of images stored by the FastAPI version')
     command('reindex', reindex, 'rebuild the index from the blob and meta files')
     command('stats', stats, 'count blobs and bytes per kind')
@@ -251,9 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.settings = Settings.from_env()
         if args.data:
             args.settings = dataclasses.replace(args.settings, data_dir=args.data)
-        if not os.path.isdir(args.settings.data_dir):
+        if args.settings.store == 'file' and not os.path.isdir(args.settings.data_dir):
             raise UsageError(f'{args.settings.data_dir} is not a directory (set ISS_DATA or --data)')
-        store = storage.open_store(args.settings)
+        store = backends.open_store(args.settings)
         progress = Progress(args.progress or (sys.stderr.isatty() and not args.json))
         status, result = args.function(store, args, progress)
     except (UsageError, ConfigError, ServiceError) as exc:

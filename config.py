@@ -73,12 +73,52 @@ def _location(environ: Mapping[str, str], name: str) -> str:
     return raw
 
 
+_BUCKET = re.compile(r'[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]')
+
+
+def _store(environ: Mapping[str, str], name: str) -> str:
+    """``file`` (the default) or ``s3://BUCKET[/PREFIX]`` with a valid bucket name."""
+    raw = environ.get(name, '').strip() or 'file'
+    if raw == 'file':
+        return raw
+    bucket, _, prefix = raw.removeprefix('s3://').partition('/')
+    if not raw.startswith('s3://') or not _BUCKET.fullmatch(bucket) or '//' in prefix:
+        raise ConfigError(f'{name} must be file or s3://BUCKET[/PREFIX], not {raw!r}')
+    return raw.rstrip('/')
+
+
+def _index(environ: Mapping[str, str], name: str) -> str:
+    raw = environ.get(name, '').strip() or 'sqlite'
+    if raw != 'sqlite' and not raw.startswith(('postgresql://', 'postgres://')):
+        raise ConfigError(f'{name} must be sqlite or a postgresql:// URL, not {raw!r}')
+    return raw
+
+
+def _url(environ: Mapping[str, str], name: str) -> str:
+    raw = environ.get(name, '').strip()
+    if raw and not raw.startswith(('http://', 'https://')):
+        raise ConfigError(f'{name} must be an http:// or https:// URL, not {raw!r}')
+    return raw
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything ISS can be told from outside, with the documented defaults."""
 
-    #: Root of the store: ``blobs/``, ``meta/`` and ``tmp/`` live below it.
+    #: Root of the store: ``blobs/``, ``meta/`` and ``tmp/`` live below it. With an S3 store,
+    #: this node's own scratch space: uploads being received (``tmp/``) and its derivatives.
     data_dir: str = './data'
+    #: Where the blobs live: ``file`` (``data_dir``) or ``s3://BUCKET[/PREFIX]``.
+    store: str = 'file'
+    #: The index: ``sqlite`` (a file in ``data_dir``) or a ``postgresql://`` URL shared by every node.
+    index: str = 'sqlite'
+    #: The S3 service's URL (SeaweedFS, MinIO, Ceph RGW); empty: AWS itself.
+    s3_endpoint: str = ''
+    s3_region: str = 'us-east-1'
+    s3_access_key: str = ''
+    s3_secret_key: str = ''
+    #: Seconds a presigned URL lives when full GETs of an S3 store answer 307 to the bucket; 0: off.
+    s3_redirect: int = 0
     #: Largest request body accepted on POST and PUT; 413 as soon as it is crossed.
     max_upload_bytes: int = 2 * 1024**3
     #: How far an uploaded image is checked: ``header`` (identified from it) or ``decode``
@@ -145,6 +185,13 @@ class Settings:
         defaults = cls()
         return cls(
             data_dir=env.get('ISS_DATA', '').strip() or defaults.data_dir,
+            store=_store(env, 'ISS_STORE'),
+            index=_index(env, 'ISS_INDEX'),
+            s3_endpoint=_url(env, 'ISS_S3_ENDPOINT'),
+            s3_region=env.get('AWS_REGION', '').strip() or defaults.s3_region,
+            s3_access_key=env.get('AWS_ACCESS_KEY_ID', '').strip(),
+            s3_secret_key=env.get('AWS_SECRET_ACCESS_KEY', '').strip(),
+            s3_redirect=_integer(env, 'ISS_S3_REDIRECT', defaults.s3_redirect),
             max_upload_bytes=_integer(env, 'ISS_MAX_UPLOAD_BYTES', defaults.max_upload_bytes, 1),
             max_meta_bytes=_integer(env, 'ISS_MAX_META_BYTES', defaults.max_meta_bytes, 2),
             max_batch_files=_integer(env, 'ISS_MAX_BATCH_FILES', defaults.max_batch_files, 1),
@@ -173,3 +220,13 @@ class Settings:
             log_level=env.get('ISS_LOG_LEVEL', '').strip().lower() or defaults.log_level,
             metrics_dir=env.get('PROMETHEUS_MULTIPROC_DIR', '').strip(),
         )
+
+    @property
+    def s3_bucket(self) -> str:
+        return self.store.removeprefix('s3://').partition('/')[0]
+
+    @property
+    def s3_prefix(self) -> str:
+        """The keys' prefix in the bucket, ``''`` or ending with ``/``."""
+        prefix = self.store.removeprefix('s3://').partition('/')[2]
+        return prefix + '/' if prefix else ''

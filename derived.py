@@ -27,9 +27,17 @@ class DerivedCache:
     # when that count says it is full, and every this many renders to see the others' too.
     _MEASURE_EVERY = 50
 
-    def __init__(self, layout: disk.Layout, max_bytes: int) -> None:
+    def __init__(
+        self,
+        layout: disk.Layout,
+        max_bytes: int,
+        hold: Callable[[str], contextlib.AbstractContextManager[object]] | None = None,
+    ) -> None:
         self._layout = layout
         self.max_bytes = max_bytes
+        # NOTE: held while a rendered derivative gets its name, so that a delete of the blob
+        # (which holds it too) removes it; by default the file store's flock of the blob.
+        self._hold = hold or (lambda hex_digest: disk.hold(layout, hex_digest))
         # NOTE: bytes under derived/ as last measured, plus what this process wrote since.
         self._bytes: int | None = None
         self._writes = 0
@@ -66,9 +74,7 @@ class DerivedCache:
         with disk.translated('storing a derivative'):
             # NOTE: rendered before the blob is held, so a delete never waits for a render;
             # served from the kept descriptor, as eviction below may remove the name already.
-            _, fd = disk.write_atomically(
-                self._layout, path, write_fd, keep_open=True, guard=disk.hold(self._layout, hex_digest)
-            )
+            _, fd = disk.write_atomically(self._layout, path, write_fd, keep_open=True, guard=self._hold(hex_digest))
         rendered = disk.open_fd(fd)
         stat = BlobStat.of(os.fstat(rendered.fileno()))
         self._writes += 1

@@ -192,10 +192,31 @@ class StoreUnavailable(StoreFailure):
     status = 503
     title = 'Storage unavailable'
     description = 'The data directory cannot be used right now.'
+    retry_after = 5
+    #: Which part of the store is failing, as ``/health`` names it.
+    part = 'data directory'
+
+
+class BucketUnavailable(StoreUnavailable):
+    """The S3 service is unreachable, too slow, refuses ISS's key or answers errors."""
+
+    description = 'The object store cannot be used right now; nothing was stored.'
+    part = 'bucket'
+
+
+class CorruptBlob(StoreFailure):
+    """A blob's bytes, as the backend handed them over, do not hash to its name; it was set aside."""
+
+    status = 502
+    title = 'Corrupt blob'
+    description = 'The stored bytes do not match their id; the blob was set aside (see python -m iss fsck).'
 
 
 class IndexUnavailable(StoreUnavailable):
     """The index cannot be read or written (see the wrapped error)."""
+
+    description = 'The index cannot be used right now.'
+    part = 'index'
 
 
 class IndexFull(StoreFull):

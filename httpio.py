@@ -354,8 +354,7 @@ def send_file(req: falcon.Request, resp: falcon.Response, sendable: Sendable) ->
         resp.accept_ranges = 'bytes'
         resp.set_header('X-Content-Type-Options', 'nosniff')
         resp.set_header('Content-Security-Policy', _BLOB_CSP)
-        essence = presentation.content_type.partition(';')[0]
-        active = essence in _ACTIVE_TYPES or essence.endswith('+xml')
+        active = is_active(presentation.content_type)
         resp.set_header('Content-Disposition', content_disposition(presentation.filename, attachment=active))
         byte_range = _requested_range(req, sendable.etag, stat.size)
         redirect = sendable.redirect(stat) if file is not None else None
@@ -384,6 +383,12 @@ def send_file(req: falcon.Request, resp: falcon.Response, sendable: Sendable) ->
     finally:
         if file is not None:
             file.close()
+
+
+def is_active(content_type: str) -> bool:
+    """Whether a browser would run content of this type (HTML, SVG, script, any XML) if it rendered it."""
+    essence = content_type.partition(';')[0]
+    return essence in _ACTIVE_TYPES or essence.endswith('+xml')
 
 
 def content_disposition(filename: str, *, attachment: bool = False) -> str:

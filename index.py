@@ -1,10 +1,12 @@
-"""The store's index: one SQLite row per blob, for listing, lookup and totals.
+"""The store's index: one row per blob, for listing, lookup and totals.
 
-The files under ``blobs/`` and ``meta/`` stay the source of truth; this is a
-derived copy that :meth:`storage.FileStore.reindex` can rebuild from them at
-any time. It lives at ``$ISS_DATA/index.sqlite3`` in WAL mode, so gunicorn's
-workers and threads read while one writes; each process reuses its
-connections and closes those idle for a second.
+The blobs and their meta stay the source of truth; this is a derived copy that
+the store's ``reindex`` can rebuild from them at any time. Two backends answer
+the same queries (:class:`_Queries`): :class:`SQLiteIndex`, the embedded
+default at ``$ISS_DATA/index.sqlite3`` in WAL mode, so gunicorn's workers and
+threads read while one writes (each process reuses its connections and closes
+those idle for a second); and :class:`PostgresIndex`, one database shared by
+every node of a store that has several (``ISS_INDEX=postgresql://...``).
 
 ``complete`` says whether the rows cover the whole store: a fresh index on an
 empty store does, one created beside existing blobs (a data directory of the
@@ -21,6 +23,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -114,11 +117,156 @@ def totals_document(totals: dict[str, tuple[int, int]]) -> dict[str, Any]:
     }
 
 
-class SQLiteIndex:
+class _Queries:
+    """What every index answers, in SQL that SQLite and PostgreSQL both speak.
+
+    A backend supplies the connection: ``_execute`` (one statement: its rows and
+    how many rows it changed), ``_execute_many`` (one statement for many rows, in
+    one transaction), ``session``, ``transaction``, and ``_TEMP`` (the schema of a
+    connection's own temporary tables). Placeholders are written ``?``.
+    """
+
+    #: Where the index lives, for messages (a PostgreSQL URL without its password).
+    path: str
+    _TEMP = 'temp'
+    _SEEN_TABLE = 'CREATE TEMP TABLE seen (hex TEXT PRIMARY KEY)'
+
+    def _execute(self, sql: str, params: Iterable[Any]) -> tuple[list[tuple], int]:
+        raise NotImplementedError
+
+    def _execute_many(self, sql: str, rows: list[tuple]) -> None:
+        raise NotImplementedError
+
+    def session(self) -> contextlib.AbstractContextManager[object]:
+        raise NotImplementedError
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Group writes (a rebuild) into one transaction: ``with index.transaction(): ...``."""
+        raise NotImplementedError
+
+    def _run(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        return self._execute(sql, params)[0]
+
+    def _changes(self, sql: str, params: Iterable[Any]) -> bool:
+        return self._execute(sql, params)[1] > 0
+
+    # -- writes --------------------------------------------------------------
+
+    def put(self, row: Row) -> bool:
+        """Add or replace a blob's row; return whether anything changed."""
+        return self._changes(
+            'INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hex) DO UPDATE SET '
+            'collection = excluded.collection, kind = excluded.kind, bytes = excluded.bytes, '
+            'created_at = excluded.created_at, item = excluded.item '
+            'WHERE blobs.item IS DISTINCT FROM excluded.item',
+            dataclasses.astuple(row),
+        )
+
+    _PUT_MISSING = 'INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hex) DO NOTHING'
+
+    def put_missing(self, rows: list[Row]) -> None:
+        """Add each blob's row unless it has one (the cheap self-healing on every upload); one transaction."""
+        if len(rows) == 1:  # PERF: a lone row commits by itself, without BEGIN and COMMIT
+            self._run(self._PUT_MISSING, dataclasses.astuple(rows[0]))
+            return
+        # NOTE: in one order (kind, then hex), so that two groups never lock the totals in a circle.
+        self._execute_many(
+            self._PUT_MISSING, [dataclasses.astuple(row) for row in sorted(rows, key=lambda r: (r.kind or '', r.hex))]
+        )
+
+    def remove(self, hex_digest: str) -> bool:
+        """Remove a blob's row; return whether it had one."""
+        return self._changes('DELETE FROM blobs WHERE hex = ?', (hex_digest,))
+
+    # -- a rebuild's bookkeeping, on this thread's connection ------------------
+
+    def start_rebuild(self) -> None:
+        """Start counting which rows a rebuild has seen (see :meth:`unseen`)."""
+        self._run(f'DROP TABLE IF EXISTS {self._TEMP}.seen')
+        self._run(self._SEEN_TABLE)
+
+    def saw(self, hex_digest: str) -> None:
+        self._run(f'INSERT INTO {self._TEMP}.seen VALUES (?) ON CONFLICT (hex) DO NOTHING', (hex_digest,))
+
+    def unseen(self) -> list[str]:
+        """Rows the rebuild did not see: candidates for removal."""
+        return [h for (h,) in self._run(f'SELECT hex FROM blobs WHERE hex NOT IN (SELECT hex FROM {self._TEMP}.seen)')]
+
+    def mark_complete(self, complete: bool = True) -> None:
+        self._run(
+            'INSERT INTO state VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value',
+            ('complete', '1' if complete else '0'),
+        )
+
+    # -- reads ---------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        rows = self._run("SELECT value FROM state WHERE key = 'complete'")
+        return bool(rows) and rows[0][0] == '1'
+
+    def all_hexes(self) -> Iterator[str]:
+        """Every row's hex, read in pages so a huge index is never held at once."""
+        last = ''
+        while rows := self._run('SELECT hex FROM blobs WHERE hex > ? ORDER BY hex LIMIT 1000', (last,)):
+            yield from (hex_digest for (hex_digest,) in rows)
+            last = rows[-1][0]
+
+    def get(self, hex_digest: str) -> Row | None:
+        rows = self._run('SELECT * FROM blobs WHERE hex = ?', (hex_digest,))
+        return Row(*rows[0]) if rows else None
+
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """``{kind: (count, bytes)}``; a blob without meta counts under ``''``."""
+        return {kind: (count, size) for kind, count, size in self._run('SELECT * FROM totals ORDER BY kind')}
+
+    def page(
+        self,
+        collection: str,
+        *,
+        limit: int,
+        kind: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        cursor: str | None = None,
+    ) -> Page:
+        """Items of ``collection``, newest first, ``limit`` at most, after ``cursor``.
+
+        Raises:
+            InvalidCursor: ``cursor`` is not one this method returned.
+        """
+        where, params = ['collection = ?'], [collection]
+        if kind is not None:
+            where.append('kind = ?')
+            params.append(kind)
+        if created_after is not None:
+            where.append('created_at > ?')
+            params.append(created_after)
+        if created_before is not None:
+            where.append('created_at < ?')
+            params.append(created_before)
+        if cursor is not None:
+            last_time, last_hex = _decode_cursor(cursor)
+            # NOTE: keyset pagination: a page costs the same however deep it is,
+            # and uploads during a walk neither repeat nor skip older items.
+            # PERF: as a row value, the database seeks the index to it (an OR of the parts scans).
+            where.append('(created_at, hex) < (?, ?)')
+            params += [last_time, last_hex]
+        rows = self._run(
+            f'SELECT created_at, hex, item FROM blobs WHERE {" AND ".join(where)} '
+            'ORDER BY created_at DESC, hex DESC LIMIT ?',
+            [*params, limit + 1],
+        )
+        next_cursor = _encode_cursor(rows[limit - 1][0], rows[limit - 1][1]) if len(rows) > limit else None
+        return Page([item for _, _, item in rows[:limit]], next_cursor)
+
+
+class SQLiteIndex(_Queries):
     """The SQLite index of one store; safe to share between threads and processes."""
 
     # NOTE: a rebuild writes in batches; writers wait for a batch, never fail.
     _BUSY_TIMEOUT_MS = 30_000
+    _SEEN_TABLE = 'CREATE TEMP TABLE seen (hex TEXT PRIMARY KEY) WITHOUT ROWID'
 
     # PERF: connections are kept for reuse: opening one costs ~130 us, and closing a
     # process's last one checkpoints the WAL into the database file (four fdatasyncs),
@@ -260,130 +408,19 @@ class SQLiteIndex:
             except sqlite3.Error as exc:
                 raise _unavailable(self.path, exc) from exc
 
-    def _run(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
-        return self._execute(sql, params)[0]
-
-    # -- writes --------------------------------------------------------------
-
-    def put(self, row: Row) -> bool:
-        """Add or replace a blob's row; return whether anything changed."""
-        return self._changes(
-            'INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hex) DO UPDATE SET '
-            'collection = excluded.collection, kind = excluded.kind, bytes = excluded.bytes, '
-            'created_at = excluded.created_at, item = excluded.item '
-            'WHERE item IS NOT excluded.item',
-            dataclasses.astuple(row),
-        )
-
-    def _changes(self, sql: str, params: Iterable[Any]) -> bool:
-        return self._execute(sql, params)[1] > 0
-
-    def put_missing(self, rows: list[Row]) -> None:
-        """Add each blob's row unless it has one (the cheap self-healing on every upload); one transaction."""
-        if len(rows) == 1:  # PERF: a lone row commits by itself, without BEGIN and COMMIT
-            self._run(self._PUT_MISSING, dataclasses.astuple(rows[0]))
-            return
+    def _execute_many(self, sql: str, rows: list[tuple]) -> None:
         with self.session() as db:
             try:
                 db.execute('BEGIN IMMEDIATE')
-                db.executemany(self._PUT_MISSING, [dataclasses.astuple(row) for row in rows])
+                db.executemany(sql, rows)
                 db.execute('COMMIT')
             except sqlite3.Error as exc:
                 if db.in_transaction:
                     db.execute('ROLLBACK')
                 raise _unavailable(self.path, exc) from exc
 
-    _PUT_MISSING = 'INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)'
-
-    def remove(self, hex_digest: str) -> bool:
-        """Remove a blob's row; return whether it had one."""
-        return self._changes('DELETE FROM blobs WHERE hex = ?', (hex_digest,))
-
-    # -- a rebuild's bookkeeping, on this thread's connection ------------------
-
-    def start_rebuild(self) -> None:
-        """Start counting which rows a rebuild has seen (see :meth:`unseen`)."""
-        self._run('DROP TABLE IF EXISTS temp.seen')
-        self._run('CREATE TEMP TABLE seen (hex TEXT PRIMARY KEY) WITHOUT ROWID')
-
-    def saw(self, hex_digest: str) -> None:
-        self._run('INSERT OR IGNORE INTO temp.seen VALUES (?)', (hex_digest,))
-
-    def unseen(self) -> list[str]:
-        """Rows the rebuild did not see: candidates for removal."""
-        return [h for (h,) in self._run('SELECT hex FROM blobs WHERE hex NOT IN (SELECT hex FROM temp.seen)')]
-
     def transaction(self) -> _Transaction:
-        """Group writes (a rebuild) into one transaction: ``with index.transaction(): ...``."""
         return _Transaction(self)
-
-    def mark_complete(self, complete: bool = True) -> None:
-        self._run(
-            'INSERT INTO state VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value',
-            ('complete', '1' if complete else '0'),
-        )
-
-    # -- reads ---------------------------------------------------------------
-
-    @property
-    def complete(self) -> bool:
-        rows = self._run("SELECT value FROM state WHERE key = 'complete'")
-        return bool(rows) and rows[0][0] == '1'
-
-    def all_hexes(self) -> Iterator[str]:
-        """Every row's hex, read in pages so a huge index is never held at once."""
-        last = ''
-        while rows := self._run('SELECT hex FROM blobs WHERE hex > ? ORDER BY hex LIMIT 1000', (last,)):
-            yield from (hex_digest for (hex_digest,) in rows)
-            last = rows[-1][0]
-
-    def get(self, hex_digest: str) -> Row | None:
-        rows = self._run('SELECT * FROM blobs WHERE hex = ?', (hex_digest,))
-        return Row(*rows[0]) if rows else None
-
-    def totals(self) -> dict[str, tuple[int, int]]:
-        """``{kind: (count, bytes)}``; a blob without meta counts under ``''``."""
-        return {kind: (count, size) for kind, count, size in self._run('SELECT * FROM totals ORDER BY kind')}
-
-    def page(
-        self,
-        collection: str,
-        *,
-        limit: int,
-        kind: str | None = None,
-        created_after: float | None = None,
-        created_before: float | None = None,
-        cursor: str | None = None,
-    ) -> Page:
-        """Items of ``collection``, newest first, ``limit`` at most, after ``cursor``.
-
-        Raises:
-            InvalidCursor: ``cursor`` is not one this method returned.
-        """
-        where, params = ['collection = ?'], [collection]
-        if kind is not None:
-            where.append('kind = ?')
-            params.append(kind)
-        if created_after is not None:
-            where.append('created_at > ?')
-            params.append(created_after)
-        if created_before is not None:
-            where.append('created_at < ?')
-            params.append(created_before)
-        if cursor is not None:
-            last_time, last_hex = _decode_cursor(cursor)
-            # NOTE: keyset pagination: a page costs the same however deep it is,
-            # and uploads during a walk neither repeat nor skip older items.
-            # PERF: as a row value, SQLite seeks the index to it (an OR of the parts scans).
-            where.append('(created_at, hex) < (?, ?)')
-            params += [last_time, last_hex]
-        rows = self._run(
-            f'SELECT created_at, hex, item FROM blobs WHERE {" AND ".join(where)} '
-            'ORDER BY created_at DESC, hex DESC LIMIT ?',
-            [*params, limit + 1],
-        )
-        next_cursor = _encode_cursor(rows[limit - 1][0], rows[limit - 1][1]) if len(rows) > limit else None
-        return Page([item for _, _, item in rows[:limit]], next_cursor)
 
 
 @dataclasses.dataclass(eq=False)
@@ -415,6 +452,147 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self._index._run('ROLLBACK' if exc_type else 'COMMIT')
+
+
+_POSTGRES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    hex TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    kind TEXT,
+    bytes BIGINT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    item TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS blobs_by_time ON blobs (collection, created_at, hex);
+CREATE INDEX IF NOT EXISTS blobs_by_kind ON blobs (collection, kind, created_at, hex);
+CREATE TABLE IF NOT EXISTS totals (kind TEXT PRIMARY KEY, count BIGINT NOT NULL, bytes BIGINT NOT NULL);
+CREATE OR REPLACE FUNCTION iss_count_totals() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('DELETE', 'UPDATE') THEN
+        UPDATE totals SET count = count - 1, bytes = bytes - OLD.bytes WHERE kind = coalesce(OLD.kind, '');
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO totals VALUES (coalesce(NEW.kind, ''), 1, NEW.bytes)
+        ON CONFLICT (kind) DO UPDATE SET count = totals.count + 1, bytes = totals.bytes + excluded.bytes;
+    END IF;
+    DELETE FROM totals WHERE count = 0;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER blobs_totals AFTER INSERT OR UPDATE OR DELETE ON blobs
+    FOR EACH ROW EXECUTE FUNCTION iss_count_totals();
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class PostgresIndex(_Queries):
+    """The index in a PostgreSQL database, shared by every ISS node of a store (``ISS_INDEX=postgresql://...``).
+
+    The same rows and totals as :class:`SQLiteIndex`, in a database of its own
+    (tables ``blobs``, ``totals``, ``state``). Each thread keeps one connection
+    (autocommit: a statement is its own transaction unless grouped); a forked
+    child never uses, or closes, its parent's. A server that is down, refuses
+    or stalls past ``statement_timeout`` raises :class:`errors.IndexUnavailable`
+    (503), and the next call connects anew.
+    """
+
+    _TEMP = 'pg_temp'
+    # NOTE: a deadlock between two groups of rows, which PostgreSQL breaks by aborting one, is tried again.
+    _ATTEMPTS = 3
+
+    def __init__(self, url: str, *, connect_timeout: int = 5, statement_timeout_ms: int = 15_000) -> None:
+        import psycopg  # NOTE: only a PostgreSQL index needs it
+
+        self._psycopg = psycopg
+        self._url = url
+        # NOTE: added to the URL's own options (a search_path, say), not in their place.
+        given = psycopg.conninfo.conninfo_to_dict(url).get('options', '')
+        self._options = {
+            'connect_timeout': connect_timeout,
+            'options': f'{given} -c statement_timeout={statement_timeout_ms}'.strip(),
+        }
+        self.path = _without_password(url)
+        self._local = threading.local()
+        self._schema_ready = False
+
+    def _connection(self) -> Any:
+        held = getattr(self._local, 'connection', None)
+        if held is not None and held.pid == os.getpid() and not held.db.closed:
+            return held.db
+        if held is not None and held.pid != os.getpid():
+            _INHERITED.append(held)  # NOTE: closing it here would end the parent's session
+        try:
+            db = self._psycopg.connect(self._url, autocommit=True, **self._options)
+            if not self._schema_ready:
+                # NOTE: several nodes and workers start at once; CREATE ... IF NOT EXISTS
+                # races in PostgreSQL, so one at a time creates the schema.
+                with db.transaction():
+                    db.execute("SELECT pg_advisory_xact_lock(hashtext('iss-index-schema'))")
+                    db.execute(_POSTGRES_SCHEMA)
+                self._schema_ready = True
+        except self._psycopg.Error as exc:
+            raise self._unavailable(exc) from exc
+        self._local.connection = _Connection(db, 0, os.getpid())
+        return db
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Any]:
+        yield self._connection()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        db = self._connection()
+        try:
+            with db.transaction():
+                yield
+        except self._psycopg.Error as exc:
+            raise self._unavailable(exc) from exc
+
+    def _execute(self, sql: str, params: Iterable[Any]) -> tuple[list[tuple], int]:
+        db = self._connection()
+        try:
+            cursor = db.execute(sql.replace('?', '%s'), tuple(params))
+            return (cursor.fetchall() if cursor.description else []), cursor.rowcount
+        except self._psycopg.Error as exc:
+            raise self._unavailable(exc) from exc
+
+    def _execute_many(self, sql: str, rows: list[tuple]) -> None:
+        for attempt in range(self._ATTEMPTS):
+            db = self._connection()
+            try:
+                with db.transaction(), db.cursor() as cursor:
+                    cursor.executemany(sql.replace('?', '%s'), rows)
+                return
+            except self._psycopg.errors.DeadlockDetected:
+                if attempt == self._ATTEMPTS - 1:
+                    raise
+            except self._psycopg.Error as exc:
+                raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> IndexUnavailable:
+        held = getattr(self._local, 'connection', None)
+        if held is not None and held.pid == os.getpid() and held.db.broken:
+            held.db.close()  # NOTE: the next call connects anew
+        full = isinstance(exc, self._psycopg.errors.DiskFull)
+        return (IndexFull if full else IndexUnavailable)(f'{self.path}: {exc}')
+
+
+#: What a store is given as its index.
+Index = SQLiteIndex | PostgresIndex
+
+
+def open_index(location: str, data_dir: str) -> Index:
+    """The index ``ISS_INDEX`` names: ``sqlite`` (``index.sqlite3`` in the data directory) or a PostgreSQL URL."""
+    if location == 'sqlite':
+        return SQLiteIndex(os.path.join(data_dir, 'index.sqlite3'))
+    return PostgresIndex(location)
+
+
+def _without_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(':' + parts.password + '@', ':***@')
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _schema_statements() -> list[str]:

@@ -28,6 +28,7 @@ import falcon
 import yaml
 from swagger_ui_bundle import swagger_ui_path
 
+import backends
 import browse
 import httpio
 import images
@@ -35,7 +36,6 @@ import index
 import meta
 import resumable
 import signing
-import storage
 import telemetry
 from auth import RequireReadToken, RequireToken, bearer_token, carries_one_of
 from blobs import BlobStat, Committed, OpenBlob, parse_id
@@ -53,7 +53,17 @@ from errors import (
     UnsupportedProtocol,
     UploadTooLarge,
 )
-from httpio import Presentation, RequestBody, Sendable, Upload, UploadReceiver, send_file
+from httpio import (
+    Presentation,
+    RequestBody,
+    Sendable,
+    Upload,
+    UploadReceiver,
+    content_disposition,
+    etag_matches,
+    is_active,
+    send_file,
+)
 from storage import BlobStore
 
 log = logging.getLogger('iss')
@@ -464,10 +474,15 @@ class Item:
         self._derivatives = derivatives
         self._accel_redirect = settings.accel_redirect
         self._accel_min_bytes = settings.accel_min_bytes
+        self._redirect_seconds = settings.s3_redirect if settings.store != 'file' else 0
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
-        if self._derivatives is None or not self._derivatives.respond(req, resp, blob_id):
-            send_file(req, resp, self._original(blob_id))
+        if self._derivatives is not None and self._derivatives.respond(req, resp, blob_id):
+            return
+        redirect = self._redirect_seconds and req.method == 'GET' and not etag_matches(req.if_none_match, blob_id)
+        if redirect and self._redirect_to_bucket(resp, blob_id):
+            return
+        send_file(req, resp, self._original(blob_id))
 
     on_head = on_get
 
@@ -487,6 +502,30 @@ class Item:
         """Remove the blob, its meta, index row and derivatives (RequireToken checked the admin token)."""
         self._store.delete(blob_id)
         resp.status = falcon.HTTP_204
+
+    def _redirect_to_bucket(self, resp: falcon.Response, blob_id: str) -> bool:
+        """``ISS_S3_REDIRECT``: 307 to a presigned URL that serves the blob from the bucket with our headers.
+
+        APPSEC: content a browser would run is never redirected: it is served here, with the
+        CSP and nosniff that a presigned URL cannot carry. False: serve it here.
+        """
+        presentation = self._presentations.of(blob_id, self._store.stat(blob_id))
+        if is_active(presentation.content_type):
+            return False
+        url = self._store.presigned_url(
+            blob_id,
+            seconds=self._redirect_seconds,
+            overrides={
+                'ResponseContentType': presentation.content_type,
+                'ResponseContentDisposition': content_disposition(presentation.filename),
+                'ResponseCacheControl': 'public, max-age=31536000, immutable',
+            },
+        )
+        resp.status = falcon.HTTP_307
+        resp.location = url
+        # NOTE: the URL expires; a cache may keep the redirect for half its life at most.
+        resp.cache_control = ('private', f'max-age={self._redirect_seconds // 2}')
+        return True
 
     def _original(self, blob_id: str) -> Sendable:
         def redirect(stat: BlobStat) -> str | None:
@@ -535,7 +574,12 @@ class Derivatives:
         self._refuse_what_would_be_ignored(req)
         params = self._allowed_params(req)
         requested_format = self._format(params)
-        stored = self._store.read_meta(blob_id) or {}
+        stored = self._store.read_meta(blob_id)
+        if stored is None:
+            # NOTE: a deleted blob has no meta: BlobNotFound here, before any cached
+            # derivative is served (another node's cache may still hold one).
+            self._store.stat(blob_id)
+            stored = {}
         variant = self._variant(req, params, blob_id, stored, requested_format)
         if requested_format == 'auto':
             resp.vary = ('Accept',)
@@ -1075,7 +1119,10 @@ class Health:
             self._store.check()
         except StoreFailure as exc:
             resp.status = falcon.HTTP_503
-            resp.media = {'ok': False, 'error': str(exc)}
+            # NOTE: which part is down (data directory, bucket, index), for whoever is paged.
+            resp.media = {'ok': False, 'failing': getattr(exc, 'part', 'store'), 'error': str(exc)}
+            if exc.retry_after:
+                resp.retry_after = exc.retry_after
         else:
             resp.media = {'ok': True}
 
@@ -1240,7 +1287,7 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
 
 def build_app(settings: Settings) -> falcon.App:
     """The app on the store the settings name, started (temp files swept, the index built if need be)."""
-    store = storage.open_store(settings)
+    store = backends.open_store(settings)
     store.start()
     return create_app(settings, store)
 

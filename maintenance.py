@@ -1,4 +1,4 @@
-"""The operator's checks and clean-ups of a file store: ``fsck`` and ``gc``.
+"""The operator's checks and clean-ups of a store, on disk or in a bucket: ``fsck`` and ``gc``.
 
 Both run beside a live service, through the same locks as its writes (see
 ``disk.py``): a blob being committed or deleted is never judged half-way.
@@ -10,13 +10,17 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import disk
 import resumable
+import storage
 from errors import BlobNotFound
 from storage import FileStore
 
@@ -63,6 +67,8 @@ def verify(
         describe: makes the meta of a blob that has none, from its bytes.
         progress: called with (blobs checked, bytes hashed) as it goes.
     """
+    if not isinstance(store, FileStore):
+        return _verify_bucket(store, repair, describe, progress)
     checker = _Checker(store, repair, describe, progress)
     layout = store.layout
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
@@ -185,13 +191,16 @@ class _Checker:
         return True
 
 
-def collect_garbage(store: FileStore, *, dry_run: bool = False) -> dict[str, int]:
+def collect_garbage(store: FileStore, *, dry_run: bool = False, upload_age: float = 24 * 3600) -> dict[str, int]:
     """Remove what no blob needs (``gc``): stale temp files, expired resumable uploads,
-    meta, index rows and derivatives of no blob, and derivatives beyond the cache's bound.
+    meta, index rows and derivatives of no blob, and derivatives beyond the cache's bound;
+    on S3, multipart uploads started more than ``upload_age`` seconds ago too.
 
     Returns:
         How many of each were removed (with ``dry_run``, would be).
     """
+    if not isinstance(store, FileStore):
+        return _collect_bucket_garbage(store, dry_run, upload_age)
     counts = {
         'temp_files': store.sweep_temp(dry_run=dry_run),
         # NOTE: a server sweeps them as uploads are created, an idle one leaves them to this;
@@ -205,6 +214,11 @@ def collect_garbage(store: FileStore, *, dry_run: bool = False) -> dict[str, int
         # holds the blob until its meta is gone: meta without a blob is never used.
         if hex_digest is not None and not store.is_stored(hex_digest):
             counts['orphaned_meta'] += dry_run or disk.unlink_durably(store.layout, store.layout.meta_file(hex_digest))
+    return _remove_rows_and_derivatives_of_no_blob(store, counts, dry_run)
+
+
+def _remove_rows_and_derivatives_of_no_blob(store: Any, counts: dict[str, int], dry_run: bool) -> dict[str, int]:
+    """gc's last steps on either store: index rows and derivatives of no blob, and the cache's bound."""
     for hex_digest in store.index.all_hexes():
         if not store.is_stored(hex_digest):
             counts['index_rows'] += dry_run or store.index.remove(hex_digest)
@@ -216,6 +230,109 @@ def collect_garbage(store: FileStore, *, dry_run: bool = False) -> dict[str, int
 
 def metas(store: FileStore) -> Iterator[tuple[str, dict[str, Any]]]:
     """Every stored blob's id and meta (blobs without readable meta are left out)."""
-    for hex_digest, _ in store.layout.meta_files():
+    entries = store.layout.meta_files() if isinstance(store, FileStore) else store.objects('meta')
+    for hex_digest, _ in entries:
         if hex_digest is not None and (stored := store.read_meta('sha256:' + hex_digest)) is not None:
             yield 'sha256:' + hex_digest, stored
+
+
+# -- the same checks and clean-ups on an S3 bucket -----------------------------------
+
+
+def _verify_bucket(
+    store: Any, repair: bool, describe: Describe | None, progress: Callable[[int, int], None] | None
+) -> Verification:
+    """:func:`verify` for an :class:`s3store.S3Store`: every object re-hashed as it streams from the bucket."""
+    report = Verification()
+    where = f's3://{store.bucket}/{store.prefix}'
+
+    def hashed(hex_digest: str) -> tuple[str, int] | None:
+        try:
+            with store.open_unverified(hex_digest) as body:
+                sha256, size = hashlib.sha256(), 0
+                while chunk := body.read(1024 * 1024):
+                    sha256.update(chunk)
+                    size += len(chunk)
+        except BlobNotFound:
+            return None
+        return sha256.hexdigest(), size
+
+    blobs = [(hex_digest, entry) for hex_digest, entry in store.objects('blobs')]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for (hex_digest, entry), actual in zip(
+            blobs, pool.map(lambda item: hashed(item[0]) if item[0] else None, blobs), strict=True
+        ):
+            key = where + entry['Key'].removeprefix(store.prefix)
+            if hex_digest is None:
+                report.found('stray_file', key)
+                continue
+            if actual is None:
+                continue  # deleted while we looked
+            report.blobs += 1
+            report.bytes += actual[1]
+            if progress:
+                progress(report.blobs, report.bytes)
+            blob_id = 'sha256:' + hex_digest
+            if actual[0] != hex_digest:
+                repaired = repair and store.quarantine(hex_digest, f'fsck: its bytes hash to {actual[0]}')
+                report.found('corrupt', key, blob_id, repaired=repaired)
+                continue
+            if store.read_meta(blob_id) is None:
+                repaired = False
+                if repair and describe is not None:
+                    with store.open_unverified(hex_digest) as body, tempfile.TemporaryFile() as copy:
+                        shutil.copyfileobj(body, copy, 1024 * 1024)
+                        copy.seek(0)
+                        stat = os.stat_result((0,) * 6 + (entry['Size'], 0, entry['LastModified'].timestamp(), 0))
+                        store.write_meta(hex_digest, describe(copy, stat), replace=True)
+                    repaired = True
+                report.found('missing_meta', key, blob_id, repaired=repaired)
+    for hex_digest, entry in store.objects('meta'):
+        key = where + entry['Key'].removeprefix(store.prefix)
+        if hex_digest is None:
+            report.found('stray_file', key)
+        elif not store.is_stored(hex_digest):
+            if repair:
+                store.delete_key(entry['Key'])
+            report.found('orphaned_meta', key, 'sha256:' + hex_digest, repaired=repair)
+    with store.index.session():
+        store.index.start_rebuild()
+        for hex_digest, entry in blobs:
+            if hex_digest is None or not store.is_stored(hex_digest):
+                continue
+            row = store.index.get(hex_digest)
+            store.index.saw(hex_digest)
+            if row is None:
+                report.found('index_missing', where + entry['Key'], 'sha256:' + hex_digest)
+            elif row != store.index_row(hex_digest, entry, created_at=row.created_at):
+                report.found('index_differs', where + entry['Key'], 'sha256:' + hex_digest)
+        for hex_digest in store.index.unseen():
+            if not store.is_stored(hex_digest):
+                report.found('index_stale', store.index.path, 'sha256:' + hex_digest)
+    if repair:
+        store.reindex()
+        for problem in report.problems:
+            if problem['problem'] in ('index_missing', 'index_stale', 'index_differs'):
+                problem['repaired'] = True
+    return report
+
+
+def _collect_bucket_garbage(store: Any, dry_run: bool, upload_age: float) -> dict[str, int]:
+    """:func:`collect_garbage` for an :class:`s3store.S3Store`, and multipart uploads no node completes."""
+    counts = {
+        'temp_files': storage.sweep_temp(store.layout, dry_run=dry_run),
+        'upload_sessions': resumable.Sessions(store, expires_seconds=0).sweep_expired(dry_run=dry_run),
+        'multipart_uploads': 0,
+        'orphaned_meta': 0,
+        'index_rows': 0,
+    }
+    for key, upload_id in store.stale_uploads(upload_age):
+        counts['multipart_uploads'] += 1
+        if not dry_run:
+            store.abort_upload(key, upload_id)
+    for hex_digest, entry in store.objects('meta'):
+        if hex_digest is not None and not store.is_stored(hex_digest):
+            counts['orphaned_meta'] += 1
+            if not dry_run:
+                store.delete_key(entry['Key'])
+    return _remove_rows_and_derivatives_of_no_blob(store, counts, dry_run)

@@ -30,7 +30,6 @@ import disk
 import index
 import meta
 from blobs import BlobStat, Committed, OpenBlob, parse_id
-from config import Settings
 from derived import DerivedCache
 from errors import BlobNotFound, IndexIncomplete, StoreFailure, StoreUnavailable
 
@@ -93,7 +92,17 @@ class BlobStore(Protocol):
         """A stored blob's size and version."""
 
     def proxy_path(self, blob_id: str) -> str:
-        """Where a proxy in front finds the blob, below the location it serves blobs from."""
+        """Where a proxy in front finds the blob, below its internal location (``ISS_ACCEL_REDIRECT``).
+
+        On disk: ``ab/cd/<hex>`` below ``blobs/``; on S3: a presigned URL's path and query.
+        """
+
+    def presigned_url(self, blob_id: str, *, seconds: int, overrides: dict[str, str] | None = None) -> str:
+        """A URL that reads the blob straight from its backend for ``seconds`` (``ISS_S3_REDIRECT``).
+
+        ``overrides`` are the ``response-*`` headers the backend answers with. Only a
+        store whose backend serves URLs has it (the S3 store); ISS asks only then.
+        """
 
     def read_meta(self, blob_id: str) -> dict[str, Any] | None:
         """A blob's stored meta, or None when it has none."""
@@ -108,7 +117,7 @@ class BlobStore(Protocol):
         """The ids that name no stored blob, in order, once each."""
 
     def list(self, collection: str, *, limit: int, **filters: Any) -> index.Page:
-        """A page of the index, newest first (see :meth:`index.SQLiteIndex.page`)."""
+        """A page of the index, newest first (see :meth:`index.Index.page`)."""
 
     def totals(self) -> dict[str, tuple[int, int]]:
         """``{kind: (count, bytes)}`` of every stored blob."""
@@ -156,25 +165,50 @@ class StagedBlob:
         self.discard()
 
 
-class FileStore:
+class Listings:
+    """Listings and totals through a store's index, for every store: 503 until the index is complete."""
+
+    index: index.Index
+
+    def list(self, collection: str, *, limit: int, **filters: Any) -> index.Page:
+        """A page of the index, newest first (see :meth:`index.Index.page`).
+
+        Raises:
+            IndexIncomplete: the index is still being built.
+            InvalidCursor: the cursor is not one a page handed out.
+        """
+        self._require_complete_index()
+        return self.index.page(collection, limit=limit, **filters)
+
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """``{kind: (count, bytes)}`` of every stored blob (raises like :meth:`list`)."""
+        self._require_complete_index()
+        return self.index.totals()
+
+    def _require_complete_index(self) -> None:
+        if not self.index.complete:
+            raise IndexIncomplete('the index is being built from the blobs')
+
+
+class FileStore(Listings):
     """Blobs and their metadata in a directory tree, written atomically.
 
     Args:
         root: The data directory. Its subdirectories are created when
             missing; if that fails the store still starts, and :meth:`check`
             (the health endpoint) says what is wrong.
-        index: The index of its blobs; by default the SQLite file
-            ``index.sqlite3`` in the data directory.
+        index: The index of its blobs (``index.open_index``: the SQLite file
+            ``index.sqlite3`` in the data directory, or a shared PostgreSQL).
         derived_max_bytes: The bound of the derivative cache.
     """
 
     # PERF: a rebuild writes rows by transactions of this many; uploads wait for one at most.
     _REINDEX_BATCH = 500
 
-    def __init__(self, root: str, index: index.SQLiteIndex | None = None, derived_max_bytes: int = 1024**3) -> None:
+    def __init__(self, root: str, index: index.Index, derived_max_bytes: int = 1024**3) -> None:
         self.layout = disk.Layout(root)
         self.root = self.layout.root
-        self.index = index or _default_index(self.root)
+        self.index = index
         self.derived = DerivedCache(self.layout, derived_max_bytes)
         try:
             for directory in (self.layout.blobs, self.layout.meta, self.layout.tmp):
@@ -203,42 +237,13 @@ class FileStore:
                 return
         except StoreFailure:
             return  # NOTE: the health endpoint reports an unusable data directory
-        threading.Thread(target=self._build_index, name='iss-reindex', daemon=True).start()
-
-    def _build_index(self) -> None:
-        try:
-            counts = self.reindex(only_if_incomplete=True)
-        except Exception:
-            log.exception('building the index failed; run python -m iss reindex')
-        else:
-            if counts:
-                log.warning('indexed %d blobs found in %s', counts['blobs'], self.root)
+        index_in_background(self, self.root)
 
     # -- writing -------------------------------------------------------------
 
     def stage(self, stream: Readable) -> StagedBlob:
-        """Copy ``stream`` to a temp file until EOF, computing its sha256.
-
-        The bytes are synced by :meth:`commit`, and only if they are new.
-        Whatever ``stream.readinto`` raises (a size limit, a client that went
-        away) propagates unchanged after the temp file is removed.
-
-        Raises:
-            StoreFull: the disk filled up (the temp file is removed).
-            StoreUnavailable: the data directory cannot be written.
-        """
-        with disk.translated('creating a temp file'):
-            fd, path = self.layout.new_temp()
-        sha256 = hashlib.sha256()
-        size = 0
-        try:
-            for piece in written(fd, stream):
-                sha256.update(piece)
-                size += len(piece)
-        except BaseException:
-            disk.remove_temp(fd, path)
-            raise
-        return StagedBlob(fd, path, 'sha256:' + sha256.hexdigest(), size)
+        """Copy ``stream`` to a temp file until EOF, computing its sha256 (see :func:`stage_file`)."""
+        return stage_file(self.layout, stream)
 
     def commit(self, staged: StagedBlob, new_meta: dict[str, Any]) -> Committed:
         """Make a staged blob visible under its id, with ``new_meta`` if it has none yet (see :meth:`commit_all`)."""
@@ -446,25 +451,6 @@ class FileStore:
     def is_stored(self, hex_digest: str) -> bool:
         return os.path.exists(self.layout.blob(hex_digest))
 
-    def list(self, collection: str, *, limit: int, **filters: Any) -> index.Page:
-        """A page of the index, newest first (see :meth:`index.SQLiteIndex.page`).
-
-        Raises:
-            IndexIncomplete: the index is still being built.
-            InvalidCursor: the cursor is not one a page handed out.
-        """
-        self._require_complete_index()
-        return self.index.page(collection, limit=limit, **filters)
-
-    def totals(self) -> dict[str, tuple[int, int]]:
-        """``{kind: (count, bytes)}`` of every stored blob (raises like :meth:`list`)."""
-        self._require_complete_index()
-        return self.index.totals()
-
-    def _require_complete_index(self) -> None:
-        if not self.index_complete:
-            raise IndexIncomplete('the index is being built from the files')
-
     # -- housekeeping --------------------------------------------------------
 
     def check(self) -> dict[str, Any]:
@@ -484,33 +470,13 @@ class FileStore:
             finally:
                 disk.remove_temp(fd, path)
             usage = os.statvfs(self.root)
+        # NOTE: after the directory: a read-only or full disk is named as such, not as the index on it.
+        self.index.complete  # noqa: B018 - a read that raises IndexUnavailable when the index is down
         return {'free_bytes': usage.f_bavail * usage.f_frsize}
 
     def sweep_temp(self, *, dry_run: bool = False) -> int:
-        """Remove temp files left by dead processes; return how many went (or would go).
-
-        A temp file whose flock can be taken has no live writer: its process
-        died (crash, SIGKILL, power loss) before committing it.
-        """
-        removed = 0
-        for entry in os.scandir(self.layout.tmp):
-            if entry.is_dir(follow_symlinks=False):
-                continue  # NOTE: tmp/uploads/ holds resumable uploads, which outlive processes
-            try:
-                fd = os.open(entry.path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            else:
-                if not dry_run:
-                    os.unlink(entry.path)
-                removed += 1
-            finally:
-                os.close(fd)
-        return removed
+        """Remove temp files left by dead processes (see :func:`sweep_temp`)."""
+        return sweep_temp(self.layout, dry_run=dry_run)
 
     # -- the index -------------------------------------------------------------
 
@@ -567,18 +533,88 @@ class FileStore:
             counts['changed'] += self.index.put(row)
             self.index.saw(hex_digest)
 
+    def stored_blobs(self) -> Iterator[tuple[str, int]]:
+        """Every blob in the data directory: its hex and size."""
+        for hex_digest, entry in self.layout.blob_files():
+            if hex_digest is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    yield hex_digest, entry.stat().st_size
+
     def index_row(self, hex_digest: str, stat: os.stat_result) -> index.Row:
         """The row the index should have for a stored blob."""
         return index.row_for(hex_digest, self.read_meta('sha256:' + hex_digest), stat.st_mtime, stat.st_size)
 
 
-def open_store(settings: Settings) -> FileStore:
-    """The store the settings name (a :class:`config.Settings`), not yet started."""
-    return FileStore(settings.data_dir, derived_max_bytes=settings.derived_max_bytes)
+def index_in_background(store: FileStore | Any, where: str) -> None:
+    """Build a store's incomplete index in a thread: listings answer 503 until it is done.
+
+    Every worker starts one; the first does the work and the others find it done
+    (the store's ``reindex(only_if_incomplete=True)``).
+    """
+
+    def build() -> None:
+        try:
+            counts = store.reindex(only_if_incomplete=True)
+        except Exception:
+            log.exception('building the index failed; run python -m iss reindex')
+        else:
+            if counts:
+                log.warning('indexed %d blobs found in %s', counts['blobs'], where)
+
+    threading.Thread(target=build, name='iss-reindex', daemon=True).start()
 
 
-def _default_index(root: str) -> index.SQLiteIndex:
-    return index.SQLiteIndex(os.path.join(root, 'index.sqlite3'))
+def stage_file(layout: disk.Layout, stream: Readable) -> StagedBlob:
+    """Copy ``stream`` to a temp file under ``layout.tmp`` until EOF, computing its sha256.
+
+    How every store receives an upload (an S3 store spools it on the node's own
+    disk). The bytes are synced by the commit, and only if they are new.
+    Whatever ``stream.readinto`` raises (a size limit, a client that went away)
+    propagates unchanged after the temp file is removed.
+
+    Raises:
+        StoreFull: the disk filled up (the temp file is removed).
+        StoreUnavailable: the data directory cannot be written.
+    """
+    with disk.translated('creating a temp file'):
+        fd, path = layout.new_temp()
+    sha256 = hashlib.sha256()
+    size = 0
+    try:
+        for piece in written(fd, stream):
+            sha256.update(piece)
+            size += len(piece)
+    except BaseException:
+        disk.remove_temp(fd, path)
+        raise
+    return StagedBlob(fd, path, 'sha256:' + sha256.hexdigest(), size)
+
+
+def sweep_temp(layout: disk.Layout, *, dry_run: bool = False) -> int:
+    """Remove temp files left by dead processes under ``layout.tmp``; return how many went (or would go).
+
+    A temp file whose flock can be taken has no live writer: its process
+    died (crash, SIGKILL, power loss) before committing it.
+    """
+    removed = 0
+    for entry in os.scandir(layout.tmp):
+        if entry.is_dir(follow_symlinks=False):
+            continue  # NOTE: tmp/uploads/ holds resumable uploads, which outlive processes
+        try:
+            fd = os.open(entry.path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        else:
+            if not dry_run:
+                os.unlink(entry.path)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 _FIRST_CHUNK_BYTES = 64 * 1024

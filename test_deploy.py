@@ -57,7 +57,9 @@ def render_template(template: str, environ: dict[str, str]) -> str:
 class Nginx(LoopbackServer):
     """Debian's nginx running deploy/nginx/iss.conf.template on a loopback port."""
 
-    def __init__(self, workdir: pathlib.Path, upstream_port: int, data_dir: pathlib.Path) -> None:
+    def __init__(
+        self, workdir: pathlib.Path, upstream_port: int, data_dir: pathlib.Path, s3_upstream: str = 'http://127.0.0.1:9'
+    ) -> None:
         binary = shutil.which('nginx') or shutil.which('nginx', path='/usr/sbin')
         assert binary, 'nginx is needed for these tests: apt-get install nginx (.ci/run does)'
         self.port = free_port()
@@ -67,6 +69,7 @@ class Nginx(LoopbackServer):
             {
                 'ISS_UPSTREAM': f'127.0.0.1:{upstream_port}',
                 'ISS_DATA': str(data_dir),
+                'ISS_S3_UPSTREAM': s3_upstream,
                 'ISS_MAX_UPLOAD_BYTES': str(UPLOAD_LIMIT),
                 'NGINX_PORT': f'127.0.0.1:{self.port}',
                 # NOTE: beside the data, where nginx's workers (nobody) can reach it.
@@ -102,15 +105,6 @@ class Nginx(LoopbackServer):
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
-
-
-@pytest.fixture
-def shared_data_dir():
-    """A data directory another user (nginx's workers) can reach: not under pytest's 0700 tmp."""
-    path = pathlib.Path(tempfile.mkdtemp(prefix='iss-nginx-'))
-    path.chmod(0o755)
-    yield path / 'data'
-    shutil.rmtree(path)
 
 
 @pytest.fixture
@@ -439,6 +433,34 @@ def test_compose_files_are_valid(files):
     services = json.loads(result.stdout)['services']
     assert services['iss']['healthcheck']['test'] == ['CMD', 'python', '/app/healthcheck.py']
     assert services['iss']['volumes'][0]['target'] == '/var/lib/iss'
+
+
+def test_the_cluster_compose_file_is_valid_and_balances_two_nodes_on_one_bucket_and_index():
+    env = {'ISS_S3_KEY': 'k', 'ISS_S3_SECRET': 's', 'POSTGRES_PASSWORD': 'p'}
+    path = f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get("PATH", "")}'
+
+    result = subprocess.run(
+        [compose_binary(), '-f', 'compose.cluster.yaml', 'config', '--format', 'json'],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        env={**os.environ, 'PATH': path, **env},
+    )
+    refused = subprocess.run(
+        [compose_binary(), '-f', 'compose.cluster.yaml', 'config'], cwd=HERE, capture_output=True, text=True
+    )
+
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)['services']
+    assert set(services) == {'seaweedfs', 'postgres', 'iss-a', 'iss-b', 'nginx'}
+    nodes = [services['iss-a'], services['iss-b']]
+    for node in nodes:
+        assert node['environment']['ISS_STORE'] == 's3://iss'
+        assert node['environment']['ISS_INDEX'] == 'postgresql://iss:p@postgres:5432/iss'
+        assert 'iss-nodes' in node['networks']['default']['aliases']
+    assert nodes[0]['volumes'][0]['source'] != nodes[1]['volumes'][0]['source']  # scratch of its own
+    assert services['nginx']['environment']['ISS_UPSTREAM'] == 'iss-nodes:8000'
+    assert refused.returncode != 0 and 'ISS_S3_KEY' in refused.stderr  # no default secret
 
 
 def test_compose_catches_a_broken_file(tmp_path):

@@ -16,9 +16,8 @@ import images
 import iss
 import meta
 import signing
-import storage
 from config import ConfigError, Settings
-from conftest import blob_id, blob_path, cli_json, files_under, make_png, upload_image
+from conftest import blob_id, blob_path, cli_json, file_store, files_under, make_png, upload_image
 
 
 def encode(image: Image.Image, image_format: str = 'PNG', **options) -> bytes:
@@ -536,7 +535,7 @@ def test_a_derivative_is_rendered_once_and_served_like_a_blob(client, data_dir, 
 
 
 def test_the_cache_evicts_the_least_recently_used(data_dir, png):
-    store_ = storage.FileStore(str(data_dir))
+    store_ = file_store(data_dir)
     client = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir)), store_))
     image_id = store(client, encode(Image.effect_noise((100, 100), 50).convert('RGB')))
     urls = [f'/images/{image_id}?w={w}&format=png' for w in (90, 91, 92)]

@@ -23,9 +23,8 @@ from PIL import Image
 
 import iss
 import signing
-import storage
 from config import ConfigError, Settings
-from conftest import MISSING, blob_id, files_under, make_png, upload_image
+from conftest import MISSING, blob_id, file_store, files_under, make_png, upload_image
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -384,7 +383,7 @@ def test_a_put_takes_one_file(client, data_dir, png):
 
 def test_a_group_of_new_uploads_costs_three_flushes_whatever_its_size(data_dir):
     """The disk is flushed for the staged bytes, the blobs' names and the metas' names: not per upload."""
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     contents = [os.urandom(100) for _ in range(50)]
     before = store.layout.flush.count
 
@@ -400,7 +399,7 @@ def test_a_group_of_new_uploads_costs_three_flushes_whatever_its_size(data_dir):
 
 def test_a_flush_asked_for_while_one_runs_is_a_later_one_shared_by_all_who_waited(data_dir):
     """Group commit: a writer never trusts a flush that began before it asked; the next serves every waiter."""
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     flusher = store.layout.flush
     flushes: list[tuple[float, float]] = []
     real_flush = flusher._flush
@@ -435,7 +434,7 @@ def test_a_flush_asked_for_while_one_runs_is_a_later_one_shared_by_all_who_waite
 
 
 def test_concurrent_commits_share_their_flushes(data_dir):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     real_flush = store.layout.flush._flush
     store.layout.flush._flush = lambda: (time.sleep(0.05), real_flush())  # a slow disk: commits pile up
     staged = [store.stage(io.BytesIO(os.urandom(100))) for _ in range(16)]
@@ -459,7 +458,7 @@ def test_concurrent_commits_share_their_flushes(data_dir):
 
 def test_groups_sharing_content_in_opposite_orders_never_wait_for_each_other(data_dir):
     """Every blob of a group stays held until its row is written; taken in id order, two groups cannot deadlock."""
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     contents = [os.urandom(64) for _ in range(20)]
     outcomes: list[list] = []
 
@@ -764,6 +763,7 @@ def test_active_content_is_served_so_it_cannot_run(client, mime):
     assert response.headers['X-Content-Type-Options'] == 'nosniff'
 
 
+@pytest.mark.file_store
 def test_with_nginx_in_front_full_gets_are_handed_off_with_our_headers(make_client, png):
     client = make_client(accel_redirect='/_internal/blobs/', accel_min_bytes=len(png))
     digest = upload_image(client, png).json['image_id']
@@ -1338,7 +1338,7 @@ def test_a_damaged_blob_is_replaced_by_a_verified_upload(client, data_dir, png):
 
 
 def test_temp_files_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
-    store = storage.FileStore(str(tmp_path))
+    store = file_store(tmp_path)
     dead = tmp_path / 'tmp' / 'upload-dead'
     dead.write_bytes(b'partial')
     live = tmp_path / 'tmp' / 'upload-live'
@@ -1353,9 +1353,9 @@ def test_temp_files_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
 
 
 def test_a_staged_upload_survives_another_worker_starting_before_it_commits(tmp_path):
-    store = storage.FileStore(str(tmp_path))
+    store = file_store(tmp_path)
     with store.stage(io.BytesIO(b'being inspected')) as staged:
-        storage.FileStore(str(tmp_path)).sweep_temp()  # another gunicorn worker boots
+        file_store(tmp_path).sweep_temp()  # another gunicorn worker boots
 
         committed = store.commit(staged, {'kind': 'k'})
 
@@ -1365,7 +1365,7 @@ def test_a_staged_upload_survives_another_worker_starting_before_it_commits(tmp_
 
 
 def test_create_app_only_wires_and_the_stores_start_does_the_housekeeping(tmp_path):
-    store = storage.FileStore(str(tmp_path))
+    store = file_store(tmp_path)
     stale = tmp_path / 'tmp' / 'upload-of-a-killed-worker'
     stale.write_bytes(b'partial')
 
@@ -1377,7 +1377,7 @@ def test_create_app_only_wires_and_the_stores_start_does_the_housekeeping(tmp_pa
 
 
 def test_stage_failure_removes_the_temp_file(tmp_path):
-    store = storage.FileStore(str(tmp_path))
+    store = file_store(tmp_path)
 
     class Broken:
         def __init__(self):

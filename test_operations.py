@@ -23,7 +23,19 @@ import iss
 import resumable
 import storage
 from config import Settings
-from conftest import HERE, MISSING, blob_id, blob_path, cli_json, files_under, make_png, run_cli, upload_image, wait_for
+from conftest import (
+    HERE,
+    MISSING,
+    blob_id,
+    blob_path,
+    cli_json,
+    file_store,
+    files_under,
+    make_png,
+    run_cli,
+    upload_image,
+    wait_for,
+)
 
 ADMIN = {'Authorization': 'Bearer admin-secret'}
 
@@ -149,7 +161,7 @@ def test_a_seed_data_directory_is_indexed_in_the_background(tmp_path, png):
 
 
 def test_listing_answers_503_while_the_index_is_incomplete(data_dir, png):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     store.index.mark_complete(False)
     store.start()
     client = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir)), store))
@@ -258,7 +270,7 @@ def test_delete_of_a_malformed_id_is_404(admin_client):
 
 
 def test_a_delete_waits_for_an_upload_of_the_same_content_to_finish(data_dir):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     staged = store.stage(_Chunks([b'content']))
     linked, go_on, deleted = threading.Event(), threading.Event(), threading.Event()
     flush = store.layout.flush
@@ -289,7 +301,7 @@ def test_a_delete_waits_for_an_upload_of_the_same_content_to_finish(data_dir):
 
 def test_uploads_and_deletes_of_the_same_content_leave_blob_meta_and_row_in_step(data_dir):
     """Many rounds of a commit and a delete at once: after each, all three exist or none does."""
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     digest = blob_id(b'contended')
     hex_digest = digest[7:]
     barrier = threading.Barrier(2)
@@ -434,7 +446,7 @@ def test_gc_removes_stale_temp_files_expired_uploads_orphaned_meta_and_rows(clie
     kept = upload_image(client, png).json['image_id']
     blob_path(data_dir, lost).unlink()
     (data_dir / 'tmp' / 'upload-dead').write_bytes(b'half an upload')
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     owner = resumable.owner_of(b'')
     live = resumable.Sessions(store, expires_seconds=3600).create(10, {'kind': 'a'}, owner)
     # NOTE: created after, as a creation sweeps the expired: abandoned on a server gone idle
@@ -470,7 +482,7 @@ def test_gc_removes_stale_temp_files_expired_uploads_orphaned_meta_and_rows(clie
 
 
 def test_gc_leaves_a_live_upload_alone(data_dir):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     with store.stage(_Chunks([b'in flight'])):
         assert cli_json(data_dir, 'gc')['removed']['temp_files'] == 0
         assert len(files_under(data_dir / 'tmp')) == 1
@@ -757,7 +769,9 @@ class _BrokenStore(storage.FileStore):
 
 
 def test_an_unexpected_error_is_a_json_500_and_a_logged_traceback(data_dir, caplog):
-    client = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir)), _BrokenStore(str(data_dir))))
+    client = webtest.TestApp(
+        iss.create_app(Settings(data_dir=str(data_dir)), _BrokenStore(str(data_dir), file_store(data_dir).index))
+    )
 
     response = client.head(f'/images/{MISSING}', status=500)
     response = client.get(f'/images/{MISSING}/meta', status=500)
@@ -781,7 +795,7 @@ def _start_a_store(root: str, barrier, answers) -> None:
     logging.getLogger('iss').addHandler(Collect(logging.WARNING))
     barrier.wait()
     try:
-        store = storage.FileStore(root)
+        store = file_store(root)
         store.start()
         complaints += [] if store.index_complete else ['the index of an empty store is not complete']
     except Exception as exc:

@@ -29,9 +29,8 @@ from tusclient.exceptions import TusCommunicationError
 import errors
 import iss
 import resumable
-import storage
 from config import Settings
-from conftest import HERE, CuttingProxy, files_in, make_png, wait_for
+from conftest import HERE, CuttingProxy, file_store, files_in, make_png, wait_for
 
 TUS = {'Tus-Resumable': '1.0.0'}
 CHUNK = {**TUS, 'Content-Type': 'application/offset+octet-stream'}
@@ -52,7 +51,7 @@ def blob_id(data: bytes) -> str:
 @pytest.fixture
 def tus(data_dir):
     """The app over a started store, and a helper creating an upload session."""
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     store.start()
     app = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir), upload_expires=3600), store))
 
@@ -283,7 +282,7 @@ def test_an_unknown_or_malformed_upload_is_404(tus):
 
 
 def test_a_session_is_its_creators_alone(data_dir):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     app = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir)), store))
     mine = {**TUS, 'Authorization': 'Bearer mine'}
     location = app.post(
@@ -298,7 +297,7 @@ def test_a_session_is_its_creators_alone(data_dir):
 
 
 def test_with_an_upload_token_every_request_of_a_session_needs_it(data_dir):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     app = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir), api_token='up'), store))
     token = {**TUS, 'Authorization': 'Bearer up'}
     new = {'Upload-Length': '4', 'Upload-Metadata': metadata(kind='a')}
@@ -313,7 +312,7 @@ def test_with_an_upload_token_every_request_of_a_session_needs_it(data_dir):
 
 
 def test_a_private_store_lets_an_uploader_follow_its_own_session(data_dir):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     app = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir), read_token='r'), store))
     location = app.post(
         '/uploads', headers={**TUS, 'Upload-Length': '4', 'Upload-Metadata': metadata(kind='a')}
@@ -323,7 +322,7 @@ def test_a_private_store_lets_an_uploader_follow_its_own_session(data_dir):
 
 
 def test_a_session_expires_after_its_last_chunk_and_is_swept(data_dir):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     app = webtest.TestApp(iss.create_app(Settings(data_dir=str(data_dir), upload_expires=1), store))
     sessions = resumable.Sessions(store, 1)
     location = app.post(
@@ -340,7 +339,7 @@ def test_a_session_expires_after_its_last_chunk_and_is_swept(data_dir):
 
 
 def test_an_expired_session_being_written_is_not_swept(data_dir):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     sessions = resumable.Sessions(store, 3600)
     session = sessions.create(4, {'kind': 'a'}, resumable.owner_of(b''))
 
@@ -350,7 +349,7 @@ def test_an_expired_session_being_written_is_not_swept(data_dir):
 
 
 def test_a_session_terminated_while_a_chunk_arrives_is_not_brought_back_by_it(data_dir):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     sessions = resumable.Sessions(store, 3600)
     owner = resumable.owner_of(b'')
     session = sessions.create(4, {'kind': 'a'}, owner)
@@ -364,19 +363,19 @@ def test_a_session_terminated_while_a_chunk_arrives_is_not_brought_back_by_it(da
 
 
 def test_a_restart_sweeps_temp_files_but_keeps_open_sessions(data_dir):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     sessions = resumable.Sessions(store, 3600)
     session = sessions.create(4, {'kind': 'a'}, resumable.owner_of(b''))
     (data_dir / 'tmp' / 'upload-dead').write_bytes(b'left by a killed worker')
 
-    storage.FileStore(str(data_dir)).start()
+    file_store(data_dir).start()
 
     assert not (data_dir / 'tmp' / 'upload-dead').exists()
     assert sessions.get(session.id, resumable.owner_of(b'')).offset == 0
 
 
 def test_a_patch_while_another_writes_the_session_is_409(tus, data_dir):
-    store = storage.FileStore(str(data_dir))
+    store = file_store(data_dir)
     sessions = resumable.Sessions(store, 3600)
     location = tus.create(4).headers['Location']
     session_id = location.rpartition('/')[2]

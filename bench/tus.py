@@ -24,19 +24,9 @@ import tempfile
 import threading
 import time
 
-from local_server import big_file, free_port, start_server, stop_server
+from local_server import big_file, free_port, start_server, stop_server, tree_rss_kib
 
 TUS = {'Tus-Resumable': '1.0.0'}
-
-
-def tree_rss_kib(pid: int) -> int:
-    children = pathlib.Path(f'/proc/{pid}/task/{pid}/children').read_text().split()
-    total = 0
-    for each in (pid, *map(int, children)):
-        for line in pathlib.Path(f'/proc/{each}/status').read_text().splitlines():
-            if line.startswith('VmRSS:'):
-                total += int(line.split()[1])
-    return total
 
 
 class PeakRss:
