@@ -489,7 +489,7 @@ class Item:
     def on_put(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         parse_id(blob_id)
         self._uploads.check(req)
-        with self._receiver.receive(req) as (upload,):
+        with self._receiver.receive(req, expected=blob_id) as (upload,):
             if upload.staged.digest != blob_id:
                 raise BadRequest(
                     f'The body hashes to {upload.staged.digest}, not {blob_id}; nothing was stored.',

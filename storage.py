@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any, Protocol
 
 import disk
@@ -73,8 +73,13 @@ class BlobStore(Protocol):
     def start(self) -> None:
         """Housekeeping when a service starts on the store (once per process)."""
 
-    def stage(self, stream: Readable) -> Staged:
-        """Receive ``stream`` to its end, hashing it; whatever reading it raises propagates."""
+    def stage(self, stream: Readable, expected: str | None = None) -> Staged:
+        """Receive ``stream`` to its end, hashing it; whatever reading it raises propagates.
+
+        ``expected``: the id the bytes claim (a PUT): a store may start moving them to
+        their final place while they arrive (the S3 store's multipart upload), to be
+        completed by the commit only when they hash to it. The caller still compares.
+        """
 
     def commit(self, staged: Staged, new_meta: dict[str, Any]) -> Committed:
         """Make a staged blob visible under its digest, with ``new_meta`` unless it has meta already."""
@@ -139,6 +144,9 @@ class StagedBlob:
         self.path = path
         self.digest = digest
         self.size = size
+        #: Work begun elsewhere for these bytes (an S3 multipart upload) that the commit
+        #: completes; abandoned (its ``abort``) when the staged blob is discarded instead.
+        self.upload: Any = None
 
     @property
     def hex(self) -> str:
@@ -151,6 +159,9 @@ class StagedBlob:
         return open(self.path, 'rb')
 
     def discard(self) -> None:
+        if self.upload is not None:
+            self.upload, upload = None, self.upload
+            upload.abort()
         if self._fd < 0:
             return
         # NOTE: unlink before close: while the fd is open the flock keeps
@@ -241,8 +252,11 @@ class FileStore(Listings):
 
     # -- writing -------------------------------------------------------------
 
-    def stage(self, stream: Readable) -> StagedBlob:
-        """Copy ``stream`` to a temp file until EOF, computing its sha256 (see :func:`stage_file`)."""
+    def stage(self, stream: Readable, expected: str | None = None) -> StagedBlob:
+        """Copy ``stream`` to a temp file until EOF, computing its sha256 (see :func:`stage_file`).
+
+        NOTE: ``expected`` changes nothing here: the bytes are linked into place by the commit.
+        """
         return stage_file(self.layout, stream)
 
     def commit(self, staged: StagedBlob, new_meta: dict[str, Any]) -> Committed:
@@ -564,13 +578,14 @@ def index_in_background(store: FileStore | Any, where: str) -> None:
     threading.Thread(target=build, name='iss-reindex', daemon=True).start()
 
 
-def stage_file(layout: disk.Layout, stream: Readable) -> StagedBlob:
+def stage_file(layout: disk.Layout, stream: Readable, also: Callable[[memoryview], None] | None = None) -> StagedBlob:
     """Copy ``stream`` to a temp file under ``layout.tmp`` until EOF, computing its sha256.
 
     How every store receives an upload (an S3 store spools it on the node's own
     disk). The bytes are synced by the commit, and only if they are new.
     Whatever ``stream.readinto`` raises (a size limit, a client that went away)
-    propagates unchanged after the temp file is removed.
+    propagates unchanged after the temp file is removed. ``also`` sees each piece
+    as it is written (a view, valid until the next piece).
 
     Raises:
         StoreFull: the disk filled up (the temp file is removed).
@@ -584,6 +599,8 @@ def stage_file(layout: disk.Layout, stream: Readable) -> StagedBlob:
         for piece in written(fd, stream):
             sha256.update(piece)
             size += len(piece)
+            if also is not None:
+                also(piece)
     except BaseException:
         disk.remove_temp(fd, path)
         raise

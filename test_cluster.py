@@ -577,3 +577,23 @@ def test_with_iss_s3_redirect_a_get_is_a_307_to_a_presigned_url_that_serves_our_
     assert html.status_int == 200 and html.headers['Content-Disposition'].startswith('attachment')
     assert conditional.body == b''
     client.get(f'/artifacts/sha256:{"0" * 64}', status=404)
+
+
+@pytest.mark.parametrize('how', ['wrong digest', 'cut short'])
+def test_a_put_sent_up_while_it_arrives_is_abandoned_when_wrong_or_cut(client, seaweedfs, settings, monkeypatch, how):
+    monkeypatch.setattr(s3store, '_PART_BYTES', 5 * 1024 * 1024)
+    data = os.urandom(17 * 1024 * 1024)
+    claimed = blob_id(data if how == 'cut short' else data[::-1])
+    length = len(data) + (1024 if how == 'cut short' else 0)
+
+    client.request(
+        f'/artifacts/{claimed}?kind=weights',
+        method='PUT',
+        body=data,
+        headers={'Content-Length': str(length)},
+        status=400,
+    )
+
+    assert keys(seaweedfs, settings) == []
+    assert multipart_uploads(seaweedfs, settings) == []
+    assert list((pathlib.Path(settings.data_dir) / 'tmp').iterdir()) == []

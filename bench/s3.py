@@ -54,6 +54,16 @@ def start_iss(data: pathlib.Path, port: int, **env: str) -> subprocess.Popen:
     raise SystemExit('gunicorn did not start')
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process and its children so far (gunicorn's master and workers)."""
+    children = pathlib.Path(f'/proc/{pid}/task/{pid}/children').read_text().split()
+    ticks = 0
+    for each in (pid, *map(int, children)):
+        fields = pathlib.Path(f'/proc/{each}/stat').read_text().rpartition(')')[2].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf('SC_CLK_TCK')
+
+
 def timed_curl(*args: str) -> float:
     started = time.perf_counter()
     subprocess.run(['curl', '-sS', '--fail', '-o', '/dev/null', *args], check=True)
@@ -119,6 +129,16 @@ def main() -> None:
         }
         ratios: dict[str, list[float]] = {'upload': [], 'download': [], 'small_get': []}
         rss_growth = 0
+        cpu: dict[str, list[tuple[float, float]]] = {}
+
+        def measured(name: str, run) -> float:
+            """Run one side; keep the CPU seconds ISS's S3 node and SeaweedFS spent on it."""
+            iss_before, weed_before = tree_cpu_seconds(nodes[0].pid), tree_cpu_seconds(seaweedfs.process.pid)
+            seconds = run()
+            iss_cpu = tree_cpu_seconds(nodes[0].pid) - iss_before
+            cpu.setdefault(name, []).append((iss_cpu, tree_cpu_seconds(seaweedfs.process.pid) - weed_before))
+            return seconds
+
         for round_number in range(args.rounds):
             path = work / f'file-{round_number}'
             hex_digest = big_file(path, args.mib)
@@ -154,14 +174,14 @@ def main() -> None:
                 ('direct_up', lambda path=path, put_url=put_url: timed_curl('-T', str(path), put_url)),
             ]
             for name, run in sides if round_number % 2 == 0 else sides[::-1]:
-                results[name].append(args.mib / run())
+                results[name].append(args.mib / measured(name, run))
             ratios['upload'].append(results['iss_up'][-1] / results['direct_up'][-1])
             sides = [
                 ('iss_down', lambda iss_url=iss_url: timed_curl(iss_url)),
                 ('direct_down', lambda get_url=get_url: timed_curl(get_url)),
             ]
             for name, run in sides if round_number % 2 == 0 else sides[::-1]:
-                results[name].append(args.mib / run())
+                results[name].append(args.mib / measured(name, run))
             ratios['download'].append(results['iss_down'][-1] / results['direct_down'][-1])
             sides = [('s3_gets', s3_port), ('disk_gets', disk_port)]
             for name, port in sides if round_number % 2 == 0 else sides[::-1]:
@@ -179,6 +199,10 @@ def main() -> None:
                 f'  ratio {name:10} median {statistics.median(values):.2f}  ({", ".join(f"{v:.2f}" for v in values)})'
             )
         print(f'  S3 node RSS growth during an upload: {rss_growth / 1024:.1f} MiB')
+        for name, spent in cpu.items():
+            iss_cpu = statistics.median(each[0] for each in spent)
+            weed_cpu = statistics.median(each[1] for each in spent)
+            print(f'  CPU seconds per {args.mib} MiB, {name:12} ISS node {iss_cpu:5.2f}  SeaweedFS {weed_cpu:5.2f}')
     finally:
         for process in nodes:
             os.killpg(process.pid, 15)
