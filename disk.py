@@ -30,7 +30,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from typing import IO
+from typing import IO, Any
 
 import syscalls
 from errors import BlobNotFound, StoreFull, StoreUnavailable
@@ -270,17 +270,22 @@ def files_below(top: str) -> Iterator[os.DirEntry]:
 
 def hash_file(path: str) -> tuple[str, int] | None:
     """The sha256 hex and size of a file's bytes; None when it is gone."""
+    try:
+        with open(path, 'rb', buffering=0) as file:
+            return hash_stream(file)
+    except FileNotFoundError:
+        return None
+
+
+def hash_stream(stream: Any) -> tuple[str, int]:
+    """The sha256 hex and size of what ``stream.readinto`` gives until EOF (a file, an S3 body)."""
     sha256 = hashlib.sha256()
     buffer = bytearray(1024 * 1024)
     view = memoryview(buffer)
     size = 0
-    try:
-        with open(path, 'rb', buffering=0) as file:
-            while count := file.readinto(buffer):
-                sha256.update(view[:count])
-                size += count
-    except FileNotFoundError:
-        return None
+    while count := stream.readinto(buffer):
+        sha256.update(view[:count])
+        size += count
     return sha256.hexdigest(), size
 
 

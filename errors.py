@@ -177,6 +177,9 @@ class UnsupportedProtocol(ServiceError):
 class StoreFailure(ServiceError):
     """The store cannot do this right now: the service's trouble, not the request's."""
 
+    #: Which part of the store is failing, as ``/health`` names it.
+    part = 'data directory'
+
 
 class StoreFull(StoreFailure):
     """The store has no room left for this write."""
@@ -193,8 +196,6 @@ class StoreUnavailable(StoreFailure):
     title = 'Storage unavailable'
     description = 'The data directory cannot be used right now.'
     retry_after = 5
-    #: Which part of the store is failing, as ``/health`` names it.
-    part = 'data directory'
 
 
 class BucketUnavailable(StoreUnavailable):
@@ -221,6 +222,8 @@ class IndexUnavailable(StoreUnavailable):
 
 class IndexFull(StoreFull):
     """The disk holding the index is full."""
+
+    part = 'index'
 
 
 class IndexIncomplete(StoreUnavailable):

@@ -1120,7 +1120,7 @@ class Health:
         except StoreFailure as exc:
             resp.status = falcon.HTTP_503
             # NOTE: which part is down (data directory, bucket, index), for whoever is paged.
-            resp.media = {'ok': False, 'failing': getattr(exc, 'part', 'store'), 'error': str(exc)}
+            resp.media = {'ok': False, 'failing': exc.part, 'error': str(exc)}
             if exc.retry_after:
                 resp.retry_after = exc.retry_after
         else:

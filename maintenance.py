@@ -10,7 +10,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import disk
+import index
 import resumable
 import storage
 from errors import BlobNotFound
@@ -249,15 +249,14 @@ def _verify_bucket(
     def hashed(hex_digest: str) -> tuple[str, int] | None:
         try:
             with store.open_unverified(hex_digest) as body:
-                sha256, size = hashlib.sha256(), 0
-                while chunk := body.read(1024 * 1024):
-                    sha256.update(chunk)
-                    size += len(chunk)
+                return disk.hash_stream(body)
         except BlobNotFound:
             return None
-        return sha256.hexdigest(), size
 
-    blobs = [(hex_digest, entry) for hex_digest, entry in store.objects('blobs')]
+    blobs = list(store.objects('blobs'))
+    # NOTE: what the pass over the blobs learned (still stored, the meta read), so the meta and
+    # index checks after it ask the bucket nothing twice
+    still_stored: dict[str, dict[str, Any] | None] = {}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         for (hex_digest, entry), actual in zip(
             blobs, pool.map(lambda item: hashed(item[0]) if item[0] else None, blobs), strict=True
@@ -276,8 +275,11 @@ def _verify_bucket(
             if actual[0] != hex_digest:
                 repaired = repair and store.quarantine(hex_digest, f'fsck: its bytes hash to {actual[0]}')
                 report.found('corrupt', key, blob_id, repaired=repaired)
+                if not repaired:
+                    still_stored[hex_digest] = store.read_meta(blob_id)
                 continue
-            if store.read_meta(blob_id) is None:
+            still_stored[hex_digest] = store.read_meta(blob_id)
+            if still_stored[hex_digest] is None:
                 repaired = False
                 if repair and describe is not None:
                     with store.open_unverified(hex_digest) as body, tempfile.TemporaryFile() as copy:
@@ -291,20 +293,20 @@ def _verify_bucket(
         key = where + entry['Key'].removeprefix(store.prefix)
         if hex_digest is None:
             report.found('stray_file', key)
-        elif not store.is_stored(hex_digest):
+        elif hex_digest not in still_stored and not store.is_stored(hex_digest):
             if repair:
                 store.delete_key(entry['Key'])
             report.found('orphaned_meta', key, 'sha256:' + hex_digest, repaired=repair)
     with store.index.session():
         store.index.start_rebuild()
         for hex_digest, entry in blobs:
-            if hex_digest is None or not store.is_stored(hex_digest):
+            if hex_digest not in still_stored:
                 continue
             row = store.index.get(hex_digest)
             store.index.saw(hex_digest)
             if row is None:
                 report.found('index_missing', where + entry['Key'], 'sha256:' + hex_digest)
-            elif row != store.index_row(hex_digest, entry, created_at=row.created_at):
+            elif row != index.row_for(hex_digest, still_stored[hex_digest], row.created_at, entry['Size']):
                 report.found('index_differs', where + entry['Key'], 'sha256:' + hex_digest)
         for hex_digest in store.index.unseen():
             if not store.is_stored(hex_digest):

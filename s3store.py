@@ -103,16 +103,15 @@ class S3Store(storage.Listings):
         index: The shared index (``index.open_index``).
     """
 
-    def __init__(self, settings: Settings, store_index: index.Index, *, client: Any = None) -> None:
+    def __init__(self, settings: Settings, store_index: index.Index) -> None:
         self.layout = disk.Layout(settings.data_dir)
         self.root = self.layout.root
         self.index = store_index
         self.bucket = settings.s3_bucket
         self.prefix = settings.s3_prefix
-        self.redirect_seconds = settings.s3_redirect
         self._settings = settings
-        self._client = client
-        self._client_pid = os.getpid() if client is not None else 0
+        self._client: Any = None
+        self._client_pid = 0
         self._client_lock = threading.Lock()
         # NOTE: each node renders into its own bounded cache; a derivative is served only
         # after the blob's meta was read from the bucket (iss.Derivatives), so a blob deleted
@@ -264,7 +263,7 @@ class S3Store(storage.Listings):
                 created = self._put_blob(hex_digest, staged)
                 stored = None if created else self.read_meta('sha256:' + hex_digest)
                 if stored is None:
-                    stored = self._put_meta(hex_digest, new_meta)
+                    stored = self.write_meta(hex_digest, new_meta)
                 outcome[hex_digest] = Committed(created, stored)
         finally:
             for staged, _ in uploads:
@@ -324,12 +323,6 @@ class S3Store(storage.Listings):
             parts.abort()
             raise
         return parts.complete()
-
-    def _put_meta(self, hex_digest: str, new_meta: dict[str, Any]) -> dict[str, Any]:
-        """Store a blob's meta unless another upload did first; return what is stored."""
-        if self._put_json(self.meta_key(hex_digest), new_meta, replace=False):
-            return new_meta
-        return self.read_meta('sha256:' + hex_digest) or new_meta
 
     def _put_json(self, key: str, document: dict[str, Any], *, replace: bool) -> bool:
         condition = {} if replace else {'IfNoneMatch': '*'}
@@ -490,9 +483,8 @@ class S3Store(storage.Listings):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=f'{self.prefix}{top}/'):
                 for entry in page.get('Contents', []):
                     name = entry['Key'].rpartition('/')[2].removesuffix(suffix)
-                    valid = len(name) == 64 and entry['Key'] == self._key(top, name, suffix)
                     try:
-                        parse_id('sha256:' + name)
+                        valid = entry['Key'] == self._key(top, parse_id('sha256:' + name), suffix)
                     except ValueError:
                         valid = False
                     yield (name if valid else None), entry
@@ -523,14 +515,11 @@ class S3Store(storage.Listings):
             self.index.mark_complete()
         return counts
 
-    def index_row(self, hex_digest: str, entry: dict[str, Any], created_at: float | None = None) -> index.Row:
-        """The row the index should have for a blob, from its listing entry and its meta.
-
-        ``created_at`` stands in for the object's time when the meta has none (fsck compares a row
-        the index has, whose time came from the upload, not from the object).
-        """
-        fallback = created_at if created_at is not None else entry['LastModified'].timestamp()
-        return index.row_for(hex_digest, self.read_meta('sha256:' + hex_digest), fallback, entry['Size'])
+    def index_row(self, hex_digest: str, entry: dict[str, Any]) -> index.Row:
+        """The row the index should have for a blob, from its listing entry and its meta."""
+        return index.row_for(
+            hex_digest, self.read_meta('sha256:' + hex_digest), entry['LastModified'].timestamp(), entry['Size']
+        )
 
     def stored_blobs(self) -> Iterator[tuple[str, int]]:
         """Every blob in the bucket: its hex and size."""
@@ -540,9 +529,13 @@ class S3Store(storage.Listings):
 
     def open_unverified(self, hex_digest: str) -> Any:
         """A blob's bytes as the bucket sends them, for fsck to judge (the caller closes it)."""
+        return self.get_blob(hex_digest)['Body']
+
+    def get_blob(self, hex_digest: str, **params: Any) -> dict[str, Any]:
+        """GetObject of a blob (``params``: a ``Range``); BlobNotFound when the bucket has none."""
         with _translated('reading a blob'):
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self.blob_key(hex_digest))['Body']
+                return self.client.get_object(Bucket=self.bucket, Key=self.blob_key(hex_digest), **params)
             except botocore.exceptions.ClientError as exc:
                 if _code(exc) in _ABSENT:
                     raise BlobNotFound('sha256:' + hex_digest) from None
@@ -702,16 +695,7 @@ class VerifiedObject:
         self._sha256: Any = hashlib.sha256()
 
     def _get(self, start: int | None) -> Any:
-        extra = {} if start is None else {'Range': f'bytes={start}-'}
-        with _translated('reading a blob'):
-            try:
-                answer = self._store.client.get_object(
-                    Bucket=self._store.bucket, Key=self._store.blob_key(self._hex), **extra
-                )
-            except botocore.exceptions.ClientError as exc:
-                if _code(exc) in _ABSENT:
-                    raise BlobNotFound('sha256:' + self._hex) from None
-                raise
+        answer = self._store.get_blob(self._hex, **({} if start is None else {'Range': f'bytes={start}-'}))
         if start is None:
             self.stat = _stat_of(answer)
         return answer['Body']
