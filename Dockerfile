@@ -24,7 +24,8 @@ RUN groupadd --system --gid 10001 iss \
     && chown iss:iss /var/lib/iss
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY auth.py backends.py blobs.py browse.py cli.py config.py derived.py disk.py errors.py forms.py gunicorn.conf.py healthcheck.py httpio.py images.py index.py iss.py iss_client.py maintenance.py meta.py openapi.yaml resumable.py s3store.py signing.py storage.py syscalls.py telemetry.py ./
+COPY gunicorn.conf.py healthcheck.py iss.py iss_client.py openapi.yaml storage.py ./
+COPY iss_server/ ./iss_server/
 COPY browse/browse.css browse/browse.js browse/favicon.svg browse/index.html ./browse/
 USER 10001:10001
 VOLUME ["/var/lib/iss"]

@@ -25,10 +25,10 @@ import pytest
 import webtest
 from PIL import Image
 
-import index
 import iss
 import storage
-from config import Settings
+from iss_server import index
+from iss_server.config import Settings
 
 HERE = pathlib.Path(__file__).resolve().parent
 MISSING = 'sha256:' + '0' * 64

@@ -12,8 +12,8 @@ import tempfile
 import gunicorn.glogging
 import gunicorn.util
 
-import syscalls
-from config import Settings
+from iss_server import syscalls
+from iss_server.config import Settings
 
 _settings = Settings.from_env()
 
@@ -25,7 +25,7 @@ if not _settings.metrics_dir:
     _own_metrics_dir = os.environ['PROMETHEUS_MULTIPROC_DIR'] = tempfile.mkdtemp(prefix='iss-metrics-')
 
 # NOTE: only now: prometheus_client picks its multiprocess mode when first imported.
-import telemetry  # noqa: E402
+from iss_server import telemetry  # noqa: E402
 
 wsgi_app = 'iss:app'
 bind = f'{_settings.host}:{_settings.port}'

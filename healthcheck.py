@@ -11,7 +11,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from config import ConfigError, Settings
+from iss_server.config import ConfigError, Settings
 
 
 def main() -> int:

@@ -28,19 +28,11 @@ import falcon
 import yaml
 from swagger_ui_bundle import swagger_ui_path
 
-import backends
-import browse
-import httpio
-import images
-import index
-import meta
-import resumable
-import signing
-import telemetry
-from auth import RequireReadToken, RequireToken, bearer_token, carries_one_of
-from blobs import BlobStat, Committed, OpenBlob, parse_id
-from config import Settings
-from errors import (
+from iss_server import backends, browse, httpio, images, index, meta, resumable, signing, telemetry
+from iss_server.auth import RequireReadToken, RequireToken, bearer_token, carries_one_of
+from iss_server.blobs import BlobStat, Committed, OpenBlob, parse_id
+from iss_server.config import Settings
+from iss_server.errors import (
     BadRequest,
     FileRefused,
     InvalidId,
@@ -53,7 +45,7 @@ from errors import (
     UnsupportedProtocol,
     UploadTooLarge,
 )
-from httpio import (
+from iss_server.httpio import (
     Presentation,
     RequestBody,
     Sendable,
@@ -1305,6 +1297,6 @@ def __getattr__(name: str) -> falcon.App:
 
 
 if __name__ == '__main__':
-    import cli
+    from iss_server import cli
 
     sys.exit(cli.main())

@@ -26,12 +26,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any, Protocol
 
-import disk
-import index
-import meta
-from blobs import BlobStat, Committed, OpenBlob, parse_id
-from derived import DerivedCache
-from errors import BlobNotFound, IndexIncomplete, StoreFailure, StoreUnavailable
+from iss_server import disk, index, meta
+from iss_server.blobs import BlobStat, Committed, OpenBlob, parse_id
+from iss_server.derived import DerivedCache
+from iss_server.errors import BlobNotFound, IndexIncomplete, StoreFailure, StoreUnavailable
 
 log = logging.getLogger('iss.storage')
 

@@ -25,9 +25,9 @@ import pytest
 import webtest
 
 import iss
-import s3store
-from config import Settings
 from conftest import BACKENDS, HERE, ON_EVERY_BACKEND, Gunicorn, SeaweedFS, blob_id, free_port, make_png, wait_for
+from iss_server import s3store
+from iss_server.config import Settings
 from test_deploy import Nginx
 
 # -- the suite runs on both stores ----------------------------------------------------------

@@ -19,8 +19,8 @@ import tempfile
 import pytest
 from PIL import Image
 
-import signing
 from conftest import HERE, Gunicorn, LoopbackServer, files_in, free_port, tool, wait_for
+from iss_server import signing
 
 MIB = 1024 * 1024
 UPLOAD_LIMIT = 4 * MIB
@@ -494,13 +494,15 @@ def test_code_passes_ruff():
 
 
 def test_dockerfile_copies_every_module_the_app_imports():
-    copied = set(re.search(r'^COPY ([\w.]+\.py [^/]*) \./$', (HERE / 'Dockerfile').read_text(), re.M).group(1).split())
+    dockerfile = (HERE / 'Dockerfile').read_text()
+    copied = set(re.search(r'^COPY ([\w.]+\.py [^/]*) \./$', dockerfile, re.M).group(1).split())
     # NOTE: the tests' own modules stay out of the image
     local_modules = {
         p.name for p in HERE.glob('*.py') if not p.name.startswith(('test_', 'conftest', 'schemathesis_hooks'))
     }
 
     assert local_modules | {'openapi.yaml'} == copied
+    assert re.search(r'^COPY iss_server/ \./iss_server/$', dockerfile, re.M)
 
 
 def test_healthcheck_script_follows_the_health_endpoint(tmp_path):

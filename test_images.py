@@ -12,12 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps
 
-import images
 import iss
-import meta
-import signing
-from config import ConfigError, Settings
 from conftest import blob_id, blob_path, cli_json, file_store, files_under, make_png, upload_image
+from iss_server import images, meta, signing
+from iss_server.config import ConfigError, Settings
 
 
 def encode(image: Image.Image, image_format: str = 'PNG', **options) -> bytes:

@@ -22,9 +22,9 @@ from openapi_spec_validator import validate
 from PIL import Image
 
 import iss
-import signing
-from config import ConfigError, Settings
 from conftest import MISSING, blob_id, file_store, files_under, make_png, upload_image
+from iss_server import signing
+from iss_server.config import ConfigError, Settings
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -1464,22 +1464,22 @@ def test_nothing_but_config_reads_the_environment():
     # (iss_client.py) is a program of its own, installed without the server, and reads ISS_URL.
     reads = re.compile(r'\bos\.environ\b(?!\[[^]]+\]\s*=[^=])|\bos\.getenv|\bgetenv\(')
     readers = {
-        path.name
-        for path in HERE.glob('*.py')
+        str(path.relative_to(HERE))
+        for path in [*HERE.glob('*.py'), *HERE.glob('iss_server/**/*.py')]
         if not path.name.startswith(('test_', 'conftest', 'iss_client')) and reads.search(path.read_text())
     }
 
-    assert readers == {'config.py'}
+    assert readers == {'iss_server/config.py'}
 
 
 def test_the_command_line_does_not_load_the_app_module_twice():
     # NOTE: python -m iss runs iss.py as __main__; a cli that imported iss would load it again.
-    code = 'import sys, cli; assert "iss" not in sys.modules, sorted(sys.modules)'
+    code = 'import sys; from iss_server import cli; assert "iss" not in sys.modules, sorted(sys.modules)'
     subprocess.run([sys.executable, '-c', code], cwd=HERE, check=True, capture_output=True, timeout=60)
 
 
 def test_example_env_lists_every_setting():
     example = (HERE / 'example.env').read_text()
-    source = (HERE / 'config.py').read_text()
+    source = (HERE / 'iss_server' / 'config.py').read_text()
 
     assert set(re.findall(r"'(ISS_\w+)'", source)) == set(re.findall(r'^#?\s*(ISS_\w+)=', example, re.M))

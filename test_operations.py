@@ -20,9 +20,7 @@ import pytest
 import webtest
 
 import iss
-import resumable
 import storage
-from config import Settings
 from conftest import (
     HERE,
     MISSING,
@@ -36,6 +34,8 @@ from conftest import (
     upload_image,
     wait_for,
 )
+from iss_server import resumable
+from iss_server.config import Settings
 
 ADMIN = {'Authorization': 'Bearer admin-secret'}
 

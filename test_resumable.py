@@ -26,11 +26,10 @@ import webtest
 from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 
-import errors
 import iss
-import resumable
-from config import Settings
 from conftest import HERE, CuttingProxy, file_store, files_in, make_png, wait_for
+from iss_server import errors, resumable
+from iss_server.config import Settings
 
 TUS = {'Tus-Resumable': '1.0.0'}
 CHUNK = {**TUS, 'Content-Type': 'application/offset+octet-stream'}

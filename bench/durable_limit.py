@@ -72,7 +72,7 @@ def main() -> int:
 
     if args.group:
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-        import disk  # ISS's own flusher, from this checkout
+        from iss_server import disk  # ISS's own flusher, from this checkout
 
         flush = disk.Flusher(root)
 

@@ -34,9 +34,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import disk
 import storage
-from errors import (
+from iss_server import disk
+from iss_server.errors import (
     BadRequest,
     ChecksumMismatch,
     IncompleteBody,

@@ -29,7 +29,7 @@ import prometheus_client
 from prometheus_client import multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
-from errors import ServiceError
+from iss_server.errors import ServiceError
 from storage import BlobStore
 
 access_log = logging.getLogger('iss.access')

@@ -22,17 +22,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-import backends
-import images
-import index
 import iss_client
-import maintenance
-import meta
-import signing
 import storage
-from blobs import parse_id
-from config import ConfigError, Settings
-from errors import BlobNotFound, CorruptBlob, ServiceError
+from iss_server import backends, images, index, maintenance, meta, signing
+from iss_server.blobs import parse_id
+from iss_server.config import ConfigError, Settings
+from iss_server.errors import BlobNotFound, CorruptBlob, ServiceError
 
 OK, PROBLEMS, UNUSABLE = 0, 1, 2
 

@@ -27,8 +27,8 @@ import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import meta
-from errors import IndexFull, IndexUnavailable, InvalidCursor
+from iss_server import meta
+from iss_server.errors import IndexFull, IndexUnavailable, InvalidCursor
 
 IMAGES = 'images'
 ARTIFACTS = 'artifacts'

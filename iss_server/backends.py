@@ -7,8 +7,8 @@ and the command line open their store here.
 
 from __future__ import annotations
 
-import index
-from config import Settings
+from iss_server import index
+from iss_server.config import Settings
 from storage import BlobStore, FileStore
 
 
@@ -21,6 +21,6 @@ def open_store(settings: Settings) -> BlobStore:
     store_index = index.open_index(settings.index, settings.data_dir)
     if settings.store == 'file':
         return FileStore(settings.data_dir, store_index, derived_max_bytes=settings.derived_max_bytes)
-    import s3store  # NOTE: only an S3 store needs boto3
+    from iss_server import s3store  # NOTE: only an S3 store needs boto3
 
     return s3store.S3Store(settings, store_index)

@@ -19,8 +19,8 @@ import time
 import unicodedata
 from typing import IO, Any, Protocol
 
-import images
-from errors import BadRequest
+from iss_server import images
+from iss_server.errors import BadRequest
 
 OCTET_STREAM = 'application/octet-stream'
 

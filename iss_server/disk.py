@@ -32,8 +32,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-import syscalls
-from errors import BlobNotFound, StoreFull, StoreUnavailable
+from iss_server import syscalls
+from iss_server.errors import BlobNotFound, StoreFull, StoreUnavailable
 
 _HEX_PATTERN = re.compile(r'[0-9a-f]{64}')
 

@@ -16,8 +16,8 @@ import shutil
 from collections.abc import Callable
 from typing import IO
 
-import disk
-from blobs import BlobStat, OpenBlob
+from iss_server import disk
+from iss_server.blobs import BlobStat, OpenBlob
 
 
 class DerivedCache:

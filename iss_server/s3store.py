@@ -57,14 +57,12 @@ import botocore.config
 import botocore.exceptions
 import urllib3.exceptions
 
-import disk
-import index
-import meta
 import storage
-from blobs import BlobStat, Committed, OpenBlob, parse_id
-from config import Settings
-from derived import DerivedCache
-from errors import BlobNotFound, BucketUnavailable, CorruptBlob, StoreFailure
+from iss_server import disk, index, meta
+from iss_server.blobs import BlobStat, Committed, OpenBlob, parse_id
+from iss_server.config import Settings
+from iss_server.derived import DerivedCache
+from iss_server.errors import BlobNotFound, BucketUnavailable, CorruptBlob, StoreFailure
 
 log = logging.getLogger('iss.s3store')
 

@@ -10,7 +10,7 @@ import hmac
 
 import falcon
 
-import signing
+from iss_server import signing
 
 
 class RequireToken:

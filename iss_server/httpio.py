@@ -23,10 +23,10 @@ from typing import IO, Any
 import falcon
 import gunicorn.http.body
 
-import forms
-from blobs import BlobStat, OpenBlob
-from config import Settings
-from errors import BadRequest, IncompleteBody, LengthRequired, TooManyFiles, UploadTooLarge
+from iss_server import forms
+from iss_server.blobs import BlobStat, OpenBlob
+from iss_server.config import Settings
+from iss_server.errors import BadRequest, IncompleteBody, LengthRequired, TooManyFiles, UploadTooLarge
 from storage import BlobStore, Staged
 
 # NOTE: one year, and "immutable": a blob's bytes can never change under its id.

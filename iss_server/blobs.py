@@ -12,7 +12,7 @@ import os
 import re
 from typing import IO, Any
 
-from errors import InvalidId
+from iss_server.errors import InvalidId
 
 _ID_PATTERN = re.compile(r'sha256:([0-9a-f]{64})')
 

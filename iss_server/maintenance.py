@@ -17,11 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-import disk
-import index
-import resumable
 import storage
-from errors import BlobNotFound
+from iss_server import disk, index, resumable
+from iss_server.errors import BlobNotFound
 from storage import FileStore
 
 #: Makes the meta of a blob that has none, from its bytes and stat.
