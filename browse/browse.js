@@ -4,7 +4,7 @@
 const PAGE = 100; // a first screen of a large display holds about this many tiles
 const TILE = 256; // CSS pixels of a thumbnail; srcset asks 1x and 2x of it
 const $ = (selector) => document.querySelector(selector);
-const state = { next: null, loading: false, seen: new Set(), filters: {}, collection: 'images', current: null };
+const state = { next: null, loading: false, seen: new Set(), filters: {}, collection: 'images', current: null, generation: 0 };
 
 // -- the token: kept for this browser session only -------------------------------------
 const token = () => sessionStorage.getItem('iss-token') || '';
@@ -43,70 +43,32 @@ const thumbnailFormat = (item) => (OPAQUE_MODES.has(item.mode) ? 'jpeg' : 'webp'
 const thumbnail = (item, width) =>
   `/images/${item.id}?w=${width}&h=${width}&fit=cover&format=${thumbnailFormat(item)}`;
 
-// -- the gallery --------------------------------------------------------------------------
-function query() {
-  const params = new URLSearchParams({ limit: String(PAGE) });
-  for (const [name, value] of Object.entries(state.filters)) if (value) params.set(name, value);
-  return `/${state.collection}?${params}`;
+// -- how values are shown ----------------------------------------------------------------------
+const DATE = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'short' });
+
+// A moment as the reader's locale writes it, its ISO 8601 form on hover; created_at is Unix
+// seconds, captured_at ISO text (without an offset, the camera's wall clock: read as local time).
+function when(value) {
+  const date = typeof value === 'number' ? new Date(value * 1000) : new Date(value);
+  if (Number.isNaN(date.getTime())) return null;
+  const element = document.createElement('time');
+  element.dateTime = element.title = typeof value === 'number' ? date.toISOString() : value;
+  element.textContent = DATE.format(date);
+  return element;
 }
 
-async function loadMore() {
-  if (state.loading || state.next === undefined) return;
-  state.loading = true;
-  try {
-    const page = await (await api(state.next || query())).json();
-    for (const item of page.items) if (!state.seen.has(item.id)) addTile(item);
-    state.next = page.next || undefined;
-    setStatus(state.seen.size ? '' : 'Nothing stored matches.');
-  } catch (error) {
-    setStatus(error.message);
-    state.next = undefined;
-  } finally {
-    state.loading = false;
+// A MIME type may wrap after its slash (or a dot or plus), never inside a word: each part is
+// kept whole (not even broken at its hyphen), with a <wbr> between: application/<wbr>octet-stream.
+function breakable(text) {
+  const element = document.createElement('span');
+  element.className = 'mime';
+  for (const part of text.split(/(?<=[/.+])/)) {
+    if (element.childNodes.length) element.append(document.createElement('wbr'));
+    const whole = document.createElement('span');
+    whole.textContent = part;
+    element.append(whole);
   }
-  // NOTE: a tall screen may show the sentinel still: keep filling it
-  if (state.next !== undefined && visible($('#more'))) loadMore();
-}
-
-function visible(element) {
-  const box = element.getBoundingClientRect();
-  return box.top < window.innerHeight + 400;
-}
-
-function addTile(item) {
-  state.seen.add(item.id);
-  const tile = document.createElement('li');
-  tile.dataset.id = item.id;
-  const button = document.createElement('button');
-  button.type = 'button';
-  const name = item.filename || item.id.slice(7, 19);
-  if (state.collection === 'images') {
-    const img = document.createElement('img');
-    img.alt = `${name}, ${item.width}×${item.height} ${item.format || ''}`.trim();
-    img.loading = 'lazy';
-    img.decoding = 'async';
-    img.width = img.height = TILE;
-    if (token()) show(img, thumbnail(item, TILE * (window.devicePixelRatio > 1 ? 2 : 1)));
-    else {
-      img.srcset = `${thumbnail(item, TILE)} 1x, ${thumbnail(item, TILE * 2)} 2x`;
-      img.src = thumbnail(item, TILE);
-    }
-    button.append(img);
-    button.setAttribute('aria-label', `Open ${name}`);
-  } else {
-    button.classList.add('artifact');
-    const title = document.createElement('strong');
-    title.textContent = item.kind;
-    const details = document.createElement('span');
-    details.textContent = `${item.mime || ''} · ${size(item.bytes)}`;
-    const label = document.createElement('span');
-    label.textContent = name;
-    button.append(title, label, details);
-    button.setAttribute('aria-label', `Open ${item.kind} ${name}`);
-  }
-  button.addEventListener('click', () => openDetail(item.id, state.collection));
-  tile.append(button);
-  $('#gallery').append(tile);
+  return element;
 }
 
 function size(bytes) {
@@ -120,14 +82,117 @@ function size(bytes) {
   return `${unit ? value.toFixed(1) : value} ${units[unit]}`;
 }
 
+// The detail's rows: how a field is shown when it is not plain text.
+const FIELDS = new Map([
+  ['created_at', when],
+  ['captured_at', when],
+  ['mime', breakable],
+  ['bytes', (bytes) => (bytes >= 1024 ? `${size(bytes)} (${bytes.toLocaleString()} bytes)` : size(bytes))],
+]);
+
+function fieldContent(key, value) {
+  const special = FIELDS.get(key)?.(value);
+  if (special) return special;
+  return typeof value === 'object' ? JSON.stringify(value) : String(value);
+}
+
+// -- the gallery --------------------------------------------------------------------------
+function query() {
+  const params = new URLSearchParams({ limit: String(PAGE) });
+  for (const [name, value] of Object.entries(state.filters)) if (value) params.set(name, value);
+  return `/${state.collection}?${params}`;
+}
+
+async function loadMore() {
+  if (state.loading || state.next === undefined) return;
+  state.loading = true;
+  const generation = state.generation;
+  const first = state.next === null;
+  let page;
+  let failure;
+  try {
+    page = await (await api(state.next || query())).json();
+  } catch (error) {
+    failure = error;
+  } finally {
+    state.loading = false;
+  }
+  // NOTE: the filters changed while this page was on its way: it is not theirs
+  if (generation !== state.generation) return loadMore();
+  const gallery = $('#gallery');
+  // NOTE: a first page replaces the placeholder tiles, or the listing of the filters before
+  if (first) gallery.replaceChildren();
+  gallery.removeAttribute('aria-busy');
+  if (failure) {
+    setStatus(failure.message);
+    state.next = undefined;
+    return;
+  }
+  for (const item of page.items) if (!state.seen.has(item.id)) addTile(item);
+  state.next = page.next || undefined;
+  setStatus(state.seen.size ? '' : 'Nothing stored matches.');
+  // NOTE: a tall screen may show the sentinel still: keep filling it
+  if (state.next !== undefined && visible($('#more'))) loadMore();
+}
+
+function visible(element) {
+  const box = element.getBoundingClientRect();
+  return box.top < window.innerHeight + 400;
+}
+
+function addTile(item) {
+  state.seen.add(item.id);
+  const tile = document.createElement('li');
+  tile.dataset.id = item.id;
+  const link = document.createElement('a');
+  link.href = detailHash(state.collection, item.id);
+  const name = item.filename || item.id.slice(7, 19);
+  if (state.collection === 'images') {
+    const img = document.createElement('img');
+    img.alt = `${name}, ${item.width}×${item.height} ${item.format || ''}`.trim();
+    img.loading = 'lazy';
+    img.decoding = 'async';
+    img.width = img.height = TILE;
+    if (token()) show(img, thumbnail(item, TILE * (window.devicePixelRatio > 1 ? 2 : 1)));
+    else {
+      img.srcset = `${thumbnail(item, TILE)} 1x, ${thumbnail(item, TILE * 2)} 2x`;
+      img.src = thumbnail(item, TILE);
+    }
+    const caption = document.createElement('span');
+    caption.className = 'caption';
+    const label = document.createElement('span');
+    label.className = 'name';
+    label.textContent = name;
+    caption.append(label, when(item.created_at) || '');
+    link.append(img, caption);
+    link.setAttribute('aria-label', `Open ${name}`);
+  } else {
+    link.classList.add('artifact');
+    const title = document.createElement('strong');
+    title.textContent = item.kind;
+    const label = document.createElement('span');
+    label.className = 'name';
+    label.textContent = name;
+    const details = document.createElement('span');
+    if (item.mime) details.append(breakable(item.mime), ' · ');
+    details.append(size(item.bytes));
+    link.append(title, label, details, when(item.created_at) || '');
+    link.setAttribute('aria-label', `Open ${item.kind} ${name}`);
+  }
+  tile.append(link);
+  $('#gallery').append(tile);
+}
+
 function setStatus(text) {
   $('#status').textContent = text;
 }
 
+// Start the listing over (the filters or the token changed); the tiles shown stay until its first page comes.
 function restart() {
+  state.generation += 1;
   state.next = null;
   state.seen.clear();
-  $('#gallery').replaceChildren();
+  $('#gallery').setAttribute('aria-busy', 'true');
   loadMore();
 }
 
@@ -145,11 +210,44 @@ function applyFilters(event) {
   restart();
 }
 
-// -- one blob ------------------------------------------------------------------------------
+// -- one blob: its own URL, #/images/<id> or #/artifacts/<id> -----------------------------------
+const DETAIL_ROUTE = /^#\/(images|artifacts)\/(sha256:[0-9a-f]{64})$/;
+const detailHash = (collection, id) => `#/${collection}/${id}`;
+
+// Show what the URL names: a detail route opens that blob, any other closes the detail.
+function route(event) {
+  const match = DETAIL_ROUTE.exec(location.hash);
+  if (!match) {
+    if ($('#detail').open) $('#detail').close();
+    return;
+  }
+  // NOTE: opened from the gallery of this document: closing it goes Back there, so Back and
+  // the close button leave the same history
+  if (event && !DETAIL_ROUTE.test(new URL(event.oldURL).hash)) history.replaceState({ overGallery: true }, '');
+  openDetail(match[2], match[1]);
+}
+
+// The detail was closed (its button, Escape, a delete): the URL names the gallery again.
+function leaveDetail() {
+  if (!DETAIL_ROUTE.test(location.hash)) return;
+  if (history.state?.overGallery) history.back();
+  else history.replaceState(null, '', location.pathname + location.search);
+}
+
 async function openDetail(id, collection) {
   const dialog = $('#detail');
+  let meta;
+  try {
+    meta = await (await api(`/${collection}/${id}/meta`)).json();
+  } catch (error) {
+    setStatus(error.message);
+    if (dialog.open) dialog.close();
+    else leaveDetail();
+    return;
+  }
+  // NOTE: the URL moved on while the meta was on its way
+  if (location.hash !== detailHash(collection, id)) return;
   state.current = { id, collection };
-  const meta = await (await api(`/${collection}/${id}/meta`)).json();
   $('#detail-title').textContent = meta.filename || id;
   $('#detail-id').textContent = id;
   const figure = $('#detail-figure');
@@ -174,13 +272,14 @@ async function openDetail(id, collection) {
   download.download = meta.filename || id.slice(7);
   const auth = token() ? ' -H "Authorization: Bearer $ISS_TOKEN"' : '';
   $('#curl').textContent = `curl${auth} -o '${(meta.filename || id.slice(7)).replaceAll("'", '')}' ${location.origin}/${collection}/${id}`;
-  const rows = Object.entries({ id, ...meta }).map(([key, value]) => {
+  const present = Object.entries({ id, ...meta }).filter(([, value]) => value !== null && value !== undefined && value !== '');
+  const rows = present.map(([key, value]) => {
     const row = document.createElement('tr');
     const name = document.createElement('th');
     name.scope = 'row';
     name.textContent = key;
     const cell = document.createElement('td');
-    cell.textContent = typeof value === 'object' && value !== null ? JSON.stringify(value) : String(value);
+    cell.append(fieldContent(key, value));
     row.append(name, cell);
     return row;
   });
@@ -225,6 +324,10 @@ function upload(file) {
       const id = headers.blob || body.image_id || body.artifact_id;
       outcome.className = `outcome ${status === 201 ? 'new' : 'stored'}`;
       outcome.textContent = `${status === 201 ? 'new' : 'already stored'}: ${id}`;
+    } else if (status === 415 && !kind) {
+      // NOTE: the server's hint names its API; this page's user stores such a file with the kind field
+      outcome.className = 'outcome error';
+      outcome.textContent = 'Not an image. To store it as a file, type an artifact kind above (e.g. notes) and drop it again.';
     } else {
       outcome.className = 'outcome error';
       outcome.textContent = status
@@ -346,11 +449,14 @@ function start() {
     setTimeout(() => ($('#copy').textContent = 'Copy id'), 1500);
   });
   $('#delete').addEventListener('click', deleteCurrent);
+  $('#detail').addEventListener('close', leaveDetail);
+  window.addEventListener('hashchange', route);
   wireDrop();
   new IntersectionObserver((entries) => entries.some((entry) => entry.isIntersecting) && loadMore(), {
     rootMargin: '400px',
   }).observe($('#more'));
   applyFilters();
+  route();
 }
 
 start();
