@@ -79,7 +79,7 @@ function size(bytes) {
     value /= 1024;
     unit += 1;
   }
-  return `${unit ? value.toFixed(1) : value} ${units[unit]}`;
+  return `${unit ? value.toFixed(1) : value}\u00a0${units[unit]}`; // NOTE: no break inside "2.9 KiB"
 }
 
 // The detail's rows: how a field is shown when it is not plain text.
@@ -89,6 +89,9 @@ const FIELDS = new Map([
   ['mime', breakable],
   ['bytes', (bytes) => (bytes >= 1024 ? `${size(bytes)} (${bytes.toLocaleString()} bytes)` : size(bytes))],
 ]);
+
+// The fields a reader looks for first; the rest follow in the order the server wrote them.
+const FIRST_FIELDS = ['id', 'filename', 'kind', 'created_at', 'captured_at', 'mime', 'bytes', 'width', 'height'];
 
 function fieldContent(key, value) {
   const special = FIELDS.get(key)?.(value);
@@ -173,10 +176,9 @@ function addTile(item) {
     const label = document.createElement('span');
     label.className = 'name';
     label.textContent = name;
-    const details = document.createElement('span');
-    if (item.mime) details.append(breakable(item.mime), ' · ');
-    details.append(size(item.bytes));
-    link.append(title, label, details, when(item.created_at) || '');
+    const bytes = document.createElement('span');
+    bytes.textContent = size(item.bytes);
+    link.append(title, label, item.mime ? breakable(item.mime) : '', bytes, when(item.created_at) || '');
     link.setAttribute('aria-label', `Open ${item.kind} ${name}`);
   }
   tile.append(link);
@@ -215,6 +217,7 @@ const DETAIL_ROUTE = /^#\/(images|artifacts)\/(sha256:[0-9a-f]{64})$/;
 const detailHash = (collection, id) => `#/${collection}/${id}`;
 
 // Show what the URL names: a detail route opens that blob, any other closes the detail.
+// NOTE: the only place the detail opens or closes: closing it is a change of URL (leaveDetail)
 function route(event) {
   const match = DETAIL_ROUTE.exec(location.hash);
   if (!match) {
@@ -227,11 +230,15 @@ function route(event) {
   openDetail(match[2], match[1]);
 }
 
-// The detail was closed (its button, Escape, a delete): the URL names the gallery again.
+// Close the detail (its button, Escape, a delete) by going to the gallery's URL.
 function leaveDetail() {
   if (!DETAIL_ROUTE.test(location.hash)) return;
-  if (history.state?.overGallery) history.back();
-  else history.replaceState(null, '', location.pathname + location.search);
+  if (history.state?.overGallery) {
+    history.back();
+    return;
+  }
+  history.replaceState(null, '', location.pathname + location.search);
+  route();
 }
 
 async function openDetail(id, collection) {
@@ -240,9 +247,8 @@ async function openDetail(id, collection) {
   try {
     meta = await (await api(`/${collection}/${id}/meta`)).json();
   } catch (error) {
+    // NOTE: the URL stays: it names what was asked for (a private store shows it once given a token)
     setStatus(error.message);
-    if (dialog.open) dialog.close();
-    else leaveDetail();
     return;
   }
   // NOTE: the URL moved on while the meta was on its way
@@ -273,7 +279,8 @@ async function openDetail(id, collection) {
   const auth = token() ? ' -H "Authorization: Bearer $ISS_TOKEN"' : '';
   $('#curl').textContent = `curl${auth} -o '${(meta.filename || id.slice(7)).replaceAll("'", '')}' ${location.origin}/${collection}/${id}`;
   const present = Object.entries({ id, ...meta }).filter(([, value]) => value !== null && value !== undefined && value !== '');
-  const rows = present.map(([key, value]) => {
+  const rank = (key) => (FIRST_FIELDS.includes(key) ? FIRST_FIELDS.indexOf(key) : FIRST_FIELDS.length);
+  const rows = present.sort(([a], [b]) => rank(a) - rank(b)).map(([key, value]) => {
     const row = document.createElement('tr');
     const name = document.createElement('th');
     name.scope = 'row';
@@ -294,7 +301,7 @@ async function deleteCurrent() {
     await api(`/${collection}/${id}`, { method: 'DELETE' });
     document.querySelector(`#gallery li[data-id="${id}"]`)?.remove();
     state.seen.delete(id);
-    $('#detail').close();
+    leaveDetail();
     setStatus(`Deleted ${id}.`);
   } catch (error) {
     setStatus(error.message);
@@ -442,6 +449,7 @@ function start() {
     event.preventDefault();
     sessionStorage.setItem('iss-token', new FormData(event.target).get('token').trim());
     restart();
+    route();
   });
   $('#copy').addEventListener('click', async () => {
     await navigator.clipboard.writeText(state.current.id);
@@ -449,7 +457,11 @@ function start() {
     setTimeout(() => ($('#copy').textContent = 'Copy id'), 1500);
   });
   $('#delete').addEventListener('click', deleteCurrent);
-  $('#detail').addEventListener('close', leaveDetail);
+  $('#detail .close').addEventListener('click', leaveDetail);
+  $('#detail').addEventListener('cancel', (event) => {
+    event.preventDefault();
+    leaveDetail();
+  });
   window.addEventListener('hashchange', route);
   wireDrop();
   new IntersectionObserver((entries) => entries.some((entry) => entry.isIntersecting) && loadMore(), {
