@@ -4,7 +4,15 @@
 const PAGE = 100; // a first screen of a large display holds about this many tiles
 const TILE = 256; // CSS pixels of a thumbnail; srcset asks 1x and 2x of it
 const $ = (selector) => document.querySelector(selector);
-const state = { next: null, loading: false, seen: new Set(), filters: {}, collection: 'images', current: null, generation: 0 };
+const state = {
+  next: null,
+  loading: false,
+  generation: 0, // NOTE: counts restarts, so a page of a listing the filters replaced is dropped
+  seen: new Set(),
+  filters: {},
+  collection: 'images',
+  current: null,
+};
 
 // -- the token: kept for this browser session only -------------------------------------
 const token = () => sessionStorage.getItem('iss-token') || '';
@@ -278,7 +286,8 @@ async function openDetail(id, collection) {
   download.download = meta.filename || id.slice(7);
   const auth = token() ? ' -H "Authorization: Bearer $ISS_TOKEN"' : '';
   $('#curl').textContent = `curl${auth} -o '${(meta.filename || id.slice(7)).replaceAll("'", '')}' ${location.origin}/${collection}/${id}`;
-  const present = Object.entries({ id, ...meta }).filter(([, value]) => value !== null && value !== undefined && value !== '');
+  // NOTE: a field the blob does not have (null: no camera, no capture time) is left out, not shown as null
+  const present = Object.entries({ id, ...meta }).filter(([, value]) => value !== null && value !== '');
   const rank = (key) => (FIRST_FIELDS.includes(key) ? FIRST_FIELDS.indexOf(key) : FIRST_FIELDS.length);
   const rows = present.sort(([a], [b]) => rank(a) - rank(b)).map(([key, value]) => {
     const row = document.createElement('tr');
@@ -334,7 +343,8 @@ function upload(file) {
     } else if (status === 415 && !kind) {
       // NOTE: the server's hint names its API; this page's user stores such a file with the kind field
       outcome.className = 'outcome error';
-      outcome.textContent = 'Not an image. To store it as a file, type an artifact kind above (e.g. notes) and drop it again.';
+      outcome.textContent =
+        'Not an image. To store it as a file, type an artifact kind above (e.g. notes) and drop it again.';
     } else {
       outcome.className = 'outcome error';
       outcome.textContent = status
