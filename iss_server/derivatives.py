@@ -18,7 +18,7 @@ from typing import IO, Any
 import falcon
 
 from iss_server import doors, images, index, meta, signing
-from iss_server.auth import carries_one_of
+from iss_server.auth import carries_one_of, token_required
 from iss_server.blobs import OpenBlob, parse_id
 from iss_server.config import DERIVATIVE_PARAMETERS, Settings
 from iss_server.errors import BadRequest, InvalidId, InvalidIdInBody
@@ -291,11 +291,7 @@ class Sign:
                 description='Signing needs ISS_SIGNING_KEY, and ISS_API_TOKEN or ISS_ADMIN_TOKEN to ask for it.',
             )
         if not carries_one_of(req, self._tokens):
-            raise falcon.HTTPUnauthorized(
-                title='Token required',
-                description='Signing needs "Authorization: Bearer <ISS_API_TOKEN or ISS_ADMIN_TOKEN>".',
-                challenges=['Bearer realm="iss"'],
-            )
+            raise token_required('Signing needs "Authorization: Bearer <ISS_API_TOKEN or ISS_ADMIN_TOKEN>".')
         body = self._receiver.read_json(req, self._MAX_BODY_BYTES)
         if not isinstance(body, dict):
             raise BadRequest(

@@ -9,7 +9,7 @@ import falcon
 import yaml
 
 from iss_server import browse
-from iss_server.responses import IMMUTABLE
+from iss_server.responses import IMMUTABLE, etag_matches
 
 
 class BrowsePage:
@@ -28,7 +28,7 @@ class BrowsePage:
         resp.set_header('Content-Security-Policy', browse.CSP)
         resp.set_header('X-Content-Type-Options', 'nosniff')
         resp.set_header('Referrer-Policy', 'same-origin')
-        if req.get_header('If-None-Match') == f'"{self._assets.etag}"':
+        if etag_matches(req.if_none_match, self._assets.etag):
             resp.status = falcon.HTTP_304
             return
         resp.data = self._assets.html
