@@ -24,7 +24,6 @@ from iss_server.config import DERIVATIVE_PARAMETERS, Settings
 from iss_server.errors import BadRequest, InvalidId, InvalidIdInBody
 from iss_server.receiving import UploadReceiver
 from iss_server.responses import etag_matches, send_file, send_not_modified
-from iss_server.signing import MAX_EXPIRES_IN
 from storage import BlobStore
 
 
@@ -313,8 +312,9 @@ class Sign:
                 f'params is an object of derivative parameters ({", ".join(DERIVATIVE_PARAMETERS)}) and their values.',
                 title='Invalid body',
             )
-        if not isinstance(expires_in, int) or isinstance(expires_in, bool) or not 0 < expires_in <= MAX_EXPIRES_IN:
-            raise BadRequest(f'expires_in is 1 to {MAX_EXPIRES_IN} seconds.', title='Invalid body')
+        longest = signing.MAX_EXPIRES_IN
+        if not isinstance(expires_in, int) or isinstance(expires_in, bool) or not 0 < expires_in <= longest:
+            raise BadRequest(f'expires_in is 1 to {longest} seconds.', title='Invalid body')
         path = doors.location(door, f'sha256:{blob_id}')
         url = signing.signed_path(self._key, path, {str(k): str(v) for k, v in params.items()}, expires_in)
         resp.media = {'url': url, 'expires': int(urllib.parse.parse_qs(url.partition('?')[2])['expires'][0])}
