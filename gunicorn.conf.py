@@ -14,6 +14,7 @@ import gunicorn.util
 
 from iss_server import syscalls
 from iss_server.config import Settings
+from iss_server.errors import error_body
 
 _settings = Settings.from_env()
 
@@ -67,9 +68,9 @@ def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     """Answer the requests gunicorn refuses itself (400, 414, 431...) in JSON, like ISS does.
 
     gunicorn writes these before ISS sees the request, as an HTML page, through this one
-    function; the fields are those of every ISS error.
+    function; the body is that of every ISS error.
     """
-    body = json.dumps({'title': reason, 'description': mesg, 'status': status_int, 'detail': mesg}).encode()
+    body = json.dumps(error_body(status_int, reason, mesg)).encode()
     head = (
         f'HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n'
         f'Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n'

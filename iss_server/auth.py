@@ -49,11 +49,7 @@ class RequireToken:
                 title=f'{self._purpose} is off', description=f'{self._purpose} is off until {self._variable} is set.'
             )
         if not hmac.compare_digest(bearer_token(req.get_header('Authorization')), self._expected):
-            raise falcon.HTTPUnauthorized(
-                title='Token required',
-                description=f'{self._purpose} needs the header "Authorization: Bearer <{self._variable}>".',
-                challenges=['Bearer realm="iss"'],
-            )
+            raise token_required(f'{self._purpose} needs the header "Authorization: Bearer <{self._variable}>".')
 
 
 class RequireReadToken:
@@ -93,11 +89,9 @@ class RequireReadToken:
                 raise falcon.HTTPForbidden(title='Invalid signature', description=str(exc)) from None
             return  # NOTE: a valid signature stands in for the token, for this one read
         if not carries_one_of(req, self._tokens):
-            raise falcon.HTTPUnauthorized(
-                title='Token required',
-                description='This store is private: reading needs "Authorization: Bearer <ISS_READ_TOKEN>" '
-                '(or the upload or admin token).',
-                challenges=['Bearer realm="iss"'],
+            raise token_required(
+                'This store is private: reading needs "Authorization: Bearer <ISS_READ_TOKEN>" '
+                '(or the upload or admin token).'
             )
 
     def process_response(
@@ -111,6 +105,11 @@ class RequireReadToken:
         elif 'private' not in cache_control:
             cache_control = ', '.join(['private', *filter(None, [cache_control])])
         resp.set_header('Cache-Control', cache_control)
+
+
+def token_required(description: str) -> falcon.HTTPUnauthorized:
+    """401 with the Bearer challenge: the request needs a token it did not carry."""
+    return falcon.HTTPUnauthorized(title='Token required', description=description, challenges=['Bearer realm="iss"'])
 
 
 def carries_one_of(req: falcon.Request, tokens: tuple[bytes, ...]) -> bool:

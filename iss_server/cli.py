@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import iss_client
 import storage
-from iss_server import backends, images, index, maintenance, meta, signing
+from iss_server import backends, doors, images, index, maintenance, meta, signing
 from iss_server.blobs import parse_id
 from iss_server.config import ConfigError, Settings
 from iss_server.errors import BlobNotFound, CorruptBlob, ServiceError
@@ -225,9 +225,11 @@ def sign(store: storage.BlobStore, args: argparse.Namespace, progress: Progress)
         raise UsageError('signing needs ISS_SIGNING_KEY')
     hex_digest = parse_id(args.id)
     params = dict(param.partition('=')[::2] for param in args.params)
-    if not 0 < args.expires <= 7 * 24 * 3600 or any(name in signing.PARAMETERS for name in params):
-        raise UsageError('--expires is 1 to 604800 seconds; expires and signature are added, not given')
-    path = f'/{"artifacts" if args.artifact else "images"}/sha256:{hex_digest}'
+    if not 0 < args.expires <= signing.MAX_EXPIRES_IN or any(name in signing.PARAMETERS for name in params):
+        raise UsageError(
+            f'--expires is 1 to {signing.MAX_EXPIRES_IN} seconds; expires and signature are added, not given'
+        )
+    path = doors.location(index.ARTIFACTS if args.artifact else index.IMAGES, f'sha256:{hex_digest}')
     return OK, {'url': signing.signed_path(args.settings.signing_key, path, params, args.expires)}
 
 

@@ -43,7 +43,9 @@ def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...]) -> 
 
 
 _PRESET_NAME = re.compile(r'[a-z0-9_-]{1,32}')
-_PRESET_KEYS = ('w', 'h', 'fit', 'format', 'q')
+#: The query parameters of a derivative (``/images/{id}?w=256``), also a preset's keys.
+#: NOTE: the one list; iss_server/derivatives.py parses each in ``Derivatives._variant``.
+DERIVATIVE_PARAMETERS = ('w', 'h', 'fit', 'format', 'q')
 
 
 def _presets(environ: Mapping[str, str], name: str) -> dict[str, dict[str, str]]:
@@ -56,11 +58,11 @@ def _presets(environ: Mapping[str, str], name: str) -> dict[str, dict[str, str]]
             not equals
             or not _PRESET_NAME.fullmatch(preset.strip())
             or not params
-            or not set(params) <= set(_PRESET_KEYS)
+            or not set(params) <= set(DERIVATIVE_PARAMETERS)
         ):
             raise ConfigError(
                 f'{name}: {entry!r} is not NAME=KEY:VALUE,... with a name of a-z, 0-9, _ or - and keys of '
-                f'{", ".join(_PRESET_KEYS)}'
+                f'{", ".join(DERIVATIVE_PARAMETERS)}'
             )
         presets[preset.strip()] = params
     return presets

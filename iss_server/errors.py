@@ -13,6 +13,17 @@ business.
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def error_body(status: int, title: str, description: str) -> dict[str, Any]:
+    """The JSON body of every error ISS answers: ``title``, ``description``, ``status`` and ``detail``.
+
+    ``detail`` repeats the description for clients of the FastAPI version. The app's
+    error serializer, a batch's refused files and gunicorn's own refusals all use it.
+    """
+    return {'title': title, 'description': description, 'status': status, 'detail': description}
+
 
 class ServiceError(Exception):
     """Base of every error ISS answers on purpose.
@@ -64,6 +75,15 @@ class InvalidId(ServiceError, ValueError):
 
     status = 404
     title = 'Malformed id'
+
+
+class DigestMismatch(BadRequest):
+    """Bytes sent under a claimed id (a PUT, a tus ``sha256``) that hash to another; nothing is stored."""
+
+    title = 'Digest mismatch'
+
+    def __init__(self, digest: str, claimed: str) -> None:
+        super().__init__(f'The bytes hash to {digest}, not {claimed}; nothing was stored.')
 
 
 class InvalidIdInBody(BadRequest):

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 
 #: The query parameters a signed URL adds.
 PARAMETERS = ('expires', 'signature')
+#: The longest a signed URL may live: a week (``POST /sign``, ``python -m iss sign``).
+MAX_EXPIRES_IN = 7 * 24 * 3600
 
 
 class BadSignature(Exception):

@@ -1,0 +1,196 @@
+"""The two doors an upload enters by, ``/images`` and ``/artifacts``, and what its client is told.
+
+A door decides what an upload must be to be stored through it (an image that
+Pillow identifies; an artifact with a ``kind`` and the client's ``meta``) and
+the meta it is stored with. Its ``name`` is the route's first segment, the
+listing the blob is indexed in (``index.IMAGES``, ``index.ARTIFACTS``) and the
+start of the blob's URL (:func:`location`). A POST, a PUT and a finished tus
+session all pass through a door's :meth:`Door.meta_for`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import falcon
+
+from iss_server import images, index, meta
+from iss_server.blobs import Committed
+from iss_server.config import Settings
+from iss_server.errors import BadRequest, FileRefused, NotAnImage, OversizedImage, UndecodableImage, error_body
+from iss_server.receiving import Upload, is_multipart
+from storage import BlobStore
+
+
+def location(door: str, blob_id: str) -> str:
+    """The URL path of a stored blob: ``/images/sha256:...`` (``Location``, tus's result, signed URLs)."""
+    return f'/{door}/{blob_id}'
+
+
+class Door(Protocol):
+    """How one door checks and describes what is uploaded through it."""
+
+    #: ``images`` or ``artifacts``: the route, the listing, the blob's URL.
+    name: str
+    #: The key of the id in the answer: ``image_id`` or ``artifact_id``.
+    id_field: str
+    #: The form fields besides ``file`` that a POST may carry.
+    form_fields: tuple[str, ...]
+
+    def check(self, req: falcon.Request) -> None:
+        """Refuse what the headers and query already show to be wrong, before a byte of body is read."""
+
+    def meta_for(self, req: falcon.Request, upload: Upload) -> dict[str, Any]:
+        """The meta this door gives the uploaded file.
+
+        Raises:
+            FileRefused: this file cannot be stored here (in a batch, the others still are).
+            ServiceError: the request is wrong for every file it carries.
+        """
+
+
+class ImageDoor:
+    """Images: Pillow must identify the bytes from their header; the meta is what it read."""
+
+    name = index.IMAGES
+    id_field = 'image_id'
+    form_fields = ()
+
+    def __init__(self, settings: Settings) -> None:
+        self._max_pixels = settings.max_image_pixels
+        self._verify = settings.verify_images
+
+    def check(self, req: falcon.Request) -> None:
+        if req.method == 'POST' and not is_multipart(req) and not content_type(req).startswith('image/'):
+            raise falcon.HTTPUnsupportedMediaType(
+                title='Unsupported upload',
+                description='Send multipart/form-data with a "file" field, or a raw body with an image/* '
+                'Content-Type; store other files with POST /artifacts?kind=...',
+            )
+
+    def meta_for(self, req: falcon.Request, upload: Upload) -> dict[str, Any]:
+        with upload.staged.open() as file:
+            try:
+                return meta.identified_image(
+                    file,
+                    upload.staged.size,
+                    max_pixels=self._max_pixels,
+                    filename=offered_name(req, upload),
+                    verify=self._verify,
+                )
+            except images.NotAnImage:
+                raise NotAnImage('') from None
+            except images.ImageTooLarge as exc:
+                raise OversizedImage(exc) from None
+            except images.CannotRender as exc:
+                raise UndecodableImage(exc) from None
+
+
+class ArtifactDoor:
+    """Artifacts: any bytes, with a ``kind`` and the client's ``meta`` (query string, or form fields of a POST)."""
+
+    name = index.ARTIFACTS
+    id_field = 'artifact_id'
+    form_fields = ('kind', 'meta')
+
+    def __init__(self, settings: Settings) -> None:
+        self._max_meta_bytes = settings.max_meta_bytes
+
+    def check(self, req: falcon.Request) -> None:
+        """PERF: what the query string says is checked before a byte of body is read.
+
+        A form may carry the kind as a field: without one in the query, it is checked by meta_for.
+        """
+        kind = req.get_param('kind')
+        if kind is None and is_multipart(req):
+            meta.parse_user_meta(req.get_param('meta'), self._max_meta_bytes)
+        else:
+            self.fields(kind, req.get_param('meta'))
+
+    def fields(self, kind: str | None, user_meta: str | None) -> tuple[str, dict[str, Any]]:
+        """The artifact's ``kind`` and its client's ``meta``, checked: of a POST, a PUT or a tus session.
+
+        Raises:
+            BadRequest: no kind, a kind that is not of meta.KIND_PATTERN, or meta that is no
+                JSON object of at most ISS_MAX_META_BYTES without ISS's keys.
+        """
+        return meta.check_kind(kind), meta.parse_user_meta(user_meta, self._max_meta_bytes)
+
+    def meta_for(self, req: falcon.Request, upload: Upload) -> dict[str, Any]:
+        kind, user = self.fields(self._value(req, upload, 'kind'), self._value(req, upload, 'meta'))
+        return meta.artifact(kind, upload.staged.size, upload.content_type, user, filename=offered_name(req, upload))
+
+    @staticmethod
+    def _value(req: falcon.Request, upload: Upload, name: str) -> str | None:
+        value = req.get_param(name)
+        if name not in upload.fields:
+            return value
+        if value is not None:
+            raise BadRequest(f'Give {name} once: in the query string or as a form field.', title=f'Repeated {name}')
+        return upload.fields[name]
+
+
+def offered_name(req: falcon.Request, upload: Upload) -> str | None:
+    """The file name the client gives: ``?filename=`` (any upload), else the form part's."""
+    return req.get_param('filename') or upload.filename
+
+
+def content_type(req: falcon.Request) -> str:
+    """The request's Content-Type, lowercase; empty when it has none."""
+    return (req.content_type or '').lower()
+
+
+# -- what the client is told ----------------------------------------------------------
+
+
+def answer_upload(req: falcon.Request, resp: falcon.Response, door: Door, upload: Upload, committed: Committed) -> None:
+    """201 with Location for new content; 200 and the meta stored before when it was already stored."""
+    body = _outcome(req, door, upload, committed)
+    del body['status']
+    resp.media = body
+    resp.location = location(door.name, upload.staged.digest)
+    resp.status = falcon.HTTP_201 if committed.created else falcon.HTTP_200
+
+
+def answer_batch(req: falcon.Request, resp: falcon.Response, door: Door, store: BlobStore, files: list[Upload]) -> None:
+    """Several files in one form: one group commit, and a list with each file's outcome, in order.
+
+    A refused file (not an image, say) is an entry with its error; the others
+    are stored all the same. The status is 201 when every file is stored and
+    one at least is new, 200 when all were stored already, 207 when any was
+    refused.
+    """
+    outcomes: list[dict[str, Any] | None] = []
+    accepted: list[tuple[Upload, dict[str, Any]]] = []
+    for upload in files:
+        try:
+            accepted.append((upload, door.meta_for(req, upload)))
+            outcomes.append(None)
+        except FileRefused as exc:
+            refusal = error_body(exc.status, exc.title, exc.public_description)
+            outcomes.append({**refusal, 'filename': meta.clean_filename(offered_name(req, upload))})
+    committed = iter(store.commit_all([(upload.staged, file_meta) for upload, file_meta in accepted]))
+    stored = iter(accepted)
+    outcomes = [outcome or _outcome(req, door, next(stored)[0], next(committed)) for outcome in outcomes]
+    resp.media = outcomes
+    if len(accepted) < len(files):
+        resp.status = falcon.HTTP_207
+    else:
+        resp.status = falcon.HTTP_201 if any(outcome['created'] for outcome in outcomes) else falcon.HTTP_200
+
+
+def _outcome(req: falcon.Request, door: Door, upload: Upload, committed: Committed) -> dict[str, Any]:
+    """What the client is told of one stored file: its id, the stored meta's answer keys, ``created``.
+
+    ``filename`` is the stored one (the first upload's), or for a blob stored
+    without one, the name this upload offered; ``status`` is 201 or 200.
+    """
+    stored = committed.meta
+    body: dict[str, Any] = {
+        door.id_field: upload.staged.digest,
+        'filename': stored.get('filename', meta.clean_filename(offered_name(req, upload))),
+    }
+    body.update({key: stored[key] for key in meta.ANSWER_KEYS if key in stored})
+    body['created'] = committed.created
+    body['status'] = 201 if committed.created else 200
+    return body
