@@ -1,4 +1,4 @@
-"""The client (iss_client.py) and the iss-client command, installed as a user would, against a real gunicorn."""
+"""The client (the iss_client package) and the iss-client command, installed as a user would, against a real gunicorn."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ def installed(tmp_path_factory) -> pathlib.Path:
     # NOTE: built from a copy, so the build leaves nothing in the checkout; the copy holds
     # what the package is made of, and the test fails if it ever needs more.
     source = tmp_path_factory.mktemp('client-source')
-    for name in ('pyproject.toml', 'iss_client.py', 'README.md'):
+    for name in ('pyproject.toml', 'README.md'):
         shutil.copy(HERE / name, source / name)
+    shutil.copytree(HERE / 'iss_client', source / 'iss_client', ignore=shutil.ignore_patterns('__pycache__'))
     subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True, timeout=120)
     subprocess.run(
         [str(venv / 'bin' / 'pip'), 'install', '-q', str(source)], check=True, capture_output=True, timeout=300
@@ -67,13 +68,16 @@ def unprivileged_client(installed: pathlib.Path, world_readable: pathlib.Path) -
 
     NOTE: as root (CI), permissions stop nothing, so the client runs as nobody: with
     Debian's own python3 (the venv's interpreter lives under /root, which nobody may not
-    enter) and a copy of the client module where nobody can read it.
+    enter) and a copy of the client's package where nobody can read it.
     """
     if os.getuid() != 0:
         return [str(installed / 'iss-client')], None
-    shutil.copy(HERE / 'iss_client.py', world_readable / 'iss_client.py')
-    (world_readable / 'iss_client.py').chmod(0o644)
-    return ['/usr/bin/python3', str(world_readable / 'iss_client.py')], _as_nobody
+    package = world_readable / 'iss_client'
+    shutil.copytree(HERE / 'iss_client', package, ignore=shutil.ignore_patterns('__pycache__'))
+    for path in [package, *package.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    run = f'import sys; sys.path.insert(0, {str(world_readable)!r}); from iss_client import main; sys.exit(main())'
+    return ['/usr/bin/python3', '-c', run], _as_nobody
 
 
 def _make_tree(top: pathlib.Path) -> dict[str, bytes]:
@@ -313,10 +317,11 @@ def test_push_hashes_a_large_file_while_sending_it_and_names_it_in_the_manifest(
     (tree / 'small').mkdir(parents=True)
     (tree / 'small' / 'a.txt').write_bytes(b'small')
     (tree / 'big.bin').write_bytes(os.urandom(40 * MIB))
-    command = [sys.executable, str(HERE / 'iss_client.py'), '--url', server.url, 'push', '--kind', 'set', str(tree)]
+    command = [sys.executable, '-m', 'iss_client', '--url', server.url, 'push', '--kind', 'set', str(tree)]
 
-    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, 'XDG_CACHE_HOME': str(tmp_path / 'cache')}
+    first = subprocess.run(command, capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    second = subprocess.run(command, capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
 
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     manifest = {entry['path']: entry for entry in map(json.loads, first.stdout.splitlines())}
@@ -425,8 +430,8 @@ def test_a_resumable_upload_of_a_stored_file_stops_and_leaves_nothing(start, tmp
 
 def test_push_sends_a_file_over_the_threshold_resumably(start, tmp_path, monkeypatch):
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
-    monkeypatch.setattr(iss_client, '_RESUMABLE_BYTES', 2 * MIB)
-    monkeypatch.setattr(iss_client, '_RESUMABLE_CHUNK_BYTES', MIB)
+    monkeypatch.setattr(iss_client.library, '_RESUMABLE_BYTES', 2 * MIB)
+    monkeypatch.setattr(iss_client.library, '_RESUMABLE_CHUNK_BYTES', MIB)
     server = start()
     tree = tmp_path / 'tree'
     tree.mkdir()
