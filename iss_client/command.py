@@ -54,7 +54,8 @@ class _Console:
         self._lock = threading.Lock()
         self._line = ''
         self._files = self._bytes = self._done_files = self._done_bytes = 0
-        self._started = self._drawn = time.monotonic()
+        self._started = time.monotonic()
+        self._drawn = 0.0
 
     def start(self, files: int, size: int) -> None:
         self._files, self._bytes = files, size
@@ -437,7 +438,9 @@ def _add_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
         return value if defaults else argparse.SUPPRESS
 
     url = os.environ.get('ISS_URL', 'http://127.0.0.1:8000')
-    parser.add_argument('--url', default=default(url), help='the server (default: $ISS_URL, else %(default)s)')
+    parser.add_argument(
+        '--url', default=default(url), help='the server (default: $ISS_URL, else http://127.0.0.1:8000)'
+    )
     token = os.environ.get('ISS_API_TOKEN')
     parser.add_argument('--token', default=default(token), help='the bearer token (default: $ISS_API_TOKEN)')
     parser.add_argument('-j', '--jobs', type=int, default=default(8), help='requests at once (default 8)')
