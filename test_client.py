@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -752,3 +753,22 @@ def test_an_error_line_never_runs_into_the_progress_line(monkeypatch):
         r'\r\x1b\[K2/2 files  2\.0 kB/2\.0 kB  [^\n\r]+\n',
         stderr.getvalue(),
     ), repr(stderr.getvalue())
+
+
+def test_the_server_never_imports_the_client_and_the_client_imports_only_the_standard_library():
+    def imported(path: pathlib.Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.partition('.')[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.partition('.')[0])
+        return names
+
+    server = [HERE / name for name in ('iss.py', 'storage.py', 'gunicorn.conf.py', 'healthcheck.py')]
+    server += sorted((HERE / 'iss_server').rglob('*.py'))
+    client = sorted((HERE / 'iss_client').rglob('*.py'))
+
+    assert {str(path.relative_to(HERE)) for path in server if 'iss_client' in imported(path)} == set()
+    outside = {name for path in client for name in imported(path)} - set(sys.stdlib_module_names) - {'iss_client'}
+    assert outside == set()
