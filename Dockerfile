@@ -24,7 +24,7 @@ RUN groupadd --system --gid 10001 iss \
     && chown iss:iss /var/lib/iss
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY gunicorn.conf.py healthcheck.py iss.py iss_client.py openapi.yaml storage.py ./
+COPY gunicorn.conf.py healthcheck.py iss.py openapi.yaml storage.py ./
 COPY iss_server/ ./iss_server/
 COPY browse/browse.css browse/browse.js browse/favicon.svg browse/index.html ./browse/
 USER 10001:10001

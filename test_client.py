@@ -1,14 +1,17 @@
-"""The client (iss_client.py) and the iss-client command, installed as a user would, against a real gunicorn."""
+"""The client (the iss_client package) and its iss-client command, installed as a user would, on a real gunicorn."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import io
 import json
 import os
 import pathlib
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,8 +33,9 @@ def installed(tmp_path_factory) -> pathlib.Path:
     # NOTE: built from a copy, so the build leaves nothing in the checkout; the copy holds
     # what the package is made of, and the test fails if it ever needs more.
     source = tmp_path_factory.mktemp('client-source')
-    for name in ('pyproject.toml', 'iss_client.py', 'README.md'):
+    for name in ('pyproject.toml', 'README.md'):
         shutil.copy(HERE / name, source / name)
+    shutil.copytree(HERE / 'iss_client', source / 'iss_client', ignore=shutil.ignore_patterns('__pycache__'))
     subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True, timeout=120)
     subprocess.run(
         [str(venv / 'bin' / 'pip'), 'install', '-q', str(source)], check=True, capture_output=True, timeout=300
@@ -67,13 +71,16 @@ def unprivileged_client(installed: pathlib.Path, world_readable: pathlib.Path) -
 
     NOTE: as root (CI), permissions stop nothing, so the client runs as nobody: with
     Debian's own python3 (the venv's interpreter lives under /root, which nobody may not
-    enter) and a copy of the client module where nobody can read it.
+    enter) and a copy of the client's package where nobody can read it.
     """
     if os.getuid() != 0:
         return [str(installed / 'iss-client')], None
-    shutil.copy(HERE / 'iss_client.py', world_readable / 'iss_client.py')
-    (world_readable / 'iss_client.py').chmod(0o644)
-    return ['/usr/bin/python3', str(world_readable / 'iss_client.py')], _as_nobody
+    package = world_readable / 'iss_client'
+    shutil.copytree(HERE / 'iss_client', package, ignore=shutil.ignore_patterns('__pycache__'))
+    for path in [package, *package.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    run = f'import sys; sys.path.insert(0, {str(world_readable)!r}); from iss_client import main; sys.exit(main())'
+    return ['/usr/bin/python3', '-c', run], _as_nobody
 
 
 def _make_tree(top: pathlib.Path) -> dict[str, bytes]:
@@ -313,10 +320,11 @@ def test_push_hashes_a_large_file_while_sending_it_and_names_it_in_the_manifest(
     (tree / 'small').mkdir(parents=True)
     (tree / 'small' / 'a.txt').write_bytes(b'small')
     (tree / 'big.bin').write_bytes(os.urandom(40 * MIB))
-    command = [sys.executable, str(HERE / 'iss_client.py'), '--url', server.url, 'push', '--kind', 'set', str(tree)]
+    command = [sys.executable, '-m', 'iss_client', '--url', server.url, 'push', '--kind', 'set', str(tree)]
 
-    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, 'XDG_CACHE_HOME': str(tmp_path / 'cache')}
+    first = subprocess.run(command, capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    second = subprocess.run(command, capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
 
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     manifest = {entry['path']: entry for entry in map(json.loads, first.stdout.splitlines())}
@@ -425,8 +433,8 @@ def test_a_resumable_upload_of_a_stored_file_stops_and_leaves_nothing(start, tmp
 
 def test_push_sends_a_file_over_the_threshold_resumably(start, tmp_path, monkeypatch):
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
-    monkeypatch.setattr(iss_client, '_RESUMABLE_BYTES', 2 * MIB)
-    monkeypatch.setattr(iss_client, '_RESUMABLE_CHUNK_BYTES', MIB)
+    monkeypatch.setattr(iss_client.library, '_RESUMABLE_BYTES', 2 * MIB)
+    monkeypatch.setattr(iss_client.library, '_RESUMABLE_CHUNK_BYTES', MIB)
     server = start()
     tree = tmp_path / 'tree'
     tree.mkdir()
@@ -441,3 +449,326 @@ def test_push_sends_a_file_over_the_threshold_resumably(start, tmp_path, monkeyp
     )
     assert patches and float(patches.group(1)) == 5
     assert iss_client.Client(server.url).meta(blob_id((tree / 'big.bin').read_bytes()))['kind'] == 'set'
+
+
+# -- the command as a new user meets it (issue 25) -------------------------------------
+
+
+def _command(*args: str, cache: pathlib.Path, umask: int | None = None, **env: str) -> subprocess.CompletedProcess:
+    """``python -m iss_client ARGS`` from the checkout, with a cache of its own and no ISS_* of the test's."""
+    environ = {name: value for name, value in os.environ.items() if not name.startswith('ISS_')}
+    environ.update(XDG_CACHE_HOME=str(cache), **env)
+    return subprocess.run(
+        [sys.executable, '-m', 'iss_client', *args],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        env=environ,
+        preexec_fn=None if umask is None else lambda: os.umask(umask),
+        timeout=300,
+    )
+
+
+def _mixed_tree(top: pathlib.Path) -> None:
+    (top / 'photos').mkdir(parents=True)
+    (top / 'photos' / 'a.png').write_bytes(make_png())
+    (top / 'photos' / 'broken.png').write_bytes(make_png()[:30])  # an image's first bytes, then nothing
+    (top / 'table.csv').write_bytes(b'a,b\n1,2\n')
+    (top / 'doc.json').write_bytes(b'{"a": 1}')
+    (top / 'notes.txt').write_bytes(b'notes\n')
+
+
+def test_push_stores_a_mixed_tree_in_one_run_images_as_images_the_rest_as_files(start, tmp_path):
+    server = start()
+    tree = tmp_path / 'tree'
+    _mixed_tree(tree)
+
+    pushed = _command('--url', server.url, 'push', str(tree), cache=tmp_path / 'cache')
+
+    assert pushed.returncode == 0, pushed.stderr
+    manifest = {entry['path']: entry for entry in map(json.loads, pushed.stdout.splitlines())}
+    assert set(manifest) == {'photos/a.png', 'photos/broken.png', 'table.csv', 'doc.json', 'notes.txt'}
+    client = iss_client.Client(server.url)
+    stored = {path: client.meta(entry['id']) for path, entry in manifest.items()}
+    assert {path: (meta['kind'], meta['mime']) for path, meta in stored.items()} == {
+        'photos/a.png': ('image', 'image/png'),
+        'photos/broken.png': ('file', 'image/png'),  # the image door said no: stored as a file
+        'table.csv': ('file', 'text/csv'),
+        'doc.json': ('file', 'application/json'),
+        'notes.txt': ('file', 'text/plain'),
+    }
+    assert [item['id'] for item in client.list('images')] == [manifest['photos/a.png']['id']]
+
+
+def test_push_images_only_refuses_the_rest_naming_the_option_that_takes_it(start, tmp_path):
+    server = start()
+    tree = tmp_path / 'tree'
+    _mixed_tree(tree)
+
+    pushed = _command('--url', server.url, 'push', '--images-only', str(tree), cache=tmp_path / 'cache')
+
+    assert pushed.returncode == 1
+    assert [json.loads(line)['path'] for line in pushed.stdout.splitlines()] == ['photos/a.png']
+    refusals = pushed.stderr.splitlines()
+    assert len(refusals) == 4 and all('without --images-only' in line for line in refusals), pushed.stderr
+    assert str(tree / 'notes.txt') in pushed.stderr and 'POST /artifacts' not in pushed.stderr
+    both = _command('--url', server.url, 'push', '--images-only', '--kind', 'x', str(tree), cache=tmp_path / 'cache')
+    assert both.returncode == 2 and '--kind' in both.stderr
+
+
+def test_push_with_a_kind_stores_every_file_as_an_artifact_of_it(start, tmp_path):
+    server = start()
+    tree = tmp_path / 'tree'
+    _mixed_tree(tree)
+
+    pushed = _command('--url', server.url, 'push', '--kind', 'dataset', str(tree), cache=tmp_path / 'cache')
+
+    assert pushed.returncode == 0, pushed.stderr
+    client = iss_client.Client(server.url)
+    assert {client.meta(json.loads(line)['id'])['kind'] for line in pushed.stdout.splitlines()} == {'dataset'}
+    assert list(client.list('images')) == []
+
+
+def test_a_re_push_of_a_40_mib_file_sends_no_byte_of_it(start, tmp_path):
+    server = start()
+    tree = tmp_path / 'tree'
+    tree.mkdir()
+    (tree / 'weights.csv').write_bytes(os.urandom(40 * MIB))
+    push = ('--url', server.url, 'push', str(tree))
+
+    first = _command(*push, cache=tmp_path / 'cache')
+    received = _uploaded_bytes(server)
+    second = _command(*push, cache=tmp_path / 'cache')
+
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert received >= 40 * MIB
+    assert json.loads(second.stdout)['status'] == 'stored'
+    assert _uploaded_bytes(server) == received, 'the re-push sent bytes of a stored file'
+    meta = iss_client.Client(server.url).meta(json.loads(first.stdout)['id'])
+    assert (meta['kind'], meta['mime'], meta['filename']) == ('file', 'text/csv', 'weights.csv')
+
+
+def test_every_way_up_types_a_file_by_its_extension(start, tmp_path):
+    server = start()
+    client = iss_client.Client(server.url)
+    by_id = tmp_path / 'middle.json'
+    by_id.write_bytes(b'[' + b'1,' * 200_000 + b'1]')
+    hashing = tmp_path / 'large.txt'
+    hashing.write_bytes(os.urandom(40 * MIB))
+    resumable = tmp_path / 'video.tsv'
+    resumable.write_bytes(os.urandom(2 * MIB))
+
+    ways = {
+        'by-id': client.put(by_id, kind='t'),
+        'while-hashing': client.put(hashing, kind='t'),
+        'batch': client.put_many([(b'a,b\n', 'small.csv')], kind='t')[0],
+        'resumable': client.put_resumable(resumable, kind='t', chunk_bytes=MIB),
+    }
+
+    assert iss_client.upload_way(by_id.stat().st_size, id_known=False) == 'by-id'
+    assert iss_client.upload_way(hashing.stat().st_size, id_known=False) == 'while-hashing'
+    assert {way: client.meta(stored.id)['mime'] for way, stored in ways.items()} == {
+        'by-id': 'application/json',
+        'while-hashing': 'text/plain',
+        'batch': 'text/csv',
+        'resumable': 'text/tab-separated-values',
+    }
+
+
+def test_the_client_and_the_servers_import_type_files_by_the_same_table():
+    import iss_server.files
+
+    assert iss_client.files.MEDIA_TYPES == iss_server.files.MEDIA_TYPES
+    assert iss_client.media_type('A.CSV') == iss_server.files.media_type('A.CSV') == 'text/csv'
+    assert iss_client.media_type('weights') == iss_server.files.media_type('weights') == 'application/octet-stream'
+
+
+def test_the_servers_import_and_push_write_manifests_of_the_same_shape(start, tmp_path):
+    tree = tmp_path / 'tree'
+    _mixed_tree(tree)
+    (tree / 'photos' / 'copy.png').write_bytes(make_png())  # the same bytes twice: one new, one stored
+    server = start()
+    imported = tmp_path / 'imported.jsonl'
+    (tmp_path / 'other').mkdir()
+    subprocess.run(
+        [sys.executable, '-m', 'iss', 'import', str(tree), '--kind', 'set', '--manifest', str(imported)],
+        env={**os.environ, 'ISS_DATA': str(tmp_path / 'other')},
+        cwd=HERE,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+    pushed = _command('--url', server.url, '-q', 'push', '--kind', 'set', str(tree), cache=tmp_path / 'cache')
+
+    assert pushed.returncode == 0, pushed.stderr
+    from_import = sorted(map(json.loads, imported.read_text().splitlines()), key=lambda entry: entry['path'])
+    from_push = [json.loads(line) for line in pushed.stdout.splitlines()]  # NOTE: push sorts by path
+    assert len(from_push) == 6 and from_push == from_import
+
+
+def test_pull_restores_file_names_and_gives_modes_by_the_umask(start, tmp_path):
+    server = start()
+    client = iss_client.Client(server.url)
+    report = client.put(b'a,b\n', kind='t', filename='report.csv')
+    same_name = client.put(b'c,d\n', kind='t', filename='report.csv')
+    nameless = client.put(b'no name', kind='t')
+    cache = tmp_path / 'cache'
+
+    by_id = _command(
+        '--url',
+        server.url,
+        'pull',
+        report.id,
+        same_name.id,
+        nameless.id,
+        '-o',
+        str(tmp_path / 'ids'),
+        cache=cache,
+        umask=0o027,
+    )
+
+    assert by_id.returncode == 0, by_id.stderr
+    got = {path.name: (path.read_bytes(), path.stat().st_mode & 0o777) for path in (tmp_path / 'ids').iterdir()}
+    assert got == {
+        'report.csv': (b'a,b\n', 0o640),
+        same_name.id.removeprefix('sha256:'): (b'c,d\n', 0o640),  # the name was taken
+        nameless.id.removeprefix('sha256:'): (b'no name', 0o640),
+    }
+    tree = tmp_path / 'tree'
+    _mixed_tree(tree)
+    manifest = tmp_path / 'manifest.jsonl'
+    assert _command('--url', server.url, 'push', str(tree), '--manifest', str(manifest), cache=cache).returncode == 0
+
+    by_manifest = _command(
+        '--url',
+        server.url,
+        'pull',
+        '--manifest',
+        str(manifest),
+        '-o',
+        str(tmp_path / 'back'),
+        cache=cache,
+        umask=0o022,
+    )
+
+    assert by_manifest.returncode == 0, by_manifest.stderr
+    back = {str(path.relative_to(tmp_path / 'back')): path for path in (tmp_path / 'back').rglob('*') if path.is_file()}
+    assert {name: path.read_bytes() for name, path in back.items()} == {
+        str(path.relative_to(tree)): path.read_bytes() for path in tree.rglob('*') if path.is_file()
+    }
+    assert {path.stat().st_mode & 0o777 for path in back.values()} == {0o644}
+
+
+def test_options_go_before_or_after_the_command_and_every_command_speaks_json(start, tmp_path):
+    server = start(ISS_ADMIN_TOKEN='admin')
+    cache = tmp_path / 'cache'
+    (tmp_path / 'one.txt').write_bytes(b'one')
+
+    pushed = _command('push', str(tmp_path / 'one.txt'), '--json', '--url', server.url, cache=cache)
+    blob = json.loads(pushed.stdout)['id']
+    runs = {
+        'stats before': _command('--url', server.url, '--json', 'stats', cache=cache),
+        'stats after': _command('stats', '--json', '--url', server.url, cache=cache),
+        'ls': _command('--json', 'ls', '--url', server.url, cache=cache),
+        'meta': _command('meta', blob, '--json', '--url', server.url, cache=cache),
+        'pull': _command('--json', '--url', server.url, 'pull', blob, '-o', str(tmp_path / 'out'), cache=cache),
+        'rm': _command('--url', server.url, '--token', 'admin', 'rm', '--json', blob, cache=cache),
+    }
+
+    assert pushed.returncode == 0, pushed.stderr
+    assert {name: run.returncode for name, run in runs.items()} == dict.fromkeys(runs, 0), runs
+    documents = {name: [json.loads(line) for line in run.stdout.splitlines()] for name, run in runs.items()}
+    assert documents['stats before'] == documents['stats after'] and documents['stats after'][0]['count'] == 1
+    assert [item['id'] for item in documents['ls']] == [blob]
+    assert documents['meta'][0]['filename'] == 'one.txt'
+    assert documents['pull'] == [{'id': blob, 'path': str(tmp_path / 'out' / 'one.txt'), 'bytes': 3}]
+    assert documents['rm'] == [{'id': blob, 'deleted': True}]
+
+
+def test_the_commands_speak_to_a_person_in_sizes_dates_and_plurals(start, tmp_path):
+    server = start()
+    client = iss_client.Client(server.url)
+    one = client.put(os.urandom(1_234_567), kind='model', filename='w.bin')
+    cache = tmp_path / 'cache'
+
+    stats = _command('--url', server.url, 'stats', cache=cache).stdout
+    listing = _command('--url', server.url, 'ls', cache=cache).stdout
+    meta = _command('--url', server.url, 'meta', one.id, cache=cache).stdout
+    client.put(b'two', kind='model')
+    more = _command('--url', server.url, 'stats', cache=cache).stdout
+    helps = [_command(*command, '--help', cache=cache).stdout for command in [(), ('push',), ('pull',)]]
+
+    assert stats.splitlines() == ['1 blob, 1.2 MB', '  model: 1 blob, 1.2 MB']
+    assert more.splitlines()[0] == '2 blobs, 1.2 MB'
+    date = r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d'
+    assert re.fullmatch(rf'{one.id}  model\s+1\.2 MB  {date}  w\.bin', listing.strip()), listing
+    assert re.search(rf'^  created_at: {date}$', meta, re.M) and '  bytes: 1.2 MB (1,234,567 bytes)' in meta, meta
+    assert all(help_text and not re.search(r'``|:class:|:meth:', help_text) for help_text in helps)
+    assert '--images-only' in helps[1] and 'before or after' in helps[0]
+
+
+def test_an_unreachable_server_fails_fast_in_one_line(tmp_path):
+    with socket.socket() as closed:
+        closed.bind(('127.0.0.1', 0))
+        url = f'http://127.0.0.1:{closed.getsockname()[1]}'  # bound, never listening: refused
+        started = time.monotonic()
+        result = _command('--url', url, 'stats', cache=tmp_path / 'cache')
+        took = time.monotonic() - started
+
+    assert result.returncode == 2
+    assert took < 2.5, f'{took:.1f} s to find the server was not there'
+    assert result.stderr.count('\n') == 1 and f'cannot reach {url}' in result.stderr, result.stderr
+    assert 'Connection refused' in result.stderr and '--url' in result.stderr and '0 Unreachable' not in result.stderr
+
+
+def test_a_missing_token_and_a_wrong_one_are_told_apart(start, tmp_path):
+    server = start(ISS_API_TOKEN='right')
+    (tmp_path / 'a.txt').write_bytes(b'a')
+    cache = tmp_path / 'cache'
+
+    missing = _command('--url', server.url, 'push', str(tmp_path / 'a.txt'), cache=cache)
+    wrong = _command('--url', server.url, '--token', 'wrong', 'push', str(tmp_path / 'a.txt'), cache=cache)
+
+    assert missing.returncode == wrong.returncode == 1
+    assert 'no token was given: pass --token or set $ISS_API_TOKEN' in missing.stderr
+    assert 'the token given was refused: check --token or $ISS_API_TOKEN' in wrong.stderr
+
+
+def test_an_error_line_never_runs_into_the_progress_line(monkeypatch):
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, 'stderr', stderr)
+    console = iss_client.command._Console(enabled=True)
+    console.start(2, 2000)
+
+    console.advance(1000)
+    console.error('a.txt', 'Permission denied')
+    console.advance(1000)
+    console.finish()
+
+    assert re.fullmatch(
+        r'\r\x1b\[K1/2 files  1\.0 kB/2\.0 kB  [^\n\r]+'
+        r'\r\x1b\[Kiss-client: a\.txt: Permission denied\n'
+        r'1/2 files  1\.0 kB/2\.0 kB  [^\n\r]+'
+        r'\r\x1b\[K2/2 files  2\.0 kB/2\.0 kB  [^\n\r]+\n',
+        stderr.getvalue(),
+    ), repr(stderr.getvalue())
+
+
+def test_the_server_never_imports_the_client_and_the_client_imports_only_the_standard_library():
+    def imported(path: pathlib.Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.partition('.')[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.partition('.')[0])
+        return names
+
+    server = [HERE / name for name in ('iss.py', 'storage.py', 'gunicorn.conf.py', 'healthcheck.py')]
+    server += sorted((HERE / 'iss_server').rglob('*.py'))
+    client = sorted((HERE / 'iss_client').rglob('*.py'))
+
+    assert {str(path.relative_to(HERE)) for path in server if 'iss_client' in imported(path)} == set()
+    outside = {name for path in client for name in imported(path)} - set(sys.stdlib_module_names) - {'iss_client'}
+    assert outside == set()

@@ -27,7 +27,7 @@ import requests
 from local_server import big_file
 
 HERE = pathlib.Path(__file__).resolve().parent.parent
-CLIENT = [sys.executable, str(HERE / 'iss_client.py')]
+CLIENT = [sys.executable, '-m', 'iss_client']  # NOTE: run in the checkout (cwd=HERE)
 
 
 def new_files(folder: pathlib.Path, count: int) -> list[pathlib.Path]:
@@ -51,6 +51,7 @@ def push(url: str, *paths: pathlib.Path) -> None:
         [*CLIENT, '--url', url, '-q', 'push', '--kind', 'bench', *map(str, paths)],
         check=True,
         stdout=subprocess.DEVNULL,
+        cwd=HERE,
     )
 
 

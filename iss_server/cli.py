@@ -15,19 +15,18 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import mimetypes
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-import iss_client
 import storage
 from iss_server import backends, doors, images, index, maintenance, meta, signing
 from iss_server.blobs import parse_id
 from iss_server.config import ConfigError, Settings
 from iss_server.errors import BlobNotFound, CorruptBlob, ServiceError
+from iss_server.files import files_below, manifest_entry, media_type
 
 OK, PROBLEMS, UNUSABLE = 0, 1, 2
 
@@ -177,7 +176,7 @@ def import_files(store: storage.BlobStore, args: argparse.Namespace, progress: P
     """
     if not os.path.isdir(args.directory):
         raise UsageError(f'{args.directory} is not a directory')
-    files, skipped = iss_client.files_below([args.directory])
+    files, skipped = files_below([args.directory])
     result: dict[str, Any] = {
         'files': len(files) + len(skipped),
         'new': 0,
@@ -202,9 +201,7 @@ def import_files(store: storage.BlobStore, args: argparse.Namespace, progress: P
         else:
             result['new' if committed.created else 'existing'] += 1
             result['bytes'] += staged.size
-            result['manifest'].append(
-                iss_client.manifest_entry(relative, staged.digest, staged.size, committed.created)
-            )
+            result['manifest'].append(manifest_entry(relative, staged.digest, staged.size, committed.created))
         status = f'{_bar(done, len(files))} {done:,}/{len(files):,} files  {_megabytes(result["bytes"])}'
         progress.show(f'import  {status}', final=done == len(files))
     if args.manifest:
@@ -217,7 +214,7 @@ def _import_meta(kind: str | None, path: str, file: IO[bytes], size: int) -> dic
     name = os.path.basename(path)
     if kind is None:
         return meta.identified_image(file, size, filename=name)
-    return meta.artifact(kind, size, mimetypes.guess_type(path)[0], filename=name)
+    return meta.artifact(kind, size, media_type(name), filename=name)
 
 
 def sign(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:

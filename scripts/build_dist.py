@@ -32,14 +32,19 @@ FILES = (
     'gunicorn.conf.py',
     'healthcheck.py',
     'iss.py',
-    'iss_client.py',
     'openapi.yaml',
     'pyproject.toml',
     'requirements.txt',
     'storage.py',
 )
-# NOTE: every module of the server's package, whatever it holds today.
-FILES += tuple(sorted(str(path.relative_to(ROOT)) for path in (ROOT / 'iss_server').rglob('*.py')))
+# NOTE: every module of the server's package and of the client's, whatever they hold today.
+FILES += tuple(
+    sorted(
+        str(path.relative_to(ROOT))
+        for package in ('iss_server', 'iss_client')
+        for path in (ROOT / package).rglob('*.py')
+    )
+)
 
 
 def build(version: str, output: pathlib.Path, extra: dict[str, bytes], mtime: int) -> None:

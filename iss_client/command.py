@@ -1,0 +1,523 @@
+"""The ``iss-client`` command: push, pull, ls, meta, rm and stats, over :class:`iss_client.Client`.
+
+Exit codes: 0 all done, 1 some items failed (each named on stderr), 2 usage or no server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from iss_client.files import files_below, hash_stream, inside, known_id, manifest_entry, remember_id
+from iss_client.library import Client, ISSError, Stored, Unreachable, image_type, upload_way
+
+OK, SOME_FAILED, USAGE = 0, 1, 2
+
+# NOTE: what push stores a file that is no image as, unless --kind names another kind.
+DEFAULT_KIND = 'file'
+# PERF: a batch (upload_way's) holds at most this many files and bytes.
+_BATCH_FILES = 100
+_BATCH_BYTES = 8 * 1024 * 1024
+
+DESCRIPTION = 'Push files to an ISS and pull them back, each verified against its sha256.'
+EPILOG = """\
+push sends a whole tree in one run: images to /images, every other file as an artifact
+of kind "file" (--kind KIND names another, and stores images as artifacts of it too;
+--images-only refuses what is no image). Only what the server lacks is sent. pull
+restores the files under their names. The options above work before or after the
+command: iss-client --json stats, iss-client stats --json.
+
+exit codes: 0 all done, 1 some items failed (each named on stderr), 2 usage or no server
+environment: ISS_URL (--url), ISS_API_TOKEN (--token)"""
+
+
+class _Console:
+    """What a person watching stderr sees: error lines, and below them a progress line they never run into.
+
+    The progress line (files, bytes, rate, ETA) is redrawn in place with ``\\r``, only on
+    a terminal; an error clears it, is written on a line of its own, and the progress line
+    is drawn again below it.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._lock = threading.Lock()
+        self._line = ''
+        self._files = self._bytes = self._done_files = self._done_bytes = 0
+        self._started = time.monotonic()
+        self._drawn = 0.0
+
+    def start(self, files: int, size: int) -> None:
+        self._files, self._bytes = files, size
+        self._started = time.monotonic()
+
+    def advance(self, size: int) -> None:
+        with self._lock:
+            self._done_files += 1
+            self._done_bytes += size
+            now = time.monotonic()
+            if self._enabled and (now - self._drawn >= 0.1 or self._done_files == self._files):
+                self._drawn = now
+                self._line = self._progress(now)
+                sys.stderr.write(f'\r\x1b[K{self._line}')
+                sys.stderr.flush()
+
+    def error(self, what: str, reason: str) -> None:
+        with self._lock:
+            sys.stderr.write(('\r\x1b[K' if self._line else '') + f'iss-client: {what}: {reason}\n')
+            sys.stderr.write(self._line)
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        """Leave the last progress line as it stands, and end it."""
+        with self._lock:
+            if self._line:
+                sys.stderr.write('\n')
+                self._line = ''
+
+    def _progress(self, now: float) -> str:
+        rate = self._done_bytes / max(now - self._started, 1e-6)
+        left = int((self._bytes - self._done_bytes) / rate) if rate else 0
+        return (
+            f'{self._done_files:,}/{_count(self._files, "file")}  {_size(self._done_bytes)}/{_size(self._bytes)}'
+            f'  {_size(rate)}/s  ETA {left // 60}:{left % 60:02d}'
+        )
+
+
+def _size(count: float) -> str:
+    """A number of bytes as a person reads it: 512 B, 1.2 MB, 82.0 GB."""
+    if count < 1000:
+        return f'{count:.0f} B'
+    for unit in ('kB', 'MB', 'GB', 'TB'):
+        count /= 1000
+        if count < 1000:
+            return f'{count:.1f} {unit}'
+    return f'{count / 1000:.1f} PB'
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 blob``, ``2 blobs``."""
+    return f'{number:,} {noun}' + ('' if number == 1 else 's')
+
+
+def _date(value: object) -> str:
+    """A Unix time as ISO 8601 in this machine's zone (anything else as it is)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.datetime.fromtimestamp(value).astimezone().isoformat(timespec='seconds')
+    return str(value or '')
+
+
+def _reason(exc: BaseException, args: argparse.Namespace) -> str:
+    """What went wrong, in words that name the option that mends it."""
+    if isinstance(exc, Unreachable):
+        return f'cannot reach {args.url}: {exc.reason} (is the server running there? --url or $ISS_URL)'
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if not isinstance(exc, ISSError):
+        return str(exc)
+    if exc.status == 415:
+        return f'not an image: push it without --images-only (as an artifact of kind "{DEFAULT_KIND}"), or with --kind'
+    if exc.status == 401 and args.token:
+        return f'{exc}; the token given was refused: check --token or $ISS_API_TOKEN'
+    if exc.status == 401:
+        return f'{exc}; no token was given: pass --token or set $ISS_API_TOKEN'
+    if exc.status == 403 and args.command == 'rm':
+        return f"{exc}; deleting takes the admin token (the server's ISS_ADMIN_TOKEN), given with --token"
+    if exc.title in ('Invalid kind', 'Invalid meta'):
+        return f'{"--kind" if exc.title == "Invalid kind" else "--meta"}: {exc.description}'
+    return str(exc)
+
+
+def _parallel(
+    work: Callable[[Any], Any], items: Sequence[Any], jobs: int
+) -> Iterator[tuple[Any, Any, Exception | None]]:
+    """Run ``work`` on each item with ``jobs`` threads; yield (item, result, error) as each ends."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures = {pool.submit(work, item): item for item in items}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                yield futures[future], future.result(), None
+            except Exception as exc:
+                yield futures[future], None, exc
+
+
+def _outcome(call: Callable[[], Stored]) -> Stored | Exception:
+    try:
+        return call()
+    except Exception as exc:
+        return exc
+
+
+# -- push ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _File:
+    """A file to push: where it is, what it is stored as (``kind`` None: an image), and its id if known before."""
+
+    path: str
+    relative: str
+    info: os.stat_result
+    kind: str | None
+    id: str | None
+
+    @property
+    def size(self) -> int:
+        return self.info.st_size
+
+
+def _look_at(args: argparse.Namespace, path: str, relative: str) -> _File:
+    """A file's size, door and id: hashed now, or remembered (unchanged since), or left to be hashed as it is sent."""
+    with open(path, 'rb') as file:
+        info = os.fstat(file.fileno())
+        kind = args.kind or (None if args.images_only or image_type(file.read(12)) else DEFAULT_KIND)
+        blob_id = known_id(path, info)
+        if blob_id is None and upload_way(info.st_size, id_known=False) in ('batch', 'by-id'):
+            file.seek(0)
+            blob_id = hash_stream(file)
+    return _File(path, relative, info, kind, blob_id)
+
+
+def push(client: Client, args: argparse.Namespace, console: _Console) -> int:
+    paths, skipped = files_below(args.paths)
+    for item in skipped:
+        console.error(item['path'], item['reason'])
+    failed = bool(skipped)
+    files: list[_File] = []
+    for (path, _), found, exc in _parallel(lambda item: _look_at(args, *item), paths, args.jobs):
+        if exc is not None:
+            console.error(path, _reason(exc, args))
+            failed = True
+        else:
+            files.append(found)
+    files.sort(key=lambda found: found.path)
+    # NOTE: one question for every id known; a file the server has is not sent, nor is
+    # more than one file of the same bytes.
+    missing = set(client.missing(list(dict.fromkeys(found.id for found in files if found.id))))
+    console.start(len(files), sum(found.size for found in files))
+    sending: dict[str, _File] = {}
+    for found in files:
+        if found.id in missing and sending.setdefault(found.id, found) is found:
+            continue
+        if found.id is not None:
+            console.advance(found.size)  # NOTE: stored already, or the same bytes as a file sent
+    unknown = [found for found in files if found.id is None]
+    meta = json.loads(args.meta) if args.meta else None
+    sent: dict[str, Stored] = {}  # NOTE: by the path of the file sent
+    work = [[found] for found in unknown] + _batches(list(sending.values()))
+    for batch, outcomes, exc in _parallel(lambda batch: _upload(client, args, meta, batch), work, args.jobs):
+        for found, outcome in zip(batch, outcomes or [exc] * len(batch), strict=True):
+            if isinstance(outcome, Exception):
+                console.error(found.path, _reason(outcome, args))
+                failed = True
+            else:
+                sent[found.path] = outcome
+                if found.id is None:
+                    remember_id(found.path, found.info, outcome.id)  # NOTE: the next push asks first
+            console.advance(found.size)
+    entries: list[dict[str, Any]] = []
+    for found in files:
+        sender = found if found.id is None else sending.get(found.id)
+        if sender is None:
+            entries.append(manifest_entry(found.relative, found.id, found.size, False))
+        elif sender.path in sent:
+            stored = sent[sender.path]
+            entries.append(manifest_entry(found.relative, stored.id, found.size, sender is found and stored.new))
+        # NOTE: else its upload failed, and was named above
+    entries.sort(key=lambda entry: entry['path'])
+    _write_manifest(entries, args.manifest)
+    return SOME_FAILED if failed else OK
+
+
+def _batches(files: list[_File]) -> list[list[_File]]:
+    """The files upload_way sends in batches, in batches of one kind (the largest first); every other file alone."""
+    work: list[list[_File]] = []
+    batches: dict[str | None, list[_File]] = {}
+    sizes: dict[str | None, int] = {}
+    for found in sorted(files, key=lambda found: -found.size):
+        if upload_way(found.size, id_known=True) != 'batch':
+            work.append([found])
+            continue
+        batch = batches.setdefault(found.kind, [])
+        if batch and (len(batch) == _BATCH_FILES or sizes[found.kind] + found.size > _BATCH_BYTES):
+            work.append(batch)
+            batch = batches[found.kind] = []
+        if not batch:
+            sizes[found.kind] = 0
+        batch.append(found)
+        sizes[found.kind] += found.size
+    return work + [batch for batch in batches.values() if batch]
+
+
+def _upload(client: Client, args: argparse.Namespace, meta: Any, work: list[_File]) -> list[Stored | Exception]:
+    """Send one file, or a batch; what each file became, in order."""
+    if len(work) == 1:
+        return [_outcome(lambda: _put(client, args, meta, work[0]))]
+    contents = [(pathlib.Path(found.path).read_bytes(), os.path.basename(found.path)) for found in work]
+    try:
+        outcomes: list[Stored | ISSError | None] = list(client.put_many(contents, kind=work[0].kind, meta=meta))
+    except ISSError as exc:
+        if exc.title != 'Two files':
+            raise
+        outcomes = [None] * len(work)  # NOTE: a server from before batch uploads takes one file per request
+    return [
+        _outcome(lambda found=found, outcome=outcome: _put(client, args, meta, found, outcome))
+        if outcome is None or _not_an_image(outcome, found, args)
+        else outcome
+        for found, outcome in zip(work, outcomes, strict=True)
+    ]
+
+
+def _put(client: Client, args: argparse.Namespace, meta: Any, found: _File, refused: Any = None) -> Stored:
+    """One file by itself; one the image door refused as no image goes in as an artifact (not with --images-only)."""
+    if refused is None:
+        try:
+            return client.put(found.path, kind=found.kind, meta=meta, digest=found.id)
+        except ISSError as exc:
+            if not _not_an_image(exc, found, args):
+                raise
+    # NOTE: bytes that began as an image's do (a damaged file); the server's Pillow said no
+    return client.put(found.path, kind=DEFAULT_KIND, meta=meta, digest=found.id)
+
+
+def _not_an_image(outcome: object, found: _File, args: argparse.Namespace) -> bool:
+    """Whether the image door refused the file as no image, in a push that stores such files as artifacts."""
+    return isinstance(outcome, ISSError) and outcome.status == 415 and found.kind is None and not args.images_only
+
+
+def _write_manifest(entries: list[dict[str, Any]], manifest: str | None) -> None:
+    lines = ''.join(json.dumps(entry) + '\n' for entry in entries)
+    if manifest:
+        with open(manifest, 'w') as out:
+            out.write(lines)
+    else:
+        sys.stdout.write(lines)
+
+
+# -- the other commands ----------------------------------------------------------------
+
+
+def pull(client: Client, args: argparse.Namespace, console: _Console) -> int:
+    failed = False
+    if args.manifest:
+        with open(args.manifest) as file:
+            entries = [json.loads(line) for line in file if line.strip()]
+        wanted = [(entry['id'], entry['path'], entry.get('bytes', 0)) for entry in entries]
+    else:
+        wanted = []
+        for blob_id in args.ids:
+            try:
+                stored = client.meta(blob_id)
+            except ISSError as exc:
+                console.error(blob_id, _reason(exc, args))
+                failed = True
+                continue
+            wanted.append(
+                (blob_id, _stored_name(blob_id, stored, {name for _, name, _ in wanted}), stored.get('bytes', 0))
+            )
+    output = pathlib.Path(args.output).resolve()
+    todo: list[tuple[str, pathlib.Path, int]] = []
+    for blob_id, relative, size in wanted:
+        target = (output / relative).resolve()
+        # APPSEC: a manifest names paths below the output directory, never outside it.
+        if not inside(str(target), str(output)) or target == output:
+            console.error(relative, 'a path outside the output directory')
+            failed = True
+            continue
+        todo.append((blob_id, target, size))
+    console.start(len(todo), sum(size for _, _, size in todo))
+    pulled = 0
+    for (blob_id, target, size), got, exc in _parallel(lambda item: client.get(*item[:2]), todo, args.jobs):
+        if exc is not None:
+            console.error(f'{blob_id} -> {target}', _reason(exc, args))
+            failed = True
+        else:
+            pulled += got
+            if args.json:
+                print(json.dumps({'id': blob_id, 'path': str(target), 'bytes': got}))
+        console.advance(size)
+    console.finish()
+    if not args.json:
+        print(f'{_count(len(todo), "file")} ({_size(pulled)}) pulled into {output}')
+    return SOME_FAILED if failed else OK
+
+
+def _stored_name(blob_id: str, stored: dict[str, Any], taken: set[str]) -> str:
+    """The file name a blob was stored under (its base name only), else, or if taken already, its hex digest."""
+    name = stored.get('filename')
+    name = os.path.basename(name.replace('\\', '/')) if isinstance(name, str) else ''
+    if name in ('', '.', '..') or name in taken:
+        return blob_id.removeprefix('sha256:')
+    return name
+
+
+def ls(client: Client, args: argparse.Namespace, console: _Console) -> int:
+    collection = 'images' if args.images else 'artifacts'
+    items = client.list(collection, kind=args.kind, created_after=args.after, created_before=args.before)
+    for count, item in enumerate(items, 1):
+        if args.json:
+            print(json.dumps(item))
+        else:
+            print(
+                f'{item["id"]}  {item.get("kind", ""):<10} {_size(item.get("bytes", 0)):>9}'
+                f'  {_date(item.get("created_at"))}  {item.get("filename") or ""}'
+            )
+        if args.limit and count >= args.limit:
+            break
+    return OK
+
+
+def meta_command(client: Client, args: argparse.Namespace, console: _Console) -> int:
+    failed = False
+    for blob_id in args.ids:
+        try:
+            found = client.meta(blob_id)
+        except ISSError as exc:
+            console.error(blob_id, _reason(exc, args))
+            failed = True
+            continue
+        if args.json:
+            print(json.dumps({'id': blob_id, **found}))
+        else:
+            print(blob_id)
+            for key, value in found.items():
+                print(f'  {key}: {_shown(key, value)}')
+    return SOME_FAILED if failed else OK
+
+
+def _shown(key: str, value: Any) -> str:
+    """A meta field as a person reads it: dates as dates, sizes with their unit."""
+    if key.endswith('_at'):
+        return _date(value)
+    if key == 'bytes' and isinstance(value, int):
+        return f'{_size(value)} ({_count(value, "byte")})'
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def rm(client: Client, args: argparse.Namespace, console: _Console) -> int:
+    failed = False
+    for blob_id in args.ids:
+        try:
+            client.delete(blob_id)
+        except ISSError as exc:
+            console.error(blob_id, _reason(exc, args))
+            failed = True
+            continue
+        print(json.dumps({'id': blob_id, 'deleted': True}) if args.json else f'deleted {blob_id}')
+    return SOME_FAILED if failed else OK
+
+
+def stats(client: Client, args: argparse.Namespace, console: _Console) -> int:
+    totals = client.stats()
+    if args.json:
+        print(json.dumps(totals))
+        return OK
+    print(f'{_count(totals["count"], "blob")}, {_size(totals["bytes"])}')
+    for kind, figures in totals['kinds'].items():
+        print(f'  {kind or "(no meta)"}: {_count(figures["count"], "blob")}, {_size(figures["bytes"])}')
+    return OK
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def _add_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes, before it (``defaults``) or after it (not undoing one given before)."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    url = os.environ.get('ISS_URL', 'http://127.0.0.1:8000')
+    parser.add_argument(
+        '--url', default=default(url), help='the server (default: $ISS_URL, else http://127.0.0.1:8000)'
+    )
+    token = os.environ.get('ISS_API_TOKEN')
+    parser.add_argument('--token', default=default(token), help='the bearer token (default: $ISS_API_TOKEN)')
+    parser.add_argument('-j', '--jobs', type=int, default=default(8), help='requests at once (default 8)')
+    parser.add_argument('-q', '--quiet', action='store_true', default=default(False), help='no progress line')
+    parser.add_argument('--json', action='store_true', default=default(False), help='print JSON, a document a line')
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog='iss-client', description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _add_options(top, defaults=True)
+    commands = top.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+    def command(name: str, function: Callable[..., int], text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        _add_options(sub, defaults=False)
+        sub.set_defaults(function=function)
+        return sub
+
+    pushing = command(
+        'push', push, 'upload files and directories, only what the server lacks; print a manifest (JSON lines)'
+    )
+    pushing.add_argument('paths', nargs='+', metavar='PATH')
+    pushing.add_argument(
+        '--kind',
+        help=f'store every file as an artifact of this kind (default: images as images, the rest as "{DEFAULT_KIND}")',
+    )
+    pushing.add_argument('--images-only', action='store_true', help='store images only; refuse every other file')
+    pushing.add_argument('--meta', help='a JSON object of artifact meta, for every file')
+    pushing.add_argument('--manifest', metavar='FILE', help='write the manifest there instead of stdout')
+    pulling = command(
+        'pull', pull, "download ids (or a manifest's files) into a directory, under their names, verified"
+    )
+    pulling.add_argument('ids', nargs='*', metavar='ID')
+    pulling.add_argument('--manifest', metavar='FILE', help='a manifest of push: restore its files under its paths')
+    pulling.add_argument('-o', '--output', required=True, metavar='DIR')
+    listing = command('ls', ls, 'list artifacts (or --images), newest first')
+    listing.add_argument('--images', action='store_true', help='list images instead')
+    listing.add_argument('--kind', help='artifacts of this kind only')
+    listing.add_argument('--after', help='created after (Unix seconds or ISO 8601)')
+    listing.add_argument('--before', help='created before (Unix seconds or ISO 8601)')
+    listing.add_argument('--limit', type=int, help='at most this many')
+    command('meta', meta_command, 'print the stored meta of ids').add_argument('ids', nargs='+', metavar='ID')
+    command('rm', rm, 'delete ids (needs the admin token)').add_argument('ids', nargs='+', metavar='ID')
+    command('stats', stats, 'count blobs and bytes per kind')
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    top = parser()
+    args = top.parse_args(argv)
+    if args.command == 'pull' and bool(args.ids) == bool(args.manifest):
+        top.error('pull takes ids or --manifest FILE, not both')
+    if args.command == 'push' and args.kind and args.images_only:
+        top.error('--kind stores every file as an artifact; --images-only stores images only: give one of them')
+    if args.command == 'push' and args.meta:
+        try:
+            if not isinstance(json.loads(args.meta), dict):
+                raise ValueError
+        except ValueError:
+            top.error('--meta must be a JSON object')
+    try:
+        client = Client(args.url, args.token)
+    except ValueError as exc:
+        top.error(f'--url: {exc}')
+    console = _Console(sys.stderr.isatty() and not args.quiet)
+    try:
+        client.reach()
+        return args.function(client, args, console)
+    except Unreachable as exc:
+        console.error(args.command, _reason(exc, args))
+        return USAGE
+    except ISSError as exc:
+        console.error(args.command, _reason(exc, args))
+        return SOME_FAILED
+    except KeyboardInterrupt:
+        return SOME_FAILED
+    finally:
+        console.finish()
