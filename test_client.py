@@ -500,6 +500,26 @@ def test_push_stores_a_mixed_tree_in_one_run_images_as_images_the_rest_as_files(
     assert [item['id'] for item in client.list('images')] == [manifest['photos/a.png']['id']]
 
 
+def test_push_other_kind_names_the_kind_of_what_is_no_image(start, tmp_path):
+    server = start()
+    tree = tmp_path / 'tree'
+    _mixed_tree(tree)
+
+    pushed = _command('--url', server.url, 'push', '--other-kind', 'dataset', str(tree), cache=tmp_path / 'cache')
+
+    assert pushed.returncode == 0, pushed.stderr
+    manifest = {entry['path']: entry['id'] for entry in map(json.loads, pushed.stdout.splitlines())}
+    client = iss_client.Client(server.url)
+    kinds = {path: client.meta(blob_id)['kind'] for path, blob_id in manifest.items()}
+    assert kinds == {
+        'photos/a.png': 'image',
+        'photos/broken.png': 'dataset',
+        'table.csv': 'dataset',
+        'doc.json': 'dataset',
+        'notes.txt': 'dataset',
+    }
+
+
 def test_push_images_only_refuses_the_rest_naming_the_option_that_takes_it(start, tmp_path):
     server = start()
     tree = tmp_path / 'tree'

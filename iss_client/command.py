@@ -23,7 +23,7 @@ from iss_client.library import Client, ISSError, Stored, Unreachable, image_type
 
 OK, SOME_FAILED, USAGE = 0, 1, 2
 
-# NOTE: what push stores a file that is no image as, unless --kind names another kind.
+# NOTE: what push stores a file that is no image as, unless --other-kind (or --kind) names another kind.
 DEFAULT_KIND = 'file'
 # PERF: a batch (upload_way's) holds at most this many files and bytes.
 _BATCH_FILES = 100
@@ -32,8 +32,8 @@ _BATCH_BYTES = 8 * 1024 * 1024
 DESCRIPTION = 'Push files to an ISS and pull them back, each verified against its sha256.'
 EPILOG = """\
 push sends a whole tree in one run: images to /images, every other file as an artifact
-of kind "file" (--kind KIND names another, and stores images as artifacts of it too;
---images-only refuses what is no image). Only what the server lacks is sent. pull
+of kind "file" (--other-kind KIND names another; --kind KIND stores images as artifacts
+of that kind too; --images-only refuses what is no image). Only what the server lacks is sent. pull
 restores the files under their names. The options above work before or after the
 command: iss-client --json stats, iss-client stats --json.
 
@@ -126,7 +126,7 @@ def _reason(exc: BaseException, args: argparse.Namespace) -> str:
     if not isinstance(exc, ISSError):
         return str(exc)
     if exc.status == 415:
-        return f'not an image: push it without --images-only (as an artifact of kind "{DEFAULT_KIND}"), or with --kind'
+        return 'not an image: push it without --images-only (an artifact then; --other-kind names its kind)'
     if exc.status == 401 and args.token:
         return f'{exc}; the token given was refused: check --token or $ISS_API_TOKEN'
     if exc.status == 401:
@@ -180,7 +180,7 @@ def _look_at(args: argparse.Namespace, path: str, relative: str) -> _File:
     """A file's size, door and id: hashed now, or remembered (unchanged since), or left to be hashed as it is sent."""
     with open(path, 'rb') as file:
         info = os.fstat(file.fileno())
-        kind = args.kind or (None if args.images_only or image_type(file.read(12)) else DEFAULT_KIND)
+        kind = args.kind or (None if args.images_only or image_type(file.read(12)) else args.other_kind)
         blob_id = known_id(path, info)
         if blob_id is None and upload_way(info.st_size, id_known=False) in ('batch', 'by-id'):
             file.seek(0)
@@ -287,7 +287,7 @@ def _put(client: Client, args: argparse.Namespace, meta: Any, found: _File, refu
             if not _not_an_image(exc, found, args):
                 raise
     # NOTE: bytes that began as an image's do (a damaged file); the server's Pillow said no
-    return client.put(found.path, kind=DEFAULT_KIND, meta=meta, digest=found.id)
+    return client.put(found.path, kind=args.other_kind, meta=meta, digest=found.id)
 
 
 def _not_an_image(outcome: object, found: _File, args: argparse.Namespace) -> bool:
@@ -467,7 +467,13 @@ def parser() -> argparse.ArgumentParser:
     pushing.add_argument('paths', nargs='+', metavar='PATH')
     pushing.add_argument(
         '--kind',
-        help=f'store every file as an artifact of this kind (default: images as images, the rest as "{DEFAULT_KIND}")',
+        help='store every file, images too, as an artifact of this kind (default: images as images; see --other-kind)',
+    )
+    pushing.add_argument(
+        '--other-kind',
+        default=DEFAULT_KIND,
+        metavar='KIND',
+        help=f'the artifact kind of the files that are no image (default: "{DEFAULT_KIND}")',
     )
     pushing.add_argument('--images-only', action='store_true', help='store images only; refuse every other file')
     pushing.add_argument('--meta', help='a JSON object of artifact meta, for every file')
