@@ -35,6 +35,7 @@ def test_register_is_idempotent_and_adds_all_three():
     assert formats.supported() == {'HEIF': True, 'JXL': True, 'AVIF': True}
     assert Image.registered_extensions()['.heic'] == 'HEIF'
     assert Image.registered_extensions()['.jxl'] == 'JXL'
+    assert [Image.MIME[name] for name in formats.NAMES] == ['image/heif', 'image/jxl', 'image/avif']
 
 
 @pytest.mark.parametrize('image_format', ['AVIF', 'JXL'])

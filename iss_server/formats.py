@@ -18,8 +18,9 @@ import threading
 
 from PIL import Image
 
-#: The media type of each format the plugins add, or Pillow has (AVIF), by Pillow's format name.
-MEDIA_TYPES = {'HEIF': 'image/heic', 'JXL': 'image/jxl', 'AVIF': 'image/avif'}
+#: Pillow's names of the formats this module is about. NOTE: their media types are Pillow's
+#: registry's, as for every other format (``Image.MIME``): image/heif, image/jxl, image/avif.
+NAMES = ('HEIF', 'JXL', 'AVIF')
 
 _lock = threading.Lock()
 _registered = False
@@ -45,4 +46,4 @@ def register() -> None:
 def supported() -> dict[str, bool]:
     """Return whether Pillow opens each of HEIF, JXL and AVIF now (for the health page and tests)."""
     Image.init()  # NOTE: Pillow loads its own plugins (AVIF's among them) lazily
-    return {name: name in Image.OPEN for name in MEDIA_TYPES}
+    return {name: name in Image.OPEN for name in NAMES}
