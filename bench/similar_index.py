@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from iss_server import similar
 
-RADII = (3, 7, 10, 12)
+RADII = (3, 7, 8, 10, 12)
 
 
 def make_hashes(rows: int, queries: int, seed: int = 27) -> tuple[list[tuple[str, int]], list[int]]:

@@ -5,8 +5,10 @@ The hash (:func:`perceptual_hash`) is the DCT hash of pHash: the image reduced t
 column compared with their median, one bit each. Altered copies of an image
 (resized, re-encoded, slightly cropped, brightened, converted to WebP) land within
 a few bits of it; unrelated images land near 32 bits apart. Why DCT rather than
-the cheaper dHash: at the same threshold it finds more crops and brightened copies
-and as many re-encodings (``bench/near_duplicates.py`` measures both).
+the cheaper dHash: on ``bench/near_duplicates.py``'s 3,000 pictures at distance 10,
+pHash finds 98.7 % of the altered copies with 14 false pairs in 4.5 million, dHash
+(9x8 gradients) 96.7 % of them with ~1,500 (its bits follow noise and JPEG's
+blocks); its hash costs ~1 ms of pure Python either way.
 
 The index (:class:`SimilarIndex`) is multi-index hashing: each hash is stored with
 its four 16-bit bands in four indexed columns. Two hashes within distance ``d``
@@ -29,7 +31,10 @@ from typing import Any
 
 from PIL import Image
 
-#: The distance under which two images are taken for copies of one another (``bench/near_duplicates.py``).
+#: The distance under which two images are taken for copies of one another. NOTE: on
+#: ``bench/near_duplicates.py``'s 3,000 pictures x 5 alterations: at 10, 98.7 % of the copies found
+#: (crops of up to 5 %: 93 %; the others 100 %), 0.9 % of the pictures with a false neighbour; at 8,
+#: 97.1 % and none; at 12, 99.5 % and 3.4 %. 8 and 10 cost the same (both look 2 bits around each band).
 DEFAULT_DISTANCE = 10
 #: The largest radius a query may ask for: past it a band's neighbourhood grows to thousands of values
 #: and random pairs (32 bits apart on average) start to answer.
