@@ -6,9 +6,9 @@ column compared with their median, one bit each. Altered copies of an image
 (resized, re-encoded, slightly cropped, brightened, converted to WebP) land within
 a few bits of it; unrelated images land near 32 bits apart. Why DCT rather than
 the cheaper dHash: on ``bench/near_duplicates.py``'s 3,000 pictures at distance 10,
-pHash finds 98.7 % of the altered copies with 14 false pairs in 4.5 million, dHash
-(9x8 gradients) 96.7 % of them with ~1,500 (its bits follow noise and JPEG's
-blocks); its hash costs ~1 ms of pure Python either way.
+pHash finds 98.8 % of the altered copies with 14 false pairs in 4.5 million, dHash
+(9x8 gradients) 97.5 % with 7,613 (its bits follow noise and JPEG's blocks); both
+cost ~1 ms of pure Python.
 
 The index (:class:`SimilarIndex`) is multi-index hashing: each hash is stored with
 its four 16-bit bands in four indexed columns. Two hashes within distance ``d``
@@ -19,7 +19,8 @@ within that small radius of the query's bands, and then computes the exact
 distance of those candidates only: no scan of the table, and the answer is
 exact, never approximate, for every ``max_distance`` up to :data:`MAX_DISTANCE`.
 The cost grows with ``d // 4``: up to distance 3 it is 4 exact band values, up to 7
-it is 4 x 17, up to 11 it is 4 x 137 (at a million hashes: see NOTES-similar.md).
+it is 4 x 17, up to 11 it is 4 x 137; at a million hashes a query up to 11 takes
+~10-35 ms, up to 15 ~75-150 ms (``bench/similar_index.py``).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from typing import Any
 from PIL import Image
 
 #: The distance under which two images are taken for copies of one another. NOTE: on
-#: ``bench/near_duplicates.py``'s 3,000 pictures x 5 alterations: at 10, 98.7 % of the copies found
-#: (crops of up to 5 %: 93 %; the others 100 %), 0.9 % of the pictures with a false neighbour; at 8,
-#: 97.1 % and none; at 12, 99.5 % and 3.4 %. 8 and 10 cost the same (both look 2 bits around each band).
+#: ``bench/near_duplicates.py``'s 3,000 pictures x 5 alterations: at 10, 98.8 % of the copies found
+#: (crops of up to 5 %: 94 %; the others 100 %), 0.8 % of the pictures with a false neighbour; at 8,
+#: 97.2 % and none; at 12, 99.5 % and 3.5 %. 8 and 10 cost the same (both look 2 bits around each band).
 DEFAULT_DISTANCE = 10
 #: The largest radius a query may ask for: past it a band's neighbourhood grows to thousands of values
 #: and random pairs (32 bits apart on average) start to answer.
