@@ -1,6 +1,7 @@
 """Time near-duplicate queries of iss_server.similar at a million hashes, in SQLite and in PostgreSQL.
 
-    /work/main/.venv/bin/python bench/similar_index.py [--rows 1000000] [--queries 200] [--no-postgres]
+    /work/main/.venv/bin/python bench/similar_index.py [--rows 1000000] [--queries 200] [--no-postgres] [--no-sqlite]
+        [--shared-buffers 512MB]
 
 Loads random 64-bit hashes plus, for each query, neighbours planted at known
 distances; then times ``SimilarIndex.near`` for several radii and reports
@@ -95,18 +96,23 @@ def sqlite_run(data: list[tuple[str, int]], targets: list[int]) -> None:
     db.close()
 
 
-def postgres_run(data: list[tuple[str, int]], targets: list[int]) -> None:
+def postgres_run(data: list[tuple[str, int]], targets: list[int], shared_buffers: str | None) -> None:
     import psycopg
 
     from conftest import PostgreSQL  # NOTE: the test suite's harness: initdb + pg_ctl as postgres
 
     server = PostgreSQL()
     try:
+        if shared_buffers:
+            # NOTE: the harness starts with the default 128 MB; a server for a million images would have more.
+            with psycopg.connect(server.url(), autocommit=True) as db:
+                db.execute(f"ALTER SYSTEM SET shared_buffers = '{shared_buffers}'")
+            server._run(str(server._bin / 'pg_ctl'), '-D', str(server._data), '-w', 'restart')
         with psycopg.connect(server.url(), autocommit=True) as db:
             statements = similar.schema('postgresql')
             start = time.perf_counter()
             db.execute(statements[0])
-            with db.cursor() as cursor, cursor.copy('COPY image_hashes FROM STDIN') as copy:
+            with db.cursor() as cursor, cursor.copy('COPY image_hashes (hex, hash, b0, b1, b2, b3) FROM STDIN') as copy:
                 for h, v in data:
                     copy.write_row(similar._row(h, v))
             for statement in statements[1:]:
@@ -127,6 +133,8 @@ def main() -> None:
     parser.add_argument('--rows', type=int, default=1_000_000)
     parser.add_argument('--queries', type=int, default=200)
     parser.add_argument('--no-postgres', action='store_true')
+    parser.add_argument('--no-sqlite', action='store_true')
+    parser.add_argument('--shared-buffers', help="PostgreSQL's shared_buffers, e.g. 512MB (default: the harness's)")
     args = parser.parse_args()
     print(
         f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} {platform.node()} {platform.processor()} '
@@ -134,9 +142,10 @@ def main() -> None:
         flush=True,
     )
     data, targets = make_hashes(args.rows, args.queries)
-    sqlite_run(data, targets)
+    if not args.no_sqlite:
+        sqlite_run(data, targets)
     if not args.no_postgres:
-        postgres_run(data, targets)
+        postgres_run(data, targets, args.shared_buffers)
 
 
 if __name__ == '__main__':

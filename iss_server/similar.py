@@ -119,29 +119,32 @@ def _within(band: int, radius: int) -> list[int]:
     return values
 
 
-def _band_columns(dialect: str) -> str:
-    integer = 'INTEGER' if dialect == 'sqlite' else 'INT'
-    return ', '.join(f'b{i} {integer} NOT NULL' for i in range(BANDS))
-
-
 def schema(dialect: str) -> list[str]:
     """Return the statements that create the table and its band indexes (``sqlite`` or ``postgresql``).
 
-    ``hash`` is the whole hash as a signed 64-bit integer (SQLite's INTEGER, PostgreSQL's BIGINT);
-    ``b0``..``b3`` its 16-bit bands, most significant first, each with an index of its own.
+    ``id`` is a small integer key of the row; ``hash`` the whole hash as a signed 64-bit integer
+    (SQLite's INTEGER, PostgreSQL's BIGINT); ``b0``..``b3`` its 16-bit bands, most significant
+    first, each with an index of its own.
     """
     if dialect not in ('sqlite', 'postgresql'):
         raise ValueError(f'no schema for {dialect!r}')
-    big = 'INTEGER' if dialect == 'sqlite' else 'BIGINT'
-    rowid = ' WITHOUT ROWID' if dialect == 'sqlite' else ''
+    if dialect == 'sqlite':
+        key, big, band, covered = 'id INTEGER PRIMARY KEY', 'INTEGER', 'INTEGER', '(b{i}, hash)'
+    else:
+        key, big, band, covered = (
+            'id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY',
+            'BIGINT',
+            'INT',
+            '(b{i}) INCLUDE (hash, id)',
+        )
+    bands_ = ', '.join(f'b{i} {band} NOT NULL' for i in range(BANDS))
     statements = [
-        f'CREATE TABLE IF NOT EXISTS image_hashes (hex TEXT PRIMARY KEY, hash {big} NOT NULL, '
-        f'{_band_columns(dialect)}){rowid}'
+        f'CREATE TABLE IF NOT EXISTS image_hashes ({key}, hex TEXT NOT NULL UNIQUE, hash {big} NOT NULL, {bands_})'
     ]
-    # PERF: covering indexes: a query reads its candidates' hash and hex from the band's index alone,
-    # not one lookup into the table for each (at a million rows, d <= 10: ~8,000 candidates).
-    # SQLite's index of a WITHOUT ROWID table holds the key (hex) already.
-    covered = '(b{i}, hash)' if dialect == 'sqlite' else '(b{i}) INCLUDE (hash, hex)'
+    # PERF: covering indexes: a query reads its candidates' hash and id from the band's index alone,
+    # not one lookup into the table for each (at a million rows, d <= 10: ~8,000 candidates), and
+    # the id (8 bytes; SQLite's index holds the rowid already) keeps them a third of the size they
+    # are with the 64-character hex: at a million rows they fit the database's cache.
     statements += [
         f'CREATE INDEX IF NOT EXISTS image_hashes_b{i} ON image_hashes {covered.format(i=i)}' for i in range(BANDS)
     ]
@@ -206,19 +209,28 @@ class SimilarIndex:
         # NOTE: one SELECT per band, not one WHERE of ORs: given a few hundred values SQLite's
         # planner gives up the OR of four indexes and scans the table.
         sql = ' UNION ALL '.join(
-            f'SELECT hex, hash FROM image_hashes WHERE b{i} IN ({", ".join("?" * len(values))})'
+            f'SELECT id, hash FROM image_hashes WHERE b{i} IN ({", ".join("?" * len(values))})'
             for i, values in enumerate(looked_up)
         )
-        found = {}  # NOTE: a dict, as an image near in two bands comes back twice
-        for hex_digest, stored in self._execute(sql, [v for values in looked_up for v in values]):
+        near = {}  # NOTE: a dict, as an image near in two bands comes back twice
+        for key, stored in self._execute(sql, [v for values in looked_up for v in values]):
             d = ((value ^ stored) & _MASK).bit_count()
             if d <= max_distance:
-                found[hex_digest] = d
-        found.pop(exclude, None)
-        return sorted(found.items(), key=lambda item: (item[1], item[0]))[:limit]
+                near[key] = d
+        # Then the hex of those within the distance only, by primary key.
+        found = []
+        keys = list(near)
+        for start in range(0, len(keys), self._KEYS_PER_SELECT):
+            chunk = keys[start : start + self._KEYS_PER_SELECT]
+            rows = self._execute(f'SELECT id, hex FROM image_hashes WHERE id IN ({", ".join("?" * len(chunk))})', chunk)
+            found += [(near[key], hex_digest) for key, hex_digest in rows if hex_digest != exclude]
+        found.sort()
+        return [(hex_digest, d) for d, hex_digest in found[:limit]]
 
+    _KEYS_PER_SELECT = 1000
     _PUT = (
-        f'INSERT INTO image_hashes VALUES (?, ?, {", ".join("?" * BANDS)}) ON CONFLICT (hex) DO UPDATE SET '
+        f'INSERT INTO image_hashes (hex, hash, {", ".join(f"b{i}" for i in range(BANDS))}) '
+        f'VALUES (?, ?, {", ".join("?" * BANDS)}) ON CONFLICT (hex) DO UPDATE SET '
         f'hash = excluded.hash, {", ".join(f"b{i} = excluded.b{i}" for i in range(BANDS))}'
     )
 
