@@ -68,6 +68,13 @@ def test_transparent_pixels_hash_as_white():
     assert similar.perceptual_hash(shape.convert('LA')) == similar.perceptual_hash(on_white.convert('L'))
 
 
+def test_16_bit_levels_are_scaled_not_clipped():
+    grey = Image.linear_gradient('L').resize((64, 64)).rotate(30)
+    deep = grey.convert('I').point(lambda level: level * 257).convert('I;16')  # a 16-bit PNG opens so
+    assert similar.perceptual_hash(deep) == similar.perceptual_hash(grey)
+    assert placeholders.thumbhash(deep) == placeholders.thumbhash(grey.convert('RGBA'))
+
+
 def test_signed_storage_and_bands():
     for value in (0, 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, 0x0123_4567_89AB_CDEF):
         stored = similar.to_signed(value)

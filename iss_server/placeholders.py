@@ -39,11 +39,21 @@ def small(image: Image.Image, side: int = SIDE) -> Image.Image:
     give this function an image opened for it. Other formats decode in full.
     """
     image.draft(None, (side * 2, side * 2))  # NOTE: twice the side, as Image.thumbnail's reducing_gap
-    reduced = image.copy()
+    reduced = eight_bit(image.copy())
     reduced.thumbnail((side, side), Image.Resampling.BOX)
     if reduced.mode != 'RGBA':
         reduced = reduced.convert('RGBA')
     return reduced
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """Return ``image`` with 16-bit grey levels scaled to 8 bits; any other image as it is.
+
+    NOTE: Pillow's ``convert`` clips 16-bit levels at 255 (a 16-bit PNG would look white).
+    """
+    if image.mode == 'I' or image.mode.startswith('I;16'):
+        return image.convert('I').point(lambda level: level / 256).convert('L')
+    return image
 
 
 def _js_round(value: float) -> int:

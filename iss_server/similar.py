@@ -20,7 +20,7 @@ distance of those candidates only: no scan of the table, and the answer is
 exact, never approximate, for every ``max_distance`` up to :data:`MAX_DISTANCE`.
 The cost grows with ``d // 4``: up to distance 3 it is 4 exact band values, up to 7
 it is 4 x 17, up to 11 it is 4 x 137; at a million hashes a query up to 11 takes
-~10-35 ms, up to 15 ~75-150 ms (``bench/similar_index.py``).
+~12 ms at the median, up to 15 ~65-120 ms (``bench/similar_index.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from itertools import combinations
 from typing import Any
 
 from PIL import Image
+
+from iss_server import placeholders
 
 #: The distance under which two images are taken for copies of one another. NOTE: on
 #: ``bench/near_duplicates.py``'s 3,000 pictures x 5 alterations: at 10, 98.8 % of the copies found
@@ -59,6 +61,7 @@ def perceptual_hash(image: Image.Image) -> int:
     A header-sized decode is enough (``Image.draft`` for a JPEG, a thumbnail of ~100 px): only
     32x32 pixels are read.
     """
+    image = placeholders.eight_bit(image)
     if image.mode not in ('L', 'RGB'):
         image = image.convert('RGBA' if 'A' in image.getbands() or 'transparency' in image.info else 'RGB')
         if image.mode == 'RGBA':
