@@ -44,6 +44,19 @@ def test_known_vectors(size, thumbhash, blurhash):
     assert placeholders.blurhash(image) == blurhash
 
 
+def test_the_reference_flower_decodes_to_its_shape_and_average_colour():
+    """The ThumbHash of the reference's flower.jpg (75x100), as the Elixir and .NET ports' tests give it.
+
+    Their tests give its aspect ratio (5/7) and average colour (0.484, 0.341, 0.079); the mean of the
+    decoded pixels is that average (the cosines sum to zero over the pixels), give or take clipping.
+    """
+    decoded = placeholders.thumbhash_to_image('k0oGLQaSVsN0BVhn2oq2Z5SQUQcZ')
+    assert decoded.size == (23, 32)
+    mean = ImageStat.Stat(decoded).mean
+    for level, average in zip(mean, (0.484127015, 0.341269821, 0.0793650597, 1.0), strict=True):
+        assert abs(level / 255 - average) < 0.01
+
+
 @pytest.mark.parametrize('size', [(640, 480), (300, 500), (64, 64)])
 def test_both_decode_back_to_the_picture(size):
     image = scene(*size)
