@@ -17,6 +17,7 @@ import argparse
 import os
 import platform
 import random
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -95,8 +96,11 @@ def sqlite_run(data: list[tuple[str, int]], targets: list[int]) -> None:
     size = os.path.getsize(os.path.join(directory, 'index.sqlite3'))
     elapsed = time.perf_counter() - start
     print(f'sqlite     loaded {len(data)} rows in {elapsed:.1f} s, {size / 2**20:.0f} MiB', flush=True)
-    report('sqlite', similar.SimilarIndex(similar.sqlite_execute(db)), targets, data)
-    db.close()
+    try:
+        report('sqlite', similar.SimilarIndex(similar.sqlite_execute(db)), targets, data)
+    finally:
+        db.close()
+        shutil.rmtree(directory)
 
 
 def postgres_run(data: list[tuple[str, int]], targets: list[int], shared_buffers: str | None) -> None:
