@@ -20,7 +20,8 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 from playwright.sync_api import sync_playwright
 
-from conftest import Gunicorn, blob_id, make_png
+from iss_testing.data import blob_id, make_png
+from iss_testing.servers import Gunicorn
 
 IMAGES, ARTIFACTS = 150, 50
 ADMIN = 'browse-admin'

@@ -18,7 +18,10 @@ import time
 import pytest
 
 import iss_client
-from conftest import HERE, CuttingProxy, blob_id, files_under, make_png, wait_for
+from iss_testing import HERE
+from iss_testing.data import blob_id, files_under, make_png
+from iss_testing.proxy import CuttingProxy
+from iss_testing.servers import wait_for
 
 MIB = 1024 * 1024
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-from conftest import HERE, tool
+from iss_testing import HERE
+from iss_testing.servers import tool
 
 # A fixed seed and a bounded number of examples: the same ~650 requests every run, in seconds.
 SEED = '1'

@@ -22,7 +22,8 @@ import time
 
 import pytest
 
-from conftest import Gunicorn, files_in, wait_for
+from iss_testing.data import files_in
+from iss_testing.servers import Gunicorn, wait_for
 
 MIB = 1024 * 1024
 

@@ -17,7 +17,8 @@ import urllib.parse
 import pytest
 from PIL import Image
 
-from conftest import Gunicorn, files_in, wait_for
+from iss_testing.data import files_in
+from iss_testing.servers import Gunicorn, wait_for
 
 MIB = 1024 * 1024
 

@@ -27,9 +27,12 @@ from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 
 import iss
-from conftest import HERE, CuttingProxy, file_store, files_in, make_png, wait_for
 from iss_server import errors, resumable
 from iss_server.config import Settings
+from iss_testing import HERE
+from iss_testing.data import file_store, files_in, make_png
+from iss_testing.proxy import CuttingProxy
+from iss_testing.servers import wait_for
 
 TUS = {'Tus-Resumable': '1.0.0'}
 CHUNK = {**TUS, 'Content-Type': 'application/offset+octet-stream'}

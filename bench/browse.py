@@ -1,6 +1,6 @@
 """How long the browse page takes to show its first screen of 100 thumbnails, with a cold derivative cache.
 
-    python3 bench/browse.py [--images 120] [--rounds 5]
+    python -m bench.browse [--images 120] [--rounds 5]
 
 Makes a store of ``--images`` camera-sized JPEGs (1280x720, each different), then each round:
 a fresh gunicorn from this tree on that data with ``derived/`` emptied (so every thumbnail is
@@ -19,9 +19,11 @@ import sys
 import tempfile
 import urllib.request
 
-from local_server import free_port, start_server, stop_server
 from PIL import Image
 from playwright.sync_api import sync_playwright
+
+from bench.local_server import start_server, stop_server
+from iss_testing.servers import free_port
 
 FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update']
 

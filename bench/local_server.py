@@ -4,19 +4,12 @@ import hashlib
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-HERE = pathlib.Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
+from iss_testing import HERE
 
 
 def start_server(data: pathlib.Path, port: int) -> subprocess.Popen:

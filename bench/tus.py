@@ -1,6 +1,6 @@
 """A resumable upload (tus, in chunks) against one ``curl -T`` of the same file, alternated in one run.
 
-    python3 bench/tus.py [--mib 512] [--chunk-mib 16] [--rounds 3]
+    python -m bench.tus [--mib 512] [--chunk-mib 16] [--rounds 3]
 
 Starts ``gunicorn iss:app`` from this tree on a free port with a fresh data directory
 under /tmp. Each round writes new random files and uploads each once, the order of the
@@ -24,7 +24,8 @@ import tempfile
 import threading
 import time
 
-from local_server import big_file, free_port, start_server, stop_server, tree_rss_kib
+from bench.local_server import big_file, start_server, stop_server, tree_rss_kib
+from iss_testing.servers import free_port
 
 TUS = {'Tus-Resumable': '1.0.0'}
 
