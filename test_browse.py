@@ -23,6 +23,9 @@ from playwright.sync_api import sync_playwright
 from iss_testing.data import blob_id, make_png
 from iss_testing.servers import Gunicorn
 
+# NOTE: not in the fast subset (pytest -m "not slow"): a real headless Chromium.
+pytestmark = pytest.mark.slow
+
 IMAGES, ARTIFACTS = 150, 50
 ADMIN = 'browse-admin'
 CHROMIUM_FLAGS = [

@@ -32,6 +32,9 @@ from iss_testing import HERE
 from iss_testing.data import blob_id, make_png
 from iss_testing.servers import Gunicorn, Nginx, SeaweedFS, free_port, wait_for
 
+# NOTE: not in the fast subset (pytest -m "not slow"): SeaweedFS, PostgreSQL and several gunicorn nodes.
+pytestmark = pytest.mark.slow
+
 # -- the suite runs on both stores ----------------------------------------------------------
 
 

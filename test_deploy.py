@@ -233,6 +233,7 @@ def test_nginx_caches_each_derivative_apart_from_the_original(stack):
     assert small[2] == small_again[2] == direct.request('GET', f'/images/{image_id}?w=16&format=webp')[2]
 
 
+@pytest.mark.slow
 def test_a_deleted_blob_leaves_nginx_cache_within_its_validity(stack):
     nginx, _, direct = stack
     data = os.urandom(10_000)
@@ -248,6 +249,7 @@ def test_a_deleted_blob_leaves_nginx_cache_within_its_validity(stack):
     wait_for(lambda: nginx.request('GET', f'/artifacts/{blob}')[0] == 404, seconds=5, message='the cache to expire')
 
 
+@pytest.mark.slow
 def test_nginx_gives_every_request_to_iss_its_own_request_id(stack):
     nginx, behind, _ = stack
 
@@ -319,6 +321,7 @@ def test_internal_paths_cannot_be_fetched_directly(stack, shared_data_dir):
         assert image not in body
 
 
+@pytest.mark.slow
 def test_missing_blob_through_nginx_is_the_iss_404(stack):
     nginx, _, _ = stack
 

@@ -25,6 +25,9 @@ import pytest
 from iss_testing.data import files_in
 from iss_testing.servers import Gunicorn, wait_for
 
+# NOTE: not in the fast subset (pytest -m "not slow"): SIGKILL at random points, full and read-only disks, a soak.
+pytestmark = pytest.mark.slow
+
 MIB = 1024 * 1024
 
 

@@ -65,6 +65,7 @@ def test_seed_readme_curl_examples_work_verbatim(server, tmp_path):
 
 
 @pytest.mark.parametrize('form', ['multipart', 'raw-put'])
+@pytest.mark.slow
 def test_512_mib_upload_streams_in_bounded_memory(server, tmp_path, form):
     big = tmp_path / 'big.bin'
     digest = random_file(big, 512 * MIB)

@@ -337,6 +337,7 @@ class _Chunks:
         return len(chunk)
 
 
+@pytest.mark.slow
 def test_delete_racing_with_downloads_and_uploads_never_serves_a_truncated_blob(start, tmp_path):
     """Through gunicorn with two workers: a reader gets the whole blob or a 404, never a part."""
     server = start(ISS_ADMIN_TOKEN='admin-secret', ISS_WORKERS='2')
@@ -644,6 +645,7 @@ def test_cli_refuses_a_bad_kind_and_an_unknown_command(data_dir):
 # -- at scale ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_store_of_100000_blobs_is_listed_in_full_through_gunicorn(start, tmp_path):
     """100,000 blobs written as the FastAPI version would have, indexed, then walked page by page."""
     data_dir = tmp_path / 'big'

@@ -528,6 +528,7 @@ def assert_stored_whole(server, expected_id: str) -> None:
 
 
 @pytest.mark.parametrize('size', SIZES)
+@pytest.mark.slow
 def test_tuspy_uploads_cut_off_at_a_random_point_and_resumed(server, tmp_path, size):
     path, expected_id = a_file(tmp_path, size)
     chunk_size = 16 * 1024 * 1024 if size > 50_000_000 else 1024 * 1024
@@ -562,6 +563,7 @@ def tus_js() -> pathlib.Path:
 
 
 @pytest.mark.parametrize('size', SIZES)
+@pytest.mark.slow
 def test_tus_js_client_uploads_cut_off_at_a_random_point_and_resumed(server, tmp_path, tus_js, size):
     path, expected_id = a_file(tmp_path, size)
     proxy = CuttingProxy(server.port, cut_after=random.randrange(200, max(size, 400)))
