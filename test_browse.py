@@ -22,7 +22,11 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 from playwright.sync_api import sync_playwright
 
-from conftest import Gunicorn, blob_id, make_png
+from iss_testing.data import blob_id, make_png
+from iss_testing.servers import Gunicorn
+
+# NOTE: not in the fast subset (pytest -m "not slow"): a real headless Chromium.
+pytestmark = pytest.mark.slow
 
 IMAGES, ARTIFACTS = 150, 50
 ADMIN = 'browse-admin'

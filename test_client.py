@@ -21,7 +21,10 @@ import time
 import pytest
 
 import iss_client
-from conftest import HERE, CuttingProxy, blob_id, files_under, make_png, wait_for
+from iss_testing import HERE
+from iss_testing.data import blob_id, files_under, make_png
+from iss_testing.proxy import CuttingProxy
+from iss_testing.servers import wait_for
 
 MIB = 1024 * 1024
 
@@ -43,6 +46,7 @@ def installed(tmp_path_factory) -> pathlib.Path:
     return venv / 'bin'
 
 
+@pytest.mark.slow
 def test_the_client_installs_without_the_server(installed):
     probe = 'import iss_client\nfor name in ("falcon", "PIL", "gunicorn", "iss"):\n'
     probe += '    try:\n        __import__(name)\n    except ImportError:\n        pass\n'
@@ -118,6 +122,7 @@ def _posts(server, route: str) -> float:
     return sum(float(match) for match in re.findall(pattern, text))
 
 
+@pytest.mark.slow
 def test_push_a_tree_then_again_sends_nothing_and_pull_restores_it(installed, start, world_readable_dir, tmp_path):
     server = start()
     tree = world_readable_dir / 'tree'
@@ -281,6 +286,7 @@ def _uploads_counted(server) -> float:
     return sum(float(value) for value in re.findall(r'iss_uploads_total\{result="\w+"\} (\S+)', text))
 
 
+@pytest.mark.slow
 def test_a_large_file_is_sent_while_it_is_hashed_and_cut_off_when_the_server_has_it(start, tmp_path):
     server = start()
     client = iss_client.Client(server.url)
@@ -341,6 +347,7 @@ def test_a_list_follows_every_page(start):
     assert {item['id'] for item in client.list('artifacts', kind='page', limit=10)} == ids
 
 
+@pytest.mark.slow
 def test_an_upload_answered_503_is_retried_until_the_store_is_back(start, tmp_path):
     server = start(tmp_path / 'data', ISS_WORKERS='1')
     away = tmp_path / 'away'
@@ -417,6 +424,7 @@ def test_a_resumable_upload_interrupted_in_one_run_is_resumed_by_the_next(start,
     assert not record.exists()
 
 
+@pytest.mark.slow
 def test_a_resumable_upload_of_a_stored_file_stops_and_leaves_nothing(start, tmp_path, monkeypatch):
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     server = start()
@@ -431,6 +439,7 @@ def test_a_resumable_upload_of_a_stored_file_stops_and_leaves_nothing(start, tmp
     assert _session_files(server) == []
 
 
+@pytest.mark.slow
 def test_push_sends_a_file_over_the_threshold_resumably(start, tmp_path, monkeypatch):
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     monkeypatch.setattr(iss_client.library, '_RESUMABLE_BYTES', 2 * MIB)

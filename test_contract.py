@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 import subprocess
 
-from conftest import HERE, tool
+import pytest
+
+from iss_testing import HERE
+from iss_testing.servers import tool
 
 # A fixed seed and a bounded number of examples: the same ~650 requests every run, in seconds.
 SEED = '1'
 MAX_EXAMPLES = '30'
 
 
+@pytest.mark.slow
 def test_live_server_conforms_to_its_contract(start):
     # NOTE: with an admin token, so DELETE is exercised too (and sends 401 without it), and a
     # signing key, so POST /sign is (it takes the admin token).

@@ -11,7 +11,6 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,11 +18,13 @@ import tempfile
 import pytest
 from PIL import Image
 
-from conftest import HERE, Gunicorn, LoopbackServer, files_in, free_port, tool, wait_for
 from iss_server import signing
+from iss_testing import HERE
+from iss_testing.data import files_in
+from iss_testing.servers import Gunicorn, Nginx, free_port, tool, wait_for
 
 MIB = 1024 * 1024
-UPLOAD_LIMIT = 4 * MIB
+UPLOAD_LIMIT = Nginx.UPLOAD_LIMIT
 ACCEL = '/_internal/blobs/'
 # The headers ISS decides for a download; through nginx they must be exactly these.
 BLOB_HEADERS = (
@@ -38,73 +39,13 @@ BLOB_HEADERS = (
     'Last-Modified',
 )
 
-
-# NOTE: short, so that a test can see a deleted blob leave nginx's cache.
-CACHE_VALID = '2s'
+CACHE_VALID = Nginx.CACHE_VALID
 
 
 def access_lines(server: Gunicorn) -> list[dict]:
     """The JSON access log lines ISS wrote (it runs with ISS_LOG_LEVEL=info)."""
     lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith('{')]
     return [line for line in lines if line['logger'] == 'iss.access']
-
-
-def render_template(template: str, environ: dict[str, str]) -> str:
-    """Substitute ``${NAME}`` for the names given, as the nginx image's envsubst step does."""
-    return re.sub(r'\$\{(\w+)\}', lambda m: environ.get(m.group(1), m.group(0)), template)
-
-
-class Nginx(LoopbackServer):
-    """Debian's nginx running deploy/nginx/iss.conf.template on a loopback port."""
-
-    def __init__(
-        self, workdir: pathlib.Path, upstream_port: int, data_dir: pathlib.Path, s3_upstream: str = 'http://127.0.0.1:9'
-    ) -> None:
-        binary = shutil.which('nginx') or shutil.which('nginx', path='/usr/sbin')
-        assert binary, 'nginx is needed for these tests: apt-get install nginx (.ci/run does)'
-        self.port = free_port()
-        self.workdir = workdir
-        site = render_template(
-            (HERE / 'deploy/nginx/iss.conf.template').read_text(),
-            {
-                'ISS_UPSTREAM': f'127.0.0.1:{upstream_port}',
-                'ISS_DATA': str(data_dir),
-                'ISS_S3_UPSTREAM': s3_upstream,
-                'ISS_MAX_UPLOAD_BYTES': str(UPLOAD_LIMIT),
-                'NGINX_PORT': f'127.0.0.1:{self.port}',
-                # NOTE: beside the data, where nginx's workers (nobody) can reach it.
-                'NGINX_CACHE_DIR': str(data_dir.parent / f'nginx-cache-{self.port}'),
-                'NGINX_CACHE_VALID': CACHE_VALID,
-            },
-        )
-        assert '${' not in site, 'every template variable must be substituted'
-        (workdir / 'site.conf').write_text(site)
-        temp_paths = ''.join(f'    {kind}_temp_path {workdir}/{kind};\n' for kind in ('client_body', 'proxy'))
-        # NOTE: as root, workers run as nobody: blobs must be readable by another user.
-        user = 'user nobody nogroup;\n' if os.geteuid() == 0 else ''
-        (workdir / 'nginx.conf').write_text(
-            f'{user}daemon off;\nworker_processes 1;\npid {workdir}/nginx.pid;\nerror_log {workdir}/error.log warn;\n'
-            'events { worker_connections 256; }\n'
-            'http {\n    include /etc/nginx/mime.types;\n    default_type application/octet-stream;\n'
-            f'    access_log {workdir}/access.log;\n{temp_paths}'
-            '    fastcgi_temp_path /tmp; uwsgi_temp_path /tmp; scgi_temp_path /tmp;\n'
-            f'    include {workdir}/site.conf;\n}}\n'
-        )
-        self.process = subprocess.Popen(
-            [binary, '-p', str(workdir), '-c', str(workdir / 'nginx.conf')],
-            stdout=subprocess.DEVNULL,
-            stderr=open(workdir / 'stderr.log', 'wb'),  # noqa: SIM115 - nginx owns it while it runs
-        )
-        wait_for(self._listening, message=f'nginx to listen ({workdir / "stderr.log"})')
-
-    def _listening(self) -> bool:
-        assert self.process.poll() is None, (self.workdir / 'stderr.log').read_text()
-        with socket.socket() as sock:
-            return sock.connect_ex(('127.0.0.1', self.port)) == 0
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 @pytest.fixture
@@ -292,6 +233,7 @@ def test_nginx_caches_each_derivative_apart_from_the_original(stack):
     assert small[2] == small_again[2] == direct.request('GET', f'/images/{image_id}?w=16&format=webp')[2]
 
 
+@pytest.mark.slow
 def test_a_deleted_blob_leaves_nginx_cache_within_its_validity(stack):
     nginx, _, direct = stack
     data = os.urandom(10_000)
@@ -307,6 +249,7 @@ def test_a_deleted_blob_leaves_nginx_cache_within_its_validity(stack):
     wait_for(lambda: nginx.request('GET', f'/artifacts/{blob}')[0] == 404, seconds=5, message='the cache to expire')
 
 
+@pytest.mark.slow
 def test_nginx_gives_every_request_to_iss_its_own_request_id(stack):
     nginx, behind, _ = stack
 
@@ -378,6 +321,7 @@ def test_internal_paths_cannot_be_fetched_directly(stack, shared_data_dir):
         assert image not in body
 
 
+@pytest.mark.slow
 def test_missing_blob_through_nginx_is_the_iss_404(stack):
     nginx, _, _ = stack
 

@@ -22,7 +22,11 @@ import time
 
 import pytest
 
-from conftest import Gunicorn, files_in, wait_for
+from iss_testing.data import files_in
+from iss_testing.servers import Gunicorn, wait_for
+
+# NOTE: not in the fast subset (pytest -m "not slow"): SIGKILL at random points, full and read-only disks, a soak.
+pytestmark = pytest.mark.slow
 
 MIB = 1024 * 1024
 

@@ -17,7 +17,8 @@ import urllib.parse
 import pytest
 from PIL import Image
 
-from conftest import Gunicorn, files_in, wait_for
+from iss_testing.data import files_in
+from iss_testing.servers import Gunicorn, wait_for
 
 MIB = 1024 * 1024
 
@@ -64,6 +65,7 @@ def test_seed_readme_curl_examples_work_verbatim(server, tmp_path):
 
 
 @pytest.mark.parametrize('form', ['multipart', 'raw-put'])
+@pytest.mark.slow
 def test_512_mib_upload_streams_in_bounded_memory(server, tmp_path, form):
     big = tmp_path / 'big.bin'
     digest = random_file(big, 512 * MIB)

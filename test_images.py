@@ -13,9 +13,13 @@ from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps
 
 import iss
-from conftest import blob_id, blob_path, cli_json, file_store, files_under, make_png, upload_image
 from iss_server import images, meta, signing
 from iss_server.config import ConfigError, Settings
+from iss_testing.cli import cli_json, upload_image
+from iss_testing.data import blob_id, blob_path, file_store, files_under, make_png
+
+# NOTE: every test here that takes a client runs on each store, unless marked file_store.
+pytestmark = pytest.mark.both_stores
 
 
 def encode(image: Image.Image, image_format: str = 'PNG', **options) -> bytes:
@@ -138,6 +142,7 @@ def test_seed_meta_is_completed_on_read_and_kept_with_the_seed_keys_as_they_were
     assert on_disk == meta, 'completed once and for good'
 
 
+@pytest.mark.file_store
 def test_backfill_completes_every_seed_image_in_the_store(data_dir, client):
     seeds = [write_seed_image(data_dir, make_png(10 + n, 10)) for n in range(3)]
     modern = upload_image(client, make_png(50, 50)).json['image_id']
@@ -356,6 +361,7 @@ def test_an_animated_gif_gives_its_first_frame(client):
 # -- derivatives: limits and hostile input -----------------------------------------------
 
 
+@pytest.mark.file_store
 def test_an_image_over_the_pixel_limit_is_refused_without_decoding(make_client, data_dir, png):
     client = make_client()
     image_id = upload_image(client, make_png(200, 100)).json['image_id']
@@ -368,6 +374,7 @@ def test_an_image_over_the_pixel_limit_is_refused_without_decoding(make_client, 
     assert files_under(data_dir / 'derived') == []
 
 
+@pytest.mark.file_store
 def test_a_truncated_image_is_422_and_nothing_is_cached(client, data_dir):
     whole = encode(Image.effect_noise((64, 64), 50).convert('RGB'))
     image_id = store(client, whole[: len(whole) // 2])  # the header is intact: it is stored
@@ -378,6 +385,7 @@ def test_a_truncated_image_is_422_and_nothing_is_cached(client, data_dir):
     assert files_under(data_dir / 'derived') == [] and files_under(data_dir / 'tmp') == []
 
 
+@pytest.mark.file_store
 def test_with_decode_verification_a_truncated_image_is_refused_at_upload(make_client, data_dir):
     whole = encode(Image.effect_noise((64, 64), 50).convert('RGB'))
     truncated = whole[: len(whole) // 2]
@@ -511,6 +519,7 @@ def test_parameter_fuzzing_never_gets_a_500(client, params):
 # -- the cache ---------------------------------------------------------------------------
 
 
+@pytest.mark.file_store
 def test_a_derivative_is_rendered_once_and_served_like_a_blob(client, data_dir, png):
     image_id = store(client, png)
     url = f'/images/{image_id}?w=50&format=webp'
@@ -549,6 +558,7 @@ def test_the_cache_evicts_the_least_recently_used(data_dir, png):
     assert sorted(p.name for p in files_under(data_dir / 'derived')) == ['90x-contain.png', '92x-contain.png']
 
 
+@pytest.mark.file_store
 def test_the_cache_stays_near_its_bound_while_rendering(make_client, data_dir):
     client = make_client(derived_max_bytes=40_000)
     image_id = store(client, encode(Image.effect_noise((120, 120), 50).convert('RGB')))
@@ -561,6 +571,7 @@ def test_the_cache_stays_near_its_bound_while_rendering(make_client, data_dir):
     assert 0 < sum(sizes) <= 40_000 + max(sizes), sizes
 
 
+@pytest.mark.file_store
 def test_delete_removes_the_derivatives_too(make_client, data_dir, png):
     client = make_client(admin_token='a')
     image_id = store(client, png)
@@ -597,6 +608,7 @@ def test_workers_rendering_the_same_derivative_at_once_make_one_file(start, tmp_
     assert files_under(server.data_dir / 'tmp') == []
 
 
+@pytest.mark.file_store
 def test_gc_removes_derivatives_of_no_blob_and_keeps_the_cache_bounded(client, data_dir):
     image_id = store(client, encode(Image.effect_noise((80, 80), 50).convert('RGB')))
     kept = store(client, make_png(70, 70))

@@ -22,9 +22,13 @@ from openapi_spec_validator import validate
 from PIL import Image
 
 import iss
-from conftest import MISSING, blob_id, file_store, files_under, make_png, upload_image
 from iss_server import signing
 from iss_server.config import ConfigError, Settings
+from iss_testing.cli import upload_image
+from iss_testing.data import MISSING, blob_id, file_store, files_under, make_png
+
+# NOTE: every test here that takes a client runs on each store, unless marked file_store.
+pytestmark = pytest.mark.both_stores
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -36,6 +40,7 @@ def assert_nothing_stored(data_dir: pathlib.Path) -> None:
 # -- uploading images -----------------------------------------------------------
 
 
+@pytest.mark.file_store
 def test_image_upload_stores_blob_and_seed_meta(client, data_dir, png):
     response = upload_image(client, png, 'photo.png')
 
@@ -65,6 +70,7 @@ def test_image_upload_stores_blob_and_seed_meta(client, data_dir, png):
     assert list((data_dir / 'tmp').iterdir()) == []
 
 
+@pytest.mark.file_store
 def test_same_image_twice_is_200_with_one_blob(client, data_dir, png):
     first = upload_image(client, png)
     second = upload_image(client, png, 'other-name.png')
@@ -95,6 +101,7 @@ def test_raw_image_body_is_typed_by_its_bytes_not_the_claim(client, png):
         (b'', 'image/png'),
     ],
 )
+@pytest.mark.file_store
 def test_bytes_that_are_not_an_image_get_415_pointing_to_artifacts(client, data_dir, body, content_type):
     response = client.post('/images', body, headers={'Content-Type': content_type}, status=415)
 
@@ -103,6 +110,7 @@ def test_bytes_that_are_not_an_image_get_415_pointing_to_artifacts(client, data_
     assert list((data_dir / 'tmp').iterdir()) == []
 
 
+@pytest.mark.file_store
 def test_multipart_non_image_gets_415_and_stores_nothing(client, data_dir):
     response = client.post('/images', upload_files=[('file', 'a.txt', b'hello', 'text/plain')], status=415)
 
@@ -128,6 +136,7 @@ def png_declaring(width: int, height: int) -> bytes:
     return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b'')
 
 
+@pytest.mark.file_store
 def test_decompression_bomb_is_refused_without_decoding(client, data_dir):
     bomb = png_declaring(200_000, 200_000)  # 40 gigapixels in 57 bytes
 
@@ -178,6 +187,7 @@ def multipart(*parts: tuple[str, str | None, bytes], boundary: str = 'XyZ') -> t
     ],
     ids=['no-file-part', 'no-boundary-parameter', 'missing-closing-boundary', 'garbage'],
 )
+@pytest.mark.file_store
 def test_malformed_forms_get_400_and_store_nothing(client, data_dir, body, content_type, title):
     response = client.post('/images', body, headers={'Content-Type': content_type}, status=400)
 
@@ -243,6 +253,7 @@ def test_a_form_filename_in_rfc_5987_form_is_decoded(client):
     ],
     ids=['text-after-boundary', 'header-without-colon', 'huge-field'],
 )
+@pytest.mark.file_store
 def test_forms_broken_between_parts_get_400(client, data_dir, body, description):
     headers = {'Content-Type': 'multipart/form-data; boundary=XyZ'}
 
@@ -254,6 +265,7 @@ def test_forms_broken_between_parts_get_400(client, data_dir, body, description)
     assert list((data_dir / 'tmp').iterdir()) == []
 
 
+@pytest.mark.file_store
 def test_huge_part_headers_get_400(client, data_dir):
     filler = b'X-Filler: ' + b'a' * 20000
     body = b'--XyZ\r\nContent-Disposition: form-data; name="file"\r\n' + filler + b'\r\n\r\nx\r\n--XyZ--\r\n'
@@ -276,6 +288,7 @@ def test_too_many_form_parts_get_400(client):
 # -- batch uploads: several files in one form -------------------------------------
 
 
+@pytest.mark.file_store
 def test_a_form_of_several_files_stores_each_and_answers_each_in_order(client, data_dir):
     pngs = [make_png(10 + i, 10) for i in range(3)]
     body, content_type = multipart(
@@ -306,6 +319,7 @@ def test_a_batch_of_files_all_stored_already_is_200(client):
     assert [answer['status'] for answer in response.json] == [200, 200]
 
 
+@pytest.mark.file_store
 def test_a_refused_file_of_a_batch_is_its_own_error_and_the_others_are_stored(client, data_dir):
     first, last = make_png(30, 10), make_png(31, 10)
     body, content_type = multipart(
@@ -337,6 +351,7 @@ def test_a_batch_of_artifacts_shares_the_kind_and_meta_of_the_request(client):
         assert (stored['kind'], stored['run'], stored['filename']) == ('weights', 7, name)
 
 
+@pytest.mark.file_store
 def test_a_batch_whose_request_is_wrong_stores_none_of_its_files(client, data_dir):
     body, content_type = multipart(('file', 'a.bin', b'one'), ('file', 'b.bin', b'two'))
 
@@ -347,6 +362,7 @@ def test_a_batch_whose_request_is_wrong_stores_none_of_its_files(client, data_di
     assert list((data_dir / 'tmp').iterdir()) == []
 
 
+@pytest.mark.file_store
 def test_a_batch_of_more_files_than_allowed_is_413_and_stores_nothing(make_client, data_dir):
     client = make_client(max_batch_files=3)
     body, content_type = multipart(*[('file', f'{i}.bin', b'%d' % i) for i in range(4)])
@@ -361,6 +377,7 @@ def test_a_batch_of_more_files_than_allowed_is_413_and_stores_nothing(make_clien
     client.post('/artifacts?kind=x', body, headers={'Content-Type': content_type}, status=201)
 
 
+@pytest.mark.file_store
 def test_a_batch_larger_than_the_upload_limit_is_413_and_stores_nothing(make_client, data_dir):
     client = make_client(max_upload_bytes=10_000)
     body, content_type = multipart(*[('file', f'{i}.bin', os.urandom(4000)) for i in range(3)])
@@ -372,6 +389,7 @@ def test_a_batch_larger_than_the_upload_limit_is_413_and_stores_nothing(make_cli
     assert list((data_dir / 'tmp').iterdir()) == []
 
 
+@pytest.mark.file_store
 def test_a_put_takes_one_file(client, data_dir, png):
     body, content_type = multipart(('file', 'a.png', png), ('file', 'b.png', make_png(5, 5)))
 
@@ -481,6 +499,7 @@ def test_groups_sharing_content_in_opposite_orders_never_wait_for_each_other(dat
 # -- artifacts ------------------------------------------------------------------
 
 
+@pytest.mark.file_store
 def test_artifact_query_parameters_like_the_seed(client, data_dir):
     data = b'test artifact data'
     response = client.post(
@@ -511,6 +530,7 @@ def test_kind_and_meta_may_come_as_form_fields_after_the_file(client):
     assert client.get(f'/artifacts/{response.json["artifact_id"]}/meta').json['epoch'] == 3
 
 
+@pytest.mark.file_store
 def test_kind_given_in_query_and_form_is_400(client, data_dir):
     body, content_type = multipart(('kind', None, b'bad kind!'), ('file', 'w.bin', b'weights'))
 
@@ -537,6 +557,7 @@ def test_kind_given_in_query_and_form_is_400(client, data_dir):
         ('kind=ok&meta={"a":"' + 'x' * 17000 + '"}', 'meta is larger than 16384 bytes'),
     ],
 )
+@pytest.mark.file_store
 def test_bad_kind_or_meta_gets_400_before_anything_is_stored(client, data_dir, query, description):
     response = client.post(
         f'/artifacts?{query}', upload_files=[('file', 'a.bin', b'payload', 'application/octet-stream')], status=400
@@ -546,6 +567,7 @@ def test_bad_kind_or_meta_gets_400_before_anything_is_stored(client, data_dir, q
     assert_nothing_stored(data_dir / 'blobs')
 
 
+@pytest.mark.file_store
 def test_bad_kind_in_a_form_field_after_the_file_stores_nothing(client, data_dir):
     body, content_type = multipart(('file', 'w.bin', b'weights'), ('kind', None, b'bad kind!'))
 
@@ -592,6 +614,7 @@ def test_content_uploaded_twice_keeps_its_first_kind(client):
 # -- PUT under a claimed id -----------------------------------------------------
 
 
+@pytest.mark.file_store
 def test_put_artifact_verifies_the_claimed_digest(client, data_dir):
     data = os.urandom(10_000)
 
@@ -604,6 +627,7 @@ def test_put_artifact_verifies_the_claimed_digest(client, data_dir):
     assert client.get(f'/artifacts/{blob_id(data)}').body == data
 
 
+@pytest.mark.file_store
 def test_put_with_a_wrong_digest_is_400_and_stores_nothing(client, data_dir):
     response = client.put(f'/artifacts/{MISSING}?kind=model', b'other bytes', status=400)
 
@@ -908,6 +932,7 @@ def test_a_malformed_id_in_a_body_is_400(client):
     assert response.json['title'] == 'Malformed id'
 
 
+@pytest.mark.file_store
 def test_declared_body_over_the_limit_is_413_before_reading(make_client, data_dir, png):
     client = make_client(max_upload_bytes=len(png) - 1)
 
@@ -918,6 +943,7 @@ def test_declared_body_over_the_limit_is_413_before_reading(make_client, data_di
     assert list((data_dir / 'tmp').iterdir()) == []
 
 
+@pytest.mark.file_store
 def test_body_shorter_than_declared_is_400(client, data_dir):
     response = client.request(
         '/artifacts?kind=x',
@@ -1012,6 +1038,7 @@ def test_a_stored_name_is_bounded_to_255_bytes(client):
 # -- metadata -------------------------------------------------------------------
 
 
+@pytest.mark.file_store
 def test_meta_of_a_blob_without_meta_is_its_size(client, data_dir, png):
     digest = upload_image(client, png).json['image_id']
     next((data_dir / 'meta').rglob('*.json')).unlink()
@@ -1032,6 +1059,7 @@ def test_health_is_exactly_the_seed_answer(client, path):
     assert client.head(path).status_int == 200
 
 
+@pytest.mark.file_store
 def test_health_is_503_when_the_data_directory_vanishes(client, data_dir):
     subprocess.run(['rm', '-rf', str(data_dir)], check=True)
 
@@ -1179,6 +1207,7 @@ def test_a_signed_url_reads_one_path_with_one_query_until_it_expires(make_client
     )
 
 
+@pytest.mark.file_store
 def test_python_m_iss_sign_prints_a_url_the_service_takes(make_client, data_dir, png):
     client = make_client(read_token='reader', signing_key='cli-key')
     image_id = upload_image(client, png).json['image_id']
@@ -1322,6 +1351,7 @@ def test_data_directory_written_by_the_seed_is_served(tmp_path, png):
     assert upload_image(client, png).status_int == 200
 
 
+@pytest.mark.file_store
 def test_a_damaged_blob_is_replaced_by_a_verified_upload(client, data_dir, png):
     upload_image(client, png)
     blob = next((data_dir / 'blobs').rglob('*'))

@@ -21,21 +21,15 @@ import webtest
 
 import iss
 import storage
-from conftest import (
-    HERE,
-    MISSING,
-    blob_id,
-    blob_path,
-    cli_json,
-    file_store,
-    files_under,
-    make_png,
-    run_cli,
-    upload_image,
-    wait_for,
-)
 from iss_server import resumable
 from iss_server.config import Settings
+from iss_testing import HERE
+from iss_testing.cli import cli_json, run_cli, upload_image
+from iss_testing.data import MISSING, blob_id, blob_path, file_store, files_under, make_png
+from iss_testing.servers import wait_for
+
+# NOTE: every test here that takes a client runs on each store, unless marked file_store.
+pytestmark = pytest.mark.both_stores
 
 ADMIN = {'Authorization': 'Bearer admin-secret'}
 
@@ -227,6 +221,7 @@ def test_stats_count_blobs_and_bytes_per_kind(admin_client, png):
 # -- deletion --------------------------------------------------------------------
 
 
+@pytest.mark.file_store
 def test_deletion_is_off_without_an_admin_token(client, data_dir, png):
     digest = upload_image(client, png).json['image_id']
 
@@ -246,6 +241,7 @@ def test_deletion_needs_the_admin_token_not_the_upload_token(make_client, png):
     client.delete(f'/images/{digest}', headers=ADMIN, status=204)
 
 
+@pytest.mark.file_store
 def test_delete_removes_blob_meta_and_row_and_the_content_can_come_back(admin_client, data_dir):
     digest = upload_artifact(admin_client, b'{"a": 1}', content_type='text/plain').json['artifact_id']
     assert admin_client.get(f'/artifacts/{digest}').content_type == 'text/plain'
@@ -341,6 +337,7 @@ class _Chunks:
         return len(chunk)
 
 
+@pytest.mark.slow
 def test_delete_racing_with_downloads_and_uploads_never_serves_a_truncated_blob(start, tmp_path):
     """Through gunicorn with two workers: a reader gets the whole blob or a 404, never a part."""
     server = start(ISS_ADMIN_TOKEN='admin-secret', ISS_WORKERS='2')
@@ -388,6 +385,7 @@ def test_delete_racing_with_downloads_and_uploads_never_serves_a_truncated_blob(
 # -- the command line -------------------------------------------------------------
 
 
+@pytest.mark.file_store
 def test_fsck_finds_a_flipped_bit_and_repair_quarantines_the_blob(client, data_dir, png):
     digest = upload_image(client, png).json['image_id']
     other = upload_artifact(client, b'healthy').json['artifact_id']
@@ -411,6 +409,7 @@ def test_fsck_finds_a_flipped_bit_and_repair_quarantines_the_blob(client, data_d
     assert upload_image(client, png).status_int == 201
 
 
+@pytest.mark.file_store
 def test_fsck_reports_orphans_missing_meta_stray_files_and_index_drift(client, data_dir, png):
     image = upload_image(client, png).json['image_id']
     artifact = upload_artifact(client, b'artifact').json['artifact_id']
@@ -441,6 +440,7 @@ def test_fsck_reports_orphans_missing_meta_stray_files_and_index_drift(client, d
     assert (data_dir / 'blobs' / 'stray.txt').exists()
 
 
+@pytest.mark.file_store
 def test_gc_removes_stale_temp_files_expired_uploads_orphaned_meta_and_rows(client, data_dir, png):
     lost = upload_artifact(client, b'lost').json['artifact_id']
     kept = upload_image(client, png).json['image_id']
@@ -488,6 +488,7 @@ def test_gc_leaves_a_live_upload_alone(data_dir):
         assert len(files_under(data_dir / 'tmp')) == 1
 
 
+@pytest.mark.file_store
 def test_reindex_rebuilds_a_lost_index_and_stats_reads_it(client, data_dir, png):
     upload_image(client, png)
     upload_artifact(client, b'abc', kind='model')
@@ -503,6 +504,7 @@ def test_reindex_rebuilds_a_lost_index_and_stats_reads_it(client, data_dir, png)
     assert cli_json(data_dir, 'reindex')['changed'] == 0
 
 
+@pytest.mark.file_store
 def test_a_running_service_writes_to_an_index_rebuilt_under_it(client, data_dir, png):
     upload_image(client, png)
     for name in ('index.sqlite3', 'index.sqlite3-wal', 'index.sqlite3-shm'):
@@ -515,6 +517,7 @@ def test_a_running_service_writes_to_an_index_rebuilt_under_it(client, data_dir,
     assert cli_json(data_dir, 'stats')['count'] == 2
 
 
+@pytest.mark.file_store
 def test_import_stores_a_folder_as_images_and_reports_what_it_skipped(tmp_path, data_dir, client):
     folder = tmp_path / 'photos'
     (folder / 'day2').mkdir(parents=True)
@@ -538,6 +541,7 @@ def test_import_stores_a_folder_as_images_and_reports_what_it_skipped(tmp_path, 
     )
 
 
+@pytest.mark.file_store
 def test_import_skips_symlinks_that_lead_out_of_the_folder(tmp_path, data_dir, client):
     folder = tmp_path / 'photos'
     folder.mkdir()
@@ -555,6 +559,7 @@ def test_import_skips_symlinks_that_lead_out_of_the_folder(tmp_path, data_dir, c
     client.get(f'/artifacts/{blob_id(passwd)}', status=404)
 
 
+@pytest.mark.file_store
 def test_import_json_is_the_manifest_of_push_and_can_go_to_a_file(tmp_path, data_dir, client):
     folder = tmp_path / 'runs'
     (folder / 'day1').mkdir(parents=True)
@@ -572,6 +577,7 @@ def test_import_json_is_the_manifest_of_push_and_can_go_to_a_file(tmp_path, data
     assert sorted(map(json.loads, manifest.read_text().splitlines()), key=lambda entry: entry['path']) == expected
 
 
+@pytest.mark.file_store
 def test_json_works_after_the_command_too_and_stats_read_as_text(data_dir, client, png):
     upload_image(client, png)
 
@@ -584,6 +590,7 @@ def test_json_works_after_the_command_too_and_stats_read_as_text(data_dir, clien
     assert '{' not in text.stdout
 
 
+@pytest.mark.file_store
 def test_the_command_line_runs_from_any_directory(tmp_path, data_dir, client, png):
     upload_image(client, png)
 
@@ -600,6 +607,7 @@ def test_the_command_line_runs_from_any_directory(tmp_path, data_dir, client, pn
     assert json.loads(result.stdout)['count'] == 1
 
 
+@pytest.mark.file_store
 def test_import_with_a_kind_stores_artifacts_typed_by_extension(tmp_path, data_dir, client):
     folder = tmp_path / 'runs'
     folder.mkdir()
@@ -637,6 +645,7 @@ def test_cli_refuses_a_bad_kind_and_an_unknown_command(data_dir):
 # -- at scale ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_store_of_100000_blobs_is_listed_in_full_through_gunicorn(start, tmp_path):
     """100,000 blobs written as the FastAPI version would have, indexed, then walked page by page."""
     data_dir = tmp_path / 'big'

@@ -27,9 +27,12 @@ from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 
 import iss
-from conftest import HERE, CuttingProxy, file_store, files_in, make_png, wait_for
 from iss_server import errors, resumable
 from iss_server.config import Settings
+from iss_testing import HERE
+from iss_testing.data import file_store, files_in, make_png
+from iss_testing.proxy import CuttingProxy
+from iss_testing.servers import wait_for
 
 TUS = {'Tus-Resumable': '1.0.0'}
 CHUNK = {**TUS, 'Content-Type': 'application/offset+octet-stream'}
@@ -525,6 +528,7 @@ def assert_stored_whole(server, expected_id: str) -> None:
 
 
 @pytest.mark.parametrize('size', SIZES)
+@pytest.mark.slow
 def test_tuspy_uploads_cut_off_at_a_random_point_and_resumed(server, tmp_path, size):
     path, expected_id = a_file(tmp_path, size)
     chunk_size = 16 * 1024 * 1024 if size > 50_000_000 else 1024 * 1024
@@ -559,6 +563,7 @@ def tus_js() -> pathlib.Path:
 
 
 @pytest.mark.parametrize('size', SIZES)
+@pytest.mark.slow
 def test_tus_js_client_uploads_cut_off_at_a_random_point_and_resumed(server, tmp_path, tus_js, size):
     path, expected_id = a_file(tmp_path, size)
     proxy = CuttingProxy(server.port, cut_after=random.randrange(200, max(size, 400)))

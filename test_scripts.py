@@ -11,7 +11,7 @@ import tarfile
 import pytest
 import yaml
 
-from conftest import HERE
+from iss_testing import HERE
 
 DIGEST = 'sha256:' + 'ab' * 32
 COMMIT = '0123456789abcdef0123456789abcdef01234567'

@@ -11,7 +11,10 @@ import pathlib
 
 import pytest
 
-from conftest import MISSING, blob_id, make_png
+from iss_testing.data import MISSING, blob_id, make_png
+
+# NOTE: every test here that takes a client runs on each store, unless marked file_store.
+pytestmark = pytest.mark.both_stores
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import types
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-import iss_bench
+from bench import iss_bench
 
 _T = TypeVar('_T')
 

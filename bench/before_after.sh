@@ -4,7 +4,7 @@
 #   bash bench/before_after.sh OLD_CHECKOUT NEW_CHECKOUT [ROUNDS]
 #
 # Each checkout's gunicorn (2 workers, as documented) runs on its own data directory; then
-# bench/small_get.py (ISS against nginx on the same blob file) and bench/upload.py (512 MiB PUT
+# bench.small_get (ISS against nginx on the same blob file) and bench.upload (512 MiB PUT
 # and multipart against hashlib + cp&&sync) run against old, new, old, new... ROUNDS times
 # (default 2). Each line is a ratio to a limit measured in the same minute, so lines of old and
 # new compare even when the machine's speed drifts. Both checkouts use this checkout's .venv.
@@ -13,6 +13,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 old="$(cd "$1" && pwd)"
 new="$(cd "$2" && pwd)"
 rounds="${3:-2}"
+cd "$here"  # NOTE: the bench scripts run as modules of this checkout: python -m bench.NAME
 python="$here/.venv/bin/python"
 work="$(mktemp -d)"
 chmod 755 "$work"  # NOTE: nginx's workers (another user) read the blob files below it
@@ -48,8 +49,8 @@ for round in $(seq "$rounds"); do
     for side in old new; do
         port="${ports[$side]}"
         echo "== round $round: $side ($([ "$side" = old ] && echo "$old" || echo "$new"))"
-        "$python" "$here/bench/small_get.py" --url "http://127.0.0.1:$port" --data-dir "$work/$side" --rounds 3
-        "$python" "$here/bench/upload.py" --url "http://127.0.0.1:$port" --mib 256 --rounds 2 \
+        "$python" -m bench.small_get --url "http://127.0.0.1:$port" --data-dir "$work/$side" --rounds 3
+        "$python" -m bench.upload --url "http://127.0.0.1:$port" --mib 256 --rounds 2 \
             --server-pid "$(cat "$work/$side.pid")"
     done
 done

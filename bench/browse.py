@@ -1,6 +1,6 @@
 """How long the browse page takes to show its first screen of 100 thumbnails, with a cold derivative cache.
 
-    python3 bench/browse.py [--images 120] [--rounds 5]
+    python -m bench.browse [--images 120] [--rounds 5]
 
 Makes a store of ``--images`` camera-sized JPEGs (1280x720, each different), then each round:
 a fresh gunicorn from this tree on that data with ``derived/`` emptied (so every thumbnail is
@@ -19,9 +19,10 @@ import sys
 import tempfile
 import urllib.request
 
-from local_server import free_port, start_server, stop_server
 from PIL import Image
 from playwright.sync_api import sync_playwright
+
+from iss_testing.servers import Gunicorn, free_port
 
 FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update']
 
@@ -44,20 +45,20 @@ def main() -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix='iss-browse-bench-'))
     data = work / 'data'
     port = free_port()
-    server = start_server(data, port)
+    server = Gunicorn(data, work / 'gunicorn.log', port=port)
     for number in range(args.images):
         request = urllib.request.Request(
             f'http://127.0.0.1:{port}/images', data=photo(number), headers={'Content-Type': 'image/jpeg'}
         )
         urllib.request.urlopen(request).read()
-    stop_server(server)
+    server.stop()
     times = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=shutil.which('chromium'), args=FLAGS)
         try:
             for number in range(args.rounds):
                 shutil.rmtree(data / 'derived', ignore_errors=True)
-                server = start_server(data, port)
+                server = Gunicorn(data, work / 'gunicorn.log', port=port)
                 try:
                     context = browser.new_context(viewport={'width': 2000, 'height': 2000})
                     page = context.new_page()
@@ -71,7 +72,7 @@ def main() -> int:
                     rendered = len(list((data / 'derived').rglob('*.*')))
                     context.close()
                 finally:
-                    stop_server(server)
+                    server.stop()
                 times.append(elapsed)
                 print(f'round {number + 1}: first 100 thumbnails in {elapsed:.2f} s ({rendered} rendered)')
         finally:

@@ -1,6 +1,6 @@
 """iss-client against what a user would otherwise run, alternated in one run.
 
-    python3 bench/client.py --url http://127.0.0.1:8000 [--files 2000] [--mib 512] [--rounds 3]
+    python -m bench.client --url http://127.0.0.1:8000 [--files 2000] [--mib 512] [--rounds 3]
 
 Small files: ``--files`` new 4 KiB files each round, pushed with ``iss-client push -j 8``,
 against the same number of other new files sent by one sequential ``requests`` loop (a
@@ -24,7 +24,8 @@ import tempfile
 import time
 
 import requests
-from local_server import big_file
+
+from bench.local_server import big_file
 
 HERE = pathlib.Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, '-m', 'iss_client']  # NOTE: run in the checkout (cwd=HERE)

@@ -4,7 +4,7 @@ The case: a 12-megapixel JPEG (4000x3000) to a 256-pixel JPEG thumbnail. The lim
 plain Pillow loop that does the same work in one process (open, draft, thumbnail, save),
 measured in the same run; ISS runs under gunicorn as documented (gthread, 2 workers).
 
-    .venv/bin/python bench/derivatives.py [--seconds 10] [--json out.json]
+    .venv/bin/python -m bench.derivatives [--seconds 10] [--json out.json]
 
 Needs wrk for the warm case (apt-get install -y wrk). Run by hand, on a quiet machine.
 """
@@ -21,7 +21,6 @@ import os
 import pathlib
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,8 @@ import time
 
 from PIL import Image
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from iss_testing import HERE
+from iss_testing.servers import free_port
 
 
 def photo() -> bytes:
@@ -59,12 +59,6 @@ def pillow_loop(data: bytes, seconds: float) -> float:
 def pillow_processes(data: bytes, seconds: float, processes: int) -> float:
     with concurrent.futures.ProcessPoolExecutor(processes) as pool:
         return sum(pool.map(pillow_loop, [data] * processes, [seconds] * processes))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None, headers=None) -> tuple[int, bytes]:
@@ -117,7 +111,7 @@ def main() -> None:
     port = free_port()
     with tempfile.TemporaryDirectory() as data_dir:
         env = {**os.environ, 'ISS_DATA': data_dir, 'ISS_PORT': str(port), 'ISS_LOG_LEVEL': 'warning'}
-        server = subprocess.Popen([sys.executable, '-m', 'gunicorn', 'iss:app'], cwd=ROOT, env=env)
+        server = subprocess.Popen([sys.executable, '-m', 'gunicorn', 'iss:app'], cwd=HERE, env=env)
         try:
             for _ in range(100):
                 try:

@@ -1,6 +1,6 @@
 """Large downloads from ISS against nginx sending the very same stored file, alternated in one run.
 
-    python3 bench/download.py --url http://127.0.0.1:8800 --data-dir DATA [--mib 512] [--rounds 5]
+    python -m bench.download --url http://127.0.0.1:8800 --data-dir DATA [--mib 512] [--rounds 5]
 
 iss_bench.py times one ISS download right after the upload against the median of three nginx
 downloads of another copy; here both servers send the same blob file (nginx, configured as in
@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-import alternate
+from bench import alternate
 
 MB = 1_000_000
 

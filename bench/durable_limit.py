@@ -1,6 +1,6 @@
 """The disk's limit for small uploads kept durably: ISS's file operations alone, no HTTP, no Python server.
 
-    python3 bench/durable_limit.py --dir DIR [--threads 16] [--seconds 8] [--group]
+    python -m bench.durable_limit --dir DIR [--threads 16] [--seconds 8] [--group]
 
 A new small upload costs ISS two durable files (the blob and its meta), each: a temp file
 created under tmp/, 4 KiB written, fsync, a hard link into the blobs/ab/cd fan-out (created
@@ -16,7 +16,6 @@ With ``--group``, what ISS does since its group commit: the two temp files writt
 
 import argparse
 import os
-import pathlib
 import sys
 import tempfile
 import threading
@@ -71,7 +70,6 @@ def main() -> int:
     done = [0] * args.threads
 
     if args.group:
-        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
         from iss_server import disk  # ISS's own flusher, from this checkout
 
         flush = disk.Flusher(root)

@@ -1,40 +1,8 @@
-"""What tus.py, browse.py and client.py share: ``gunicorn iss:app`` from this tree on a free port, a big file."""
+"""What the bench scripts share beyond ``iss_testing``: a big file of new bytes, a process tree's memory."""
 
 import hashlib
 import os
 import pathlib
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
-HERE = pathlib.Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def start_server(data: pathlib.Path, port: int) -> subprocess.Popen:
-    """gunicorn with the default settings on ``data``, once it answers /health; its own process group."""
-    env = {**os.environ, 'ISS_DATA': str(data), 'ISS_PORT': str(port), 'ISS_LOG_LEVEL': 'warning'}
-    process = subprocess.Popen([sys.executable, '-m', 'gunicorn', 'iss:app'], cwd=HERE, env=env, start_new_session=True)
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=1)
-            return process
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit('gunicorn did not start')
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(30)
 
 
 def big_file(path: pathlib.Path, mib: int) -> str:

@@ -50,12 +50,12 @@ if failed:
     sys.exit(f'INVALID RUN, phases with failed requests: {sorted(failed)}')
 CHECK
     # The limit of "small POST distinct": the same durable file operations without HTTP.
-    python3 bench/durable_limit.py --dir "$data" | head -1 | tee -a "$out/$1$suffix.txt"
+    python3 -m bench.durable_limit --dir "$data" | head -1 | tee -a "$out/$1$suffix.txt"
     # Small GETs against nginx sending the same blob file, taking turns.
-    python3 bench/small_get.py --url "$2" --data-dir "$data/data" | tee -a "$out/$1$suffix.txt"
+    python3 -m bench.small_get --url "$2" --data-dir "$data/data" | tee -a "$out/$1$suffix.txt"
     if [[ " ${extra[*]} " != *" --skip-large "* ]]; then
-        python3 bench/upload.py --url "$2" --server-pid "$iss_pid" | tee -a "$out/$1$suffix.txt"
-        python3 bench/download.py --url "$2" --data-dir "$data/data" | tee -a "$out/$1$suffix.txt"
+        python3 -m bench.upload --url "$2" --server-pid "$iss_pid" | tee -a "$out/$1$suffix.txt"
+        python3 -m bench.download --url "$2" --data-dir "$data/data" | tee -a "$out/$1$suffix.txt"
     fi
 }
 

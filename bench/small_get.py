@@ -1,6 +1,6 @@
 """Small GETs from ISS against nginx sending the very same blob file, alternated in one run.
 
-    python3 bench/small_get.py --url http://127.0.0.1:8800 --data-dir DATA [--rounds 5] [--seconds 5]
+    python -m bench.small_get --url http://127.0.0.1:8800 --data-dir DATA [--rounds 5] [--seconds 5]
 
 iss_bench.py measures ISS's small GETs and, a minute or two later, nginx's; on a shared
 machine whose speed changes by the minute that ratio moves with it. Here a 4096-byte PNG
@@ -16,8 +16,7 @@ import subprocess
 import sys
 import urllib.request
 
-import alternate
-import iss_bench
+from bench import alternate, iss_bench
 
 SEED_RATIO = 350 / 65_000  # the FastAPI version's small GETs against nginx static (issue 6)
 

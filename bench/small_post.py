@@ -1,6 +1,6 @@
 """Many small uploads: ISS against the FastAPI version, alternated in one run, with the disk's limit beside.
 
-    python3 bench/small_post.py --seed SEED_CHECKOUT --seed-python SEED_VENV/bin/python
+    python -m bench.small_post --seed SEED_CHECKOUT --seed-python SEED_VENV/bin/python
         [--rounds 3] [--seconds 5] [--batch 100] [--dir DIR]
 
 SEED_CHECKOUT is a clone of github.com/VitalyVorobyev/image_store_service (the FastAPI
@@ -14,7 +14,7 @@ Each round measures, in turn, with wrk (1 thread, 16 connections, as iss_bench.p
 - ``ISS``: ISS, the same requests;
 - ``ISS batch``: ISS, ``--batch`` distinct PNGs as ``file`` parts of one POST /images
   (counted per file);
-- ``durable limit``: bench/durable_limit.py, the disk's rate for what one upload at a time
+- ``durable limit``: bench.durable_limit, the disk's rate for what one upload at a time
   must make durable (two files, four fsyncs), 16 threads, no HTTP;
 - ``durable limit, grouped``: the same files made durable as ISS's group commit does
   (``--group``: three ``syncfs`` per upload, shared by the threads waiting).
@@ -32,7 +32,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,10 +40,11 @@ import time
 import urllib.request
 import uuid
 
-import iss_bench
+from bench import iss_bench
+from iss_testing import HERE
+from iss_testing.servers import free_port
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CHECKOUT = os.path.dirname(HERE)
+CHECKOUT = str(HERE)
 
 # Each request carries ``parts`` distinct valid PNGs: the fixed-length tEXt chunk of each holds
 # nonce + thread + counter + part, its CRC32 recomputed, so a server that checks images accepts it.
@@ -75,12 +75,6 @@ function response(status, headers, body)
 end
 """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def start(command: list[str], cwd: str, env: dict[str, str], log: str) -> tuple[subprocess.Popen, str]:
@@ -140,7 +134,8 @@ def wrk(url: str, script: str, seconds: float, connections: int = 16) -> dict:
 
 def durable_limit(directory: str, seconds: float, *how: str) -> float:
     done = subprocess.run(
-        [sys.executable, os.path.join(HERE, 'durable_limit.py'), '--dir', directory, '--seconds', f'{seconds:g}', *how],
+        [sys.executable, '-m', 'bench.durable_limit', '--dir', directory, '--seconds', f'{seconds:g}', *how],
+        cwd=CHECKOUT,
         check=True,
         capture_output=True,
         text=True,

@@ -1,6 +1,6 @@
 """A resumable upload (tus, in chunks) against one ``curl -T`` of the same file, alternated in one run.
 
-    python3 bench/tus.py [--mib 512] [--chunk-mib 16] [--rounds 3]
+    python -m bench.tus [--mib 512] [--chunk-mib 16] [--rounds 3]
 
 Starts ``gunicorn iss:app`` from this tree on a free port with a fresh data directory
 under /tmp. Each round writes new random files and uploads each once, the order of the
@@ -24,7 +24,8 @@ import tempfile
 import threading
 import time
 
-from local_server import big_file, free_port, start_server, stop_server, tree_rss_kib
+from bench.local_server import big_file, tree_rss_kib
+from iss_testing.servers import Gunicorn
 
 TUS = {'Tus-Resumable': '1.0.0'}
 
@@ -91,8 +92,8 @@ def main() -> int:
     parser.add_argument('--rounds', type=int, default=3)
     args = parser.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix='iss-tus-bench-'))
-    port = free_port()
-    server = start_server(work / 'data', port)
+    server = Gunicorn(work / 'data', work / 'gunicorn.log')
+    port = server.port
     chunk = args.chunk_mib * 1024 * 1024
     sides = {
         'curl -T': curl_put,
@@ -107,7 +108,7 @@ def main() -> int:
             digests = {name: big_file(path, args.mib) for name, path in files.items()}
             for name in sides if number % 2 == 0 else reversed(sides):
                 subprocess.run(['sync'], check=True)
-                with PeakRss(server.pid) as rss:
+                with PeakRss(server.process.pid) as rss:
                     started = time.perf_counter()
                     sides[name](port, files[name], digests[name])
                     seconds = time.perf_counter() - started
@@ -116,7 +117,7 @@ def main() -> int:
             for path in files.values():
                 path.unlink()
     finally:
-        stop_server(server)
+        server.stop()
         shutil.rmtree(work)
     print(f'{args.mib} MiB in {args.chunk_mib} MiB chunks, {args.rounds} rounds, median:')
     for name in sides:

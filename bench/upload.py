@@ -1,6 +1,6 @@
 """Large uploads against their limit, alternated: the limit measured right before each upload.
 
-    python3 bench/upload.py --url http://127.0.0.1:8000 [--mib 512] [--rounds 3] [--server-pid PID]
+    python -m bench.upload --url http://127.0.0.1:8000 [--mib 512] [--rounds 3] [--server-pid PID]
 
 The limit is what storing the bytes costs at least: hashlib sha256 of the file, then
 `cp && sync` of it. Each round changes the file's first bytes (so every upload is new content,
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-import iss_bench
+from bench import iss_bench
 
 MB = 1_000_000
 

