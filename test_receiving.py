@@ -7,10 +7,10 @@ import pathlib
 import falcon.testing
 import pytest
 
-from conftest import blob_id, file_store, files_under
 from iss_server.config import Settings
 from iss_server.errors import BadRequest, TooManyFiles, UploadTooLarge
 from iss_server.receiving import UploadReceiver, is_multipart
+from iss_testing.data import blob_id, file_store, files_under
 
 BOUNDARY = 'b0undary'
 

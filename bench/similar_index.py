@@ -6,7 +6,7 @@
 Loads random 64-bit hashes plus, for each query, neighbours planted at known
 distances; then times ``SimilarIndex.near`` for several radii and reports
 p50/p99 and the candidates read. A few queries are checked against a full scan
-(the index must be exact). PostgreSQL is Debian's, started as in conftest.py.
+(the index must be exact). PostgreSQL is Debian's, started by iss_testing.servers.PostgreSQL.
 NOTE: random hashes spread evenly over the bands; real pHashes cluster, so real
 band buckets are fuller (see NOTES-similar.md).
 """
@@ -106,7 +106,7 @@ def sqlite_run(data: list[tuple[str, int]], targets: list[int]) -> None:
 def postgres_run(data: list[tuple[str, int]], targets: list[int], shared_buffers: str | None) -> None:
     import psycopg
 
-    from conftest import PostgreSQL  # NOTE: the test suite's harness: initdb + pg_ctl as postgres
+    from iss_testing.servers import PostgreSQL  # NOTE: the test suite's harness: initdb + pg_ctl as postgres
 
     server = PostgreSQL()
     try:
