@@ -1,6 +1,6 @@
 """Time decoding a 12 MP photo-like image as JPEG, HEIC, AVIF and JPEG XL: in full, and for a 100 px thumbnail.
 
-    /work/main/.venv/bin/python bench/image_formats.py [--repeat 3]
+    .venv/bin/python -m bench.image_formats [--repeat 3]
 
 The picture is bench/near_duplicates.py's synthetic one, 4000x3000, with noise so
 that the encoders have detail to keep. JPEG's thumbnail uses ``draft`` (a 1/8-scale
@@ -14,12 +14,9 @@ import argparse
 import io
 import os
 import random
-import sys
 import time
 
 from PIL import Image
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.near_duplicates import picture
 from iss_server import formats

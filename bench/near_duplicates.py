@@ -1,6 +1,6 @@
 """Measure how well the perceptual hash finds altered copies and avoids false neighbours.
 
-    /work/main/.venv/bin/python bench/near_duplicates.py [--images 3000] [--hash phash|dhash|both]
+    .venv/bin/python -m bench.near_duplicates [--images 3000] [--hash phash|dhash|both]
 
 Makes ``--images`` distinct synthetic pictures (deterministic seeds: a gradient,
 shapes, a block of text-like marks, noise, a blur), and of each five altered copies:
@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import random
-import sys
 import time
 from collections.abc import Callable
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from iss_server import similar
 

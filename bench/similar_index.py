@@ -1,6 +1,6 @@
 """Time near-duplicate queries of iss_server.similar at a million hashes, in SQLite and in PostgreSQL.
 
-    /work/main/.venv/bin/python bench/similar_index.py [--rows 1000000] [--queries 200] [--no-postgres] [--no-sqlite]
+    .venv/bin/python -m bench.similar_index [--rows 1000000] [--queries 200] [--no-postgres] [--no-sqlite]
         [--shared-buffers 512MB]
 
 Loads random 64-bit hashes plus, for each query, neighbours planted at known
@@ -20,11 +20,8 @@ import random
 import shutil
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from iss_server import similar
 
