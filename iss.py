@@ -43,6 +43,7 @@ from iss_server.errors import (
     StoreFailure,
     error_body,
 )
+from iss_server.events import Events
 from iss_server.pages import BrowseAsset, BrowsePage, Docs, OpenAPIDocument
 from iss_server.presentation import Presentations
 from iss_server.receiving import UploadReceiver
@@ -442,6 +443,7 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     app.add_route('/artifacts/{blob_id}/meta', blob_meta)
     app.add_route('/blobs/missing', MissingBlobs(store, receiver))
     app.add_route('/stats', Stats(store))
+    app.add_route('/events', Events(store.index, settings.events_retain))
     sessions = resumable.Sessions(store, settings.upload_expires)
     resumable_uploads = ResumableUploads(store, sessions, images_door, artifacts_door, settings)
     app.add_route('/uploads', UploadsCollection(resumable_uploads))
