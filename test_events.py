@@ -221,6 +221,25 @@ def test_retention_setting_refuses_what_is_no_duration(raw):
         Settings.from_env({'ISS_EVENTS_RETAIN': raw})
 
 
+def test_the_feed_on_a_postgresql_index_prunes_and_refuses_what_it_pruned(postgres):
+    store_index = index.PostgresIndex(postgres.new_database())
+    start = store_index.events('now', 1).next_cursor
+    store_index.put_missing([_frame_row(1)])
+    store_index.put(index.row_for(f'{1:064x}', {'kind': 'frame', 'number': 1, 'note': 'added'}, 0, 1))
+    assert store_index.remove(f'{1:064x}')
+    events = store_index.events(start, 10).events
+    assert [event.type for event in events] == ['created', 'updated', 'deleted']
+    assert json.loads(events[1].item)['note'] == 'added'
+    assert [len(event.cursor.split('.')) for event in events] == [3, 3, 3]  # NOTE: epoch, transaction, seq
+
+    assert store_index.prune_events(time.time() + 1) == 3
+    with pytest.raises(index.CursorExpired):
+        store_index.events(events[1].cursor, 10)
+    assert store_index.events(events[2].cursor, 10).events == []  # NOTE: the last one pruned: nothing missed
+    store_index.put_missing([_frame_row(2)])
+    assert [event.type for event in store_index.events(None, 10).events] == ['created']
+
+
 # -- several writers on PostgreSQL ------------------------------------------------------------
 
 
