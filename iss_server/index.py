@@ -8,6 +8,9 @@ threads read while one writes (each process reuses its connections and closes
 those idle for a second); and :class:`PostgresIndex`, one database shared by
 every node of a store that has several (``ISS_INDEX=postgresql://...``).
 
+Every change of a row is also written, by triggers in the same transaction, to the change
+feed's ``events`` (see :meth:`_Queries.events`, served as ``GET /events``).
+
 ``complete`` says whether the rows cover the whole store: a fresh index on an
 empty store does, one created beside existing blobs (a data directory of the
 FastAPI version) does not until a rebuild has run.
@@ -22,6 +25,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -445,11 +449,15 @@ class _Queries:
 
     def _decode_event_cursor(self, cursor: str, epoch: str) -> tuple[int, ...]:
         given_epoch, *numbers = cursor.split('.')
-        if len(numbers) != len(self._EVENT_POSITION) or not all(number.isdigit() for number in numbers):
+        # NOTE: ASCII digits that fit a 64-bit integer (int() takes '²', SQLite refuses 2**64).
+        if len(numbers) != len(self._EVENT_POSITION) or not all(_COUNTER.fullmatch(number) for number in numbers):
             raise InvalidCursor(f'{cursor[:80]!r} is not a cursor of /events')
         if given_epoch != epoch:
             raise CursorExpired(cursor[:80])  # NOTE: of an index since lost and rebuilt: counted anew
         return tuple(map(int, numbers))
+
+
+_COUNTER = re.compile(r'[0-9]{1,18}')
 
 
 def _event_cursor(epoch: str, position: Iterable[int]) -> str:
