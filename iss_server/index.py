@@ -97,6 +97,19 @@ CREATE TRIGGER IF NOT EXISTS events_delete AFTER DELETE ON blobs BEGIN
 END;
 -- NOTE: cursors carry it, so one from an index since lost and rebuilt (seq counting anew) is refused.
 INSERT INTO state VALUES ('events_epoch', lower(hex(randomblob(4)))) ON CONFLICT (key) DO NOTHING;
+
+-- Webhooks (webhooks.py): each endpoint's place in the feed, its failures, and which node holds its lease.
+CREATE TABLE IF NOT EXISTS webhooks (
+    name TEXT PRIMARY KEY,
+    cursor TEXT NOT NULL,          -- the last change it took
+    sent INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,   -- in a row
+    next_at REAL NOT NULL DEFAULT 0,       -- no attempt before (the backoff)
+    paused INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    leased_by TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 """
 
 
@@ -126,6 +139,27 @@ class EventPage:
 
     events: list[Event]
     next_cursor: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookState:
+    """Where a webhook endpoint is in the feed: its cursor, changes sent, failures in a row, backoff, lease."""
+
+    name: str
+    cursor: str
+    sent: int
+    failures: int
+    next_at: float
+    paused: bool
+    last_error: str | None
+    leased_by: str | None
+    lease_until: float
+
+    def delivered(self, cursor: str) -> WebhookState:
+        return dataclasses.replace(self, cursor=cursor, sent=self.sent + 1, failures=0, next_at=0.0, last_error=None)
+
+    def failed(self, error: str, next_at: float, *, pause: bool) -> WebhookState:
+        return dataclasses.replace(self, failures=self.failures + 1, next_at=next_at, paused=pause, last_error=error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,8 +490,56 @@ class _Queries:
             raise CursorExpired(cursor[:80])  # NOTE: of an index since lost and rebuilt: counted anew
         return tuple(map(int, numbers))
 
+    # -- webhooks' places in the feed (webhooks.py) ----------------------------
+
+    _WEBHOOK_COLUMNS = 'name, cursor, sent, failures, next_at, paused, last_error, leased_by, lease_until'
+
+    def add_webhook(self, name: str) -> None:
+        """Have endpoint ``name`` follow the feed from its latest change, unless it already follows it."""
+        self._run(
+            'INSERT INTO webhooks (name, cursor) VALUES (?, ?) ON CONFLICT (name) DO NOTHING',
+            (name, self.events('now', 1).next_cursor),
+        )
+
+    def lease_webhook(self, name: str, holder: str, until: float, now: float) -> WebhookState | None:
+        """Take or renew the lease on endpoint ``name`` until ``until``; its state if ``holder`` has it."""
+        # NOTE: one statement: of two nodes finding the lease expired, the second one's UPDATE
+        # waits for the first's row lock, then finds it taken (PostgreSQL re-checks the WHERE).
+        if not self._changes(
+            'UPDATE webhooks SET leased_by = ?, lease_until = ? WHERE name = ? AND (leased_by = ? OR lease_until < ?)',
+            (holder, until, name, holder, now),
+        ):
+            return None
+        rows = self._run(f'SELECT {self._WEBHOOK_COLUMNS} FROM webhooks WHERE name = ?', (name,))
+        return _webhook_state(rows[0]) if rows else None
+
+    def record_webhook(self, state: WebhookState, holder: str) -> bool:
+        """Keep an endpoint's new state, if ``holder`` still holds its lease; return whether it did."""
+        return self._changes(
+            'UPDATE webhooks SET cursor = ?, sent = ?, failures = ?, next_at = ?, paused = ?, last_error = ? '
+            'WHERE name = ? AND leased_by = ?',
+            (state.cursor, state.sent, state.failures, state.next_at, int(state.paused), state.last_error)
+            + (state.name, holder),
+        )
+
+    def resume_webhook(self, name: str, cursor: str | None = None) -> None:
+        """Clear an endpoint's failures and pause; ``cursor``: go on from there instead of its own."""
+        self._run(
+            'UPDATE webhooks SET paused = 0, failures = 0, next_at = 0, last_error = NULL, '
+            'cursor = coalesce(?, cursor) WHERE name = ?',
+            (cursor, name),
+        )
+
+    def webhook_states(self) -> list[WebhookState]:
+        return [_webhook_state(row) for row in self._run(f'SELECT {self._WEBHOOK_COLUMNS} FROM webhooks ORDER BY name')]
+
 
 _COUNTER = re.compile(r'[0-9]{1,18}')
+
+
+def _webhook_state(row: tuple) -> WebhookState:
+    name, cursor, sent, failures, next_at, paused, last_error, leased_by, lease_until = row
+    return WebhookState(name, cursor, sent, failures, next_at, bool(paused), last_error, leased_by, lease_until)
 
 
 def _event_cursor(epoch: str, position: Iterable[int]) -> str:
@@ -711,6 +793,17 @@ END $$;
 CREATE OR REPLACE TRIGGER blobs_events AFTER INSERT OR UPDATE OR DELETE ON blobs
     FOR EACH ROW EXECUTE FUNCTION iss_record_event();
 INSERT INTO state VALUES ('events_epoch', substr(md5(random()::text), 1, 8)) ON CONFLICT (key) DO NOTHING;
+CREATE TABLE IF NOT EXISTS webhooks (
+    name TEXT PRIMARY KEY,
+    cursor TEXT NOT NULL,
+    sent BIGINT NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    next_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+    paused INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    leased_by TEXT,
+    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
+);
 """
 
 
