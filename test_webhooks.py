@@ -198,7 +198,9 @@ def test_a_lease_expires_and_another_node_takes_over(tmp_path):
     assert store_index.lease_webhook('infer', 'a', 130.0, 60.0) is not None  # renewed
     taken = store_index.lease_webhook('infer', 'b', 300.0, 140.0)
     assert taken is not None and taken.leased_by == 'b'
-    assert not store_index.record_webhook(taken.delivered('x.1'), 'a')  # NOTE: a lost it: its write is refused
+    assert not store_index.record_webhook(taken.delivered('x.1'), 'a', 400.0)  # NOTE: a lost it: refused
+    assert store_index.record_webhook(taken.delivered('x.1'), 'b', 400.0)
+    assert store_index.lease_webhook('infer', 'a', 500.0, 350.0) is None  # NOTE: b's write renewed its lease
 
 
 @pytest.mark.parametrize(

@@ -513,12 +513,12 @@ class _Queries:
         rows = self._run(f'SELECT {self._WEBHOOK_COLUMNS} FROM webhooks WHERE name = ?', (name,))
         return _webhook_state(rows[0]) if rows else None
 
-    def record_webhook(self, state: WebhookState, holder: str) -> bool:
-        """Keep an endpoint's new state, if ``holder`` still holds its lease; return whether it did."""
+    def record_webhook(self, state: WebhookState, holder: str, until: float) -> bool:
+        """Keep an endpoint's new state and lease it until ``until``, if ``holder`` still holds it; return whether."""
         return self._changes(
-            'UPDATE webhooks SET cursor = ?, sent = ?, failures = ?, next_at = ?, paused = ?, last_error = ? '
-            'WHERE name = ? AND leased_by = ?',
-            (state.cursor, state.sent, state.failures, state.next_at, int(state.paused), state.last_error)
+            'UPDATE webhooks SET cursor = ?, sent = ?, failures = ?, next_at = ?, paused = ?, last_error = ?, '
+            'lease_until = ? WHERE name = ? AND leased_by = ?',
+            (state.cursor, state.sent, state.failures, state.next_at, int(state.paused), state.last_error, until)
             + (state.name, holder),
         )
 

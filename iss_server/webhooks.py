@@ -84,6 +84,9 @@ class Deliverer:
                     busy |= self.serve(endpoint)
                 except ServiceError as exc:  # NOTE: the index is down: the next round tries again
                     log.warning('webhook %s: %s', endpoint.name, exc)
+                except Exception:  # NOTE: a bug must not end the deliveries of this process for good
+                    log.exception('webhook %s: unexpected error', endpoint.name)
+                    self._stop.wait(self.IDLE_SECONDS)
             if not busy:
                 self._stop.wait(self.IDLE_SECONDS)
 
@@ -96,7 +99,7 @@ class Deliverer:
         try:
             page = self._index.events(state.cursor, self.BATCH)
         except CursorExpired as exc:
-            self._index.record_webhook(state.failed(str(exc), now, pause=True), self._holder)
+            self._record(state.failed(str(exc), now, pause=True))
             return False
         for event in page.events:
             try:
@@ -105,14 +108,16 @@ class Deliverer:
                 failures = state.failures + 1
                 backoff = min(self.MAX_BACKOFF_SECONDS, self.BACKOFF_SECONDS * 2 ** (failures - 1))
                 log.warning('webhook %s: %s (failure %d)', endpoint.name, exc, failures)
-                self._index.record_webhook(
-                    state.failed(str(exc), now + backoff, pause=failures >= self.PAUSE_AFTER), self._holder
-                )
+                self._record(state.failed(str(exc), now + backoff, pause=failures >= self.PAUSE_AFTER))
                 return False
             state = state.delivered(event.cursor)
-            if not self._index.record_webhook(state, self._holder):
+            if not self._record(state):
                 return False  # NOTE: the lease went to another node, which goes on from the cursor it reads
         return bool(page.events)
+
+    def _record(self, state: index.WebhookState) -> bool:
+        """Keep the endpoint's state and renew the lease (a batch may outlast one), if it is still ours."""
+        return self._index.record_webhook(state, self._holder, time.time() + self.LEASE_SECONDS)
 
     def _post(self, endpoint: WebhookEndpoint, event: index.Event) -> None:
         message = to_structured_event(cloud_event(event))
