@@ -38,6 +38,14 @@ class Receiver:
                 if receiver.status < 300:
                     receiver.received.append(({key.lower(): value for key, value in self.headers.items()}, body))
                 self.send_response(receiver.status)
+                if 300 <= receiver.status < 400:
+                    self.send_header('Location', '/elsewhere')
+                self.send_header('Content-Length', '0')
+                self.end_headers()
+
+            def do_GET(self) -> None:  # NOTE: where a followed redirect would land
+                receiver.received.append(({'redirected': 'yes'}, b''))
+                self.send_response(200)
                 self.send_header('Content-Length', '0')
                 self.end_headers()
 
@@ -150,6 +158,17 @@ def test_failures_back_off_then_pause_until_resumed(tmp_path, receiver, delivere
     assert len(receiver.received) == 1 and state()['failures'] == 0
     client.post('/webhooks/other/resume', headers=ADMIN, status=404)
     client.post('/webhooks/infer/resume', headers={'Authorization': 'Bearer uploader'}, status=401)
+
+
+def test_a_redirect_is_a_failure_not_a_delivery(tmp_path, receiver):
+    store_index = index.SQLiteIndex(str(tmp_path / 'index.sqlite3'))
+    store_index.add_webhook('infer')
+    receiver.status = 302
+    store_index.put_missing([index.row_for('a' * 64, {'kind': 'frame'}, time.time(), 1)])
+    assert not Deliverer(store_index, ()).serve(WebhookEndpoint('infer', receiver.url, SECRET))
+    state = store_index.webhook_states()[0]
+    assert state.failures == 1 and state.sent == 0 and '302' in state.last_error
+    assert receiver.received == []
 
 
 def test_backoff_doubles_up_to_its_cap(tmp_path, receiver):

@@ -132,12 +132,22 @@ class Deliverer:
         }
         request = urllib.request.Request(endpoint.url, body.encode(), headers, method='POST')
         try:
-            with urllib.request.urlopen(request, timeout=self.TIMEOUT_SECONDS) as response:
+            with _OPENER.open(request, timeout=self.TIMEOUT_SECONDS) as response:
                 response.read(1024)
         except urllib.error.HTTPError as exc:
             raise DeliveryFailed(f'{endpoint.url} answered {exc.code}') from None
         except (OSError, ValueError) as exc:
             raise DeliveryFailed(f'{endpoint.url}: {exc}') from None
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failure: urllib would follow a 302 with a GET, taken for a delivery."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def cloud_event(event: index.Event) -> CloudEvent:
