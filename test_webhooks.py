@@ -214,7 +214,8 @@ def test_a_lease_expires_and_another_node_takes_over(tmp_path):
     store_index.add_webhook('infer')
     assert store_index.lease_webhook('infer', 'a', 100.0, 10.0) is not None
     assert store_index.lease_webhook('infer', 'b', 200.0, 50.0) is None  # NOTE: a's lease runs until 100
-    assert store_index.lease_webhook('infer', 'a', 130.0, 60.0) is not None  # renewed
+    assert store_index.lease_webhook('infer', 'a', 130.0, 60.0).lease_until == 100.0  # NOTE: half its term left
+    assert store_index.lease_webhook('infer', 'a', 130.0, 70.0).lease_until == 130.0  # renewed
     taken = store_index.lease_webhook('infer', 'b', 300.0, 140.0)
     assert taken is not None and taken.leased_by == 'b'
     assert not store_index.record_webhook(taken.delivered('x.1'), 'a', 400.0)  # NOTE: a lost it: refused
