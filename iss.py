@@ -43,6 +43,7 @@ from iss_server.errors import (
     StoreFailure,
     error_body,
 )
+from iss_server.events import Events
 from iss_server.pages import BrowseAsset, BrowsePage, Docs, OpenAPIDocument
 from iss_server.presentation import Presentations
 from iss_server.receiving import UploadReceiver
@@ -56,6 +57,7 @@ from iss_server.responses import (
     send_not_modified,
 )
 from iss_server.tus import TUS_HEADERS, ResumableUploads, TusProtocol, UploadsCollection, UploadSession
+from iss_server.webhooks import Deliverer, Webhooks
 from storage import BlobStore
 
 log = logging.getLogger('iss')
@@ -403,7 +405,7 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
                 settings.api_token,
                 'ISS_API_TOKEN',
                 'Uploading',
-                exempt=(Sign,),
+                exempt=(Sign, Webhooks),
                 every_method_of=(UploadSession,),
             )
         )
@@ -442,6 +444,10 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     app.add_route('/artifacts/{blob_id}/meta', blob_meta)
     app.add_route('/blobs/missing', MissingBlobs(store, receiver))
     app.add_route('/stats', Stats(store))
+    app.add_route('/events', Events(store.index, settings.events_retain))
+    webhooks = Webhooks(store.index, settings.webhooks, settings.admin_token)
+    app.add_route('/webhooks', webhooks)
+    app.add_route('/webhooks/{name}/resume', webhooks, suffix='resume')
     sessions = resumable.Sessions(store, settings.upload_expires)
     resumable_uploads = ResumableUploads(store, sessions, images_door, artifacts_door, settings)
     app.add_route('/uploads', UploadsCollection(resumable_uploads))
@@ -467,10 +473,17 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
 
 
 def build_app(settings: Settings) -> falcon.App:
-    """The app on the store the settings name, started (temp files swept, the index built if need be)."""
+    """The app on the store the settings name, started (temp files swept, the index built if need be).
+
+    NOTE: in each gunicorn worker (the app is built there, not in the master), so each runs a
+    webhook deliverer; the endpoints' leases have one of them, on one node, send each change.
+    """
     store = backends.open_store(settings)
     store.start()
-    return create_app(settings, store)
+    app = create_app(settings, store)
+    if settings.webhooks:
+        Deliverer(store.index, settings.webhooks).start()
+    return app
 
 
 def __getattr__(name: str) -> falcon.App:

@@ -30,6 +30,49 @@ def _integer(environ: Mapping[str, str], name: str, default: int, minimum: int =
     return value
 
 
+_DURATION = re.compile(r'(\d+)\s*([smhd]?)')
+_SECONDS_PER = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400}
+
+
+def _duration(environ: Mapping[str, str], name: str, default: int) -> int:
+    """Seconds, written as a whole number of them or with a unit: ``90``, ``90s``, ``15m``, ``12h``, ``7d``."""
+    raw = environ.get(name, '').strip().lower()
+    if not raw:
+        return default
+    match = _DURATION.fullmatch(raw)
+    if match is None or int(match[1]) < 1:
+        raise ConfigError(f'{name} must be a duration of at least 1 second (3600, 90s, 15m, 12h, 7d), not {raw!r}')
+    return int(match[1]) * _SECONDS_PER[match[2]]
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookEndpoint:
+    """One of ``ISS_WEBHOOKS``: its name (its place in the feed is kept under it), URL and signing secret."""
+
+    name: str
+    url: str
+    secret: str
+
+
+_WEBHOOK = re.compile(r'([a-z0-9_-]{1,32})=(https?://\S+)\s+(whsec_[A-Za-z0-9+/]+={0,2})')
+
+
+def _webhooks(environ: Mapping[str, str], name: str) -> tuple[WebhookEndpoint, ...]:
+    """``NAME=URL whsec_SECRET;...`` as endpoints (the secret as Standard Webhooks writes it)."""
+    endpoints = []
+    for entry in filter(None, (part.strip() for part in environ.get(name, '').split(';'))):
+        match = _WEBHOOK.fullmatch(entry)
+        if match is None:
+            raise ConfigError(
+                f'{name}: an entry is not NAME=URL whsec_SECRET with a name of a-z, 0-9, _ or - '
+                f'and an http(s) URL: {entry.split()[0]!r}'  # APPSEC: never the secret in a message
+            )
+        endpoints.append(WebhookEndpoint(*match.groups()))
+    if len({endpoint.name for endpoint in endpoints}) < len(endpoints):
+        raise ConfigError(f'{name} names an endpoint twice')
+    return tuple(endpoints)
+
+
 def _csv(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in environ.get(name, '').split(',') if item.strip())
 
@@ -132,6 +175,10 @@ class Settings:
     body_timeout: int = 60
     #: Seconds a resumable upload (tus) lives after its last chunk; a finished one answers with its id as long.
     upload_expires: int = 24 * 3600
+    #: Seconds the change feed (``GET /events``) keeps a change; a cursor older answers 410.
+    events_retain: int = 7 * 86400
+    #: Endpoints each change of the feed is POSTed to (CloudEvents, signed per Standard Webhooks).
+    webhooks: tuple[WebhookEndpoint, ...] = ()
     #: Largest artifact ``meta`` JSON document, in bytes of its text.
     max_meta_bytes: int = 16 * 1024
     #: When set, POST and PUT need ``Authorization: Bearer <token>``.
@@ -202,6 +249,8 @@ class Settings:
             derivatives=_choice(env, 'ISS_DERIVATIVES', ('open', 'presets', 'signed')),
             body_timeout=_integer(env, 'ISS_BODY_TIMEOUT', defaults.body_timeout, 1),
             upload_expires=_integer(env, 'ISS_UPLOAD_EXPIRES', defaults.upload_expires, 1),
+            events_retain=_duration(env, 'ISS_EVENTS_RETAIN', defaults.events_retain),
+            webhooks=_webhooks(env, 'ISS_WEBHOOKS'),
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             admin_token=env.get('ISS_ADMIN_TOKEN', '').strip(),
             read_token=env.get('ISS_READ_TOKEN', '').strip(),

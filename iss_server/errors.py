@@ -106,6 +106,17 @@ class InvalidCursor(BadRequest, ValueError):
     title = 'Invalid cursor'
 
 
+class CursorExpired(ServiceError):
+    """A change feed cursor older than the retention (or of an index since rebuilt): the follower must resync."""
+
+    status = 410
+    title = 'Cursor expired'
+    detail_format = (
+        'The changes after {} are no longer kept (older than ISS_EVENTS_RETAIN, or the index was rebuilt since): '
+        'take the cursor of /events?after=now, list the store anew, then follow from that cursor.'
+    )
+
+
 class LengthRequired(ServiceError):
     status = 411
     title = 'Length required'

@@ -8,6 +8,9 @@ threads read while one writes (each process reuses its connections and closes
 those idle for a second); and :class:`PostgresIndex`, one database shared by
 every node of a store that has several (``ISS_INDEX=postgresql://...``).
 
+Every change of a row is also written, by triggers in the same transaction, to the change
+feed's ``events`` (see :meth:`_Queries.events`, served as ``GET /events``).
+
 ``complete`` says whether the rows cover the whole store: a fresh index on an
 empty store does, one created beside existing blobs (a data directory of the
 FastAPI version) does not until a rebuild has run.
@@ -18,8 +21,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import itertools
 import json
+import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -28,7 +34,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from iss_server import meta
-from iss_server.errors import IndexFull, IndexUnavailable, InvalidCursor
+from iss_server.errors import CursorExpired, IndexFull, IndexUnavailable, InvalidCursor
+
+log = logging.getLogger(__name__)
 
 IMAGES = 'images'
 ARTIFACTS = 'artifacts'
@@ -68,6 +76,40 @@ CREATE TRIGGER IF NOT EXISTS totals_update AFTER UPDATE ON blobs BEGIN
 END;
 
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+
+-- The change feed (GET /events): one row per change of a blob's row, written by these triggers in
+-- the transaction of the change itself, so every writer is covered and none can forget it. NOTE:
+-- SQLite serialises writes, so seq order is commit order; AUTOINCREMENT never reuses a pruned seq.
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    type TEXT NOT NULL,            -- 'created', 'updated' (the meta changed) or 'deleted'
+    at REAL NOT NULL,              -- Unix seconds of the change
+    item TEXT NOT NULL             -- the row's listing entry, JSON (as it was, for 'deleted')
+);
+CREATE TRIGGER IF NOT EXISTS events_insert AFTER INSERT ON blobs BEGIN
+    INSERT INTO events (type, at, item) VALUES ('created', (julianday('now') - 2440587.5) * 86400.0, new.item);
+END;
+CREATE TRIGGER IF NOT EXISTS events_update AFTER UPDATE ON blobs BEGIN
+    INSERT INTO events (type, at, item) VALUES ('updated', (julianday('now') - 2440587.5) * 86400.0, new.item);
+END;
+CREATE TRIGGER IF NOT EXISTS events_delete AFTER DELETE ON blobs BEGIN
+    INSERT INTO events (type, at, item) VALUES ('deleted', (julianday('now') - 2440587.5) * 86400.0, old.item);
+END;
+-- NOTE: cursors carry it, so one from an index since lost and rebuilt (seq counting anew) is refused.
+INSERT INTO state VALUES ('events_epoch', lower(hex(randomblob(4)))) ON CONFLICT (key) DO NOTHING;
+
+-- Webhooks (webhooks.py): each endpoint's place in the feed, its failures, and which node holds its lease.
+CREATE TABLE IF NOT EXISTS webhooks (
+    name TEXT PRIMARY KEY,
+    cursor TEXT NOT NULL,          -- the last change it took
+    sent INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,   -- in a row
+    next_at REAL NOT NULL DEFAULT 0,       -- no attempt before (the backoff)
+    paused INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    leased_by TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 """
 
 
@@ -79,6 +121,45 @@ class Row:
     bytes: int
     created_at: float
     item: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One change of the store: its ``cursor``, ``type``, time (Unix seconds) and the row's listing entry (JSON)."""
+
+    cursor: str
+    type: str
+    time: float
+    item: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EventPage:
+    """Changes in commit order, and the cursor to ask for the next ones (the same one when there are none)."""
+
+    events: list[Event]
+    next_cursor: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookState:
+    """Where a webhook endpoint is in the feed: its cursor, changes sent, failures in a row, backoff, lease."""
+
+    name: str
+    cursor: str
+    sent: int
+    failures: int
+    next_at: float
+    paused: bool
+    last_error: str | None
+    leased_by: str | None
+    lease_until: float
+
+    def delivered(self, cursor: str) -> WebhookState:
+        return dataclasses.replace(self, cursor=cursor, sent=self.sent + 1, failures=0, next_at=0.0, last_error=None)
+
+    def failed(self, error: str, next_at: float, *, pause: bool) -> WebhookState:
+        return dataclasses.replace(self, failures=self.failures + 1, next_at=next_at, paused=pause, last_error=error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,12 +235,14 @@ class _Queries:
 
     def put(self, row: Row) -> bool:
         """Add or replace a blob's row; return whether anything changed."""
-        return self._changes(
-            'INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hex) DO UPDATE SET '
-            'collection = excluded.collection, kind = excluded.kind, bytes = excluded.bytes, '
-            'created_at = excluded.created_at, item = excluded.item '
-            'WHERE blobs.item IS DISTINCT FROM excluded.item',
-            dataclasses.astuple(row),
+        return self._wrote(
+            self._changes(
+                'INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hex) DO UPDATE SET '
+                'collection = excluded.collection, kind = excluded.kind, bytes = excluded.bytes, '
+                'created_at = excluded.created_at, item = excluded.item '
+                'WHERE blobs.item IS DISTINCT FROM excluded.item',
+                dataclasses.astuple(row),
+            )
         )
 
     _PUT_MISSING = 'INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hex) DO NOTHING'
@@ -168,15 +251,36 @@ class _Queries:
         """Add each blob's row unless it has one (the cheap self-healing on every upload); one transaction."""
         if len(rows) == 1:  # PERF: a lone row commits by itself, without BEGIN and COMMIT
             self._run(self._PUT_MISSING, dataclasses.astuple(rows[0]))
-            return
-        # NOTE: in one order (kind, then hex), so that two groups never lock the totals in a circle.
-        self._execute_many(
-            self._PUT_MISSING, [dataclasses.astuple(row) for row in sorted(rows, key=lambda r: (r.kind or '', r.hex))]
-        )
+        else:
+            # NOTE: in one order (kind, then hex), so that two groups never lock the totals in a circle.
+            self._execute_many(
+                self._PUT_MISSING,
+                [dataclasses.astuple(row) for row in sorted(rows, key=lambda r: (r.kind or '', r.hex))],
+            )
+        self._wrote(True)
 
     def remove(self, hex_digest: str) -> bool:
         """Remove a blob's row; return whether it had one."""
-        return self._changes('DELETE FROM blobs WHERE hex = ?', (hex_digest,))
+        return self._wrote(self._changes('DELETE FROM blobs WHERE hex = ?', (hex_digest,)))
+
+    def _wrote(self, changed: bool) -> bool:
+        """After a write: wake this process's followers, and now and then prune the expired events."""
+        if not changed:
+            return False
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+        if time.monotonic() >= self._next_prune and not self._in_transaction():
+            # NOTE: never inside a caller's transaction (a rebuild's batch), whose lock it would hold longer.
+            self._next_prune = time.monotonic() + self._PRUNE_EVERY_SECONDS
+            try:
+                self.prune_events(time.time() - self.events_retain)
+            except IndexUnavailable as exc:
+                log.warning('pruning the change feed failed (tried again in a minute): %s', exc)
+        return True
+
+    def _in_transaction(self) -> bool:
+        raise NotImplementedError
 
     # -- a rebuild's bookkeeping, on this thread's connection ------------------
 
@@ -193,17 +297,22 @@ class _Queries:
         return [h for (h,) in self._run(f'SELECT hex FROM blobs WHERE hex NOT IN (SELECT hex FROM {self._TEMP}.seen)')]
 
     def mark_complete(self, complete: bool = True) -> None:
+        self._set_state('complete', '1' if complete else '0')
+
+    def _set_state(self, key: str, value: str) -> None:
         self._run(
-            'INSERT INTO state VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value',
-            ('complete', '1' if complete else '0'),
+            'INSERT INTO state VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value', (key, value)
         )
+
+    def _state(self, key: str) -> str | None:
+        rows = self._run('SELECT value FROM state WHERE key = ?', (key,))
+        return rows[0][0] if rows else None
 
     # -- reads ---------------------------------------------------------------
 
     @property
     def complete(self) -> bool:
-        rows = self._run("SELECT value FROM state WHERE key = 'complete'")
-        return bool(rows) and rows[0][0] == '1'
+        return self._state('complete') == '1'
 
     def all_hexes(self) -> Iterator[str]:
         """Every row's hex, read in pages so a huge index is never held at once."""
@@ -260,6 +369,193 @@ class _Queries:
         next_cursor = _encode_cursor(rows[limit - 1][0], rows[limit - 1][1]) if len(rows) > limit else None
         return Page([item for _, _, item in rows[:limit]], next_cursor)
 
+    # -- the change feed (GET /events) ----------------------------------------
+
+    #: The columns that put events in commit order (SQLite: ``seq``; see :class:`PostgresIndex`).
+    _EVENT_POSITION: tuple[str, ...] = ('seq',)
+    #: SQL true of an event that no change still uncommitted may come before (see :class:`PostgresIndex`).
+    _EVENT_SETTLED = 'TRUE'
+    #: A statement that makes prunes take turns, inside their transaction (SQLite's BEGIN IMMEDIATE already does).
+    _PRUNE_LOCK = ''
+    #: Seconds between two looks at the events while waiting for one that another process writes.
+    _EVENT_POLL_SECONDS = 0.05
+    _PRUNE_EVERY_SECONDS = 60.0
+    _PRUNE_BATCH = 1000
+    #: Seconds of changes kept for followers; the feed sets it from ``ISS_EVENTS_RETAIN``.
+    events_retain: float = 7 * 86400
+
+    def _start_feed(self) -> None:
+        self._changed = threading.Condition()
+        self._generation = 0  # NOTE: counts this process's writes, so a waiter never misses a wake-up
+        self._next_prune = 0.0
+
+    def events(self, after: str | None, limit: int) -> EventPage:
+        """The changes after the cursor ``after``, in commit order, ``limit`` at most.
+
+        ``after`` None starts at the oldest change kept; ``'now'`` answers none, with the
+        cursor of the latest (where a follower that has just listed the store starts).
+
+        Raises:
+            InvalidCursor: ``after`` is not a cursor this index handed out.
+            CursorExpired: the changes after it are pruned, or the index was lost and rebuilt since.
+        """
+        columns = ', '.join(self._EVENT_POSITION)
+        while True:
+            epoch = self._state('events_epoch') or ''
+            pruned = self._pruned()
+            if after is None:
+                position = pruned
+            elif after == 'now':
+                position = self._head() or pruned
+            else:
+                position = self._decode_event_cursor(after, epoch)
+            rows = self._run(
+                f'SELECT {columns}, type, at, item FROM events '
+                f'WHERE ({columns}) > ({", ".join("?" * len(position))}) AND {self._EVENT_SETTLED} '
+                f'ORDER BY {columns} LIMIT ?',
+                [*position, limit],
+            )
+            # NOTE: read after the events, so that a prune between the two is seen.
+            if self._pruned() <= position:
+                break
+            if after is not None and after != 'now':
+                raise CursorExpired(after)
+        width = len(self._EVENT_POSITION)
+        events = [Event(_event_cursor(epoch, row[:width]), *row[width:]) for row in rows]
+        return EventPage(events, events[-1].cursor if events else _event_cursor(epoch, position))
+
+    def wait_for_events(self, after: str | None, limit: int, seconds: float) -> EventPage:
+        """:meth:`events`, waiting up to ``seconds`` for one when there are none yet."""
+        deadline = time.monotonic() + seconds
+        while True:
+            generation = self._generation
+            page = self.events(after, limit)
+            left = deadline - time.monotonic()
+            if page.events or left <= 0:
+                return page
+            after = page.next_cursor
+            # NOTE: woken at once by a write of this process; another's is seen at the next look.
+            with self._changed:
+                self._changed.wait_for(
+                    lambda seen=generation: self._generation != seen, min(self._EVENT_POLL_SECONDS, left)
+                )
+
+    def prune_events(self, before: float) -> int:
+        """Delete the settled events older than ``before`` (Unix seconds), oldest first; return how many.
+
+        NOTE: up to a position, which is kept (``events_pruned``): a cursor before it answers
+        410 rather than skip what was deleted after it.
+        """
+        columns = ', '.join(self._EVENT_POSITION)
+        removed = 0
+        with self.session():
+            while True:
+                rows = self._run(
+                    f'SELECT {columns}, at FROM events WHERE {self._EVENT_SETTLED} ORDER BY {columns} LIMIT ?',
+                    [self._PRUNE_BATCH],
+                )
+                expired = [row[:-1] for row in itertools.takewhile(lambda row: row[-1] < before, rows)]
+                if not expired:
+                    return removed
+                with self.transaction():
+                    if self._PRUNE_LOCK:
+                        self._run(self._PRUNE_LOCK)
+                    last = max(tuple(expired[-1]), self._pruned())  # NOTE: never back, whoever pruned first
+                    self._run(f'DELETE FROM events WHERE ({columns}) <= ({", ".join("?" * len(last))})', last)
+                    self._set_state('events_pruned', '.'.join(map(str, last)))
+                removed += len(expired)
+                if len(expired) < self._PRUNE_BATCH:
+                    return removed
+
+    def _pruned(self) -> tuple[int, ...]:
+        """The position up to which events are pruned (zeros: none ever were)."""
+        value = self._state('events_pruned')
+        return tuple(map(int, value.split('.'))) if value else (0,) * len(self._EVENT_POSITION)
+
+    def _head(self) -> tuple[int, ...] | None:
+        """The position of the latest settled event, if any is kept."""
+        columns = ', '.join(self._EVENT_POSITION)
+        rows = self._run(
+            f'SELECT {columns} FROM events WHERE {self._EVENT_SETTLED} '
+            f'ORDER BY {", ".join(column + " DESC" for column in self._EVENT_POSITION)} LIMIT 1'
+        )
+        return tuple(rows[0]) if rows else None
+
+    def _decode_event_cursor(self, cursor: str, epoch: str) -> tuple[int, ...]:
+        given_epoch, *numbers = cursor.split('.')
+        # NOTE: ASCII digits that fit a 64-bit integer (int() takes '²', SQLite refuses 2**64).
+        if len(numbers) != len(self._EVENT_POSITION) or not all(_COUNTER.fullmatch(number) for number in numbers):
+            raise InvalidCursor(f'{cursor[:80]!r} is not a cursor of /events')
+        if given_epoch != epoch:
+            raise CursorExpired(cursor[:80])  # NOTE: of an index since lost and rebuilt: counted anew
+        return tuple(map(int, numbers))
+
+    # -- webhooks' places in the feed (webhooks.py) ----------------------------
+
+    _WEBHOOK_COLUMNS = 'name, cursor, sent, failures, next_at, paused, last_error, leased_by, lease_until'
+
+    def add_webhook(self, name: str) -> None:
+        """Have endpoint ``name`` follow the feed from its latest change, unless it already follows it."""
+        self._run(
+            'INSERT INTO webhooks (name, cursor) VALUES (?, ?) ON CONFLICT (name) DO NOTHING',
+            (name, self.events('now', 1).next_cursor),
+        )
+
+    def lease_webhook(self, name: str, holder: str, until: float, now: float) -> WebhookState | None:
+        """Take or renew the lease on endpoint ``name`` until ``until``; its state if ``holder`` has it."""
+        rows = self._run(f'SELECT {self._WEBHOOK_COLUMNS} FROM webhooks WHERE name = ?', (name,))
+        if not rows:
+            return None
+        state = _webhook_state(rows[0])
+        # PERF: a lease held by another, or by this holder for more than half its term, is only
+        # read: the workers that look every 0.2 s would otherwise each write to the index as often.
+        if state.leased_by != holder and state.lease_until >= now:
+            return None
+        if state.leased_by == holder and state.lease_until - now > (until - now) / 2:
+            return state
+        # NOTE: one statement: of two nodes finding the lease expired, the second one's UPDATE
+        # waits for the first's row lock, then finds it taken (PostgreSQL re-checks the WHERE).
+        if not self._changes(
+            'UPDATE webhooks SET leased_by = ?, lease_until = ? WHERE name = ? AND (leased_by = ? OR lease_until < ?)',
+            (holder, until, name, holder, now),
+        ):
+            return None
+        rows = self._run(f'SELECT {self._WEBHOOK_COLUMNS} FROM webhooks WHERE name = ?', (name,))
+        return _webhook_state(rows[0]) if rows else None
+
+    def record_webhook(self, state: WebhookState, holder: str, until: float) -> bool:
+        """Keep an endpoint's new state and lease it until ``until``, if ``holder`` still holds it; return whether."""
+        return self._changes(
+            'UPDATE webhooks SET cursor = ?, sent = ?, failures = ?, next_at = ?, paused = ?, last_error = ?, '
+            'lease_until = ? WHERE name = ? AND leased_by = ?',
+            (state.cursor, state.sent, state.failures, state.next_at, int(state.paused), state.last_error, until)
+            + (state.name, holder),
+        )
+
+    def resume_webhook(self, name: str, cursor: str | None = None) -> None:
+        """Clear an endpoint's failures and pause; ``cursor``: go on from there instead of its own."""
+        self._run(
+            'UPDATE webhooks SET paused = 0, failures = 0, next_at = 0, last_error = NULL, '
+            'cursor = coalesce(?, cursor) WHERE name = ?',
+            (cursor, name),
+        )
+
+    def webhook_states(self) -> list[WebhookState]:
+        return [_webhook_state(row) for row in self._run(f'SELECT {self._WEBHOOK_COLUMNS} FROM webhooks ORDER BY name')]
+
+
+_COUNTER = re.compile(r'[0-9]{1,18}')
+
+
+def _webhook_state(row: tuple) -> WebhookState:
+    name, cursor, sent, failures, next_at, paused, last_error, leased_by, lease_until = row
+    return WebhookState(name, cursor, sent, failures, next_at, bool(paused), last_error, leased_by, lease_until)
+
+
+def _event_cursor(epoch: str, position: Iterable[int]) -> str:
+    """A cursor of the change feed: the index's epoch and the event's position, ``3f9a01c2.1234``."""
+    return '.'.join([epoch, *map(str, position)])
+
 
 class SQLiteIndex(_Queries):
     """The SQLite index of one store; safe to share between threads and processes."""
@@ -283,6 +579,11 @@ class SQLiteIndex(_Queries):
         self._idle_lock = threading.Lock()
         self._idle_pid = os.getpid()
         self._closer: threading.Timer | None = None
+        self._start_feed()
+
+    def _in_transaction(self) -> bool:
+        held = getattr(self._local, 'held', None)
+        return held is not None and held.pid == os.getpid() and held.db.in_transaction
 
     @contextlib.contextmanager
     def session(self) -> Iterator[sqlite3.Connection]:
@@ -481,6 +782,38 @@ END $$;
 CREATE OR REPLACE TRIGGER blobs_totals AFTER INSERT OR UPDATE OR DELETE ON blobs
     FOR EACH ROW EXECUTE FUNCTION iss_count_totals();
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY,
+    xact BIGINT NOT NULL,
+    type TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (xact, seq)
+);
+CREATE OR REPLACE FUNCTION iss_record_event() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO events (xact, type, at, item) VALUES (
+        pg_current_xact_id()::text::bigint,
+        CASE TG_OP WHEN 'INSERT' THEN 'created' WHEN 'UPDATE' THEN 'updated' ELSE 'deleted' END,
+        extract(epoch FROM clock_timestamp()),
+        CASE TG_OP WHEN 'DELETE' THEN OLD.item ELSE NEW.item END
+    );
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER blobs_events AFTER INSERT OR UPDATE OR DELETE ON blobs
+    FOR EACH ROW EXECUTE FUNCTION iss_record_event();
+INSERT INTO state VALUES ('events_epoch', substr(md5(random()::text), 1, 8)) ON CONFLICT (key) DO NOTHING;
+CREATE TABLE IF NOT EXISTS webhooks (
+    name TEXT PRIMARY KEY,
+    cursor TEXT NOT NULL,
+    sent BIGINT NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    next_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+    paused INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    leased_by TEXT,
+    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
+);
 """
 
 
@@ -496,6 +829,14 @@ class PostgresIndex(_Queries):
     """
 
     _TEMP = 'pg_temp'
+    # NOTE: sequence numbers are taken before commit, so they commit out of order: a reader
+    # that stepped past seq 7 while seq 6's transaction runs on would never see 6. Events are
+    # ordered by their transaction's id first, and only those of transactions older than every
+    # one still running are handed out: no change can then commit before them in that order.
+    # (By seq alone with that filter is not enough: a later transaction may take a smaller seq.)
+    _EVENT_POSITION = ('xact', 'seq')
+    _EVENT_SETTLED = 'xact < pg_snapshot_xmin(pg_current_snapshot())::text::bigint'
+    _PRUNE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('iss-events-prune'))"
     # NOTE: a deadlock between two groups of rows, which PostgreSQL breaks by aborting one, is tried again.
     _ATTEMPTS = 3
 
@@ -513,6 +854,16 @@ class PostgresIndex(_Queries):
         self.path = _without_password(url)
         self._local = threading.local()
         self._schema_ready = False
+        self._start_feed()
+
+    def _in_transaction(self) -> bool:
+        held = getattr(self._local, 'connection', None)
+        return (
+            held is not None
+            and held.pid == os.getpid()
+            and not held.db.closed
+            and held.db.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE
+        )
 
     def _connection(self) -> Any:
         held = getattr(self._local, 'connection', None)
