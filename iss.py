@@ -28,7 +28,7 @@ import falcon
 import yaml
 from swagger_ui_bundle import swagger_ui_path
 
-from iss_server import backends, browse, httpio, images, index, meta, resumable, signing, telemetry
+from iss_server import browse, httpio, images, index, meta, resumable, signing, telemetry
 from iss_server.auth import RequireReadToken, RequireToken, bearer_token, carries_one_of
 from iss_server.blobs import BlobStat, Committed, OpenBlob, parse_id
 from iss_server.config import Settings
@@ -56,7 +56,7 @@ from iss_server.httpio import (
     is_active,
     send_file,
 )
-from storage import BlobStore
+from storage import BlobStore, open_store
 
 log = logging.getLogger('iss')
 
@@ -466,7 +466,7 @@ class Item:
         self._derivatives = derivatives
         self._accel_redirect = settings.accel_redirect
         self._accel_min_bytes = settings.accel_min_bytes
-        self._redirect_seconds = settings.s3_redirect if settings.store != 'file' else 0
+        self._redirect_seconds = settings.s3_redirect
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         if self._derivatives is not None and self._derivatives.respond(req, resp, blob_id):
@@ -504,7 +504,7 @@ class Item:
         presentation = self._presentations.of(blob_id, self._store.stat(blob_id))
         if is_active(presentation.content_type):
             return False
-        url = self._store.presigned_url(
+        url = self._store.redirect_url(
             blob_id,
             seconds=self._redirect_seconds,
             overrides={
@@ -513,6 +513,8 @@ class Item:
                 'ResponseCacheControl': 'public, max-age=31536000, immutable',
             },
         )
+        if url is None:
+            return False  # NOTE: a store whose backend serves no URLs (a directory)
         resp.status = falcon.HTTP_307
         resp.location = url
         # NOTE: the URL expires; a cache may keep the redirect for half its life at most.
@@ -1279,7 +1281,7 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
 
 def build_app(settings: Settings) -> falcon.App:
     """The app on the store the settings name, started (temp files swept, the index built if need be)."""
-    store = backends.open_store(settings)
+    store = open_store(settings)
     store.start()
     return create_app(settings, store)
 

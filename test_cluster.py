@@ -26,8 +26,8 @@ import webtest
 
 import iss
 from conftest import BACKENDS, HERE, ON_EVERY_BACKEND, Gunicorn, SeaweedFS, blob_id, free_port, make_png, wait_for
-from iss_server import s3store
 from iss_server.config import Settings
+from iss_server.drivers import s3 as s3_driver
 from test_deploy import Nginx
 
 # -- the suite runs on both stores ----------------------------------------------------------
@@ -144,8 +144,8 @@ def test_a_seed_data_directory_copied_into_a_bucket_is_served_as_it_is(seaweedfs
 
 
 def test_a_large_upload_goes_up_in_verified_parts_and_leaves_no_upload_behind(client, seaweedfs, settings, monkeypatch):
-    monkeypatch.setattr(s3store, '_SINGLE_PUT_BYTES', 6 * 1024 * 1024)
-    monkeypatch.setattr(s3store, '_PART_BYTES', 5 * 1024 * 1024)
+    monkeypatch.setattr(s3_driver, '_SINGLE_PUT_BYTES', 6 * 1024 * 1024)
+    monkeypatch.setattr(s3_driver, '_PART_BYTES', 5 * 1024 * 1024)
     data = os.urandom(17 * 1024 * 1024)
 
     response = client.put(
@@ -581,7 +581,7 @@ def test_with_iss_s3_redirect_a_get_is_a_307_to_a_presigned_url_that_serves_our_
 
 @pytest.mark.parametrize('how', ['wrong digest', 'cut short'])
 def test_a_put_sent_up_while_it_arrives_is_abandoned_when_wrong_or_cut(client, seaweedfs, settings, monkeypatch, how):
-    monkeypatch.setattr(s3store, '_PART_BYTES', 5 * 1024 * 1024)
+    monkeypatch.setattr(s3_driver, '_PART_BYTES', 5 * 1024 * 1024)
     data = os.urandom(17 * 1024 * 1024)
     claimed = blob_id(data if how == 'cut short' else data[::-1])
     length = len(data) + (1024 if how == 'cut short' else 0)

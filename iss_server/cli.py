@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import iss_client
 import storage
-from iss_server import backends, images, index, maintenance, meta, signing
+from iss_server import images, index, maintenance, meta, signing
 from iss_server.blobs import parse_id
 from iss_server.config import ConfigError, Settings
 from iss_server.errors import BlobNotFound, CorruptBlob, ServiceError
@@ -121,7 +121,7 @@ def migrate(store: storage.BlobStore, args: argparse.Namespace, progress: Progre
     streams, and committed only when it hashes to its name: one that does not is
     reported as corrupt and not copied. The target's index gets a row per blob.
     """
-    target = backends.open_store(_target_settings(args))
+    target = storage.open_store(_target_settings(args))
     result: dict[str, Any] = {'to': args.to, 'blobs': 0, 'copied': 0, 'present': 0, 'bytes': 0, 'failed': []}
     blobs = list(store.stored_blobs())
     total_bytes = sum(size for _, size in blobs)
@@ -309,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.settings = dataclasses.replace(args.settings, data_dir=args.data)
         if args.settings.store == 'file' and not os.path.isdir(args.settings.data_dir):
             raise UsageError(f'{args.settings.data_dir} is not a directory (set ISS_DATA or --data)')
-        store = backends.open_store(args.settings)
+        store = storage.open_store(args.settings)
         progress = Progress(args.progress or (sys.stderr.isatty() and not args.json))
         status, result = args.function(store, args, progress)
     except (UsageError, ConfigError, ServiceError) as exc:
