@@ -35,7 +35,7 @@ from typing import IO, Any, Protocol
 
 from iss_server import disk, index, meta
 from iss_server.blobs import BlobStat, Committed, OpenBlob, parse_id
-from iss_server.config import Settings
+from iss_server.config import ConfigError, Settings
 from iss_server.derived import DerivedCache
 from iss_server.drivers import Busy, Driver, Group, KeyNotFound, Stat, Writer
 from iss_server.drivers.file import FileDriver
@@ -688,17 +688,24 @@ class FileStore(BlobStore):
         super().__init__(FileDriver(layout, ('blobs', 'meta')), index, layout, derived_max_bytes=derived_max_bytes)
 
 
-def open_store(settings: Settings) -> BlobStore:
+def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
     """The store the settings name (``ISS_STORE``, ``ISS_INDEX``), not yet started: the one place that chooses.
 
     The index is made here and handed to the store: a file store on its own
     disk or an S3 bucket, with SQLite beside the data or a shared PostgreSQL.
+
+    Args:
+        existing: the store must be there already (an operator's command never
+            makes an empty one of a mistyped directory): ConfigError otherwise.
     """
-    store_index = index.open_index(settings.index, settings.data_dir)
     if settings.store == 'file':
+        if existing and not os.path.isdir(settings.data_dir):
+            raise ConfigError(f'{settings.data_dir} is not a directory (set ISS_DATA or --data)')
+        store_index = index.open_index(settings.index, settings.data_dir)
         return FileStore(settings.data_dir, store_index, derived_max_bytes=settings.derived_max_bytes)
     from iss_server.drivers.s3 import S3Driver  # NOTE: only an S3 store needs boto3
 
+    store_index = index.open_index(settings.index, settings.data_dir)
     driver = S3Driver(
         settings.s3_bucket,
         settings.s3_prefix,

@@ -307,9 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.settings = Settings.from_env()
         if args.data:
             args.settings = dataclasses.replace(args.settings, data_dir=args.data)
-        if args.settings.store == 'file' and not os.path.isdir(args.settings.data_dir):
-            raise UsageError(f'{args.settings.data_dir} is not a directory (set ISS_DATA or --data)')
-        store = storage.open_store(args.settings)
+        store = storage.open_store(args.settings, existing=True)
         progress = Progress(args.progress or (sys.stderr.isatty() and not args.json))
         status, result = args.function(store, args, progress)
     except (UsageError, ConfigError, ServiceError) as exc:
