@@ -90,7 +90,7 @@ def _describe_unknown_blob(file: IO[bytes], stat: os.stat_result) -> dict[str, A
 def backfill(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
     """Complete the meta of every image written by the FastAPI version (format, mode, EXIF, ...)."""
     result: dict[str, Any] = {'images': 0, 'completed': 0, 'failed': []}
-    for blob_id, stored in maintenance.metas(store):
+    for blob_id, stored in store.metas():
         if stored.get('kind') != 'image':
             continue
         result['images'] += 1

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import IO, Any
 
 from iss_server import disk, drivers, resumable
@@ -200,8 +200,3 @@ def collect_garbage(store: BlobStore, *, dry_run: bool = False, upload_age: floa
             counts['index_rows'] += dry_run or store.index.remove(hex_digest)
     counts['derived_files'] = store.remove_node_orphans(dry_run=dry_run)
     return counts
-
-
-def metas(store: BlobStore) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every stored blob's id and meta (blobs without readable meta are left out)."""
-    return store.metas()
