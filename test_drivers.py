@@ -18,7 +18,7 @@ import pytest
 
 import storage
 from conftest import HERE, S3_KEY, S3_SECRET
-from iss_server import disk
+from iss_server import disk, index, maintenance
 from iss_server.drivers import Driver, KeyNotFound
 from iss_server.drivers.file import FileDriver
 from iss_server.errors import StoreFailure, StoreUnavailable
@@ -281,3 +281,62 @@ def test_the_store_imports_no_web_module_and_chooses_a_backend_in_one_place():
         text = path.read_text()
         chooses = 'settings.store ==' in text or 'settings.store !=' in text or 'isinstance(store,' in text
         assert not chooses or (path.name == 'storage.py' and text.count('settings.store ==') == 1), path
+
+
+# -- the store over every driver: fsck, gc and the node's copies written once ------------------
+
+
+@pytest.fixture
+def store(made, tmp_path) -> storage.BlobStore:
+    driver, layout = made
+    (tmp_path / 'index').mkdir()
+    store_index = index.open_index('sqlite', str(tmp_path / 'index'))
+    return storage.BlobStore(driver, store_index, layout, node_copies=driver.verify_reads)
+
+
+def commit(store: storage.BlobStore, data: bytes) -> str:
+    staged = store.stage(io.BytesIO(data))
+    store.commit(staged, {'kind': 'k', 'bytes': len(data), 'created_at': 1.0})
+    return staged.digest
+
+
+def test_fsck_finds_and_quarantines_a_corrupt_blob_with_its_meta_on_every_driver(store, made, spool):
+    driver = made[0]
+    good, bad = commit(store, b'good bytes'), commit(store, b'bad bytes')
+    put(driver, spool(b'rot bytes'), storage.blob_key(bad[7:]), replace=True)
+
+    found = maintenance.verify(store)
+    repaired = maintenance.verify(store, repair=True)
+
+    assert [(p['problem'], p['id'], p['repaired']) for p in found.problems] == [('corrupt', bad, False)]
+    assert (found.blobs, repaired.clean) == (2, True)
+    assert store.missing([good, bad]) == [bad] and store.index.get(bad[7:]) is None
+    assert sorted(key.split('.')[0] for key, _ in driver.walk('quarantine/')) == [f'quarantine/{bad[7:]}'] * 2
+    assert maintenance.verify(store).problems == []
+
+
+def test_gc_removes_the_meta_and_row_of_a_blob_gone_on_every_driver(store, made):
+    driver = made[0]
+    kept, lost = commit(store, b'kept'), commit(store, b'lost')
+    driver.remove(storage.blob_key(lost[7:]))
+
+    dry = maintenance.collect_garbage(store, dry_run=True)
+    removed = maintenance.collect_garbage(store)
+
+    assert (dry['orphaned_meta'], dry['index_rows']) == (removed['orphaned_meta'], removed['index_rows']) == (1, 1)
+    assert [hex_digest for hex_digest, _, _ in store.walk('meta')] == [kept[7:]]
+    assert maintenance.collect_garbage(store)['orphaned_meta'] == 0
+
+
+def test_a_small_remote_blob_is_copied_to_the_node_and_never_as_a_derivative(store, made, tmp_path):
+    digest = commit(store, b'small and remote')
+
+    with store.open(digest).file as first, store.open(digest).file as again:
+        assert first.read() == again.read() == b'small and remote'
+
+    scratch = pathlib.Path(made[1].root)
+    copies = [p.relative_to(scratch).as_posix() for p in scratch.rglob('*') if p.is_file() and 'copies/' in str(p)]
+    assert copies == ([f'copies/{digest[7:9]}/{digest[9:11]}/{digest[7:]}/blob'] if made[0].verify_reads else [])
+    assert not (scratch / 'derived').exists() or not any((scratch / 'derived').rglob('*'))
+    store.delete(digest)
+    assert not any(p.is_file() for p in (scratch / 'copies').rglob('*'))
