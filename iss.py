@@ -499,7 +499,7 @@ class Item:
         """``ISS_S3_REDIRECT``: 307 to a presigned URL that serves the blob from the bucket with our headers.
 
         APPSEC: content a browser would run is never redirected: it is served here, with the
-        CSP and nosniff that a presigned URL cannot carry. False: serve it here.
+        CSP and nosniff that a presigned URL cannot carry. False: serve it here (also when the store has no URL).
         """
         presentation = self._presentations.of(blob_id, self._store.stat(blob_id))
         if is_active(presentation.content_type):
