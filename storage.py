@@ -53,7 +53,7 @@ _LOOKUPS_IN_FLIGHT = 16
 _REINDEX_BATCH = 500
 _READ_BYTES = 1024 * 1024
 
-_KEY_PATTERN = re.compile(r'(blobs|meta)/([0-9a-f]{2})/([0-9a-f]{2})/(([0-9a-f]{64}))(\.json)?')
+_KEY_PATTERN = re.compile(r'(?:blobs|meta)/[0-9a-f]{2}/[0-9a-f]{2}/([0-9a-f]{64})(?:\.json)?')
 
 
 def blob_key(hex_digest: str) -> str:
@@ -67,9 +67,9 @@ def meta_key(hex_digest: str) -> str:
 def hex_of(top: str, key: str) -> str | None:
     """The blob's hex a key under ``top/`` (``blobs``, ``meta``) names, or None for a stray key."""
     match = _KEY_PATTERN.fullmatch(key)
-    if match is None or match.group(1) != top or key != (blob_key if top == 'blobs' else meta_key)(match.group(4)):
+    if match is None or key != (blob_key if top == 'blobs' else meta_key)(match.group(1)):
         return None
-    return match.group(4)
+    return match.group(1)
 
 
 class Readable(Protocol):

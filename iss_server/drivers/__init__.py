@@ -126,7 +126,10 @@ class Driver(Protocol):
         """Remove an object, durably; False when it was not there."""
 
     def walk(self, prefix: str) -> Iterator[tuple[str, Stat]]:
-        """Every object whose key starts with ``prefix`` (``blobs/``), in no promised order."""
+        """Every object whose key starts with ``prefix`` (``blobs/``), in no promised order.
+
+        NOTE: the stat's size and time are the object's; its version may differ from :meth:`stat`'s.
+        """
 
     def redirect_url(self, key: str, *, seconds: int, overrides: dict[str, str]) -> str | None:
         """A URL a client reads the object from directly for ``seconds``, or None where the backend serves none.

@@ -69,6 +69,7 @@ class S3Driver:
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix
+        self.endpoint = endpoint
         self._service = {
             'endpoint_url': endpoint or None,
             'region_name': region,
