@@ -28,7 +28,7 @@ from typing import Any
 import falcon
 from swagger_ui_bundle import swagger_ui_path
 
-from iss_server import backends, browse, doors, index, meta, resumable, telemetry
+from iss_server import browse, doors, index, meta, resumable, telemetry
 from iss_server.auth import RequireReadToken, RequireToken
 from iss_server.blobs import parse_id
 from iss_server.config import Settings
@@ -58,7 +58,7 @@ from iss_server.responses import (
 )
 from iss_server.tus import TUS_HEADERS, ResumableUploads, TusProtocol, UploadsCollection, UploadSession
 from iss_server.webhooks import Deliverer, Webhooks
-from storage import BlobStore
+from storage import BlobStore, open_store
 
 log = logging.getLogger('iss')
 
@@ -246,7 +246,7 @@ class Item:
         self._derivatives = derivatives
         self._accel_redirect = settings.accel_redirect
         self._accel_min_bytes = settings.accel_min_bytes
-        self._redirect_seconds = settings.s3_redirect if settings.store != 'file' else 0
+        self._redirect_seconds = settings.s3_redirect
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         if self._derivatives is not None and self._derivatives.respond(req, resp, blob_id):
@@ -300,12 +300,12 @@ class Item:
         """``ISS_S3_REDIRECT``: 307 to a presigned URL that serves the blob from the bucket with our headers.
 
         APPSEC: content a browser would run is never redirected: it is served here, with the
-        CSP and nosniff that a presigned URL cannot carry. False: serve it here.
+        CSP and nosniff that a presigned URL cannot carry. False: serve it here (also when the store has no URL).
         """
         presentation = self._presentations.of(blob_id, self._store.stat(blob_id))
         if is_active(presentation.content_type):
             return False
-        url = self._store.presigned_url(
+        url = self._store.redirect_url(
             blob_id,
             seconds=self._redirect_seconds,
             overrides={
@@ -314,6 +314,8 @@ class Item:
                 'ResponseCacheControl': ', '.join(IMMUTABLE),
             },
         )
+        if url is None:
+            return False  # NOTE: a store whose backend serves no URLs (a directory)
         resp.status = falcon.HTTP_307
         resp.location = url
         # NOTE: the URL expires; a cache may keep the redirect for half its life at most.
@@ -478,7 +480,7 @@ def build_app(settings: Settings) -> falcon.App:
     NOTE: in each gunicorn worker (the app is built there, not in the master), so each runs a
     webhook deliverer; the endpoints' leases have one of them, on one node, send each change.
     """
-    store = backends.open_store(settings)
+    store = open_store(settings)
     store.start()
     app = create_app(settings, store)
     if settings.webhooks:

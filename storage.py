@@ -1,26 +1,33 @@
-"""The content-addressed blob store behind ISS: its interface, and the store on a local disk.
+"""The content-addressed blob store behind ISS, written once over a small driver.
 
 The promise, for every backend: a blob is either wholly there with the bytes
-its name says, or not there at all. An upload is staged (hashed while it
-streams, invisible), then committed under its digest; an existing blob is
-never overwritten, so concurrent uploads of the same content all succeed
-with one blob.
+its name says, or not there at all. An upload is staged (spooled on the node's
+disk and hashed while it streams, invisible), then committed under its digest;
+an existing blob is never overwritten, so concurrent uploads of the same
+content all succeed with one blob.
 
-:class:`BlobStore` is all the resources in ``iss.py`` know of a store.
-:class:`FileStore` implements it on a data directory (see ``disk.py`` for the
-layout and the write path); its index is an :class:`index.SQLiteIndex` under
-the same directory unless another is given. The maintenance commands (fsck,
-gc) are in ``maintenance.py``, the derivative cache in ``derived.py``.
+:class:`BlobStore` holds every rule of that promise (dedup, the order of blob,
+meta and index row, delete, quarantine, completing old meta, reindex, check)
+over a :class:`drivers.Driver`, which only stores bytes under keys: the seed's
+layout, ``blobs/ab/cd/<hex>`` and ``meta/ab/cd/<hex>.json``, on a data
+directory (``drivers/file.py``) or in an S3 bucket (``drivers/s3.py``).
+:func:`open_store` is the one place that chooses a driver. The node's own
+scratch (``tmp/``: uploads being received; ``derived/``: the derivative
+cache; ``copies/``: verified copies of small blobs of a remote backend) is a
+:class:`disk.Layout` of ``ISS_DATA``. The maintenance commands (fsck, gc) are
+in ``maintenance.py``, over the same API.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,10 +35,41 @@ from typing import IO, Any, Protocol
 
 from iss_server import disk, index, meta
 from iss_server.blobs import BlobStat, Committed, OpenBlob, parse_id
+from iss_server.config import ConfigError, Settings
 from iss_server.derived import DerivedCache
-from iss_server.errors import BlobNotFound, IndexIncomplete, StoreFailure, StoreUnavailable
+from iss_server.drivers import Busy, Driver, Group, KeyNotFound, Stat, Writer
+from iss_server.drivers.file import FileDriver
+from iss_server.errors import BlobNotFound, CorruptBlob, IndexIncomplete, StoreFailure, StoreUnavailable
 
 log = logging.getLogger('iss.storage')
+
+# PERF: a remote backend's blobs up to this size are kept on each node that reads them (see
+# BlobStore.open): a 4 KiB GET costs one indexed lookup instead of a signed S3 request
+# (bench/s3.py: 194 -> 700-1,030 req/s).
+_NODE_COPY_BYTES = 256 * 1024
+# PERF: /blobs/missing asks the backend about this many ids at once.
+_LOOKUPS_IN_FLIGHT = 16
+# NOTE: a few hundred blobs at a time: memory stays flat on a store of millions.
+_REINDEX_BATCH = 500
+_READ_BYTES = 1024 * 1024
+
+_KEY_PATTERN = re.compile(r'(?:blobs|meta)/[0-9a-f]{2}/[0-9a-f]{2}/([0-9a-f]{64})(?:\.json)?')
+
+
+def blob_key(hex_digest: str) -> str:
+    return f'blobs/{hex_digest[0:2]}/{hex_digest[2:4]}/{hex_digest}'
+
+
+def meta_key(hex_digest: str) -> str:
+    return f'meta/{hex_digest[0:2]}/{hex_digest[2:4]}/{hex_digest}.json'
+
+
+def hex_of(top: str, key: str) -> str | None:
+    """The blob's hex a key under ``top/`` (``blobs``, ``meta``) names, or None for a stray key."""
+    match = _KEY_PATTERN.fullmatch(key)
+    if match is None or key != (blob_key if top == 'blobs' else meta_key)(match.group(1)):
+        return None
+    return match.group(1)
 
 
 class Readable(Protocol):
@@ -56,85 +94,11 @@ class Staged(Protocol):
     def __exit__(self, *exc_info: object) -> None: ...
 
 
-class BlobStore(Protocol):
-    """What ISS needs of a store, whatever holds the bytes.
-
-    Ids are ``sha256:<hex>`` strings; a malformed one raises
-    :class:`errors.InvalidId`, an absent blob :class:`errors.BlobNotFound`,
-    and a store that cannot work right now :class:`errors.StoreUnavailable`
-    or :class:`errors.StoreFull` (both :class:`errors.StoreFailure`).
-    """
-
-    #: Cached derivatives of the blobs (see :class:`derived.DerivedCache`).
-    derived: DerivedCache
-
-    def start(self) -> None:
-        """Housekeeping when a service starts on the store (once per process)."""
-
-    def stage(self, stream: Readable, expected: str | None = None) -> Staged:
-        """Receive ``stream`` to its end, hashing it; whatever reading it raises propagates.
-
-        ``expected``: the id the bytes claim (a PUT): a store may start moving them to
-        their final place while they arrive (the S3 store's multipart upload), to be
-        completed by the commit only when they hash to it. The caller still compares.
-        """
-
-    def commit(self, staged: Staged, new_meta: dict[str, Any]) -> Committed:
-        """Make a staged blob visible under its digest, with ``new_meta`` unless it has meta already."""
-
-    def commit_all(self, uploads: list[tuple[Staged, dict[str, Any]]]) -> list[Committed]:
-        """:meth:`commit` for each upload, in order, as one group: what costs per commit is paid once.
-
-        Content given twice is stored once (the later one answers as already stored).
-        """
-
-    def open(self, blob_id: str) -> OpenBlob:
-        """Open a stored blob for reading."""
-
-    def stat(self, blob_id: str) -> BlobStat:
-        """A stored blob's size and version."""
-
-    def proxy_path(self, blob_id: str) -> str:
-        """Where a proxy in front finds the blob, below its internal location (``ISS_ACCEL_REDIRECT``).
-
-        On disk: ``ab/cd/<hex>`` below ``blobs/``; on S3: a presigned URL's path and query.
-        """
-
-    def presigned_url(self, blob_id: str, *, seconds: int, overrides: dict[str, str] | None = None) -> str:
-        """A URL that reads the blob straight from its backend for ``seconds`` (``ISS_S3_REDIRECT``).
-
-        ``overrides`` are the ``response-*`` headers the backend answers with. Only a
-        store whose backend serves URLs has it (the S3 store); ISS asks only then.
-        """
-
-    def read_meta(self, blob_id: str) -> dict[str, Any] | None:
-        """A blob's stored meta, or None when it has none."""
-
-    def complete_meta(self, blob_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """Add the ``fields`` a blob's meta lacks (never changing a key it has); return the meta."""
-
-    def delete(self, blob_id: str) -> None:
-        """Remove a blob, its meta, its index row and its derivatives."""
-
-    def missing(self, blob_ids: list[str]) -> list[str]:
-        """The ids that name no stored blob, in order, once each."""
-
-    def list(self, collection: str, *, limit: int, **filters: Any) -> index.Page:
-        """A page of the index, newest first (see :meth:`index.Index.page`)."""
-
-    def totals(self) -> dict[str, tuple[int, int]]:
-        """``{kind: (count, bytes)}`` of every stored blob."""
-
-    def check(self) -> dict[str, Any]:
-        """Prove the store takes writes; return what it can say of its room (``free_bytes``)."""
-
-
 class StagedBlob:
-    """An upload written to a private temp file: hashed and sized, not yet visible.
+    """An upload written to a private temp file of the spool: hashed and sized, not yet visible.
 
-    Returned by :meth:`FileStore.stage`. It keeps the temp file open, and so
-    its flock held, until :meth:`FileStore.commit` links it into place or
-    :meth:`discard` removes it.
+    It keeps the temp file open, and so its flock held, until the commit puts
+    it in place or :meth:`discard` removes it. It is a :class:`drivers.Source`.
     """
 
     def __init__(self, fd: int, path: str, digest: str, size: int) -> None:
@@ -142,13 +106,17 @@ class StagedBlob:
         self.path = path
         self.digest = digest
         self.size = size
-        #: Work begun elsewhere for these bytes (an S3 multipart upload) that the commit
-        #: completes; abandoned (its ``abort``) when the staged blob is discarded instead.
-        self.upload: Any = None
+        #: The object a driver began writing while the bytes arrived (a PUT's claimed
+        #: digest): the commit commits it, a discard cancels it.
+        self.writer: Writer | None = None
 
     @property
     def hex(self) -> str:
         return self.digest[len('sha256:') :]
+
+    @property
+    def sha256(self) -> str:
+        return self.hex
 
     def fileno(self) -> int:
         return self._fd
@@ -157,9 +125,9 @@ class StagedBlob:
         return open(self.path, 'rb')
 
     def discard(self) -> None:
-        if self.upload is not None:
-            self.upload, upload = None, self.upload
-            upload.abort()
+        if self.writer is not None:
+            self.writer, writer = None, self.writer
+            writer.cancel()
         if self._fd < 0:
             return
         # NOTE: unlink before close: while the fd is open the flock keeps
@@ -174,10 +142,384 @@ class StagedBlob:
         self.discard()
 
 
-class Listings:
-    """Listings and totals through a store's index, for every store: 503 until the index is complete."""
+class BlobStore:
+    """Blobs and their meta over a driver; what ISS's resources and commands know of a store.
 
-    index: index.Index
+    Ids are ``sha256:<hex>`` strings; a malformed one raises
+    :class:`errors.InvalidId`, an absent blob :class:`errors.BlobNotFound`,
+    and a store that cannot work right now :class:`errors.StoreUnavailable`
+    or :class:`errors.StoreFull` (both :class:`errors.StoreFailure`).
+
+    Args:
+        driver: Where the bytes live (see :mod:`iss_server.drivers`).
+        index: The index of the blobs (``index.open_index``).
+        scratch: The node's own directory (``ISS_DATA``): the spool of uploads under
+            ``tmp/`` (for a file driver, the data directory itself: a put links a
+            spooled file), the derivative cache, the lock of a reindex.
+        derived_max_bytes: The bound of the derivative cache (and of the node's copies).
+        node_copies: Keep verified copies of small blobs on this node (a remote backend).
+    """
+
+    def __init__(
+        self,
+        driver: Driver,
+        index: index.Index,
+        scratch: disk.Layout,
+        *,
+        derived_max_bytes: int = 1024**3,
+        node_copies: bool = False,
+    ) -> None:
+        self._driver = driver
+        self.index = index
+        self.layout = scratch
+        self.root = scratch.root
+        #: Cached derivatives of the blobs, rendered while the blob is held.
+        self.derived = DerivedCache(scratch, derived_max_bytes, hold=self._held)
+        # NOTE: not a derivative: the blob itself, verified, served while the index has its row.
+        self._copies = DerivedCache(scratch, derived_max_bytes, hold=self._held, top='copies') if node_copies else None
+        try:
+            os.makedirs(scratch.tmp, exist_ok=True)
+            if not self.index.complete and next(self._driver.walk('blobs/'), None) is None:
+                self.index.mark_complete()  # NOTE: an empty store's index is complete as it is
+        except (OSError, StoreFailure) as exc:
+            log.error('store %r is not usable: %s', driver, exc)
+
+    def __repr__(self) -> str:
+        return f'BlobStore({self._driver!r})'
+
+    def start(self) -> None:
+        """Sweep what writes killed mid-way left in tmp/, and index a store that has no complete index.
+
+        The index is built in the background (a data directory of the FastAPI
+        version, a bucket filled by another tool): listings answer 503 until it
+        is done. Every worker starts one; the first does the work and the others
+        find it done (see :meth:`reindex`).
+        """
+        try:
+            swept = self.sweep_temp()
+        except OSError as exc:
+            log.error('scratch directory %s is not usable: %s', self.root, exc)
+            return
+        if swept:
+            log.warning('removed %d stale temp file(s) from %s', swept, self.root)
+        try:
+            if self.index_complete:
+                return
+        except StoreFailure:
+            return  # NOTE: the health endpoint reports what is down
+        index_in_background(self, repr(self._driver))
+
+    # -- writing -------------------------------------------------------------
+
+    def stage(self, stream: Readable, expected: str | None = None) -> StagedBlob:
+        """Spool ``stream`` to a temp file until EOF, computing its sha256 (see :func:`stage_file`).
+
+        ``expected``: the id the bytes claim (a PUT). A driver may write them to
+        their final key while they arrive (the S3 driver's multipart upload), to be
+        committed only when they hashed to it: receiving and sending overlap.
+        The caller still compares.
+        """
+        if expected is None or (writer := self._driver.writer(blob_key(parse_id(expected)), expected[7:])) is None:
+            return stage_file(self.layout, stream)
+        try:
+            staged = stage_file(self.layout, stream, also=writer.write)
+        except BaseException:
+            writer.cancel()
+            raise
+        if staged.digest != expected:
+            writer.cancel()  # NOTE: wrong bytes are never committed
+        else:
+            staged.writer = writer
+        return staged
+
+    def commit(self, staged: StagedBlob, new_meta: dict[str, Any]) -> Committed:
+        """Make a staged blob visible under its id, with ``new_meta`` if it has none yet (see :meth:`commit_all`)."""
+        return self.commit_all([(staged, new_meta)])[0]
+
+    def commit_all(self, uploads: list[tuple[StagedBlob, dict[str, Any]]]) -> list[Committed]:
+        """Make staged blobs visible under their ids, each with its meta unless it has some; one group commit.
+
+        The first commit of some content wins: an existing blob is never
+        overwritten (unless its size shows it is damaged, when the verified
+        bytes replace it) and existing metadata is kept; content given twice is
+        stored once. However many uploads there are, a disk is flushed three
+        times (the driver's :meth:`~drivers.Group.sync`, shared with every commit
+        running meanwhile): once for the staged bytes and the new metas' bytes,
+        once for the blobs' names, once for the metas' names. So a crash leaves
+        each blob wholly there or not at all, and never a meta without its blob.
+        Every blob is held from its check to its index row, so a concurrent
+        :meth:`delete` of the same content happens wholly before or wholly
+        after; blobs are taken in the order of their ids, so two groups sharing
+        content never wait for each other in a circle.
+
+        Returns:
+            For each upload, in order: whether its blob is new, and the meta now stored for it.
+        """
+        firsts: dict[str, tuple[StagedBlob, dict[str, Any]]] = {}
+        for staged, new_meta in uploads:
+            firsts.setdefault(staged.hex, (staged, new_meta))
+        try:
+            with self._driver.group() as group, contextlib.ExitStack() as spooled:
+                outcome = self._commit_group(group, sorted(firsts.items()), spooled)
+        finally:
+            for staged, _ in uploads:
+                staged.discard()
+        # NOTE: content given again later in the same group was stored by its first upload.
+        return [
+            outcome[staged.hex] if firsts[staged.hex][0] is staged else Committed(False, outcome[staged.hex].meta)
+            for staged, _ in uploads
+        ]
+
+    def _commit_group(
+        self, group: Group, uploads: list[tuple[str, tuple[StagedBlob, dict[str, Any]]]], spooled: contextlib.ExitStack
+    ) -> dict[str, Committed]:
+        """:meth:`commit_all` for distinct contents sorted by id; the metas' temp files go on ``spooled``."""
+        stored: dict[str, dict[str, Any] | None] = {}
+        new: list[tuple[str, StagedBlob, bool]] = []  # (hex, staged, replacing a damaged blob)
+        for hex_digest, (staged, _) in uploads:
+            try:
+                held = group.hold(blob_key(hex_digest))
+            except KeyNotFound:
+                held = None
+            if held is None:
+                new.append((hex_digest, staged, False))
+            elif held.size == staged.size:
+                # PERF: already stored; a copy about to be discarded needs no flush.
+                stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
+            else:
+                # NOTE: a blob of the wrong size under this name was damaged by something
+                # outside ISS (the seed wrote in place, without sync); the staged bytes
+                # are verified, so they take its place atomically.
+                log.warning('replacing damaged blob %s', self._driver.location(blob_key(hex_digest)))
+                new.append((hex_digest, staged, True))
+        metas = {hex_digest: new_meta for hex_digest, (_, new_meta) in uploads}
+        # NOTE: a meta is readied for every blob that may need one, so one sync covers its bytes.
+        meta_sources = {
+            hex_digest: self._spool(meta.encode(metas[hex_digest]), spooled)
+            for hex_digest, _ in uploads
+            if hex_digest not in stored or stored[hex_digest] is None
+        }
+        if meta_sources:
+            group.sync()  # the staged bytes and the metas' bytes
+        for hex_digest, staged, replace in new:
+            if not self._put_blob(group, hex_digest, staged, replace):
+                stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
+        if new:
+            group.sync()  # the blobs' names: before any meta's, never a meta without its blob
+        created = {hex_digest for hex_digest, _, _ in new} - stored.keys()
+        put_metas = False
+        for hex_digest, source in meta_sources.items():
+            if hex_digest in created or stored[hex_digest] is None:
+                if group.put(source, meta_key(hex_digest)):
+                    stored[hex_digest], put_metas = metas[hex_digest], True
+                else:  # NOTE: another writer's meta got there first; it stays
+                    stored[hex_digest] = self.read_meta('sha256:' + hex_digest) or metas[hex_digest]
+        if put_metas:
+            group.sync()  # the metas' names
+        now = time.time()
+        self.index.put_missing(
+            [index.row_for(hex_digest, stored[hex_digest], now, staged.size) for hex_digest, (staged, _) in uploads]
+        )
+        return {hex_digest: Committed(hex_digest in created, stored[hex_digest]) for hex_digest, _ in uploads}
+
+    @staticmethod
+    def _put_blob(group: Group, hex_digest: str, staged: StagedBlob, replace: bool) -> bool:
+        """Put a staged blob under its key; False when another upload stored it first (then it is held)."""
+        if staged.writer is not None and not replace:
+            staged.writer, writer = None, staged.writer
+            return writer.commit()
+        return group.put(staged, blob_key(hex_digest), replace=replace)
+
+    def _spool(self, data: bytes, spooled: contextlib.ExitStack) -> StagedBlob:
+        """``data`` in a temp file of the spool, removed when ``spooled`` closes (a :class:`drivers.Source`)."""
+        with disk.translated('writing metadata'):
+            fd, temp_path = self.layout.new_temp()
+            source = StagedBlob(fd, temp_path, 'sha256:' + hashlib.sha256(data).hexdigest(), len(data))
+            spooled.callback(source.discard)
+            disk.write_all(fd, data)
+        return source
+
+    def write_meta(self, hex_digest: str, meta_doc: dict[str, Any], *, replace: bool = False) -> dict[str, Any]:
+        """Write a blob's meta (unless another writer got there first, or ``replace``); return what is stored."""
+        with self._driver.group() as group, contextlib.ExitStack() as spooled:
+            source = self._spool(meta.encode(meta_doc), spooled)
+            group.sync()
+            placed = group.put(source, meta_key(hex_digest), replace=replace)
+            if placed:
+                group.sync()
+        return meta_doc if placed else self.read_meta('sha256:' + hex_digest) or meta_doc
+
+    def complete_meta(self, blob_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Add to a blob's meta the ``fields`` it lacks, never changing a key it has; return it.
+
+        For meta written by the FastAPI version, which knew less. The meta is
+        replaced atomically (a reader sees the old or the new one) and the index
+        row follows.
+
+        Raises:
+            BlobNotFound: the blob is not stored (or was deleted meanwhile).
+        """
+        hex_digest = parse_id(blob_id)
+        with self._held(hex_digest) as stat:
+            stored = self.read_meta(blob_id) or {}
+            missing = {key: value for key, value in fields.items() if key not in stored}
+            if not missing:
+                return stored
+            stored = self.write_meta(hex_digest, {**stored, **missing}, replace=True)
+            self.index.put(index.row_for(hex_digest, stored, stat.modified, stat.size))
+        return stored
+
+    def delete(self, blob_id: str) -> None:
+        """Remove a blob: its meta, index row and this node's derivatives first, its bytes last.
+
+        A reader that opened the blob before keeps reading the whole of it; one
+        that comes after gets :class:`BlobNotFound`, on every node (a node serves
+        a cached derivative or copy only while the blob's meta or row is there).
+        The blob is held throughout: a commit of the same content waits, then
+        stores it anew with its own meta. A crash part way leaves the blob
+        without meta or row, which ``fsck`` reports (the client was not told the
+        delete succeeded).
+        """
+        hex_digest = parse_id(blob_id)
+        with self._held(hex_digest, exclusive=True):
+            self._driver.remove(meta_key(hex_digest))
+            self.index.remove(hex_digest)
+            self._forget_on_node(hex_digest)
+            self._driver.remove(blob_key(hex_digest))
+
+    def quarantine(self, hex_digest: str, why: str) -> bool:
+        """Move a blob whose bytes do not match its name, and its meta, to ``quarantine/``; its row goes.
+
+        Returns False when it was gone already.
+        """
+        log.error('quarantining %s: %s', self._driver.location(blob_key(hex_digest)), why)
+        try:
+            with self._held(hex_digest, exclusive=True):
+                if not self._driver.move(blob_key(hex_digest), _quarantined(hex_digest)):
+                    return False
+                self.quarantine_meta(hex_digest)
+                self.index.remove(hex_digest)
+                self._forget_on_node(hex_digest)
+        except BlobNotFound:
+            return False
+        return True
+
+    def quarantine_meta(self, hex_digest: str) -> bool:
+        """Move a blob's meta to ``quarantine/`` (it is unreadable, or its blob is gone)."""
+        return self._driver.move(meta_key(hex_digest), _quarantined(hex_digest, '.json'))
+
+    def _forget_on_node(self, hex_digest: str) -> None:
+        self.derived.remove(hex_digest)
+        if self._copies is not None:
+            self._copies.remove(hex_digest)
+
+    @contextlib.contextmanager
+    def _held(self, hex_digest: str, *, exclusive: bool = False) -> Iterator[Stat]:
+        """Hold a stored blob for the block (see :meth:`drivers.Group.hold`); yield its stat.
+
+        Raises:
+            BlobNotFound: it is not stored (or was deleted while we waited).
+        """
+        key = blob_key(hex_digest)
+        try:
+            with self._driver.group() as group:
+                # NOTE: a driver without locks is asked whether the blob is there
+                yield group.hold(key, exclusive=exclusive) or self._driver.stat(key)
+        except KeyNotFound:
+            raise BlobNotFound('sha256:' + hex_digest) from None
+
+    # -- reading -------------------------------------------------------------
+
+    def open(self, blob_id: str) -> OpenBlob:
+        """Open a stored blob for reading (verified as it streams where the driver's reads cross a network).
+
+        PERF: a remote backend's small blob (up to :data:`_NODE_COPY_BYTES`) is kept
+        on the node once read and verified, and served from there while the shared
+        index has its row: a delete removes the row before the bytes, so every node
+        stops serving its copy at once.
+
+        Raises:
+            BlobNotFound: nothing is stored under ``blob_id``.
+            StoreUnavailable: the blob exists but cannot be read.
+        """
+        hex_digest = parse_id(blob_id)
+        if self._copies is not None:
+            row = self.index.get(hex_digest)
+            if row is not None and row.bytes <= _NODE_COPY_BYTES:
+                cached = self._copies.open(hex_digest, 'blob')
+                if cached is None:
+                    with self._open(hex_digest).file as source:
+                        cached = self._copies.put(hex_digest, 'blob', lambda out: out.write(source.read()))
+                return OpenBlob(cached.file, BlobStat(cached.stat.size, f'row-{row.created_at!r}'))
+        return self._open(hex_digest)
+
+    def _open(self, hex_digest: str) -> OpenBlob:
+        try:
+            file, stat = self._driver.open(blob_key(hex_digest))
+        except KeyNotFound:
+            raise BlobNotFound('sha256:' + hex_digest) from None
+        if self._driver.verify_reads:
+            file = _VerifiedReader(self, hex_digest, file, stat)  # type: ignore[assignment]
+        return OpenBlob(file, BlobStat(stat.size, stat.version))
+
+    def open_unverified(self, hex_digest: str) -> IO[bytes]:
+        """A blob's bytes as the driver reads them, for fsck to judge (the caller closes it)."""
+        try:
+            return self._driver.open(blob_key(hex_digest))[0]
+        except KeyNotFound:
+            raise BlobNotFound('sha256:' + hex_digest) from None
+
+    def stat(self, blob_id: str) -> BlobStat:
+        """Return a stored blob's size and version (raises like :meth:`open`)."""
+        try:
+            stat = self._driver.stat(blob_key(parse_id(blob_id)))
+        except KeyNotFound:
+            raise BlobNotFound(blob_id) from None
+        return BlobStat(stat.size, stat.version)
+
+    def proxy_path(self, blob_id: str) -> str:
+        """Where a proxy in front finds the blob, below its internal location (``ISS_ACCEL_REDIRECT``).
+
+        On disk: ``ab/cd/<hex>`` below ``blobs/``; on S3: a presigned URL's path and query.
+        """
+        return self._driver.proxy_path(blob_key(parse_id(blob_id)))
+
+    def redirect_url(self, blob_id: str, *, seconds: int, overrides: dict[str, str] | None = None) -> str | None:
+        """A URL that reads the blob straight from its backend for ``seconds``, or None where there is none.
+
+        ``overrides`` are the ``Response*`` headers the backend answers with (``ISS_S3_REDIRECT``).
+        """
+        return self._driver.redirect_url(blob_key(parse_id(blob_id)), seconds=seconds, overrides=overrides or {})
+
+    def read_meta(self, blob_id: str) -> dict[str, Any] | None:
+        """Return a blob's stored metadata, or None when it has none (or it is unreadable)."""
+        key = meta_key(parse_id(blob_id))
+        try:
+            stored = json.loads(self._driver.read(key))
+        except KeyNotFound:
+            return None
+        except ValueError as exc:
+            log.warning('ignoring unreadable metadata %s: %s', self._driver.location(key), exc)
+            return None
+        return stored if isinstance(stored, dict) else None
+
+    def missing(self, blob_ids: list[str]) -> list[str]:
+        """Return the ids in ``blob_ids`` that name no stored blob, in order, once each (asked several at a time)."""
+        unique = list(dict.fromkeys(blob_ids))
+        hexes = [parse_id(blob_id) for blob_id in unique]
+        if len(hexes) <= 1:
+            stored = [self.is_stored(hex_digest) for hex_digest in hexes]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(min(_LOOKUPS_IN_FLIGHT, len(hexes))) as pool:
+                stored = list(pool.map(self.is_stored, hexes))
+        return [blob_id for blob_id, present in zip(unique, stored, strict=True) if not present]
+
+    def is_stored(self, hex_digest: str) -> bool:
+        try:
+            self._driver.stat(blob_key(hex_digest))
+        except KeyNotFound:
+            return False
+        return True
 
     def list(self, collection: str, *, limit: int, **filters: Any) -> index.Page:
         """A page of the index, newest first (see :meth:`index.Index.page`).
@@ -198,283 +540,18 @@ class Listings:
         if not self.index.complete:
             raise IndexIncomplete('the index is being built from the blobs')
 
-
-class FileStore(Listings):
-    """Blobs and their metadata in a directory tree, written atomically.
-
-    Args:
-        root: The data directory. Its subdirectories are created when
-            missing; if that fails the store still starts, and :meth:`check`
-            (the health endpoint) says what is wrong.
-        index: The index of its blobs (``index.open_index``: the SQLite file
-            ``index.sqlite3`` in the data directory, or a shared PostgreSQL).
-        derived_max_bytes: The bound of the derivative cache.
-    """
-
-    # PERF: a rebuild writes rows by transactions of this many; uploads wait for one at most.
-    _REINDEX_BATCH = 500
-
-    def __init__(self, root: str, index: index.Index, derived_max_bytes: int = 1024**3) -> None:
-        self.layout = disk.Layout(root)
-        self.root = self.layout.root
-        self.index = index
-        self.derived = DerivedCache(self.layout, derived_max_bytes)
-        try:
-            for directory in (self.layout.blobs, self.layout.meta, self.layout.tmp):
-                os.makedirs(directory, exist_ok=True)
-            if not self.index.complete and next(self.layout.blob_files(), None) is None:
-                self.index.mark_complete()  # NOTE: an empty store's index is complete as it is
-        except (OSError, StoreFailure) as exc:
-            log.error('data directory %s is not usable: %s', self.root, exc)
-
-    def start(self) -> None:
-        """Sweep what writes killed mid-way left in tmp/, and index a store that has no complete index.
-
-        The index is built in the background (a data directory of the FastAPI
-        version): listings answer 503 until it is done. Every worker starts one;
-        the first does the work and the others find it done (see :meth:`reindex`).
-        """
-        try:
-            swept = self.sweep_temp()
-        except OSError as exc:
-            log.error('data directory %s is not usable: %s', self.root, exc)
-            return
-        if swept:
-            log.warning('removed %d stale temp file(s) from %s', swept, self.root)
-        try:
-            if self.index_complete:
-                return
-        except StoreFailure:
-            return  # NOTE: the health endpoint reports an unusable data directory
-        index_in_background(self, self.root)
-
-    # -- writing -------------------------------------------------------------
-
-    def stage(self, stream: Readable, expected: str | None = None) -> StagedBlob:
-        """Copy ``stream`` to a temp file until EOF, computing its sha256 (see :func:`stage_file`).
-
-        NOTE: ``expected`` changes nothing here: the bytes are linked into place by the commit.
-        """
-        return stage_file(self.layout, stream)
-
-    def commit(self, staged: StagedBlob, new_meta: dict[str, Any]) -> Committed:
-        """Make a staged blob visible under its id, with ``new_meta`` if it has none yet (see :meth:`commit_all`)."""
-        return self.commit_all([(staged, new_meta)])[0]
-
-    def commit_all(self, uploads: list[tuple[StagedBlob, dict[str, Any]]]) -> list[Committed]:
-        """Make staged blobs visible under their ids, each with its meta unless it has some; one group commit.
-
-        The first commit of some content wins: an existing blob is never
-        overwritten (unless its size shows it is damaged, when the verified
-        bytes replace it atomically) and existing metadata is kept; content
-        given twice is stored once. However many uploads there are, the disk
-        is flushed three times (:class:`disk.Flusher`, shared with every commit
-        running meanwhile): once for the staged bytes and the new metas' bytes,
-        once for the blobs' names, once for the metas' names. So a crash leaves
-        each blob wholly there or not at all, and never a meta without its blob.
-        Every blob is held (flock) from its check to its index row, so a
-        concurrent :meth:`delete` of the same content happens wholly before or
-        wholly after; blobs are taken in the order of their ids, so two groups
-        sharing content never wait for each other in a circle.
-
-        Returns:
-            For each upload, in order: whether its blob is new, and the meta now stored for it.
-        """
-        firsts: dict[str, tuple[StagedBlob, dict[str, Any]]] = {}
-        for staged, new_meta in uploads:
-            firsts.setdefault(staged.hex, (staged, new_meta))
-        try:
-            with disk.translated('storing a blob'), contextlib.ExitStack() as held:
-                outcome = self._commit_group(sorted(firsts.items()), held)
-        finally:
-            for staged, _ in uploads:
-                staged.discard()
-        # NOTE: content given again later in the same group was stored by its first upload.
-        return [
-            outcome[staged.hex] if firsts[staged.hex][0] is staged else Committed(False, outcome[staged.hex].meta)
-            for staged, _ in uploads
-        ]
-
-    def _commit_group(
-        self, uploads: list[tuple[str, tuple[StagedBlob, dict[str, Any]]]], held: contextlib.ExitStack
-    ) -> dict[str, Committed]:
-        """:meth:`commit_all` for distinct contents sorted by id; locks and temp files go on ``held``."""
-        stored: dict[str, dict[str, Any] | None] = {}
-        new: list[tuple[str, StagedBlob, bool]] = []  # (hex, staged, replacing a damaged blob)
-        for hex_digest, (staged, _) in uploads:
-            fd = disk.lock_file(self.layout.blob(hex_digest), fcntl.LOCK_SH)
-            if fd is None:
-                new.append((hex_digest, staged, False))
-                continue
-            held.callback(os.close, fd)
-            if os.fstat(fd).st_size == staged.size:
-                # PERF: already stored; a copy about to be discarded needs no flush.
-                stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
-            else:
-                # NOTE: a blob of the wrong size under this name was damaged by something
-                # outside ISS (the seed wrote in place, without sync); the staged bytes
-                # are verified, so they take its place atomically.
-                log.warning('replacing damaged blob %s', self.layout.blob(hex_digest))
-                new.append((hex_digest, staged, True))
-        metas = {hex_digest: new_meta for hex_digest, (_, new_meta) in uploads}
-        # NOTE: a meta is readied for every blob that may need one, so one flush covers its bytes.
-        meta_temps = {
-            hex_digest: self._meta_temp(metas[hex_digest], held)
-            for hex_digest, _ in uploads
-            if hex_digest not in stored or stored[hex_digest] is None
-        }
-        if meta_temps:
-            self.layout.flush()  # the staged bytes and the metas' bytes
-        for hex_digest, staged, replace in new:
-            # NOTE: once linked, the staged file's own exclusive flock holds the blob.
-            if not self._link_blob(hex_digest, staged, replace, held):
-                stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
-        if new:
-            self.layout.flush()  # the blobs' names: before any meta's, never a meta without its blob
-        created = {hex_digest for hex_digest, _, _ in new} - stored.keys()
-        linked_metas = False
-        for hex_digest, temp_path in meta_temps.items():
-            if hex_digest in created or stored[hex_digest] is None:
-                if disk.link(temp_path, self.layout.meta_file(hex_digest)):
-                    stored[hex_digest], linked_metas = metas[hex_digest], True
-                else:  # NOTE: another writer's meta got there first; it stays
-                    stored[hex_digest] = self.read_meta('sha256:' + hex_digest) or metas[hex_digest]
-        if linked_metas:
-            self.layout.flush()  # the metas' names
-        now = time.time()
-        self.index.put_missing(
-            [index.row_for(hex_digest, stored[hex_digest], now, staged.size) for hex_digest, (staged, _) in uploads]
-        )
-        return {hex_digest: Committed(hex_digest in created, stored[hex_digest]) for hex_digest, _ in uploads}
-
-    def _meta_temp(self, new_meta: dict[str, Any], held: contextlib.ExitStack) -> str:
-        """A temp file holding ``new_meta``, removed when ``held`` closes; its path."""
-        fd, temp_path = self.layout.new_temp()
-        held.callback(disk.remove_temp, fd, temp_path)
-        disk.write_all(fd, meta.encode(new_meta))
-        return temp_path
-
-    def _link_blob(self, hex_digest: str, staged: StagedBlob, replace: bool, held: contextlib.ExitStack) -> bool:
-        """Give the staged bytes the blob's name; False when another upload did first (then theirs is held)."""
-        final_path = self.layout.blob(hex_digest)
-        while not disk.link(staged.path, final_path, replace=replace):
-            fd = disk.lock_file(final_path, fcntl.LOCK_SH)
-            if fd is not None:  # NOTE: None: deleted meanwhile; link ours after all
-                held.callback(os.close, fd)
-                return False
-        return True
-
-    def write_meta(self, hex_digest: str, meta_doc: dict[str, Any], *, replace: bool = False) -> dict[str, Any]:
-        """Write a blob's meta (unless another writer got there first); return what is stored."""
-        with disk.translated('writing metadata'):
-            placed, _ = disk.write_atomically(
-                self.layout, self.layout.meta_file(hex_digest), disk.write_bytes(meta.encode(meta_doc)), replace=replace
-            )
-        return meta_doc if placed else self.read_meta('sha256:' + hex_digest) or meta_doc
-
-    def delete(self, blob_id: str) -> None:
-        """Remove a blob, its meta, its index row and its derivatives.
-
-        A reader that opened the blob before keeps reading the whole of it; one
-        that comes after gets :class:`BlobNotFound`. The blob is held (flock)
-        throughout, and its meta and row go before its bytes: a commit of the
-        same content waits, then stores it anew with its own meta.
-        A crash part way leaves the blob without meta or row, which ``fsck``
-        reports (the client was not told the delete succeeded).
-        """
-        hex_digest = parse_id(blob_id)
-        with disk.translated('deleting a blob'), disk.hold(self.layout, hex_digest, fcntl.LOCK_EX):
-            disk.unlink_durably(self.layout, self.layout.meta_file(hex_digest))
-            self.index.remove(hex_digest)
-            self.derived.remove(hex_digest)
-            disk.unlink_durably(self.layout, self.layout.blob(hex_digest))
-
-    def complete_meta(self, blob_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """Add to a blob's meta the ``fields`` it lacks, never changing a key it has; return it.
-
-        For meta written by the FastAPI version, which knew less. The file is
-        replaced atomically (a reader sees the old or the new one) and the
-        index row follows.
-
-        Raises:
-            BlobNotFound: the blob is not stored (or was deleted meanwhile).
-        """
-        hex_digest = parse_id(blob_id)
-        with disk.translated('completing metadata'), disk.hold(self.layout, hex_digest) as blob:
-            stored = self.read_meta(blob_id) or {}
-            missing = {key: value for key, value in fields.items() if key not in stored}
-            if not missing:
-                return stored
-            stored = self.write_meta(hex_digest, {**stored, **missing}, replace=True)
-            self.index.put(self.index_row(hex_digest, os.fstat(blob)))
-        return stored
-
-    # -- reading -------------------------------------------------------------
-
-    def open(self, blob_id: str) -> OpenBlob:
-        """Open a stored blob for reading.
-
-        Raises:
-            BlobNotFound: nothing is stored under ``blob_id``.
-            StoreUnavailable: the blob exists but cannot be read.
-        """
-        path = self.layout.blob(parse_id(blob_id))
-        try:
-            file = open(path, 'rb')  # noqa: SIM115 - the caller owns and closes it
-        except FileNotFoundError:
-            raise BlobNotFound(blob_id) from None
-        except OSError as exc:
-            raise disk.store_error(exc, 'opening a blob') from exc
-        return OpenBlob(file, BlobStat.of(os.fstat(file.fileno())))
-
-    def stat(self, blob_id: str) -> BlobStat:
-        """Return a stored blob's size and version (raises like :meth:`open`)."""
-        path = self.layout.blob(parse_id(blob_id))
-        try:
-            return BlobStat.of(os.stat(path))
-        except FileNotFoundError:
-            raise BlobNotFound(blob_id) from None
-        except OSError as exc:
-            raise disk.store_error(exc, 'reading a blob') from exc
-
-    def proxy_path(self, blob_id: str) -> str:
-        """Where a blob lives below ``blobs/`` (``ab/cd/<hex>``), for a proxy to serve it."""
-        hex_digest = parse_id(blob_id)
-        return f'{hex_digest[0:2]}/{hex_digest[2:4]}/{hex_digest}'
-
-    def read_meta(self, blob_id: str) -> dict[str, Any] | None:
-        """Return a blob's stored metadata, or None when it has none (or it is unreadable)."""
-        path = self.layout.meta_file(parse_id(blob_id))
-        try:
-            with open(path, 'rb') as file:
-                stored = json.load(file)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            log.warning('ignoring unreadable metadata %s: %s', path, exc)
-            return None
-        return stored if isinstance(stored, dict) else None
-
-    def missing(self, blob_ids: list[str]) -> list[str]:
-        """Return the ids in ``blob_ids`` that name no stored blob, in order, once each."""
-        paths = {blob_id: self.layout.blob(parse_id(blob_id)) for blob_id in blob_ids}
-        return [blob_id for blob_id, path in paths.items() if not os.path.exists(path)]
-
-    def is_stored(self, hex_digest: str) -> bool:
-        return os.path.exists(self.layout.blob(hex_digest))
-
     # -- housekeeping --------------------------------------------------------
 
     def check(self) -> dict[str, Any]:
-        """Prove the data directory is usable by writing to it; return free space.
+        """Prove the backend and the node's scratch take writes, and the index answers; return free space.
+
+        ``free_bytes`` is the node's room for uploads in flight (on a file store, the store's room).
 
         Raises:
             StoreFull: not even a byte can be written.
-            StoreUnavailable: the directory is gone, read-only or failing.
+            StoreUnavailable: the backend, the directory or the index is gone, read-only or failing.
         """
-        for directory in (self.layout.blobs, self.layout.meta):
-            if not os.path.isdir(directory):
-                raise StoreUnavailable(f'{directory} is missing')
+        self._driver.check()
         with disk.translated('writing to the data directory'):
             fd, path = self.layout.new_temp()
             try:
@@ -490,32 +567,80 @@ class FileStore(Listings):
         """Remove temp files left by dead processes (see :func:`sweep_temp`)."""
         return sweep_temp(self.layout, dry_run=dry_run)
 
-    # -- the index -------------------------------------------------------------
+    def abandoned_writes(self, age: float, *, dry_run: bool = False) -> dict[str, int]:
+        """Remove the driver's writes begun more than ``age`` seconds ago and never committed; how many, by kind."""
+        return self._driver.abandoned(age, dry_run=dry_run)
+
+    def has_meta(self, hex_digest: str) -> bool:
+        """Whether a meta is stored for the blob, readable or not."""
+        try:
+            self._driver.stat(meta_key(hex_digest))
+        except KeyNotFound:
+            return False
+        return True
+
+    def remove_meta(self, hex_digest: str) -> bool:
+        """Remove the meta of a blob that is not stored (gc)."""
+        return self._driver.remove(meta_key(hex_digest))
+
+    def remove_node_orphans(self, *, dry_run: bool = False) -> int:
+        """Remove this node's derivatives and copies of blobs no longer stored, then keep the caches' bounds."""
+        removed = 0
+        for cache in (self.derived, self._copies):
+            if cache is not None:
+                removed += cache.remove_orphans(self.is_stored, dry_run=dry_run)
+                if not dry_run:
+                    removed += cache.evict(cache.max_bytes)[0]
+        return removed
+
+    # -- the index and the operator's walks -----------------------------------
 
     @property
     def index_complete(self) -> bool:
         return self.index.complete
 
-    def reindex(self, *, only_if_incomplete: bool = False) -> dict[str, int]:
-        """Rebuild the index from the files, which stay the truth; safe while ISS runs.
+    def walk(self, top: str) -> Iterator[tuple[str | None, str, Stat]]:
+        """Every object under ``top/`` (``blobs``, ``meta``): its blob's hex (None: a stray), where it is, its stat."""
+        for key, stat in self._driver.walk(top + '/'):
+            yield hex_of(top, key), self._driver.location(key), stat
 
-        One rebuild runs at a time (an flock on ``index.lock``); with
+    def stored_blobs(self) -> Iterator[tuple[str, int]]:
+        """Every stored blob: its hex and size."""
+        for hex_digest, _, stat in self.walk('blobs'):
+            if hex_digest is not None:
+                yield hex_digest, stat.size
+
+    def metas(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every stored blob's id and meta (blobs without readable meta are left out)."""
+        for hex_digest, _, _ in self.walk('meta'):
+            if hex_digest is not None and (stored := self.read_meta('sha256:' + hex_digest)) is not None:
+                yield 'sha256:' + hex_digest, stored
+
+    def index_row(self, hex_digest: str, stat: Stat) -> index.Row:
+        """The row the index should have for a stored blob."""
+        return index.row_for(hex_digest, self.read_meta('sha256:' + hex_digest), stat.modified, stat.size)
+
+    def reindex(self, *, only_if_incomplete: bool = False) -> dict[str, int]:
+        """Rebuild the index from the blobs, which stay the truth; safe while ISS runs.
+
+        One rebuild runs at a time on a node (an flock on ``index.lock``); with
         ``only_if_incomplete``, one that finds the index complete returns at once.
 
         Returns:
             ``blobs`` seen, rows ``changed`` (added or corrected), stale rows ``removed``.
         """
+        os.makedirs(self.root, exist_ok=True)
         with open(self.layout.lock_file('index'), 'a') as lock, self.index.session():
             fcntl.flock(lock, fcntl.LOCK_EX)
             if only_if_incomplete and self.index_complete:
                 return {}
             counts = {'blobs': 0, 'changed': 0, 'removed': 0}
             self.index.start_rebuild()
-            batch: list[str] = []
-            for hex_digest, _ in self.layout.blob_files():
+            batch: list[tuple[str, Stat]] = []
+            for hex_digest, _, stat in self.walk('blobs'):
                 if hex_digest is not None:
-                    batch.append(hex_digest)
-                if len(batch) == self._REINDEX_BATCH:
+                    batch.append((hex_digest, stat))
+                if len(batch) == _REINDEX_BATCH:
                     self._reindex_batch(batch, counts)
                     batch = []
             self._reindex_batch(batch, counts)
@@ -525,39 +650,152 @@ class FileStore(Listings):
             self.index.mark_complete()
         return counts
 
-    def _reindex_batch(self, batch: list[str], counts: dict[str, int]) -> None:
+    def _reindex_batch(self, batch: list[tuple[str, Stat]], counts: dict[str, int]) -> None:
         # NOTE: a blob held by a commit or delete is not waited for inside the
         # transaction (that commit may be waiting for the index): it is done after.
-        held: list[str] = []
+        busy: list[tuple[str, Stat]] = []
         with self.index.transaction():
-            for hex_digest in batch:
+            for hex_digest, stat in batch:
                 try:
-                    self._reindex_one(hex_digest, fcntl.LOCK_SH | fcntl.LOCK_NB, counts)
-                except BlockingIOError:
-                    held.append(hex_digest)
-        for hex_digest in held:
-            self._reindex_one(hex_digest, fcntl.LOCK_SH, counts)
+                    self._reindex_one(hex_digest, stat, counts, wait=False)
+                except Busy:
+                    busy.append((hex_digest, stat))
+        for hex_digest, stat in busy:
+            self._reindex_one(hex_digest, stat, counts, wait=True)
 
-    def _reindex_one(self, hex_digest: str, lock: int, counts: dict[str, int]) -> None:
-        with contextlib.suppress(BlobNotFound), disk.hold(self.layout, hex_digest, lock) as fd:
-            row = self.index_row(hex_digest, os.fstat(fd))
+    def _reindex_one(self, hex_digest: str, walked: Stat, counts: dict[str, int], *, wait: bool) -> None:
+        with contextlib.suppress(KeyNotFound), self._driver.group() as group:
+            row = self.index_row(hex_digest, group.hold(blob_key(hex_digest), wait=wait) or walked)
             counts['blobs'] += 1
             counts['changed'] += self.index.put(row)
             self.index.saw(hex_digest)
 
-    def stored_blobs(self) -> Iterator[tuple[str, int]]:
-        """Every blob in the data directory: its hex and size."""
-        for hex_digest, entry in self.layout.blob_files():
-            if hex_digest is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    yield hex_digest, entry.stat().st_size
 
-    def index_row(self, hex_digest: str, stat: os.stat_result) -> index.Row:
-        """The row the index should have for a stored blob."""
-        return index.row_for(hex_digest, self.read_meta('sha256:' + hex_digest), stat.st_mtime, stat.st_size)
+class FileStore(BlobStore):
+    """The store on a data directory: :class:`BlobStore` over a :class:`drivers.file.FileDriver`.
+
+    Args:
+        root: The data directory. Its subdirectories are created when
+            missing; if that fails the store still starts, and :meth:`check`
+            (the health endpoint) says what is wrong.
+        index: The index of its blobs (``index.open_index``: the SQLite file
+            ``index.sqlite3`` in the data directory, or a shared PostgreSQL).
+        derived_max_bytes: The bound of the derivative cache.
+    """
+
+    def __init__(self, root: str, index: index.Index, derived_max_bytes: int = 1024**3) -> None:
+        layout = disk.Layout(root)
+        super().__init__(FileDriver(layout, ('blobs', 'meta')), index, layout, derived_max_bytes=derived_max_bytes)
 
 
-def index_in_background(store: FileStore | Any, where: str) -> None:
+def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
+    """The store the settings name (``ISS_STORE``, ``ISS_INDEX``), not yet started: the one place that chooses.
+
+    The index is made here and handed to the store: a file store on its own
+    disk or an S3 bucket, with SQLite beside the data or a shared PostgreSQL.
+
+    Args:
+        existing: the store must be there already (an operator's command never
+            makes an empty one of a mistyped directory): ConfigError otherwise.
+    """
+    if settings.store == 'file':
+        if existing and not os.path.isdir(settings.data_dir):
+            raise ConfigError(f'{settings.data_dir} is not a directory (set ISS_DATA or --data)')
+        store_index = index.open_index(settings.index, settings.data_dir)
+        return FileStore(settings.data_dir, store_index, derived_max_bytes=settings.derived_max_bytes)
+    from iss_server.drivers.s3 import S3Driver  # NOTE: only an S3 store needs boto3
+
+    store_index = index.open_index(settings.index, settings.data_dir)
+    driver = S3Driver(
+        settings.s3_bucket,
+        settings.s3_prefix,
+        endpoint=settings.s3_endpoint,
+        region=settings.s3_region,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+    )
+    scratch = disk.Layout(settings.data_dir)
+    return BlobStore(driver, store_index, scratch, derived_max_bytes=settings.derived_max_bytes, node_copies=True)
+
+
+def _quarantined(hex_digest: str, suffix: str = '') -> str:
+    return f'quarantine/{hex_digest}{suffix}.{time.strftime("%Y%m%dT%H%M%S")}'
+
+
+class _VerifiedReader:
+    """A blob being read from a remote backend, file-like (``read``, ``readinto``, ``seek``, ``close``).
+
+    Read from its first byte to its last, the bytes are hashed as they pass, and
+    the last read raises :class:`errors.CorruptBlob` (after quarantining the
+    blob) instead of returning when they do not hash to the name: a proxy or
+    client never receives a complete wrong blob. A ``seek`` (a Range request)
+    re-opens the object at that byte; what a range serves cannot be verified
+    alone, and ``fsck`` re-hashes every blob.
+    """
+
+    def __init__(self, store: BlobStore, hex_digest: str, body: IO[bytes], stat: Stat) -> None:
+        self._store = store
+        self._hex = hex_digest
+        self._body = body
+        self.stat = BlobStat(stat.size, stat.version)
+        self._position = 0
+        self._sha256: Any = hashlib.sha256()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET:
+            raise OSError('only absolute seeks')
+        # NOTE: a part of the blob cannot be checked against its name.
+        self._sha256 = None
+        if offset != self._position:
+            self._body.close()
+            try:
+                self._body = self._store._driver.open(blob_key(self._hex), offset)[0]
+            except KeyNotFound:
+                raise BlobNotFound('sha256:' + self._hex) from None
+            self._position = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            chunks = []
+            while chunk := self.read(_READ_BYTES):
+                chunks.append(chunk)
+            return b''.join(chunks)
+        data = self._body.read(size)
+        self._position += len(data)
+        if self._sha256 is not None:
+            self._sha256.update(data)
+            if self._position >= self.stat.size or not data:
+                self._verify()
+        return data
+
+    def readinto(self, buffer: memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _verify(self) -> None:
+        actual, self._sha256 = self._sha256.hexdigest(), None
+        if self._position != self.stat.size:
+            raise StoreUnavailable(f'sha256:{self._hex}: the backend sent {self._position} of {self.stat.size} bytes')
+        if actual != self._hex:
+            self._store.quarantine(self._hex, f'its {self._position} bytes hash to {actual}')
+            raise CorruptBlob(f'sha256:{self._hex}: the backend answered bytes that hash to {actual}')
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> _VerifiedReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def index_in_background(store: BlobStore, where: str) -> None:
     """Build a store's incomplete index in a thread: listings answer 503 until it is done.
 
     Every worker starts one; the first does the work and the others find it done

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import storage
-from iss_server import backends, doors, images, index, maintenance, meta, signing
+from iss_server import doors, images, index, maintenance, meta, signing
 from iss_server.blobs import parse_id
 from iss_server.config import ConfigError, Settings
 from iss_server.errors import BlobNotFound, CorruptBlob, ServiceError
@@ -89,7 +89,7 @@ def _describe_unknown_blob(file: IO[bytes], stat: os.stat_result) -> dict[str, A
 def backfill(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
     """Complete the meta of every image written by the FastAPI version (format, mode, EXIF, ...)."""
     result: dict[str, Any] = {'images': 0, 'completed': 0, 'failed': []}
-    for blob_id, stored in maintenance.metas(store):
+    for blob_id, stored in store.metas():
         if stored.get('kind') != 'image':
             continue
         result['images'] += 1
@@ -120,7 +120,7 @@ def migrate(store: storage.BlobStore, args: argparse.Namespace, progress: Progre
     streams, and committed only when it hashes to its name: one that does not is
     reported as corrupt and not copied. The target's index gets a row per blob.
     """
-    target = backends.open_store(_target_settings(args))
+    target = storage.open_store(_target_settings(args))
     result: dict[str, Any] = {'to': args.to, 'blobs': 0, 'copied': 0, 'present': 0, 'bytes': 0, 'failed': []}
     blobs = list(store.stored_blobs())
     total_bytes = sum(size for _, size in blobs)
@@ -306,9 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.settings = Settings.from_env()
         if args.data:
             args.settings = dataclasses.replace(args.settings, data_dir=args.data)
-        if args.settings.store == 'file' and not os.path.isdir(args.settings.data_dir):
-            raise UsageError(f'{args.settings.data_dir} is not a directory (set ISS_DATA or --data)')
-        store = backends.open_store(args.settings)
+        store = storage.open_store(args.settings, existing=True)
         progress = Progress(args.progress or (sys.stderr.isatty() and not args.json))
         status, result = args.function(store, args, progress)
     except (UsageError, ConfigError, ServiceError) as exc:

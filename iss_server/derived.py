@@ -21,7 +21,11 @@ from iss_server.blobs import BlobStat, OpenBlob
 
 
 class DerivedCache:
-    """The derivatives of a :class:`storage.FileStore`'s blobs, at most ``max_bytes`` of them."""
+    """Files made from a store's blobs on this node, at most ``max_bytes`` of them, under ``top/``.
+
+    ``derived/`` holds the derivatives; a store on a remote backend keeps its
+    verified copies of small blobs in a second cache, ``copies/``.
+    """
 
     # NOTE: each worker counts its own renders and measures the cache (a walk of derived/)
     # when that count says it is full, and every this many renders to see the others' too.
@@ -31,20 +35,26 @@ class DerivedCache:
         self,
         layout: disk.Layout,
         max_bytes: int,
-        hold: Callable[[str], contextlib.AbstractContextManager[object]] | None = None,
+        hold: Callable[[str], contextlib.AbstractContextManager[object]],
+        top: str = 'derived',
     ) -> None:
         self._layout = layout
+        self._top = os.path.join(layout.root, top)
+        self._lock = layout.lock_file(top)
         self.max_bytes = max_bytes
         # NOTE: held while a rendered derivative gets its name, so that a delete of the blob
-        # (which holds it too) removes it; by default the file store's flock of the blob.
-        self._hold = hold or (lambda hex_digest: disk.hold(layout, hex_digest))
+        # (which holds it too) removes it (BlobNotFound when it was deleted meanwhile).
+        self._hold = hold
         # NOTE: bytes under derived/ as last measured, plus what this process wrote since.
         self._bytes: int | None = None
         self._writes = 0
 
+    def _dir(self, hex_digest: str) -> str:
+        return os.path.join(self._top, hex_digest[0:2], hex_digest[2:4], hex_digest)
+
     def open(self, hex_digest: str, name: str) -> OpenBlob | None:
         """Open a cached derivative, or None when it is not cached."""
-        path = os.path.join(self._layout.derived_dir(hex_digest), name)
+        path = os.path.join(self._dir(hex_digest), name)
         try:
             file = open(path, 'rb')  # noqa: SIM115 - the caller owns and closes it
         except FileNotFoundError:
@@ -70,7 +80,7 @@ class DerivedCache:
             with open(fd, 'wb', closefd=False) as temp:
                 write(temp)
 
-        path = os.path.join(self._layout.derived_dir(hex_digest), name)
+        path = os.path.join(self._dir(hex_digest), name)
         with disk.translated('storing a derivative'):
             # NOTE: rendered before the blob is held, so a delete never waits for a render;
             # served from the kept descriptor, as eviction below may remove the name already.
@@ -91,14 +101,14 @@ class DerivedCache:
         Returns how many files went, and the bytes that remain. NOTE: one worker
         at a time (an flock); one that finds another evicting skips, (0, None).
         """
-        os.makedirs(self._layout.derived, exist_ok=True)
-        with open(self._layout.lock_file('derived'), 'a') as lock:
+        os.makedirs(self._top, exist_ok=True)
+        with open(self._lock, 'a') as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return 0, None
             files = []
-            for entry in disk.files_below(self._layout.derived):
+            for entry in disk.files_below(self._top):
                 with contextlib.suppress(FileNotFoundError):
                     stat = entry.stat(follow_symlinks=False)
                     files.append((stat.st_mtime_ns, stat.st_size, entry.path))
@@ -116,12 +126,12 @@ class DerivedCache:
 
     def remove(self, hex_digest: str) -> None:
         """Remove every derivative of a blob (it is being deleted or quarantined)."""
-        shutil.rmtree(self._layout.derived_dir(hex_digest), ignore_errors=True)
+        shutil.rmtree(self._dir(hex_digest), ignore_errors=True)
 
     def remove_orphans(self, is_stored: Callable[[str], bool], *, dry_run: bool = False) -> int:
         """Remove the derivatives of blobs no longer stored; return how many files went (or would)."""
         removed = 0
-        for entry in disk.files_below(self._layout.derived):
+        for entry in disk.files_below(self._top):
             hex_digest = os.path.basename(os.path.dirname(entry.path))
             if not is_stored(hex_digest):
                 removed += 1

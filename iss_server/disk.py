@@ -1,18 +1,21 @@
-"""The data directory on disk: where each file lives, and the few ways ISS writes one.
+"""The node's directory on disk (``ISS_DATA``), and the few ways ISS writes a file durably.
 
 Layout under the data directory (the seed version's, unchanged)::
 
-    blobs/ab/cd/<hex>             the bytes, named by their sha256
+    blobs/ab/cd/<hex>             the bytes, named by their sha256 (a file store's)
     meta/ab/cd/<hex>.json         what is known about them (kind, bytes, mime, ...)
-    derived/ab/cd/<hex>/<name>    cached derivatives (thumbnails, conversions)
-    tmp/                          writes in flight; never visible anywhere else
     quarantine/                   what fsck --repair moved aside
+    derived/ab/cd/<hex>/<name>    this node's cached derivatives (thumbnails, conversions)
+    copies/ab/cd/<hex>/blob       this node's verified copies of a bucket's small blobs
+    tmp/                          this node's writes in flight; never visible anywhere else
 
-Every durable write is :func:`write_atomically`: a private, locked temp file
-under ``tmp/``, flushed, then linked (never replacing) or renamed (replacing)
-into place and flushed again, the temp name removed on every path. Every
-operation on a stored blob that must not overlap a delete holds the blob's
-flock through :func:`hold`.
+The first three are the file driver's (``drivers/file.py``; on S3 they are
+keys in the bucket); the last three are the node's scratch. A durable write of
+a file is a private, locked temp file under ``tmp/``, flushed, then linked
+(never replacing) or renamed (replacing) into place and flushed again, the
+temp name removed on every path (:func:`write_atomically`, and a store's
+commit, which does the same for a group). Every operation on a stored blob
+that must not overlap a delete holds the blob's flock (:func:`lock_file`).
 
 Flushes are group commits (:class:`Flusher`): one ``syncfs`` of the data
 directory's file system makes durable what every waiting writer wrote, so
@@ -26,16 +29,13 @@ import errno
 import fcntl
 import hashlib
 import os
-import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from iss_server import syscalls
-from iss_server.errors import BlobNotFound, StoreFull, StoreUnavailable
-
-_HEX_PATTERN = re.compile(r'[0-9a-f]{64}')
+from iss_server.errors import StoreFull, StoreUnavailable
 
 # NOTE: errors that say the disk, not the request, is the problem.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -48,38 +48,15 @@ class Layout:
         self.root = os.path.abspath(root)
         #: Make everything written so far under the data directory durable (see :class:`Flusher`).
         self.flush = Flusher(self.root)
-        self.blobs = os.path.join(self.root, 'blobs')
-        self.meta = os.path.join(self.root, 'meta')
         self.tmp = os.path.join(self.root, 'tmp')
-        self.derived = os.path.join(self.root, 'derived')
-        self.quarantine = os.path.join(self.root, 'quarantine')
 
     def blob(self, hex_digest: str) -> str:
-        return os.path.join(self.blobs, hex_digest[0:2], hex_digest[2:4], hex_digest)
-
-    def meta_file(self, hex_digest: str) -> str:
-        return os.path.join(self.meta, hex_digest[0:2], hex_digest[2:4], hex_digest + '.json')
-
-    def derived_dir(self, hex_digest: str) -> str:
-        return os.path.join(self.derived, hex_digest[0:2], hex_digest[2:4], hex_digest)
+        """Where a file driver on this directory keeps a blob (``storage.blob_key``)."""
+        return os.path.join(self.root, 'blobs', hex_digest[0:2], hex_digest[2:4], hex_digest)
 
     def lock_file(self, name: str) -> str:
         """A file whose flock serialises one kind of housekeeping (``index``, ``derived``)."""
         return os.path.join(self.root, f'{name}.lock')
-
-    def blob_files(self) -> Iterator[tuple[str | None, os.DirEntry]]:
-        """Every file under blobs/, with its id's hex, or None for a file that is no blob."""
-        for entry in files_below(self.blobs):
-            name = entry.name
-            valid = _HEX_PATTERN.fullmatch(name) is not None and entry.path == self.blob(name)
-            yield (name if valid else None), entry
-
-    def meta_files(self) -> Iterator[tuple[str | None, os.DirEntry]]:
-        """Every file under meta/, with its blob's hex, or None for a file that is no meta."""
-        for entry in files_below(self.meta):
-            name = entry.name.removesuffix('.json')
-            valid = _HEX_PATTERN.fullmatch(name) is not None and entry.path == self.meta_file(name)
-            yield (name if valid else None), entry
 
     def new_temp(self) -> tuple[int, str]:
         """Create a locked temp file under tmp/ and return (fd, path).
@@ -197,25 +174,6 @@ def write_bytes(data: bytes) -> Callable[[int], None]:
     return lambda fd: write_all(fd, data)
 
 
-@contextlib.contextmanager
-def hold(layout: Layout, hex_digest: str, operation: int = fcntl.LOCK_SH) -> Iterator[int]:
-    """Hold a stored blob's flock for the block; yield its open fd.
-
-    Shared for readers of its meta (commit, completing meta, caching a
-    derivative), exclusive for a delete or quarantine, so those never overlap.
-
-    Raises:
-        BlobNotFound: it is not stored (or was deleted while we waited).
-    """
-    fd = lock_file(layout.blob(hex_digest), operation)
-    if fd is None:
-        raise BlobNotFound('sha256:' + hex_digest)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def lock_file(path: str, operation: int) -> int | None:
     """Open ``path`` and flock it; None when it is absent, or was removed or replaced meanwhile.
 
@@ -266,15 +224,6 @@ def files_below(top: str) -> Iterator[os.DirEntry]:
                 yield from files_below(entry.path)
             else:
                 yield entry
-
-
-def hash_file(path: str) -> tuple[str, int] | None:
-    """The sha256 hex and size of a file's bytes; None when it is gone."""
-    try:
-        with open(path, 'rb', buffering=0) as file:
-            return hash_stream(file)
-    except FileNotFoundError:
-        return None
 
 
 def hash_stream(stream: Any) -> tuple[str, int]:

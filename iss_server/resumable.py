@@ -226,7 +226,7 @@ class Sessions:
     # NOTE: how often (at most) creating a session also sweeps the expired ones.
     _SWEEP_EVERY_SECONDS = 60.0
 
-    def __init__(self, store: storage.FileStore, expires_seconds: int) -> None:
+    def __init__(self, store: storage.BlobStore, expires_seconds: int) -> None:
         self._layout = store.layout
         self.directory = os.path.join(store.layout.tmp, 'uploads')
         self.expires_seconds = expires_seconds

@@ -1,0 +1,474 @@
+"""The driver on an S3 bucket (boto3): each key an object under an optional prefix.
+
+Every put is conditional and checked: ``If-None-Match: *`` (an object is never
+overwritten; 412 means another writer stored it first) and
+``x-amz-checksum-sha256`` (the service refuses bytes that do not hash to the
+checksum: a blob's own name). Up to :data:`_SINGLE_PUT_BYTES` one PutObject;
+larger objects a multipart upload, each part with its own checksum, the parts
+re-hashed in order on the way out and completed only when they hash to the
+checksum. Parts are invisible until completion; a failure aborts the upload,
+and one left by a killed node is aborted by ``gc`` (:meth:`S3Driver.abandoned`)
+or the bucket's lifecycle rule. Every S3 or network failure becomes
+:class:`errors.BucketUnavailable` (503, ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import hashlib
+import mimetypes
+import os
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import urllib3.exceptions
+
+from iss_server.drivers import KeyNotFound, Source, Stat
+from iss_server.errors import BucketUnavailable, CorruptBlob
+
+# PERF: one request up to this size (a request costs ~2-5 ms against SeaweedFS on loopback);
+# beyond it, parts go up several at a time and a failure costs one part, not the whole.
+_SINGLE_PUT_BYTES = 64 * 1024 * 1024
+_PART_BYTES = 16 * 1024 * 1024
+# NOTE: parts in flight per upload: memory stays within _PART_BYTES times this, whatever the size.
+_PARTS_IN_FLIGHT = 4
+_MAX_PARTS = 10_000
+
+# NOTE: the answers of S3 that say a condition failed, or a key is absent.
+_EXISTS = frozenset({'PreconditionFailed', '412', 'ConditionalRequestConflict', '409'})
+_ABSENT = frozenset({'NoSuchKey', '404', 'NotFound'})
+
+# NOTE: boto3 sessions are not thread-safe; clients made from one are (and are shared by threads).
+_SESSION: tuple[int, Any] | None = None
+_SESSION_LOCK = threading.Lock()
+
+
+class S3Driver:
+    """Objects in ``bucket`` under ``prefix`` (``''`` or ending in ``/``); see the module's docstring."""
+
+    verify_reads = True
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = '',
+        *,
+        endpoint: str = '',
+        region: str = 'us-east-1',
+        access_key: str = '',
+        secret_key: str = '',
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self.endpoint = endpoint
+        self._service = {
+            'endpoint_url': endpoint or None,
+            'region_name': region,
+            'aws_access_key_id': access_key or None,
+            'aws_secret_access_key': secret_key or None,
+        }
+        self._client: Any = None
+        self._client_pid = 0
+        self._client_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f's3://{self.bucket}/{self.prefix}'
+
+    @property
+    def client(self) -> Any:
+        """This process's boto3 client (thread-safe; a forked child makes its own, never sharing sockets)."""
+        if self._client_pid != os.getpid():
+            with self._client_lock:
+                if self._client_pid != os.getpid():
+                    self._client = self._new_client()
+                    self._client_pid = os.getpid()
+        return self._client
+
+    def _new_client(self) -> Any:
+        config = botocore.config.Config(
+            signature_version='s3v4',
+            s3={'addressing_style': 'path'},
+            # NOTE: a service that is down answers 503 within seconds, not after a minute of retries.
+            connect_timeout=3,
+            read_timeout=30,
+            retries={'max_attempts': 2, 'mode': 'standard'},
+            # NOTE: gunicorn's threads of a worker share the client and its pool.
+            max_pool_connections=64,
+            # PERF: ISS sends its own SHA-256 checksums; boto's default CRC32 of every body
+            # would hash each upload a second time.
+            request_checksum_calculation='when_required',
+            response_checksum_validation='when_required',
+        )
+        with _SESSION_LOCK:
+            # PERF: one session per process: each new one reloads the S3 service model (~0.3 s).
+            global _SESSION
+            if _SESSION is None or _SESSION[0] != os.getpid():
+                _SESSION = (os.getpid(), boto3.session.Session())
+            session = _SESSION[1]
+        client = session.client('s3', config=config, **self._service)
+        for operation in ('PutObject', 'UploadPart'):
+            client.meta.events.register(f'before-sign.s3.{operation}', _payload_hash_from_checksum)
+        return client
+
+    # -- writing -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[_S3Group]:
+        yield _S3Group(self)
+
+    def writer(self, key: str, sha256: str) -> _PartsAsTheyArrive:
+        """Parts of a multipart upload sent while the bytes arrive: receiving and sending overlap."""
+        return _PartsAsTheyArrive(self, key, sha256)
+
+    def put(self, source: Source, key: str, *, replace: bool = False) -> bool:
+        """Upload ``source`` under ``key`` unless an object is there (``replace``: anyway); True when stored."""
+        if source.size > _SINGLE_PUT_BYTES:
+            return self._put_multipart(source, key)
+        condition = {} if replace else {'IfNoneMatch': '*'}
+        content_type = mimetypes.guess_type(key)[0] or 'binary/octet-stream'
+        with open(source.path, 'rb') as body:
+            return self._put_object(key, body, source.size, source.sha256, ContentType=content_type, **condition)
+
+    def _put_object(self, key: str, body: Any, size: int, sha256: str, **params: Any) -> bool:
+        with _translated('storing an object'):
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self.prefix + key,
+                    Body=body,
+                    ContentLength=size,
+                    ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode(),
+                    Metadata={'iss-copy': uuid.uuid4().hex},
+                    **params,
+                )
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) in _EXISTS:
+                    return False
+                raise
+        return True
+
+    def _put_multipart(self, source: Source, key: str) -> bool:
+        """Send a spooled file up in parts, read in order; complete it only if they hash to its checksum."""
+        parts = _Parts(self, key, max(_PART_BYTES, -(-source.size // _MAX_PARTS)))
+        whole = hashlib.sha256()
+        try:
+            for offset in range(0, source.size, parts.part_bytes):
+                with _translated('reading a staged upload'):
+                    data = os.pread(source.fileno(), parts.part_bytes, offset)
+                whole.update(data)
+                parts.send(data)
+            if whole.hexdigest() != source.sha256:
+                # NOTE: the spooled file changed under us (a failing disk): never completed.
+                raise CorruptBlob(f'the spooled bytes of {key} changed before they reached the bucket')
+        except BaseException:
+            parts.abort()
+            raise
+        return parts.complete()
+
+    # -- reading -------------------------------------------------------------
+
+    def _get(self, key: str, doing: str, **params: Any) -> dict[str, Any]:
+        with _translated(doing):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key, **params)
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) in _ABSENT:
+                    raise KeyNotFound(key) from None
+                raise
+
+    def read(self, key: str) -> bytes:
+        body = self._get(key, 'reading an object')['Body']
+        with contextlib.closing(body), _translated('reading an object'):
+            return body.read()
+
+    def open(self, key: str, offset: int = 0) -> tuple[IO[bytes], Stat]:
+        answer = self._get(key, 'reading an object', **({'Range': f'bytes={offset}-'} if offset else {}))
+        stat = _stat_of(answer)
+        if offset:  # NOTE: a range's ContentLength is the range's
+            stat = Stat(offset + stat.size, stat.version, stat.modified)
+        return _Body(answer['Body']), stat
+
+    def stat(self, key: str) -> Stat:
+        with _translated('reading an object'):
+            try:
+                return _stat_of(self.client.head_object(Bucket=self.bucket, Key=self.prefix + key))
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) in _ABSENT:
+                    raise KeyNotFound(key) from None
+                raise
+
+    def walk(self, prefix: str) -> Iterator[tuple[str, Stat]]:
+        paginator = self.client.get_paginator('list_objects_v2')
+        with _translated('listing the bucket'):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for entry in page.get('Contents', []):
+                    stat = Stat(entry['Size'], entry['ETag'].strip('"'), entry['LastModified'].timestamp())
+                    yield entry['Key'].removeprefix(self.prefix), stat
+
+    # -- removing ------------------------------------------------------------
+
+    def move(self, key: str, target: str) -> bool:
+        with _translated('moving an object'):
+            try:
+                self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=self.prefix + target,
+                    CopySource={'Bucket': self.bucket, 'Key': self.prefix + key},
+                )
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) in _ABSENT:
+                    return False
+                raise
+        return self.remove(key)
+
+    def remove(self, key: str) -> bool:
+        """Remove an object; True (S3 answers alike whether or not it was there)."""
+        with _translated('removing an object'):
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
+        return True
+
+    def abandoned(self, age: float, *, dry_run: bool = False) -> dict[str, int]:
+        """Multipart uploads started more than ``age`` seconds ago: a node completes or aborts its own in minutes."""
+        paginator = self.client.get_paginator('list_multipart_uploads')
+        cutoff = time.time() - age
+        count = 0
+        with _translated('listing multipart uploads'):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for upload in page.get('Uploads', []):
+                    if upload['Initiated'].timestamp() < cutoff:
+                        count += 1
+                        if not dry_run:
+                            self.client.abort_multipart_upload(
+                                Bucket=self.bucket, Key=upload['Key'], UploadId=upload['UploadId']
+                            )
+        return {'multipart_uploads': count}
+
+    # -- serving -------------------------------------------------------------
+
+    def redirect_url(self, key: str, *, seconds: int, overrides: dict[str, str]) -> str:
+        """A presigned GET of the object, answering with the ``Response*`` headers of ``overrides``."""
+        params = {'Bucket': self.bucket, 'Key': self.prefix + key, **overrides}
+        with _translated('signing a URL'):
+            return self.client.generate_presigned_url('get_object', Params=params, ExpiresIn=seconds)
+
+    def proxy_path(self, key: str) -> str:
+        """A presigned URL's path and query, for nginx's internal location proxying to the service.
+
+        The location (``ISS_ACCEL_REDIRECT``, e.g. ``/_internal/s3/``) passes it on
+        as it is: ``proxy_pass http://seaweedfs:8333/;``.
+        """
+        url = urllib.parse.urlsplit(self.redirect_url(key, seconds=300, overrides={}))
+        return f'{url.path.lstrip("/")}?{url.query}'
+
+    def location(self, key: str) -> str:
+        return f's3://{self.bucket}/{self.prefix}{key}'
+
+    def check(self) -> None:
+        with _translated('reaching the bucket'):
+            self.client.head_bucket(Bucket=self.bucket)
+
+
+class _S3Group:
+    """No locks, no syncs: each put is durable, and conditional, when it returns."""
+
+    def __init__(self, driver: S3Driver) -> None:
+        self._driver = driver
+
+    def hold(self, key: str, *, exclusive: bool = False, wait: bool = True) -> None:
+        """None: a bucket has no locks (PERF: nor is it asked; the conditional put decides)."""
+        return None
+
+    def put(self, source: Source, key: str, *, replace: bool = False) -> bool:
+        return self._driver.put(source, key, replace=replace)
+
+    def sync(self) -> None:
+        pass
+
+
+class _Parts:
+    """One multipart upload: parts sent a few at a time, each with its checksum.
+
+    ``send`` waits when :data:`_PARTS_IN_FLIGHT` are in flight (memory stays within that
+    many parts); ``complete`` finishes it with ``If-None-Match: *`` (False: the object was
+    there already, and the upload is aborted); ``abort`` abandons it, whatever went up.
+    """
+
+    def __init__(self, driver: S3Driver, key: str, part_bytes: int = _PART_BYTES) -> None:
+        self._driver = driver
+        self._key = driver.prefix + key
+        self.part_bytes = part_bytes
+        self._pool = concurrent.futures.ThreadPoolExecutor(_PARTS_IN_FLIGHT, thread_name_prefix='iss-s3-part')
+        self._in_flight: list[concurrent.futures.Future] = []
+        self._parts: list[dict[str, Any]] = []
+        with _translated('starting a multipart upload'):
+            self._upload_id = driver.client.create_multipart_upload(
+                Bucket=driver.bucket, Key=self._key, ChecksumAlgorithm='SHA256', Metadata={'iss-copy': uuid.uuid4().hex}
+            )['UploadId']
+
+    def send(self, data: bytes) -> None:
+        number = len(self._parts) + len(self._in_flight) + 1
+        self._in_flight.append(self._pool.submit(self._send, number, data))
+        if len(self._in_flight) >= _PARTS_IN_FLIGHT:
+            self._parts.append(self._in_flight.pop(0).result())
+
+    def _send(self, number: int, data: bytes) -> dict[str, Any]:
+        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        with _translated('storing a part'):
+            answer = self._driver.client.upload_part(
+                Bucket=self._driver.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=data,
+                ChecksumSHA256=checksum,
+            )
+        return {'PartNumber': number, 'ETag': answer['ETag'], 'ChecksumSHA256': checksum}
+
+    def complete(self) -> bool:
+        try:
+            self._parts.extend(future.result() for future in self._in_flight)
+            self._in_flight = []
+            with _translated('completing a multipart upload'):
+                try:
+                    self._driver.client.complete_multipart_upload(
+                        Bucket=self._driver.bucket,
+                        Key=self._key,
+                        UploadId=self._upload_id,
+                        MultipartUpload={'Parts': self._parts},
+                        IfNoneMatch='*',
+                    )
+                except botocore.exceptions.ClientError as exc:
+                    if _code(exc) in _EXISTS:
+                        self.abort()
+                        return False
+                    raise
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._pool.shutdown(wait=False)
+        return True
+
+    def abort(self) -> None:
+        for future in self._in_flight:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        with contextlib.suppress(Exception):
+            self._driver.client.abort_multipart_upload(
+                Bucket=self._driver.bucket, Key=self._key, UploadId=self._upload_id
+            )
+
+
+class _PartsAsTheyArrive:
+    """A :class:`drivers.Writer`: bytes sent up while they arrive, in parts once there is more than one.
+
+    A part goes up once it is full, so the multipart upload starts only for an object
+    larger than one part; a smaller one goes up whole, in one PutObject, at :meth:`commit`.
+    """
+
+    def __init__(self, driver: S3Driver, key: str, sha256: str) -> None:
+        self._driver = driver
+        self._key = key
+        self._sha256 = sha256
+        self._buffer = bytearray()
+        self._parts: _Parts | None = None
+
+    def write(self, piece: memoryview) -> None:
+        self._buffer += piece
+        if len(self._buffer) >= _PART_BYTES:
+            if self._parts is None:
+                self._parts = _Parts(self._driver, self._key)
+            # PERF: one copy out of the buffer (a bytearray's slice would be a second)
+            self._parts.send(bytes(memoryview(self._buffer)[:_PART_BYTES]))
+            del self._buffer[:_PART_BYTES]
+
+    def commit(self) -> bool:
+        buffer, self._buffer = self._buffer, bytearray()
+        if self._parts is None:
+            if hashlib.sha256(buffer).hexdigest() != self._sha256:
+                raise CorruptBlob(f'the bytes written to {self._key} do not hash to {self._sha256}')
+            return self._driver._put_object(self._key, bytes(buffer), len(buffer), self._sha256, IfNoneMatch='*')
+        if buffer:
+            self._parts.send(bytes(buffer))
+        return self._parts.complete()
+
+    def cancel(self) -> None:
+        self._buffer = bytearray()
+        if self._parts is not None:
+            self._parts, parts = None, self._parts
+            parts.abort()
+
+
+class _Body:
+    """A GetObject body as a file-like reader (``read``, ``readinto``, ``close``), its errors the bucket's."""
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+
+    def read(self, size: int = -1) -> bytes:
+        with _translated('reading an object'):
+            return self._body.read(None if size < 0 else size)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> _Body:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _stat_of(answer: dict[str, Any]) -> Stat:
+    """An object's stat from HeadObject or GetObject: the copy id ISS gave it, else its ETag and time."""
+    modified = answer['LastModified'].timestamp()
+    copy = answer.get('Metadata', {}).get('iss-copy')
+    version = copy or f'{answer["ETag"].strip(chr(34))}-{modified:.0f}'
+    return Stat(answer['ContentLength'], version, modified)
+
+
+def _payload_hash_from_checksum(request: Any, **_: Any) -> None:
+    """Sign a body by the SHA-256 ISS computed already (``x-amz-checksum-sha256``), not by hashing it again.
+
+    PERF: over http:// botocore hashes every body for its signature; the checksum ISS
+    sends is that same SHA-256 (the blob's name, or the part's), which the service
+    verifies against the bytes: one pass of SHA-256 per byte less (~0.25 s of a core
+    per 256 MiB).
+    """
+    checksum = request.headers.get('x-amz-checksum-sha256')
+    if checksum and 'X-Amz-Content-SHA256' not in request.headers:
+        request.headers['X-Amz-Content-SHA256'] = base64.b64decode(checksum).hex()
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    error = exc.response.get('Error', {})
+    return str(error.get('Code') or exc.response.get('ResponseMetadata', {}).get('HTTPStatusCode', ''))
+
+
+@contextlib.contextmanager
+def _translated(doing: str) -> Iterator[None]:
+    """Raise the S3 service's trouble as BucketUnavailable (503), saying what was being done.
+
+    Client errors the caller expects (absent key, failed condition) are looked at by
+    the caller first, inside this block; whatever else S3 answers is the service's trouble.
+    """
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        raise BucketUnavailable(f'{doing}: {_code(exc)} {exc}') from exc
+    except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
+        raise BucketUnavailable(f'{doing}: {exc}') from exc
