@@ -264,10 +264,6 @@ def _count_frames(image: Image.Image) -> int:
 
 
 def _exif_fields(image: Image.Image) -> dict[str, Any]:
-    if image.format == 'PNG' and 'exif' not in image.info:
-        # PERF: Pillow looks for an eXIf chunk after the pixels by decoding them all (a 25 MP
-        # PNG: 270 ms); the PNG specification puts it before them, where open() has read it.
-        return {}
     exif = _exif(image)
     if exif is None:
         return {}
@@ -281,6 +277,12 @@ def _exif_fields(image: Image.Image) -> dict[str, Any]:
 
 
 def _exif(image: Image.Image) -> Image.Exif | None:
+    """The image's EXIF, read from its header; None when it has none, or a broken one."""
+    if image.format == 'PNG' and 'exif' not in image.info:
+        # PERF: Pillow looks for an eXIf chunk after the pixels by decoding them all (a 25 MP
+        # PNG: 270 ms, and its memory before a render is admitted); the PNG specification puts
+        # it before them, where open() has read it.
+        return None
     try:
         return image.getexif()
     except _OverBudget:
