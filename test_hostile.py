@@ -81,7 +81,7 @@ def write_padded_jpeg(file: io.RawIOBase, app_bytes: int) -> None:
 
 
 @pytest.mark.parametrize(
-    'value', [None, '', '²', '١٢', '1²', ' 1', '1 ', '-1', '+1', '1_0', '0x10', '1e3', '9' * 19, '1.0']
+    'value', [None, '', '²', '١٢', '1²', ' 1', '1 ', '-1', '+1', '1_0', '0x10', '1e3', '9' * 19, '1.0'], ids=repr
 )
 @pytest.mark.parametrize('parse', [resumable.parse_length, resumable.parse_offset])
 def test_byte_counts_are_ascii_digits_only(parse, value):
@@ -106,6 +106,7 @@ def test_byte_counts_take_what_the_grammar_allows(value):
         'kind //79',  # base64 of no UTF-8
         'kind YQ==,kind YQ==',
     ],
+    ids=['non-ascii-value', 'non-ascii-key', 'long', 'many-keys', 'long-key', 'not-utf-8', 'repeated-key'],
 )
 def test_upload_metadata_outside_its_grammar_is_400(header):
     with pytest.raises(errors.BadRequest) as refused:
@@ -113,7 +114,11 @@ def test_upload_metadata_outside_its_grammar_is_400(header):
     assert len(refused.value.public_description) < 300  # NOTE: what is echoed is cut short
 
 
-@pytest.mark.parametrize('header', ['sha1 é', 'shä1 AAAA', 'sha1 ' + 'A' * 300, 'sha1 ²', 'crc32 AAAA', 'sha1 AAAA'])
+@pytest.mark.parametrize(
+    'header',
+    ['sha1 é', 'shä1 AAAA', 'sha1 ' + 'A' * 300, 'sha1 ²', 'crc32 AAAA', 'sha1 AAAA'],
+    ids=['non-ascii-digest', 'non-ascii-algorithm', 'long', 'superscript', 'unknown-algorithm', 'short-digest'],
+)
 def test_upload_checksum_outside_its_grammar_is_400(header):
     with pytest.raises(errors.BadRequest) as refused:
         resumable.parse_checksum(header)
