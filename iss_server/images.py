@@ -197,6 +197,8 @@ def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
     except _OverBudget as exc:
         log.warning('image refused while %s: it costs %s', doing, exc)
         raise ImageTooLarge(f'identifying it takes {exc}; this service reads at most that') from None
+    except Image.UnidentifiedImageError:
+        raise refusal('no image format this service reads') from None
     except Exception as exc:  # APPSEC: a decoder's failure is the file's, whatever its type
         log.warning('image refused while %s: %s: %s', doing, type(exc).__name__, exc)
         raise refusal(f'{type(exc).__name__}: {exc}' if str(exc) else type(exc).__name__) from None
