@@ -184,7 +184,7 @@ def test_every_file_that_once_crashed_is_identified_or_refused(path):
 def test_a_gif_or_tiff_whose_frames_break_the_decoder_is_answered_not_500(client, path):
     """Pillow opens their header, and counting their frames raised IndexError, struct.error, KeyError..."""
     answer = upload_image(client, path.read_bytes(), path.name, expect_errors=True)
-    assert answer.status_int in (201, 415), answer.text
+    assert answer.status_int in (201, 413, 415), answer.text
     if answer.status_int == 201:
         assert client.get(f'/images/{answer.json["image_id"]}/meta').json['frames'] >= 1
 
@@ -204,7 +204,7 @@ def test_the_same_over_tus(client, path):
         },
         expect_errors=True,
     )
-    assert answer.status_int in (201, 415), answer.text
+    assert answer.status_int in (201, 413, 415), answer.text
 
 
 def test_a_rational_exif_orientation_is_no_orientation_and_the_batch_is_stored(client):
@@ -427,3 +427,13 @@ def test_settings_of_the_render_gate_are_read():
     gate = images.RenderGate.of(settings)
     assert (gate.renders, gate.pixels) == (3, 1000)
     assert (Settings().renders, Settings().render_pixels) == (2, Settings().max_image_pixels)
+
+
+def test_a_gif_frame_larger_than_its_screen_is_refused_before_pillow_allocates_it():
+    """Found by scripts/fuzz.py: 105 bytes took 3.4 GB and 5 s in Image.open (ISS had turned Pillow's check off)."""
+    data = (CORPUS / 'gif-frame-larger-than-its-screen-oom.gif').read_bytes()
+    started = time.process_time()
+    for call in (images.identify, images.check_decodes):
+        with pytest.raises(images.ImageTooLarge):
+            call(io.BytesIO(data), images.DEFAULT_MAX_PIXELS)
+    assert time.process_time() - started < 1

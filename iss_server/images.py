@@ -27,6 +27,7 @@ import re
 import threading
 import time
 import unicodedata
+import warnings
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -43,10 +44,10 @@ OUTPUT_TYPES = {'JPEG': 'image/jpeg', 'PNG': 'image/png', 'WEBP': 'image/webp', 
 FITS = ('contain', 'cover', 'fill')
 #: Pillow's own bomb limit, for callers that set none of their own (ISS_MAX_IMAGE_PIXELS's default).
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 2**31
-# NOTE: every image ISS opens goes through _open, which applies the caller's limit from the
-# header; Pillow's own (global) check would refuse, in other words, anything over twice its
-# default whatever ISS_MAX_IMAGE_PIXELS says, and warn below that.
-Image.MAX_IMAGE_PIXELS = None
+# NOTE: Pillow checks sizes against Image.MAX_IMAGE_PIXELS inside its plugins too, before it
+# allocates (a GIF frame larger than its screen: 105 bytes took 3.4 GB in Image.open with the
+# check off). _open sets it from the caller's limit; its warning below twice that is no news.
+warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
 
 # The EXIF fields recorded at upload: the ones pipelines sort and filter by.
 _EXIF_KEYS = ('captured_at', 'camera_make', 'camera_model', 'orientation')
@@ -194,6 +195,8 @@ def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
         yield
     except (NotAnImage, ImageTooLarge, CannotRender, RendersBusy):
         raise
+    except Image.DecompressionBombError:
+        raise ImageTooLarge('a frame declares more pixels than this service decodes (ISS_MAX_IMAGE_PIXELS)') from None
     except _OverBudget as exc:
         log.warning('image refused while %s: it costs %s', doing, exc)
         raise ImageTooLarge(f'identifying it takes {exc}; this service reads at most that') from None
@@ -206,6 +209,8 @@ def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
 
 def _open(file: _BudgetedFile, max_pixels: int) -> Image.Image:
     """Open an image lazily (header only); refuse one of more than ``max_pixels``."""
+    # NOTE: one limit per process (its settings'), so the global is the same for every thread.
+    Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2  # Pillow refuses above twice this
     with _boundary(NotAnImage, 'identifying'):
         image = Image.open(file)
         width, height = image.size
