@@ -349,7 +349,7 @@ def test_concurrent_renders_hold_the_memory_of_the_gate_not_of_the_requests(tmp_
         done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300, check=True)
         return int(done.stdout.split()[-1])
 
-    gated = peak_kib(2, images.DEFAULT_GATE.pixels)
+    gated = peak_kib(Settings().renders, Settings().render_pixels)
     ungated = peak_kib(8, 10**12)
     one_decode_kib = 3000 * 3000 * 3 // 1024
     assert gated < ungated - 3 * one_decode_kib, (gated, ungated)
@@ -423,8 +423,8 @@ def upload_through(nginx: Nginx, data: bytes) -> str:
 
 
 def test_settings_of_the_render_gate_are_read():
-    settings = Settings.from_env({'ISS_RENDERS': '3', 'ISS_RENDER_PIXELS': '1000'})
-    gate = images.RenderGate.of(settings)
+    gate = images.RenderGate(1, 1)
+    gate.configure(Settings.from_env({'ISS_RENDERS': '3', 'ISS_RENDER_PIXELS': '1000'}))
     assert (gate.renders, gate.pixels) == (3, 1000)
     assert (Settings().renders, Settings().render_pixels) == (2, Settings().max_image_pixels)
 

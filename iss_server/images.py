@@ -401,9 +401,11 @@ class RenderGate:
         self._running = 0
         self._in_flight = 0
 
-    @classmethod
-    def of(cls, settings: Settings) -> RenderGate:
-        return cls(settings.renders, settings.render_pixels)
+    def configure(self, settings: Settings) -> None:
+        """Take the bounds of ``settings`` (ISS_RENDERS, ISS_RENDER_PIXELS); renders in flight go on."""
+        with self._condition:
+            self.renders, self.pixels = settings.renders, settings.render_pixels
+            self._condition.notify_all()
 
     @contextlib.contextmanager
     def admitted(self, pixels: int, wait: float | None = None) -> Iterator[None]:
@@ -433,13 +435,14 @@ class RenderGate:
         return self._running < self.renders and (self._running == 0 or self._in_flight + pixels <= self.pixels)
 
 
-#: The gate of a caller that brings none: the settings' defaults, one per process.
-DEFAULT_GATE = RenderGate.of(Settings())
+#: The gate of this process (a gunicorn worker): every decode of an upload and every render
+#: goes through it, unless the caller brings its own. The app sets its bounds (configure).
+GATE = RenderGate(Settings.renders, Settings.render_pixels)
 # NOTE: an upload that must decode has its whole body received already: it waits longer than a render.
 _UPLOAD_WAIT_SECONDS = 30.0
 
 
-def check_decodes(source: IO[bytes], max_pixels: int, gate: RenderGate = DEFAULT_GATE) -> None:
+def check_decodes(source: IO[bytes], max_pixels: int, gate: RenderGate | None = None) -> None:
     """Decode every pixel of ``source`` (the first frame), to prove the image is whole.
 
     Raises:
@@ -450,12 +453,13 @@ def check_decodes(source: IO[bytes], max_pixels: int, gate: RenderGate = DEFAULT
     budgeted = _BudgetedFile(source, HEADER_BUDGET)
     with _open(budgeted, max_pixels) as image:
         budgeted.allow(None)
-        with gate.admitted(image.width * image.height, wait=_UPLOAD_WAIT_SECONDS), _boundary(CannotRender, 'decoding'):
+        admitted = (gate or GATE).admitted(image.width * image.height, wait=_UPLOAD_WAIT_SECONDS)
+        with admitted, _boundary(CannotRender, 'decoding'):
             image.load()
 
 
 def render(
-    source: IO[bytes], variant: Variant, out: IO[bytes], max_pixels: int, gate: RenderGate = DEFAULT_GATE
+    source: IO[bytes], variant: Variant, out: IO[bytes], max_pixels: int, gate: RenderGate | None = None
 ) -> None:
     """Decode ``source`` once, make ``variant`` of it, and encode it into ``out``, with room from ``gate``.
 
@@ -472,7 +476,7 @@ def render(
             with _boundary(CannotRender, 'rendering'):
                 orientation, size = _prepare(image, variant)
                 budgeted.allow(None)
-                with gate.admitted(image.width * image.height + size[0] * size[1]):
+                with (gate or GATE).admitted(image.width * image.height + size[0] * size[1]):
                     _render(image, orientation, size, variant, sink)
         except CannotRender:
             if sink.failure is not None:
