@@ -9,6 +9,7 @@ and replayed here and by test_fuzz.py.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import io
@@ -322,6 +323,20 @@ def test_renders_beyond_the_gate_are_a_fast_503_with_retry_after():
     with gate.admitted(1), pytest.raises(errors.RendersBusy) as busy:
         images.render(io.BytesIO(make_png()), images.Variant(10, 10, 'contain', 'PNG', None), io.BytesIO(), 10**8, gate)
     assert (busy.value.status, busy.value.retry_after) == (503, 1)
+
+
+def test_a_render_the_worker_has_no_room_for_is_a_503_with_retry_after_through_the_app(client, png):
+    """The app needs no change for it: images.render uses the process's gate, RendersBusy is a ServiceError."""
+    assert upload_image(client, png).status_int == 201
+    bounds = images.GATE.renders
+    with contextlib.ExitStack() as held:
+        for _ in range(bounds):  # NOTE: every place taken, as by renders in other threads
+            held.enter_context(images.GATE.admitted(1))
+        started = time.monotonic()
+        busy = client.get(f'/images/{blob_id(png)}?w=10', expect_errors=True)
+        assert time.monotonic() - started < 5
+    assert (busy.status_int, busy.headers['Retry-After'], busy.json['title']) == (503, '1', 'Busy rendering')
+    assert client.get(f'/images/{blob_id(png)}?w=10').status_int == 200  # room again
 
 
 _RENDERS_IN_THREADS = """
