@@ -212,7 +212,12 @@ def _open(file: _BudgetedFile, max_pixels: int) -> Image.Image:
     # NOTE: one limit per process (its settings'), so the global is the same for every thread.
     Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2  # Pillow refuses above twice this
     with _boundary(NotAnImage, 'identifying'):
-        image = Image.open(file)
+        try:
+            image = Image.open(file)
+        except Image.DecompressionBombError:
+            raise ImageTooLarge(
+                f'it declares more pixels than this service decodes, {max_pixels} (ISS_MAX_IMAGE_PIXELS)'
+            ) from None
         width, height = image.size
     if width * height > max_pixels:
         image.close()
