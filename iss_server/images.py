@@ -27,7 +27,6 @@ import re
 import threading
 import time
 import unicodedata
-import warnings
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -44,10 +43,6 @@ OUTPUT_TYPES = {'JPEG': 'image/jpeg', 'PNG': 'image/png', 'WEBP': 'image/webp', 
 FITS = ('contain', 'cover', 'fill')
 #: Pillow's own bomb limit, for callers that set none of their own (ISS_MAX_IMAGE_PIXELS's default).
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 2**31
-# NOTE: Pillow checks sizes against Image.MAX_IMAGE_PIXELS inside its plugins too, before it
-# allocates (a GIF frame larger than its screen: 105 bytes took 3.4 GB in Image.open with the
-# check off). _open sets it from the caller's limit; its warning below twice that is no news.
-warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
 
 # The EXIF fields recorded at upload: the ones pipelines sort and filter by.
 _EXIF_KEYS = ('captured_at', 'camera_make', 'camera_model', 'orientation')
@@ -195,8 +190,6 @@ def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
         yield
     except (NotAnImage, ImageTooLarge, CannotRender, RendersBusy):
         raise
-    except Image.DecompressionBombError:
-        raise ImageTooLarge('a frame declares more pixels than this service decodes (ISS_MAX_IMAGE_PIXELS)') from None
     except _OverBudget as exc:
         log.warning('image refused while %s: it costs %s', doing, exc)
         raise ImageTooLarge(f'identifying it takes {exc}; this service reads at most that') from None
@@ -207,24 +200,44 @@ def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
         raise refusal(f'{type(exc).__name__}: {exc}' if str(exc) else type(exc).__name__) from None
 
 
-def _open(file: _BudgetedFile, max_pixels: int) -> Image.Image:
-    """Open an image lazily (header only); refuse one of more than ``max_pixels``."""
-    # NOTE: one limit per process (its settings'), so the global is the same for every thread.
-    Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2  # Pillow refuses above twice this
-    with _boundary(NotAnImage, 'identifying'):
-        try:
-            image = Image.open(file)
-        except Image.DecompressionBombError:
-            raise ImageTooLarge(
-                f'it declares more pixels than this service decodes, {max_pixels} (ISS_MAX_IMAGE_PIXELS)'
-            ) from None
-        width, height = image.size
-    if width * height > max_pixels:
-        image.close()
+class _Limit(threading.local):
+    """The pixel limit of the image this thread is opening (ISS_MAX_IMAGE_PIXELS)."""
+
+    max_pixels = DEFAULT_MAX_PIXELS
+
+
+_limit = _Limit()
+
+
+def _bomb_check(size: tuple[int, int], *, error_only: bool = False) -> None:
+    """Refuse a size of more pixels than the thread's limit: Pillow's own check, with ISS's limit and words.
+
+    APPSEC: Pillow calls it in Image.open and inside its plugins, before they allocate. ISS
+    once turned it off to apply its own limit after open: a GIF frame larger than its screen
+    (105 bytes, found by scripts/fuzz.py) then took 3.4 GB in Image.open.
+    """
+    width, height = size
+    if max(1, width) * max(1, height) > _limit.max_pixels:
         raise ImageTooLarge(
-            f'{width}x{height} is {width * height} pixels; this service decodes at most {max_pixels} '
+            f'{width}x{height} is {width * height} pixels; this service decodes at most {_limit.max_pixels} '
             '(ISS_MAX_IMAGE_PIXELS)'
         )
+
+
+# NOTE: Pillow (pinned) looks the check up by name at each call: this one is used throughout.
+Image._decompression_bomb_check = _bomb_check
+
+
+def _open(file: _BudgetedFile, max_pixels: int) -> Image.Image:
+    """Open an image lazily (header only); refuse one of more than ``max_pixels``."""
+    _limit.max_pixels = max_pixels
+    with _boundary(NotAnImage, 'identifying'):
+        image = Image.open(file)
+    try:
+        _bomb_check(image.size)  # NOTE: Image.open made it already; said here, as it is ISS's rule
+    except ImageTooLarge:
+        image.close()
+        raise
     return image
 
 
