@@ -25,8 +25,10 @@ import time
 import tracemalloc
 
 import pytest
+import webtest
 from PIL import Image
 
+import iss
 from conftest import HERE, Gunicorn, blob_id, make_png, upload_image
 from iss_server import errors, images, resumable
 from iss_server.config import Settings
@@ -226,6 +228,28 @@ def test_a_rational_exif_orientation_is_no_orientation_and_the_batch_is_stored(c
     assert batch.status_int == 201
     assert [entry['status'] for entry in batch.json] == [201, 200]
     assert client.get(f'/images/{blob_id(rational)}?w=10').status_int == 200
+
+
+def test_exif_text_is_stored_without_control_characters_on_the_s3_store(tmp_path, s3_settings):
+    """A camera make with a NUL and a terminal escape inside, a model of 5,000 characters: stored as they came."""
+    exif = Image.Exif()
+    exif[0x010F] = 'Can\x00on\x1b[31m'
+    exif[0x0110] = 'M' * 5000
+    buffer = io.BytesIO()
+    Image.new('RGB', (8, 8)).save(buffer, 'JPEG', exif=exif)
+    settings = Settings(
+        data_dir=str(tmp_path / 'data'),
+        store=s3_settings['ISS_STORE'],
+        index=s3_settings['ISS_INDEX'],
+        s3_endpoint=s3_settings['ISS_S3_ENDPOINT'],
+        s3_access_key=s3_settings['AWS_ACCESS_KEY_ID'],
+        s3_secret_key=s3_settings['AWS_SECRET_ACCESS_KEY'],
+    )
+    client = webtest.TestApp(iss.build_app(settings))
+    image_id = upload_image(client, buffer.getvalue(), 'c.jpg').json['image_id']
+    stored = client.get(f'/images/{image_id}/meta').json
+    assert (stored['camera_make'], len(stored['camera_model'])) == ('Canon[31m', 256)
+    assert client.get('/images', params={'limit': 1}).json['items'][0]['camera_make'] == 'Canon[31m'
 
 
 @pytest.mark.parametrize('path', corpus('jpeg-exif-*'), ids=lambda path: path.name)

@@ -339,7 +339,7 @@ def _exif_text(exif: Image.Exif, ifd: int | None, tag: int) -> str | None:
         value = value.decode('utf-8', 'replace')
     if not isinstance(value, str):
         return None
-    # APPSEC: no control characters into meta (PostgreSQL's jsonb refuses \u0000), and no essay.
+    # APPSEC: no control characters into meta (a NUL, a terminal's escape), and no essay.
     value = ''.join(ch for ch in value[:_MAX_EXIF_TEXT] if unicodedata.category(ch) != 'Cc')
     return value.strip() or None
 
