@@ -231,7 +231,7 @@ def test_a_rational_exif_orientation_is_no_orientation_and_the_batch_is_stored(c
 
 
 def test_exif_text_is_stored_without_control_characters_on_the_s3_store(tmp_path, s3_settings):
-    """A camera make with a NUL and a terminal escape inside, a model of 5,000 characters: stored as they came."""
+    """A camera make with a NUL and a terminal escape inside, a model of 5,000 characters: cleaned and cut short."""
     exif = Image.Exif()
     exif[0x010F] = 'Can\x00on\x1b[31m'
     exif[0x0110] = 'M' * 5000
