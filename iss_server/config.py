@@ -205,6 +205,10 @@ class Settings:
     accel_min_bytes: int = 1024 * 1024
     #: Largest image (width x height) accepted at upload (413) and rendered (422): bombs are never decoded.
     max_image_pixels: int = 89_478_485
+    #: Renders one worker makes at once (derivatives, and ISS_VERIFY_IMAGES=decode); 503 beyond.
+    renders: int = 2
+    #: Decoded pixels one worker holds at once across its renders (one larger image renders alone).
+    render_pixels: int = 89_478_485
     #: Largest width or height a derivative may ask for (400 beyond).
     max_derived_dimension: int = 4096
     #: Bytes the derivative cache may take under ``derived/``; least recently used go first.
@@ -260,6 +264,8 @@ class Settings:
             accel_redirect=_location(env, 'ISS_ACCEL_REDIRECT'),
             accel_min_bytes=_integer(env, 'ISS_ACCEL_MIN_BYTES', defaults.accel_min_bytes),
             max_image_pixels=_integer(env, 'ISS_MAX_IMAGE_PIXELS', defaults.max_image_pixels, 1),
+            renders=_integer(env, 'ISS_RENDERS', defaults.renders, 1),
+            render_pixels=_integer(env, 'ISS_RENDER_PIXELS', defaults.render_pixels, 1),
             max_derived_dimension=_integer(env, 'ISS_MAX_DERIVED_DIMENSION', defaults.max_derived_dimension, 1),
             derived_max_bytes=_integer(env, 'ISS_DERIVED_MAX_BYTES', defaults.derived_max_bytes),
             host=env.get('ISS_HOST', '').strip() or defaults.host,

@@ -257,6 +257,15 @@ class IndexFull(StoreFull):
     part = 'index'
 
 
+class RendersBusy(ServiceError):
+    """This worker renders as many images, or as many pixels, as it may at once (ISS_RENDERS, ISS_RENDER_PIXELS)."""
+
+    status = 503
+    title = 'Busy rendering'
+    description = 'Too many images are being rendered right now; try again shortly.'
+    retry_after = 1
+
+
 class IndexIncomplete(StoreUnavailable):
     """The index is still being built from the files, so it cannot answer listings yet."""
 

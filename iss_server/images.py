@@ -5,16 +5,37 @@ at upload and a decompression bomb is refused before any memory is spent.
 A derivative (:func:`render`) is one decode, shrunk as early as the format
 allows (JPEG DCT scaling via ``draft``, then ``reduce``), oriented by its EXIF
 tag, converted to what the output format can hold, resized and encoded.
+
+APPSEC: this module is the one boundary between ISS and Pillow's decoders. Every
+call into Pillow, at upload and at render, is made here, and whatever a decoder
+raises (IndexError, struct.error, a libavif RuntimeError...) becomes one of the
+typed refusals below, logged; nothing of a hostile file reaches the resources as a
+500. What a file may cost is bounded: identification reads at most
+:data:`HEADER_BUDGET` (a JPEG padded with APP segments is refused, not held in
+memory), frames are counted within :data:`FRAMES_BUDGET` and at most
+:data:`MAX_FRAMES_WALKED` TIFF directories, and decoding goes through a
+:class:`RenderGate` that bounds the renders, and their pixels, in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import logging
 import re
+import threading
+import time
+import unicodedata
+from collections.abc import Iterator
 from typing import IO, Any
 
-from PIL import ExifTags, Image, ImageOps, features
+from PIL import ExifTags, Image, TiffImagePlugin, features
+
+from iss_server.config import Settings
+from iss_server.errors import RendersBusy
+
+log = logging.getLogger('iss.images')
 
 #: Output formats a derivative may have; avif only where this Pillow was built with it.
 OUTPUT_FORMATS = {'jpeg': 'JPEG', 'png': 'PNG', 'webp': 'WEBP'} | ({'avif': 'AVIF'} if features.check('avif') else {})
@@ -22,10 +43,6 @@ OUTPUT_TYPES = {'JPEG': 'image/jpeg', 'PNG': 'image/png', 'WEBP': 'image/webp', 
 FITS = ('contain', 'cover', 'fill')
 #: Pillow's own bomb limit, for callers that set none of their own (ISS_MAX_IMAGE_PIXELS's default).
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 2**31
-# NOTE: every image ISS opens goes through _open, which applies the caller's limit from the
-# header; Pillow's own (global) check would refuse, in other words, anything over twice its
-# default whatever ISS_MAX_IMAGE_PIXELS says, and warn below that.
-Image.MAX_IMAGE_PIXELS = None
 
 # The EXIF fields recorded at upload: the ones pipelines sort and filter by.
 _EXIF_KEYS = ('captured_at', 'camera_make', 'camera_model', 'orientation')
@@ -42,6 +59,8 @@ _REFUSED = re.compile(r'q\s*=\s*0(\.0{0,3})?')
 # Orientations 5-8 turn the picture a quarter: width and height swap when it is shown.
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 # Bits per channel of Pillow's modes; what is not here has 8.
+# What of an EXIF text field is kept (a camera's make or model is a few dozen characters).
+_MAX_EXIF_TEXT = 256
 _BITS = {'1': 1, 'I;16': 16, 'I;16B': 16, 'I;16L': 16, 'I;16N': 16, 'I': 32, 'F': 32}
 
 #: Keys an image's meta file gets from its header (see meta.image), beyond the seed's.
@@ -63,11 +82,11 @@ IMAGE_META_KEYS = frozenset(
 
 
 class NotAnImage(ValueError):
-    """Pillow cannot identify the bytes as an image."""
+    """Pillow cannot identify the bytes as an image (or a decoder fails on its header)."""
 
 
 class ImageTooLarge(ValueError):
-    """The image declares more pixels than ISS will decode (a decompression bomb)."""
+    """The image declares more pixels than ISS will decode (a decompression bomb), or its header costs too much."""
 
 
 class CannotRender(ValueError):
@@ -83,19 +102,142 @@ class ImageInfo:
     fields: dict[str, Any]  # the rest of IMAGE_META_KEYS that the header tells
 
 
-def _open(file: IO[bytes], max_pixels: int) -> Image.Image:
-    """Open an image lazily (header only); refuse one of more than ``max_pixels``."""
+# -- what a file may cost -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadBudget:
+    """How much Pillow may read of a file for one step: bytes, and calls (each costs Python time)."""
+
+    bytes: int
+    reads: int
+
+
+#: Identification (Image.open and the EXIF): a JPEG's APP segments are kept in memory by
+#: Pillow, so a file padded with them is refused past this. NOTE: WebP and AVIF are read
+#: whole to be identified: one larger than this is refused (413).
+HEADER_BUDGET = ReadBudget(bytes=32 * 1024 * 1024, reads=20_000)
+#: Counting the frames after the header (a GIF is read through, not decoded): past this,
+#: ``frames`` is the count reached (at least that many).
+FRAMES_BUDGET = ReadBudget(bytes=64 * 1024 * 1024, reads=500_000)
+#: TIFF directories walked to count frames. PERF: Pillow checks each one against all before
+#: it (quadratic): 100,000 tiny ones took minutes.
+MAX_FRAMES_WALKED = 1000
+
+
+class _OverBudget(Exception):
+    """Pillow read more of a file than the step allows."""
+
+
+class _BudgetedFile:
+    """A file Pillow reads through, counting what it reads against a :class:`ReadBudget`.
+
+    Seeks are free (a TIFF's directory may be at the end). ``budget`` None: unbounded
+    (decoding pixels reads the file, as it must).
+    """
+
+    def __init__(self, file: IO[bytes], budget: ReadBudget | None) -> None:
+        self._file = file
+        self.allow(budget)
+
+    def allow(self, budget: ReadBudget | None) -> None:
+        """Start a step with a fresh budget."""
+        self._budget = budget
+        self._bytes = self._reads = 0
+
+    def _count(self, size: int) -> None:
+        if self._budget is None:
+            return
+        self._bytes += size
+        self._reads += 1
+        if self._bytes > self._budget.bytes or self._reads > self._budget.reads:
+            raise _OverBudget(f'more than {self._budget.bytes} bytes or {self._budget.reads} reads')
+
+    def read(self, size: int = -1) -> bytes:
+        if self._budget is not None and (size is None or size < 0 or size > self._budget.bytes):
+            size = self._budget.bytes - self._bytes + 1  # NOTE: never more than the budget, then refused
+        data = self._file.read(size)
+        self._count(len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._file.readinto(buffer)
+        self._count(count or 0)
+        return count
+
+    def readline(self, size: int = -1) -> bytes:
+        if self._budget is not None and (size is None or size < 0):
+            size = self._budget.bytes - self._bytes + 1
+        line = self._file.readline(size)
+        self._count(len(line))
+        return line
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def __getattr__(self, name: str) -> Any:
+        # NOTE: fileno() among them: libtiff decodes from the descriptor, not a copy in memory.
+        return getattr(self._file, name)
+
+
+@contextlib.contextmanager
+def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
+    """Turn whatever Pillow or a decoder raises into ``refusal``, logged; ISS's own refusals pass."""
     try:
-        image = Image.open(file)
-    except Exception as exc:
-        raise NotAnImage(str(exc) or type(exc).__name__) from None
-    width, height = image.size
-    if width * height > max_pixels:
-        image.close()
+        yield
+    except (NotAnImage, ImageTooLarge, CannotRender, RendersBusy):
+        raise
+    except _OverBudget as exc:
+        log.warning('image refused while %s: it costs %s', doing, exc)
+        raise ImageTooLarge(f'identifying it takes {exc}; this service reads at most that') from None
+    except Image.UnidentifiedImageError:
+        raise refusal('no image format this service reads') from None
+    except Exception as exc:  # APPSEC: a decoder's failure is the file's, whatever its type
+        log.warning('image refused while %s: %s: %s', doing, type(exc).__name__, exc)
+        raise refusal(f'{type(exc).__name__}: {exc}' if str(exc) else type(exc).__name__) from None
+
+
+class _Limit(threading.local):
+    """The pixel limit of the image this thread is opening (ISS_MAX_IMAGE_PIXELS)."""
+
+    max_pixels = DEFAULT_MAX_PIXELS
+
+
+_limit = _Limit()
+
+
+def _bomb_check(size: tuple[int, int], *, error_only: bool = False) -> None:
+    """Refuse a size of more pixels than the thread's limit: Pillow's own check, with ISS's limit and words.
+
+    APPSEC: Pillow calls it in Image.open and inside its plugins, before they allocate. ISS
+    once turned it off to apply its own limit after open: a GIF frame larger than its screen
+    (105 bytes, found by scripts/fuzz.py) then took 3.4 GB in Image.open.
+    """
+    width, height = size
+    if max(1, width) * max(1, height) > _limit.max_pixels:
         raise ImageTooLarge(
-            f'{width}x{height} is {width * height} pixels; this service decodes at most {max_pixels} '
+            f'{width}x{height} is {width * height} pixels; this service decodes at most {_limit.max_pixels} '
             '(ISS_MAX_IMAGE_PIXELS)'
         )
+
+
+# NOTE: Pillow (pinned) looks the check up by name at each call: this one is used throughout.
+Image._decompression_bomb_check = _bomb_check
+
+
+def _open(file: _BudgetedFile, max_pixels: int) -> Image.Image:
+    """Open an image lazily (header only); refuse one of more than ``max_pixels``."""
+    _limit.max_pixels = max_pixels
+    with _boundary(NotAnImage, 'identifying'):
+        image = Image.open(file)
+    try:
+        _bomb_check(image.size)  # NOTE: Image.open made it already; said here, as it is ISS's rule
+    except ImageTooLarge:
+        image.close()
+        raise
     return image
 
 
@@ -103,19 +245,22 @@ def identify(file: IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo
     """Identify an image from its header, without decoding the pixels.
 
     Raises:
-        NotAnImage: the bytes are not a format Pillow can open.
-        ImageTooLarge: the header declares more than ``max_pixels``.
+        NotAnImage: the bytes are not a format Pillow can open, or its header breaks a decoder.
+        ImageTooLarge: the header declares more than ``max_pixels``, or reading it costs
+            more than :data:`HEADER_BUDGET`.
     """
-    with _open(file, max_pixels) as image:
+    budgeted = _BudgetedFile(file, HEADER_BUDGET)
+    with _open(budgeted, max_pixels) as image, _boundary(NotAnImage, 'identifying'):
         width, height = image.size
         image_format = image.format or ''
         fields: dict[str, Any] = {
             'mode': image.mode,
             'bit_depth': _BITS.get(image.mode, 8),
             'channels': len(image.getbands()),
-            'frames': getattr(image, 'n_frames', 1),
         }
         fields.update(_exif_fields(image))
+        budgeted.allow(FRAMES_BUDGET)
+        fields['frames'] = _count_frames(image)
     # NOTE: every key, null when the image has no such EXIF field: a meta file has them all.
     fields = dict.fromkeys(_EXIF_KEYS) | fields
     turned = fields.get('orientation') in _QUARTER_TURNS
@@ -124,32 +269,79 @@ def identify(file: IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo
     return ImageInfo(image_format, mime, width, height, fields)
 
 
-def _exif_fields(image: Image.Image) -> dict[str, Any]:
-    if image.format == 'PNG' and 'exif' not in image.info:
-        # PERF: Pillow looks for an eXIf chunk after the pixels by decoding them all (a 25 MP
-        # PNG: 270 ms); the PNG specification puts it before them, where open() has read it.
-        return {}
+def _count_frames(image: Image.Image) -> int:
+    """How many frames the image has; past the bounds, how many were counted (at least that many).
+
+    The header is read already; a decoder failing further in leaves the frames counted so far.
+    """
+    if isinstance(image, TiffImagePlugin.TiffImageFile):
+        # NOTE: seek() reads a TIFF's next directory, decoding nothing (a GIF's would decode).
+        try:
+            for frame in range(1, MAX_FRAMES_WALKED):
+                image.seek(frame)
+        except Exception:  # NOTE: EOFError ends the count; anything else too (see above)
+            pass
+        return image.tell() + 1
     try:
-        exif = image.getexif()
-    except Exception:  # NOTE: a broken EXIF block is no reason to refuse the image
+        return int(getattr(image, 'n_frames', 1))
+    except Exception:  # NOTE: _OverBudget, or a broken frame further in
+        return image.tell() + 1
+
+
+def _exif_fields(image: Image.Image) -> dict[str, Any]:
+    exif = _exif(image)
+    if exif is None:
         return {}
-    orientation = exif.get(ExifTags.Base.Orientation)
+    orientation = _orientation(exif)
     return {
         'camera_make': _exif_text(exif, None, ExifTags.Base.Make),
         'camera_model': _exif_text(exif, None, ExifTags.Base.Model),
-        'orientation': orientation if orientation in range(1, 9) else None,
+        'orientation': orientation if orientation != 0 else None,
         'captured_at': _capture_time(exif),
     }
+
+
+def _exif(image: Image.Image) -> Image.Exif | None:
+    """The image's EXIF, read from its header; None when it has none, or a broken one."""
+    if image.format == 'PNG' and 'exif' not in image.info:
+        # PERF: Pillow looks for an eXIf chunk after the pixels by decoding them all (a 25 MP
+        # PNG: 270 ms, and its memory before a render is admitted); the PNG specification puts
+        # it before them, where open() has read it.
+        return None
+    try:
+        return image.getexif()
+    except _OverBudget:
+        raise
+    except Exception:  # NOTE: a broken EXIF block is no reason to refuse the image
+        return None
+
+
+def _orientation(exif: Image.Exif | None) -> int:
+    """The EXIF Orientation, 1 to 8; 0 when there is none that is one of those.
+
+    NOTE: a whole number only: a RATIONAL 6/1 compares equal to 6, and is no JSON.
+    """
+    try:
+        value = exif.get(ExifTags.Base.Orientation) if exif is not None else None
+    except Exception:
+        return 0
+    return value if type(value) is int and 1 <= value <= 8 else 0
 
 
 def _exif_text(exif: Image.Exif, ifd: int | None, tag: int) -> str | None:
     try:
         value = (exif.get_ifd(ifd) if ifd else exif).get(tag)
+    except _OverBudget:
+        raise
     except Exception:
         return None
     if isinstance(value, bytes):
         value = value.decode('utf-8', 'replace')
-    return (value.strip('\x00 ').strip() or None) if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    # APPSEC: no control characters into meta (a NUL, a terminal's escape), and no essay.
+    value = ''.join(ch for ch in value[:_MAX_EXIF_TEXT] if unicodedata.category(ch) != 'Cc')
+    return value.strip() or None
 
 
 def _capture_time(exif: Image.Exif) -> str | None:
@@ -211,36 +403,145 @@ def target_size(source: tuple[int, int], variant: Variant) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def check_decodes(source: IO[bytes], max_pixels: int) -> None:
+class RenderGate:
+    """At most ``renders`` decodes at once in this process, holding at most ``pixels`` pixels between them.
+
+    A decode waits for room up to ``wait`` seconds, then is refused (:class:`RendersBusy`,
+    a 503 with Retry-After): a burst of large renders is shed, not piled up in memory.
+    One image of more than ``pixels`` renders when nothing else does (it could never, else).
+    """
+
+    def __init__(self, renders: int, pixels: int, wait: float = 1.0) -> None:
+        self.renders = renders
+        self.pixels = pixels
+        self._wait = wait
+        self._condition = threading.Condition()
+        self._running = 0
+        self._in_flight = 0
+
+    def configure(self, settings: Settings) -> None:
+        """Take the bounds of ``settings`` (ISS_RENDERS, ISS_RENDER_PIXELS); renders in flight go on."""
+        with self._condition:
+            self.renders, self.pixels = settings.renders, settings.render_pixels
+            self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def admitted(self, pixels: int, wait: float | None = None) -> Iterator[None]:
+        """Hold a place for a decode of ``pixels`` pixels while the block runs.
+
+        Raises:
+            RendersBusy: no room came within the wait.
+        """
+        deadline = time.monotonic() + (self._wait if wait is None else wait)
+        with self._condition:
+            while not self._fits(pixels):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RendersBusy(f'{self._running} renders of {self._in_flight} pixels in flight')
+                self._condition.wait(remaining)
+            self._running += 1
+            self._in_flight += pixels
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._running -= 1
+                self._in_flight -= pixels
+                self._condition.notify_all()
+
+    def _fits(self, pixels: int) -> bool:
+        return self._running < self.renders and (self._running == 0 or self._in_flight + pixels <= self.pixels)
+
+
+#: The gate of this process (a gunicorn worker): every decode of an upload and every render
+#: goes through it, unless the caller brings its own. The app sets its bounds (configure).
+GATE = RenderGate(Settings.renders, Settings.render_pixels)
+# NOTE: an upload that must decode has its whole body received already: it waits longer than a render.
+_UPLOAD_WAIT_SECONDS = 30.0
+
+
+def check_decodes(source: IO[bytes], max_pixels: int, gate: RenderGate | None = None) -> None:
     """Decode every pixel of ``source`` (the first frame), to prove the image is whole.
 
     Raises:
         NotAnImage, ImageTooLarge: as :func:`identify`.
         CannotRender: the pixels cannot be decoded (truncated, corrupt).
+        RendersBusy: the gate had no room for the decode in time.
     """
-    with _open(source, max_pixels) as image:
-        try:
+    budgeted = _BudgetedFile(source, HEADER_BUDGET)
+    with _open(budgeted, max_pixels) as image:
+        budgeted.allow(None)
+        admitted = (gate or GATE).admitted(image.width * image.height, wait=_UPLOAD_WAIT_SECONDS)
+        with admitted, _boundary(CannotRender, 'decoding'):
             image.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise CannotRender(str(exc) or type(exc).__name__) from None
 
 
-def render(source: IO[bytes], variant: Variant, out: IO[bytes], max_pixels: int) -> None:
-    """Decode ``source`` once, make ``variant`` of it, and encode it into ``out``.
+def render(
+    source: IO[bytes], variant: Variant, out: IO[bytes], max_pixels: int, gate: RenderGate | None = None
+) -> None:
+    """Decode ``source`` once, make ``variant`` of it, and encode it into ``out``, with room from ``gate``.
 
     Raises:
         NotAnImage, ImageTooLarge: as :func:`identify`.
         CannotRender: the pixels cannot be decoded.
+        RendersBusy: the gate had no room for it in time.
+        OSError: writing ``out`` failed (as raised by ``out``).
     """
-    with _open(source, max_pixels) as image:
+    budgeted = _BudgetedFile(source, HEADER_BUDGET)
+    sink = _Sink(out)
+    with _open(budgeted, max_pixels) as image:
         try:
-            _render(image, variant, out)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise CannotRender(str(exc) or type(exc).__name__) from None
+            with _boundary(CannotRender, 'rendering'):
+                orientation, size = _prepare(image, variant)
+                budgeted.allow(None)
+                with (gate or GATE).admitted(image.width * image.height + size[0] * size[1]):
+                    _render(image, orientation, size, variant, sink)
+        except CannotRender:
+            if sink.failure is not None:
+                raise sink.failure from None  # NOTE: the disk's trouble (full, failing), not the image's
+            raise
 
 
-def _render(image: Image.Image, variant: Variant, out: IO[bytes]) -> None:
-    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+class _Sink:
+    """The output of a render, remembering a failure of its own (which is no fault of the image)."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self.failure: BaseException | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._out.write(data)
+        except BaseException as exc:
+            self.failure = exc
+            raise
+
+    # NOTE: no fileno(): Pillow would encode straight to the descriptor, past write().
+    def flush(self) -> None:
+        self._out.flush()
+
+    def tell(self) -> int:
+        return self._out.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._out.seek(offset, whence)
+
+
+# Orientations 2-8 as the transposition that shows the picture upright (EXIF 2.32, 4.6.4 A).
+_TRANSPOSITIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _prepare(image: Image.Image, variant: Variant) -> tuple[int, tuple[int, int]]:
+    """The orientation and output size; a JPEG set to decode no larger than the output needs."""
+    orientation = _orientation(_exif(image)) or 1
     turned = orientation in _QUARTER_TURNS
     oriented = image.size[::-1] if turned else image.size
     width, height = target_size(oriented, variant)
@@ -250,14 +551,21 @@ def _render(image: Image.Image, variant: Variant, out: IO[bytes]) -> None:
         scale = max(width / oriented[0], height / oriented[1])
         need = (round(oriented[0] * scale), round(oriented[1] * scale))
         image.draft('RGB' if image.mode not in ('L', 'CMYK') else image.mode, need[::-1] if turned else need)
+    return orientation, (width, height)
+
+
+def _render(image: Image.Image, orientation: int, size: tuple[int, int], variant: Variant, out: _Sink) -> None:
+    width, height = size
     image.seek(0)  # NOTE: an animation gives its first frame
     image.load()
     # NOTE: the colour profile goes with the pixels (a Display P3 photo stays P3), except
     # from CMYK: its conversion to RGB leaves a CMYK profile describing nothing.
     icc_profile = image.info.get('icc_profile') if image.mode != 'CMYK' else None
     image = _to_working_mode(image)
-    if orientation != 1:
-        image = ImageOps.exif_transpose(image)
+    if orientation in _TRANSPOSITIONS:
+        # NOTE: not ImageOps.exif_transpose, which rewrites the EXIF (and fails on a malformed
+        # one); the output carries no EXIF.
+        image = image.transpose(_TRANSPOSITIONS[orientation])
     box = None
     if variant.fit == 'cover':
         # the centred part of the source with the output's aspect ratio

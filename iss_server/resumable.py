@@ -134,24 +134,70 @@ class Sha256:
 
 
 # -- the protocol's headers --------------------------------------------------------
+#
+# APPSEC: one parser per header family, each refusing (400) anything outside its grammar
+# before a byte of it is used: ASCII only, bounded lengths. str.isdigit() takes '²' and
+# int() then refuses it (a 500); base64 of non-ASCII text raises ValueError, not
+# binascii.Error (a 500 too). What an error echoes of a header is cut short.
+
+# NOTE: 18 digits stay below 2**63, what the offsets of a file and of S3 can hold.
+_BYTE_COUNT = re.compile(r'[0-9]{1,18}')
+# NOTE: gunicorn refuses a header line over 8190 bytes; these bounds hold without it too.
+_MAX_METADATA_CHARS = 64 * 1024
+_MAX_METADATA_PAIRS = 64
+_MAX_METADATA_KEY_CHARS = 128
+_MAX_CHECKSUM_CHARS = 256
+# How much of a refused value an error repeats.
+_ECHOED_CHARS = 64
+
+
+def parse_length(header: str | None) -> int:
+    """``Upload-Length``: the whole upload's size, a whole number of bytes (ASCII digits).
+
+    Raises:
+        BadRequest: missing, or anything but 1 to 18 ASCII digits.
+    """
+    return _byte_count('Upload-Length', header)
+
+
+def parse_offset(header: str | None) -> int:
+    """``Upload-Offset``: where a chunk starts, a whole number of bytes (ASCII digits).
+
+    Raises:
+        BadRequest: missing, or anything but 1 to 18 ASCII digits.
+    """
+    return _byte_count('Upload-Offset', header)
+
+
+def _byte_count(name: str, header: str | None) -> int:
+    if header is None or not _BYTE_COUNT.fullmatch(header):
+        raise BadRequest(f'{name} is required: a whole number of bytes, in ASCII digits.', title=f'Invalid {name}')
+    return int(header)
 
 
 def parse_metadata(header: str | None) -> dict[str, str]:
     """``Upload-Metadata``: ``key base64value`` pairs, comma-separated; a key alone has an empty value.
 
     Raises:
-        BadRequest: a pair that is not of that form, a key given twice, or a value that is not UTF-8.
+        BadRequest: a header that is not ASCII or too long, a pair that is not of that form,
+            a key given twice, or a value that is not base64 of UTF-8 text.
     """
+    if not header:
+        return {}
+    if len(header) > _MAX_METADATA_CHARS or not header.isascii():
+        raise _invalid_metadata(f'Upload-Metadata is ASCII text of at most {_MAX_METADATA_CHARS} characters.')
     metadata: dict[str, str] = {}
-    for pair in filter(None, (part.strip() for part in (header or '').split(','))):
+    for pair in filter(None, (part.strip() for part in header.split(','))):
         key, _, encoded = pair.partition(' ')
-        if not _METADATA_KEY.fullmatch(key) or key in metadata:
-            raise BadRequest(f'Upload-Metadata has a bad or repeated key: {key!r}.', title='Invalid Upload-Metadata')
+        if len(key) > _MAX_METADATA_KEY_CHARS or not _METADATA_KEY.fullmatch(key) or key in metadata:
+            raise _invalid_metadata(f'Upload-Metadata has a bad or repeated key: {_echo(key)}.')
+        if len(metadata) == _MAX_METADATA_PAIRS:
+            raise _invalid_metadata(f'Upload-Metadata has more than {_MAX_METADATA_PAIRS} keys.')
         try:
             metadata[key] = base64.b64decode(encoded.strip(), validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
-            raise BadRequest(
-                f'The value of {key!r} in Upload-Metadata is not base64 of UTF-8 text.', title='Invalid Upload-Metadata'
+            raise _invalid_metadata(
+                f'The value of {_echo(key)} in Upload-Metadata is not base64 of UTF-8 text.'
             ) from None
     return metadata
 
@@ -165,14 +211,20 @@ def parse_checksum(header: str | None) -> tuple[str, bytes] | None:
     """``Upload-Checksum: <algorithm> <base64 digest>`` as (algorithm, digest), or None.
 
     Raises:
-        BadRequest: an algorithm not in :data:`CHECKSUMS`, or a digest that is not base64 of its size.
+        BadRequest: a header that is not ASCII or too long, an algorithm not in
+            :data:`CHECKSUMS`, or a digest that is not base64 of its size.
     """
     if header is None:
         return None
+    if len(header) > _MAX_CHECKSUM_CHARS or not header.isascii():
+        raise BadRequest(
+            f'Upload-Checksum is "<algorithm> <base64 digest>" in ASCII, at most {_MAX_CHECKSUM_CHARS} characters.',
+            title='Invalid checksum',
+        )
     algorithm, _, encoded = header.strip().partition(' ')
     if algorithm not in CHECKSUMS:
         raise BadRequest(
-            f'Upload-Checksum algorithm {algorithm!r} is not one of {", ".join(CHECKSUMS)}.',
+            f'Upload-Checksum algorithm {_echo(algorithm)} is not one of {", ".join(CHECKSUMS)}.',
             title='Unsupported checksum algorithm',
         )
     try:
@@ -180,8 +232,19 @@ def parse_checksum(header: str | None) -> tuple[str, bytes] | None:
     except binascii.Error:
         digest = b''
     if len(digest) != CHECKSUMS[algorithm]().digest_size:
-        raise BadRequest(f'Upload-Checksum: {encoded!r} is not a base64 {algorithm} digest.', title='Invalid checksum')
+        raise BadRequest(
+            f'Upload-Checksum: {_echo(encoded)} is not a base64 {algorithm} digest.', title='Invalid checksum'
+        )
     return algorithm, digest
+
+
+def _invalid_metadata(description: str) -> BadRequest:
+    return BadRequest(description, title='Invalid Upload-Metadata')
+
+
+def _echo(text: str) -> str:
+    """A client's value as an error repeats it: quoted, and cut short."""
+    return repr(text if len(text) <= _ECHOED_CHARS else text[:_ECHOED_CHARS] + '...')
 
 
 def owner_of(token: bytes) -> str:
@@ -452,4 +515,5 @@ class Sessions:
 
 
 def _no_such_upload(session_id: str) -> UploadNotFound:
-    return UploadNotFound(session_id)
+    # APPSEC: an id is 22 characters; what a client sent in its place is not repeated whole.
+    return UploadNotFound(session_id if len(session_id) <= _ECHOED_CHARS else session_id[:_ECHOED_CHARS] + '...')
