@@ -28,7 +28,7 @@ from typing import Any
 import falcon
 from swagger_ui_bundle import swagger_ui_path
 
-from iss_server import browse, doors, index, meta, resumable, telemetry
+from iss_server import browse, doors, images, index, meta, resumable, telemetry
 from iss_server.auth import RequireReadToken, RequireToken
 from iss_server.blobs import parse_id
 from iss_server.config import Settings
@@ -391,6 +391,8 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
 
     It only wires: the store arrives ready (see :func:`build_app`).
     """
+    # NOTE: the render gate is one per process (Pillow's memory is the worker's); the app sets its bounds.
+    images.GATE.configure(settings)
     metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
     middleware: list[object] = [telemetry.RequestTelemetry(metrics), TusProtocol()]
     if settings.cors_origins:

@@ -17,11 +17,12 @@ import urllib.request
 import pytest
 
 import storage
-from conftest import HERE, S3_KEY, S3_SECRET
 from iss_server import disk, index, maintenance
 from iss_server.drivers import Driver, KeyNotFound
 from iss_server.drivers.file import FileDriver
 from iss_server.errors import StoreFailure, StoreUnavailable
+from iss_testing import HERE
+from iss_testing.servers import S3_KEY, S3_SECRET
 
 
 def _file_driver(request, tmp_path: pathlib.Path) -> tuple[Driver, disk.Layout]:

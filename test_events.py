@@ -13,10 +13,13 @@ import pytest
 import webtest
 
 import iss
-from conftest import make_png, upload_image
-from iss_server import backends, index
+import storage
+from iss_server import index
 from iss_server.config import ConfigError, Settings
 from iss_server.events import Events
+from iss_testing.cli import upload_image
+from iss_testing.data import make_png
+from iss_testing.servers import wait_for
 
 ADMIN = {'Authorization': 'Bearer admin'}
 
@@ -25,7 +28,7 @@ ADMIN = {'Authorization': 'Bearer admin'}
 def feed_client(tmp_path):
     """A client of a file store that deletes with the admin token, and the store (to prune its events)."""
     settings = Settings(data_dir=str(tmp_path / 'data'), admin_token='admin')
-    store = backends.open_store(settings)
+    store = storage.open_store(settings)
     store.start()
     return webtest.TestApp(iss.create_app(settings, store)), store
 
@@ -149,7 +152,8 @@ def test_a_cursor_of_an_index_since_rebuilt_answers_410(tmp_path):
         path.unlink()
     rebuilt = webtest.TestApp(iss.build_app(settings))
     assert rebuilt.get('/events', {'after': cursor}, status=410).json['title'] == 'Cursor expired'
-    # NOTE: the rebuild itself is in the feed, from its start
+    # NOTE: the rebuild itself is in the feed, from its start, once the background rebuild is done
+    wait_for(lambda: rebuilt.get('/stats', expect_errors=True).status_int == 200, message='the index rebuilt')
     assert [event['type'] for event in rebuilt.get('/events').json['events']] == ['created']
 
 

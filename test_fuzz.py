@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from conftest import HERE
 from iss_server import images
+from iss_testing import HERE
 
 FUZZ = HERE / 'scripts' / 'fuzz.py'
 #: Seconds of fuzzing per target in CI: the image boundary gets the most, as it has the most code.

@@ -29,9 +29,12 @@ import webtest
 from PIL import Image
 
 import iss
-from conftest import HERE, Gunicorn, blob_id, make_png, upload_image
 from iss_server import errors, images, resumable
 from iss_server.config import Settings
+from iss_testing import HERE
+from iss_testing.cli import upload_image
+from iss_testing.data import blob_id, make_png
+from iss_testing.servers import Gunicorn
 from test_deploy import MIB, UPLOAD_LIMIT, Nginx
 
 CORPUS = HERE / 'fuzz_corpus' / 'image'
@@ -150,6 +153,22 @@ def test_non_ascii_tus_headers_are_400_through_the_app(client):
         expect_errors=True,
     )
     assert (chunk.status_int, chunk.json['title']) == (400, 'Invalid checksum')
+
+
+@pytest.mark.parametrize('value', ['\u00b2', '\u0661\u0660', ' 3', '3_0', '-3', '9' * 19])
+def test_byte_counts_outside_ascii_digits_are_400_through_the_app(client, value):
+    header = value.encode().decode('latin-1')
+    artifact = {**TUS, 'Upload-Metadata': 'kind bW9kZWw='}
+    created = client.post('/uploads', headers={**artifact, 'Upload-Length': header}, expect_errors=True)
+    assert (created.status_int, created.json['title']) == (400, 'Invalid Upload-Length')
+    location = client.post('/uploads', headers={**artifact, 'Upload-Length': '3'}).headers['Location']
+    chunk = client.patch(
+        location,
+        b'abc',
+        headers={**TUS, 'Content-Type': 'application/offset+octet-stream', 'Upload-Offset': header},
+        expect_errors=True,
+    )
+    assert (chunk.status_int, chunk.json['title']) == (400, 'Invalid Upload-Offset')
 
 
 def test_the_404_of_an_upload_does_not_echo_a_long_id(client):

@@ -15,10 +15,10 @@ from cloudevents.core.bindings.http import HTTPMessage, from_structured_event
 from standardwebhooks import Webhook
 
 import iss
-from conftest import wait_for
 from iss_server import index
 from iss_server.config import ConfigError, Settings, WebhookEndpoint
 from iss_server.webhooks import Deliverer
+from iss_testing.servers import wait_for
 
 SECRET = 'whsec_' + base64.b64encode(b'a secret of thirty-two bytes!!!!').decode()
 ADMIN = {'Authorization': 'Bearer admin'}

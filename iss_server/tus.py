@@ -159,7 +159,7 @@ class UploadsCollection:
                 'Give Upload-Length: this server does not take uploads of unknown length.',
                 title='Upload-Length required',
             )
-        length = _header_count(req, 'Upload-Length')
+        length = resumable.parse_length(req.get_header('Upload-Length'))
         if length > self._uploads.max_size:
             raise UploadTooLarge(self._uploads.max_size)
         metadata = resumable.parse_metadata(req.get_header('Upload-Metadata'))
@@ -193,7 +193,7 @@ class UploadSession:
     def on_patch(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         _check_chunk_type(req)
         owner = self._uploads.owner(req)
-        session = self._uploads.receive(req, upload_id, owner, _header_count(req, 'Upload-Offset'))
+        session = self._uploads.receive(req, upload_id, owner, resumable.parse_offset(req.get_header('Upload-Offset')))
         resp.status = falcon.HTTP_204
         self._uploads.answer(resp, session)
 
@@ -231,14 +231,6 @@ class TusProtocol:
         if isinstance(resource, self._RESOURCES):
             resp.set_header('Tus-Resumable', resumable.VERSION)
             resp.set_header('Tus-Version', resumable.VERSION)
-
-
-def _header_count(req: falcon.Request, name: str) -> int:
-    """A header that must be a whole number of bytes (``Upload-Length``, ``Upload-Offset``)."""
-    raw = req.get_header(name)
-    if raw is None or not raw.isdigit() or len(raw) > 18:
-        raise BadRequest(f'{name} is required: a whole number of bytes.', title=f'Invalid {name}')
-    return int(raw)
 
 
 def _chunk_type(req: falcon.Request) -> bool:

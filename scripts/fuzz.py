@@ -4,7 +4,7 @@
     python scripts/fuzz.py image -max_total_time=3600 -jobs=2    # a long run, by hand
 
 Targets: ``tus`` (the tus header parsers of iss_server/resumable.py), ``range``
-(httpio's Range and If-Range), ``form`` (the multipart parser, iss_server/forms.py),
+(the Range and If-Range of iss_server/responses.py), ``form`` (the multipart parser, iss_server/forms.py),
 ``meta`` (an artifact's meta, its kind, type and file name: iss_server/meta.py) and
 ``image`` (images.identify, check_decodes and render: every call ISS makes into Pillow).
 
@@ -61,18 +61,18 @@ def tus(data: bytes) -> None:
 
 
 def range_(data: bytes) -> None:
-    """httpio's Range (with If-Range): a range inside the blob, None, or 416."""
+    """The file responses' Range (with If-Range): a range inside the blob, None, or 416."""
     import falcon
     import falcon.testing
 
-    from iss_server import httpio
+    from iss_server import responses
 
     size = int.from_bytes(data[:2], 'big')
     range_header, _, if_range = data[2:].decode('latin-1').partition('\n')
     headers = {'Range': range_header, **({'If-Range': if_range} if if_range else {})}
     req = falcon.Request(falcon.testing.create_environ(headers=headers))
     try:
-        chosen = httpio._requested_range(req, 'sha256:' + '0' * 64, size)
+        chosen = responses._requested_range(req, 'sha256:' + '0' * 64, size)
     except falcon.HTTPRangeNotSatisfiable:
         return
     if chosen is not None:
@@ -165,7 +165,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {'tus': tus, 'range': range_, 'for
 #: What each target's modules are, for coverage (Pillow's plugins are Python: its parsers too).
 INSTRUMENTED = {
     'tus': ['iss_server.resumable'],
-    'range': ['iss_server.httpio'],
+    'range': ['iss_server.responses'],
     'form': ['iss_server.forms'],
     'meta': ['iss_server.meta'],
     'image': ['iss_server.images', 'PIL'],
