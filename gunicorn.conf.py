@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 import gunicorn.glogging
+import gunicorn.systemd
 import gunicorn.util
 
 from iss_server import syscalls
@@ -120,7 +121,8 @@ def on_starting(server):
     NOTE: gunicorn itself retries a taken port five times, a second apart, then exits with a
     bare "Can't connect": the line that says which setting to change comes from here.
     """
-    inherited = os.environ.get('LISTEN_FDS') or os.environ.get('GUNICORN_FD') or server.cfg.reuse_port
+    # Sockets handed over by systemd or by the old master of a USR2 upgrade are bound already.
+    inherited = gunicorn.systemd.listen_fds(unset_environment=False) or server.master_pid or server.cfg.reuse_port
     for address in [] if inherited else server.cfg.address:
         if isinstance(address, tuple):
             _exit_unless_free(server, *address[:2])
