@@ -137,7 +137,7 @@ def _exit_unless_free(server, host: str, port: int) -> None:
         if exc.errno == errno.EADDRINUSE:
             reason = f'port {port} is in use on {host or "all addresses"}: stop what listens there, or set ISS_PORT'
         else:
-            reason = f'cannot listen on {host}:{port} ({exc.strerror}): check ISS_HOST and ISS_PORT'
+            reason = f'cannot listen on {host}:{port} ({os.strerror(exc.errno)}): check ISS_HOST and ISS_PORT'
         on_exit(server)
         if server.pidfile is not None:
             server.pidfile.unlink()

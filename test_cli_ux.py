@@ -50,6 +50,18 @@ def test_gunicorn_on_a_taken_port_says_so_in_one_line_and_exits_at_once(tmp_path
     assert 'in use' in lines[0] and 'ISS_PORT' in lines[0] and "Can't connect" not in result.stderr
 
 
+def test_gunicorn_on_an_address_not_of_this_host_names_iss_host(tmp_path):
+    # NOTE: 192.0.2.1 is TEST-NET-1 (RFC 5737), on no host's interface.
+    env = {**os.environ, 'ISS_HOST': '192.0.2.1', 'ISS_DATA': str(tmp_path / 'data')}
+    result = subprocess.run(
+        [sys.executable, '-m', 'gunicorn', 'iss:app'], cwd=HERE, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode != 0
+    assert 'iss: cannot listen on 192.0.2.1:8000 (Cannot assign requested address)' in result.stderr
+    assert 'ISS_HOST' in result.stderr and "Can't connect" not in result.stderr
+
+
 def test_gunicorn_starts_on_a_free_port_as_before(start):
     server = start()
 
