@@ -144,6 +144,16 @@ def test_durations_read_as_a_person_reads_them(seconds, text):
     assert cli._duration(seconds) == text
 
 
+def test_sign_as_text_says_when_the_url_expires(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('ISS_SIGNING_KEY', 'the key')
+    monkeypatch.setattr(time, 'time', lambda: 1_800_000_000)
+
+    assert cli.main(['--data', str(tmp_path), 'sign', 'sha256:' + 'ab' * 32, '--expires', '60']) == cli.OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('url: /images/sha256:') and 'expires=1800000060' in lines[0]
+    assert lines[1:] == ['expires: 2027-01-15 08:01:00 UTC']
+
+
 @pytest.mark.file_store
 def test_stats_as_text_and_as_json(data_dir, client, png):
     upload_image(client, png)

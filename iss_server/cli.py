@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import re
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -77,6 +79,11 @@ def _size(size: int) -> str:
 def _count(number: int, noun: str) -> str:
     """``1 blob``, ``2 blobs``: the noun agrees with its number."""
     return f'{number:,} {noun}' + ('' if number == 1 else 's')
+
+
+def _date(unix_seconds: float) -> str:
+    """``2026-12-02 19:25:00 UTC``."""
+    return f'{datetime.datetime.fromtimestamp(unix_seconds, datetime.UTC):%Y-%m-%d %H:%M:%S} UTC'
 
 
 def _duration(seconds: float) -> str:
@@ -393,6 +400,11 @@ def _print(args: argparse.Namespace, result: dict[str, Any], stream: IO[str] | N
             stream.write(f'{label}: {_size(value)}{exact}\n')
         elif key == 'seconds':
             stream.write(f'took: {_duration(value)}\n')
+        elif key == 'url':
+            stream.write(f'{label}: {value}\n')
+            expires = urllib.parse.parse_qs(urllib.parse.urlsplit(value).query).get('expires')
+            if expires:
+                stream.write(f'expires: {_date(int(expires[0]))}\n')
         else:
             stream.write(
                 f'{label}: {value:,}\n'
