@@ -32,13 +32,14 @@ if __name__ == '__main__':
     try:
         from iss_server import cli
     except ModuleNotFoundError as missing:
-        if missing.name is None or missing.name.partition('.')[0] in ('iss_server', 'storage'):
+        top = (missing.name or 'iss_server').partition('.')[0]
+        if top in ('iss_server', 'storage'):
             raise
-        package = {'PIL': 'pillow', 'yaml': 'PyYAML', 'swagger_ui_bundle': 'swagger-ui-bundle-v2'}
+        package = {'PIL': 'pillow', 'yaml': 'PyYAML', 'swagger_ui_bundle': 'swagger-ui-bundle-v2'}.get(top, top)
         checkout = pathlib.Path(__file__).resolve().parent
         venv = '' if (checkout / '.venv').is_dir() else 'python3 -m venv .venv && '
         print(
-            f'python -m iss: {package.get(missing.name, missing.name)} is not installed for {sys.executable}: '
+            f'python -m iss: {package} is not installed for {sys.executable}: '
             f'in {checkout} run `{venv}.venv/bin/pip install -r requirements.txt`, then `.venv/bin/python -m iss`',
             file=sys.stderr,
         )
