@@ -255,13 +255,21 @@ class Mirror:
             self.counters.events += len(events)
             self.counters.lag = lag
         self._log(
-            f'mirror: applied {len(events)} changes ({len(missing)} copied, {len(gone)} deleted), lag {lag:.1f} s'
+            f'mirror: applied {len(events)} changes ({len(missing)} copied, {len(gone)} deleted), lag {lag:.2f} s'
         )
 
     def _copy(self, items: list[dict[str, Any]]) -> None:
-        with concurrent.futures.ThreadPoolExecutor(self._jobs) as pool:
-            for future in [pool.submit(self._copy_one, item) for item in items]:
+        self._each(self._copy_one, items)
+
+    def _each(self, work: Callable[[Any], None], items: list[Any]) -> None:
+        """Run ``work`` on every item, ``jobs`` at once; the first error (or Ctrl-C) cancels what has not started."""
+        pool = concurrent.futures.ThreadPoolExecutor(self._jobs)
+        try:
+            for future in [pool.submit(work, item) for item in items]:
                 future.result()
+        finally:
+            # NOTE: without cancel_futures, a Ctrl-C would wait for every queued copy
+            pool.shutdown(cancel_futures=True)
 
     def _copy_one(self, item: dict[str, Any]) -> None:
         """Download a blob (verified) and put it by id (verified again by the destination)."""
@@ -288,6 +296,4 @@ class Mirror:
             with self.counters.lock:
                 self.counters.deleted += 1
 
-        with concurrent.futures.ThreadPoolExecutor(self._jobs) as pool:
-            for future in [pool.submit(delete, blob_id) for blob_id in blob_ids]:
-                future.result()
+        self._each(delete, blob_ids)
