@@ -36,7 +36,9 @@ EPILOG = """\
 push sends a whole tree in one run: images to /images, every other file as an artifact
 of kind "file" (--other-kind KIND names another; --kind KIND stores images as artifacts
 of that kind too; --images-only refuses what is no image). Only what the server lacks is sent. pull
-restores the files under their names. The options above work before or after the
+restores the files under their names. mirror keeps a second ISS a copy of the first
+(--follow: until Ctrl-C; resumable); watch prints the store's changes as JSON lines.
+The options above work before or after the
 command: iss-client --json stats, iss-client stats --json.
 
 exit codes: 0 all done, 1 some items failed (each named on stderr), 2 usage or no server
