@@ -474,15 +474,17 @@ class Client:
     def follow(self, after: str | None = 'now', *, limit: int = 100, wait: int = _FOLLOW_WAIT) -> Iterator[EventPage]:
         """Every page of the feed after ``after``, for ever, long-polled; an empty page when ``wait`` passes quietly.
 
-        An unreachable server is asked again with backoff (up to a minute apart); every other
-        error, :class:`CursorExpired` among them, ends the iteration.
+        An unreachable server, or one that answers 5xx, is asked again with backoff (up to a
+        minute apart); every other error, :class:`CursorExpired` among them, ends the iteration.
         """
         cursor = after
         attempt = 0
         while True:
             try:
                 page = self.events(cursor, limit, wait)
-            except Unreachable:
+            except ISSError as exc:
+                if not isinstance(exc, Unreachable) and exc.status < 500:
+                    raise
                 time.sleep(min(60.0, 2.0**attempt) * random.uniform(0.5, 1.0))
                 attempt += 1
                 continue
