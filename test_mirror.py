@@ -139,9 +139,9 @@ def test_mirror_follows_and_tells_its_lag_in_metrics(start, tmp_path):
         lag = float(next(line.split()[1] for line in metrics.splitlines() if line.startswith('iss_client_mirror_lag')))
         assert 0 <= lag < 10
     finally:
-        running.send_signal(signal.SIGINT)
+        running.send_signal(signal.SIGTERM)  # NOTE: as systemd stops it: the clean stop of Ctrl-C
         _, err = running.communicate(timeout=20)
-    assert 'resume with: iss-client mirror' in err
+    assert running.returncode == 1 and 'resume with: iss-client mirror' in err
     assert_same(source, destination)
     crash(src, dst)
 
@@ -151,8 +151,9 @@ def read(url: str) -> str:
         return answer.read().decode()
 
 
-def test_an_expired_cursor_lists_the_store_anew(start, tmp_path):
-    src, dst = start(tmp_path / 'src', **TOKENS), start(tmp_path / 'dst', **TOKENS)
+def test_an_expired_cursor_lists_the_store_anew_of_a_private_source(start, tmp_path):
+    src = start(tmp_path / 'src', ISS_READ_TOKEN='read-token', **TOKENS)
+    dst = start(tmp_path / 'dst', **TOKENS)
     source, destination = Client(src.url, UPLOAD), Client(dst.url, UPLOAD)
     kept = source.put(b'kept', kind='doc').id
     stale = destination.put(b'only on the destination', kind='doc').id
@@ -160,7 +161,10 @@ def test_an_expired_cursor_lists_the_store_anew(start, tmp_path):
     state = tmp_path / 'state.json'
     state.write_text(json.dumps({'cursor': destination.events('now').next, 'listed': True}))
     done = subprocess.run(
-        [sys.executable, '-m', 'iss_client', *mirror_args(src, dst, state)], capture_output=True, text=True, timeout=60
+        [sys.executable, '-m', 'iss_client', *mirror_args(src, dst, state, '--src-token', 'read-token')],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert 'listing anew' in done.stderr

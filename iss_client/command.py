@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import threading
@@ -446,6 +447,7 @@ def mirror_command(client: Client, args: argparse.Namespace, console: _Console) 
     if args.metrics_port is not None:
         mirror.serve_metrics(work.counters, args.metrics_port)
     resume = f'iss-client mirror {args.source} {args.destination} --state {state.path}'
+    _stop_on_sigterm()
     try:
         source.reach()
         destination.reach()
@@ -481,8 +483,18 @@ def _log(quiet: bool) -> Callable[[str], None]:
     return log
 
 
+def _stop_on_sigterm() -> None:
+    """Take SIGTERM (systemd, docker stop) as Ctrl-C: the same clean stop and the same last line."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def watch(client: Client, args: argparse.Namespace, console: _Console) -> int:
     cursor = args.after or 'now'
+    _stop_on_sigterm()
     try:
         while True:
             try:
