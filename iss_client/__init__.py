@@ -13,15 +13,27 @@ with Python 3.11 and nothing of the server: ``pip install /path/to/iss`` gives b
         print(item['id'], item['bytes'])
 
 Modules: ``library`` (the Client and the wire), ``files`` (this machine's side: the tree
-walk, ids, media types, the cache), ``command`` (``iss-client``; also ``python -m iss_client``).
+walk, ids, media types, the cache), ``mirror`` (one store kept in step with another, from
+its change feed), ``command`` (``iss-client``; also ``python -m iss_client``).
 """
 
 from iss_client.command import main
 from iss_client.files import files_below, hash_file, manifest_entry, media_type
-from iss_client.library import Client, IntegrityError, ISSError, Stored, Unreachable, upload_way
+from iss_client.library import (
+    Client,
+    CursorExpired,
+    EventPage,
+    IntegrityError,
+    ISSError,
+    Stored,
+    Unreachable,
+    upload_way,
+)
 
 __all__ = [
     'Client',
+    'CursorExpired',
+    'EventPage',
     'ISSError',
     'IntegrityError',
     'Stored',

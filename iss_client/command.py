@@ -1,4 +1,4 @@
-"""The ``iss-client`` command: push, pull, ls, meta, rm and stats, over :class:`iss_client.Client`.
+"""The ``iss-client`` command: push, pull, ls, meta, rm, stats, mirror and watch, over :class:`iss_client.Client`.
 
 Exit codes: 0 all done, 1 some items failed (each named on stderr), 2 usage or no server.
 """
@@ -12,14 +12,17 @@ import datetime
 import json
 import os
 import pathlib
+import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from iss_client import mirror
 from iss_client.files import files_below, hash_stream, inside, known_id, manifest_entry, remember_id
-from iss_client.library import Client, ISSError, Stored, Unreachable, image_type, upload_way
+from iss_client.library import Client, CursorExpired, ISSError, Stored, Unreachable, image_type, upload_way
 
 OK, SOME_FAILED, USAGE = 0, 1, 2
 
@@ -34,7 +37,9 @@ EPILOG = """\
 push sends a whole tree in one run: images to /images, every other file as an artifact
 of kind "file" (--other-kind KIND names another; --kind KIND stores images as artifacts
 of that kind too; --images-only refuses what is no image). Only what the server lacks is sent. pull
-restores the files under their names. The options above work before or after the
+restores the files under their names. mirror keeps a second ISS a copy of the first
+(--follow: until Ctrl-C; resumable); watch prints the store's changes as JSON lines.
+The options above work before or after the
 command: iss-client --json stats, iss-client stats --json.
 
 exit codes: 0 all done, 1 some items failed (each named on stderr), 2 usage or no server
@@ -428,6 +433,111 @@ def stats(client: Client, args: argparse.Namespace, console: _Console) -> int:
     return OK
 
 
+# -- mirror and watch ------------------------------------------------------------------
+
+
+def mirror_command(client: Client, args: argparse.Namespace, console: _Console) -> int:
+    source = Client(args.source, args.src_token)
+    destination = Client(args.destination, args.dst_token)
+    deleter = Client(args.destination, args.dst_admin_token or args.dst_token)
+    state = mirror.State(
+        pathlib.Path(args.state) if args.state else mirror.default_state(args.source, args.destination)
+    )
+    work = mirror.Mirror(source, destination, deleter, state, jobs=args.jobs, log=_log(args.quiet))
+    if args.metrics_port is not None:
+        mirror.serve_metrics(work.counters, args.metrics_port)
+    resume = f'iss-client mirror {args.source} {args.destination} --state {state.path}'
+    _stop_on_sigterm()
+    try:
+        source.reach()
+        destination.reach()
+        work.run(args.follow)
+    except KeyboardInterrupt:
+        print(f'iss-client: mirror stopped; resume with: {resume}', file=sys.stderr)
+        return SOME_FAILED
+    except ISSError as exc:
+        if exc.status in (401, 403):
+            exc = ISSError(exc.status, exc.title, f'{exc.description} (--src-token, --dst-token, --dst-admin-token)')
+        console.error('mirror', str(exc))
+        print(f'iss-client: resume with: {resume}', file=sys.stderr)
+        return USAGE if isinstance(exc, Unreachable) else SOME_FAILED
+    counters = work.counters
+    summary = {
+        'events': counters.events,
+        'copied': counters.copied,
+        'bytes': counters.bytes,
+        'deleted': counters.deleted,
+    }
+    print(json.dumps(summary) if args.json else f'mirror: caught up; {_count(counters.copied, "blob")} copied')
+    return OK
+
+
+def _log(quiet: bool) -> Callable[[str], None]:
+    """A log line on stderr, with the time (none when ``quiet``)."""
+
+    def log(line: str) -> None:
+        if not quiet:
+            stamp = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+            print(f'{stamp} {line}', file=sys.stderr, flush=True)
+
+    return log
+
+
+def _stop_on_sigterm() -> None:
+    """Take SIGTERM (systemd, docker stop) as Ctrl-C: the same clean stop and the same last line."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def watch(client: Client, args: argparse.Namespace, console: _Console) -> int:
+    cursor = args.after or 'now'
+    _stop_on_sigterm()
+    try:
+        while True:
+            try:
+                for page in client.follow(cursor):
+                    for event in page.events:
+                        if _watched(event['item'], args):
+                            _tell(event, args.exec)
+                        cursor = event['cursor']
+                    cursor = page.next
+            except CursorExpired as exc:
+                console.error('watch', f'{exc.description}; changes were missed: going on from now')
+                cursor = 'now'
+    except KeyboardInterrupt:
+        print(f'iss-client: watch stopped; go on with --after {cursor}', file=sys.stderr)
+        return OK
+
+
+def _watched(item: dict[str, Any], args: argparse.Namespace) -> bool:
+    """Whether an event's blob is of what ``--kind``, ``--images`` or ``--artifacts`` asks for."""
+    if args.kind is not None:
+        return item.get('kind') == args.kind
+    if args.images or args.artifacts:
+        return (item.get('kind') == 'image') == args.images
+    return True
+
+
+def _tell(event: dict[str, Any], command: str | None) -> None:
+    """Print an event as a JSON line, and run ``command`` with it (stdin, and ISS_EVENT_* variables)."""
+    line = json.dumps(event)
+    print(line, flush=True)
+    if command:
+        env = {
+            **os.environ,
+            'ISS_EVENT_TYPE': event['type'],
+            'ISS_EVENT_ID': event['item']['id'],
+            'ISS_EVENT_KIND': str(event['item'].get('kind') or ''),
+            'ISS_EVENT_CURSOR': event['cursor'],
+        }
+        done = subprocess.run(command, shell=True, input=line + '\n', text=True, env=env, check=False)
+        if done.returncode:
+            print(f'iss-client: --exec exited {done.returncode} for {event["item"]["id"]}', file=sys.stderr)
+
+
 # -- the command line ------------------------------------------------------------------
 
 
@@ -458,7 +568,7 @@ def parser() -> argparse.ArgumentParser:
     def command(name: str, function: Callable[..., int], text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         _add_options(sub, defaults=False)
-        sub.set_defaults(function=function)
+        sub.set_defaults(function=function, remote=True)
         return sub
 
     pushing = command(
@@ -493,6 +603,33 @@ def parser() -> argparse.ArgumentParser:
     command('meta', meta_command, 'print the stored meta of ids').add_argument('ids', nargs='+', metavar='ID')
     command('rm', rm, 'delete ids (needs the admin token)').add_argument('ids', nargs='+', metavar='ID')
     command('stats', stats, 'count blobs and bytes per kind')
+    mirroring = command(
+        'mirror', mirror_command, 'copy every blob of one ISS to another and apply deletes, then follow its changes'
+    )
+    mirroring.set_defaults(remote=False)
+    mirroring.add_argument('source', metavar='SRC_URL')
+    mirroring.add_argument('destination', metavar='DST_URL')
+    mirroring.add_argument('--follow', action='store_true', help='keep the destination in step until Ctrl-C')
+    mirroring.add_argument('--state', metavar='FILE', help='where the cursor is kept (default under ~/.cache)')
+    mirroring.add_argument('--src-token', help="the source's read token (a private store)")
+    mirroring.add_argument('--dst-token', help="the destination's upload token (its ISS_API_TOKEN)")
+    mirroring.add_argument(
+        '--dst-admin-token', help="the destination's admin token, for deletes (default: --dst-token)"
+    )
+    mirroring.add_argument('--metrics-port', type=int, metavar='PORT', help='serve /metrics (lag) on 127.0.0.1:PORT')
+    watching = command(
+        'watch', watch, 'print the changes of the store as JSON lines, from now; --exec runs a command on each'
+    )
+    watching.add_argument('--after', metavar='CURSOR', help='start after this cursor instead of now')
+    doors = watching.add_mutually_exclusive_group()
+    doors.add_argument('--kind', help='changes of artifacts of this kind only')
+    doors.add_argument('--images', action='store_true', help='changes of images only')
+    doors.add_argument('--artifacts', action='store_true', help='changes of artifacts only')
+    watching.add_argument(
+        '--exec',
+        metavar='CMD',
+        help='run CMD (by the shell) per change: the event on stdin, ISS_EVENT_TYPE/_ID/_KIND set',
+    )
     return top
 
 
@@ -515,7 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.error(f'--url: {exc}')
     console = _Console(sys.stderr.isatty() and not args.quiet)
     try:
-        client.reach()
+        if args.remote:  # NOTE: mirror names its two servers itself
+            client.reach()
         return args.function(client, args, console)
     except Unreachable as exc:
         console.error(args.command, _reason(exc, args))

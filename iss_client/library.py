@@ -44,6 +44,8 @@ _SEND_PIECE = 8 * 1024 * 1024
 _RESUMABLE_BYTES = 256 * 1024 * 1024
 _RESUMABLE_CHUNK_BYTES = 64 * 1024 * 1024
 _TUS = {'Tus-Resumable': '1.0.0'}
+# NOTE: a long-poll of the change feed waits this long (the server allows 60), well inside the client's timeout.
+_FOLLOW_WAIT = 25
 # NOTE: a server that has never answered this client gets this many more tries and this long
 # to accept a connection: a wrong --url fails in a second, not after the retries meant for
 # a server restarting under a running push.
@@ -88,12 +90,24 @@ class IntegrityError(ISSError):
     """The bytes received do not hash to the id asked for: nothing was kept."""
 
 
+class CursorExpired(ISSError):
+    """410 from ``/events``: the cursor is older than the feed keeps, or of an index since rebuilt."""
+
+
 class Unreachable(ISSError):
     """The server could not be reached, after every retry; ``reason`` says what the last try met."""
 
     def __init__(self, server: str, reason: str) -> None:
         super().__init__(0, 'Unreachable', f'{server}: {reason}')
         self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class EventPage:
+    """A page of the change feed: its ``events`` (each with its own ``cursor``) and the cursor to ask with ``next``."""
+
+    events: list[dict[str, Any]]
+    next: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,6 +453,44 @@ class Client:
             page = json.loads(self._call('GET', path)[2])
             yield from page['items']
             path = page['next']
+
+    def events(self, after: str | None = None, limit: int = 100, wait: int = 0) -> EventPage:
+        """The changes after ``after`` (None: the oldest kept; ``'now'``: none, with the latest cursor).
+
+        ``wait`` seconds (at most 60) long-polls: the answer comes as soon as a change lands.
+
+        Raises:
+            CursorExpired: the cursor is no longer served (410): list the store anew.
+        """
+        query = {'limit': limit, 'wait': wait, **({'after': after} if after else {})}
+        try:
+            page = json.loads(self._call('GET', f'/events?{urllib.parse.urlencode(query)}')[2])
+        except ISSError as exc:
+            if exc.status == 410:
+                raise CursorExpired(exc.status, exc.title, exc.description) from None
+            raise
+        return EventPage(page['events'], page['next'])
+
+    def follow(self, after: str | None = 'now', *, limit: int = 100, wait: int = _FOLLOW_WAIT) -> Iterator[EventPage]:
+        """Every page of the feed after ``after``, for ever, long-polled; an empty page when ``wait`` passes quietly.
+
+        An unreachable server, or one that answers 5xx, is asked again with backoff (up to a
+        minute apart); every other error, :class:`CursorExpired` among them, ends the iteration.
+        """
+        cursor = after
+        attempt = 0
+        while True:
+            try:
+                page = self.events(cursor, limit, wait)
+            except ISSError as exc:
+                if not isinstance(exc, Unreachable) and exc.status < 500:
+                    raise
+                time.sleep(min(60.0, 2.0**attempt) * random.uniform(0.5, 1.0))
+                attempt += 1
+                continue
+            attempt = 0
+            cursor = page.next
+            yield page
 
     def delete(self, blob_id: str) -> None:
         self._call('DELETE', f'/artifacts/{blob_id}')
