@@ -54,7 +54,7 @@ class ImageDoor:
 
     name = index.IMAGES
     id_field = 'image_id'
-    form_fields = ()
+    form_fields: tuple[str, ...] = ()
 
     def __init__(self, settings: Settings) -> None:
         self._max_pixels = settings.max_image_pixels
@@ -91,7 +91,7 @@ class ArtifactDoor:
 
     name = index.ARTIFACTS
     id_field = 'artifact_id'
-    form_fields = ('kind', 'meta')
+    form_fields: tuple[str, ...] = ('kind', 'meta')
 
     def __init__(self, settings: Settings) -> None:
         self._max_meta_bytes = settings.max_meta_bytes
