@@ -127,7 +127,10 @@ class Derivatives:
         application did not hand out).
         """
         name = req.get_param('preset')
-        given = {key: value for key, value in req.params.items() if key in DERIVATIVE_PARAMETERS}
+        # NOTE: a parameter given twice (a list) was refused already
+        given = {
+            key: value for key, value in req.params.items() if key in DERIVATIVE_PARAMETERS and isinstance(value, str)
+        }
         if name is not None:
             if given:
                 raise BadRequest('Give a preset, or parameters, not both.', title='Invalid preset')
@@ -204,37 +207,6 @@ class Derivatives:
         with blob.file, _refusing_what_cannot_render(blob_id):
             info = images.identify(blob.file, self._max_pixels)
         return {'format': info.format, **info.fields}
-
-
-def _int_param(params: dict[str, str], name: str, maximum: int) -> int | None:
-    """A whole number from 1 to ``maximum``, or None when not given; 400 otherwise, as Falcon's own."""
-    raw = params.get(name)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise falcon.HTTPInvalidParam('The value must be an integer.', name) from None
-    if not 1 <= value <= maximum:
-        raise falcon.HTTPInvalidParam(f'The value must be at least 1 and at most {maximum}.', name)
-    return value
-
-
-@contextlib.contextmanager
-def _refusing_what_cannot_render(blob_id: str) -> Iterator[None]:
-    """Answer what Pillow cannot (or must not) render as 415 or 422."""
-    try:
-        yield
-    except images.NotAnImage:
-        raise falcon.HTTPUnsupportedMediaType(
-            title='Not an image', description=f'{blob_id} is not an image, so it has no derivatives.'
-        ) from None
-    except images.ImageTooLarge as exc:
-        raise falcon.HTTPUnprocessableEntity(title='Image too large to render', description=str(exc)) from None
-    except images.CannotRender as exc:
-        raise falcon.HTTPUnprocessableEntity(
-            title='Cannot render', description=f'The image cannot be decoded: {exc}'
-        ) from None
 
 
 def _int_param(params: dict[str, str], name: str, maximum: int) -> int | None:
