@@ -86,7 +86,7 @@ class UploadReceiver:
         self, req: falcon.Request, body: RequestBody, form_fields: tuple[str, ...], max_files: int
     ) -> list[Upload]:
         form = forms.FormReader(
-            body, req.content_type, max_parts=max_files + self._MAX_OTHER_PARTS, length=body.declared_length
+            body, req.content_type or '', max_parts=max_files + self._MAX_OTHER_PARTS, length=body.declared_length
         )
         uploads: list[Upload] = []
         fields: dict[str, str] = {}
