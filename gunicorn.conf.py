@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import shutil
+import socket
 import tempfile
 
 import gunicorn.glogging
@@ -52,7 +53,7 @@ class _Logger(gunicorn.glogging.Logger):
     even though nothing is configured to write them (~7% of a small GET, py-spy).
     """
 
-    def access(self, resp, req, environ, request_time) -> None:
+    def access(self, resp: object, req: object, environ: object, request_time: object) -> None:
         pass
 
 
@@ -64,7 +65,7 @@ control_socket_disable = True
 limit_request_line = 8190
 
 
-def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+def _write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
     """Answer the requests gunicorn refuses itself (400, 414, 431...) in JSON, like ISS does.
 
     gunicorn writes these before ISS sees the request, as an HTML page, through this one
