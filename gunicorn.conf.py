@@ -10,8 +10,10 @@ import shutil
 import socket
 import tempfile
 
+import gunicorn.arbiter
 import gunicorn.glogging
 import gunicorn.util
+import gunicorn.workers.base
 
 from iss_server import syscalls
 from iss_server.config import Settings
@@ -112,13 +114,13 @@ def _allow_the_files_batches_hold() -> None:
 _allow_the_files_batches_hold()
 
 
-def child_exit(server, worker):
+def child_exit(server: gunicorn.arbiter.Arbiter, worker: gunicorn.workers.base.Worker) -> None:
     """A dead worker's gauges go; its counters stay in the sums (prometheus_client's rule)."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
 
 
-def on_exit(server):
+def on_exit(server: gunicorn.arbiter.Arbiter) -> None:
     if _own_metrics_dir:
         shutil.rmtree(_own_metrics_dir, ignore_errors=True)

@@ -30,7 +30,7 @@ import unicodedata
 from collections.abc import Iterator
 from typing import IO, Any, cast
 
-from PIL import ExifTags, Image, TiffImagePlugin, features
+from PIL import ExifTags, Image, TiffImagePlugin, UnidentifiedImageError, features
 
 from iss_server.config import Settings
 from iss_server.errors import RendersBusy
@@ -194,7 +194,7 @@ def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
     except _OverBudget as exc:
         log.warning('image refused while %s: it costs %s', doing, exc)
         raise ImageTooLarge(f'identifying it takes {exc}; this service reads at most that') from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise refusal('no image format this service reads') from None
     except Exception as exc:  # APPSEC: a decoder's failure is the file's, whatever its type
         log.warning('image refused while %s: %s: %s', doing, type(exc).__name__, exc)
