@@ -495,3 +495,31 @@ def test_a_gif_frame_larger_than_its_screen_is_refused_before_pillow_allocates_i
         with pytest.raises(images.ImageTooLarge):
             call(io.BytesIO(data), images.DEFAULT_MAX_PIXELS)
     assert time.process_time() - started < 1
+
+
+@pytest.mark.parametrize('value', ['\u0661\u0660', ' 10', '1_0', '+10', '\u00b2'])
+def test_a_derivative_size_outside_ascii_digits_is_400_one_spelling_one_cache_key(client, png, value):
+    image_id = upload_image(client, png).json['image_id']
+
+    answer = client.get(f'/images/{image_id}', {'w': value}, expect_errors=True)
+
+    assert answer.status_int == 400 and answer.json['title'] == 'Invalid parameter'
+
+
+def test_a_range_of_non_ascii_digits_is_ignored_as_rfc_9110_says(client, png):
+    image_id = upload_image(client, png).json['image_id']
+
+    answer = client.get(f'/images/{image_id}', headers={'Range': 'bytes=\u00b2-'.encode().decode('latin-1')})
+
+    assert answer.status_int == 200 and answer.body == png
+
+
+def test_a_chunk_after_the_upload_is_complete_says_so(client):
+    artifact = {**TUS, 'Upload-Metadata': 'kind bW9kZWw='}
+    location = client.post('/uploads', headers={**artifact, 'Upload-Length': '3'}).headers['Location']
+    chunk = {**TUS, 'Content-Type': 'application/offset+octet-stream', 'Upload-Offset': '0'}
+    client.patch(location, b'abc', headers=chunk)
+
+    again = client.patch(location, b'abc', headers={**chunk, 'Upload-Offset': '3'}, expect_errors=True)
+
+    assert again.status_int == 409 and 'complete' in again.json['description'], again.json

@@ -1491,7 +1491,7 @@ def test_unusable_settings_are_refused_with_their_name(name, value):
 
 def test_nothing_but_config_reads_the_environment():
     # NOTE: gunicorn.conf.py may write it (for prometheus_client), never read it; the client
-    # (iss_client.py) is a program of its own, installed without the server, and reads ISS_URL.
+    # (the iss_client package) is a program of its own, installed without the server, and reads ISS_URL.
     reads = re.compile(r'\bos\.environ\b(?!\[[^]]+\]\s*=[^=])|\bos\.getenv|\bgetenv\(')
     readers = {
         str(path.relative_to(HERE))

@@ -589,7 +589,9 @@ class _Retry(Exception):
     def __init__(self, error: ISSError, retry_after: str | None) -> None:
         super().__init__(str(error))
         self.error = error
-        self.retry_after = float(retry_after) if retry_after and retry_after.isdigit() else None
+        self.retry_after = (
+            float(retry_after) if retry_after and retry_after.isascii() and retry_after.isdigit() else None
+        )
 
 
 # NOTE: enough to send an image as a raw body (image/*); the server types it by its bytes anyway.

@@ -214,10 +214,10 @@ def _int_param(params: dict[str, str], name: str, maximum: int) -> int | None:
     raw = params.get(name)
     if raw is None:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise falcon.HTTPInvalidParam('The value must be an integer.', name) from None
+    # APPSEC: ASCII digits only: int() also takes '١٠', ' 10' and '1_0', each a cache key of its own behind nginx
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 12):
+        raise falcon.HTTPInvalidParam('The value must be an integer.', name)
+    value = int(raw)
     if not 1 <= value <= maximum:
         raise falcon.HTTPInvalidParam(f'The value must be at least 1 and at most {maximum}.', name)
     return value

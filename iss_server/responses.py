@@ -46,7 +46,7 @@ _ACTIVE_TYPES = frozenset(
     }
 )
 
-_RANGE_PATTERN = re.compile(r'bytes=(\d{0,18})-(\d{0,18})', re.IGNORECASE)
+_RANGE_PATTERN = re.compile(r'bytes=([0-9]{0,18})-([0-9]{0,18})', re.IGNORECASE)  # NOTE: \d takes '²'
 
 # Blobs up to this size are read and sent from memory; larger ones go out with sendfile(2).
 _SMALL_BLOB_BYTES = 64 * 1024

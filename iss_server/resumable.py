@@ -345,8 +345,7 @@ class Sessions:
             OffsetMismatch: another request holds it, or it is not at ``offset`` (409).
         """
         session = self.get(session_id, owner)
-        if session.result is not None or session.offset != offset:
-            raise OffsetMismatch(f'The upload is at offset {session.offset}, not {offset}.')
+        _require_offset(session, offset)
         try:
             fd = os.open(self._path(session_id, '.part'), os.O_RDWR)
         except FileNotFoundError:
@@ -360,8 +359,9 @@ class Sessions:
                 ) from None
             # NOTE: what the state says now, under the lock: the other request may have moved it on
             session = self.get(session_id, owner)
-            if session.result is not None or session.offset != offset or not os.fstat(fd).st_nlink:
-                raise OffsetMismatch(f'The upload is at offset {session.offset}, not {offset}.')
+            if not os.fstat(fd).st_nlink:
+                raise OffsetMismatch('The upload was completed or terminated by another request.')
+            _require_offset(session, offset)
             yield session, fd
         finally:
             os.close(fd)
@@ -523,3 +523,11 @@ class Sessions:
 def _no_such_upload(session_id: str) -> UploadNotFound:
     # APPSEC: an id is 22 characters; what a client sent in its place is not repeated whole.
     return UploadNotFound(session_id if len(session_id) <= _ECHOED_CHARS else session_id[:_ECHOED_CHARS] + '...')
+
+
+def _require_offset(session: Session, offset: int) -> None:
+    """A chunk goes on where the session is, and never after it is complete (409 otherwise)."""
+    if session.result is not None:
+        raise OffsetMismatch(f'The upload is complete (all {session.offset} bytes); there is nothing more to send.')
+    if session.offset != offset:
+        raise OffsetMismatch(f'The upload is at offset {session.offset}, not {offset}.')

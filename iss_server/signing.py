@@ -46,7 +46,7 @@ def verify(keys: tuple[str, ...], path: str, params: Mapping[str, str | list[str
         BadSignature: it is malformed, matches no key, or has expired.
     """
     signature, expires = params.get('signature'), params.get('expires')
-    if not isinstance(signature, str) or not isinstance(expires, str) or not expires.isdigit():
+    if not isinstance(signature, str) or not isinstance(expires, str) or not (expires.isascii() and expires.isdigit()):
         raise BadSignature('A signed URL has one signature and one expires (Unix seconds).')
     if any(isinstance(value, list) for value in params.values()):
         raise BadSignature('A signed URL gives each parameter once.')
