@@ -3,15 +3,18 @@
 ``gunicorn iss:app`` reads this file from the working directory by itself.
 """
 
+import errno
 import json
 import os
 import resource
 import shutil
 import socket
+import sys
 import tempfile
 
 import gunicorn.arbiter
 import gunicorn.glogging
+import gunicorn.systemd
 import gunicorn.util
 import gunicorn.workers.base
 
@@ -112,6 +115,35 @@ def _allow_the_files_batches_hold() -> None:
 
 
 _allow_the_files_batches_hold()
+
+
+def on_starting(server: gunicorn.arbiter.Arbiter) -> None:
+    """Refuse at once, in one line, to start on an address another program holds.
+
+    NOTE: gunicorn itself retries a taken port five times, a second apart, then exits with a
+    bare "Can't connect": the line that says which setting to change comes from here.
+    """
+    # Sockets handed over by systemd or by the old master of a USR2 upgrade are bound already.
+    inherited = gunicorn.systemd.listen_fds(unset_environment=False) or server.master_pid or server.cfg.reuse_port
+    for address in [] if inherited else server.cfg.address:
+        if isinstance(address, tuple):
+            _exit_unless_free(server, *address[:2])
+
+
+def _exit_unless_free(server: gunicorn.arbiter.Arbiter, host: str, port: int) -> None:
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    try:
+        # NOTE: SO_REUSEADDR, as gunicorn binds, so a port in TIME_WAIT is free to both.
+        socket.create_server((host, port), family=family, reuse_port=False).close()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            reason = f'port {port} is in use on {host or "all addresses"}: stop what listens there, or set ISS_PORT'
+        else:
+            reason = f'cannot listen on {host}:{port} ({exc.strerror}): check ISS_HOST and ISS_PORT'
+        on_exit(server)
+        if server.pidfile is not None:
+            server.pidfile.unlink()
+        sys.exit(f'iss: {reason} (see example.env)')
 
 
 def child_exit(server: gunicorn.arbiter.Arbiter, worker: gunicorn.workers.base.Worker) -> None:

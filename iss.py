@@ -25,6 +25,27 @@ import sys
 import urllib.parse
 from typing import Any
 
+if __name__ == '__main__':
+    # `python -m iss` runs the operator's commands (iss_server/cli.py). NOTE: here, before the
+    # imports below, so that a dependency missing (a python outside the venv) is one line saying
+    # what to install, not a traceback.
+    try:
+        from iss_server import cli
+    except ModuleNotFoundError as missing:
+        top = (missing.name or 'iss_server').partition('.')[0]
+        if top in ('iss_server', 'storage'):
+            raise
+        package = {'PIL': 'pillow', 'yaml': 'PyYAML', 'swagger_ui_bundle': 'swagger-ui-bundle-v2'}.get(top, top)
+        checkout = pathlib.Path(__file__).resolve().parent
+        venv = '' if (checkout / '.venv').is_dir() else 'python3 -m venv .venv && '
+        print(
+            f'python -m iss: {package} is not installed for {sys.executable}: '
+            f'in {checkout} run `{venv}.venv/bin/pip install -r requirements.txt`, then `.venv/bin/python -m iss`',
+            file=sys.stderr,
+        )
+        sys.exit(2)  # cli.UNUSABLE: the command could not run
+    sys.exit(cli.main())
+
 import falcon
 from swagger_ui_bundle import swagger_ui_path
 
@@ -502,9 +523,3 @@ def __getattr__(name: str) -> falcon.App:
         globals()['app'] = app
         return app
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-if __name__ == '__main__':
-    from iss_server import cli
-
-    sys.exit(cli.main())

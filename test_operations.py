@@ -586,7 +586,7 @@ def test_json_works_after_the_command_too_and_stats_read_as_text(data_dir, clien
 
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout)['count'] == 1
-    assert f'count: 1\nbytes: 0.0 MB ({len(png):,} bytes)\nkinds:\n  image: 1 blobs, 0.0 MB\n' in text.stdout
+    assert f'count: 1\nbytes: {len(png)} bytes\nkinds:\n  image: 1 blob, {len(png)} bytes\n' in text.stdout
     assert '{' not in text.stdout
 
 

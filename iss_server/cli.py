@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
+import re
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -37,6 +40,7 @@ class Progress:
     def __init__(self, enabled: bool) -> None:
         self._enabled = enabled
         self._last = 0.0
+        self._showing = False
 
     def show(self, text: str, *, final: bool = False) -> None:
         now = time.monotonic()
@@ -45,6 +49,14 @@ class Progress:
         self._last = now
         sys.stderr.write(f'\r\x1b[K{text}' + ('\n' if final else ''))
         sys.stderr.flush()
+        self._showing = not final
+
+    def clear(self) -> None:
+        """Wipe an unfinished status line, so that what is printed next starts a line of its own."""
+        if self._showing:
+            sys.stderr.write('\r\x1b[K')
+            sys.stderr.flush()
+            self._showing = False
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
@@ -52,8 +64,38 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return '[' + '#' * filled + '.' * (width - filled) + ']'
 
 
-def _megabytes(size: int) -> str:
-    return f'{size / 1e6:,.1f} MB'
+def _size(size: int) -> str:
+    """``size`` bytes as a person reads it: ``512 bytes``, ``1.5 MB``, ``80.1 GB`` (in 1000s, as disks are sold)."""
+    if size < 1000:
+        return _count(size, 'byte')
+    scaled = float(size)
+    for unit in ('kB', 'MB', 'GB', 'TB'):  # noqa: B007 - the unit the loop stops at is the one shown
+        scaled /= 1000
+        if scaled < 999.95:
+            break
+    return f'{scaled:,.1f} {unit}'
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 blob``, ``2 blobs``: the noun agrees with its number."""
+    return f'{number:,} {noun}' + ('' if number == 1 else 's')
+
+
+def _date(unix_seconds: float) -> str:
+    """``2026-12-02 19:25:00 UTC``."""
+    return f'{datetime.datetime.fromtimestamp(unix_seconds, datetime.UTC):%Y-%m-%d %H:%M:%S} UTC'
+
+
+def _duration(seconds: float) -> str:
+    """``12 ms``, ``42.5 s``, ``3 min 20 s``, ``2 h 5 min``."""
+    if seconds < 1:
+        return f'{seconds * 1000:.0f} ms'
+    if seconds < 60:
+        return f'{seconds:.3g} s'
+    minutes, seconds = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f'{minutes} min {seconds} s'
+    return f'{minutes // 60} h {minutes % 60} min'
 
 
 # -- the commands ---------------------------------------------------------------
@@ -65,9 +107,9 @@ def fsck(store: storage.BlobStore, args: argparse.Namespace, progress: Progress)
         store,
         repair=args.repair,
         describe=_describe_unknown_blob,
-        progress=lambda blobs, size: progress.show(f'fsck  {blobs:,} blobs  {_megabytes(size)}'),
+        progress=lambda blobs, size: progress.show(f'fsck  {_count(blobs, "blob")}  {_size(size)}'),
     )
-    progress.show(f'fsck  {report.blobs:,} blobs  {_megabytes(report.bytes)}', final=True)
+    progress.show(f'fsck  {_count(report.blobs, "blob")}  {_size(report.bytes)}', final=True)
     result = {
         'blobs': report.blobs,
         'bytes': report.bytes,
@@ -102,8 +144,8 @@ def backfill(store: storage.BlobStore, args: argparse.Namespace, progress: Progr
                 result['failed'].append({'id': blob_id, 'reason': 'Pillow cannot identify it'})
             else:
                 result['completed'] += 1
-        progress.show(f'backfill  {result["images"]:,} images  {result["completed"]:,} completed')
-    progress.show(f'backfill  {result["images"]:,} images  {result["completed"]:,} completed', final=True)
+        progress.show(f'backfill  {_count(result["images"], "image")}  {result["completed"]:,} completed')
+    progress.show(f'backfill  {_count(result["images"], "image")}  {result["completed"]:,} completed', final=True)
     return (PROBLEMS if result['failed'] else OK), result
 
 
@@ -141,7 +183,7 @@ def migrate(store: storage.BlobStore, args: argparse.Namespace, progress: Progre
         except (BlobNotFound, CorruptBlob) as exc:
             result['failed'].append({'id': blob_id, 'reason': str(exc)})
         result['bytes'] += size
-        status = f'{_bar(result["bytes"], total_bytes)} {done:,}/{len(blobs):,} blobs  {_megabytes(result["bytes"])}'
+        status = f'{_bar(result["bytes"], total_bytes)} {done:,}/{_count(len(blobs), "blob")}  {_size(result["bytes"])}'
         progress.show(f'migrate  {status}', final=done == len(blobs))
     return (PROBLEMS if result['failed'] else OK), result
 
@@ -203,7 +245,7 @@ def import_files(store: storage.BlobStore, args: argparse.Namespace, progress: P
             result['new' if committed.created else 'existing'] += 1
             result['bytes'] += staged.size
             result['manifest'].append(manifest_entry(relative, staged.digest, staged.size, committed.created))
-        status = f'{_bar(done, len(files))} {done:,}/{len(files):,} files  {_megabytes(result["bytes"])}'
+        status = f'{_bar(done, len(files))} {done:,}/{_count(len(files), "file")}  {_size(result["bytes"])}'
         progress.show(f'import  {status}', final=done == len(files))
     if args.manifest:
         with open(args.manifest, 'w') as out:
@@ -247,21 +289,30 @@ def _kind(text: str) -> str:
     return text
 
 
+def _plain(text: str) -> str:
+    """A docstring as argparse should show it: without reST's ``literals`` and :role:`targets`."""
+    return re.sub(r':\w+:`([^`]*)`|``([^`]*)``', lambda found: found[1] or found[2], text).strip()
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog='python -m iss', description=__doc__.split('\n\n')[0])
-    top.add_argument('--data', help='the data directory (default: $ISS_DATA, else ./data)')
-    top.add_argument('--json', action='store_true', help='print one JSON document, for scripts')
-    top.add_argument('--progress', action='store_true', help='show progress even when stderr is no terminal')
+    summary, *details = _plain(__doc__).split('\n\n')
+    top = argparse.ArgumentParser(prog='python -m iss', description=summary, epilog=' '.join(details))
     commands = top.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
-    # NOTE: the output options work before or after the command; SUPPRESS keeps a
-    # subcommand's default from undoing one given before it.
-    output = argparse.ArgumentParser(add_help=False)
-    output.add_argument('--json', action='store_true', default=argparse.SUPPRESS, help='print one JSON document')
-    output.add_argument('--progress', action='store_true', default=argparse.SUPPRESS, help='show progress anyway')
+    # NOTE: the common options work before or after the command: each is on the top parser
+    # and on every command's, where SUPPRESS keeps the command's default from undoing one
+    # given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    for options in (top, common):
+        default: dict[str, Any] = {} if options is top else {'default': argparse.SUPPRESS}
+        options.add_argument('--data', help='the data directory (default: $ISS_DATA, else ./data)', **default)
+        options.add_argument('--json', action='store_true', help='print one JSON document, for scripts', **default)
+        options.add_argument(
+            '--progress', action='store_true', help='show progress even when stderr is no terminal', **default
+        )
 
     def command(name: str, function: Command, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[output])
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common])
         sub.set_defaults(function=function)
         return sub
 
@@ -303,16 +354,23 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    progress = Progress(args.progress or (sys.stderr.isatty() and not args.json))
     try:
         args.settings = Settings.from_env()
         if args.data:
             args.settings = dataclasses.replace(args.settings, data_dir=args.data)
         store = storage.open_store(args.settings, existing=True)
-        progress = Progress(args.progress or (sys.stderr.isatty() and not args.json))
         status, result = args.function(store, args, progress)
     except (UsageError, ConfigError, ServiceError) as exc:
+        progress.clear()
         _print(args, {'error': str(exc)}, stream=sys.stderr)
         return UNUSABLE
+    except KeyboardInterrupt:
+        progress.clear()
+        sys.stderr.write('interrupted\n')
+        return 130  # NOTE: 128 + SIGINT, as a shell reports it
+    finally:
+        progress.clear()
     _print(args, result)
     return status
 
@@ -327,7 +385,7 @@ def _print(args: argparse.Namespace, result: dict[str, Any], stream: IO[str] | N
     for key, value in result.items():
         label = key.replace('_', ' ')
         if key == 'manifest':
-            stream.write(f'{label}: {len(value):,} files (--json or --manifest FILE to see them)\n')
+            stream.write(f'{label}: {_count(len(value), "file")} (--json or --manifest FILE to see them)\n')
         elif isinstance(value, list):
             stream.write(f'{label}: {len(value):,}\n')
             for item in value:
@@ -335,11 +393,19 @@ def _print(args: argparse.Namespace, result: dict[str, Any], stream: IO[str] | N
         elif key == 'kinds':
             stream.write(f'{label}:\n')
             for name, totals in value.items():
-                stream.write(f'  {name or "(no meta)"}: {totals["count"]:,} blobs, {_megabytes(totals["bytes"])}\n')
+                stream.write(f'  {name or "(no meta)"}: {_count(totals["count"], "blob")}, {_size(totals["bytes"])}\n')
         elif isinstance(value, dict):
             stream.write(f'{label}: ' + ', '.join(f'{name} {count:,}' for name, count in value.items()) + '\n')
         elif key.endswith('bytes') and isinstance(value, int):
-            stream.write(f'{label}: {_megabytes(value)} ({value:,} bytes)\n')
+            exact = f' ({_count(value, "byte")})' if value >= 1000 else ''
+            stream.write(f'{label}: {_size(value)}{exact}\n')
+        elif key == 'seconds':
+            stream.write(f'took: {_duration(value)}\n')
+        elif key == 'url':
+            stream.write(f'{label}: {value}\n')
+            expires = urllib.parse.parse_qs(urllib.parse.urlsplit(value).query).get('expires')
+            if expires:
+                stream.write(f'expires: {_date(int(expires[0]))}\n')
         else:
             stream.write(
                 f'{label}: {value:,}\n'
