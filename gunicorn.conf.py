@@ -139,7 +139,9 @@ def _exit_unless_free(server: gunicorn.arbiter.Arbiter, host: str, port: int) ->
         if exc.errno == errno.EADDRINUSE:
             reason = f'port {port} is in use on {host or "all addresses"}: stop what listens there, or set ISS_PORT'
         else:
-            reason = f'cannot listen on {host}:{port} ({exc.strerror}): check ISS_HOST and ISS_PORT'
+            # NOTE: the errno's own text: create_server's strerror adds the address again
+            error = os.strerror(exc.errno) if exc.errno is not None else str(exc)
+            reason = f'cannot listen on {host}:{port} ({error}): check ISS_HOST and ISS_PORT'
         on_exit(server)
         if server.pidfile is not None:
             server.pidfile.unlink()
