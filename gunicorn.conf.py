@@ -12,9 +12,11 @@ import socket
 import sys
 import tempfile
 
+import gunicorn.arbiter
 import gunicorn.glogging
 import gunicorn.systemd
 import gunicorn.util
+import gunicorn.workers.base
 
 from iss_server import syscalls
 from iss_server.config import Settings
@@ -56,7 +58,7 @@ class _Logger(gunicorn.glogging.Logger):
     even though nothing is configured to write them (~7% of a small GET, py-spy).
     """
 
-    def access(self, resp, req, environ, request_time) -> None:
+    def access(self, resp: object, req: object, environ: object, request_time: object) -> None:
         pass
 
 
@@ -68,7 +70,7 @@ control_socket_disable = True
 limit_request_line = 8190
 
 
-def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+def _write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
     """Answer the requests gunicorn refuses itself (400, 414, 431...) in JSON, like ISS does.
 
     gunicorn writes these before ISS sees the request, as an HTML page, through this one
@@ -115,7 +117,7 @@ def _allow_the_files_batches_hold() -> None:
 _allow_the_files_batches_hold()
 
 
-def on_starting(server):
+def on_starting(server: gunicorn.arbiter.Arbiter) -> None:
     """Refuse at once, in one line, to start on an address another program holds.
 
     NOTE: gunicorn itself retries a taken port five times, a second apart, then exits with a
@@ -128,7 +130,7 @@ def on_starting(server):
             _exit_unless_free(server, *address[:2])
 
 
-def _exit_unless_free(server, host: str, port: int) -> None:
+def _exit_unless_free(server: gunicorn.arbiter.Arbiter, host: str, port: int) -> None:
     family = socket.AF_INET6 if ':' in host else socket.AF_INET
     try:
         # NOTE: SO_REUSEADDR, as gunicorn binds, so a port in TIME_WAIT is free to both.
@@ -137,20 +139,22 @@ def _exit_unless_free(server, host: str, port: int) -> None:
         if exc.errno == errno.EADDRINUSE:
             reason = f'port {port} is in use on {host or "all addresses"}: stop what listens there, or set ISS_PORT'
         else:
-            reason = f'cannot listen on {host}:{port} ({os.strerror(exc.errno)}): check ISS_HOST and ISS_PORT'
+            # NOTE: the errno's own text: create_server's strerror adds the address again
+            error = os.strerror(exc.errno) if exc.errno is not None else str(exc)
+            reason = f'cannot listen on {host}:{port} ({error}): check ISS_HOST and ISS_PORT'
         on_exit(server)
         if server.pidfile is not None:
             server.pidfile.unlink()
         sys.exit(f'iss: {reason} (see example.env)')
 
 
-def child_exit(server, worker):
+def child_exit(server: gunicorn.arbiter.Arbiter, worker: gunicorn.workers.base.Worker) -> None:
     """A dead worker's gauges go; its counters stay in the sums (prometheus_client's rule)."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
 
 
-def on_exit(server):
+def on_exit(server: gunicorn.arbiter.Arbiter) -> None:
     if _own_metrics_dir:
         shutil.rmtree(_own_metrics_dir, ignore_errors=True)

@@ -103,18 +103,19 @@ _FALCON_DESCRIPTIONS = {
 def _serialize_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError) -> None:
     """Write every error as JSON (:func:`errors.error_body`), Falcon's own with a description too."""
     body = error.to_dict()
-    if 'description' not in body:
-        headers = error.headers or {}
+    description = error.description  # NOTE: in ``body`` when not None
+    if description is None:
+        headers = dict(error.headers or {})  # NOTE: Falcon takes a dict or a list of pairs
         template = _FALCON_DESCRIPTIONS.get(error.status_code, '{title}.')
-        body['description'] = template.format(
+        description = template.format(
             path=req.path,
             method=req.method,
             allow=headers.get('Allow', 'no method'),
             length=headers.get('Content-Range', '').rpartition('/')[2] or 'bytes',
-            title=body['title'],
+            title=error.title,
         )
     # NOTE: to_dict may carry more (Falcon's ``code``, ``link``); those are kept.
-    body.update(error_body(error.status_code, body['title'], body['description']))
+    body.update(error_body(error.status_code, error.title, description))
     resp.data = json.dumps(body).encode()
     resp.content_type = falcon.MEDIA_JSON
 
@@ -415,7 +416,8 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     # NOTE: the render gate is one per process (Pillow's memory is the worker's); the app sets its bounds.
     images.GATE.configure(settings)
     metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
-    middleware: list[object] = [telemetry.RequestTelemetry(metrics), TusProtocol()]
+    # NOTE: Any, as Falcon types middleware by protocols of its private falcon._typing
+    middleware: list[Any] = [telemetry.RequestTelemetry(metrics), TusProtocol()]
     if settings.cors_origins:
         middleware.append(
             falcon.CORSMiddleware(

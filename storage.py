@@ -30,7 +30,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, Protocol
 
 from iss_server import disk, index, meta
@@ -76,24 +76,6 @@ class Readable(Protocol):
     def readinto(self, buffer: memoryview, /) -> int: ...
 
 
-class Staged(Protocol):
-    """An upload received whole and hashed, not yet visible; leaving its ``with`` block discards it."""
-
-    #: The content's id, ``sha256:<hex>``.
-    digest: str
-    size: int
-
-    def open(self) -> IO[bytes]:
-        """The staged bytes, to inspect them before commit (the caller closes it)."""
-
-    def discard(self) -> None:
-        """Throw the bytes away; a no-op once committed or discarded."""
-
-    def __enter__(self) -> Staged: ...
-
-    def __exit__(self, *exc_info: object) -> None: ...
-
-
 class StagedBlob:
     """An upload written to a private temp file of the spool: hashed and sized, not yet visible.
 
@@ -122,11 +104,13 @@ class StagedBlob:
         return self._fd
 
     def open(self) -> IO[bytes]:
+        """The staged bytes, to inspect them before commit (the caller closes it)."""
         return open(self.path, 'rb')
 
     def discard(self) -> None:
+        """Throw the bytes away; a no-op once committed or discarded."""
         if self.writer is not None:
-            self.writer, writer = None, self.writer
+            writer, self.writer = self.writer, None
             writer.cancel()
         if self._fd < 0:
             return
@@ -320,13 +304,18 @@ class BlobStore:
         self.index.put_missing(
             [index.row_for(hex_digest, stored[hex_digest], now, staged.size) for hex_digest, (staged, _) in uploads]
         )
-        return {hex_digest: Committed(hex_digest in created, stored[hex_digest]) for hex_digest, _ in uploads}
+        committed = {}
+        for hex_digest, _ in uploads:
+            stored_meta = stored[hex_digest]
+            assert stored_meta is not None  # NOTE: each blob has its meta by now (put above, or another writer's)
+            committed[hex_digest] = Committed(hex_digest in created, stored_meta)
+        return committed
 
     @staticmethod
     def _put_blob(group: Group, hex_digest: str, staged: StagedBlob, replace: bool) -> bool:
         """Put a staged blob under its key; False when another upload stored it first (then it is held)."""
         if staged.writer is not None and not replace:
-            staged.writer, writer = None, staged.writer
+            writer, staged.writer = staged.writer, None
             return writer.commit()
         return group.put(staged, blob_key(hex_digest), replace=replace)
 
@@ -650,7 +639,8 @@ class BlobStore:
             self.index.mark_complete()
         return counts
 
-    def _reindex_batch(self, batch: list[tuple[str, Stat]], counts: dict[str, int]) -> None:
+    # NOTE: Sequence, as ``list`` in this class's annotations names the method.
+    def _reindex_batch(self, batch: Sequence[tuple[str, Stat]], counts: dict[str, int]) -> None:
         # NOTE: a blob held by a commit or delete is not waited for inside the
         # transaction (that commit may be waiting for the index): it is done after.
         busy: list[tuple[str, Stat]] = []

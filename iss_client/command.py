@@ -9,6 +9,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -234,6 +235,7 @@ def push(client: Client, args: argparse.Namespace, console: _Console) -> int:
     for found in files:
         sender = found if found.id is None else sending.get(found.id)
         if sender is None:
+            assert found.id is not None  # NOTE: a file without an id is its own sender
             entries.append(manifest_entry(found.relative, found.id, found.size, False))
         elif sender.path in sent:
             stored = sent[sender.path]
@@ -276,7 +278,7 @@ def _upload(client: Client, args: argparse.Namespace, meta: Any, work: list[_Fil
             raise
         outcomes = [None] * len(work)  # NOTE: a server from before batch uploads takes one file per request
     return [
-        _outcome(lambda found=found, outcome=outcome: _put(client, args, meta, found, outcome))
+        _outcome(functools.partial(_put, client, args, meta, found, outcome))
         if outcome is None or _not_an_image(outcome, found, args)
         else outcome
         for found, outcome in zip(work, outcomes, strict=True)
@@ -342,9 +344,9 @@ def pull(client: Client, args: argparse.Namespace, console: _Console) -> int:
         todo.append((blob_id, target, size))
     console.start(len(todo), sum(size for _, _, size in todo))
     pulled = 0
-    for (blob_id, target, size), got, exc in _parallel(lambda item: client.get(*item[:2]), todo, args.jobs):
-        if exc is not None:
-            console.error(f'{blob_id} -> {target}', _reason(exc, args))
+    for (blob_id, target, size), got, error in _parallel(lambda item: client.get(*item[:2]), todo, args.jobs):
+        if error is not None:
+            console.error(f'{blob_id} -> {target}', _reason(error, args))
             failed = True
         else:
             pulled += got

@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from typing import IO, Any
+from typing import IO, Any, TypeGuard, cast
 
 from iss_client.files import CHUNK, CacheRecord, hash_stream, media_type
 
@@ -227,11 +227,13 @@ class Client:
         head = tail = b''
         content_type = media_type(upload.filename)
         if upload.door == 'images':
-            content_type = image_type(os.pread(file.fileno(), 12, start))
-            if content_type is None:
+            sniffed = image_type(os.pread(file.fileno(), 12, start))
+            if sniffed is None:
                 form = _Form()
                 head, tail = form.head(upload.filename), b'\r\n' + form.end()
                 content_type = form.content_type
+            else:
+                content_type = sniffed
         connection = self._connection()
         try:
             connection.putrequest('POST', self._prefix + upload.path(), skip_accept_encoding=True)
@@ -290,8 +292,7 @@ class Client:
         server = f'{self._scheme}://{self._netloc}{self._prefix}'
         record = CacheRecord('uploads', f'{server}\0{os.path.abspath(path)}\0{info.st_size}\0{info.st_mtime_ns}')
         location = (record.load() or {}).get('location')
-        offset = self._upload_offset(location) if isinstance(location, str) else None
-        if offset is None:
+        if not isinstance(location, str) or (offset := self._upload_offset(location)) is None:
             location, offset = self._create_upload(info.st_size, fields)
             record.save({'location': location})
         with open(path, 'rb') as file, _HashingBeside(self, file.fileno(), 0, info.st_size) as hashing:
@@ -351,9 +352,10 @@ class Client:
                 if isinstance(exc, ISSError) and exc.status != 409:
                     raise
                 attempt = self._backoff(attempt, exc)
-                offset = self._upload_offset(location)
-                if offset is None:
+                resumed = self._upload_offset(location)
+                if resumed is None:
                     raise ISSError(404, 'Upload not found', f'the server lost the upload at {location}') from exc
+                offset = resumed
         return headers
 
     def put_many(
@@ -370,7 +372,7 @@ class Client:
         (say, 415 for one that is not an image); an error of the whole request raises.
         """
         form = _Form()
-        parts = []
+        parts: list[bytes] = []
         for content, filename in files:
             parts += (form.head(filename), content, b'\r\n')
         parts.append(form.end())
@@ -625,10 +627,10 @@ class Client:
             self._local.connection = None
 
 
-def _sendable_file(body: object) -> bool:
+def _sendable_file(body: object) -> TypeGuard[IO[bytes]]:
     """True for a regular file that sendfile(2) can send from."""
     try:
-        return stat.S_ISREG(os.fstat(body.fileno()).st_mode)  # type: ignore[union-attr]
+        return stat.S_ISREG(os.fstat(body.fileno()).st_mode)  # type: ignore[attr-defined]  # NOTE: AttributeError below
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return False
 
@@ -695,7 +697,8 @@ def _opened(source: str | os.PathLike | bytes | IO[bytes]) -> Iterator[tuple[IO[
         start = source.tell()
         size = source.seek(0, os.SEEK_END) - start
         source.seek(start)
-        yield _Window(source, start), size, None
+        # NOTE: a RawIOBase, a binary file to its readers (typeshed keeps the two types apart)
+        yield cast(IO[bytes], _Window(source, start)), size, None
         return
     # NOTE: a pipe is read once: spooled to disk (never to memory) to hash it, then sent.
     with tempfile.TemporaryFile() as spool:

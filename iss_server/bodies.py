@@ -142,7 +142,7 @@ class SocketBody:
         self._reader.length -= count
         return count
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         """Like a raw stream's read: up to ``size`` bytes, fewer if fewer have arrived; all with -1."""
         if size is None or size < 0:
             return b''.join(iter(lambda: self.read(self._CHUNK_SIZE), b''))

@@ -172,7 +172,8 @@ def migrate(store: storage.BlobStore, args: argparse.Namespace, progress: Progre
         try:
             if target.missing([blob_id]) or target.read_meta(blob_id) is None:
                 source_meta = store.read_meta(blob_id) or meta.recovered(size, time.time())
-                with contextlib.closing(store.open(blob_id).file) as source, target.stage(source) as staged:
+                # NOTE: typing.IO declares no readinto, which a blob's file has
+                with contextlib.closing(store.open(blob_id).file) as source, target.stage(source) as staged:  # type: ignore[arg-type]
                     if staged.digest != blob_id:
                         raise CorruptBlob(f'{blob_id} hashes to {staged.digest}')
                     target.commit(staged, source_meta)
@@ -303,7 +304,7 @@ def parser() -> argparse.ArgumentParser:
     # given before it.
     common = argparse.ArgumentParser(add_help=False)
     for options in (top, common):
-        default = {} if options is top else {'default': argparse.SUPPRESS}
+        default: dict[str, Any] = {} if options is top else {'default': argparse.SUPPRESS}
         options.add_argument('--data', help='the data directory (default: $ISS_DATA, else ./data)', **default)
         options.add_argument('--json', action='store_true', help='print one JSON document, for scripts', **default)
         options.add_argument(

@@ -127,7 +127,10 @@ class Derivatives:
         application did not hand out).
         """
         name = req.get_param('preset')
-        given = {key: value for key, value in req.params.items() if key in DERIVATIVE_PARAMETERS}
+        # NOTE: a parameter given twice (a list) was refused already
+        given = {
+            key: value for key, value in req.params.items() if key in DERIVATIVE_PARAMETERS and isinstance(value, str)
+        }
         if name is not None:
             if given:
                 raise BadRequest('Give a preset, or parameters, not both.', title='Invalid preset')

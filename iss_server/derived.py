@@ -66,7 +66,7 @@ class DerivedCache:
             os.utime(file.fileno())
         return OpenBlob(file, BlobStat.of(os.fstat(file.fileno())))
 
-    def put(self, hex_digest: str, name: str, write: Callable[[IO[bytes]], None]) -> OpenBlob:
+    def put(self, hex_digest: str, name: str, write: Callable[[IO[bytes]], object]) -> OpenBlob:
         """Make a derivative with ``write`` and cache it as ``name``; return it open.
 
         Two workers making the same one at once both succeed, with one file.

@@ -32,7 +32,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, Literal, overload
 
 from iss_server import syscalls
 from iss_server.errors import StoreFull, StoreUnavailable
@@ -102,6 +102,26 @@ def translated(doing: str) -> Iterator[None]:
         raise store_error(exc, doing) from exc
 
 
+@overload
+def write_atomically(
+    layout: Layout,
+    final_path: str,
+    write: Callable[[int], None],
+    *,
+    replace: bool = ...,
+    keep_open: Literal[True],
+    guard: contextlib.AbstractContextManager[object] | None = ...,
+) -> tuple[bool, int]: ...
+@overload
+def write_atomically(
+    layout: Layout,
+    final_path: str,
+    write: Callable[[int], None],
+    *,
+    replace: bool = ...,
+    keep_open: Literal[False] = ...,
+    guard: contextlib.AbstractContextManager[object] | None = ...,
+) -> tuple[bool, None]: ...
 def write_atomically(
     layout: Layout,
     final_path: str,

@@ -54,7 +54,7 @@ class ImageDoor:
 
     name = index.IMAGES
     id_field = 'image_id'
-    form_fields = ()
+    form_fields: tuple[str, ...] = ()
 
     def __init__(self, settings: Settings) -> None:
         self._max_pixels = settings.max_image_pixels
@@ -91,7 +91,7 @@ class ArtifactDoor:
 
     name = index.ARTIFACTS
     id_field = 'artifact_id'
-    form_fields = ('kind', 'meta')
+    form_fields: tuple[str, ...] = ('kind', 'meta')
 
     def __init__(self, settings: Settings) -> None:
         self._max_meta_bytes = settings.max_meta_bytes
@@ -171,12 +171,12 @@ def answer_batch(req: falcon.Request, resp: falcon.Response, door: Door, store: 
             outcomes.append({**refusal, 'filename': meta.clean_filename(offered_name(req, upload))})
     committed = iter(store.commit_all([(upload.staged, file_meta) for upload, file_meta in accepted]))
     stored = iter(accepted)
-    outcomes = [outcome or _outcome(req, door, next(stored)[0], next(committed)) for outcome in outcomes]
-    resp.media = outcomes
+    answers = [outcome or _outcome(req, door, next(stored)[0], next(committed)) for outcome in outcomes]
+    resp.media = answers
     if len(accepted) < len(files):
         resp.status = falcon.HTTP_207
     else:
-        resp.status = falcon.HTTP_201 if any(outcome['created'] for outcome in outcomes) else falcon.HTTP_200
+        resp.status = falcon.HTTP_201 if any(answer['created'] for answer in answers) else falcon.HTTP_200
 
 
 def _outcome(req: falcon.Request, door: Door, upload: Upload, committed: Committed) -> dict[str, Any]:

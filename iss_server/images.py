@@ -28,9 +28,9 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
-from PIL import ExifTags, Image, TiffImagePlugin, features
+from PIL import ExifTags, Image, TiffImagePlugin, UnidentifiedImageError, features
 
 from iss_server.config import Settings
 from iss_server.errors import RendersBusy
@@ -161,7 +161,8 @@ class _BudgetedFile:
         return data
 
     def readinto(self, buffer: Any) -> int:
-        count = self._file.readinto(buffer)
+        # NOTE: typing.IO declares no readinto; every file read here has one (a file, an S3 body).
+        count = self._file.readinto(buffer)  # type: ignore[attr-defined]
         self._count(count or 0)
         return count
 
@@ -193,7 +194,7 @@ def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
     except _OverBudget as exc:
         log.warning('image refused while %s: it costs %s', doing, exc)
         raise ImageTooLarge(f'identifying it takes {exc}; this service reads at most that') from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise refusal('no image format this service reads') from None
     except Exception as exc:  # APPSEC: a decoder's failure is the file's, whatever its type
         log.warning('image refused while %s: %s: %s', doing, type(exc).__name__, exc)
@@ -355,7 +356,8 @@ def _capture_time(exif: Image.Exif) -> str | None:
         if match is None:
             continue
         try:
-            moment = datetime.datetime(*map(int, match.groups()))
+            year, month, day, hour, minute, second = map(int, match.groups())
+            moment = datetime.datetime(year, month, day, hour, minute, second)
         except ValueError:
             continue
         offset = _exif_text(exif, ifd, offset_tag) or ''
@@ -584,7 +586,8 @@ def _render(image: Image.Image, orientation: int, size: tuple[int, int], variant
         options['compress_level'] = 6
     elif variant.format == 'WEBP':
         options['method'] = 4
-    image.save(out, variant.format, **options)
+    # NOTE: Pillow's annotation asks for an IO; it only writes to it, which the sink does.
+    image.save(out, variant.format, **options)  # type: ignore[arg-type]
 
 
 def _to_working_mode(image: Image.Image) -> Image.Image:
@@ -598,7 +601,7 @@ def _to_working_mode(image: Image.Image) -> Image.Image:
         # NOTE: 16-bit grey scaled to 8 bits (not clipped at 255, which turns most of it white).
         return image.convert('I').point(lambda value: value / 256).convert('L')
     if mode in ('I', 'F'):
-        low, high = image.getextrema()
+        low, high = cast(tuple[float, float], image.getextrema())  # NOTE: one band: its (min, max)
         span = (high - low) or 1
         return image.point(lambda value: (value - low) * 255 / span).convert('L')
     if mode == 'CMYK':

@@ -31,10 +31,12 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from iss_server import meta
 from iss_server.errors import CursorExpired, IndexFull, IndexUnavailable, InvalidCursor
+
+_DB = TypeVar('_DB')
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +346,8 @@ class _Queries:
         Raises:
             InvalidCursor: ``cursor`` is not one this method returned.
         """
-        where, params = ['collection = ?'], [collection]
+        where: list[str] = ['collection = ?']
+        params: list[object] = [collection]
         if kind is not None:
             where.append('kind = ?')
             params.append(kind)
@@ -380,6 +383,7 @@ class _Queries:
     #: Seconds between two looks at the events while waiting for one that another process writes.
     _EVENT_POLL_SECONDS = 0.05
     _PRUNE_EVERY_SECONDS = 60.0
+    _next_prune: float  # NOTE: declared for mypy, which meets its use before _start_feed sets it
     _PRUNE_BATCH = 1000
     #: Seconds of changes kept for followers; the feed sets it from ``ISS_EVENTS_RETAIN``.
     events_retain: float = 7 * 86400
@@ -436,9 +440,11 @@ class _Queries:
             after = page.next_cursor
             # NOTE: woken at once by a write of this process; another's is seen at the next look.
             with self._changed:
-                self._changed.wait_for(
-                    lambda seen=generation: self._generation != seen, min(self._EVENT_POLL_SECONDS, left)
-                )
+
+                def written(seen: int = generation) -> bool:
+                    return self._generation != seen
+
+                self._changed.wait_for(written, min(self._EVENT_POLL_SECONDS, left))
 
     def prune_events(self, before: float) -> int:
         """Delete the settled events older than ``before`` (Unix seconds), oldest first; return how many.
@@ -575,7 +581,7 @@ class SQLiteIndex(_Queries):
         self.path = path
         self._local = threading.local()
         self._schema_pid = 0
-        self._idle: list[_Connection] = []
+        self._idle: list[_Connection[sqlite3.Connection]] = []
         self._idle_lock = threading.Lock()
         self._idle_pid = os.getpid()
         self._closer: threading.Timer | None = None
@@ -605,7 +611,7 @@ class SQLiteIndex(_Queries):
         self._local.held = None
         self._give_back(held)
 
-    def _take(self) -> _Connection:
+    def _take(self) -> _Connection[sqlite3.Connection]:
         """An idle connection to the current index file, or a new one."""
         try:
             inode = os.stat(self.path).st_ino
@@ -620,7 +626,7 @@ class SQLiteIndex(_Queries):
                 _close(connection)  # NOTE: the file was removed or replaced (a lost index rebuilt)
         return self._connect()
 
-    def _own_idle(self) -> list[_Connection]:
+    def _own_idle(self) -> list[_Connection[sqlite3.Connection]]:
         """This process's idle connections; call it holding ``_idle_lock``."""
         if self._idle_pid != os.getpid():
             # NOTE: a forked child starts with none of its parent's.
@@ -628,7 +634,7 @@ class SQLiteIndex(_Queries):
             self._idle, self._idle_pid, self._closer = [], os.getpid(), None
         return self._idle
 
-    def _connect(self) -> _Connection:
+    def _connect(self) -> _Connection[sqlite3.Connection]:
         try:
             db = sqlite3.connect(
                 self.path, timeout=self._BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
@@ -673,7 +679,7 @@ class SQLiteIndex(_Queries):
                     raise
                 time.sleep(0.005)
 
-    def _give_back(self, connection: _Connection) -> None:
+    def _give_back(self, connection: _Connection[sqlite3.Connection]) -> None:
         if connection.pid != os.getpid() or connection.db.in_transaction:
             _close(connection)  # NOTE: a transaction left open rolls back; never handed on
             return
@@ -725,8 +731,8 @@ class SQLiteIndex(_Queries):
 
 
 @dataclasses.dataclass(eq=False)
-class _Connection:
-    db: sqlite3.Connection
+class _Connection(Generic[_DB]):
+    db: _DB  # NOTE: a sqlite3.Connection; PostgresIndex keeps its psycopg ones here too
     inode: int  # NOTE: of the index file it opened, to notice a file removed and rebuilt
     pid: int
     idle_since: float = 0.0
@@ -734,10 +740,10 @@ class _Connection:
 
 # NOTE: connections a forked child inherited: kept referenced, so that their
 # finalizers never close (and checkpoint) the parent's database from the child.
-_INHERITED: list[_Connection] = []
+_INHERITED: list[_Connection[Any]] = []  # NOTE: SQLite's and PostgreSQL's
 
 
-def _close(connection: _Connection) -> None:
+def _close(connection: _Connection[sqlite3.Connection]) -> None:
     if connection.pid == os.getpid():
         connection.db.close()
     else:
@@ -847,7 +853,7 @@ class PostgresIndex(_Queries):
         self._url = url
         # NOTE: added to the URL's own options (a search_path, say), not in their place.
         given = psycopg.conninfo.conninfo_to_dict(url).get('options', '')
-        self._options = {
+        self._options: dict[str, Any] = {  # NOTE: psycopg.connect()'s keywords
             'connect_timeout': connect_timeout,
             'options': f'{given} -c statement_timeout={statement_timeout_ms}'.strip(),
         }
@@ -919,7 +925,7 @@ class PostgresIndex(_Queries):
             except self._psycopg.Error as exc:
                 raise self._unavailable(exc) from exc
 
-    def _unavailable(self, exc: Exception) -> IndexUnavailable:
+    def _unavailable(self, exc: Exception) -> IndexUnavailable | IndexFull:
         held = getattr(self._local, 'connection', None)
         if held is not None and held.pid == os.getpid() and held.db.broken:
             held.db.close()  # NOTE: the next call connects anew
@@ -957,7 +963,7 @@ def _schema_statements() -> list[str]:
     return statements
 
 
-def _unavailable(path: str, exc: sqlite3.Error | OSError) -> IndexUnavailable:
+def _unavailable(path: str, exc: sqlite3.Error | OSError) -> IndexUnavailable | IndexFull:
     full = getattr(exc, 'sqlite_errorcode', None) == sqlite3.SQLITE_FULL
     return (IndexFull if full else IndexUnavailable)(f'{path}: {exc}')
 

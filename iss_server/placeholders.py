@@ -328,7 +328,8 @@ def blurhash_to_image(value: str, size: tuple[int, int] = (32, 32), punch: float
     for k in range(1, nx * ny):
         quantised = _decode83(value[4 + k * 2 : 6 + k * 2])
         parts = (quantised // (19 * 19), (quantised // 19) % 19, quantised % 19)
-        colours.append(tuple(_sign_pow((part - 9) / 9, 2.0) * maximum for part in parts))
+        red, green, blue = (_sign_pow((part - 9) / 9, 2.0) * maximum for part in parts)
+        colours.append((red, green, blue))
     w, h = size
     out = bytearray()
     for y in range(h):

@@ -19,14 +19,14 @@ from iss_server import forms
 from iss_server.bodies import RequestBody
 from iss_server.config import Settings
 from iss_server.errors import BadRequest, TooManyFiles
-from storage import BlobStore, Staged
+from storage import BlobStore, StagedBlob
 
 
 @dataclasses.dataclass
 class Upload:
     """A received upload: the staged bytes and what came with them."""
 
-    staged: Staged
+    staged: StagedBlob
     filename: str | None
     content_type: str | None
     fields: dict[str, str]
@@ -86,7 +86,7 @@ class UploadReceiver:
         self, req: falcon.Request, body: RequestBody, form_fields: tuple[str, ...], max_files: int
     ) -> list[Upload]:
         form = forms.FormReader(
-            body, req.content_type, max_parts=max_files + self._MAX_OTHER_PARTS, length=body.declared_length
+            body, req.content_type or '', max_parts=max_files + self._MAX_OTHER_PARTS, length=body.declared_length
         )
         uploads: list[Upload] = []
         fields: dict[str, str] = {}

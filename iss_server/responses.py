@@ -213,7 +213,7 @@ class FileSlice:
         self._file = file
         self._remaining = length
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0 or size > self._remaining:
             size = self._remaining
         data = self._file.read(size)
@@ -261,7 +261,8 @@ class InPieces:
 def _streamable(file: IO[bytes] | FileSlice) -> IO[bytes] | FileSlice | InPieces:
     """The file itself when gunicorn can sendfile(2) it, else :class:`InPieces` of it."""
     try:
-        file.fileno()
+        # NOTE: a FileSlice has no fileno (AttributeError), its SendfileSlice has
+        file.fileno()  # type: ignore[union-attr]
     except (AttributeError, OSError, ValueError):
         return InPieces(file)
     return file

@@ -123,12 +123,14 @@ class Sha256:
             return
         # PERF: the chunk's own buffer, not a copy (the reused receive buffer is writable)
         address = ctypes.addressof(ctypes.c_char.from_buffer(data)) if len(data) else None
+        assert _crypto is not None  # NOTE: no fallback: libcrypto was loaded
         _crypto.SHA256_Update(ctypes.byref(self._context), address, len(data))
 
     def hexdigest(self) -> str:
         if self._fallback is not None:
             return self._fallback.hexdigest()
         digest = ctypes.create_string_buffer(32)
+        assert _crypto is not None  # NOTE: no fallback: libcrypto was loaded
         _crypto.SHA256_Final(digest, ctypes.byref(_Sha256Context.from_buffer_copy(bytes(self._context))))
         return digest.raw.hex()
 
@@ -395,7 +397,11 @@ class Sessions:
         except BaseException:
             self._truncate(fd, start)
             raise
-        if chunk_hash is not None and not hmac.compare_digest(chunk_hash.digest(), checksum[1]):
+        if (
+            checksum is not None
+            and chunk_hash is not None
+            and not hmac.compare_digest(chunk_hash.digest(), checksum[1])
+        ):
             self._truncate(fd, start)
             raise ChecksumMismatch(f'The chunk does not match its {checksum[0]} checksum; nothing of it was kept.')
         state = sha256.state

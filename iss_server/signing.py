@@ -48,9 +48,9 @@ def verify(keys: tuple[str, ...], path: str, params: Mapping[str, str | list[str
     signature, expires = params.get('signature'), params.get('expires')
     if not isinstance(signature, str) or not isinstance(expires, str) or not (expires.isascii() and expires.isdigit()):
         raise BadSignature('A signed URL has one signature and one expires (Unix seconds).')
-    query = {name: value for name, value in params.items() if name != 'signature'}
-    if any(isinstance(value, list) for value in query.values()):
+    if any(isinstance(value, list) for value in params.values()):
         raise BadSignature('A signed URL gives each parameter once.')
+    query = {name: value for name, value in params.items() if name != 'signature' and isinstance(value, str)}
     given = signature.encode()
     # APPSEC: every key compared, each in constant time.
     matches = [hmac.compare_digest(given, _signature(key.encode(), path, query).encode()) for key in keys if key]

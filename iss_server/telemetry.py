@@ -72,7 +72,7 @@ class Metrics:
         self.uploads = prometheus_client.Counter(
             'iss_uploads', 'Uploads stored: new content, or content already stored.', ['result'], registry=own
         )
-        if self._multiprocess:
+        if own is None:  # NOTE: multiprocess mode
             self.registry = prometheus_client.CollectorRegistry()
             multiprocess.MultiProcessCollector(self.registry)
         else:
@@ -210,7 +210,8 @@ class JsonFormatter(logging.Formatter):
             entry['error'] = ''.join(traceback.format_exception(*record.exc_info)).rstrip()
         return json.dumps(entry, default=str)
 
-    converter = time.gmtime
+    # NOTE: logging's own recipe for UTC; mypy takes the builtin for a method and drops its argument.
+    converter = time.gmtime  # type: ignore[assignment]
 
 
 def logging_config(level: str) -> dict[str, Any]:

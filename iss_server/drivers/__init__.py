@@ -47,11 +47,17 @@ class Stat:
 class Source(Protocol):
     """Bytes spooled on the node's disk, hashed: what a driver puts under a key."""
 
-    #: The file holding the bytes, under the spool the driver was built with.
-    path: str
-    size: int
-    #: The SHA-256 of the bytes, hex: the checksum the backend refuses them without.
-    sha256: str
+    # NOTE: read-only properties, so a class whose sha256 is a property is a Source too.
+    @property
+    def path(self) -> str:
+        """The file holding the bytes, under the spool the driver was built with."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def sha256(self) -> str:
+        """The SHA-256 of the bytes, hex: the checksum the backend refuses them without."""
 
     def fileno(self) -> int: ...
 

@@ -25,7 +25,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import boto3
 import botocore.config
@@ -70,7 +70,7 @@ class S3Driver:
         self.bucket = bucket
         self.prefix = prefix
         self.endpoint = endpoint
-        self._service = {
+        self._service: dict[str, Any] = {  # NOTE: boto3's client() keywords
             'endpoint_url': endpoint or None,
             'region_name': region,
             'aws_access_key_id': access_key or None,
@@ -195,7 +195,8 @@ class S3Driver:
         stat = _stat_of(answer)
         if offset:  # NOTE: a range's ContentLength is the range's
             stat = Stat(offset + stat.size, stat.version, stat.modified)
-        return _Body(answer['Body']), stat
+        # NOTE: read as a file (read, readinto, close) by everything that opens a blob.
+        return cast(IO[bytes], _Body(answer['Body'])), stat
 
     def stat(self, key: str) -> Stat:
         with _translated('reading an object'):
@@ -404,7 +405,7 @@ class _PartsAsTheyArrive:
     def cancel(self) -> None:
         self._buffer = bytearray()
         if self._parts is not None:
-            self._parts, parts = None, self._parts
+            parts, self._parts = self._parts, None
             parts.abort()
 
 
