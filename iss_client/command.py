@@ -467,7 +467,7 @@ def mirror_command(client: Client, args: argparse.Namespace, console: _Console) 
     summary = {
         'events': counters.events,
         'copied': counters.copied,
-        'bytes': counters.bytes,
+        'bytes': counters.bytes_copied,
         'deleted': counters.deleted,
     }
     print(json.dumps(summary) if args.json else f'mirror: caught up; {_count(counters.copied, "blob")} copied')

@@ -92,7 +92,7 @@ class Counters:
 
     events: int = 0
     copied: int = 0
-    bytes: int = 0
+    bytes_copied: int = 0
     deleted: int = 0
     lag: float = 0.0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -112,7 +112,7 @@ class Counters:
                 f'iss_client_mirror_blobs_copied_total {self.copied}',
                 '# HELP iss_client_mirror_bytes_copied_total Bytes sent to the destination.',
                 '# TYPE iss_client_mirror_bytes_copied_total counter',
-                f'iss_client_mirror_bytes_copied_total {self.bytes}',
+                f'iss_client_mirror_bytes_copied_total {self.bytes_copied}',
                 '# HELP iss_client_mirror_blobs_deleted_total Blobs deleted on the destination.',
                 '# TYPE iss_client_mirror_blobs_deleted_total counter',
                 f'iss_client_mirror_blobs_deleted_total {self.deleted}',
@@ -303,7 +303,7 @@ class Mirror:
                 raise outcome
         with self.counters.lock:
             self.counters.copied += len(files)
-            self.counters.bytes += sum(len(content) for content, _ in files)
+            self.counters.bytes_copied += sum(len(content) for content, _ in files)
 
     def _each(self, work: Callable[[Any], None], items: list[Any]) -> None:
         """Run ``work`` on every item, ``jobs`` at once; the first error (or Ctrl-C) cancels what has not started."""
@@ -328,7 +328,7 @@ class Mirror:
             self._destination.put(spool, digest=item['id'], **upload_fields(item))
         with self.counters.lock:
             self.counters.copied += 1
-            self.counters.bytes += size
+            self.counters.bytes_copied += size
 
     def _delete(self, blob_ids: list[str]) -> None:
         def delete(blob_id: str) -> None:
