@@ -170,9 +170,6 @@ class Collection:
         }
         if self._kind_filter:
             kind = req.get_param('kind')
-            if kind == 'image':
-                # NOTE: the index lists everything of kind image under /images, which /stats counts
-                raise BadRequest('Blobs of kind image are listed by GET /images.', title='Invalid kind')
             filters['kind'] = None if kind is None else meta.check_kind(kind)
         page = self._store.list(self._door.name, limit=limit, **filters)
         next_url = None

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import urllib.parse
 
 import pytest
 import webtest
@@ -523,3 +524,80 @@ def test_a_chunk_after_the_upload_is_complete_says_so(client):
     again = client.patch(location, b'abc', headers={**chunk, 'Upload-Offset': '3'}, expect_errors=True)
 
     assert again.status_int == 409 and 'complete' in again.json['description'], again.json
+
+
+# -- meta that no JSON reader can take back, and kinds and keys that are ISS's ------------
+
+
+def tus_metadata(**fields: str) -> dict[str, str]:
+    encoded = ','.join(f'{name} {base64.b64encode(value.encode()).decode()}' for name, value in fields.items())
+    return {**TUS, 'Upload-Metadata': encoded, 'Upload-Length': '2'}
+
+
+def artifact_query(kind: str, user_meta: str | None = None) -> str:
+    return urllib.parse.urlencode({'kind': kind, **({'meta': user_meta} if user_meta is not None else {})})
+
+
+REFUSED_META = [
+    pytest.param('{"a":"\\ud800"}', id='lone-surrogate-value'),
+    pytest.param('{"a":[{"\\udfff":1}]}', id='lone-surrogate-nested-key'),
+    pytest.param('{"a":1e999}', id='overflows-to-infinity'),
+    pytest.param('{"a":[-1e999]}', id='nested-negative-overflow'),
+    pytest.param('{"a":NaN}', id='nan'),
+    pytest.param('{"a":{"b":-Infinity}}', id='nested-infinity'),
+    pytest.param('{"id":"sha256:00"}', id='listing-id'),
+    pytest.param('{"verified":"decode"}', id='answer-verified'),
+]
+
+
+@pytest.mark.parametrize('user_meta', REFUSED_META)
+def test_meta_that_cannot_be_served_back_or_fakes_iss_keys_is_400_at_upload(client, user_meta):
+    """A trial stored these (201); then /meta, listings and /events answered 500 or a faked id."""
+    posted = client.post(f'/artifacts?{artifact_query("x", user_meta)}', b'm1', expect_errors=True)
+    put = client.put(f'/artifacts/{blob_id(b"m1")}?{artifact_query("x", user_meta)}', b'm1', expect_errors=True)
+    tus = client.post('/uploads', headers=tus_metadata(kind='x', meta=user_meta), expect_errors=True)
+
+    for answer in (posted, put, tus):
+        assert answer.status_int == 400 and answer.json['title'] == 'Invalid meta', answer.json
+    assert client.get('/artifacts').json['items'] == []
+    assert client.get('/events').status_int == 200
+
+
+def test_meta_of_any_unicode_that_utf8_encodes_is_stored_and_served_back(client):
+    user_meta = json.dumps({'\u00e9t\u00e9': ['\U0001f600', 1.5e300, {'n': None}]})
+
+    stored = client.post(f'/artifacts?{artifact_query("x", user_meta)}', b'm2')
+
+    assert client.get(f'/artifacts/{stored.json["artifact_id"]}/meta').json['\u00e9t\u00e9'][0] == '\U0001f600'
+    assert client.get('/events').status_int == 200
+
+
+def test_the_kind_image_is_the_image_doors_and_the_artifacts_door_refuses_it(client):
+    posted = client.post(f'/artifacts?{artifact_query("image")}', b'x', expect_errors=True)
+    put = client.put(f'/artifacts/{blob_id(b"x")}?{artifact_query("image")}', b'x', expect_errors=True)
+    batch = client.post(
+        '/artifacts',
+        {'kind': 'image'},
+        upload_files=[('file', 'a.bin', b'x'), ('file', 'b.bin', b'y')],
+        expect_errors=True,
+    )
+
+    for answer in (posted, put, batch):
+        assert answer.status_int == 400 and answer.json['title'] == 'Invalid kind', answer.json
+        assert '/images' in answer.json['description']
+    assert client.get('/images').json['items'] == [] and client.get('/artifacts').json['items'] == []
+    assert client.get('/stats').json['count'] == 0
+
+
+@pytest.mark.parametrize(
+    'body',
+    [
+        pytest.param(b'[' * 100_000 + b']' * 100_000, id='nested-past-the-recursion-limit'),
+        pytest.param(b'{"ids":[' * 1000 + b']}' * 1000, id='nested-objects'),
+        pytest.param(b'{"ids":NaN}', id='nan'),
+    ],
+)
+def test_a_json_body_nested_past_any_use_or_not_json_is_400(client, body):
+    answer = client.post('/blobs/missing', body, headers={'Content-Type': 'application/json'}, expect_errors=True)
+
+    assert answer.status_int == 400, answer.body[:200]

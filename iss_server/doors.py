@@ -111,8 +111,8 @@ class ArtifactDoor:
         """The artifact's ``kind`` and its client's ``meta``, checked: of a POST, a PUT or a tus session.
 
         Raises:
-            BadRequest: no kind, a kind that is not of meta.KIND_PATTERN, or meta that is no
-                JSON object of at most ISS_MAX_META_BYTES without ISS's keys.
+            BadRequest: no kind, a kind that is not of meta.KIND_PATTERN or is ``image`` (the image
+                door's), or meta that is no JSON object of at most ISS_MAX_META_BYTES without ISS's keys.
         """
         return meta.check_kind(kind), meta.parse_user_meta(user_meta, self._max_meta_bytes)
 

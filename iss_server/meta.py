@@ -13,6 +13,7 @@ the index keeps is made here too, so the schema is written down once:
 from __future__ import annotations
 
 import json
+import math
 import mimetypes
 import re
 import time
@@ -27,24 +28,14 @@ OCTET_STREAM = 'application/octet-stream'
 #: What an artifact's kind may be.
 KIND_PATTERN = re.compile(r'[A-Za-z0-9._-]{1,64}')
 
-#: Keys ISS writes into every meta file; an artifact's own meta may not use them.
-RESERVED_KEYS = images.IMAGE_META_KEYS | frozenset(
-    {
-        'kind',
-        'bytes',
-        'mime',
-        'width',
-        'height',
-        'format',
-        'created_at',
-        'image_id',
-        'artifact_id',
-        'filename',
-    }
-)
-
 #: The keys an upload's answer repeats from the stored meta.
 ANSWER_KEYS = ('kind', 'bytes', 'mime', 'width', 'height', 'verified', 'created_at')
+
+#: Keys ISS writes into a meta file, an upload's answer or a listing item (:func:`listing_item`,
+#: ``index.row_for``); an artifact's own meta may not use them (``id`` would fake a listed id).
+RESERVED_KEYS = (
+    frozenset(ANSWER_KEYS) | images.IMAGE_META_KEYS | frozenset({'id', 'format', 'image_id', 'artifact_id', 'filename'})
+)
 
 _MEDIA_TYPE_PATTERN = re.compile(r'[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+')
 _CHARSET_PATTERN = re.compile(r'charset="?([A-Za-z0-9._:-]{1,40})"?')
@@ -218,14 +209,21 @@ def _now(created_at: float | None) -> float:
 
 
 def check_kind(kind: str | None) -> str:
-    """Return ``kind`` if it is a valid artifact kind.
+    """Return ``kind`` if it is a valid artifact kind: of an upload to /artifacts, or its listing's filter.
 
     Raises:
-        BadRequest: it is missing or not of :data:`KIND_PATTERN`.
+        BadRequest: it is missing, not of :data:`KIND_PATTERN`, or ``image`` (the image door's).
     """
     if kind is None or not KIND_PATTERN.fullmatch(kind):
         raise BadRequest(
             'kind is required: 1 to 64 characters of A-Z, a-z, 0-9, ".", "_" or "-".', title='Invalid kind'
+        )
+    if kind == 'image':
+        # NOTE: the index lists every blob of kind image under /images, and /stats counts it as one:
+        # only the image door, which has Pillow identify the bytes, stores that kind
+        raise BadRequest(
+            "The kind image is the image door's: upload images at /images and list them by GET /images.",
+            title='Invalid kind',
         )
     return kind
 
@@ -234,18 +232,23 @@ def parse_user_meta(text: str | None, max_bytes: int) -> dict[str, Any]:
     """Parse an artifact's own meta (a JSON object of at most ``max_bytes``), refusing ISS's keys.
 
     Raises:
-        BadRequest: too large, not a JSON object, or setting a reserved key.
+        BadRequest: too large, not a JSON object, not UTF-8 as JSON, or setting a reserved key.
     """
     if not text:
         return {}
     if len(text.encode()) > max_bytes:
         raise _invalid_meta(f'meta is larger than {max_bytes} bytes.')
     try:
-        parsed = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
+        parsed = parse_json(text)
+    except ValueError as exc:
         raise _invalid_meta(f'meta is not JSON: {exc}') from None
     if not isinstance(parsed, dict):
         raise _invalid_meta('meta must be a JSON object.')
+    try:
+        # APPSEC: "\ud800" parses to a lone surrogate, which no UTF-8 answer (/meta, /events) can carry
+        json.dumps(parsed, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise _invalid_meta('meta must be text that UTF-8 encodes: no lone surrogates (\\ud800-\\udfff).') from None
     reserved = sorted(RESERVED_KEYS.intersection(parsed))
     if reserved:
         raise _invalid_meta(f'meta may not set keys ISS owns: {", ".join(reserved)}.')
@@ -273,5 +276,26 @@ def _invalid_meta(description: str) -> BadRequest:
     return BadRequest(description, title='Invalid meta')
 
 
+def parse_json(text: str | bytes) -> Any:
+    """Parse a small JSON document a client sent (meta, a request body) as the standard has it.
+
+    Raises:
+        ValueError: not JSON; NaN, Infinity or a number too large for a float (``1e999``), which
+            JSON has not and no answer could carry back; nested deeper than Python recurses.
+    """
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        # NOTE: the decoder recurses once per array or object: its depth is bounded by the interpreter's
+        raise ValueError('nested too deeply') from None
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f'{name} is not valid JSON')
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f'{text} is too large a number')
+    return number

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from collections.abc import Iterator
 from typing import Any
 
 import falcon
 
-from iss_server import forms
+from iss_server import forms, meta
 from iss_server.bodies import RequestBody
 from iss_server.config import Settings
 from iss_server.errors import BadRequest, TooManyFiles
@@ -78,7 +77,7 @@ class UploadReceiver:
         The resource says what it expected: None, like a document of the wrong shape, is its 400.
         """
         try:
-            return json.loads(RequestBody(req, limit, self._timeout).read() or b'null')
+            return meta.parse_json(RequestBody(req, limit, self._timeout).read() or b'null')
         except ValueError:
             return None
 

@@ -129,7 +129,7 @@ def meta(data: bytes) -> None:
         pass
     else:
         assert isinstance(parsed, dict) and not meta_module.RESERVED_KEYS.intersection(parsed)
-        json.dumps(parsed, allow_nan=False)
+        json.dumps(parsed, allow_nan=False, ensure_ascii=False).encode()
     try:
         meta_module.check_kind(text)
     except BadRequest:
