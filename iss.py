@@ -468,7 +468,7 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     app.add_route('/artifacts/{blob_id}/meta', blob_meta)
     app.add_route('/blobs/missing', MissingBlobs(store, receiver))
     app.add_route('/stats', Stats(store))
-    app.add_route('/events', Events(store.index, settings.events_retain))
+    app.add_route('/events', Events(store.index, settings.events_retain, settings.threads))
     webhooks = Webhooks(store.index, settings.webhooks, settings.admin_token)
     app.add_route('/webhooks', webhooks)
     app.add_route('/webhooks/{name}/resume', webhooks, suffix='resume')

@@ -8,6 +8,7 @@ import random
 import threading
 import time
 import urllib.parse
+from email.message import Message
 
 import pytest
 import webtest
@@ -112,7 +113,21 @@ def test_wait_without_a_change_answers_the_same_cursor_after_the_wait(feed_clien
     assert 0.9 < time.monotonic() - started < 5
 
 
-@pytest.mark.parametrize('query', [{'wait': '61'}, {'wait': '-1'}, {'limit': '0'}, {'limit': '1001'}])
+@pytest.mark.parametrize(
+    'query',
+    [
+        {'wait': '61'},
+        {'wait': '-1'},
+        {'limit': '0'},
+        {'limit': '1001'},
+        # NOTE: ASCII digits only (Falcon's get_param_as_int takes each of these as 3 or 10)
+        {'wait': '\u0663'},
+        {'limit': '\u0663'},
+        {'wait': ' 3'},
+        {'limit': '1_0'},
+        {'limit': '+3'},
+    ],
+)
 def test_bounds_of_wait_and_limit(feed_client, query):
     client, _ = feed_client
     assert client.get('/events', query, status=400).json['status'] == 400
@@ -123,6 +138,25 @@ def test_a_cursor_not_handed_out_is_refused(feed_client, tail):
     client, _ = feed_client
     epoch = client.get('/events').json['next'].split('.')[0]  # NOTE: of this index, so only the tail is wrong
     assert client.get('/events', {'after': epoch + tail}, status=400).json['title'] == 'Invalid cursor'
+
+
+def test_a_cursor_ahead_of_the_feed_is_refused(feed_client):
+    client, store = feed_client
+    upload_artifact(client, b'one')
+    head = client.get('/events', {'after': 'now'}).json['next']
+    epoch, seq = head.split('.')
+    for ahead in (f'{epoch}.{int(seq) + 1}', f'{epoch}.999999'):
+        assert client.get('/events', {'after': ahead}, status=400).json['title'] == 'Invalid cursor'
+        assert client.get('/events', {'after': ahead, 'wait': 1}, status=400).json['title'] == 'Invalid cursor'
+        headers = {'Accept': 'text/event-stream', 'Last-Event-ID': ahead}
+        assert client.get('/events', headers=headers, status=400).content_type == 'application/json'
+    assert client.get('/events', {'after': head}).json == {'events': [], 'next': head}
+    # NOTE: the newest position handed out stays valid once pruned, and is still the limit
+    assert store.index.prune_events(time.time() + 1) == 1
+    assert client.get('/events', {'after': head}).json == {'events': [], 'next': head}
+    client.get('/events', {'after': f'{epoch}.{int(seq) + 1}'}, status=400)
+    two = upload_artifact(client, b'two')
+    assert [event['item']['id'] for event in client.get('/events', {'after': head}).json['events']] == [two]
 
 
 def test_a_cursor_older_than_the_retention_answers_410(feed_client):
@@ -237,7 +271,14 @@ def test_the_feed_on_a_postgresql_index_prunes_and_refuses_what_it_pruned(postgr
     assert json.loads(events[1].item)['note'] == 'added'
     assert [len(event.cursor.split('.')) for event in events] == [3, 3, 3]  # NOTE: epoch, transaction, seq
 
+    epoch, xact, seq = events[2].cursor.split('.')
+    for ahead in (f'{epoch}.{xact}.{int(seq) + 1}', f'{epoch}.{int(xact) + 1}.0', f'{epoch}.{xact}9.{seq}'):
+        with pytest.raises(index.InvalidCursor):
+            store_index.events(ahead, 10)
+
     assert store_index.prune_events(time.time() + 1) == 3
+    with pytest.raises(index.InvalidCursor):
+        store_index.events(f'{epoch}.{int(xact) + 1}.0', 10)  # NOTE: past the pruned position too
     with pytest.raises(index.CursorExpired):
         store_index.events(events[1].cursor, 10)
     assert store_index.events(events[2].cursor, 10).events == []  # NOTE: the last one pruned: nothing missed
@@ -388,3 +429,76 @@ def test_long_poll_and_stream_wake_when_an_upload_lands(server):
     conn.close()
     assert 'event: created' in lines
     assert json.loads(lines[-1][len('data: ') :])['item']['bytes'] == len(b'frame two')
+
+
+# -- waiting requests are bounded (a bulkhead per worker) -----------------------------------
+
+
+def _get_timed(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[float, int, Message, bytes]:
+    started = time.monotonic()
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+    try:
+        conn.request('GET', path, headers=headers or {})
+        response = conn.getresponse()
+        body = response.read() if response.getheader('Content-Type') != 'text/event-stream' else b''
+        return time.monotonic() - started, response.status, response.msg, body  # NOTE: names in any case
+    finally:
+        conn.close()
+
+
+def test_long_polls_past_the_bulkhead_answer_at_once_and_health_keeps_answering(start):
+    """4 threads: one may wait; 6 held long-polls leave /health, streams refused, and 5 polls answered at once."""
+    server = start(ISS_WORKERS='1', ISS_THREADS='4')
+    cursor = json.loads(server.request('GET', '/events?after=now')[2])['next']
+    results: list[tuple[float, int, Message, bytes]] = []
+    polls = [
+        threading.Thread(target=lambda: results.append(_get_timed(server.port, f'/events?after={cursor}&wait=3')))
+        for _ in range(6)
+    ]
+    for poll in polls:
+        poll.start()
+    wait_for(lambda: len(results) >= 5, seconds=2, message='the long-polls past the bulkhead answered')
+
+    took, status, _, _ = _get_timed(server.port, '/health')
+    assert status == 200 and took < 1
+    took, status, headers, _ = _get_timed(server.port, '/events', {'Accept': 'text/event-stream'})
+    assert status == 503 and headers['Retry-After'] == '5' and took < 1
+    for poll in polls:
+        poll.join()
+    times = sorted(took for took, *_ in results)
+    assert times[4] < 1.5 and times[5] >= 2.5  # NOTE: five turned away at once, one waited its 3 s
+    for _, status, _, body in results:
+        assert status == 200 and json.loads(body) == {'events': [], 'next': cursor}
+    assert sum(headers.get('Retry-After') == '1' for _, _, headers, _ in results) == 5
+
+    # NOTE: the place is given back: a stream now gets it, and holds it (a long-poll is turned away)
+    conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+    conn.request('GET', '/events', headers={'Accept': 'text/event-stream', 'Last-Event-ID': cursor})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline() == b'retry: 1000\n'
+    took, status, headers, _ = _get_timed(server.port, f'/events?after={cursor}&wait=3')
+    assert status == 200 and took < 1 and headers['Retry-After'] == '1'
+    conn.close()
+
+    # NOTE: a stream whose client is gone gives its place back at the first write that fails
+    def upload(data: bytes) -> None:
+        body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="f.bin"\r\n\r\n' + data + b'\r\n--b--\r\n'
+        server.request('POST', '/artifacts?kind=frame', body, {'Content-Type': 'multipart/form-data; boundary=b'})
+
+    upload(b'one')
+    upload(b'two')
+    wait_for(
+        lambda: _get_timed(server.port, '/events?after=now&wait=1')[0] >= 0.9,
+        seconds=5,
+        message='a long-poll waits again',
+    )
+
+
+def test_a_finished_stream_gives_its_place_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(Events, 'STREAM_SECONDS', 0.2)
+    monkeypatch.setattr(Events, 'KEEPALIVE_SECONDS', 0.1)
+    settings = Settings(data_dir=str(tmp_path / 'data'), threads=4)  # NOTE: one place
+    client = webtest.TestApp(iss.build_app(settings))
+    for _ in range(3):
+        response = client.get('/events', headers={'Accept': 'text/event-stream'})
+        assert response.status_int == 200 and response.text.startswith('retry: 1000')

@@ -266,6 +266,15 @@ class RendersBusy(ServiceError):
     retry_after = 1
 
 
+class FeedBusy(ServiceError):
+    """This worker already holds as many change feed streams and long-polls as it lets wait (see events.py)."""
+
+    status = 503
+    title = 'Change feed busy'
+    description = 'Too many clients are waiting for changes right now; try again shortly.'
+    retry_after = 5
+
+
 class IndexIncomplete(StoreUnavailable):
     """The index is still being built from the files, so it cannot answer listings yet."""
 

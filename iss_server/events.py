@@ -4,19 +4,26 @@ The index records every change of a blob's row (``created``, ``updated``, ``dele
 the transaction of the change itself (see :meth:`index.Index.events`); this resource hands
 them out in commit order after a cursor, as a JSON page (long-polled with ``wait``) or as
 Server-Sent Events. A follower that keeps its cursor misses none and sees none twice.
+
+Each waiting request holds one of gunicorn's threads, so at most a quarter of a worker's
+threads (``ISS_THREADS // 4``, at least one) wait for changes, long-polls and streams
+together: past that a long-poll answers at once, as with ``wait=0`` (with ``Retry-After: 1``
+when it has nothing), and a stream is refused with 503 and ``Retry-After``. The other
+threads keep answering everything else.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
 import falcon
 
 from iss_server import index
-from iss_server.errors import ServiceError
+from iss_server.errors import FeedBusy, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +43,17 @@ class Events:
     #: What a stream asks the client to wait before reconnecting, in milliseconds.
     RETRY_MS = 1000
 
-    def __init__(self, store_index: index.Index, retain_seconds: int) -> None:
+    #: One waiting request (long-poll or stream) for this many of the worker's threads.
+    THREADS_PER_WAITER = 4
+    #: Seconds a long-poll turned away from waiting asks its follower to let pass before asking again.
+    BUSY_RETRY_SECONDS = 1
+
+    def __init__(self, store_index: index.Index, retain_seconds: int, threads: int) -> None:
         self._index = store_index
         store_index.events_retain = retain_seconds
+        # NOTE: per process, as the threads are: the bulkhead that keeps waiters from taking them all.
+        self._places = max(1, threads // self.THREADS_PER_WAITER)
+        self._waiters = threading.BoundedSemaphore(self._places)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Answer the changes after ``after`` (a page, or a stream)."""
@@ -47,13 +62,22 @@ class Events:
         if 'text/event-stream' in (req.accept or ''):
             after = req.get_header('Last-Event-ID') or after
             page = self._index.events(after, 0)  # NOTE: a bad or expired cursor answers 400 or 410, not a stream
+            if not self._waiters.acquire(blocking=False):
+                raise FeedBusy(f'all {self._places} places for waiting requests are taken')
             resp.content_type = 'text/event-stream'
             resp.set_header('X-Accel-Buffering', 'no')  # NOTE: nginx passes each event on at once
-            resp.stream = self._stream(page.next_cursor)
+            resp.stream = _Held(self._stream(page.next_cursor), self._waiters)
             return
-        limit = req.get_param_as_int('limit', min_value=1, max_value=self.MAX_LIMIT, default=self.DEFAULT_LIMIT)
-        wait = req.get_param_as_int('wait', min_value=0, max_value=self.MAX_WAIT, default=0)
-        page = self._index.wait_for_events(after, limit, wait)
+        limit = _count_param(req, 'limit', 1, self.MAX_LIMIT, self.DEFAULT_LIMIT)
+        wait = _count_param(req, 'wait', 0, self.MAX_WAIT, 0)
+        waiting = wait > 0 and self._waiters.acquire(blocking=False)
+        try:
+            page = self._index.wait_for_events(after, limit, wait if waiting else 0)
+        finally:
+            if waiting:
+                self._waiters.release()
+        if wait and not waiting and not page.events:
+            resp.retry_after = self.BUSY_RETRY_SECONDS  # NOTE: the follower asks again, after a pause
         resp.media = {'events': [event_document(event) for event in page.events], 'next': page.next_cursor}
 
     def _stream(self, cursor: str) -> Iterator[bytes]:
@@ -77,3 +101,35 @@ class Events:
 def event_document(event: index.Event) -> dict[str, object]:
     """An event as the feed answers it: ``cursor``, ``type``, ``time`` and the blob's listing ``item``."""
     return {'cursor': event.cursor, 'type': event.type, 'time': event.time, 'item': json.loads(event.item)}
+
+
+class _Held:
+    """A stream that holds its place in the bulkhead until the server closes it (sent, or the client gone)."""
+
+    def __init__(self, chunks: Iterator[bytes], place: threading.BoundedSemaphore) -> None:
+        self._chunks = chunks
+        self._place: threading.BoundedSemaphore | None = place
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+    def close(self) -> None:
+        """End the stream and give its place back (once)."""
+        self._chunks.close()
+        place, self._place = self._place, None
+        if place is not None:
+            place.release()
+
+
+def _count_param(req: falcon.Request, name: str, minimum: int, maximum: int, default: int) -> int:
+    """A whole number from ``minimum`` to ``maximum`` in ASCII digits, ``default`` when not given; 400 otherwise."""
+    raw = req.get_param(name)
+    if raw is None:
+        return default
+    # APPSEC: ASCII digits only: int() (and Falcon's get_param_as_int) also take '٣', ' 3' and '1_0'
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 12):
+        raise falcon.HTTPInvalidParam('The value must be an integer.', name)
+    value = int(raw)
+    if not minimum <= value <= maximum:
+        raise falcon.HTTPInvalidParam(f'The value must be at least {minimum} and at most {maximum}.', name)
+    return value

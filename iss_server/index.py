@@ -400,9 +400,14 @@ class _Queries:
         cursor of the latest (where a follower that has just listed the store starts).
 
         Raises:
-            InvalidCursor: ``after`` is not a cursor this index handed out.
+            InvalidCursor: ``after`` is not a cursor this index handed out (also one past the
+                newest position it has: a follower holding it would skip every change up to there).
             CursorExpired: the changes after it are pruned, or the index was lost and rebuilt since.
         """
+        return self._events(after, limit, check_ahead=True)
+
+    def _events(self, after: str | None, limit: int, *, check_ahead: bool) -> EventPage:
+        """:meth:`events`; ``check_ahead`` False trusts ``after`` not to be ahead (the previous page's cursor)."""
         columns = ', '.join(self._EVENT_POSITION)
         while True:
             epoch = self._state('events_epoch') or ''
@@ -424,6 +429,10 @@ class _Queries:
                 break
             if after is not None and after != 'now':
                 raise CursorExpired(after)
+        # NOTE: only when nothing follows it: a settled change after a position proves it is not ahead.
+        # The newest position handed out never moves back (prunes keep theirs), so none is refused wrongly.
+        if check_ahead and not rows and position > (self._head() or self._pruned()):
+            raise InvalidCursor(f'{after[:80]!r} is ahead of the change feed')
         width = len(self._EVENT_POSITION)
         events = [Event(_event_cursor(epoch, row[:width]), *row[width:]) for row in rows]
         return EventPage(events, events[-1].cursor if events else _event_cursor(epoch, position))
@@ -431,9 +440,12 @@ class _Queries:
     def wait_for_events(self, after: str | None, limit: int, seconds: float) -> EventPage:
         """:meth:`events`, waiting up to ``seconds`` for one when there are none yet."""
         deadline = time.monotonic() + seconds
+        check_ahead = True
         while True:
             generation = self._generation
-            page = self.events(after, limit)
+            # PERF: the first look checks the cursor; the next ones take the cursor it answered.
+            page = self._events(after, limit, check_ahead=check_ahead)
+            check_ahead = False
             left = deadline - time.monotonic()
             if page.events or left <= 0:
                 return page
