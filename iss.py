@@ -15,12 +15,10 @@ error (``errors.py``) mapped to its answer in one place here. gunicorn runs
 
 from __future__ import annotations
 
-import datetime
 import http
 import json
 import logging
 import pathlib
-import re
 import sys
 import urllib.parse
 from typing import Any
@@ -32,24 +30,15 @@ if __name__ == '__main__':
     try:
         from iss_server import cli
     except ModuleNotFoundError as missing:
-        top = (missing.name or 'iss_server').partition('.')[0]
-        if top in ('iss_server', 'storage'):
-            raise
-        package = {'PIL': 'pillow', 'yaml': 'PyYAML', 'swagger_ui_bundle': 'swagger-ui-bundle-v2'}.get(top, top)
-        checkout = pathlib.Path(__file__).resolve().parent
-        venv = '' if (checkout / '.venv').is_dir() else 'python3 -m venv .venv && '
-        print(
-            f'python -m iss: {package} is not installed for {sys.executable}: '
-            f'in {checkout} run `{venv}.venv/bin/pip install -r requirements.txt`, then `.venv/bin/python -m iss`',
-            file=sys.stderr,
-        )
-        sys.exit(2)  # cli.UNUSABLE: the command could not run
+        from iss_server import refuse_missing_dependency
+
+        refuse_missing_dependency(missing, pathlib.Path(__file__).resolve().parent)
     sys.exit(cli.main())
 
 import falcon
 from swagger_ui_bundle import swagger_ui_path
 
-from iss_server import browse, doors, images, index, meta, resumable, telemetry
+from iss_server import browse, doors, images, index, meta, params, resumable, telemetry
 from iss_server.auth import RequireReadToken, RequireToken
 from iss_server.blobs import parse_id
 from iss_server.config import Settings
@@ -84,9 +73,6 @@ from storage import BlobStore, open_store
 log = logging.getLogger('iss')
 
 HERE = pathlib.Path(__file__).resolve().parent
-
-_NUMBER_PATTERN = re.compile(r'-?\d{1,12}(\.\d{1,9})?')
-
 
 # -- errors: every one answered as JSON, from here -------------------------------------
 
@@ -162,10 +148,13 @@ class Collection:
         self._kind_filter = door.name == index.ARTIFACTS
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        limit = req.get_param_as_int('limit', min_value=1, max_value=self._MAX_LIMIT, default=self._DEFAULT_LIMIT)
+        limit = (
+            params.whole_number(req.get_param('limit'), 'limit', minimum=1, maximum=self._MAX_LIMIT)
+            or self._DEFAULT_LIMIT
+        )
         filters: dict[str, Any] = {
-            'created_after': _timestamp_param(req, 'created_after'),
-            'created_before': _timestamp_param(req, 'created_before'),
+            'created_after': params.timestamp(req.get_param('created_after'), 'created_after'),
+            'created_before': params.timestamp(req.get_param('created_before'), 'created_before'),
             'cursor': req.get_param('cursor') or None,
         }
         if self._kind_filter:
@@ -380,26 +369,6 @@ class Health:
 
 
 # -- helpers --------------------------------------------------------------------
-
-
-def _timestamp_param(req: falcon.Request, name: str) -> float | None:
-    """A time given as Unix seconds or ISO 8601 (no zone: UTC), as Unix seconds."""
-    raw = req.get_param(name)
-    if raw is None:
-        return None
-    try:
-        return float(raw) if _NUMBER_PATTERN.fullmatch(raw) else _iso_timestamp(raw)
-    except ValueError:
-        raise BadRequest(
-            f'{name} must be Unix seconds or an ISO 8601 time, e.g. 2026-11-25T12:00:00Z.', title=f'Invalid {name}'
-        ) from None
-
-
-def _iso_timestamp(text: str) -> float:
-    moment = datetime.datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return moment.timestamp()
 
 
 # -- the app --------------------------------------------------------------------

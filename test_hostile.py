@@ -601,3 +601,10 @@ def test_a_json_body_nested_past_any_use_or_not_json_is_400(client, body):
     answer = client.post('/blobs/missing', body, headers={'Content-Type': 'application/json'}, expect_errors=True)
 
     assert answer.status_int == 400, answer.body[:200]
+
+
+@pytest.mark.parametrize(('name', 'value'), [('limit', '\u0663'), ('limit', '1_0'), ('created_after', '\u0661\u0660')])
+def test_listing_parameters_take_ascii_digits_only(client, name, value):
+    answer = client.get('/images', {name: value}, expect_errors=True)
+
+    assert answer.status_int == 400, answer.body

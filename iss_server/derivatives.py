@@ -22,6 +22,7 @@ from iss_server.auth import carries_one_of, token_required
 from iss_server.blobs import OpenBlob, parse_id
 from iss_server.config import DERIVATIVE_PARAMETERS, Settings
 from iss_server.errors import BadRequest, InvalidId, InvalidIdInBody
+from iss_server.params import whole_number
 from iss_server.receiving import UploadReceiver
 from iss_server.responses import etag_matches, send_file, send_not_modified
 from storage import BlobStore
@@ -172,15 +173,15 @@ class Derivatives:
         stored: dict[str, Any],
         requested_format: str | None,
     ) -> images.Variant:
-        width = _int_param(params, 'w', self._max_dimension)
-        height = _int_param(params, 'h', self._max_dimension)
+        width = whole_number(params.get('w'), 'w', minimum=1, maximum=self._max_dimension)
+        height = whole_number(params.get('h'), 'h', minimum=1, maximum=self._max_dimension)
         fit = params.get('fit', 'contain')
         if fit not in images.FITS:
             raise BadRequest('fit must be contain, cover or fill.', title='Invalid fit')
         if fit != 'contain' and (width is None or height is None):
             # NOTE: "exactly w x h" needs both; with one, cover rendered the source's aspect
             raise BadRequest(f'fit={fit} makes exactly w x h: give both w and h.', title='Invalid fit')
-        quality = _int_param(params, 'q', 100)
+        quality = whole_number(params.get('q'), 'q', minimum=1, maximum=100)
         source = self._source(blob_id, stored)
         has_alpha = 'A' in source.get('mode', '') or source.get('mode') == 'P'
         if requested_format == 'auto':
@@ -207,20 +208,6 @@ class Derivatives:
         with blob.file, _refusing_what_cannot_render(blob_id):
             info = images.identify(blob.file, self._max_pixels)
         return {'format': info.format, **info.fields}
-
-
-def _int_param(params: dict[str, str], name: str, maximum: int) -> int | None:
-    """A whole number from 1 to ``maximum``, or None when not given; 400 otherwise, as Falcon's own."""
-    raw = params.get(name)
-    if raw is None:
-        return None
-    # APPSEC: ASCII digits only: int() also takes '١٠', ' 10' and '1_0', each a cache key of its own behind nginx
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 12):
-        raise falcon.HTTPInvalidParam('The value must be an integer.', name)
-    value = int(raw)
-    if not 1 <= value <= maximum:
-        raise falcon.HTTPInvalidParam(f'The value must be at least 1 and at most {maximum}.', name)
-    return value
 
 
 @contextlib.contextmanager

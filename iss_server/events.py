@@ -18,12 +18,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import falcon
 
 from iss_server import index
 from iss_server.errors import FeedBusy, ServiceError
+from iss_server.params import whole_number
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ class Events:
             resp.set_header('X-Accel-Buffering', 'no')  # NOTE: nginx passes each event on at once
             resp.stream = _Held(self._stream(page.next_cursor), self._waiters)
             return
-        limit = _count_param(req, 'limit', 1, self.MAX_LIMIT, self.DEFAULT_LIMIT)
-        wait = _count_param(req, 'wait', 0, self.MAX_WAIT, 0)
+        limit = whole_number(req.get_param('limit'), 'limit', minimum=1, maximum=self.MAX_LIMIT) or self.DEFAULT_LIMIT
+        wait = whole_number(req.get_param('wait'), 'wait', minimum=0, maximum=self.MAX_WAIT) or 0
         waiting = wait > 0 and self._waiters.acquire(blocking=False)
         try:
             page = self._index.wait_for_events(after, limit, wait if waiting else 0)
@@ -80,7 +81,7 @@ class Events:
             resp.retry_after = self.BUSY_RETRY_SECONDS  # NOTE: the follower asks again, after a pause
         resp.media = {'events': [event_document(event) for event in page.events], 'next': page.next_cursor}
 
-    def _stream(self, cursor: str) -> Iterator[bytes]:
+    def _stream(self, cursor: str) -> Generator[bytes, None, None]:
         yield f'retry: {self.RETRY_MS}\n\n'.encode()
         deadline = time.monotonic() + self.STREAM_SECONDS
         while (left := deadline - time.monotonic()) > 0:
@@ -106,7 +107,7 @@ def event_document(event: index.Event) -> dict[str, object]:
 class _Held:
     """A stream that holds its place in the bulkhead until the server closes it (sent, or the client gone)."""
 
-    def __init__(self, chunks: Iterator[bytes], place: threading.BoundedSemaphore) -> None:
+    def __init__(self, chunks: Generator[bytes, None, None], place: threading.BoundedSemaphore) -> None:
         self._chunks = chunks
         self._place: threading.BoundedSemaphore | None = place
 
@@ -119,17 +120,3 @@ class _Held:
         place, self._place = self._place, None
         if place is not None:
             place.release()
-
-
-def _count_param(req: falcon.Request, name: str, minimum: int, maximum: int, default: int) -> int:
-    """A whole number from ``minimum`` to ``maximum`` in ASCII digits, ``default`` when not given; 400 otherwise."""
-    raw = req.get_param(name)
-    if raw is None:
-        return default
-    # APPSEC: ASCII digits only: int() (and Falcon's get_param_as_int) also take '٣', ' 3' and '1_0'
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 12):
-        raise falcon.HTTPInvalidParam('The value must be an integer.', name)
-    value = int(raw)
-    if not minimum <= value <= maximum:
-        raise falcon.HTTPInvalidParam(f'The value must be at least {minimum} and at most {maximum}.', name)
-    return value

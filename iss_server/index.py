@@ -432,7 +432,7 @@ class _Queries:
         # NOTE: only when nothing follows it: a settled change after a position proves it is not ahead.
         # The newest position handed out never moves back (prunes keep theirs), so none is refused wrongly.
         if check_ahead and not rows and position > (self._head() or self._pruned()):
-            raise InvalidCursor(f'{after[:80]!r} is ahead of the change feed')
+            raise InvalidCursor(f'{(after or "")[:80]!r} is ahead of the change feed')
         width = len(self._EVENT_POSITION)
         events = [Event(_event_cursor(epoch, row[:width]), *row[width:]) for row in rows]
         return EventPage(events, events[-1].cursor if events else _event_cursor(epoch, position))
