@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from iss_client import Client
-from iss_client.mirror import upload_fields
+from iss_client.mirror import ISS_KEYS, upload_fields
 from iss_testing.data import make_png
 from iss_testing.servers import free_port, wait_for
 
@@ -213,3 +213,10 @@ def test_watch_goes_on_after_the_server_restarts(start, tmp_path):
         watching.send_signal(signal.SIGINT)
         watching.communicate(timeout=20)
     crash(server)
+
+
+def test_the_mirror_knows_the_keys_iss_writes_itself_as_the_server_does():
+    # NOTE: the client cannot import the server; this keeps its copy of the list equal to the server's.
+    from iss_server import meta
+
+    assert set(ISS_KEYS) == set(meta.RESERVED_KEYS)
