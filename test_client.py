@@ -529,6 +529,20 @@ def test_push_other_kind_names_the_kind_of_what_is_no_image(start, tmp_path):
     }
 
 
+def test_push_images_only_refuses_what_is_no_image_even_when_the_server_has_it(start, tmp_path):
+    server = start()
+    tree = tmp_path / 'tree'
+    _mixed_tree(tree)
+    assert _command('--url', server.url, 'push', str(tree), cache=tmp_path / 'cache').returncode == 0
+
+    again = _command('--url', server.url, 'push', '--images-only', str(tree), cache=tmp_path / 'cache')
+
+    assert again.returncode == 1
+    # NOTE: broken.png begins as a PNG: only the server can tell, and it has those bytes already
+    assert [json.loads(line)['path'] for line in again.stdout.splitlines()] == ['photos/a.png', 'photos/broken.png']
+    assert str(tree / 'notes.txt') in again.stderr and 'without --images-only' in again.stderr
+
+
 def test_push_images_only_refuses_the_rest_naming_the_option_that_takes_it(start, tmp_path):
     server = start()
     tree = tmp_path / 'tree'

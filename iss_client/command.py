@@ -29,6 +29,7 @@ OK, SOME_FAILED, USAGE = 0, 1, 2
 
 # NOTE: what push stores a file that is no image as, unless --other-kind (or --kind) names another kind.
 DEFAULT_KIND = 'file'
+_NOT_AN_IMAGE = 'not an image: push it without --images-only (an artifact then; --other-kind names its kind)'
 # PERF: a batch (upload_way's) holds at most this many files and bytes.
 _BATCH_FILES = 100
 _BATCH_BYTES = 8 * 1024 * 1024
@@ -132,7 +133,7 @@ def _reason(exc: BaseException, args: argparse.Namespace) -> str:
     if not isinstance(exc, ISSError):
         return str(exc)
     if exc.status == 415:
-        return 'not an image: push it without --images-only (an artifact then; --other-kind names its kind)'
+        return _NOT_AN_IMAGE
     if exc.status == 401 and args.token:
         return f'{exc}; the token given was refused: check --token or $ISS_API_TOKEN'
     if exc.status == 401:
@@ -186,7 +187,11 @@ def _look_at(args: argparse.Namespace, path: str, relative: str) -> _File:
     """A file's size, door and id: hashed now, or remembered (unchanged since), or left to be hashed as it is sent."""
     with open(path, 'rb') as file:
         info = os.fstat(file.fileno())
-        kind = args.kind or (None if args.images_only or image_type(file.read(12)) else args.other_kind)
+        is_image = bool(image_type(file.read(12)))
+        if args.images_only and not is_image:
+            # NOTE: refused here, not by the server: bytes it has already would pass as stored
+            raise ValueError(_NOT_AN_IMAGE)
+        kind = args.kind or (None if is_image or args.images_only else args.other_kind)
         blob_id = known_id(path, info)
         if blob_id is None and upload_way(info.st_size, id_known=False) in ('batch', 'by-id'):
             file.seek(0)
