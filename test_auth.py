@@ -110,6 +110,17 @@ def test_a_write_needs_its_token_and_a_read_does_not():
         assert refused.headers['WWW-Authenticate'] == 'Bearer realm="iss"'
 
 
+def test_a_wrong_token_is_told_apart_from_a_missing_one():
+    client = app()
+
+    missing = client.simulate_post('/blobs/a').json
+    wrong = client.simulate_post('/blobs/a', headers=bearer('wrong')).json
+
+    assert missing['title'] == wrong['title'] == 'Token required'
+    assert 'not one this store takes' in wrong['description']
+    assert 'not one this store takes' not in missing['description']
+
+
 def test_without_its_token_set_the_action_is_off_for_everyone():
     client = app(admin='')
 

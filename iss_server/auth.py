@@ -49,7 +49,7 @@ class RequireToken:
                 title=f'{self._purpose} is off', description=f'{self._purpose} is off until {self._variable} is set.'
             )
         if not hmac.compare_digest(bearer_token(req.get_header('Authorization')), self._expected):
-            raise token_required(f'{self._purpose} needs the header "Authorization: Bearer <{self._variable}>".')
+            raise token_required(f'{self._purpose} needs the header "Authorization: Bearer <{self._variable}>".', req)
 
 
 class RequireReadToken:
@@ -91,7 +91,8 @@ class RequireReadToken:
         if not carries_one_of(req, self._tokens):
             raise token_required(
                 'This store is private: reading needs "Authorization: Bearer <ISS_READ_TOKEN>" '
-                '(or the upload or admin token).'
+                '(or the upload or admin token).',
+                req,
             )
 
     def process_response(
@@ -107,8 +108,14 @@ class RequireReadToken:
         resp.set_header('Cache-Control', cache_control)
 
 
-def token_required(description: str) -> falcon.HTTPUnauthorized:
-    """401 with the Bearer challenge: the request needs a token it did not carry."""
+def token_required(description: str, req: falcon.Request | None = None) -> falcon.HTTPUnauthorized:
+    """401 with the Bearer challenge: the request needs a token it did not carry (or carried a wrong one).
+
+    NOTE: the title stays "Token required" either way (clients match it); the description says
+    which it was, so a person can tell a missing token from a mistyped one.
+    """
+    if req is not None and bearer_token(req.get_header('Authorization')):
+        description = f'The token given is not one this store takes. {description}'
     return falcon.HTTPUnauthorized(title='Token required', description=description, challenges=['Bearer realm="iss"'])
 
 

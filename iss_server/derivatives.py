@@ -249,7 +249,7 @@ class Sign:
                 description='Signing needs ISS_SIGNING_KEY, and ISS_API_TOKEN or ISS_ADMIN_TOKEN to ask for it.',
             )
         if not carries_one_of(req, self._tokens):
-            raise token_required('Signing needs "Authorization: Bearer <ISS_API_TOKEN or ISS_ADMIN_TOKEN>".')
+            raise token_required('Signing needs "Authorization: Bearer <ISS_API_TOKEN or ISS_ADMIN_TOKEN>".', req)
         body = self._receiver.read_json(req, self._MAX_BODY_BYTES)
         if not isinstance(body, dict):
             raise BadRequest(

@@ -178,7 +178,7 @@ class Webhooks:
         if not self._admin:
             raise falcon.HTTPForbidden(title='Webhooks admin is off', description='It needs ISS_ADMIN_TOKEN set.')
         if not carries_one_of(req, self._admin):
-            raise token_required('The webhooks state needs "Authorization: Bearer <ISS_ADMIN_TOKEN>".')
+            raise token_required('The webhooks state needs "Authorization: Bearer <ISS_ADMIN_TOKEN>".', req)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Answer each endpoint's cursor, deliveries, failures, next attempt and whether it is paused."""
