@@ -21,7 +21,7 @@ import webtest
 import iss
 from iss_server.config import Settings
 from iss_testing.data import make_png
-from iss_testing.servers import S3_KEY, S3_SECRET, Gunicorn, PostgreSQL, SeaweedFS
+from iss_testing.servers import Gunicorn, PostgreSQL, SeaweedFS, s3_node_environment
 
 #: The stores a ``both_stores`` test runs on; test_cluster.py checks that neither is left out.
 BACKENDS = ('file', 's3')
@@ -128,11 +128,4 @@ def postgres():
 @pytest.fixture
 def s3_settings(seaweedfs, postgres) -> dict[str, str]:
     """The environment of an ISS node on a fresh bucket of the test's SeaweedFS, indexed in a fresh database."""
-    return {
-        'ISS_STORE': seaweedfs.new_store(),
-        'ISS_INDEX': postgres.new_database(),
-        'ISS_S3_ENDPOINT': seaweedfs.endpoint,
-        'AWS_ACCESS_KEY_ID': S3_KEY,
-        'AWS_SECRET_ACCESS_KEY': S3_SECRET,
-        'AWS_REGION': 'us-east-1',
-    }
+    return s3_node_environment(seaweedfs, postgres)

@@ -30,7 +30,7 @@ import urllib.request
 
 from bench import iss_bench, small_get, small_post
 from bench.local_server import big_file
-from iss_testing.servers import S3_KEY, S3_SECRET, PostgreSQL, SeaweedFS, free_port
+from iss_testing.servers import PostgreSQL, SeaweedFS, free_port, s3_node_environment
 
 
 def start_node(checkout: str, work: pathlib.Path, name: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
@@ -83,14 +83,7 @@ def main() -> int:
     try:
         nodes: dict[str, dict[str, str]] = {}
         for side, checkout in (('old', args.old), ('new', args.new)):
-            s3 = {
-                'ISS_STORE': seaweedfs.new_store(),
-                'ISS_INDEX': postgres.new_database(),
-                'ISS_S3_ENDPOINT': seaweedfs.endpoint,
-                'AWS_ACCESS_KEY_ID': S3_KEY,
-                'AWS_SECRET_ACCESS_KEY': S3_SECRET,
-                'AWS_REGION': 'us-east-1',
-            }
+            s3 = s3_node_environment(seaweedfs, postgres)
             file_process, file_url = start_node(checkout, work, f'{side}-file', {})
             s3_process, s3_url = start_node(checkout, work, f'{side}-s3', s3)
             processes += [file_process, s3_process]

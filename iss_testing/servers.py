@@ -359,3 +359,15 @@ class PostgreSQL:
 
 
 _numbers = itertools.count(1)
+
+
+def s3_node_environment(seaweedfs: SeaweedFS, postgres: PostgreSQL) -> dict[str, str]:
+    """The environment of an ISS node on a fresh store of ``seaweedfs``, indexed in a fresh schema of ``postgres``."""
+    return {
+        'ISS_STORE': seaweedfs.new_store(),
+        'ISS_INDEX': postgres.new_database(),
+        'ISS_S3_ENDPOINT': seaweedfs.endpoint,
+        'AWS_ACCESS_KEY_ID': S3_KEY,
+        'AWS_SECRET_ACCESS_KEY': S3_SECRET,
+        'AWS_REGION': 'us-east-1',
+    }
