@@ -72,6 +72,23 @@ class Metrics:
         self.uploads = prometheus_client.Counter(
             'iss_uploads', 'Uploads stored: new content, or content already stored.', ['result'], registry=own
         )
+        self.scrubbed = prometheus_client.Counter(
+            'iss_scrub_blobs',
+            'Blobs the scrubber read back and hashed, by result: verified, corrupt (quarantined), '
+            'missing (a row without its blob), changed (deleted or stored anew while read).',
+            ['result'],
+            registry=own,
+        )
+        self.scrubbed_bytes = prometheus_client.Counter(
+            'iss_scrub_read_bytes', 'Bytes the scrubber read back and hashed.', registry=own
+        )
+        self.large_reads = prometheus_client.Counter(
+            'iss_large_reads',
+            'Full GETs of blobs of ISS_ACCEL_MIN_BYTES or more behind nginx, by who sent the bytes: nginx '
+            '(verified within ISS_VERIFY_MAX_AGE, or a store on disk) or iss (streamed, hashed as they went).',
+            ['sent_by'],
+            registry=own,
+        )
         if own is None:  # NOTE: multiprocess mode
             self.registry = prometheus_client.CollectorRegistry()
             multiprocess.MultiProcessCollector(self.registry)
