@@ -113,6 +113,8 @@ def test_behind_nginx_a_corrupt_large_blob_is_never_served_whole_and_is_quaranti
     assert len(body) < LARGE
     assert quarantined(seaweedfs, s3_settings) == [digest[7:]] * 2
     wait_for(lambda: get(nginx.port, f'/artifacts/{digest}')[0] == 404, message='the blob to be gone')
+    log = node.log_path.read_text()
+    assert 'Traceback' not in log, log
 
 
 def test_behind_nginx_a_blob_is_offloaded_once_iss_has_verified_it(site):
@@ -233,3 +235,61 @@ def test_the_scrubber_keeps_to_its_rate(tmp_path, s3_settings):
 
     # NOTE: 4 s at 1 MiB/s, whichever worker holds the lease; reads come in 1 MiB chunks
     assert 2 * rate <= read <= 6 * rate
+
+
+# -- a response cut off mid-body ---------------------------------------------------------------
+
+
+def read_part_and_leave(port: int, path: str, body_bytes: int, headers: str = '') -> int:
+    """GET ``path``, read the head and ``body_bytes`` of the body, then reset the connection; return what came."""
+    with socket.create_connection(('127.0.0.1', port), timeout=30) as sock:
+        sock.sendall(f'GET {path} HTTP/1.1\r\nHost: iss\r\n{headers}\r\n'.encode())
+        received = b''
+        while b'\r\n\r\n' not in received or len(received.partition(b'\r\n\r\n')[2]) < body_bytes:
+            chunk = sock.recv(65536)
+            assert chunk, received[:300]
+            received += chunk
+        # NOTE: SO_LINGER 0: the close resets the connection, as a client that crashed or gave up
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\x01\x00\x00\x00\x00\x00\x00\x00')
+    return len(received.partition(b'\r\n\r\n')[2])
+
+
+def access_lines(log: pathlib.Path, path: str) -> list[dict]:
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{')]
+    return [line for line in lines if line.get('logger') == 'iss.access' and line.get('path') == path]
+
+
+def cut_off_responses(node: Gunicorn, size: int) -> list[tuple[int, dict]]:
+    """A whole GET and a range, each cut off by its client: (bytes it got, its access line) for each."""
+    digest = upload(node.port, os.urandom(size))
+    path = f'/artifacts/{digest}'
+    got = [
+        read_part_and_leave(node.port, path, 1024 * 1024),
+        read_part_and_leave(node.port, path, 1024 * 1024, f'Range: bytes=1000-{size - 1}\r\n'),
+    ]
+    full = get(node.port, path)
+    wait_for(lambda: len(access_lines(node.log_path, path)) == 3, message='three access lines')
+    assert full[0] == 200 and len(full[2]) == size
+    lines = access_lines(node.log_path, path)
+    assert 'cut' not in lines[2] and lines[2]['bytes_out'] == size
+    assert 'Traceback' not in node.log_path.read_text()
+    return list(zip(got, lines[:2], strict=True))
+
+
+@pytest.mark.parametrize('store', ['disk', 's3'])
+def test_a_response_cut_off_by_its_client_is_logged_cut_with_the_bytes_sent_and_no_traceback(
+    tmp_path, request, store
+):
+    env = request.getfixturevalue('s3_settings') if store == 's3' else {}
+    size = 48 * 1024 * 1024
+    node = Gunicorn(tmp_path / 'node', tmp_path / 'node.log', ISS_LOG_LEVEL='info', **env)
+    try:
+        cut = cut_off_responses(node, size)
+    finally:
+        node.stop()
+
+    for (got, line), status in zip(cut, (200, 206), strict=True):
+        assert line['status'] == status
+        assert line['cut'] == 'the client went away'
+        # NOTE: what the kernel took, at least what the client read, never the whole
+        assert got <= line['bytes_out'] < size - 1000
