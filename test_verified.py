@@ -277,9 +277,7 @@ def cut_off_responses(node: Gunicorn, size: int) -> list[tuple[int, dict]]:
 
 
 @pytest.mark.parametrize('store', ['disk', 's3'])
-def test_a_response_cut_off_by_its_client_is_logged_cut_with_the_bytes_sent_and_no_traceback(
-    tmp_path, request, store
-):
+def test_a_response_cut_off_by_its_client_is_logged_cut_with_the_bytes_sent_and_no_traceback(tmp_path, request, store):
     env = request.getfixturevalue('s3_settings') if store == 's3' else {}
     size = 48 * 1024 * 1024
     node = Gunicorn(tmp_path / 'node', tmp_path / 'node.log', ISS_LOG_LEVEL='info', **env)
@@ -293,3 +291,94 @@ def test_a_response_cut_off_by_its_client_is_logged_cut_with_the_bytes_sent_and_
         assert line['cut'] == 'the client went away'
         # NOTE: what the kernel took, at least what the client read, never the whole
         assert got <= line['bytes_out'] < size - 1000
+
+
+# -- migrate: Ctrl-C, and --verify ---------------------------------------------------------------
+
+
+def iss_command(data_dir: pathlib.Path, *args: str, expect: int = 0) -> dict:
+    result = subprocess.run(
+        [sys.executable, '-m', 'iss', '--json', *args],
+        cwd=HERE,
+        env={**os.environ, 'ISS_DATA': str(data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == expect, result.stdout + result.stderr
+    assert 'Traceback' not in result.stderr, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def source(tmp_path) -> tuple[pathlib.Path, list[bytes]]:
+    """A data directory of forty 1 MiB artifacts, and their bytes."""
+    import webtest
+
+    import iss
+
+    client = webtest.TestApp(iss.build_app(Settings(data_dir=str(tmp_path / 'source'))))
+    blobs = [os.urandom(1024 * 1024) for _ in range(40)]
+    for data in blobs:
+        client.post('/artifacts?kind=x', data)
+    return tmp_path / 'source', blobs
+
+
+def stored(data_dir: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((data_dir / 'blobs').glob('*/*/*'))
+
+
+def test_migrate_stops_cleanly_on_ctrl_c_saying_how_to_resume_and_a_rerun_completes(source, tmp_path):
+    data_dir, blobs = source
+    target = tmp_path / 'target'
+    command = subprocess.Popen(
+        [sys.executable, '-m', 'iss', 'migrate', '--progress', '--to', str(target)],
+        cwd=HERE,
+        env={**os.environ, 'ISS_DATA': str(data_dir)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: (target / 'blobs').is_dir() and stored(target), message='the first blob to be copied')
+    command.send_signal(signal.SIGINT)
+    out, err = command.communicate(timeout=60)
+
+    assert command.returncode == 130, out + err
+    assert 'Traceback' not in err
+    assert 'stopping after the blob in hand' in err
+    copied = int(re.search(r'^copied: (\d+)$', out, re.MULTILINE)[1])
+    assert 0 < copied < len(blobs), out
+    assert re.search(rf'^interrupted: after {copied} blobs? of 40: run the same command again to go on', out, re.M)
+    assert len(stored(target)) == copied  # NOTE: nothing half-copied: each blob is there whole, or not at all
+
+    again = iss_command(data_dir, 'migrate', '--to', str(target))
+
+    assert (again['present'], again['copied'], again['failed']) == (copied, len(blobs) - copied, [])
+    assert iss_command(target, 'fsck')['problems'] == []
+
+
+def test_migrate_verify_rehashes_what_the_target_has_and_copies_a_corrupt_blob_anew(source, tmp_path):
+    data_dir, blobs = source
+    target = tmp_path / 'target'
+    first = iss_command(data_dir, 'migrate', '--to', str(target))
+    damaged = stored(target)[0]
+    damaged.chmod(0o644)
+    original = damaged.read_bytes()
+    damaged.write_bytes(bytes(b ^ 0xFF for b in original[:16]) + original[16:])
+
+    unverified = iss_command(data_dir, 'migrate', '--to', str(target))
+    verified = iss_command(data_dir, 'migrate', '--to', str(target), '--verify')
+
+    assert first['copied'] == len(blobs)
+    # NOTE: without --verify a rerun trusts what is there
+    assert (unverified['present'], unverified['copied']) == (len(blobs), 0)
+    assert (verified['verified'], verified['recopied'], verified['copied'], verified['present']) == (
+        len(blobs) - 1,
+        1,
+        1,
+        len(blobs) - 1,
+    )
+    assert damaged.read_bytes() == original
+    # NOTE: its meta goes aside with it (a new one comes with the copy)
+    assert [path.name.partition('.')[0] for path in (target / 'quarantine').iterdir()] == [damaged.name] * 2
+    assert iss_command(target, 'fsck')['problems'] == []
