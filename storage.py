@@ -161,6 +161,10 @@ class BlobStore:
     ) -> None:
         self._driver = driver
         self.intent_grace = intent_grace
+        #: This process's intents of writes in flight, renewed by a thread while there are any.
+        self._alive: set[str] = set()
+        self._alive_lock = threading.Lock()
+        self._keeper: threading.Thread | None = None
         self.index = index
         self.layout = scratch
         self.root = scratch.root
@@ -241,7 +245,7 @@ class BlobStore:
         return [
             intent
             for intent in self.index.intents(hex_digest=hex_digest)
-            if intent.op == 'put' and intent.at >= live_since and intent.id != other_than
+            if intent.op == 'put' and intent.alive_at >= live_since and intent.id != other_than
         ]
 
     def commit(self, staged: StagedBlob, new_meta: dict[str, Any]) -> Committed:
@@ -316,18 +320,52 @@ class BlobStore:
         # NOTE: the index down here, nothing is written (503, nothing stored).
         unfinished = [hex_digest for hex_digest, _ in uploads if stored.get(hex_digest) is None]
         intent_ids = dict(zip(unfinished, self.index.record_intents('put', unfinished, time.time()), strict=True))
-        try:
+        with self._writing(list(intent_ids.values())):
             for hex_digest, _, _ in list(new):
                 if self._stored_by_an_earlier_writer(hex_digest, intent_ids[hex_digest]):
                     stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
                     new = [entry for entry in new if entry[0] != hex_digest]
             return self._write_group(group, uploads, spooled, stored, new, intent_ids)
+
+    @contextlib.contextmanager
+    def _writing(self, intent_ids: list[str]) -> Iterator[None]:
+        """Keep the intents alive while the block writes (see :meth:`_keep_alive`); give them up if it fails.
+
+        NOTE: a given-up intent is settled by the reconciler's next pass, and the writers waiting
+        on it go on at once; a put the bucket takes after all is found by the sweep.
+        """
+        with self._alive_lock:
+            self._alive.update(intent_ids)
+            if intent_ids and self._keeper is None:
+                self._keeper = threading.Thread(target=self._keep_alive, name='iss-intents', daemon=True)
+                self._keeper.start()
+        try:
+            yield
         except BaseException:
-            # NOTE: its intent made old at once: the writers waiting on it go on, and the reconciler
-            # settles what this one left (a put the bucket takes after all is found by the sweep).
             with contextlib.suppress(StoreFailure):
-                self.index.abandon_intents(list(intent_ids.values()))
+                self.index.keep_intents(intent_ids, 0.0)
             raise
+        finally:
+            with self._alive_lock:
+                self._alive.difference_update(intent_ids)
+
+    def _keep_alive(self) -> None:
+        """Renew this process's intents in flight, every third of the grace period, until there are none.
+
+        So the grace period bounds how long a dead writer's intent waits, not how long a write may take
+        (a 2 GiB PUT to a slow bucket, a writer waiting for another's row).
+        """
+        while True:
+            time.sleep(self.intent_grace / 3)
+            with self._alive_lock:
+                alive = list(self._alive)
+                if not alive:
+                    self._keeper = None
+                    return
+            try:
+                self.index.keep_intents(alive, time.time())
+            except StoreFailure as exc:
+                log.warning('renewing %d write intent(s) failed: %s', len(alive), exc)
 
     def _stored_by_an_earlier_writer(self, hex_digest: str, intent_id: str) -> bool:
         """Wait while a writer that recorded its intent first, on any node, stores the same content; whether it did.
@@ -455,8 +493,9 @@ class BlobStore:
         hex_digest = parse_id(blob_id)
         with self._held(hex_digest, exclusive=True):
             intent_id = self.index.begin_delete(hex_digest, time.time())
-            self._forget_on_node(hex_digest)
-            self._remove_objects(hex_digest)
+            with self._writing([intent_id]):
+                self._forget_on_node(hex_digest)
+                self._remove_objects(hex_digest)
             self.index.drop_intent(intent_id)
 
     def _remove_objects(self, hex_digest: str) -> None:

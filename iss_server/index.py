@@ -121,9 +121,10 @@ CREATE TABLE IF NOT EXISTS intents (
     id TEXT PRIMARY KEY,           -- one per writer: two uploads of the same content each have theirs
     hex TEXT NOT NULL,
     op TEXT NOT NULL,              -- 'put' or 'delete'
-    at REAL NOT NULL               -- Unix seconds it was recorded
+    at REAL NOT NULL,              -- Unix seconds it was recorded
+    alive_at REAL NOT NULL         -- when its writer last said it is at work (0: it gave up)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS intents_by_time ON intents (at);
+CREATE INDEX IF NOT EXISTS intents_by_time ON intents (alive_at);
 CREATE INDEX IF NOT EXISTS intents_by_hex ON intents (hex);
 
 -- Work one node of many does at a time (the reconciler's pass): who holds it, until when.
@@ -186,12 +187,16 @@ class WebhookState:
 
 @dataclasses.dataclass(frozen=True)
 class Intent:
-    """A write of the store begun and not yet finished: its own ``id``, the blob's ``hex``, ``op``, since ``at``."""
+    """A write of the store begun and not yet finished: its own ``id``, the blob's ``hex``, ``op``, since ``at``.
+
+    ``alive_at``: when its writer last said it is at work (``BlobStore`` renews it while it is).
+    """
 
     id: str
     hex: str
     op: str  # NOTE: 'put' or 'delete'
     at: float
+    alive_at: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +302,7 @@ class _Queries:
 
     # -- intents: writes of the store begun and not yet finished (storage.py, reconciler.py) --
 
-    _RECORD_INTENT = 'INSERT INTO intents VALUES (?, ?, ?, ?)'
+    _RECORD_INTENT = 'INSERT INTO intents VALUES (?, ?, ?, ?, ?)'
 
     def record_intents(self, op: str, hexes: Sequence[str], now: float) -> list[str]:
         """Record that this writer begins ``op`` ('put') on each blob, before any byte is written; their ids.
@@ -306,7 +311,7 @@ class _Queries:
         every content they share: of two batches, one is first on all of them (see storage.py).
         """
         writer = uuid.uuid4().hex
-        rows = [(f'{writer}.{number:06d}', hex_digest, op, now) for number, hex_digest in enumerate(hexes)]
+        rows = [(f'{writer}.{number:06d}', hex_digest, op, now, now) for number, hex_digest in enumerate(hexes)]
         if len(rows) == 1:  # PERF: a lone row commits by itself, without BEGIN and COMMIT
             self._run(self._RECORD_INTENT, rows[0])
         elif rows:
@@ -340,26 +345,30 @@ class _Queries:
         """
         intent_id = uuid.uuid4().hex
         with self.session(), self.transaction():
-            self._run(self._RECORD_INTENT, (intent_id, hex_digest, 'delete', now))
+            self._run(self._RECORD_INTENT, (intent_id, hex_digest, 'delete', now, now))
             self._run('DELETE FROM blobs WHERE hex = ?', (hex_digest,))
         self._wrote(True)
         return intent_id
 
-    def abandon_intents(self, intent_ids: Sequence[str]) -> None:
-        """Make intents old at once: their writer failed, and the reconciler's next pass settles them."""
-        for intent_id in intent_ids:
-            self._run('UPDATE intents SET at = 0 WHERE id = ?', (intent_id,))
+    def keep_intents(self, intent_ids: Sequence[str], alive_at: float) -> None:
+        """Say the intents' writers are at work at ``alive_at`` (0: they gave up; the next pass settles them)."""
+        if intent_ids:
+            marks = ', '.join('?' * len(intent_ids))
+            self._run(f'UPDATE intents SET alive_at = ? WHERE id IN ({marks})', [alive_at, *intent_ids])
 
     def drop_intent(self, intent_id: str) -> bool:
         """Remove an intent whose write is finished or undone; whether it was there."""
         return self._changes('DELETE FROM intents WHERE id = ?', (intent_id,))
 
     def intents(self, *, before: float | None = None, hex_digest: str | None = None) -> list[Intent]:
-        """The intents recorded before ``before`` (Unix seconds), or those of one blob; oldest first."""
+        """The intents whose writers were last at work before ``before`` (Unix seconds), or those of one blob.
+
+        Oldest first (by ``at``, then ``id``: the order in which writers of the same content take turns).
+        """
         if hex_digest is not None:
-            rows = self._run('SELECT id, hex, op, at FROM intents WHERE hex = ? ORDER BY at', (hex_digest,))
+            rows = self._run('SELECT * FROM intents WHERE hex = ? ORDER BY at, id', (hex_digest,))
         else:
-            rows = self._run('SELECT id, hex, op, at FROM intents WHERE at < ? ORDER BY at', (before,))
+            rows = self._run('SELECT * FROM intents WHERE alive_at < ? ORDER BY at, id', (before,))
         return [Intent(*row) for row in rows]
 
     def unknown(self, hexes: Sequence[str]) -> list[str]:
@@ -968,9 +977,10 @@ CREATE TABLE IF NOT EXISTS intents (
     id TEXT PRIMARY KEY,
     hex TEXT NOT NULL,
     op TEXT NOT NULL,
-    at DOUBLE PRECISION NOT NULL
+    at DOUBLE PRECISION NOT NULL,
+    alive_at DOUBLE PRECISION NOT NULL
 );
-CREATE INDEX IF NOT EXISTS intents_by_time ON intents (at);
+CREATE INDEX IF NOT EXISTS intents_by_time ON intents (alive_at);
 CREATE INDEX IF NOT EXISTS intents_by_hex ON intents (hex);
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
