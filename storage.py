@@ -55,6 +55,8 @@ _REINDEX_BATCH = 500
 # the conditional puts keep one copy), and how often it looks.
 _SINGLE_FLIGHT_SECONDS = 60.0
 _SINGLE_FLIGHT_POLL_SECONDS = 0.05
+# PERF: smaller content is written by each of its writers (a look at the others' intents costs more).
+_SINGLE_FLIGHT_MIN_BYTES = 1024 * 1024
 _READ_BYTES = 1024 * 1024
 
 _KEY_PATTERN = re.compile(r'(?:blobs|meta)/[0-9a-f]{2}/[0-9a-f]{2}/([0-9a-f]{64})(?:\.json)?')
@@ -274,8 +276,9 @@ class BlobStore:
         rows and removes the intents. A writer killed or cut off between the two
         leaves its intent, which the reconciler (``reconciler.py``) finishes or
         undoes once it is older than :attr:`intent_grace`. Of several writers of
-        the same content, on any nodes, the first to record its intent writes;
-        the others wait (up to :data:`_SINGLE_FLIGHT_SECONDS`) for its row.
+        the same content (of :data:`_SINGLE_FLIGHT_MIN_BYTES` or more), on any
+        nodes, the first to record its intent writes; the others wait (up to
+        :data:`_SINGLE_FLIGHT_SECONDS`) for its row.
 
         Returns:
             For each upload, in order: whether its blob is new, and the meta now stored for it.
@@ -321,8 +324,10 @@ class BlobStore:
         unfinished = [hex_digest for hex_digest, _ in uploads if stored.get(hex_digest) is None]
         intent_ids = dict(zip(unfinished, self.index.record_intents('put', unfinished, time.time()), strict=True))
         with self._writing(list(intent_ids.values())):
-            for hex_digest, _, _ in list(new):
-                if self._stored_by_an_earlier_writer(hex_digest, intent_ids[hex_digest]):
+            for hex_digest, staged, _ in list(new):
+                if staged.size >= _SINGLE_FLIGHT_MIN_BYTES and self._stored_by_an_earlier_writer(
+                    hex_digest, intent_ids[hex_digest]
+                ):
                     stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
                     new = [entry for entry in new if entry[0] != hex_digest]
             return self._write_group(group, uploads, spooled, stored, new, intent_ids)
