@@ -57,6 +57,7 @@ from iss_server.events import Events
 from iss_server.pages import BrowseAsset, BrowsePage, Docs, OpenAPIDocument
 from iss_server.presentation import Presentations
 from iss_server.receiving import UploadReceiver
+from iss_server.reconciler import Reconciler
 from iss_server.responses import (
     IMMUTABLE,
     closed_on_error,
@@ -374,14 +375,14 @@ class Health:
 # -- the app --------------------------------------------------------------------
 
 
-def create_app(settings: Settings, store: BlobStore) -> falcon.App:
+def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics | None = None) -> falcon.App:
     """Wire the WSGI app: every route ISS serves, its middleware and its error map.
 
-    It only wires: the store arrives ready (see :func:`build_app`).
+    It only wires: the store arrives ready (see :func:`build_app`), the metrics too when given.
     """
     # NOTE: the render gate is one per process (Pillow's memory is the worker's); the app sets its bounds.
     images.GATE.configure(settings)
-    metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
+    metrics = metrics or telemetry.Metrics(store, shared=bool(settings.metrics_dir))
     # NOTE: Any, as Falcon types middleware by protocols of its private falcon._typing
     middleware: list[Any] = [telemetry.RequestTelemetry(metrics), TusProtocol()]
     if settings.cors_origins:
@@ -469,13 +470,23 @@ def build_app(settings: Settings) -> falcon.App:
     """The app on the store the settings name, started (temp files swept, the index built if need be).
 
     NOTE: in each gunicorn worker (the app is built there, not in the master), so each runs a
-    webhook deliverer; the endpoints' leases have one of them, on one node, send each change.
+    webhook deliverer and a reconciler; leases in the index have one of them, on one node,
+    send each change and make each reconciler's pass.
     """
     store = open_store(settings)
     store.start()
-    app = create_app(settings, store)
+    metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
+    app = create_app(settings, store, metrics)
     if settings.webhooks:
         Deliverer(store.index, settings.webhooks).start()
+    if settings.reconcile_interval:
+        Reconciler(
+            store,
+            interval=settings.reconcile_interval,
+            grace=settings.reconcile_grace,
+            sweep_every=settings.reconcile_sweep,
+            fixed=lambda kind, count: metrics.reconciled.labels(kind).inc(count),
+        ).start()
     return app
 
 
