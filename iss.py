@@ -58,6 +58,7 @@ from iss_server.events import Events
 from iss_server.pages import BrowseAsset, BrowsePage, Docs, OpenAPIDocument
 from iss_server.presentation import Presentations
 from iss_server.receiving import UploadReceiver
+from iss_server.reconciler import Reconciler
 from iss_server.responses import (
     IMMUTABLE,
     closed_on_error,
@@ -397,12 +398,11 @@ class Health:
 def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics | None = None) -> falcon.App:
     """Wire the WSGI app: every route ISS serves, its middleware and its error map.
 
-    It only wires: the store arrives ready (see :func:`build_app`), and so may its metrics.
+    It only wires: the store arrives ready (see :func:`build_app`), the metrics too when given.
     """
     # NOTE: the render gate is one per process (Pillow's memory is the worker's); the app sets its bounds.
     images.GATE.configure(settings)
-    if metrics is None:
-        metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
+    metrics = metrics or telemetry.Metrics(store, shared=bool(settings.metrics_dir))
     # NOTE: Any, as Falcon types middleware by protocols of its private falcon._typing
     middleware: list[Any] = [telemetry.RequestTelemetry(metrics), TusProtocol()]
     if settings.cors_origins:
@@ -492,8 +492,8 @@ def build_app(settings: Settings) -> falcon.App:
     """The app on the store the settings name, started (temp files swept, the index built if need be).
 
     NOTE: in each gunicorn worker (the app is built there, not in the master), so each runs a
-    webhook deliverer and a scrubber; leases in the index have one of them, on one node, send each
-    change, and one scrub the store.
+    webhook deliverer, a reconciler and a scrubber; leases in the index have one of them, on one
+    node, send each change, make each reconciler's pass and scrub the store.
     """
     store = open_store(settings)
     store.start()
@@ -501,6 +501,14 @@ def build_app(settings: Settings) -> falcon.App:
     app = create_app(settings, store, metrics)
     if settings.webhooks:
         Deliverer(store.index, settings.webhooks).start()
+    if settings.reconcile_interval:
+        Reconciler(
+            store,
+            interval=settings.reconcile_interval,
+            grace=settings.reconcile_grace,
+            sweep_every=settings.reconcile_sweep,
+            fixed=lambda kind, count: metrics.reconciled.labels(kind).inc(count),
+        ).start()
     if settings.scrub_rate:
         Scrubber(store, rate=settings.scrub_rate, interval=settings.scrub_interval, metrics=metrics).start()
     return app

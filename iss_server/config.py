@@ -179,6 +179,12 @@ class Settings:
     events_retain: int = 7 * 86400
     #: Endpoints each change of the feed is POSTed to (CloudEvents, signed per Standard Webhooks).
     webhooks: tuple[WebhookEndpoint, ...] = ()
+    #: Seconds between the reconciler's passes over writes left unfinished (reconciler.py); 0: off.
+    reconcile_interval: int = 30
+    #: Seconds after which a write's intent, or an object without row, is taken for left behind.
+    reconcile_grace: int = 300
+    #: Seconds between the reconciler's walks of the whole store for objects without row or intent; 0: never.
+    reconcile_sweep: int = 3600
     #: Largest artifact ``meta`` JSON document, in bytes of its text.
     max_meta_bytes: int = 16 * 1024
     #: When set, POST and PUT need ``Authorization: Bearer <token>``.
@@ -264,6 +270,9 @@ class Settings:
             upload_expires=_integer(env, 'ISS_UPLOAD_EXPIRES', defaults.upload_expires, 1),
             events_retain=_duration(env, 'ISS_EVENTS_RETAIN', defaults.events_retain),
             webhooks=_webhooks(env, 'ISS_WEBHOOKS'),
+            reconcile_interval=_integer(env, 'ISS_RECONCILE_INTERVAL', defaults.reconcile_interval),
+            reconcile_grace=_integer(env, 'ISS_RECONCILE_GRACE', defaults.reconcile_grace, 1),
+            reconcile_sweep=_integer(env, 'ISS_RECONCILE_SWEEP', defaults.reconcile_sweep),
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             admin_token=env.get('ISS_ADMIN_TOKEN', '').strip(),
             read_token=env.get('ISS_READ_TOKEN', '').strip(),

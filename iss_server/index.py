@@ -30,7 +30,8 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from iss_server import meta
@@ -112,6 +113,20 @@ CREATE TABLE IF NOT EXISTS webhooks (
     leased_by TEXT,
     lease_until REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+
+-- What a write of the bucket (or data directory) is about to do, recorded before it starts and
+-- removed in the transaction that makes its outcome visible (storage.py: the commit order), so
+-- that the reconciler (reconciler.py) finds every write a crash, a kill or an outage cut short.
+CREATE TABLE IF NOT EXISTS intents (
+    id TEXT PRIMARY KEY,           -- one per writer: two uploads of the same content each have theirs
+    hex TEXT NOT NULL,
+    op TEXT NOT NULL,              -- 'put' or 'delete'
+    at REAL NOT NULL,              -- Unix seconds it was recorded
+    alive_at REAL NOT NULL         -- when its writer last said it is at work (0: it gave up)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS intents_by_time ON intents (alive_at);
+CREATE INDEX IF NOT EXISTS intents_by_hex ON intents (hex);
+
 -- The scrubber (scrubber.py): when each blob's bytes were last read back from the store and hashed.
 CREATE TABLE IF NOT EXISTS verified (
     hex TEXT PRIMARY KEY,
@@ -123,7 +138,8 @@ CREATE INDEX IF NOT EXISTS verified_by_time ON verified (checked_at);
 CREATE TRIGGER IF NOT EXISTS verified_forget AFTER DELETE ON blobs BEGIN
     DELETE FROM verified WHERE hex = old.hex;
 END;
--- Work that one node at a time does (the scrubber): who holds it, until when.
+
+-- Work one node of many does at a time (the reconciler's pass, the scrubber): who holds it, until when.
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
     leased_by TEXT NOT NULL,
@@ -179,6 +195,20 @@ class WebhookState:
 
     def failed(self, error: str, next_at: float, *, pause: bool) -> WebhookState:
         return dataclasses.replace(self, failures=self.failures + 1, next_at=next_at, paused=pause, last_error=error)
+
+
+@dataclasses.dataclass(frozen=True)
+class Intent:
+    """A write of the store begun and not yet finished: its own ``id``, the blob's ``hex``, ``op``, since ``at``.
+
+    ``alive_at``: when its writer last said it is at work (``BlobStore`` renews it while it is).
+    """
+
+    id: str
+    hex: str
+    op: str  # NOTE: 'put' or 'delete'
+    at: float
+    alive_at: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +311,116 @@ class _Queries:
     def remove(self, hex_digest: str) -> bool:
         """Remove a blob's row; return whether it had one."""
         return self._wrote(self._changes('DELETE FROM blobs WHERE hex = ?', (hex_digest,)))
+
+    # -- intents: writes of the store begun and not yet finished (storage.py, reconciler.py) --
+
+    _RECORD_INTENT = 'INSERT INTO intents VALUES (?, ?, ?, ?, ?)'
+
+    def record_intents(self, op: str, hexes: Sequence[str], now: float) -> list[str]:
+        """Record that this writer begins ``op`` ('put') on each blob, before any byte is written; their ids.
+
+        NOTE: the ids of one call share a prefix, so that (at, id) orders two writers alike on
+        every content they share: of two batches, one is first on all of them (see storage.py).
+        """
+        writer = uuid.uuid4().hex
+        rows = [(f'{writer}.{number:06d}', hex_digest, op, now, now) for number, hex_digest in enumerate(hexes)]
+        if len(rows) == 1:  # PERF: a lone row commits by itself, without BEGIN and COMMIT
+            self._run(self._RECORD_INTENT, rows[0])
+        elif rows:
+            self._execute_many(self._RECORD_INTENT, rows)
+        return [row[0] for row in rows]
+
+    def finish_puts(self, rows: list[Row], intent_ids: Sequence[str]) -> None:
+        """Add each blob's row unless it has one, and remove the puts' intents: one transaction.
+
+        What makes an upload visible: before it, blob and meta are written and the intent
+        says so; after it, the row is there and the intent gone; never one without the other.
+
+        Raises:
+            IndexUnavailable: an intent was gone: the reconciler took the writer for dead (it
+                outlasted the grace period) and may have undone its write; nothing is committed.
+        """
+        with self.session(), self.transaction():
+            for intent_id in intent_ids:
+                if not self._changes('DELETE FROM intents WHERE id = ?', (intent_id,)):
+                    raise IndexUnavailable(f'{self.path}: the write outlasted ISS_RECONCILE_GRACE and was settled')
+            # NOTE: in one order (kind, then hex), so that two groups never lock the totals in a circle.
+            for row in sorted(rows, key=lambda r: (r.kind or '', r.hex)):
+                self._run(self._PUT_MISSING, dataclasses.astuple(row))
+        self._wrote(True)
+
+    def begin_delete(self, hex_digest: str, now: float) -> str:
+        """Record a delete's intent and remove the blob's row: one transaction, before the bucket is touched.
+
+        From here the blob is absent from listings, ``/stats`` and every node's copies; the
+        intent's id is returned, dropped (:meth:`drop_intent`) once meta and blob are gone.
+        """
+        intent_id = uuid.uuid4().hex
+        with self.session(), self.transaction():
+            self._run(self._RECORD_INTENT, (intent_id, hex_digest, 'delete', now, now))
+            self._run('DELETE FROM blobs WHERE hex = ?', (hex_digest,))
+        self._wrote(True)
+        return intent_id
+
+    def keep_intents(self, intent_ids: Sequence[str], alive_at: float) -> None:
+        """Say the intents' writers are at work at ``alive_at`` (0: they gave up; the next pass settles them)."""
+        if intent_ids:
+            marks = ', '.join('?' * len(intent_ids))
+            self._run(f'UPDATE intents SET alive_at = ? WHERE id IN ({marks})', [alive_at, *intent_ids])
+
+    def drop_intent(self, intent_id: str) -> bool:
+        """Remove an intent whose write is finished or undone; whether it was there."""
+        return self._changes('DELETE FROM intents WHERE id = ?', (intent_id,))
+
+    def intents(self, *, before: float | None = None, hex_digest: str | None = None) -> list[Intent]:
+        """The intents whose writers were last at work before ``before`` (Unix seconds), or those of one blob.
+
+        Oldest first (by ``at``, then ``id``: the order in which writers of the same content take turns).
+        """
+        if hex_digest is not None:
+            rows = self._run('SELECT * FROM intents WHERE hex = ? ORDER BY at, id', (hex_digest,))
+        else:
+            rows = self._run('SELECT * FROM intents WHERE alive_at < ? ORDER BY at, id', (before,))
+        return [Intent(*row) for row in rows]
+
+    def unknown(self, hexes: Sequence[str]) -> list[str]:
+        """Those of ``hexes`` that have neither a row nor an intent (the reconciler's sweep), in order."""
+        if not hexes:
+            return []
+        marks = ', '.join('?' * len(hexes))
+        known = {
+            hex_digest
+            for (hex_digest,) in self._run(
+                f'SELECT hex FROM blobs WHERE hex IN ({marks}) UNION SELECT hex FROM intents WHERE hex IN ({marks})',
+                [*hexes, *hexes],
+            )
+        }
+        return [hex_digest for hex_digest in hexes if hex_digest not in known]
+
+    @property
+    def swept_at(self) -> float:
+        """When the reconciler last walked the whole store (Unix seconds; 0: never), whichever node did."""
+        return float(self._state('reconcile_swept_at') or 0)
+
+    def mark_swept(self, at: float) -> None:
+        self._set_state('reconcile_swept_at', repr(at))
+
+    def take_lease(self, name: str, holder: str, until: float, now: float) -> bool:
+        """Take or renew the lease ``name`` until ``until`` unless another holder's runs past ``now``; whether held.
+
+        NOTE: one statement, as webhooks' leases: of two nodes finding it expired, the second
+        one's write waits for the first's, then finds it taken.
+        """
+        rows = self._run('SELECT leased_by, lease_until FROM leases WHERE name = ?', (name,))
+        # PERF: a lease another holds is only read: every worker of every node asks, often (the scrubber).
+        if rows and rows[0][0] != holder and rows[0][1] >= now:
+            return False
+        return self._changes(
+            'INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET '
+            'leased_by = excluded.leased_by, lease_until = excluded.lease_until '
+            'WHERE leases.leased_by = excluded.leased_by OR leases.lease_until < ?',
+            (name, holder, until, now),
+        )
 
     def _wrote(self, changed: bool) -> bool:
         """After a write: wake this process's followers, and now and then prune the expired events."""
@@ -578,7 +718,7 @@ class _Queries:
     def webhook_states(self) -> list[WebhookState]:
         return [_webhook_state(row) for row in self._run(f'SELECT {self._WEBHOOK_COLUMNS} FROM webhooks ORDER BY name')]
 
-    # -- the scrubber's record (scrubber.py) and leases ---------------------------
+    # -- the scrubber's record (scrubber.py) ---------------------------------------
 
     def record_check(self, hex_digest: str, at: float, *, verified: bool) -> None:
         """Record that a blob's bytes were read back and hashed at ``at``; ``verified``: they hashed to its name.
@@ -610,21 +750,6 @@ class _Queries:
                 (before, limit),
             )
         ]
-
-    def take_lease(self, name: str, holder: str, until: float, now: float) -> bool:
-        """Take or renew the lease ``name`` until ``until``; return whether ``holder`` has it."""
-        rows = self._run('SELECT leased_by, lease_until FROM leases WHERE name = ?', (name,))
-        # PERF: a lease another holds is only read: every worker of every node asks, often.
-        if rows and rows[0][0] != holder and rows[0][1] >= now:
-            return False
-        # NOTE: one statement: of two holders finding the lease expired, the second one's write waits
-        # for the first's row lock, then finds it taken (PostgreSQL re-checks the WHERE).
-        return self._changes(
-            'INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET '
-            'leased_by = excluded.leased_by, lease_until = excluded.lease_until '
-            'WHERE leases.leased_by = excluded.leased_by OR leases.lease_until < ?',
-            (name, holder, until, now),
-        )
 
 
 _COUNTER = re.compile(r'[0-9]{1,18}')
@@ -896,7 +1021,8 @@ CREATE TABLE IF NOT EXISTS webhooks (
     last_error TEXT,
     leased_by TEXT,
     lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
-);CREATE TABLE IF NOT EXISTS verified (
+);
+CREATE TABLE IF NOT EXISTS verified (
     hex TEXT PRIMARY KEY,
     checked_at DOUBLE PRECISION NOT NULL,
     verified_at DOUBLE PRECISION
@@ -909,6 +1035,15 @@ BEGIN
 END $$;
 CREATE OR REPLACE TRIGGER blobs_verified AFTER DELETE ON blobs
     FOR EACH ROW EXECUTE FUNCTION iss_forget_verified();
+CREATE TABLE IF NOT EXISTS intents (
+    id TEXT PRIMARY KEY,
+    hex TEXT NOT NULL,
+    op TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    alive_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS intents_by_time ON intents (alive_at);
+CREATE INDEX IF NOT EXISTS intents_by_hex ON intents (hex);
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
     leased_by TEXT NOT NULL,

@@ -72,6 +72,12 @@ class Metrics:
         self.uploads = prometheus_client.Counter(
             'iss_uploads', 'Uploads stored: new content, or content already stored.', ['result'], registry=own
         )
+        self.reconciled = prometheus_client.Counter(
+            'iss_reconcile_fixed',
+            'Writes left half-done (a crash, a kill, an outage) that the reconciler finished or undid, by outcome.',
+            ['kind'],
+            registry=own,
+        )
         self.scrubbed = prometheus_client.Counter(
             'iss_scrub_blobs',
             'Blobs the scrubber read back and hashed, by result: verified, corrupt (quarantined), '
