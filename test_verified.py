@@ -316,8 +316,13 @@ def source(tmp_path) -> tuple[pathlib.Path, list[bytes]]:
     import webtest
 
     import iss
+    import storage
 
-    client = webtest.TestApp(iss.build_app(Settings(data_dir=str(tmp_path / 'source'))))
+    # NOTE: create_app, not build_app: no background threads outliving the test's directory
+    settings = Settings(data_dir=str(tmp_path / 'source'))
+    store = storage.open_store(settings)
+    store.start()
+    client = webtest.TestApp(iss.create_app(settings, store))
     blobs = [os.urandom(1024 * 1024) for _ in range(40)]
     for data in blobs:
         client.post('/artifacts?kind=x', data)
