@@ -189,7 +189,8 @@ def test_the_scrubber_verifies_every_blob_and_quarantines_a_corrupt_one_on_one_o
         corrupt(seaweedfs, s3_settings, bad_id[7:], bad)
 
         # NOTE: due one interval after its upload, then found within the scrubber's idle wait
-        wait_for(lambda: quarantined(seaweedfs, s3_settings), seconds=30, message='the scrubber to quarantine')
+        found = 'iss_scrub_blobs_total{result="corrupt"}'
+        wait_for(lambda: sum(metric(node.port, found) for node in nodes), seconds=30, message='the scrubber')
         wait_for(
             lambda: sum(metric(node.port, 'iss_scrub_blobs_total{result="verified"}') for node in nodes) >= 1,
             seconds=30,
@@ -210,6 +211,27 @@ def test_the_scrubber_verifies_every_blob_and_quarantines_a_corrupt_one_on_one_o
     # NOTE: one node holds the lease: the corrupt blob is found once, by one of them
     assert sorted(corrupt_counts) == [0, 1]
     assert sum(f'scrubber: its {LARGE} bytes hash to' in log for log in logs) == 1
+
+
+def test_the_scrubber_finds_rot_in_a_data_directory_too(tmp_path):
+    node = Gunicorn(
+        tmp_path / 'data', tmp_path / 'node.log', ISS_SCRUB_RATE=str(50 * 1024 * 1024), ISS_SCRUB_INTERVAL='1'
+    )
+    try:
+        data = os.urandom(100_000)
+        digest = upload(node.port, data)
+        path = next((tmp_path / 'data' / 'blobs').glob(f'*/*/{digest[7:]}'))
+        path.chmod(0o644)
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+
+        found = 'iss_scrub_blobs_total{result="corrupt"}'
+        wait_for(lambda: metric(node.port, found) == 1, seconds=30, message='the scrubber to quarantine')
+        answer = get(node.port, f'/artifacts/{digest}')
+    finally:
+        node.stop()
+
+    assert answer[0] == 404
+    assert [entry.name.partition('.')[0] for entry in (tmp_path / 'data' / 'quarantine').iterdir()] == [digest[7:]] * 2
 
 
 def test_the_scrubber_keeps_to_its_rate(tmp_path, s3_settings):
