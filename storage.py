@@ -39,7 +39,14 @@ from iss_server.config import ConfigError, Settings
 from iss_server.derived import DerivedCache
 from iss_server.drivers import Busy, Driver, Group, KeyNotFound, Stat, Writer
 from iss_server.drivers.file import FileDriver
-from iss_server.errors import BlobNotFound, CorruptBlob, IndexIncomplete, StoreFailure, StoreUnavailable
+from iss_server.errors import (
+    BlobNotFound,
+    CorruptBlob,
+    IndexIncomplete,
+    ServiceError,
+    StoreFailure,
+    StoreUnavailable,
+)
 
 log = logging.getLogger('iss.storage')
 
@@ -658,6 +665,33 @@ class BlobStore:
             file = _VerifiedReader(self, hex_digest, file, stat)  # type: ignore[assignment]
         return OpenBlob(file, BlobStat(stat.size, stat.version))
 
+    @property
+    def verifies_reads(self) -> bool:
+        """Whether :meth:`open` hashes what it reads (a backend across a network) before the last byte goes out."""
+        return self._driver.verify_reads
+
+    def verified_since(self, blob_id: str, since: float) -> bool:
+        """Whether the blob's bytes, read back from the backend, hashed to its name at ``since`` or later.
+
+        NOTE: an index that cannot answer says no: the caller then reads through ISS, which verifies.
+        """
+        try:
+            at = self.index.verified_at(parse_id(blob_id))
+        except ServiceError as exc:
+            log.warning('when %s was verified is unknown: %s', blob_id, exc)
+            return False
+        return at is not None and at >= since
+
+    def record_check(self, hex_digest: str, *, verified: bool) -> None:
+        """Record in the index that a blob's bytes were read back and hashed now (see :meth:`verified_since`).
+
+        NOTE: a record that cannot be written is only logged: the blob is checked again later.
+        """
+        try:
+            self.index.record_check(hex_digest, time.time(), verified=verified)
+        except ServiceError as exc:
+            log.warning('recording the check of sha256:%s failed: %s', hex_digest, exc)
+
     def open_unverified(self, hex_digest: str) -> IO[bytes]:
         """A blob's bytes as the driver reads them, for fsck to judge (the caller closes it)."""
         try:
@@ -990,6 +1024,7 @@ class _VerifiedReader:
         if actual != self._hex:
             self._store.quarantine(self._hex, f'its {self._position} bytes hash to {actual}')
             raise CorruptBlob(f'sha256:{self._hex}: the backend answered bytes that hash to {actual}')
+        self._store.record_check(self._hex, verified=True)
 
     def close(self) -> None:
         self._body.close()

@@ -209,6 +209,15 @@ class Settings:
     accel_redirect: str = ''
     #: With accel_redirect: smaller blobs are still sent by ISS, so nginx can cache them.
     accel_min_bytes: int = 1024 * 1024
+    #: With accel_redirect on a store read over a network (S3): nginx sends a blob from the bucket only
+    #: if ISS hashed its bytes there within this many seconds (the scrubber, or a full read through ISS);
+    #: otherwise ISS streams it, hashing as it goes.
+    verify_max_age: int = 8 * 86400
+    #: Bytes per second the scrubber reads back and hashes, for the whole store (one node at a time
+    #: scrubs); 0: no scrubber.
+    scrub_rate: int = 0
+    #: Seconds after which the scrubber hashes a blob again (since its upload or its last check).
+    scrub_interval: int = 7 * 86400
     #: Largest image (width x height) accepted at upload (413) and rendered (422): bombs are never decoded.
     max_image_pixels: int = 89_478_485
     #: Renders one worker makes at once (derivatives, and ISS_VERIFY_IMAGES=decode); 503 beyond.
@@ -272,6 +281,9 @@ class Settings:
             cors_origins=_csv(env, 'ISS_CORS_ORIGINS'),
             accel_redirect=_location(env, 'ISS_ACCEL_REDIRECT'),
             accel_min_bytes=_integer(env, 'ISS_ACCEL_MIN_BYTES', defaults.accel_min_bytes),
+            verify_max_age=_duration(env, 'ISS_VERIFY_MAX_AGE', defaults.verify_max_age),
+            scrub_rate=_integer(env, 'ISS_SCRUB_RATE', defaults.scrub_rate),
+            scrub_interval=_duration(env, 'ISS_SCRUB_INTERVAL', defaults.scrub_interval),
             max_image_pixels=_integer(env, 'ISS_MAX_IMAGE_PIXELS', defaults.max_image_pixels, 1),
             renders=_integer(env, 'ISS_RENDERS', defaults.renders, 1),
             render_pixels=_integer(env, 'ISS_RENDER_PIXELS', defaults.render_pixels, 1),

@@ -127,7 +127,18 @@ CREATE TABLE IF NOT EXISTS intents (
 CREATE INDEX IF NOT EXISTS intents_by_time ON intents (alive_at);
 CREATE INDEX IF NOT EXISTS intents_by_hex ON intents (hex);
 
--- Work one node of many does at a time (the reconciler's pass): who holds it, until when.
+-- The scrubber (scrubber.py): when each blob's bytes were last read back from the store and hashed.
+CREATE TABLE IF NOT EXISTS verified (
+    hex TEXT PRIMARY KEY,
+    checked_at REAL NOT NULL,      -- last read and hashed, or tried to (what the scrubber schedules by)
+    verified_at REAL               -- last found to hash to its name (what nginx may offload by)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS verified_by_time ON verified (checked_at);
+-- NOTE: a blob that goes (deleted, quarantined) is forgotten; the same content stored again is not verified yet.
+CREATE TRIGGER IF NOT EXISTS verified_forget AFTER DELETE ON blobs BEGIN
+    DELETE FROM verified WHERE hex = old.hex;
+END;
+-- Work that one node at a time does (the reconciler's pass, the scrubber): who holds it, until when.
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
     leased_by TEXT NOT NULL,
@@ -392,19 +403,6 @@ class _Queries:
 
     def mark_swept(self, at: float) -> None:
         self._set_state('reconcile_swept_at', repr(at))
-
-    def take_lease(self, name: str, holder: str, until: float, now: float) -> bool:
-        """Take or renew the lease ``name`` until ``until`` unless another holder's runs past ``now``; whether held.
-
-        NOTE: one statement, as webhooks' leases: of two nodes finding it expired, the second
-        one's write waits for the first's, then finds it taken.
-        """
-        return self._changes(
-            'INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET '
-            'leased_by = excluded.leased_by, lease_until = excluded.lease_until '
-            'WHERE leases.leased_by = excluded.leased_by OR leases.lease_until < ?',
-            (name, holder, until, now),
-        )
 
     def _wrote(self, changed: bool) -> bool:
         """After a write: wake this process's followers, and now and then prune the expired events."""
@@ -702,6 +700,54 @@ class _Queries:
     def webhook_states(self) -> list[WebhookState]:
         return [_webhook_state(row) for row in self._run(f'SELECT {self._WEBHOOK_COLUMNS} FROM webhooks ORDER BY name')]
 
+    # -- the scrubber's record (scrubber.py); leases (the reconciler's pass, the scrubber) ---------------------------
+
+    def record_check(self, hex_digest: str, at: float, *, verified: bool) -> None:
+        """Record that a blob's bytes were read back and hashed at ``at``; ``verified``: they hashed to its name.
+
+        NOTE: only for a blob that has a row: one deleted meanwhile is not recorded again.
+        """
+        self._run(
+            'INSERT INTO verified SELECT hex, ?, ? FROM blobs WHERE hex = ? ON CONFLICT (hex) DO UPDATE SET '
+            'checked_at = excluded.checked_at, verified_at = coalesce(excluded.verified_at, verified.verified_at)',
+            (at, at if verified else None, hex_digest),
+        )
+
+    def verified_at(self, hex_digest: str) -> float | None:
+        """When the blob's bytes last hashed to its name, read back from the store; None: never (or forgotten)."""
+        rows = self._run('SELECT verified_at FROM verified WHERE hex = ?', (hex_digest,))
+        return rows[0][0] if rows else None
+
+    def due_for_check(self, before: float, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` blobs (hex, bytes) last hashed before ``before``, the longest ago first.
+
+        A blob never read back counts from its upload (its bytes were hashed as they came in).
+        """
+        return [
+            (hex_digest, size)
+            for hex_digest, size in self._run(
+                'SELECT blobs.hex, blobs.bytes FROM blobs LEFT JOIN verified ON verified.hex = blobs.hex '
+                'WHERE coalesce(verified.checked_at, blobs.created_at) < ? '
+                'ORDER BY coalesce(verified.checked_at, blobs.created_at), blobs.hex LIMIT ?',
+                (before, limit),
+            )
+        ]
+
+    def take_lease(self, name: str, holder: str, until: float, now: float) -> bool:
+        """Take or renew the lease ``name`` until ``until``; return whether ``holder`` has it."""
+        rows = self._run('SELECT leased_by, lease_until FROM leases WHERE name = ?', (name,))
+        # PERF: a lease another holds is only read: every worker of every node asks, often.
+        if rows and rows[0][0] != holder and rows[0][1] >= now:
+            return False
+        # NOTE: one statement: of two holders finding the lease expired, the second one's write waits
+        # for the first's row lock, then finds it taken (PostgreSQL re-checks the WHERE).
+        return self._changes(
+            'INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET '
+            'leased_by = excluded.leased_by, lease_until = excluded.lease_until '
+            'WHERE leases.leased_by = excluded.leased_by OR leases.lease_until < ?',
+            (name, holder, until, now),
+        )
+
 
 _COUNTER = re.compile(r'[0-9]{1,18}')
 
@@ -973,6 +1019,24 @@ CREATE TABLE IF NOT EXISTS webhooks (
     leased_by TEXT,
     lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS verified (
+    hex TEXT PRIMARY KEY,
+    checked_at DOUBLE PRECISION NOT NULL,
+    verified_at DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS verified_by_time ON verified (checked_at);
+CREATE OR REPLACE FUNCTION iss_forget_verified() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM verified WHERE hex = OLD.hex;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER blobs_verified AFTER DELETE ON blobs
+    FOR EACH ROW EXECUTE FUNCTION iss_forget_verified();
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    leased_by TEXT NOT NULL,
+    lease_until DOUBLE PRECISION NOT NULL
+);
 CREATE TABLE IF NOT EXISTS intents (
     id TEXT PRIMARY KEY,
     hex TEXT NOT NULL,
@@ -982,11 +1046,6 @@ CREATE TABLE IF NOT EXISTS intents (
 );
 CREATE INDEX IF NOT EXISTS intents_by_time ON intents (alive_at);
 CREATE INDEX IF NOT EXISTS intents_by_hex ON intents (hex);
-CREATE TABLE IF NOT EXISTS leases (
-    name TEXT PRIMARY KEY,
-    leased_by TEXT NOT NULL,
-    lease_until DOUBLE PRECISION NOT NULL
-);
 """
 
 
