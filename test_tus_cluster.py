@@ -267,7 +267,7 @@ def test_tuspy_alternating_patches_between_two_nodes(nodes, tmp_path):
         uploader.upload_chunk()
 
     assert requests_of(a, 'PATCH') >= 4 and requests_of(b, 'PATCH') >= 4
-    assert uploader.request.response_headers['ISS-Blob-Id'] == blob_id(data)
+    assert uploader.request.response_headers['iss-blob-id'] == blob_id(data)
     for server in (a, b):
         assert server.request('GET', f'/artifacts/{blob_id(data)}')[2] == data
 
