@@ -91,7 +91,6 @@ class BucketSession(resumable.Session):
     tail: str | None = None
 
 
-Commit = resumable.Commit
 Body = Callable[[int], storage.Readable]
 
 
@@ -148,7 +147,7 @@ class BucketSessions:
         """The session, if it exists, has not expired, and belongs to ``owner`` (else :class:`UploadNotFound`)."""
         return self._read(session_id, owner)[0]
 
-    def resume(self, session_id: str, owner: str, commit: Commit) -> BucketSession:
+    def resume(self, session_id: str, owner: str, commit: resumable.Committer) -> BucketSession:
         """The session (see :meth:`get`), its commit first finished if a killed node left it undone."""
         session, version = self._read(session_id, owner)
         if session.complete and session.result is None:
@@ -163,7 +162,7 @@ class BucketSessions:
         offset: int,
         body: Body | None,
         checksum: tuple[str, bytes] | None,
-        commit: Commit,
+        commit: resumable.Committer,
     ) -> BucketSession:
         """Append a chunk at ``offset`` (``body`` makes its reader, given the bytes left); commit after the last byte.
 
@@ -293,7 +292,7 @@ class BucketSessions:
 
     # -- the commit ----------------------------------------------------------------
 
-    def _commit(self, session: BucketSession, version: int, commit: Commit) -> BucketSession:
+    def _commit(self, session: BucketSession, version: int, commit: resumable.Committer) -> BucketSession:
         """Complete the parts, read the upload back into the store's spool, commit it, and record its blob."""
         holder = self._holder()
         now = time.time()
@@ -315,7 +314,7 @@ class BucketSessions:
                 if digest is not None and staged.digest != digest:
                     self._remove(session)
                     raise StoreUnavailable(f'the bucket assembled upload {session.id} into other bytes than were sent')
-                result = commit(session, staged)
+                result = commit.commit(session, staged)
             finished = dataclasses.replace(
                 session, result=result, upload=None, parts=[], tail=None, sha256_state=None, expires=self._expiry()
             )

@@ -33,7 +33,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import storage
 from iss_server import disk
@@ -296,8 +296,14 @@ class Session:
         return self.offset == self.length
 
 
-#: What commits a complete session's staged bytes (the door's checks, ``store.commit``): the result to record.
-Commit = Callable[[Session, storage.StagedBlob], dict[str, Any]]
+class Committer(Protocol):
+    """What ends a complete session in the store (the door's checks, ``store.commit``): the result to record."""
+
+    def commit(self, session: Session, staged: storage.StagedBlob) -> dict[str, Any]:
+        """Commit the session's staged bytes."""
+
+    def stored(self, session: Session, digest: str) -> dict[str, Any]:
+        """The result of a session whose blob a commit stored before a kill kept it from being recorded."""
 
 
 class Sessions:
@@ -315,6 +321,7 @@ class Sessions:
     _SWEEP_EVERY_SECONDS = 60.0
 
     def __init__(self, store: storage.BlobStore, expires_seconds: int, max_sessions: int = 0) -> None:
+        self._store = store
         self._layout = store.layout
         self.directory = os.path.join(store.layout.tmp, 'uploads')
         self.expires_seconds = expires_seconds
@@ -366,9 +373,35 @@ class Sessions:
             raise no_such_upload(session_id)
         return session
 
-    def resume(self, session_id: str, owner: str, commit: Commit) -> Session:
-        """The session (see :meth:`get`): on a disk, its commit is never left to another request to finish."""
-        return self.get(session_id, owner)
+    def resume(self, session_id: str, owner: str, commit: Committer) -> Session:
+        """The session (see :meth:`get`), its blob's id recorded first if a kill within its commit left it out."""
+        session = self.get(session_id, owner)
+        if session.complete and session.result is None:
+            session = self._recover(session, commit)
+        return session
+
+    def _recover(self, session: Session, commit: Committer) -> Session:
+        """A complete session without its blob's id: the worker committing it was killed, or is at it.
+
+        The id is known from the saved hash. If that blob is stored, the commit got that far:
+        its id is recorded, and the ``.part`` (which may be the blob's own inode, linked)
+        goes, without a lock that the blob's could be (a self-deadlock). If it is not and the
+        ``.part`` is gone, the session cannot complete: it goes (404). Otherwise a PATCH commits
+        it. No lock: a commit finishing meanwhile records the same id.
+        """
+        state = Sha256.from_hex(session.sha256_state)
+        if state is None:
+            return session  # NOTE: no saved hash (no libcrypto here): the PATCH at the end commits it
+        digest = 'sha256:' + state.hexdigest()
+        if self._store.is_stored(digest[len('sha256:') :]):
+            session = self.finish(session, commit.stored(session, digest))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(session.id, '.part'))
+            return session
+        if not os.path.exists(self._path(session.id, '.part')):
+            self._remove(session.id)
+            raise no_such_upload(session.id)
+        return session
 
     def receive(
         self,
@@ -377,7 +410,7 @@ class Sessions:
         offset: int,
         body: Callable[[int], storage.Readable] | None,
         checksum: tuple[str, bytes] | None,
-        commit: Commit,
+        commit: Committer,
     ) -> Session:
         """Append a chunk at ``offset`` (``body`` makes its reader, given the bytes left); commit after the last byte.
 
@@ -385,12 +418,13 @@ class Sessions:
             UploadNotFound: no such session.
             OffsetMismatch: another request holds it, or it is not at ``offset`` (409).
         """
+        self.resume(session_id, owner, commit)  # NOTE: a commit a kill left half-recorded, before any lock
         with self.writing(session_id, owner, offset) as (session, fd):
             if body is not None:
                 session = self.append(session, fd, body(session.length - offset), checksum)
             if session.complete:
                 with self.staged(session, fd) as staged:
-                    session = self.finish(session, commit(session, staged))
+                    session = self.finish(session, commit.commit(session, staged))
         return session
 
     @contextlib.contextmanager

@@ -98,13 +98,18 @@ class ResumableUploads:
         if has_body and req.content_length != 0:
             body = functools.partial(RequestBody, req, timeout=self._timeout)
         checksum = resumable.parse_checksum(req.get_header('Upload-Checksum'))
-        return self.sessions.receive(session_id, owner, offset, body, checksum, functools.partial(self._commit, req))
+        return self.sessions.receive(session_id, owner, offset, body, checksum, _Commit(self, req))
 
     def resume(self, req: falcon.Request, session_id: str) -> resumable.Session:
         """The session asked about, its commit finished first if a killed node left it undone (a bucket's)."""
-        return self.sessions.resume(session_id, self.owner(req), functools.partial(self._commit, req))
+        return self.sessions.resume(session_id, self.owner(req), _Commit(self, req))
 
-    def _commit(self, req: falcon.Request, session: resumable.Session, staged: StagedBlob) -> dict[str, Any]:
+    def result(self, session: resumable.Session, digest: str, *, created: bool) -> dict[str, Any]:
+        """What a finished session records and answers with: its blob's id, location, and whether it was new."""
+        location = doors.location(self.door_of(session.metadata).name, digest)
+        return {'id': digest, 'location': location, 'created': created}
+
+    def commit(self, req: falcon.Request, session: resumable.Session, staged: StagedBlob) -> dict[str, Any]:
         """The complete upload into the store, verified and identified as a POST's would be; the result to record."""
         door = self.door_of(session.metadata)
         metadata = session.metadata
@@ -119,7 +124,7 @@ class ResumableUploads:
         except FileRefused:
             self.sessions.discard(session.id)
             raise
-        return {'id': staged.digest, 'location': doors.location(door.name, staged.digest), 'created': committed.created}
+        return self.result(session, staged.digest, created=committed.created)
 
     def answer(self, resp: falcon.Response, session: resumable.Session) -> None:
         """The headers every answer about a session carries: offset, expiry, and the blob once committed."""
@@ -131,6 +136,20 @@ class ResumableUploads:
             resp.set_header('ISS-Blob-Id', session.result['id'])
             resp.set_header('ISS-Blob-Status', '201' if session.result['created'] else '200')
             resp.set_header('ISS-Blob-Location', session.result['location'])
+
+
+class _Commit:
+    """The request's way to end a complete session (``resumable.Committer``)."""
+
+    def __init__(self, uploads: ResumableUploads, req: falcon.Request) -> None:
+        self._uploads = uploads
+        self._req = req
+
+    def commit(self, session: resumable.Session, staged: StagedBlob) -> dict[str, Any]:
+        return self._uploads.commit(self._req, session, staged)
+
+    def stored(self, session: resumable.Session, digest: str) -> dict[str, Any]:
+        return self._uploads.result(session, digest, created=False)
 
 
 class UploadsCollection:
