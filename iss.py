@@ -39,7 +39,7 @@ if __name__ == '__main__':
 import falcon
 from swagger_ui_bundle import swagger_ui_path
 
-from iss_server import browse, doors, images, index, meta, params, resumable, telemetry
+from iss_server import browse, bucket_sessions, doors, images, index, meta, params, telemetry
 from iss_server.auth import RequireReadToken, RequireToken
 from iss_server.blobs import parse_id
 from iss_server.config import Settings
@@ -465,7 +465,7 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
     webhooks = Webhooks(store.index, settings.webhooks, settings.admin_token)
     app.add_route('/webhooks', webhooks)
     app.add_route('/webhooks/{name}/resume', webhooks, suffix='resume')
-    sessions = resumable.Sessions(store, settings.upload_expires)
+    sessions = bucket_sessions.sessions_of(store, settings.upload_expires, settings.tus_max_sessions)
     resumable_uploads = ResumableUploads(store, sessions, images_door, artifacts_door, settings)
     app.add_route('/uploads', UploadsCollection(resumable_uploads))
     app.add_route('/uploads/{upload_id}', UploadSession(resumable_uploads))

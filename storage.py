@@ -191,6 +191,11 @@ class BlobStore:
     def __repr__(self) -> str:
         return f'BlobStore({self._driver!r})'
 
+    @property
+    def driver(self) -> Driver:
+        """Where the bytes live (resumable uploads of a bucket keep their parts there too)."""
+        return self._driver
+
     def start(self) -> None:
         """Sweep what writes killed mid-way left in tmp/, and index a store that has no complete index.
 

@@ -138,7 +138,22 @@ CREATE INDEX IF NOT EXISTS verified_by_time ON verified (checked_at);
 CREATE TRIGGER IF NOT EXISTS verified_forget AFTER DELETE ON blobs BEGIN
     DELETE FROM verified WHERE hex = old.hex;
 END;
--- Work that one node at a time does (the reconciler's pass, the scrubber): who holds it, until when.
+-- Resumable uploads of a store on a bucket (bucket_sessions.py): any node continues any session.
+-- state is the session's JSON; version counts its saves (a save names the one it read);
+-- next_part hands out part numbers, each once; the lease is held while a node commits it.
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    expires REAL NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0,
+    next_part INTEGER NOT NULL DEFAULT 0,
+    leased_by TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires);
+-- Work that one node at a time does (the reconciler's pass, the scrubber, the sweep of expired
+-- uploads): who holds it, until when.
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
     leased_by TEXT NOT NULL,
@@ -748,6 +763,67 @@ class _Queries:
             (name, holder, until, now),
         )
 
+    # -- resumable uploads of a store on a bucket (bucket_sessions.py) ----------
+
+    def add_upload(self, upload_id: str, state: str, expires: float) -> None:
+        self._run('INSERT INTO uploads (id, state, expires) VALUES (?, ?, ?)', (upload_id, state, expires))
+
+    def upload(self, upload_id: str) -> UploadRow | None:
+        """A resumable upload's row: its JSON state, the version that state is, its commit lease."""
+        rows = self._run('SELECT state, version, leased_by, lease_until FROM uploads WHERE id = ?', (upload_id,))
+        return UploadRow(upload_id, *rows[0]) if rows else None
+
+    def open_uploads(self, now: float) -> int:
+        """How many uploads are unfinished and unexpired (what ``ISS_TUS_MAX_SESSIONS`` bounds)."""
+        return int(self._run('SELECT count(*) FROM uploads WHERE finished = 0 AND expires >= ?', (now,))[0][0])
+
+    def claim_part_number(self, upload_id: str) -> int | None:
+        """A part number no other request of this upload is given (None: the upload is gone)."""
+        rows = self._run('UPDATE uploads SET next_part = next_part + 1 WHERE id = ? RETURNING next_part', (upload_id,))
+        return int(rows[0][0]) if rows else None
+
+    def save_upload(self, upload_id: str, state: str, expires: float, version: int, *, finished: bool) -> bool:
+        """Replace the state, if it is still ``version`` (no other request saved it since); return whether."""
+        return self._changes(
+            'UPDATE uploads SET state = ?, expires = ?, finished = ?, version = version + 1 '
+            'WHERE id = ? AND version = ?',
+            (state, expires, int(finished), upload_id, version),
+        )
+
+    def lease_upload(self, upload_id: str, holder: str, until: float, now: float) -> bool:
+        """Take (or renew) the upload's commit lease until ``until``, unless another holder's runs on."""
+        return self._changes(
+            'UPDATE uploads SET leased_by = ?, lease_until = ? WHERE id = ? AND (leased_by = ? OR lease_until < ?)',
+            (holder, until, upload_id, holder, now),
+        )
+
+    def remove_upload(self, upload_id: str, holder: str, now: float) -> bool:
+        """Remove the upload's row unless another holder's lease runs on; return whether it went."""
+        return self._changes(
+            'DELETE FROM uploads WHERE id = ? AND (leased_by IS NULL OR leased_by = ? OR lease_until < ?)',
+            (upload_id, holder, now),
+        )
+
+    def expired_uploads(self, now: float, limit: int) -> list[UploadRow]:
+        """Uploads past their expiry that no node is committing, a batch at a time."""
+        rows = self._run(
+            'SELECT id, state, version, leased_by, lease_until FROM uploads '
+            'WHERE expires < ? AND lease_until < ? ORDER BY expires LIMIT ?',
+            (now, now, limit),
+        )
+        return [UploadRow(*row) for row in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadRow:
+    """A resumable upload as the index keeps it (the state is bucket_sessions' JSON)."""
+
+    id: str
+    state: str
+    version: int
+    leased_by: str | None
+    lease_until: float
+
 
 _COUNTER = re.compile(r'[0-9]{1,18}')
 
@@ -1046,6 +1122,17 @@ CREATE TABLE IF NOT EXISTS intents (
 );
 CREATE INDEX IF NOT EXISTS intents_by_time ON intents (alive_at);
 CREATE INDEX IF NOT EXISTS intents_by_hex ON intents (hex);
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    expires DOUBLE PRECISION NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0,
+    version BIGINT NOT NULL DEFAULT 0,
+    next_part INTEGER NOT NULL DEFAULT 0,
+    leased_by TEXT,
+    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires);
 """
 
 
