@@ -41,6 +41,7 @@ from swagger_ui_bundle import swagger_ui_path
 from iss_server import browse, doors, images, index, meta, params, resumable, telemetry
 from iss_server.auth import RequireReadToken, RequireToken
 from iss_server.blobs import parse_id
+from iss_server.bodies import RequestBody
 from iss_server.config import Settings
 from iss_server.derivatives import Derivatives, Sign
 from iss_server.doors import ArtifactDoor, Door, ImageDoor
@@ -381,6 +382,7 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     """
     # NOTE: the render gate is one per process (Pillow's memory is the worker's); the app sets its bounds.
     images.GATE.configure(settings)
+    RequestBody.configure(settings.body_min_rate)
     metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
     # NOTE: Any, as Falcon types middleware by protocols of its private falcon._typing
     middleware: list[Any] = [telemetry.RequestTelemetry(metrics), TusProtocol()]
@@ -398,7 +400,8 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
                 settings.api_token,
                 'ISS_API_TOKEN',
                 'Uploading',
-                exempt=(Sign, Webhooks),
+                # NOTE: MissingBlobs is a read by POST: a private store's read token guards it (RequireReadToken)
+                exempt=(Sign, Webhooks, MissingBlobs),
                 every_method_of=(UploadSession,),
             )
         )

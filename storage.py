@@ -689,8 +689,8 @@ def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
             makes an empty one of a mistyped directory): ConfigError otherwise.
     """
     if settings.store == 'file':
-        if existing and not os.path.isdir(settings.data_dir):
-            raise ConfigError(f'{settings.data_dir} is not a directory (set ISS_DATA or --data)')
+        if existing:
+            _refuse_unless_a_data_directory(settings.data_dir)
         store_index = index.open_index(settings.index, settings.data_dir)
         return FileStore(settings.data_dir, store_index, derived_max_bytes=settings.derived_max_bytes)
     from iss_server.drivers.s3 import S3Driver  # NOTE: only an S3 store needs boto3
@@ -706,6 +706,23 @@ def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
     )
     scratch = disk.Layout(settings.data_dir)
     return BlobStore(driver, store_index, scratch, derived_max_bytes=settings.derived_max_bytes, node_copies=True)
+
+
+def _refuse_unless_a_data_directory(path: str) -> None:
+    """An operator's command runs on a store's data directory (``blobs/``), or an empty one, nothing else.
+
+    NOTE: ``fsck --data`` of a mistyped path once made a store there (blobs/, meta/, tmp/ and an
+    index among someone's files) and reported it clean.
+
+    Raises:
+        ConfigError: ``path`` is no directory, or holds files but no ``blobs/``.
+    """
+    if not os.path.isdir(path):
+        raise ConfigError(f'{path} is not a directory (set ISS_DATA or --data)')
+    with os.scandir(path) as entries:
+        empty = not any(entries)
+    if not empty and not os.path.isdir(os.path.join(path, 'blobs')):
+        raise ConfigError(f'{path} is not an ISS data directory: it has files but no blobs/ (set ISS_DATA or --data)')
 
 
 def _quarantined(hex_digest: str, suffix: str = '') -> str:

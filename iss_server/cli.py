@@ -24,8 +24,10 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+import falcon
+
 import storage
-from iss_server import doors, images, index, maintenance, meta, signing
+from iss_server import derivatives, doors, images, index, maintenance, meta, signing
 from iss_server.blobs import parse_id
 from iss_server.config import ConfigError, Settings
 from iss_server.errors import BlobNotFound, CorruptBlob, ServiceError
@@ -269,6 +271,15 @@ def sign(store: storage.BlobStore, args: argparse.Namespace, progress: Progress)
         raise UsageError(
             f'--expires is 1 to {signing.MAX_EXPIRES_IN} seconds; expires and signature are added, not given'
         )
+    # NOTE: a URL the service would refuse is no URL to hand out: each NAME=VALUE once, as a request takes it
+    if len(params) != len(args.params) or not all('=' in param for param in args.params):
+        raise UsageError('give each derivative parameter once, as NAME=VALUE (w=256 h=256 fit=cover)')
+    try:
+        derivatives.check_parameters(params, args.settings.max_derived_dimension)
+    except ServiceError as exc:
+        raise UsageError(exc.public_description) from None
+    except falcon.HTTPError as exc:
+        raise UsageError(exc.description or exc.title) from None
     path = doors.location(index.ARTIFACTS if args.artifact else index.IMAGES, f'sha256:{hex_digest}')
     return OK, {'url': signing.signed_path(args.settings.signing_key, path, params, args.expires)}
 

@@ -437,8 +437,10 @@ class _Queries:
         events = [Event(_event_cursor(epoch, row[:width]), *row[width:]) for row in rows]
         return EventPage(events, events[-1].cursor if events else _event_cursor(epoch, position))
 
-    def wait_for_events(self, after: str | None, limit: int, seconds: float) -> EventPage:
-        """:meth:`events`, waiting up to ``seconds`` for one when there are none yet."""
+    def wait_for_events(
+        self, after: str | None, limit: int, seconds: float, stop: threading.Event | None = None
+    ) -> EventPage:
+        """:meth:`events`, waiting up to ``seconds`` for one when there are none yet (or until ``stop`` is set)."""
         deadline = time.monotonic() + seconds
         check_ahead = True
         while True:
@@ -447,7 +449,7 @@ class _Queries:
             page = self._events(after, limit, check_ahead=check_ahead)
             check_ahead = False
             left = deadline - time.monotonic()
-            if page.events or left <= 0:
+            if page.events or left <= 0 or (stop is not None and stop.is_set()):
                 return page
             after = page.next_cursor
             # NOTE: woken at once by a write of this process; another's is seen at the next look.
