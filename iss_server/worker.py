@@ -8,7 +8,7 @@ sockets in its poller, and hands the connection to a thread only with its whole 
 buffered; a client that does not complete it within ``ISS_HEADER_TIMEOUT`` seconds is answered
 408 and closed, and one address holds at most :data:`MAX_HEADS_PER_CLIENT` connections
 whose headers are still arriving (the next are closed at once). Bodies are bounded where ISS
-reads them (:mod:`iss_server.bodies`: a minimum rate and a share of the threads).
+reads them (:mod:`iss_server.bodies`: a minimum rate), and take all threads but an eighth at most (503 beyond).
 
 NOTE: this reaches into gunicorn's ThreadWorker and TConn as of the pinned gunicorn 27.0.1
 (as :class:`bodies.SocketBody` does); ``test_hostile.py``'s slowloris tests fail if an
@@ -59,9 +59,9 @@ class ThreadWorker(gthread.ThreadWorker):  # type: ignore[misc]  # NOTE: gunicor
         self._heads: dict[gthread.TConn, float] = {}
         self._heads_per_client: Counter[str] = Counter()
         self._header_timeout = Settings.from_env().header_timeout
-        # NOTE: half the threads at most receive bodies (the change feed waits in a quarter), so
-        # slow uploads leave the rest to everything else, /health included.
-        self.body_places = max(1, self.cfg.threads // 2)
+        # NOTE: all threads but an eighth (at least one) may receive bodies, so slow uploads leave
+        # those to everything else, /health included; fast bursts of uploads rarely meet the bound.
+        self.body_places = max(1, self.cfg.threads - max(1, self.cfg.threads // 8))
         self._bodies = threading.BoundedSemaphore(self.body_places)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
@@ -100,7 +100,7 @@ class ThreadWorker(gthread.ThreadWorker):  # type: ignore[misc]  # NOTE: gunicor
             )
 
     def handle_request(self, req: Any, conn: gthread.TConn) -> bool:
-        """Run the app, a request with a body only while fewer than :attr:`body_places` others do."""
+        """Run the app; a request with a body only while fewer than :attr:`body_places` others run (503 beyond)."""
         if not _has_body(req):
             return bool(super().handle_request(req, conn))
         if not self._bodies.acquire(blocking=False):
@@ -199,9 +199,8 @@ class _Connection(gthread.TConn):  # type: ignore[misc]
 
 def _has_body(req: Any) -> bool:
     """Whether a gunicorn request declares a body (chunked, or a length other than 0)."""
-    return any(
-        name == 'TRANSFER-ENCODING' or (name == 'CONTENT-LENGTH' and value.strip() != '0') for name, value in req.headers
-    )
+    declared = dict(req.headers)
+    return 'TRANSFER-ENCODING' in declared or declared.get('CONTENT-LENGTH', '0').strip() != '0'
 
 
 def _refuse_busy(sock: socket.socket, reason: str) -> None:
