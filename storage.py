@@ -678,7 +678,7 @@ class FileStore(BlobStore):
         super().__init__(FileDriver(layout, ('blobs', 'meta')), index, layout, derived_max_bytes=derived_max_bytes)
 
 
-def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
+def open_store(settings: Settings, *, existing: bool = False, only_a_store: bool = False) -> BlobStore:
     """The store the settings name (``ISS_STORE``, ``ISS_INDEX``), not yet started: the one place that chooses.
 
     The index is made here and handed to the store: a file store on its own
@@ -687,9 +687,13 @@ def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
     Args:
         existing: the store must be there already (an operator's command never
             makes an empty one of a mistyped directory): ConfigError otherwise.
+        only_a_store: with ``existing``, the directory is a store's (or empty), not any
+            directory (a command that checks or changes a store: fsck, gc, reindex...).
     """
     if settings.store == 'file':
-        if existing:
+        if existing and not os.path.isdir(settings.data_dir):
+            raise ConfigError(f'{settings.data_dir} is not a directory (set ISS_DATA or --data)')
+        if existing and only_a_store:
             _refuse_unless_a_data_directory(settings.data_dir)
         store_index = index.open_index(settings.index, settings.data_dir)
         return FileStore(settings.data_dir, store_index, derived_max_bytes=settings.derived_max_bytes)
@@ -709,16 +713,14 @@ def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
 
 
 def _refuse_unless_a_data_directory(path: str) -> None:
-    """An operator's command runs on a store's data directory (``blobs/``), or an empty one, nothing else.
+    """A command that checks or changes a store runs on a store's data directory (``blobs/``), or an empty one.
 
     NOTE: ``fsck --data`` of a mistyped path once made a store there (blobs/, meta/, tmp/ and an
     index among someone's files) and reported it clean.
 
     Raises:
-        ConfigError: ``path`` is no directory, or holds files but no ``blobs/``.
+        ConfigError: ``path`` holds files but no ``blobs/``.
     """
-    if not os.path.isdir(path):
-        raise ConfigError(f'{path} is not a directory (set ISS_DATA or --data)')
     with os.scandir(path) as entries:
         empty = not any(entries)
     if not empty and not os.path.isdir(os.path.join(path, 'blobs')):

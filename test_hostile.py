@@ -692,7 +692,7 @@ def test_two_hundred_header_trickles_take_no_thread_and_are_cut_at_the_header_ti
 
 
 @pytest.mark.slow
-def test_two_hundred_body_drips_hold_half_the_threads_and_are_cut_at_the_minimum_rate(start):
+def test_two_hundred_body_drips_leave_threads_free_and_are_cut_at_the_minimum_rate(start):
     """A one-byte drip never pauses, so ISS_BODY_TIMEOUT alone never tripped; 200 of them took every thread."""
     server = start(ISS_BODY_TIMEOUT='2', ISS_BODY_MIN_RATE='1024')
     head = (

@@ -97,10 +97,10 @@ class RequestBody:
         """Let the next read wait at most the pause allowed, and no later than the body's pace allows."""
         if self._socket is None:
             return
-        behind = self._behind()
-        if behind >= 0:
+        if self._behind() >= 0:
             raise self._too_slow()
-        self._socket.settimeout(min(self._timeout, -behind))
+        # NOTE: the next byte may come until the pace allows it (a full pause at first)
+        self._socket.settimeout(min(self._timeout, 1 / self.min_rate - self._behind()))
 
     def _behind(self) -> float:
         """Seconds the body is behind its pace (negative: how long it may still take for what it has sent)."""

@@ -370,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.settings = Settings.from_env()
         if args.data:
             args.settings = dataclasses.replace(args.settings, data_dir=args.data)
-        store = storage.open_store(args.settings, existing=True)
+        # NOTE: import and sign may name any directory; the others check or change a store
+        store = storage.open_store(args.settings, existing=True, only_a_store=args.command not in ('import', 'sign'))
         status, result = args.function(store, args, progress)
     except (UsageError, ConfigError, ServiceError) as exc:
         progress.clear()

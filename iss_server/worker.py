@@ -49,7 +49,7 @@ DRAIN_SECONDS = 1.0
 _HEAD_ENDS = (b'\r\n\r\n', b'\n\n')
 
 
-class ThreadWorker(gthread.ThreadWorker):  # type: ignore[misc]  # NOTE: gunicorn has no types
+class ThreadWorker(gthread.ThreadWorker):
     """gunicorn's gthread worker whose threads only ever see requests with their headers complete."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -179,7 +179,7 @@ def _address(client: object) -> str:
     return str(client[0]) if isinstance(client, tuple) else str(client)
 
 
-class _Connection(gthread.TConn):  # type: ignore[misc]
+class _Connection(gthread.TConn):
     def close(self, graceful: bool = False) -> None:
         """Close without lingering: gunicorn's graceful close waits up to 2 s on the main loop for a dripping peer.
 
