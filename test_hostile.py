@@ -847,3 +847,41 @@ def test_fsck_refuses_a_directory_that_is_no_store_and_leaves_it_untouched(tmp_p
     empty = tmp_path / 'new'
     empty.mkdir()
     assert cli.main(['--json', '--data', str(empty), 'fsck']) == cli.OK  # an empty one is a new store
+
+
+# -- the index after a kill: rows for every blob a killed commit named -------------------
+
+KILLED_BETWEEN_BLOB_AND_ROW = """
+import io, os, signal, sys
+import storage
+from iss_server import meta
+from iss_server.config import Settings
+
+store = storage.open_store(Settings(data_dir=sys.argv[1]))
+store.start()
+staged = store.stage(io.BytesIO(sys.argv[2].encode()))
+# NOTE: the kill point: the blob and its meta are named, the index row is next
+store.index.put_missing = lambda rows: os.kill(os.getpid(), signal.SIGKILL)
+store.commit(staged, meta.artifact('killed', staged.size, 'text/plain'))
+"""
+
+
+@pytest.mark.parametrize('repaired_by', ['the next start', 'gc'])
+def test_a_blob_whose_commit_was_killed_before_its_row_is_indexed_without_an_operator(tmp_path, start, repaired_by):
+    """After 93 worker kills the index lacked 437 blobs on disk, until someone ran fsck --repair."""
+    data_dir = tmp_path / 'data'
+    content = f'killed before its row ({repaired_by})'
+    digest = 'sha256:' + hashlib.sha256(content.encode()).hexdigest()
+    killed = subprocess.run([sys.executable, '-c', KILLED_BETWEEN_BLOB_AND_ROW, str(data_dir), content], cwd=HERE)
+    assert killed.returncode == -signal.SIGKILL
+    assert list((data_dir / 'blobs').rglob(digest[7:]))  # the blob is named, and no row says so
+
+    if repaired_by == 'gc':
+        gc = subprocess.run([sys.executable, '-m', 'iss', '--data', str(data_dir), 'gc'], cwd=HERE)
+        assert gc.returncode == 0
+    server = start(data_dir)
+
+    listing = json.loads(server.request('GET', '/artifacts?kind=killed')[2])
+    assert [item['id'] for item in listing['items']] == [digest]
+    assert json.loads(server.request('GET', '/stats')[2])['kinds']['killed']['count'] == 1
+    assert not [path for path in (data_dir / 'tmp').iterdir() if path.is_file()]
