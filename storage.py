@@ -161,6 +161,7 @@ class BlobStore:
         self.derived = DerivedCache(scratch, derived_max_bytes, hold=self._held)
         # NOTE: not a derivative: the blob itself, verified, served while the index has its row.
         self._copies = DerivedCache(scratch, derived_max_bytes, hold=self._held, top='copies') if node_copies else None
+        self._index_building = threading.Lock()  # NOTE: held while this process builds the index
         try:
             os.makedirs(scratch.tmp, exist_ok=True)
             if not self.index.complete and next(self._driver.walk('blobs/'), None) is None:
@@ -187,12 +188,17 @@ class BlobStore:
             return
         if swept:
             log.warning('removed %d stale temp file(s) from %s', swept, self.root)
+        self._build_index_unless_complete()
+
+    def _build_index_unless_complete(self) -> None:
+        """Build the index in the background when incomplete (new, lost, set aside as corrupt), one build at a time."""
         try:
             if self.index_complete:
                 return
         except StoreFailure:
             return  # NOTE: the health endpoint reports what is down
-        index_in_background(self, repr(self._driver))
+        if self._index_building.acquire(blocking=False):
+            index_in_background(self, repr(self._driver), done=self._index_building.release)
 
     # -- writing -------------------------------------------------------------
 
@@ -528,6 +534,8 @@ class BlobStore:
 
     def _require_complete_index(self) -> None:
         if not self.index.complete:
+            # NOTE: an index lost or set aside while ISS runs is rebuilt without a restart
+            self._build_index_unless_complete()
             raise IndexIncomplete('the index is being built from the blobs')
 
     # -- housekeeping --------------------------------------------------------
@@ -824,8 +832,8 @@ class _VerifiedReader:
         self.close()
 
 
-def index_in_background(store: BlobStore, where: str) -> None:
-    """Build a store's incomplete index in a thread: listings answer 503 until it is done.
+def index_in_background(store: BlobStore, where: str, done: Callable[[], None] = lambda: None) -> None:
+    """Build a store's incomplete index in a thread: listings answer 503 until it is done; ``done`` is called after.
 
     Every worker starts one; the first does the work and the others find it done
     (the store's ``reindex(only_if_incomplete=True)``).
@@ -839,6 +847,8 @@ def index_in_background(store: BlobStore, where: str) -> None:
         else:
             if counts:
                 log.warning('indexed %d blobs found in %s', counts['blobs'], where)
+        finally:
+            done()
 
     threading.Thread(target=build, name='iss-reindex', daemon=True).start()
 

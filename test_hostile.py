@@ -20,6 +20,7 @@ import pathlib
 import random
 import signal
 import socket
+import sqlite3
 import string
 import struct
 import subprocess
@@ -39,7 +40,7 @@ from iss_server.config import Settings
 from iss_testing import HERE
 from iss_testing.cli import upload_image
 from iss_testing.data import blob_id, make_png
-from iss_testing.servers import Gunicorn
+from iss_testing.servers import Gunicorn, wait_for
 from test_deploy import MIB, UPLOAD_LIMIT, Nginx
 
 CORPUS = HERE / 'fuzz_corpus' / 'image'
@@ -885,3 +886,48 @@ def test_a_blob_whose_commit_was_killed_before_its_row_is_indexed_without_an_ope
     assert [item['id'] for item in listing['items']] == [digest]
     assert json.loads(server.request('GET', '/stats')[2])['kinds']['killed']['count'] == 1
     assert not [path for path in (data_dir / 'tmp').iterdir() if path.is_file()]
+
+
+def damage(index_file: pathlib.Path, how: str) -> None:
+    """Damage the SQLite index in place (the same inode, as a failing disk would)."""
+    # NOTE: the WAL's pages first, into the file: else they would mask the damage
+    with contextlib.closing(sqlite3.connect(index_file)) as db:
+        db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+    with open(index_file, 'r+b') as file:
+        if how == 'garbage':
+            file.write(os.urandom(4096))  # NOTE: the header: SQLite says "file is not a database"
+        else:
+            size = index_file.stat().st_size
+            for offset in range(4096, size, 512):  # NOTE: every page but the first: "malformed"
+                file.seek(offset)
+                file.write(b'\xff' * 16)
+
+
+@pytest.mark.parametrize('how', ['garbage', 'pages'])
+@pytest.mark.parametrize('when', ['stopped', 'running'])
+def test_a_damaged_index_is_set_aside_and_rebuilt_from_the_files(start, how, when):
+    """A damaged index.sqlite3 left the node answering 503 to every write and listing until someone moved it away."""
+    server = start()
+    stored = []
+    for number in range(20):
+        status, _, body = server.request('POST', '/artifacts?kind=kept', f'blob {number}'.encode())
+        assert status == 201
+        stored.append(json.loads(body)['artifact_id'])
+    index_file = server.data_dir / 'index.sqlite3'
+    if when == 'stopped':
+        server.stop()
+        damage(index_file, how)
+        server = start(server.data_dir)
+    else:
+        time.sleep(1.5)  # NOTE: the index's idle connections close after a second
+        damage(index_file, how)
+
+    def listed() -> bool:
+        status, _, body = server.request('GET', '/artifacts?kind=kept&limit=100')
+        assert status in (200, 503), body  # NOTE: 503 while it is rebuilt, never a 500
+        return status == 200 and sorted(item['id'] for item in json.loads(body)['items']) == sorted(stored)
+
+    wait_for(listed, 15, 'the index rebuilt')
+    assert server.request('POST', '/artifacts?kind=kept', b'after')[0] == 201
+    assert server.request('GET', '/health')[0] == 200
+    assert list(server.data_dir.glob('index.sqlite3.corrupt-*'))  # kept for a post-mortem
