@@ -931,3 +931,14 @@ def test_a_damaged_index_is_set_aside_and_rebuilt_from_the_files(start, how, whe
     assert server.request('POST', '/artifacts?kind=kept', b'after')[0] == 201
     assert server.request('GET', '/health')[0] == 200
     assert list(server.data_dir.glob('index.sqlite3.corrupt-*'))  # kept for a post-mortem
+
+
+def test_headers_pipelined_in_part_behind_a_request_are_collected_like_any(start):
+    """The part of a next request sent with the first went straight to a thread, to wait there for the rest."""
+    server = start(ISS_HEADER_TIMEOUT='2', ISS_THREADS='1', ISS_WORKERS='1')
+    client = socket.create_connection(('127.0.0.1', server.port), timeout=10)
+    client.sendall(b'GET /health HTTP/1.1\r\nHost: iss\r\n\r\nGET /health HTTP/1.1\r\nX-Slow: 1\r\n')
+
+    assert max(health_answers_within(server.port, 1.0, checks=4)) < 1.0  # the one thread is free
+    answers = answer_of(client)
+    assert answers.startswith(b'HTTP/1.1 200') and b'HTTP/1.1 408' in answers

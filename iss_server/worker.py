@@ -88,6 +88,15 @@ class ThreadWorker(gthread.ThreadWorker):
         self.keepalived_conns.remove(conn)
         self._collect_head(conn)
 
+    def enqueue_req(self, conn: gthread.TConn) -> None:
+        """Hand a connection to a thread, unless what it sent ahead (pipelined) is only part of its next headers."""
+        if conn.parser is not None and not conn.is_http2:
+            ahead = conn.parser.unreader.buf.getvalue()
+            if ahead and not _complete(ahead):
+                self._collect_head(conn)
+                return
+        super().enqueue_req(conn)
+
     def murder_pending(self) -> None:
         super().murder_pending()
         now = time.monotonic()
@@ -119,7 +128,7 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def _collect_head(self, conn: gthread.TConn) -> None:
         if self.cfg.is_ssl or negotiation.prior_knowledge_allowed(self.cfg, conn.client):
-            self.enqueue_req(conn)  # NOTE: gunicorn's own path (never ISS's configuration)
+            super().enqueue_req(conn)  # NOTE: gunicorn's own path (never ISS's configuration)
             return
         address = _address(conn.client)
         if self._heads_per_client[address] >= MAX_HEADS_PER_CLIENT:
@@ -128,7 +137,7 @@ class ThreadWorker(gthread.ThreadWorker):
             return
         conn.init()  # NOTE: a plain connection's init only makes its parser
         conn.sock.setblocking(False)
-        conn.head = bytearray()
+        conn.head = bytearray(conn.parser.unreader.take_buffered())  # NOTE: what came pipelined
         self._heads_per_client[address] += 1
         self._heads[conn] = time.monotonic() + self._header_timeout
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
@@ -146,11 +155,11 @@ class ThreadWorker(gthread.ThreadWorker):
             conn.close()
             return
         conn.head += data
-        if any(end in conn.head for end in _HEAD_ENDS):
+        if _complete(conn.head):
             self._forget_head(conn)
             conn.parser.unreader.unread(bytes(conn.head))
             conn.data_ready = True
-            self.enqueue_req(conn)
+            super().enqueue_req(conn)
         elif len(conn.head) > MAX_HEAD_BYTES:
             self._refuse_head(
                 conn, 431, 'Request Header Fields Too Large', f'The request headers exceed {MAX_HEAD_BYTES} bytes.'
@@ -195,6 +204,11 @@ class _Connection(gthread.TConn):
             except OSError:
                 pass
         gunicorn.util.close(self.sock)
+
+
+def _complete(head: bytes | bytearray) -> bool:
+    """Whether ``head`` holds the end of a request's headers."""
+    return any(end in head for end in _HEAD_ENDS)
 
 
 def _has_body(req: Any) -> bool:
