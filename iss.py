@@ -42,6 +42,7 @@ from swagger_ui_bundle import swagger_ui_path
 from iss_server import browse, bucket_sessions, doors, images, index, meta, params, telemetry
 from iss_server.auth import RequireReadToken, RequireToken
 from iss_server.blobs import parse_id
+from iss_server.bodies import RequestBody
 from iss_server.config import Settings
 from iss_server.derivatives import Derivatives, Sign
 from iss_server.doors import ArtifactDoor, Door, ImageDoor
@@ -402,6 +403,7 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
     """
     # NOTE: the render gate is one per process (Pillow's memory is the worker's); the app sets its bounds.
     images.GATE.configure(settings)
+    RequestBody.configure(settings.body_min_rate)
     if metrics is None:
         metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
     # NOTE: Any, as Falcon types middleware by protocols of its private falcon._typing
@@ -420,7 +422,8 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
                 settings.api_token,
                 'ISS_API_TOKEN',
                 'Uploading',
-                exempt=(Sign, Webhooks),
+                # NOTE: MissingBlobs is a read by POST: a private store's read token guards it (RequireReadToken)
+                exempt=(Sign, Webhooks, MissingBlobs),
                 every_method_of=(UploadSession,),
             )
         )

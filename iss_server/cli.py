@@ -27,8 +27,10 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
+import falcon
+
 import storage
-from iss_server import doors, images, index, maintenance, meta, signing
+from iss_server import derivatives, doors, images, index, maintenance, meta, signing
 from iss_server.blobs import parse_id
 from iss_server.config import ConfigError, Settings
 from iss_server.errors import BlobNotFound, CorruptBlob, ServiceError
@@ -347,6 +349,15 @@ def sign(store: storage.BlobStore, args: argparse.Namespace, progress: Progress)
         raise UsageError(
             f'--expires is 1 to {signing.MAX_EXPIRES_IN} seconds; expires and signature are added, not given'
         )
+    # NOTE: a URL the service would refuse is no URL to hand out: each NAME=VALUE once, as a request takes it
+    if len(params) != len(args.params) or not all('=' in param for param in args.params):
+        raise UsageError('give each derivative parameter once, as NAME=VALUE (w=256 h=256 fit=cover)')
+    try:
+        derivatives.check_parameters(params, args.settings.max_derived_dimension)
+    except ServiceError as exc:
+        raise UsageError(exc.public_description) from None
+    except falcon.HTTPError as exc:
+        raise UsageError(exc.description or exc.title) from None
     path = doors.location(index.ARTIFACTS if args.artifact else index.IMAGES, f'sha256:{hex_digest}')
     return OK, {'url': signing.signed_path(args.settings.signing_key, path, params, args.expires)}
 
@@ -440,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.settings = Settings.from_env()
         if args.data:
             args.settings = dataclasses.replace(args.settings, data_dir=args.data)
-        store = storage.open_store(args.settings, existing=True)
+        # NOTE: import and sign may name any directory; the others check or change a store
+        store = storage.open_store(args.settings, existing=True, only_a_store=args.command not in ('import', 'sign'))
         status, result = args.function(store, args, progress)
     except (UsageError, ConfigError, ServiceError) as exc:
         progress.clear()

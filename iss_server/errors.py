@@ -172,6 +172,13 @@ class IncompleteBody(BadRequest):
     title = 'Incomplete request body'
 
 
+class BodyTooSlow(IncompleteBody):
+    """The body arrived slower than ``ISS_BODY_MIN_RATE`` on average, past its first ``ISS_BODY_TIMEOUT`` seconds."""
+
+    status = 408
+    title = 'Request body too slow'
+
+
 class UploadNotFound(ServiceError):
     """No resumable upload of that id is open to this client (none, expired, terminated, or another's)."""
 

@@ -41,6 +41,8 @@ log = logging.getLogger('iss.images')
 OUTPUT_FORMATS = {'jpeg': 'JPEG', 'png': 'PNG', 'webp': 'WEBP'} | ({'avif': 'AVIF'} if features.check('avif') else {})
 OUTPUT_TYPES = {'JPEG': 'image/jpeg', 'PNG': 'image/png', 'WEBP': 'image/webp', 'AVIF': 'image/avif'}
 FITS = ('contain', 'cover', 'fill')
+#: The longest side each output format encodes (libjpeg, libwebp, AV1); PNG has no such limit.
+MAX_OUTPUT_SIDE = {'JPEG': 65_500, 'WEBP': 16_383, 'AVIF': 65_536}
 #: Pillow's own bomb limit, for callers that set none of their own (ISS_MAX_IMAGE_PIXELS's default).
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 2**31
 
@@ -91,6 +93,10 @@ class ImageTooLarge(ValueError):
 
 class CannotRender(ValueError):
     """The image was identified but its pixels cannot be decoded (truncated, corrupt)."""
+
+
+class OutputTooLarge(ValueError):
+    """The derivative would be larger than its format can hold: refused before any pixel is decoded."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +195,7 @@ def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
     """Turn whatever Pillow or a decoder raises into ``refusal``, logged; ISS's own refusals pass."""
     try:
         yield
-    except (NotAnImage, ImageTooLarge, CannotRender, RendersBusy):
+    except (NotAnImage, ImageTooLarge, CannotRender, OutputTooLarge, RendersBusy):
         raise
     except _OverBudget as exc:
         log.warning('image refused while %s: it costs %s', doing, exc)
@@ -485,6 +491,7 @@ def render(
 
     Raises:
         NotAnImage, ImageTooLarge: as :func:`identify`.
+        OutputTooLarge: the output would be larger than its format holds (a sliver's format conversion).
         CannotRender: the pixels cannot be decoded.
         RendersBusy: the gate had no room for it in time.
         OSError: writing ``out`` failed (as raised by ``out``).
@@ -495,6 +502,7 @@ def render(
         try:
             with _boundary(CannotRender, 'rendering'):
                 orientation, size = _prepare(image, variant)
+                _check_output_size(size, variant.format)
                 budgeted.allow(None)
                 with (gate or GATE).admitted(image.width * image.height + size[0] * size[1]):
                     _render(image, orientation, size, variant, sink)
@@ -502,6 +510,16 @@ def render(
             if sink.failure is not None:
                 raise sink.failure from None  # NOTE: the disk's trouble (full, failing), not the image's
             raise
+
+
+def _check_output_size(size: tuple[int, int], image_format: str) -> None:
+    """Refuse an output its encoder would fail on only after the whole decode (seconds of CPU for a 1x80,000,000)."""
+    longest = MAX_OUTPUT_SIDE.get(image_format)
+    if longest is not None and max(size) > longest:
+        raise OutputTooLarge(
+            f'the derivative would be {size[0]}x{size[1]}; {image_format} holds at most {longest} pixels a side: '
+            'ask for w and h, or format=png'
+        )
 
 
 class _Sink:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import json
 import logging
@@ -591,8 +592,10 @@ class _Queries:
         events = [Event(_event_cursor(epoch, row[:width]), *row[width:]) for row in rows]
         return EventPage(events, events[-1].cursor if events else _event_cursor(epoch, position))
 
-    def wait_for_events(self, after: str | None, limit: int, seconds: float) -> EventPage:
-        """:meth:`events`, waiting up to ``seconds`` for one when there are none yet."""
+    def wait_for_events(
+        self, after: str | None, limit: int, seconds: float, stop: threading.Event | None = None
+    ) -> EventPage:
+        """:meth:`events`, waiting up to ``seconds`` for one when there are none yet (or until ``stop`` is set)."""
         deadline = time.monotonic() + seconds
         check_ahead = True
         while True:
@@ -601,7 +604,7 @@ class _Queries:
             page = self._events(after, limit, check_ahead=check_ahead)
             check_ahead = False
             left = deadline - time.monotonic()
-            if page.events or left <= 0:
+            if page.events or left <= 0 or (stop is not None and stop.is_set()):
                 return page
             after = page.next_cursor
             # NOTE: woken at once by a write of this process; another's is seen at the next look.
@@ -855,7 +858,7 @@ class SQLiteIndex(_Queries):
     def __init__(self, path: str) -> None:
         self.path = path
         self._local = threading.local()
-        self._schema_pid = 0
+        self._schema_made = (0, 0)  # NOTE: (pid, inode) of the file this process made the schema in
         self._idle: list[_Connection[sqlite3.Connection]] = []
         self._idle_lock = threading.Lock()
         self._idle_pid = os.getpid()
@@ -909,7 +912,8 @@ class SQLiteIndex(_Queries):
             self._idle, self._idle_pid, self._closer = [], os.getpid(), None
         return self._idle
 
-    def _connect(self) -> _Connection[sqlite3.Connection]:
+    def _connect(self, *, set_aside: bool = True) -> _Connection[sqlite3.Connection]:
+        db: sqlite3.Connection | None = None
         try:
             db = sqlite3.connect(
                 self.path, timeout=self._BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
@@ -917,7 +921,9 @@ class SQLiteIndex(_Queries):
             # NOTE: NORMAL in WAL mode never corrupts; after a power loss the last
             # transactions may be missing, and the files (the truth) still have them.
             db.execute('PRAGMA synchronous=NORMAL')
-            if self._schema_pid != os.getpid():
+            inode = os.stat(self.path).st_ino
+            # NOTE: per process and per file: a file lost or set aside while ISS runs is a new, empty one
+            if self._schema_made != (os.getpid(), inode):
                 self._enter_wal_mode(db)
                 # NOTE: in one write transaction taken up front: statements that each read the
                 # schema and then write upgrade a read lock, which SQLite refuses at once, without
@@ -931,11 +937,39 @@ class SQLiteIndex(_Queries):
                 except BaseException:
                     db.execute('ROLLBACK')
                     raise
-                self._schema_pid = os.getpid()
-            inode = os.stat(self.path).st_ino
+                self._schema_made = (os.getpid(), inode)
         except (sqlite3.Error, OSError) as exc:
+            if db is not None:
+                db.close()
+            if set_aside and _is_corrupt(exc) and self._set_aside_if_corrupt():
+                return self._connect(set_aside=False)  # NOTE: a new, empty index: the store's start rebuilds it
             raise _unavailable(self.path, exc) from exc
         return _Connection(db, inode, os.getpid())
+
+    def _set_aside_if_corrupt(self) -> bool:
+        """Rename a corrupt index file (and its WAL) aside, so a new one is built from the files; whether it was.
+
+        NOTE: the index is derived from the blob and meta files, the truth: a file SQLite cannot read
+        (a disk's fault, or an operator's) once left the node answering 503 to every write and listing
+        until someone moved it away. In one process at a time, under a lock, and only while the file
+        is still unreadable: another worker may have set it aside and made the new one already.
+        """
+        with open(self.path + '.repair.lock', 'a') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with contextlib.closing(sqlite3.connect(self.path, timeout=self._BUSY_TIMEOUT_MS / 1000)) as db:
+                    if db.execute('PRAGMA quick_check(1)').fetchall() == [('ok',)]:
+                        return True  # NOTE: whole now: set aside (or never corrupt) meanwhile
+            except sqlite3.Error as exc:
+                if not _is_corrupt(exc):
+                    return False
+            aside = f'{self.path}.corrupt-{time.strftime("%Y%m%dT%H%M%S")}'
+            os.rename(self.path, aside)
+            for suffix in ('-wal', '-shm'):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self.path + suffix, aside + suffix)
+            log.error('index %s cannot be read (set aside as %s): rebuilding it from the files', self.path, aside)
+            return True
 
     def _enter_wal_mode(self, db: sqlite3.Connection) -> None:
         """Switch a new index file to WAL (a no-op for one that is), waiting for other processes doing it.
@@ -988,7 +1022,7 @@ class SQLiteIndex(_Queries):
                 cursor = db.execute(sql, tuple(params))
                 return cursor.fetchall(), cursor.rowcount
             except sqlite3.Error as exc:
-                raise _unavailable(self.path, exc) from exc
+                raise self._failed(exc) from exc
 
     def _execute_many(self, sql: str, rows: list[tuple]) -> None:
         with self.session() as db:
@@ -999,7 +1033,14 @@ class SQLiteIndex(_Queries):
             except sqlite3.Error as exc:
                 if db.in_transaction:
                     db.execute('ROLLBACK')
-                raise _unavailable(self.path, exc) from exc
+                raise self._failed(exc) from exc
+
+    def _failed(self, exc: sqlite3.Error) -> IndexUnavailable | IndexFull:
+        """The error a failed statement raises; a damaged file is set aside first (the next call makes a new one)."""
+        if _is_corrupt(exc):
+            with contextlib.suppress(OSError, sqlite3.Error):
+                self._set_aside_if_corrupt()
+        return _unavailable(self.path, exc)
 
     def transaction(self) -> _Transaction:
         return _Transaction(self)
@@ -1274,6 +1315,12 @@ def _schema_statements() -> list[str]:
             statements.append(current.strip())
             current = ''
     return statements
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """Whether SQLite says its file is no database, or a damaged one."""
+    code = getattr(exc, 'sqlite_errorcode', None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _unavailable(path: str, exc: sqlite3.Error | OSError) -> IndexUnavailable | IndexFull:
