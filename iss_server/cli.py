@@ -129,15 +129,19 @@ def _describe_unknown_blob(file: IO[bytes], stat: os.stat_result) -> dict[str, A
 
 
 def backfill(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
-    """Complete the meta of every image written by the FastAPI version (format, mode, EXIF, ...)."""
+    """Complete the meta of every image stored before this version knew a field.
+
+    The FastAPI version's (format, mode, EXIF, ...) and those stored before the perceptual hash and
+    placeholders were computed at upload; the index's ``image_hashes`` follows each meta.
+    """
     result: dict[str, Any] = {'images': 0, 'completed': 0, 'failed': []}
     for blob_id, stored in store.metas():
         if stored.get('kind') != 'image':
             continue
         result['images'] += 1
-        if meta.lacks_fields(stored):
+        if meta.lacks_fields(stored) or meta.lacks_fingerprints(stored):
             try:
-                completed = meta.complete_image(store, blob_id, args.settings.max_image_pixels)
+                completed = meta.complete_image(store, blob_id, args.settings.max_image_pixels, fingerprints=True)
             except BlobNotFound:
                 continue
             if completed is None:
@@ -335,7 +339,11 @@ def parser() -> argparse.ArgumentParser:
     mover = command('migrate', migrate, 'copy every blob and its meta to another store, verified; resumable')
     mover.add_argument('--to', required=True, help='s3://BUCKET[/PREFIX] (ISS_S3_ENDPOINT, AWS_*) or a data directory')
     mover.add_argument('--to-index', help="the target's index: sqlite (a data directory's) or postgresql://...")
-    command('backfill', backfill, 'complete the meta of images stored by the FastAPI version')
+    command(
+        'backfill',
+        backfill,
+        'complete the meta of images stored by older versions (header fields, perceptual hash, placeholders)',
+    )
     command('reindex', reindex, 'rebuild the index from the blob and meta files')
     command('stats', stats, 'count blobs and bytes per kind')
     signer = command('sign', sign, 'print a URL that reads ID without a token until it expires (ISS_SIGNING_KEY)')
