@@ -810,3 +810,35 @@ def test_a_truncated_phone_image_is_a_clear_json_refusal(make_client, image_form
 
     assert refused.status_int in (415, 422), refused
     assert refused.json['title'] in ('Not an image', 'Image does not decode')
+
+
+@pytest.mark.slow
+def test_the_client_finds_groups_of_near_duplicates_locally_and_in_the_store(server, tmp_path, capsys):
+    from iss_client.command import main
+
+    stored = json.loads(server.request('POST', '/images', encode(picture(10)), {'Content-Type': 'image/png'})[2])
+    twin = json.loads(
+        server.request('POST', '/images', encode(picture(10).resize((240, 180))), {'Content-Type': 'image/png'})[2]
+    )
+    server.request('POST', '/images', encode(picture(11)), {'Content-Type': 'image/png'})
+    folder = tmp_path / 'dataset'
+    folder.mkdir()
+    (folder / 'a.jpg').write_bytes(encode(picture(12), 'JPEG', quality=90))
+    (folder / 'a-again.webp').write_bytes(encode(picture(12).resize((160, 120)), 'WEBP'))
+    (folder / 'like-stored.jpg').write_bytes(encode(picture(10), 'JPEG', quality=40))
+    (folder / 'alone.png').write_bytes(encode(picture(13)))
+    (folder / 'notes.txt').write_text('not an image')
+
+    assert main(['--url', server.url, '--json', 'dupes', str(folder)]) == 0
+    found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    groups = sorted(sorted(member.get('path') or member['id'] for member in group['members']) for group in found)
+    assert groups == [
+        sorted([str(folder / 'a-again.webp'), str(folder / 'a.jpg')]),
+        sorted([str(folder / 'like-stored.jpg'), stored['image_id'], twin['image_id']]),
+    ]
+    assert all(group['members'][0]['distance'] == 0 for group in found)
+
+    assert main(['--url', server.url, 'dupes', '--store']) == 0
+    table = capsys.readouterr().out
+    assert table.startswith('group 1: 2 images') and stored['image_id'] in table and twin['image_id'] in table
