@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import urllib.parse
 
 import falcon
@@ -28,6 +29,8 @@ from storage import BlobStore
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
+#: A phash as the meta holds it (a meta edited by hand may hold anything: the index's triggers skip it too).
+_PHASH = re.compile(r'[0-9a-f]{16}')
 
 
 class _Search:
@@ -78,7 +81,7 @@ class SimilarToStored(_Search):
         if meta.lacks_fingerprints(stored):
             stored = meta.complete_image(self._store, blob_id, self._max_pixels, fingerprints=True) or stored
         phash = stored.get('phash')
-        if not isinstance(phash, str):
+        if not isinstance(phash, str) or not _PHASH.fullmatch(phash):
             raise UndecodableImage(f'{blob_id} has no perceptual hash')
         self._answer(req, resp, phash, exclude=blob_id.removeprefix('sha256:'))
 
