@@ -56,6 +56,7 @@ from iss_server.errors import (
     error_body,
 )
 from iss_server.events import Events
+from iss_server.lookalikes import SimilarToStored, SimilarToUpload
 from iss_server.pages import BrowseAsset, BrowsePage, Docs, OpenAPIDocument
 from iss_server.presentation import Presentations
 from iss_server.receiving import UploadReceiver
@@ -438,7 +439,7 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
             RequireReadToken(
                 (settings.read_token, settings.api_token, settings.admin_token),
                 public=(Health, OpenAPIDocument, Docs, BrowsePage, BrowseAsset, UploadsCollection, UploadSession),
-                reads_by_post=(MissingBlobs,),
+                reads_by_post=(MissingBlobs, SimilarToUpload),
                 signing_keys=(settings.signing_key, settings.signing_key_previous),
             )
         )
@@ -459,6 +460,9 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
         '/images/{blob_id}', Item(store, receiver, images_door, presentations, settings, metrics, derivatives)
     )
     app.add_route('/images/{blob_id}/meta', blob_meta)
+    # NOTE: a search that stores nothing; as POST /blobs/missing, it takes the upload token when one is set.
+    app.add_route('/images/similar', SimilarToUpload(store, receiver, images_door, settings))
+    app.add_route('/images/{blob_id}/similar', SimilarToStored(store, settings))
     app.add_route('/artifacts', Collection(store, receiver, artifacts_door, settings))
     app.add_route('/artifacts/{blob_id}', Item(store, receiver, artifacts_door, presentations, settings, metrics))
     app.add_route('/artifacts/{blob_id}/meta', blob_meta)

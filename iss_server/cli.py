@@ -136,15 +136,19 @@ def _describe_unknown_blob(file: IO[bytes], stat: os.stat_result) -> dict[str, A
 
 
 def backfill(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
-    """Complete the meta of every image written by the FastAPI version (format, mode, EXIF, ...)."""
+    """Complete the meta of every image stored before this version knew a field.
+
+    The FastAPI version's (format, mode, EXIF, ...) and those stored before the perceptual hash and
+    placeholders were computed at upload; the index's ``image_hashes`` follows each meta.
+    """
     result: dict[str, Any] = {'images': 0, 'completed': 0, 'failed': []}
     for blob_id, stored in store.metas():
         if stored.get('kind') != 'image':
             continue
         result['images'] += 1
-        if meta.lacks_fields(stored):
+        if meta.lacks_fields(stored) or meta.lacks_fingerprints(stored):
             try:
-                completed = meta.complete_image(store, blob_id, args.settings.max_image_pixels)
+                completed = meta.complete_image(store, blob_id, args.settings.max_image_pixels, fingerprints=True)
             except BlobNotFound:
                 continue
             if completed is None:
@@ -427,7 +431,11 @@ def parser() -> argparse.ArgumentParser:
     mover.add_argument(
         '--verify', action='store_true', help='also re-hash the blobs the target has already; copy a corrupt one anew'
     )
-    command('backfill', backfill, 'complete the meta of images stored by the FastAPI version')
+    command(
+        'backfill',
+        backfill,
+        'complete the meta of images stored by older versions (header fields, perceptual hash, placeholders)',
+    )
     command('reindex', reindex, 'rebuild the index from the blob and meta files')
     command('stats', stats, 'count blobs and bytes per kind')
     signer = command('sign', sign, 'print a URL that reads ID without a token until it expires (ISS_SIGNING_KEY)')

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
-from iss_server import meta
+from iss_server import meta, similar
 from iss_server.errors import CursorExpired, IndexFull, IndexUnavailable, InvalidCursor
 
 _DB = TypeVar('_DB')
@@ -481,6 +481,29 @@ class _Queries:
     def get(self, hex_digest: str) -> Row | None:
         rows = self._run('SELECT * FROM blobs WHERE hex = ?', (hex_digest,))
         return Row(*rows[0]) if rows else None
+
+    def similar_images(
+        self,
+        value: int,
+        max_distance: int,
+        limit: int,
+        *,
+        exclude: str | None = None,
+        after: tuple[int, str] | None = None,
+    ) -> list[tuple[int, str]]:
+        """The stored images within ``max_distance`` bits of the perceptual hash ``value``, nearest first.
+
+        Each as ``(distance, listing item JSON)``; ``exclude`` and ``after`` as :meth:`similar.SimilarIndex.near`.
+        """
+        near = similar.SimilarIndex(self._run).near(value, max_distance, limit, exclude=exclude, after=after)
+        if not near:
+            return []
+        marks = ', '.join('?' * len(near))
+        items = dict(
+            self._run(f'SELECT hex, item FROM blobs WHERE hex IN ({marks})', [hex_digest for hex_digest, _ in near])
+        )
+        # NOTE: a row deleted between the two reads is left out.
+        return [(distance, items[hex_digest]) for hex_digest, distance in near if hex_digest in items]
 
     def totals(self) -> dict[str, tuple[int, int]]:
         """``{kind: (count, bytes)}``; a blob without meta counts under ``''``."""
@@ -1174,7 +1197,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires);
-"""
+""" + ''.join(f'{statement};\n' for statement in (*similar.schema('postgresql'), *similar.sync_triggers('postgresql')))
 
 
 class PostgresIndex(_Queries):
@@ -1314,7 +1337,8 @@ def _schema_statements() -> list[str]:
         if sqlite3.complete_statement(current):
             statements.append(current.strip())
             current = ''
-    return statements
+    # NOTE: the near-duplicate index (similar.py), kept by triggers from the items' phash.
+    return statements + similar.schema('sqlite') + similar.sync_triggers('sqlite')
 
 
 def _is_corrupt(exc: BaseException) -> bool:
