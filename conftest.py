@@ -67,6 +67,8 @@ def make_client(tmp_path: pathlib.Path, store_backend: dict[str, str]):
     """Make a WebTest client of ``iss.build_app`` on the test's store, with settings of the test's own."""
 
     def make(**settings) -> webtest.TestApp:
+        # NOTE: no reconciler unless asked: its thread would outlive the test's directory
+        settings.setdefault('reconcile_interval', 0)
         return webtest.TestApp(iss.build_app(Settings(data_dir=str(tmp_path / 'data'), **store_backend, **settings)))
 
     return make

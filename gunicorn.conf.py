@@ -41,7 +41,9 @@ workers = _settings.workers
 # NOTE: gthread, not sync: a thread per connection, so a slow client holding an
 # upload open blocks one thread, not the worker, and /health keeps answering.
 # gunicorn still hands file responses to sendfile(2) with this worker.
-worker_class = 'gthread'
+# NOTE: ISS's gthread (iss_server/worker.py): a thread only for a request whose headers are in,
+# so clients trickling headers cannot take the threads (issue 29).
+worker_class = 'iss_server.worker.ThreadWorker'
 threads = _settings.threads
 keepalive = _settings.keepalive
 timeout = _settings.timeout

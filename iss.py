@@ -39,9 +39,10 @@ if __name__ == '__main__':
 import falcon
 from swagger_ui_bundle import swagger_ui_path
 
-from iss_server import browse, doors, images, index, meta, params, resumable, telemetry
+from iss_server import browse, bucket_sessions, doors, images, index, meta, params, telemetry
 from iss_server.auth import RequireReadToken, RequireToken
 from iss_server.blobs import parse_id
+from iss_server.bodies import RequestBody
 from iss_server.config import Settings
 from iss_server.derivatives import Derivatives, Sign
 from iss_server.doors import ArtifactDoor, Door, ImageDoor
@@ -55,6 +56,7 @@ from iss_server.errors import (
     error_body,
 )
 from iss_server.events import Events
+from iss_server.lookalikes import SimilarToStored, SimilarToUpload
 from iss_server.pages import BrowseAsset, BrowsePage, Docs, OpenAPIDocument
 from iss_server.presentation import Presentations
 from iss_server.receiving import UploadReceiver
@@ -398,11 +400,13 @@ class Health:
 def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics | None = None) -> falcon.App:
     """Wire the WSGI app: every route ISS serves, its middleware and its error map.
 
-    It only wires: the store arrives ready (see :func:`build_app`), the metrics too when given.
+    It only wires: the store arrives ready (see :func:`build_app`), and so may its metrics.
     """
     # NOTE: the render gate is one per process (Pillow's memory is the worker's); the app sets its bounds.
     images.GATE.configure(settings)
-    metrics = metrics or telemetry.Metrics(store, shared=bool(settings.metrics_dir))
+    RequestBody.configure(settings.body_min_rate)
+    if metrics is None:
+        metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
     # NOTE: Any, as Falcon types middleware by protocols of its private falcon._typing
     middleware: list[Any] = [telemetry.RequestTelemetry(metrics), TusProtocol()]
     if settings.cors_origins:
@@ -419,7 +423,8 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
                 settings.api_token,
                 'ISS_API_TOKEN',
                 'Uploading',
-                exempt=(Sign, Webhooks),
+                # NOTE: MissingBlobs is a read by POST: a private store's read token guards it (RequireReadToken)
+                exempt=(Sign, Webhooks, MissingBlobs),
                 every_method_of=(UploadSession,),
             )
         )
@@ -434,7 +439,7 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
             RequireReadToken(
                 (settings.read_token, settings.api_token, settings.admin_token),
                 public=(Health, OpenAPIDocument, Docs, BrowsePage, BrowseAsset, UploadsCollection, UploadSession),
-                reads_by_post=(MissingBlobs,),
+                reads_by_post=(MissingBlobs, SimilarToUpload),
                 signing_keys=(settings.signing_key, settings.signing_key_previous),
             )
         )
@@ -455,6 +460,9 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
         '/images/{blob_id}', Item(store, receiver, images_door, presentations, settings, metrics, derivatives)
     )
     app.add_route('/images/{blob_id}/meta', blob_meta)
+    # NOTE: a search that stores nothing; as POST /blobs/missing, it takes the upload token when one is set.
+    app.add_route('/images/similar', SimilarToUpload(store, receiver, images_door, settings))
+    app.add_route('/images/{blob_id}/similar', SimilarToStored(store, settings))
     app.add_route('/artifacts', Collection(store, receiver, artifacts_door, settings))
     app.add_route('/artifacts/{blob_id}', Item(store, receiver, artifacts_door, presentations, settings, metrics))
     app.add_route('/artifacts/{blob_id}/meta', blob_meta)
@@ -464,7 +472,7 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
     webhooks = Webhooks(store.index, settings.webhooks, settings.admin_token)
     app.add_route('/webhooks', webhooks)
     app.add_route('/webhooks/{name}/resume', webhooks, suffix='resume')
-    sessions = resumable.Sessions(store, settings.upload_expires)
+    sessions = bucket_sessions.sessions_of(store, settings.upload_expires, settings.tus_max_sessions)
     resumable_uploads = ResumableUploads(store, sessions, images_door, artifacts_door, settings)
     app.add_route('/uploads', UploadsCollection(resumable_uploads))
     app.add_route('/uploads/{upload_id}', UploadSession(resumable_uploads))

@@ -181,6 +181,7 @@ class BlobStore:
         self.derived = DerivedCache(scratch, derived_max_bytes, hold=self._held)
         # NOTE: not a derivative: the blob itself, verified, served while the index has its row.
         self._copies = DerivedCache(scratch, derived_max_bytes, hold=self._held, top='copies') if node_copies else None
+        self._index_building = threading.Lock()  # NOTE: held while this process builds the index
         try:
             os.makedirs(scratch.tmp, exist_ok=True)
             if not self.index.complete and next(self._driver.walk('blobs/'), None) is None:
@@ -190,6 +191,11 @@ class BlobStore:
 
     def __repr__(self) -> str:
         return f'BlobStore({self._driver!r})'
+
+    @property
+    def driver(self) -> Driver:
+        """Where the bytes live (resumable uploads of a bucket keep their parts there too)."""
+        return self._driver
 
     def start(self) -> None:
         """Sweep what writes killed mid-way left in tmp/, and index a store that has no complete index.
@@ -206,12 +212,17 @@ class BlobStore:
             return
         if swept:
             log.warning('removed %d stale temp file(s) from %s', swept, self.root)
+        self._build_index_unless_complete()
+
+    def _build_index_unless_complete(self) -> None:
+        """Build the index in the background when incomplete (new, lost, set aside as corrupt), one build at a time."""
         try:
             if self.index_complete:
                 return
         except StoreFailure:
             return  # NOTE: the health endpoint reports what is down
-        index_in_background(self, repr(self._driver))
+        if self._index_building.acquire(blocking=False):
+            index_in_background(self, repr(self._driver), done=self._index_building.release)
 
     # -- writing -------------------------------------------------------------
 
@@ -768,6 +779,8 @@ class BlobStore:
 
     def _require_complete_index(self) -> None:
         if not self.index.complete:
+            # NOTE: an index lost or set aside while ISS runs is rebuilt without a restart
+            self._build_index_unless_complete()
             raise IndexIncomplete('the index is being built from the blobs')
 
     # -- housekeeping --------------------------------------------------------
@@ -919,7 +932,7 @@ class FileStore(BlobStore):
         super().__init__(FileDriver(layout, ('blobs', 'meta')), index, layout, derived_max_bytes=derived_max_bytes)
 
 
-def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
+def open_store(settings: Settings, *, existing: bool = False, only_a_store: bool = False) -> BlobStore:
     """The store the settings name (``ISS_STORE``, ``ISS_INDEX``), not yet started: the one place that chooses.
 
     The index is made here and handed to the store: a file store on its own
@@ -928,10 +941,14 @@ def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
     Args:
         existing: the store must be there already (an operator's command never
             makes an empty one of a mistyped directory): ConfigError otherwise.
+        only_a_store: with ``existing``, the directory is a store's (or empty), not any
+            directory (a command that checks or changes a store: fsck, gc, reindex...).
     """
     if settings.store == 'file':
         if existing and not os.path.isdir(settings.data_dir):
             raise ConfigError(f'{settings.data_dir} is not a directory (set ISS_DATA or --data)')
+        if existing and only_a_store:
+            _refuse_unless_a_data_directory(settings.data_dir)
         store_index = index.open_index(settings.index, settings.data_dir)
         store = FileStore(settings.data_dir, store_index, derived_max_bytes=settings.derived_max_bytes)
         store.intent_grace = settings.reconcile_grace
@@ -956,6 +973,21 @@ def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
         node_copies=True,
         intent_grace=settings.reconcile_grace,
     )
+
+
+def _refuse_unless_a_data_directory(path: str) -> None:
+    """A command that checks or changes a store runs on a store's data directory (``blobs/``), or an empty one.
+
+    NOTE: ``fsck --data`` of a mistyped path once made a store there (blobs/, meta/, tmp/ and an
+    index among someone's files) and reported it clean.
+
+    Raises:
+        ConfigError: ``path`` holds files but no ``blobs/``.
+    """
+    with os.scandir(path) as entries:
+        empty = not any(entries)
+    if not empty and not os.path.isdir(os.path.join(path, 'blobs')):
+        raise ConfigError(f'{path} is not an ISS data directory: it has files but no blobs/ (set ISS_DATA or --data)')
 
 
 def _quarantined(hex_digest: str, suffix: str = '') -> str:
@@ -1036,8 +1068,8 @@ class _VerifiedReader:
         self.close()
 
 
-def index_in_background(store: BlobStore, where: str) -> None:
-    """Build a store's incomplete index in a thread: listings answer 503 until it is done.
+def index_in_background(store: BlobStore, where: str, done: Callable[[], None] = lambda: None) -> None:
+    """Build a store's incomplete index in a thread: listings answer 503 until it is done; ``done`` is called after.
 
     Every worker starts one; the first does the work and the others find it done
     (the store's ``reindex(only_if_incomplete=True)``).
@@ -1051,6 +1083,8 @@ def index_in_background(store: BlobStore, where: str) -> None:
         else:
             if counts:
                 log.warning('indexed %d blobs found in %s', counts['blobs'], where)
+        finally:
+            done()
 
     threading.Thread(target=build, name='iss-reindex', daemon=True).start()
 
@@ -1088,7 +1122,8 @@ def sweep_temp(layout: disk.Layout, *, dry_run: bool = False) -> int:
     """Remove temp files left by dead processes under ``layout.tmp``; return how many went (or would go).
 
     A temp file whose flock can be taken has no live writer: its process
-    died (crash, SIGKILL, power loss) before committing it.
+    died (crash, SIGKILL, power loss) before committing it (a commit it began is
+    its intent's, which the reconciler settles).
     """
     removed = 0
     for entry in os.scandir(layout.tmp):

@@ -9,13 +9,18 @@ and replayed here and by test_fuzz.py.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import hashlib
 import http.client
 import io
 import json
+import os
 import pathlib
 import random
+import signal
+import socket
+import sqlite3
 import string
 import struct
 import subprocess
@@ -30,12 +35,12 @@ import webtest
 from PIL import Image
 
 import iss
-from iss_server import errors, images, resumable
+from iss_server import cli, errors, images, resumable
 from iss_server.config import Settings
 from iss_testing import HERE
 from iss_testing.cli import upload_image
 from iss_testing.data import blob_id, make_png
-from iss_testing.servers import Gunicorn
+from iss_testing.servers import Gunicorn, wait_for
 from test_deploy import MIB, UPLOAD_LIMIT, Nginx
 
 CORPUS = HERE / 'fuzz_corpus' / 'image'
@@ -608,3 +613,339 @@ def test_listing_parameters_take_ascii_digits_only(client, name, value):
     answer = client.get('/images', {name: value}, expect_errors=True)
 
     assert answer.status_int == 400, answer.body
+
+
+# -- slow clients: no thread for headers, most threads for bodies, a minimum rate ---------
+
+SLOW_CLIENTS = 200
+# NOTE: the slow clients come from 127.0.0.1, the health checks from another address of loopback
+# (one address holds at most iss_server.worker.MAX_HEADS_PER_CLIENT connections sending headers).
+HEALTH_CHECKER = ('127.0.0.2', 0)
+
+
+def open_slow_clients(port: int, first_bytes: bytes, count: int = SLOW_CLIENTS) -> list[socket.socket]:
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(('127.0.0.1', port), timeout=30)
+        with contextlib.suppress(OSError):
+            client.sendall(first_bytes)
+        clients.append(client)
+    return clients
+
+
+@contextlib.contextmanager
+def dripping(clients: list[socket.socket], drop: bytes, every: float = 0.5):
+    """Each client sends ``drop`` every ``every`` seconds, never pausing long, while the block runs."""
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(every):
+            for client in clients:
+                with contextlib.suppress(OSError):
+                    client.send(drop)
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        dripper.join()
+        for client in clients:
+            client.close()
+
+
+def health_answers_within(port: int, seconds: float, checks: int = 6) -> list[float]:
+    """Ask /health ``checks`` times, a half second apart, each answered 200 within ``seconds``; their times."""
+    took = []
+    for _ in range(checks):
+        started = time.monotonic()
+        connection = http.client.HTTPConnection('127.0.0.1', port, timeout=seconds, source_address=HEALTH_CHECKER)
+        connection.request('GET', '/health')
+        assert connection.getresponse().status == 200
+        connection.close()
+        took.append(time.monotonic() - started)
+        time.sleep(0.5)
+    return took
+
+
+def answer_of(client: socket.socket, first: bytes = b'') -> bytes:
+    """What the server answered on ``client`` until it closed (``first``: what was read of it already)."""
+    answer = first
+    with contextlib.suppress(OSError):
+        while chunk := client.recv(4096):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.slow
+def test_two_hundred_header_trickles_take_no_thread_and_are_cut_at_the_header_timeout(start):
+    """33 connections trickling header bytes once took every thread (2 x 16) and /health with them."""
+    server = start(ISS_HEADER_TIMEOUT='3')
+    clients = open_slow_clients(server.port, b'GET /health HTTP/1.1\r\n')
+    with dripping(clients, b'X-Slow: 1\r\n'):
+        assert max(health_answers_within(server.port, 1.0)) < 1.0
+        answers = [answer_of(client) for client in clients]
+    # each either answered 408 at the header timeout, or closed at once past the per-address bound
+    assert all(answer.startswith(b'HTTP/1.1 408') or answer == b'' for answer in answers)
+    assert sum(answer.startswith(b'HTTP/1.1 408') for answer in answers) >= 64
+    assert json.loads(next(a for a in answers if a).partition(b'\r\n\r\n')[2])['status'] == 408
+
+
+@pytest.mark.slow
+def test_two_hundred_body_drips_leave_threads_free_and_are_cut_at_the_minimum_rate(start):
+    """A one-byte drip never pauses, so ISS_BODY_TIMEOUT alone never tripped; 200 of them took every thread."""
+    server = start(ISS_BODY_TIMEOUT='2', ISS_BODY_MIN_RATE='1024')
+    head = (
+        b'POST /artifacts?kind=slow HTTP/1.1\r\nHost: iss\r\nContent-Type: application/octet-stream\r\n'
+        b'Content-Length: 1000000\r\n\r\n'
+    )
+    clients = open_slow_clients(server.port, head)
+    with dripping(clients, b'x', every=0.2):
+        assert max(health_answers_within(server.port, 1.0)) < 1.0
+        answers = [answer_of(client) for client in clients]
+    statuses = collections.Counter(answer[9:12] for answer in answers)
+    # at most 14 of each worker's 16 threads received bodies: the rest were refused at once
+    assert statuses[b'503'] >= SLOW_CLIENTS - 2 * 14, statuses
+    assert statuses[b'408'] >= 1, statuses
+    assert set(statuses) <= {b'503', b'408'}, statuses
+    assert b'Retry-After: 1' in next(answer for answer in answers if answer[9:12] == b'503')
+    assert not list((server.data_dir / 'tmp').glob('upload-*'))  # nothing half-written stays
+
+
+@pytest.mark.slow
+def test_two_hundred_slow_clients_through_nginx_leave_health_answering(tmp_path, shared_data_dir):
+    behind = Gunicorn(
+        shared_data_dir, tmp_path / 'behind.log', ISS_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), ISS_BODY_TIMEOUT='2'
+    )
+    nginx_dir = tmp_path / 'nginx'
+    nginx_dir.mkdir()
+    nginx = Nginx(nginx_dir, behind.port, shared_data_dir)
+    try:
+        header_trickles = open_slow_clients(nginx.port, b'GET /health HTTP/1.1\r\n', SLOW_CLIENTS // 2)
+        head = (
+            b'PUT /artifacts/sha256:'
+            + b'0' * 64
+            + b'?kind=slow HTTP/1.1\r\nHost: iss\r\nContent-Length: 100000\r\n\r\n'
+        )
+        body_drips = open_slow_clients(nginx.port, head, SLOW_CLIENTS // 2)
+        with dripping(header_trickles, b'X-Slow: 1\r\n'), dripping(body_drips, b'x', every=0.2):
+            assert max(health_answers_within(nginx.port, 1.0)) < 1.0
+            assert max(health_answers_within(behind.port, 1.0, checks=2)) < 1.0
+    finally:
+        nginx.stop()
+        behind.stop()
+
+
+def test_a_body_slower_than_the_minimum_rate_is_408_and_keeps_nothing(start):
+    server = start(ISS_BODY_TIMEOUT='1', ISS_BODY_MIN_RATE='1000')
+    client = socket.create_connection(('127.0.0.1', server.port), timeout=10)
+    client.sendall(b'POST /artifacts?kind=slow HTTP/1.1\r\nHost: iss\r\nContent-Length: 100000\r\n\r\n')
+    started = time.monotonic()
+    answer = b''
+    while not answer and time.monotonic() - started < 8:
+        with contextlib.suppress(OSError):
+            client.send(b'x' * 10)  # 100 bytes a second, never a pause
+        client.settimeout(0.1)
+        with contextlib.suppress(TimeoutError):
+            answer = client.recv(4096)
+    client.settimeout(5)
+    answer = answer_of(client, answer)
+    client.close()
+    assert answer.startswith(b'HTTP/1.1 408'), answer
+    assert json.loads(answer.partition(b'\r\n\r\n')[2])['title'] == 'Request body too slow'
+    assert time.monotonic() - started < 3
+    assert not list((server.data_dir / 'tmp').glob('upload-*'))
+
+
+# -- the change feed lets a node stop -------------------------------------------------
+
+
+def test_event_streams_and_long_polls_end_when_the_node_is_told_to_stop(start):
+    """A stream held gunicorn's graceful stop for 15-30 s (found by test_feed_cluster.py)."""
+    server = start()
+    stream = socket.create_connection(('127.0.0.1', server.port), timeout=30)
+    stream.sendall(b'GET /events HTTP/1.1\r\nHost: iss\r\nAccept: text/event-stream\r\n\r\n')
+    assert stream.recv(4096).startswith(b'HTTP/1.1 200')
+    poll = socket.create_connection(('127.0.0.1', server.port), timeout=30)
+    poll.sendall(b'GET /events?wait=60 HTTP/1.1\r\nHost: iss\r\n\r\n')
+    time.sleep(0.5)
+    started = time.monotonic()
+    os.kill(server.process.pid, signal.SIGTERM)
+    server.process.wait(30)
+    assert time.monotonic() - started < 8
+    answer = poll.recv(4096)
+    assert answer.startswith(b'HTTP/1.1 200') and b'"events": []' in answer
+
+
+# -- derivatives larger than their format, refused before decoding ----------------------
+
+
+def test_a_derivative_its_format_cannot_hold_is_422_before_any_decoding(client):
+    sliver = io.BytesIO()
+    Image.new('L', (1, 70_000)).save(sliver, 'PNG')
+    image_id = upload_image(client, sliver.getvalue()).json['image_id']
+
+    for query, side in (('format=webp', 16_383), ('format=jpeg', 65_500), ('w=1&format=webp', 16_383)):
+        refused = client.get(f'/images/{image_id}?{query}', status=422)
+        assert refused.json['title'] == 'Derivative too large'
+        assert f'at most {side} pixels a side' in refused.json['description']
+    assert Image.open(io.BytesIO(client.get(f'/images/{image_id}?h=100&format=webp').body)).size == (1, 100)
+
+
+# -- tokens, signing and the operator's commands ----------------------------------------
+
+
+def test_the_read_token_asks_which_ids_are_missing_and_reads_beside_a_stray_signature(make_client, png):
+    client = make_client(read_token='reader', api_token='uploader', signing_key='key')
+    image_id = upload_image(client, png, headers={'Authorization': 'Bearer uploader'}).json['image_id']
+    reader = {'Authorization': 'Bearer reader'}
+
+    answer = client.post_json('/blobs/missing', {'ids': [image_id]}, headers=reader)
+    assert answer.json == {'missing': []}
+    assert client.get(f'/images/{image_id}?signature=stray', headers=reader).body == png
+    # without a token, the signature is what is checked
+    assert client.get(f'/images/{image_id}?signature=stray', status=403).json['title'] == 'Invalid signature'
+
+
+@pytest.mark.parametrize(
+    'params, says',
+    [
+        (['x=1'], 'not a derivative parameter'),
+        (['w=abc'], 'must be an integer'),
+        (['w=5000'], 'at most 4096'),
+        (['w'], 'NAME=VALUE'),
+        (['w=1', 'w=2'], 'once'),
+        (['fit=cover', 'w=10'], 'give both w and h'),
+        (['format=gif'], 'format must be one of'),
+    ],
+)
+def test_sign_refuses_parameters_a_request_would_be_refused_for(tmp_path, monkeypatch, capsys, params, says):
+    monkeypatch.setenv('ISS_SIGNING_KEY', 'the key')
+    digest = 'sha256:' + '0' * 64
+
+    assert cli.main(['--json', '--data', str(tmp_path), 'sign', digest, *params]) == cli.UNUSABLE
+    assert says in json.loads(capsys.readouterr().err)['error']
+
+
+def test_post_sign_refuses_parameters_a_request_would_be_refused_for(make_client, png):
+    client = make_client(api_token='uploader', signing_key='key')
+    image_id = upload_image(client, png, headers={'Authorization': 'Bearer uploader'}).json['image_id']
+    for params in ({'w': 'abc'}, {'w': 0}, {'fit': 'stretch'}, {'format': 'gif'}):
+        client.post_json(
+            '/sign', {'id': image_id, 'params': params}, headers={'Authorization': 'Bearer uploader'}, status=400
+        )
+
+
+def test_fsck_refuses_a_directory_that_is_no_store_and_leaves_it_untouched(tmp_path, capsys):
+    elsewhere = tmp_path / 'documents'
+    elsewhere.mkdir()
+    (elsewhere / 'letter.txt').write_text('dear ISS')
+
+    assert cli.main(['--json', '--data', str(elsewhere), 'fsck']) == cli.UNUSABLE
+    assert 'not an ISS data directory' in json.loads(capsys.readouterr().err)['error']
+    assert [path.name for path in elsewhere.iterdir()] == ['letter.txt']
+    empty = tmp_path / 'new'
+    empty.mkdir()
+    assert cli.main(['--json', '--data', str(empty), 'fsck']) == cli.OK  # an empty one is a new store
+
+
+# -- the index after a kill: rows for every blob a killed commit named -------------------
+
+KILLED_BETWEEN_BLOB_AND_ROW = """
+import io, os, signal, sys
+import storage
+from iss_server import meta
+from iss_server.config import Settings
+
+store = storage.open_store(Settings(data_dir=sys.argv[1]))
+store.start()
+staged = store.stage(io.BytesIO(sys.argv[2].encode()))
+# NOTE: the kill point: the blob and its meta are named, the index row (and the intent's end) is next
+store.index.finish_puts = lambda rows, intent_ids: os.kill(os.getpid(), signal.SIGKILL)
+store.commit(staged, meta.artifact('killed', staged.size, 'text/plain'))
+"""
+
+
+@pytest.mark.parametrize('repaired_by', ['the next start', 'gc'])
+def test_a_blob_whose_commit_was_killed_before_its_row_is_indexed_without_an_operator(tmp_path, start, repaired_by):
+    """After 93 worker kills the index lacked 437 blobs on disk, until someone ran fsck --repair."""
+    data_dir = tmp_path / 'data'
+    content = f'killed before its row ({repaired_by})'
+    digest = 'sha256:' + hashlib.sha256(content.encode()).hexdigest()
+    killed = subprocess.run([sys.executable, '-c', KILLED_BETWEEN_BLOB_AND_ROW, str(data_dir), content], cwd=HERE)
+    assert killed.returncode == -signal.SIGKILL
+    assert list((data_dir / 'blobs').rglob(digest[7:]))  # the blob is named, and no row says so
+
+    # NOTE: the dead writer's intent is settled once older than the grace period (a live writer renews it)
+    if repaired_by == 'gc':
+        env = {**os.environ, 'ISS_RECONCILE_GRACE': '1'}
+        time.sleep(1.1)
+        gc = subprocess.run([sys.executable, '-m', 'iss', '--data', str(data_dir), 'gc'], cwd=HERE, env=env)
+        assert gc.returncode == 0
+        server = start(data_dir)
+    else:
+        server = start(data_dir, ISS_RECONCILE_GRACE='1', ISS_RECONCILE_INTERVAL='1')
+
+    def listed() -> list[str]:
+        return [item['id'] for item in json.loads(server.request('GET', '/artifacts?kind=killed')[2])['items']]
+
+    wait_for(lambda: listed() == [digest], 20, 'the killed commit settled')
+    assert json.loads(server.request('GET', '/stats')[2])['kinds']['killed']['count'] == 1
+    assert not [path for path in (data_dir / 'tmp').iterdir() if path.is_file()]
+
+
+def damage(index_file: pathlib.Path, how: str) -> None:
+    """Damage the SQLite index in place (the same inode, as a failing disk would)."""
+    # NOTE: the WAL's pages first, into the file: else they would mask the damage
+    with contextlib.closing(sqlite3.connect(index_file)) as db:
+        db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+    with open(index_file, 'r+b') as file:
+        if how == 'garbage':
+            file.write(os.urandom(4096))  # NOTE: the header: SQLite says "file is not a database"
+        else:
+            size = index_file.stat().st_size
+            for offset in range(4096, size, 512):  # NOTE: every page but the first: "malformed"
+                file.seek(offset)
+                file.write(b'\xff' * 16)
+
+
+@pytest.mark.parametrize('how', ['garbage', 'pages'])
+@pytest.mark.parametrize('when', ['stopped', 'running'])
+def test_a_damaged_index_is_set_aside_and_rebuilt_from_the_files(start, how, when):
+    """A damaged index.sqlite3 left the node answering 503 to every write and listing until someone moved it away."""
+    server = start()
+    stored = []
+    for number in range(20):
+        status, _, body = server.request('POST', '/artifacts?kind=kept', f'blob {number}'.encode())
+        assert status == 201
+        stored.append(json.loads(body)['artifact_id'])
+    index_file = server.data_dir / 'index.sqlite3'
+    if when == 'stopped':
+        server.stop()
+        damage(index_file, how)
+        server = start(server.data_dir)
+    else:
+        time.sleep(1.5)  # NOTE: the index's idle connections close after a second
+        damage(index_file, how)
+
+    def listed() -> bool:
+        status, _, body = server.request('GET', '/artifacts?kind=kept&limit=100')
+        assert status in (200, 503), body  # NOTE: 503 while it is rebuilt, never a 500
+        return status == 200 and sorted(item['id'] for item in json.loads(body)['items']) == sorted(stored)
+
+    wait_for(listed, 15, 'the index rebuilt')
+    assert server.request('POST', '/artifacts?kind=kept', b'after')[0] == 201
+    assert server.request('GET', '/health')[0] == 200
+    assert list(server.data_dir.glob('index.sqlite3.corrupt-*'))  # kept for a post-mortem
+
+
+def test_headers_pipelined_in_part_behind_a_request_are_collected_like_any(start):
+    """The part of a next request sent with the first went straight to a thread, to wait there for the rest."""
+    server = start(ISS_HEADER_TIMEOUT='2', ISS_THREADS='1', ISS_WORKERS='1')
+    client = socket.create_connection(('127.0.0.1', server.port), timeout=10)
+    client.sendall(b'GET /health HTTP/1.1\r\nHost: iss\r\n\r\nGET /health HTTP/1.1\r\nX-Slow: 1\r\n')
+
+    assert max(health_answers_within(server.port, 1.0, checks=4)) < 1.0  # the one thread is free
+    answers = answer_of(client)
+    assert answers.startswith(b'HTTP/1.1 200') and b'HTTP/1.1 408' in answers

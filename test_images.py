@@ -621,3 +621,224 @@ def test_gc_removes_derivatives_of_no_blob_and_keeps_the_cache_bounded(client, d
     assert cli_json(data_dir, 'gc')['removed']['derived_files'] == 3
 
     assert [p.parent.name for p in files_under(data_dir / 'derived')] == [kept[7:]]
+
+
+# -- issue 27: fingerprints, near-duplicate search, phone formats --------------------------------------
+
+# NOTE: bench/near_duplicates.py's pictures: distinct, natural-ish, deterministic; and its altered copies.
+from bench.near_duplicates import alterations, picture  # noqa: E402
+
+ADMIN = 'images-admin'
+
+
+def phone_photo() -> Image.Image:
+    """A 64x48 picture whose left half is red: turned by an orientation, the red moves."""
+    image = Image.new('RGB', (64, 48), 'blue')
+    image.paste('red', (0, 0, 32, 48))
+    return image
+
+
+def jxl_header_declaring(width: int, height: int) -> bytes:
+    """A JPEG XL codestream's signature and SizeHeader declaring ``width`` x ``height``, then no image."""
+    bits = [0] + [1, 1] + [((height - 1) >> i) & 1 for i in range(30)] + [0, 0, 0]  # not small; 30-bit height
+    bits += [1, 1] + [((width - 1) >> i) & 1 for i in range(30)]  # ratio 0: the width follows, 30 bits
+    bits += [0] * (-len(bits) % 8)
+    header = bytes(sum(bit << i for i, bit in enumerate(bits[at : at + 8])) for at in range(0, len(bits), 8))
+    return b'\xff\x0a' + header + b'\x00' * 64
+
+
+def test_an_upload_answers_and_stores_its_perceptual_hash_and_placeholders(client):
+    answer = client.post('/images', encode(picture(1)), content_type='image/png').json
+
+    assert len(answer['phash']) == 16 and int(answer['phash'], 16) >= 0
+    assert answer['blurhash'].startswith('L') and len(answer['blurhash']) == 28  # 4x3 components
+    assert 20 <= len(answer['thumbhash']) <= 48
+    stored = client.get(f'/images/{answer["image_id"]}/meta').json
+    listed = client.get('/images').json['items'][0]
+    for key in images.FINGERPRINT_KEYS:
+        assert stored[key] == listed[key] == answer[key], key
+
+
+def test_similar_finds_the_altered_copies_nearest_first_and_no_other_picture(make_client):
+    client = make_client(admin_token=ADMIN)
+    original = store(client, encode(picture(0)))
+    others = {store(client, encode(picture(seed))) for seed in range(1, 8)}
+    copies = {
+        name: store(client, encode(altered.convert('RGB'), 'JPEG', quality=90))
+        for name, altered in alterations(picture(0), 0).items()
+    }
+
+    found = client.get(f'/images/{original}/similar').json
+
+    assert found['max_distance'] == 10
+    assert {item['id'] for item in found['items']} == set(copies.values())
+    distances = [item['distance'] for item in found['items']]
+    assert distances == sorted(distances) and max(distances) <= 10
+    assert all(item['kind'] == 'image' and 'phash' in item for item in found['items'])
+    assert not others & {item['id'] for item in found['items']}
+    # Pages of two walk the same answer, in the same order.
+    paged, path = [], f'/images/{original}/similar?limit=2'
+    while path:
+        page = client.get(path).json
+        paged += page['items']
+        path = page['next']
+    assert [item['id'] for item in paged] == [item['id'] for item in found['items']]
+    # A deleted copy is found no more (the index's triggers follow the row).
+    client.delete(f'/images/{copies["webp"]}', headers={'Authorization': f'Bearer {ADMIN}'})
+    assert copies['webp'] not in {item['id'] for item in client.get(f'/images/{original}/similar').json['items']}
+    # max_distance 0: only exact hashes.
+    exact = client.get(f'/images/{original}/similar?max_distance=0').json['items']
+    assert all(item['distance'] == 0 for item in exact)
+
+
+def test_similar_refuses_what_it_cannot_answer(client):
+    image_id = store(client, encode(picture(2)))
+    artifact = client.post('/artifacts?kind=x', b'not an image').json['artifact_id']
+
+    assert client.get(f'/images/{image_id}/similar?max_distance=17', status=400).json['title'] == 'Invalid parameter'
+    assert client.get(f'/images/{image_id}/similar?limit=0', status=400)
+    assert client.get(f'/images/{image_id}/similar?cursor=nonsense', status=400).json['title'] == 'Invalid cursor'
+    assert client.get(f'/images/{artifact}/similar', status=415).json['title'] == 'Not an image'
+    assert client.get('/images/sha256:' + '0' * 64 + '/similar', status=404)
+
+
+def test_post_similar_answers_for_an_image_it_does_not_store(client):
+    original = store(client, encode(picture(3)))
+    before = client.get('/stats').json['count']
+    smaller = encode(picture(3).resize((160, 120)), 'WEBP', quality=60)
+
+    found = client.post('/images/similar', smaller, content_type='image/webp').json
+    as_form = client.post('/images/similar', upload_files=[('file', 'x.webp', smaller, 'image/webp')]).json
+
+    assert [item['id'] for item in found['items']] == [original] == [item['id'] for item in as_form['items']]
+    assert found['items'][0]['distance'] <= 4 and found['thumbhash'] and found['blurhash']
+    assert client.get('/stats').json['count'] == before, 'nothing was stored'
+    refused = client.post('/images/similar', b'plain text', content_type='image/png', status=415).json
+    assert refused['title'] == 'Not an image'
+    truncated = encode(picture(3), 'JPEG')[:2000]
+    assert client.post('/images/similar', truncated, content_type='image/jpeg', status=422).json['status'] == 422
+
+
+@pytest.mark.file_store
+def test_older_images_get_their_fingerprints_from_backfill_or_when_asked(data_dir, client):
+    seeds = [write_seed_image(data_dir, encode(picture(seed))) for seed in (4, 5)]
+    copy = store(client, encode(picture(4).resize((200, 150))))
+    cli_json(data_dir, 'reindex')
+
+    # Asked about, a seed image gets its hash at once (its meta completed, its index row following).
+    assert [item['id'] for item in client.get(f'/images/{seeds[0]}/similar').json['items']] == [copy]
+    result = cli_json(data_dir, 'backfill')
+
+    assert (result['images'], result['completed'], result['failed']) == (3, 1, [])
+    assert not meta.lacks_fingerprints(client.get(f'/images/{seeds[1]}/meta').json)
+    assert cli_json(data_dir, 'backfill')['completed'] == 0
+    assert [item['id'] for item in client.get(f'/images/{copy}/similar').json['items']] == [seeds[0]]
+    assert cli_json(data_dir, 'fsck')['clean']
+
+
+# -- phone formats ----------------------------------------------------------------------------------
+
+
+def test_a_heic_from_a_phone_is_stored_described_and_rendered_upright(client):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # NOTE: turned a quarter clockwise, as a phone held upright writes it
+    exif[0x010F] = 'Apple'
+    exif.get_ifd(0x8769)[0x9003] = '2026:12:01 10:00:00'
+    exif[0x8825] = {1: 'N', 2: (52.0, 31.0, 12.0), 3: 'E', 4: (13.0, 24.0, 1.5)}  # GPS
+    heic = encode(phone_photo(), 'HEIF', exif=exif.tobytes(), quality=90)
+
+    answer = client.post('/images', heic, content_type='image/heic').json
+    stored = client.get(f'/images/{answer["image_id"]}/meta').json
+    thumbnail = derive(client, answer['image_id'], 'w=24&format=webp')
+
+    assert (stored['format'], stored['mime']) == ('HEIF', 'image/heif')
+    # NOTE: libheif turns the pixels itself and reports them upright (orientation 1): no second turn.
+    assert (stored['width'], stored['height'], stored['oriented_width'], stored['oriented_height']) == (48, 64, 48, 64)
+    assert (stored['camera_make'], stored['captured_at']) == ('Apple', '2026-12-01T10:00:00')
+    assert thumbnail.format == 'WEBP' and thumbnail.size == (24, 32)
+    assert close(thumbnail.convert('RGB').getpixel((12, 4)), RED, 60), 'the red half is on top, upright'
+    assert answer['phash'] and answer['thumbhash']
+
+
+@pytest.mark.parametrize('image_format', ['HEIF', 'JXL', 'AVIF'])
+def test_each_phone_format_is_an_image_with_derivatives_and_the_same_hash_as_its_png(client, image_format):
+    png = client.post('/images', encode(picture(6)), content_type='image/png').json
+    answer = client.post('/images', encode(picture(6), image_format, quality=90), content_type='image/x').json
+
+    assert (answer['width'], answer['height']) == (320, 240)
+    assert answer['mime'] == {'HEIF': 'image/heif', 'JXL': 'image/jxl', 'AVIF': 'image/avif'}[image_format]
+    assert bin(int(answer['phash'], 16) ^ int(png['phash'], 16)).count('1') <= 4
+    assert derive(client, answer['image_id'], 'w=64&format=jpeg').size == (64, 48)
+    assert png['image_id'] in {item['id'] for item in client.get(f'/images/{answer["image_id"]}/similar').json['items']}
+
+
+def test_jxl_is_an_output_and_auto_prefers_it_when_accepted(client):
+    image_id = store(client, encode(quadrants()))
+
+    jxl = client.get(f'/images/{image_id}?w=20&format=jxl')
+    auto = client.get(f'/images/{image_id}?w=20&format=auto', headers={'Accept': 'image/jxl,image/avif,image/webp'})
+    refused = client.get(f'/images/{image_id}?w=20&format=auto', headers={'Accept': 'image/jxl;q=0,image/webp'})
+
+    assert jxl.content_type == auto.content_type == 'image/jxl'
+    assert Image.open(io.BytesIO(jxl.body)).size == (20, 10)
+    assert auto.headers['Vary'] == 'Accept'
+    assert refused.content_type == 'image/webp'
+
+
+def test_a_jxl_bomb_is_refused_from_its_header_before_any_decode(client):
+    bomb = jxl_header_declaring(100_000, 100_000)
+
+    refused = client.post('/images', bomb, content_type='image/jxl', status=413).json
+
+    assert refused['title'] == 'Image too large' and '10000000000 pixels' in refused['detail']
+
+
+@pytest.mark.parametrize('image_format', ['HEIF', 'JXL', 'AVIF'])
+def test_the_pixel_limit_holds_for_each_phone_format(make_client, image_format):
+    client = make_client(max_image_pixels=1000)
+    data = encode(phone_photo(), image_format)
+
+    assert client.post('/images', data, content_type='image/x', status=413).json['title'] == 'Image too large'
+
+
+@pytest.mark.parametrize('image_format', ['HEIF', 'JXL', 'AVIF'])
+def test_a_truncated_phone_image_is_a_clear_json_refusal(make_client, image_format):
+    client = make_client(verify_images='decode')
+    data = encode(picture(7), image_format, quality=90)
+
+    refused = client.post('/images', data[: len(data) // 2], content_type='image/x', expect_errors=True)
+
+    assert refused.status_int in (415, 422), refused
+    assert refused.json['title'] in ('Not an image', 'Image does not decode')
+
+
+@pytest.mark.slow
+def test_the_client_finds_groups_of_near_duplicates_locally_and_in_the_store(server, tmp_path, capsys):
+    from iss_client.command import main
+
+    stored = json.loads(server.request('POST', '/images', encode(picture(10)), {'Content-Type': 'image/png'})[2])
+    twin = json.loads(
+        server.request('POST', '/images', encode(picture(10).resize((240, 180))), {'Content-Type': 'image/png'})[2]
+    )
+    server.request('POST', '/images', encode(picture(11)), {'Content-Type': 'image/png'})
+    folder = tmp_path / 'dataset'
+    folder.mkdir()
+    (folder / 'a.jpg').write_bytes(encode(picture(12), 'JPEG', quality=90))
+    (folder / 'a-again.webp').write_bytes(encode(picture(12).resize((160, 120)), 'WEBP'))
+    (folder / 'like-stored.jpg').write_bytes(encode(picture(10), 'JPEG', quality=40))
+    (folder / 'alone.png').write_bytes(encode(picture(13)))
+    (folder / 'notes.txt').write_text('not an image')
+
+    assert main(['--url', server.url, '--json', 'dupes', str(folder)]) == 0
+    found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    groups = sorted(sorted(member.get('path') or member['id'] for member in group['members']) for group in found)
+    assert groups == [
+        sorted([str(folder / 'a-again.webp'), str(folder / 'a.jpg')]),
+        sorted([str(folder / 'like-stored.jpg'), stored['image_id'], twin['image_id']]),
+    ]
+    assert all(group['members'][0]['distance'] == 0 for group in found)
+
+    assert main(['--url', server.url, 'dupes', '--store']) == 0
+    table = capsys.readouterr().out
+    assert table.startswith('group 1: 2 images') and stored['image_id'] in table and twin['image_id'] in table

@@ -51,6 +51,123 @@ const thumbnailFormat = (item) => (OPAQUE_MODES.has(item.mode) ? 'jpeg' : 'webp'
 const thumbnail = (item, width) =>
   `/images/${item.id}?w=${width}&h=${width}&fit=cover&format=${thumbnailFormat(item)}`;
 
+// -- placeholders: an image's ThumbHash (its meta's thumbhash) painted while its thumbnail loads ----
+
+// Evan Wallace's reference decoder (thumbhash.js, thumbHashToRGBA; MIT): the ~25 bytes to a small
+// RGBA picture, 32 pixels on its longer side. NOTE: painted on a <canvas>: the page's policy takes
+// images from this server and blob: URLs only, no data: URL.
+function thumbHashToRGBA(hash) {
+  const { PI, min, max, cos, round } = Math;
+  const header24 = hash[0] | (hash[1] << 8) | (hash[2] << 16);
+  const header16 = hash[3] | (hash[4] << 8);
+  const lDc = (header24 & 63) / 63;
+  const pDc = ((header24 >> 6) & 63) / 31.5 - 1;
+  const qDc = ((header24 >> 12) & 63) / 31.5 - 1;
+  const lScale = ((header24 >> 18) & 31) / 31;
+  const hasAlpha = header24 >> 23;
+  const pScale = ((header16 >> 3) & 63) / 63;
+  const qScale = ((header16 >> 9) & 63) / 63;
+  const isLandscape = header16 >> 15;
+  const lx = max(3, isLandscape ? (hasAlpha ? 5 : 7) : header16 & 7);
+  const ly = max(3, isLandscape ? header16 & 7 : hasAlpha ? 5 : 7);
+  const aDc = hasAlpha ? (hash[5] & 15) / 15 : 1;
+  const aScale = (hash[5] >> 4) / 15;
+  const acStart = hasAlpha ? 6 : 5;
+  let acIndex = 0;
+  const decodeChannel = (nx, ny, scale) => {
+    const ac = [];
+    for (let cy = 0; cy < ny; cy++)
+      for (let cx = cy ? 0 : 1; cx * ny < nx * (ny - cy); cx++)
+        ac.push((((hash[acStart + (acIndex >> 1)] >> ((acIndex++ & 1) << 2)) & 15) / 7.5 - 1) * scale);
+    return ac;
+  };
+  const lAc = decodeChannel(lx, ly, lScale);
+  const pAc = decodeChannel(3, 3, pScale * 1.25);
+  const qAc = decodeChannel(3, 3, qScale * 1.25);
+  const aAc = hasAlpha && decodeChannel(5, 5, aScale);
+  const ratio = thumbHashRatio(hash);
+  const w = round(ratio > 1 ? 32 : 32 * ratio);
+  const h = round(ratio > 1 ? 32 / ratio : 32);
+  const rgba = new Uint8ClampedArray(w * h * 4);
+  const fx = [];
+  const fy = [];
+  for (let y = 0, i = 0; y < h; y++) {
+    for (let x = 0; x < w; x++, i += 4) {
+      let l = lDc;
+      let p = pDc;
+      let q = qDc;
+      let a = aDc;
+      for (let cx = 0, n = max(lx, hasAlpha ? 5 : 3); cx < n; cx++) fx[cx] = cos((PI / w) * (x + 0.5) * cx);
+      for (let cy = 0, n = max(ly, hasAlpha ? 5 : 3); cy < n; cy++) fy[cy] = cos((PI / h) * (y + 0.5) * cy);
+      for (let cy = 0, j = 0; cy < ly; cy++)
+        for (let cx = cy ? 0 : 1, fy2 = fy[cy] * 2; cx * ly < lx * (ly - cy); cx++, j++) l += lAc[j] * fx[cx] * fy2;
+      for (let cy = 0, j = 0; cy < 3; cy++) {
+        for (let cx = cy ? 0 : 1, fy2 = fy[cy] * 2; cx < 3 - cy; cx++, j++) {
+          const f = fx[cx] * fy2;
+          p += pAc[j] * f;
+          q += qAc[j] * f;
+        }
+      }
+      if (hasAlpha)
+        for (let cy = 0, j = 0; cy < 5; cy++)
+          for (let cx = cy ? 0 : 1, fy2 = fy[cy] * 2; cx < 5 - cy; cx++, j++) a += aAc[j] * fx[cx] * fy2;
+      const b = l - (2 / 3) * p;
+      const r = (3 * l - b + q) / 2;
+      const g = r - q;
+      rgba[i] = max(0, 255 * min(1, r));
+      rgba[i + 1] = max(0, 255 * min(1, g));
+      rgba[i + 2] = max(0, 255 * min(1, b));
+      rgba[i + 3] = max(0, 255 * min(1, a));
+    }
+  }
+  return { w, h, rgba };
+}
+
+function thumbHashRatio(hash) {
+  const hasAlpha = hash[2] & 0x80;
+  const isLandscape = hash[4] & 0x80;
+  const lx = isLandscape ? (hasAlpha ? 5 : 7) : hash[3] & 7;
+  const ly = isLandscape ? hash[3] & 7 : hasAlpha ? 5 : 7;
+  return lx / ly;
+}
+
+// A canvas that shows the ThumbHash cropped to a square, as the thumbnail (fit=cover) will be;
+// null for an image without one (stored before them, or whose pixels do not decode).
+function placeholder(item) {
+  if (!item.thumbhash) return null;
+  let decoded;
+  try {
+    decoded = thumbHashToRGBA(Uint8Array.from(atob(item.thumbhash), (c) => c.charCodeAt(0)));
+  } catch {
+    return null;
+  }
+  const { w, h, rgba } = decoded;
+  const source = document.createElement('canvas');
+  source.width = w;
+  source.height = h;
+  source.getContext('2d').putImageData(new ImageData(rgba, w, h), 0, 0);
+  const side = Math.min(w, h);
+  const canvas = document.createElement('canvas');
+  canvas.className = 'placeholder';
+  canvas.setAttribute('aria-hidden', 'true');
+  canvas.width = canvas.height = side;
+  canvas.getContext('2d').drawImage(source, (w - side) / 2, (h - side) / 2, side, side, 0, 0, side, side);
+  return canvas;
+}
+
+// An <img> over its placeholder: the tile says "loaded" (and the placeholder goes) once the thumbnail is in.
+function overPlaceholder(img, holder, item) {
+  const canvas = placeholder(item);
+  if (!canvas) return;
+  holder.classList.add('waiting');
+  holder.prepend(canvas);
+  const done = () => {
+    holder.classList.remove('waiting');
+    canvas.remove();
+  };
+  img.addEventListener('load', done, { once: true });
+}
+
 // -- how values are shown ----------------------------------------------------------------------
 const DATE = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'short' });
 
@@ -164,6 +281,7 @@ function addTile(item) {
     img.loading = 'lazy';
     img.decoding = 'async';
     img.width = img.height = TILE;
+    overPlaceholder(img, link, item);
     if (token()) show(img, thumbnail(item, TILE * (window.devicePixelRatio > 1 ? 2 : 1)));
     else {
       img.srcset = `${thumbnail(item, TILE)} 1x, ${thumbnail(item, TILE * 2)} 2x`;
@@ -268,7 +386,11 @@ async function openDetail(id, collection) {
   figure.replaceChildren();
   const formats = $('#formats');
   formats.replaceChildren();
+  const strip = $('#similar');
+  strip.hidden = collection !== 'images';
+  $('#similar ul').replaceChildren();
   if (collection === 'images') {
+    showSimilar(id);
     const img = document.createElement('img');
     img.alt = `${meta.filename || id}, ${meta.width}×${meta.height}`;
     const screen = Math.min(2048, Math.round(Math.max(window.innerWidth, 320) * (window.devicePixelRatio || 1)));
@@ -301,6 +423,43 @@ async function openDetail(id, collection) {
   });
   $('#meta tbody').replaceChildren(...rows);
   if (!dialog.open) dialog.showModal();
+}
+
+// The detail's "Similar" strip: the stored near-duplicates of the image (GET /images/{id}/similar), nearest first.
+const SIMILAR = 8;
+const SIMILAR_TILE = 96;
+
+async function showSimilar(id) {
+  const list = $('#similar ul');
+  const note = $('#similar p');
+  note.textContent = 'Looking…';
+  let found;
+  try {
+    found = await (await api(`/images/${id}/similar?limit=${SIMILAR}`)).json();
+  } catch (error) {
+    note.textContent = error.message;
+    return;
+  }
+  if (state.current?.id !== id) return; // NOTE: another detail opened meanwhile
+  note.textContent = found.items.length ? '' : 'No near-duplicates stored.';
+  list.replaceChildren(
+    ...found.items.map((item) => {
+      const entry = document.createElement('li');
+      const link = document.createElement('a');
+      link.href = detailHash('images', item.id);
+      const img = document.createElement('img');
+      img.alt = `${item.filename || item.id.slice(7, 19)}, ${item.distance} bits apart`;
+      img.width = img.height = SIMILAR_TILE;
+      overPlaceholder(img, link, item);
+      show(img, `/images/${item.id}?w=${SIMILAR_TILE * 2}&h=${SIMILAR_TILE * 2}&fit=cover&format=${thumbnailFormat(item)}`);
+      const distance = document.createElement('span');
+      distance.className = 'distance';
+      distance.textContent = `${item.distance} bits`;
+      link.append(img, distance);
+      entry.append(link);
+      return entry;
+    }),
+  );
 }
 
 async function deleteCurrent() {

@@ -1,4 +1,4 @@
-"""The ``iss-client`` command: push, pull, ls, meta, rm, stats, mirror and watch, over :class:`iss_client.Client`.
+"""The ``iss-client`` command: push, pull, ls, meta, rm, stats, dupes, mirror and watch, over :class:`Client`.
 
 Exit codes: 0 all done, 1 some items failed (each named on stderr), 2 usage or no server.
 """
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from iss_client import mirror
+from iss_client import dupes, mirror
 from iss_client.files import files_below, hash_stream, inside, known_id, manifest_entry, remember_id
 from iss_client.library import Client, CursorExpired, ISSError, Stored, Unreachable, image_type, upload_way
 
@@ -440,6 +440,70 @@ def stats(client: Client, args: argparse.Namespace, console: _Console) -> int:
     return OK
 
 
+# -- dupes -----------------------------------------------------------------------------
+
+
+def dupes_command(client: Client, args: argparse.Namespace, console: _Console) -> int:
+    """Print the groups of near-duplicate images among local files, the store's images, or both.
+
+    Each local image is sent to ``POST /images/similar`` (the server hashes it and stores
+    nothing): the stored images it resembles join its group. With ``--store`` (or no PATH),
+    every stored image's hash is listed and grouped too.
+    """
+    hashes: dict[str, str] = {}  # NOTE: a member is a local path or a stored id; its phash
+    about: dict[str, dict[str, Any]] = {}
+    links: list[tuple[str, str]] = []
+    failed = False
+    found, skipped = files_below(args.paths)
+    for entry in skipped:
+        console.error(entry['path'], entry['reason'])
+        failed = True
+    local = [path for path, _ in found if _is_image_file(path)]
+    console.start(len(local), sum(os.path.getsize(path) for path in local))
+
+    def send(path: str) -> dict[str, Any]:
+        with open(path, 'rb') as file:
+            return client.similar_to(file.read(), args.max_distance)
+
+    for path, answer, error in _parallel(send, local, args.jobs):
+        console.advance(os.path.getsize(path))
+        if error is not None:
+            console.error(path, _reason(error, args))
+            failed = True
+            continue
+        hashes[path], about[path] = answer['phash'], {'path': path}
+        for item in answer['items']:
+            hashes.setdefault(item['id'], item['phash'])
+            about.setdefault(item['id'], _stored(item))
+            links.append((path, item['id']))
+    if args.store or not args.paths:
+        for item in client.list('images'):
+            if isinstance(item.get('phash'), str):  # NOTE: none before its backfill, or when it does not decode
+                hashes.setdefault(item['id'], item['phash'])
+                about.setdefault(item['id'], _stored(item))
+    max_distance = 10 if args.max_distance is None else args.max_distance
+    for number, members in enumerate(dupes.groups(hashes, max_distance, links), 1):
+        first = hashes[members[0]]
+        shown = [{**about[m], 'phash': hashes[m], 'distance': dupes.distance(first, hashes[m])} for m in members]
+        if args.json:
+            print(json.dumps({'group': number, 'members': shown}))
+            continue
+        print(f'group {number}: {_count(len(members), "image")}')
+        for member in shown:
+            where = member.get('path') or f'{member["id"]}  {member.get("filename") or ""}'.rstrip()
+            print(f'  {member["distance"]:>2}  {where}')
+    return SOME_FAILED if failed else OK
+
+
+def _is_image_file(path: str) -> bool:
+    with open(path, 'rb') as file:
+        return image_type(file.read(12)) is not None
+
+
+def _stored(item: dict[str, Any]) -> dict[str, Any]:
+    return {'id': item['id'], 'filename': item.get('filename')}
+
+
 # -- mirror and watch ------------------------------------------------------------------
 
 
@@ -610,6 +674,20 @@ def parser() -> argparse.ArgumentParser:
     command('meta', meta_command, 'print the stored meta of ids').add_argument('ids', nargs='+', metavar='ID')
     command('rm', rm, 'delete ids (needs the admin token)').add_argument('ids', nargs='+', metavar='ID')
     command('stats', stats, 'count blobs and bytes per kind')
+    duplicates = command(
+        'dupes',
+        dupes_command,
+        'print groups of near-duplicate images: local files (and the stored images they resemble), or the store',
+    )
+    duplicates.add_argument('paths', nargs='*', metavar='PATH', help='files and directories (default: the store)')
+    duplicates.add_argument('--store', action='store_true', help="also group the store's own images")
+    duplicates.add_argument(
+        '--max-distance',
+        type=int,
+        choices=range(17),
+        metavar='N',
+        help="differing bits of 64 that still make a near-duplicate, 0-16 (default: the server's, 10)",
+    )
     mirroring = command(
         'mirror', mirror_command, 'copy every blob of one ISS to another and apply deletes, then follow its changes'
     )

@@ -445,6 +445,24 @@ class Client:
             ]
         return missing
 
+    def similar_to(self, data: bytes, max_distance: int | None = None) -> dict[str, Any]:
+        """``POST /images/similar``: the sent image's ``phash`` and placeholders, and every stored image
+        within ``max_distance`` bits of it (``items``, nearest first, each with its ``distance``).
+
+        Raises:
+            ISSError: 415 for bytes that are no image, 422 for one that does not decode.
+        """
+        query = {'limit': 100, **({'max_distance': max_distance} if max_distance is not None else {})}
+        path: str | None = f'/images/similar?{urllib.parse.urlencode(query)}'
+        answer: dict[str, Any] = {}
+        content_type = image_type(data[:12]) or 'application/octet-stream'
+        while path is not None:
+            # NOTE: each page asks again with the image: the server keeps nothing of it.
+            page = json.loads(self._call('POST', path, body=data, content_type=content_type)[2])
+            answer = {**page, 'items': answer.get('items', []) + page['items']}
+            path = page['next']
+        return answer
+
     def list(self, collection: str = 'artifacts', **filters: Any) -> Iterator[dict[str, Any]]:
         """Every item of ``/images`` or ``/artifacts`` (newest first), following the pages' ``next``."""
         if collection not in ('images', 'artifacts'):
@@ -655,13 +673,22 @@ _IMAGE_SIGNATURES = (
     (b'II*\x00', 'image/tiff'),
     (b'MM\x00*', 'image/tiff'),
     (b'BM', 'image/bmp'),
+    (b'\xff\x0a', 'image/jxl'),
+    (b'\x00\x00\x00\x0cJXL \x0d\x0a\x87\x0a', 'image/jxl'),
 )
+# NOTE: HEIC/HEIF and AVIF are ISO media files: an ftyp box first, whose brand says which.
+_ISO_BRANDS = {
+    **dict.fromkeys((b'heic', b'heix', b'heim', b'heis', b'hevc', b'hevx', b'mif1', b'msf1'), 'image/heif'),
+    **dict.fromkeys((b'avif', b'avis'), 'image/avif'),
+}
 
 
 def image_type(start: bytes) -> str | None:
     """The image type the first bytes of a file announce, or None."""
     if start[:4] == b'RIFF' and start[8:12] == b'WEBP':
         return 'image/webp'
+    if start[4:8] == b'ftyp':
+        return _ISO_BRANDS.get(start[8:12])
     return next((found for signature, found in _IMAGE_SIGNATURES if start.startswith(signature)), None)
 
 

@@ -82,18 +82,20 @@ class RequireReadToken:
         ):
             return
         req.context.private_read = True
+        # NOTE: a token first: it reads anything, so a stray signature= beside it is no reason to refuse
+        if carries_one_of(req, self._tokens):
+            return
         if 'signature' in req.params and req.method in ('GET', 'HEAD') and self._signing_keys:
             try:
                 signing.verify(self._signing_keys, req.path, req.params)
             except signing.BadSignature as exc:
                 raise falcon.HTTPForbidden(title='Invalid signature', description=str(exc)) from None
             return  # NOTE: a valid signature stands in for the token, for this one read
-        if not carries_one_of(req, self._tokens):
-            raise token_required(
-                'This store is private: reading needs "Authorization: Bearer <ISS_READ_TOKEN>" '
-                '(or the upload or admin token).',
-                req,
-            )
+        raise token_required(
+            'This store is private: reading needs "Authorization: Bearer <ISS_READ_TOKEN>" '
+            '(or the upload or admin token).',
+            req,
+        )
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool

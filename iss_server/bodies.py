@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import falcon
 import gunicorn.http.body
 
-from iss_server.errors import IncompleteBody, LengthRequired, UploadTooLarge
+from iss_server.errors import BodyTooSlow, IncompleteBody, LengthRequired, UploadTooLarge
 
 
 class RequestBody:
@@ -28,19 +29,30 @@ class RequestBody:
     a chunked one is refused as soon as it crosses the limit. A client that
     goes away before sending what it declared, or pauses longer than the body
     timeout, gets :class:`errors.IncompleteBody`, which the store sees as an
-    ordinary exception (and removes its temp file).
+    ordinary exception (and removes its temp file). Past its first ``timeout``
+    seconds, a body must have averaged :data:`min_rate` bytes a second
+    (:class:`errors.BodyTooSlow`, 408): a one-byte drip never pauses, and
+    would hold a thread for as long as it lasts.
     """
+
+    #: ``ISS_BODY_MIN_RATE``, set by the app (``configure``): one pace for every body of the process.
+    min_rate = 1024
+
+    @classmethod
+    def configure(cls, min_rate: int) -> None:
+        cls.min_rate = min_rate
 
     def __init__(self, req: falcon.Request, limit: int, timeout: int) -> None:
         self._limit = limit
         self._received = 0
         self.declared_length = req.content_length
-        connection = req.env.get('gunicorn.socket')
-        if connection is not None:
-            # APPSEC: gunicorn's threads read bodies from a blocking socket with no
-            # timeout, so a client that stops sending would hold a thread for ever.
-            # gunicorn makes the socket blocking again before the next request.
-            connection.settimeout(timeout)
+        self._timeout = timeout
+        self._started = time.monotonic()
+        self._socket: socket.socket | None = req.env.get('gunicorn.socket')
+        # APPSEC: gunicorn's threads read bodies from a blocking socket with no
+        # timeout, so a client that stops sending would hold a thread for ever.
+        # gunicorn makes the socket blocking again before the next request.
+        self._keep_pace()
         if self.declared_length is None:
             # NOTE: a chunked body is only safe to read when the server
             # marks where it ends (gunicorn does; PEP 3333 servers may not).
@@ -73,10 +85,33 @@ class RequestBody:
     @contextlib.contextmanager
     def _arriving(self) -> Iterator[None]:
         """Whatever reading the body raises (a reset, a timeout) is an incomplete body."""
+        self._keep_pace()
         try:
             yield
         except Exception as exc:
+            if self._behind() >= 0:
+                raise self._too_slow() from exc
             raise IncompleteBody(f'The body stopped arriving: {exc or type(exc).__name__}') from exc
+
+    def _keep_pace(self) -> None:
+        """Let the next read wait at most the pause allowed, and no later than the body's pace allows."""
+        if self._socket is None:
+            return
+        if self._behind() >= 0:
+            raise self._too_slow()
+        # NOTE: the next byte may come until the pace allows it (a full pause at first)
+        self._socket.settimeout(min(self._timeout, 1 / self.min_rate - self._behind()))
+
+    def _behind(self) -> float:
+        """Seconds the body is behind its pace (negative: how long it may still take for what it has sent)."""
+        allowed = self._timeout + self._received / self.min_rate
+        return time.monotonic() - self._started - allowed
+
+    def _too_slow(self) -> BodyTooSlow:
+        return BodyTooSlow(
+            f'Received {self._received} bytes in {time.monotonic() - self._started:.0f} s: a body must average '
+            f'{self.min_rate} bytes a second after its first {self._timeout} s (ISS_BODY_MIN_RATE).'
+        )
 
     def _count(self, received: int, asked: int) -> None:
         self._received += received

@@ -27,8 +27,10 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
+import falcon
+
 import storage
-from iss_server import doors, images, index, maintenance, meta, signing
+from iss_server import derivatives, doors, images, index, maintenance, meta, signing
 from iss_server.blobs import parse_id
 from iss_server.config import ConfigError, Settings
 from iss_server.errors import BlobNotFound, CorruptBlob, ServiceError
@@ -134,15 +136,19 @@ def _describe_unknown_blob(file: IO[bytes], stat: os.stat_result) -> dict[str, A
 
 
 def backfill(store: storage.BlobStore, args: argparse.Namespace, progress: Progress) -> tuple[int, dict[str, Any]]:
-    """Complete the meta of every image written by the FastAPI version (format, mode, EXIF, ...)."""
+    """Complete the meta of every image stored before this version knew a field.
+
+    The FastAPI version's (format, mode, EXIF, ...) and those stored before the perceptual hash and
+    placeholders were computed at upload; the index's ``image_hashes`` follows each meta.
+    """
     result: dict[str, Any] = {'images': 0, 'completed': 0, 'failed': []}
     for blob_id, stored in store.metas():
         if stored.get('kind') != 'image':
             continue
         result['images'] += 1
-        if meta.lacks_fields(stored):
+        if meta.lacks_fields(stored) or meta.lacks_fingerprints(stored):
             try:
-                completed = meta.complete_image(store, blob_id, args.settings.max_image_pixels)
+                completed = meta.complete_image(store, blob_id, args.settings.max_image_pixels, fingerprints=True)
             except BlobNotFound:
                 continue
             if completed is None:
@@ -347,6 +353,15 @@ def sign(store: storage.BlobStore, args: argparse.Namespace, progress: Progress)
         raise UsageError(
             f'--expires is 1 to {signing.MAX_EXPIRES_IN} seconds; expires and signature are added, not given'
         )
+    # NOTE: a URL the service would refuse is no URL to hand out: each NAME=VALUE once, as a request takes it
+    if len(params) != len(args.params) or not all('=' in param for param in args.params):
+        raise UsageError('give each derivative parameter once, as NAME=VALUE (w=256 h=256 fit=cover)')
+    try:
+        derivatives.check_parameters(params, args.settings.max_derived_dimension)
+    except ServiceError as exc:
+        raise UsageError(exc.public_description) from None
+    except falcon.HTTPError as exc:
+        raise UsageError(exc.description or exc.title) from None
     path = doors.location(index.ARTIFACTS if args.artifact else index.IMAGES, f'sha256:{hex_digest}')
     return OK, {'url': signing.signed_path(args.settings.signing_key, path, params, args.expires)}
 
@@ -416,7 +431,11 @@ def parser() -> argparse.ArgumentParser:
     mover.add_argument(
         '--verify', action='store_true', help='also re-hash the blobs the target has already; copy a corrupt one anew'
     )
-    command('backfill', backfill, 'complete the meta of images stored by the FastAPI version')
+    command(
+        'backfill',
+        backfill,
+        'complete the meta of images stored by older versions (header fields, perceptual hash, placeholders)',
+    )
     command('reindex', reindex, 'rebuild the index from the blob and meta files')
     command('stats', stats, 'count blobs and bytes per kind')
     signer = command('sign', sign, 'print a URL that reads ID without a token until it expires (ISS_SIGNING_KEY)')
@@ -440,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.settings = Settings.from_env()
         if args.data:
             args.settings = dataclasses.replace(args.settings, data_dir=args.data)
-        store = storage.open_store(args.settings, existing=True)
+        # NOTE: import and sign may name any directory; the others check or change a store
+        store = storage.open_store(args.settings, existing=True, only_a_store=args.command not in ('import', 'sign'))
         status, result = args.function(store, args, progress)
     except (UsageError, ConfigError, ServiceError) as exc:
         progress.clear()

@@ -173,8 +173,14 @@ class Settings:
     max_batch_files: int = 1000
     #: Seconds a client may pause while sending a body before ISS drops the upload.
     body_timeout: int = 60
+    #: Bytes per second a body must average once its first ``body_timeout`` seconds are past (a drip is cut).
+    body_min_rate: int = 1024
+    #: Seconds a client has to send a request's headers (gunicorn's worker answers 408 past them).
+    header_timeout: int = 10
     #: Seconds a resumable upload (tus) lives after its last chunk; a finished one answers with its id as long.
     upload_expires: int = 24 * 3600
+    #: Most unfinished resumable uploads the store holds at once (0: no bound); creating one more is 503.
+    tus_max_sessions: int = 10_000
     #: Seconds the change feed (``GET /events``) keeps a change; a cursor older answers 410.
     events_retain: int = 7 * 86400
     #: Endpoints each change of the feed is POSTed to (CloudEvents, signed per Standard Webhooks).
@@ -267,7 +273,10 @@ class Settings:
             derivative_presets=_presets(env, 'ISS_DERIVATIVE_PRESETS'),
             derivatives=_choice(env, 'ISS_DERIVATIVES', ('open', 'presets', 'signed')),
             body_timeout=_integer(env, 'ISS_BODY_TIMEOUT', defaults.body_timeout, 1),
+            body_min_rate=_integer(env, 'ISS_BODY_MIN_RATE', defaults.body_min_rate, 1),
+            header_timeout=_integer(env, 'ISS_HEADER_TIMEOUT', defaults.header_timeout, 1),
             upload_expires=_integer(env, 'ISS_UPLOAD_EXPIRES', defaults.upload_expires, 1),
+            tus_max_sessions=_integer(env, 'ISS_TUS_MAX_SESSIONS', defaults.tus_max_sessions, 0),
             events_retain=_duration(env, 'ISS_EVENTS_RETAIN', defaults.events_retain),
             webhooks=_webhooks(env, 'ISS_WEBHOOKS'),
             reconcile_interval=_integer(env, 'ISS_RECONCILE_INTERVAL', defaults.reconcile_interval),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import pathlib
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 import falcon
@@ -57,7 +57,7 @@ class Derivatives:
             return False
         self._refuse_what_would_be_ignored(req)
         params = self._allowed_params(req)
-        requested_format = self._format(params)
+        requested_format = _format(params)
         stored = self._store.read_meta(blob_id)
         if stored is None:
             # NOTE: a deleted blob has no meta: BlobNotFound here, before any cached
@@ -154,17 +154,6 @@ class Derivatives:
                 ) from None
         return given
 
-    def _format(self, params: dict[str, str]) -> str | None:
-        name = params.get('format')
-        if name is None:
-            return None
-        name = name.lower()
-        if name != 'auto' and name not in images.OUTPUT_FORMATS:
-            raise BadRequest(
-                f'format must be one of {", ".join([*images.OUTPUT_FORMATS, "auto"])}.', title='Invalid format'
-            )
-        return name
-
     def _variant(
         self,
         req: falcon.Request,
@@ -173,15 +162,7 @@ class Derivatives:
         stored: dict[str, Any],
         requested_format: str | None,
     ) -> images.Variant:
-        width = whole_number(params.get('w'), 'w', minimum=1, maximum=self._max_dimension)
-        height = whole_number(params.get('h'), 'h', minimum=1, maximum=self._max_dimension)
-        fit = params.get('fit', 'contain')
-        if fit not in images.FITS:
-            raise BadRequest('fit must be contain, cover or fill.', title='Invalid fit')
-        if fit != 'contain' and (width is None or height is None):
-            # NOTE: "exactly w x h" needs both; with one, cover rendered the source's aspect
-            raise BadRequest(f'fit={fit} makes exactly w x h: give both w and h.', title='Invalid fit')
-        quality = whole_number(params.get('q'), 'q', minimum=1, maximum=100)
+        width, height, fit, quality = _box(params, self._max_dimension)
         source = self._source(blob_id, stored)
         has_alpha = 'A' in source.get('mode', '') or source.get('mode') == 'P'
         if requested_format == 'auto':
@@ -210,6 +191,48 @@ class Derivatives:
         return {'format': info.format, **info.fields}
 
 
+def check_parameters(params: Mapping[str, str], max_dimension: int) -> None:
+    """Refuse derivative parameters a request would be refused for (``POST /sign``, ``python -m iss sign``).
+
+    Raises:
+        BadRequest: a name that is no derivative parameter, or a value outside its grammar.
+        falcon.HTTPInvalidParam: w, h or q not a whole number in bounds.
+    """
+    unknown = set(params) - set(DERIVATIVE_PARAMETERS)
+    if unknown:
+        raise BadRequest(
+            f'{", ".join(sorted(unknown))}: not a derivative parameter; they are {", ".join(DERIVATIVE_PARAMETERS)}.',
+            title='Unknown parameter',
+        )
+    _box(params, max_dimension)
+    _format(params)
+
+
+def _box(params: Mapping[str, str], max_dimension: int) -> tuple[int | None, int | None, str, int | None]:
+    """A derivative's ``w``, ``h``, ``fit`` and ``q``, each in its grammar."""
+    width = whole_number(params.get('w'), 'w', minimum=1, maximum=max_dimension)
+    height = whole_number(params.get('h'), 'h', minimum=1, maximum=max_dimension)
+    fit = params.get('fit', 'contain')
+    if fit not in images.FITS:
+        raise BadRequest('fit must be contain, cover or fill.', title='Invalid fit')
+    if fit != 'contain' and (width is None or height is None):
+        # NOTE: "exactly w x h" needs both; with one, cover rendered the source's aspect
+        raise BadRequest(f'fit={fit} makes exactly w x h: give both w and h.', title='Invalid fit')
+    return width, height, fit, whole_number(params.get('q'), 'q', minimum=1, maximum=100)
+
+
+def _format(params: Mapping[str, str]) -> str | None:
+    name = params.get('format')
+    if name is None:
+        return None
+    name = name.lower()
+    if name != 'auto' and name not in images.OUTPUT_FORMATS:
+        raise BadRequest(
+            f'format must be one of {", ".join([*images.OUTPUT_FORMATS, "auto"])}.', title='Invalid format'
+        )
+    return name
+
+
 @contextlib.contextmanager
 def _refusing_what_cannot_render(blob_id: str) -> Iterator[None]:
     """Answer what Pillow cannot (or must not) render as 415 or 422."""
@@ -221,6 +244,8 @@ def _refusing_what_cannot_render(blob_id: str) -> Iterator[None]:
         ) from None
     except images.ImageTooLarge as exc:
         raise falcon.HTTPUnprocessableEntity(title='Image too large to render', description=str(exc)) from None
+    except images.OutputTooLarge as exc:
+        raise falcon.HTTPUnprocessableEntity(title='Derivative too large', description=f'{exc}.') from None
     except images.CannotRender as exc:
         raise falcon.HTTPUnprocessableEntity(
             title='Cannot render', description=f'The image cannot be decoded: {exc}'
@@ -240,6 +265,7 @@ class Sign:
     def __init__(self, receiver: UploadReceiver, settings: Settings) -> None:
         self._receiver = receiver
         self._key = settings.signing_key
+        self._max_dimension = settings.max_derived_dimension
         self._tokens = tuple(token.encode() for token in (settings.api_token, settings.admin_token) if token)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -271,6 +297,7 @@ class Sign:
                 f'params is an object of derivative parameters ({", ".join(DERIVATIVE_PARAMETERS)}) and their values.',
                 title='Invalid body',
             )
+        check_parameters({str(k): str(v) for k, v in params.items()}, self._max_dimension)
         longest = signing.MAX_EXPIRES_IN
         if not isinstance(expires_in, int) or isinstance(expires_in, bool) or not 0 < expires_in <= longest:
             raise BadRequest(f'expires_in is 1 to {longest} seconds.', title='Invalid body')

@@ -172,6 +172,13 @@ class IncompleteBody(BadRequest):
     title = 'Incomplete request body'
 
 
+class BodyTooSlow(IncompleteBody):
+    """The body arrived slower than ``ISS_BODY_MIN_RATE`` on average, past its first ``ISS_BODY_TIMEOUT`` seconds."""
+
+    status = 408
+    title = 'Request body too slow'
+
+
 class UploadNotFound(ServiceError):
     """No resumable upload of that id is open to this client (none, expired, terminated, or another's)."""
 
@@ -185,6 +192,18 @@ class OffsetMismatch(ServiceError):
 
     status = 409
     title = 'Offset mismatch'
+
+
+class TooManyUploads(ServiceError):
+    """The store holds as many unfinished resumable uploads as it may (``ISS_TUS_MAX_SESSIONS``)."""
+
+    status = 503
+    title = 'Too many open uploads'
+    detail_format = (
+        'The store holds {} unfinished resumable uploads, its most (ISS_TUS_MAX_SESSIONS): '
+        'finish or terminate one, or try again once some have expired.'
+    )
+    retry_after = 60
 
 
 class ChecksumMismatch(ServiceError):

@@ -32,15 +32,31 @@ from typing import IO, Any, cast
 
 from PIL import ExifTags, Image, TiffImagePlugin, UnidentifiedImageError, features
 
+from iss_server import formats, placeholders, similar
 from iss_server.config import Settings
 from iss_server.errors import RendersBusy
 
 log = logging.getLogger('iss.images')
 
-#: Output formats a derivative may have; avif only where this Pillow was built with it.
-OUTPUT_FORMATS = {'jpeg': 'JPEG', 'png': 'PNG', 'webp': 'WEBP'} | ({'avif': 'AVIF'} if features.check('avif') else {})
-OUTPUT_TYPES = {'JPEG': 'image/jpeg', 'PNG': 'image/png', 'WEBP': 'image/webp', 'AVIF': 'image/avif'}
+# NOTE: before any Image.open: HEIC/HEIF and JPEG XL are images like the others from here on.
+formats.register()
+
+#: Output formats a derivative may have; avif and jxl only where Pillow can write them.
+OUTPUT_FORMATS = (
+    {'jpeg': 'JPEG', 'png': 'PNG', 'webp': 'WEBP'}
+    | ({'avif': 'AVIF'} if features.check('avif') else {})
+    | ({'jxl': 'JXL'} if 'JXL' in Image.SAVE else {})
+)
+OUTPUT_TYPES = {
+    'JPEG': 'image/jpeg',
+    'PNG': 'image/png',
+    'WEBP': 'image/webp',
+    'AVIF': 'image/avif',
+    'JXL': 'image/jxl',
+}
 FITS = ('contain', 'cover', 'fill')
+#: The longest side each output format encodes (libjpeg, libwebp, AV1); PNG has no such limit.
+MAX_OUTPUT_SIDE = {'JPEG': 65_500, 'WEBP': 16_383, 'AVIF': 65_536}
 #: Pillow's own bomb limit, for callers that set none of their own (ISS_MAX_IMAGE_PIXELS's default).
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 2**31
 
@@ -62,6 +78,10 @@ _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 # What of an EXIF text field is kept (a camera's make or model is a few dozen characters).
 _MAX_EXIF_TEXT = 256
 _BITS = {'1': 1, 'I;16': 16, 'I;16B': 16, 'I;16L': 16, 'I;16N': 16, 'I': 32, 'F': 32}
+
+#: Keys an image's meta file gets from one small decode at upload (:func:`fingerprints`): the
+#: perceptual hash (16 hex digits) and the placeholders; null when the pixels do not decode.
+FINGERPRINT_KEYS = ('phash', 'thumbhash', 'blurhash')
 
 #: Keys an image's meta file gets from its header (see meta.image), beyond the seed's.
 IMAGE_META_KEYS = frozenset(
@@ -91,6 +111,10 @@ class ImageTooLarge(ValueError):
 
 class CannotRender(ValueError):
     """The image was identified but its pixels cannot be decoded (truncated, corrupt)."""
+
+
+class OutputTooLarge(ValueError):
+    """The derivative would be larger than its format can hold: refused before any pixel is decoded."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +213,7 @@ def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
     """Turn whatever Pillow or a decoder raises into ``refusal``, logged; ISS's own refusals pass."""
     try:
         yield
-    except (NotAnImage, ImageTooLarge, CannotRender, RendersBusy):
+    except (NotAnImage, ImageTooLarge, CannotRender, OutputTooLarge, RendersBusy):
         raise
     except _OverBudget as exc:
         log.warning('image refused while %s: it costs %s', doing, exc)
@@ -233,6 +257,10 @@ def _open(file: _BudgetedFile, max_pixels: int) -> Image.Image:
     """Open an image lazily (header only); refuse one of more than ``max_pixels``."""
     _limit.max_pixels = max_pixels
     with _boundary(NotAnImage, 'identifying'):
+        if formats.is_jxl(file.read(16)):
+            # APPSEC: the JPEG XL plugin decodes in Image.open, before the check there: checked first.
+            _bomb_check(formats.jxl_size(file))
+        file.seek(0)
         image = Image.open(file)
     try:
         _bomb_check(image.size)  # NOTE: Image.open made it already; said here, as it is ISS's rule
@@ -365,6 +393,38 @@ def _capture_time(exif: Image.Exif) -> str | None:
     return None
 
 
+# -- fingerprints: the perceptual hash and the placeholders ---------------------------------------
+
+
+def fingerprints(source: IO[bytes], max_pixels: int, gate: RenderGate | None = None) -> dict[str, Any]:
+    """The meta's :data:`FINGERPRINT_KEYS` of the image in ``source``, from one small decode.
+
+    The image is decoded as small as its format allows (``placeholders.small``: a JPEG at 1/8
+    scale, a HEIC's embedded thumbnail; other formats in full), turned upright by its EXIF
+    orientation (a rotated copy is another picture), then hashed.
+
+    Raises:
+        NotAnImage, ImageTooLarge: as :func:`identify`.
+        CannotRender: the pixels cannot be decoded.
+        RendersBusy: the gate had no room for the decode in time.
+    """
+    budgeted = _BudgetedFile(source, HEADER_BUDGET)
+    with _open(budgeted, max_pixels) as image, _boundary(CannotRender, 'fingerprinting'):
+        orientation = _orientation(_exif(image))
+        # NOTE: draft now (placeholders.small's own is then a no-op), so the gate counts the pixels decoded.
+        image.draft(None, (placeholders.SIDE * 2, placeholders.SIDE * 2))
+        budgeted.allow(None)
+        with (gate or GATE).admitted(image.width * image.height, wait=_UPLOAD_WAIT_SECONDS):
+            shown = placeholders.small(image)
+    if orientation in _TRANSPOSITIONS:
+        shown = shown.transpose(_TRANSPOSITIONS[orientation])
+    return {
+        'phash': similar.to_hex(similar.perceptual_hash(shown)),
+        'thumbhash': placeholders.thumbhash(shown),
+        'blurhash': placeholders.blurhash(shown),
+    }
+
+
 # -- derivatives ---------------------------------------------------------------------
 
 
@@ -485,6 +545,7 @@ def render(
 
     Raises:
         NotAnImage, ImageTooLarge: as :func:`identify`.
+        OutputTooLarge: the output would be larger than its format holds (a sliver's format conversion).
         CannotRender: the pixels cannot be decoded.
         RendersBusy: the gate had no room for it in time.
         OSError: writing ``out`` failed (as raised by ``out``).
@@ -495,6 +556,7 @@ def render(
         try:
             with _boundary(CannotRender, 'rendering'):
                 orientation, size = _prepare(image, variant)
+                _check_output_size(size, variant.format)
                 budgeted.allow(None)
                 with (gate or GATE).admitted(image.width * image.height + size[0] * size[1]):
                     _render(image, orientation, size, variant, sink)
@@ -502,6 +564,16 @@ def render(
             if sink.failure is not None:
                 raise sink.failure from None  # NOTE: the disk's trouble (full, failing), not the image's
             raise
+
+
+def _check_output_size(size: tuple[int, int], image_format: str) -> None:
+    """Refuse an output its encoder would fail on only after the whole decode (seconds of CPU for a 1x80,000,000)."""
+    longest = MAX_OUTPUT_SIDE.get(image_format)
+    if longest is not None and max(size) > longest:
+        raise OutputTooLarge(
+            f'the derivative would be {size[0]}x{size[1]}; {image_format} holds at most {longest} pixels a side: '
+            'ask for w and h, or format=png'
+        )
 
 
 class _Sink:
@@ -586,6 +658,10 @@ def _render(image: Image.Image, orientation: int, size: tuple[int, int], variant
         options['compress_level'] = 6
     elif variant.format == 'WEBP':
         options['method'] = 4
+    elif variant.format == 'JXL':
+        # PERF: libjxl's default effort (7) took 107 ms for a 512x384 thumbnail here, 5 took 69 ms;
+        # 3 (19 ms) shifts saturated colours of small images by ~65 levels of 255 at q80 (NOTES-images.md).
+        options['effort'] = 5
     # NOTE: Pillow's annotation asks for an IO; it only writes to it, which the sink does.
     image.save(out, variant.format, **options)  # type: ignore[arg-type]
 
@@ -619,7 +695,7 @@ def _to_output_mode(image: Image.Image, image_format: str) -> Image.Image:
 
 
 def choose_format(accept: str | None, has_alpha: bool) -> str:
-    """``format=auto``: AVIF or WebP when the client accepts them, else JPEG (PNG with alpha).
+    """``format=auto``: JPEG XL, AVIF or WebP when the client accepts them (in that order), else JPEG (PNG with alpha).
 
     A type the client lists with ``q=0`` is one it refuses (RFC 9110 12.4.2).
     """
@@ -628,6 +704,8 @@ def choose_format(accept: str | None, has_alpha: bool) -> str:
         media_type, *params = (part.strip().lower() for part in item.split(';'))
         if not any(_REFUSED.fullmatch(param) for param in params):
             accepted.add(media_type)
+    if 'image/jxl' in accepted and 'jxl' in OUTPUT_FORMATS:
+        return 'JXL'
     if 'image/avif' in accepted and 'avif' in OUTPUT_FORMATS:
         return 'AVIF'
     if 'image/webp' in accepted:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import json
 import logging
@@ -34,7 +35,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
-from iss_server import meta
+from iss_server import meta, similar
 from iss_server.errors import CursorExpired, IndexFull, IndexUnavailable, InvalidCursor
 
 _DB = TypeVar('_DB')
@@ -138,8 +139,22 @@ CREATE INDEX IF NOT EXISTS verified_by_time ON verified (checked_at);
 CREATE TRIGGER IF NOT EXISTS verified_forget AFTER DELETE ON blobs BEGIN
     DELETE FROM verified WHERE hex = old.hex;
 END;
-
--- Work one node of many does at a time (the reconciler's pass, the scrubber): who holds it, until when.
+-- Resumable uploads of a store on a bucket (bucket_sessions.py): any node continues any session.
+-- state is the session's JSON; version counts its saves (a save names the one it read);
+-- next_part hands out part numbers, each once; the lease is held while a node commits it.
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    expires REAL NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0,
+    next_part INTEGER NOT NULL DEFAULT 0,
+    leased_by TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires);
+-- Work that one node at a time does (the reconciler's pass, the scrubber, the sweep of expired
+-- uploads): who holds it, until when.
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
     leased_by TEXT NOT NULL,
@@ -405,23 +420,6 @@ class _Queries:
     def mark_swept(self, at: float) -> None:
         self._set_state('reconcile_swept_at', repr(at))
 
-    def take_lease(self, name: str, holder: str, until: float, now: float) -> bool:
-        """Take or renew the lease ``name`` until ``until`` unless another holder's runs past ``now``; whether held.
-
-        NOTE: one statement, as webhooks' leases: of two nodes finding it expired, the second
-        one's write waits for the first's, then finds it taken.
-        """
-        rows = self._run('SELECT leased_by, lease_until FROM leases WHERE name = ?', (name,))
-        # PERF: a lease another holds is only read: every worker of every node asks, often (the scrubber).
-        if rows and rows[0][0] != holder and rows[0][1] >= now:
-            return False
-        return self._changes(
-            'INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET '
-            'leased_by = excluded.leased_by, lease_until = excluded.lease_until '
-            'WHERE leases.leased_by = excluded.leased_by OR leases.lease_until < ?',
-            (name, holder, until, now),
-        )
-
     def _wrote(self, changed: bool) -> bool:
         """After a write: wake this process's followers, and now and then prune the expired events."""
         if not changed:
@@ -483,6 +481,29 @@ class _Queries:
     def get(self, hex_digest: str) -> Row | None:
         rows = self._run('SELECT * FROM blobs WHERE hex = ?', (hex_digest,))
         return Row(*rows[0]) if rows else None
+
+    def similar_images(
+        self,
+        value: int,
+        max_distance: int,
+        limit: int,
+        *,
+        exclude: str | None = None,
+        after: tuple[int, str] | None = None,
+    ) -> list[tuple[int, str]]:
+        """The stored images within ``max_distance`` bits of the perceptual hash ``value``, nearest first.
+
+        Each as ``(distance, listing item JSON)``; ``exclude`` and ``after`` as :meth:`similar.SimilarIndex.near`.
+        """
+        near = similar.SimilarIndex(self._run).near(value, max_distance, limit, exclude=exclude, after=after)
+        if not near:
+            return []
+        marks = ', '.join('?' * len(near))
+        items = dict(
+            self._run(f'SELECT hex, item FROM blobs WHERE hex IN ({marks})', [hex_digest for hex_digest, _ in near])
+        )
+        # NOTE: a row deleted between the two reads is left out.
+        return [(distance, items[hex_digest]) for hex_digest, distance in near if hex_digest in items]
 
     def totals(self) -> dict[str, tuple[int, int]]:
         """``{kind: (count, bytes)}``; a blob without meta counts under ``''``."""
@@ -594,8 +615,10 @@ class _Queries:
         events = [Event(_event_cursor(epoch, row[:width]), *row[width:]) for row in rows]
         return EventPage(events, events[-1].cursor if events else _event_cursor(epoch, position))
 
-    def wait_for_events(self, after: str | None, limit: int, seconds: float) -> EventPage:
-        """:meth:`events`, waiting up to ``seconds`` for one when there are none yet."""
+    def wait_for_events(
+        self, after: str | None, limit: int, seconds: float, stop: threading.Event | None = None
+    ) -> EventPage:
+        """:meth:`events`, waiting up to ``seconds`` for one when there are none yet (or until ``stop`` is set)."""
         deadline = time.monotonic() + seconds
         check_ahead = True
         while True:
@@ -604,7 +627,7 @@ class _Queries:
             page = self._events(after, limit, check_ahead=check_ahead)
             check_ahead = False
             left = deadline - time.monotonic()
-            if page.events or left <= 0:
+            if page.events or left <= 0 or (stop is not None and stop.is_set()):
                 return page
             after = page.next_cursor
             # NOTE: woken at once by a write of this process; another's is seen at the next look.
@@ -718,7 +741,7 @@ class _Queries:
     def webhook_states(self) -> list[WebhookState]:
         return [_webhook_state(row) for row in self._run(f'SELECT {self._WEBHOOK_COLUMNS} FROM webhooks ORDER BY name')]
 
-    # -- the scrubber's record (scrubber.py) ---------------------------------------
+    # -- the scrubber's record (scrubber.py); leases (the reconciler's pass, the scrubber) ---------------------------
 
     def record_check(self, hex_digest: str, at: float, *, verified: bool) -> None:
         """Record that a blob's bytes were read back and hashed at ``at``; ``verified``: they hashed to its name.
@@ -751,6 +774,82 @@ class _Queries:
             )
         ]
 
+    def take_lease(self, name: str, holder: str, until: float, now: float) -> bool:
+        """Take or renew the lease ``name`` until ``until``; return whether ``holder`` has it."""
+        rows = self._run('SELECT leased_by, lease_until FROM leases WHERE name = ?', (name,))
+        # PERF: a lease another holds is only read: every worker of every node asks, often.
+        if rows and rows[0][0] != holder and rows[0][1] >= now:
+            return False
+        # NOTE: one statement: of two holders finding the lease expired, the second one's write waits
+        # for the first's row lock, then finds it taken (PostgreSQL re-checks the WHERE).
+        return self._changes(
+            'INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET '
+            'leased_by = excluded.leased_by, lease_until = excluded.lease_until '
+            'WHERE leases.leased_by = excluded.leased_by OR leases.lease_until < ?',
+            (name, holder, until, now),
+        )
+
+    # -- resumable uploads of a store on a bucket (bucket_sessions.py) ----------
+
+    def add_upload(self, upload_id: str, state: str, expires: float) -> None:
+        self._run('INSERT INTO uploads (id, state, expires) VALUES (?, ?, ?)', (upload_id, state, expires))
+
+    def upload(self, upload_id: str) -> UploadRow | None:
+        """A resumable upload's row: its JSON state, the version that state is, its commit lease."""
+        rows = self._run('SELECT state, version, leased_by, lease_until FROM uploads WHERE id = ?', (upload_id,))
+        return UploadRow(upload_id, *rows[0]) if rows else None
+
+    def open_uploads(self, now: float) -> int:
+        """How many uploads are unfinished and unexpired (what ``ISS_TUS_MAX_SESSIONS`` bounds)."""
+        return int(self._run('SELECT count(*) FROM uploads WHERE finished = 0 AND expires >= ?', (now,))[0][0])
+
+    def claim_part_number(self, upload_id: str) -> int | None:
+        """A part number no other request of this upload is given (None: the upload is gone)."""
+        rows = self._run('UPDATE uploads SET next_part = next_part + 1 WHERE id = ? RETURNING next_part', (upload_id,))
+        return int(rows[0][0]) if rows else None
+
+    def save_upload(self, upload_id: str, state: str, expires: float, version: int, *, finished: bool) -> bool:
+        """Replace the state, if it is still ``version`` (no other request saved it since); return whether."""
+        return self._changes(
+            'UPDATE uploads SET state = ?, expires = ?, finished = ?, version = version + 1 '
+            'WHERE id = ? AND version = ?',
+            (state, expires, int(finished), upload_id, version),
+        )
+
+    def lease_upload(self, upload_id: str, holder: str, until: float, now: float) -> bool:
+        """Take (or renew) the upload's commit lease until ``until``, unless another holder's runs on."""
+        return self._changes(
+            'UPDATE uploads SET leased_by = ?, lease_until = ? WHERE id = ? AND (leased_by = ? OR lease_until < ?)',
+            (holder, until, upload_id, holder, now),
+        )
+
+    def remove_upload(self, upload_id: str, holder: str, now: float) -> bool:
+        """Remove the upload's row unless another holder's lease runs on; return whether it went."""
+        return self._changes(
+            'DELETE FROM uploads WHERE id = ? AND (leased_by IS NULL OR leased_by = ? OR lease_until < ?)',
+            (upload_id, holder, now),
+        )
+
+    def expired_uploads(self, now: float, limit: int) -> list[UploadRow]:
+        """Uploads past their expiry that no node is committing, a batch at a time."""
+        rows = self._run(
+            'SELECT id, state, version, leased_by, lease_until FROM uploads '
+            'WHERE expires < ? AND lease_until < ? ORDER BY expires LIMIT ?',
+            (now, now, limit),
+        )
+        return [UploadRow(*row) for row in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadRow:
+    """A resumable upload as the index keeps it (the state is bucket_sessions' JSON)."""
+
+    id: str
+    state: str
+    version: int
+    leased_by: str | None
+    lease_until: float
+
 
 _COUNTER = re.compile(r'[0-9]{1,18}')
 
@@ -782,7 +881,7 @@ class SQLiteIndex(_Queries):
     def __init__(self, path: str) -> None:
         self.path = path
         self._local = threading.local()
-        self._schema_pid = 0
+        self._schema_made = (0, 0)  # NOTE: (pid, inode) of the file this process made the schema in
         self._idle: list[_Connection[sqlite3.Connection]] = []
         self._idle_lock = threading.Lock()
         self._idle_pid = os.getpid()
@@ -836,7 +935,8 @@ class SQLiteIndex(_Queries):
             self._idle, self._idle_pid, self._closer = [], os.getpid(), None
         return self._idle
 
-    def _connect(self) -> _Connection[sqlite3.Connection]:
+    def _connect(self, *, set_aside: bool = True) -> _Connection[sqlite3.Connection]:
+        db: sqlite3.Connection | None = None
         try:
             db = sqlite3.connect(
                 self.path, timeout=self._BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
@@ -844,7 +944,9 @@ class SQLiteIndex(_Queries):
             # NOTE: NORMAL in WAL mode never corrupts; after a power loss the last
             # transactions may be missing, and the files (the truth) still have them.
             db.execute('PRAGMA synchronous=NORMAL')
-            if self._schema_pid != os.getpid():
+            inode = os.stat(self.path).st_ino
+            # NOTE: per process and per file: a file lost or set aside while ISS runs is a new, empty one
+            if self._schema_made != (os.getpid(), inode):
                 self._enter_wal_mode(db)
                 # NOTE: in one write transaction taken up front: statements that each read the
                 # schema and then write upgrade a read lock, which SQLite refuses at once, without
@@ -858,11 +960,39 @@ class SQLiteIndex(_Queries):
                 except BaseException:
                     db.execute('ROLLBACK')
                     raise
-                self._schema_pid = os.getpid()
-            inode = os.stat(self.path).st_ino
+                self._schema_made = (os.getpid(), inode)
         except (sqlite3.Error, OSError) as exc:
+            if db is not None:
+                db.close()
+            if set_aside and _is_corrupt(exc) and self._set_aside_if_corrupt():
+                return self._connect(set_aside=False)  # NOTE: a new, empty index: the store's start rebuilds it
             raise _unavailable(self.path, exc) from exc
         return _Connection(db, inode, os.getpid())
+
+    def _set_aside_if_corrupt(self) -> bool:
+        """Rename a corrupt index file (and its WAL) aside, so a new one is built from the files; whether it was.
+
+        NOTE: the index is derived from the blob and meta files, the truth: a file SQLite cannot read
+        (a disk's fault, or an operator's) once left the node answering 503 to every write and listing
+        until someone moved it away. In one process at a time, under a lock, and only while the file
+        is still unreadable: another worker may have set it aside and made the new one already.
+        """
+        with open(self.path + '.repair.lock', 'a') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with contextlib.closing(sqlite3.connect(self.path, timeout=self._BUSY_TIMEOUT_MS / 1000)) as db:
+                    if db.execute('PRAGMA quick_check(1)').fetchall() == [('ok',)]:
+                        return True  # NOTE: whole now: set aside (or never corrupt) meanwhile
+            except sqlite3.Error as exc:
+                if not _is_corrupt(exc):
+                    return False
+            aside = f'{self.path}.corrupt-{time.strftime("%Y%m%dT%H%M%S")}'
+            os.rename(self.path, aside)
+            for suffix in ('-wal', '-shm'):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self.path + suffix, aside + suffix)
+            log.error('index %s cannot be read (set aside as %s): rebuilding it from the files', self.path, aside)
+            return True
 
     def _enter_wal_mode(self, db: sqlite3.Connection) -> None:
         """Switch a new index file to WAL (a no-op for one that is), waiting for other processes doing it.
@@ -915,7 +1045,7 @@ class SQLiteIndex(_Queries):
                 cursor = db.execute(sql, tuple(params))
                 return cursor.fetchall(), cursor.rowcount
             except sqlite3.Error as exc:
-                raise _unavailable(self.path, exc) from exc
+                raise self._failed(exc) from exc
 
     def _execute_many(self, sql: str, rows: list[tuple]) -> None:
         with self.session() as db:
@@ -926,7 +1056,14 @@ class SQLiteIndex(_Queries):
             except sqlite3.Error as exc:
                 if db.in_transaction:
                     db.execute('ROLLBACK')
-                raise _unavailable(self.path, exc) from exc
+                raise self._failed(exc) from exc
+
+    def _failed(self, exc: sqlite3.Error) -> IndexUnavailable | IndexFull:
+        """The error a failed statement raises; a damaged file is set aside first (the next call makes a new one)."""
+        if _is_corrupt(exc):
+            with contextlib.suppress(OSError, sqlite3.Error):
+                self._set_aside_if_corrupt()
+        return _unavailable(self.path, exc)
 
     def transaction(self) -> _Transaction:
         return _Transaction(self)
@@ -1035,6 +1172,11 @@ BEGIN
 END $$;
 CREATE OR REPLACE TRIGGER blobs_verified AFTER DELETE ON blobs
     FOR EACH ROW EXECUTE FUNCTION iss_forget_verified();
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    leased_by TEXT NOT NULL,
+    lease_until DOUBLE PRECISION NOT NULL
+);
 CREATE TABLE IF NOT EXISTS intents (
     id TEXT PRIMARY KEY,
     hex TEXT NOT NULL,
@@ -1044,12 +1186,18 @@ CREATE TABLE IF NOT EXISTS intents (
 );
 CREATE INDEX IF NOT EXISTS intents_by_time ON intents (alive_at);
 CREATE INDEX IF NOT EXISTS intents_by_hex ON intents (hex);
-CREATE TABLE IF NOT EXISTS leases (
-    name TEXT PRIMARY KEY,
-    leased_by TEXT NOT NULL,
-    lease_until DOUBLE PRECISION NOT NULL
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    expires DOUBLE PRECISION NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0,
+    version BIGINT NOT NULL DEFAULT 0,
+    next_part INTEGER NOT NULL DEFAULT 0,
+    leased_by TEXT,
+    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
 );
-"""
+CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires);
+""" + ''.join(f'{statement};\n' for statement in (*similar.schema('postgresql'), *similar.sync_triggers('postgresql')))
 
 
 class PostgresIndex(_Queries):
@@ -1189,7 +1337,14 @@ def _schema_statements() -> list[str]:
         if sqlite3.complete_statement(current):
             statements.append(current.strip())
             current = ''
-    return statements
+    # NOTE: the near-duplicate index (similar.py), kept by triggers from the items' phash.
+    return statements + similar.schema('sqlite') + similar.sync_triggers('sqlite')
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """Whether SQLite says its file is no database, or a damaged one."""
+    code = getattr(exc, 'sqlite_errorcode', None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _unavailable(path: str, exc: sqlite3.Error | OSError) -> IndexUnavailable | IndexFull:

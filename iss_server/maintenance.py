@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
-from iss_server import disk, drivers, resumable
+from iss_server import bucket_sessions, disk, drivers
 from iss_server.errors import BlobNotFound
 from iss_server.reconciler import reconcile
 from storage import BlobStore
@@ -196,7 +196,8 @@ def collect_garbage(store: BlobStore, *, dry_run: bool = False, upload_age: floa
         'temp_files': store.sweep_temp(dry_run=dry_run),
         # NOTE: a server sweeps them as uploads are created, an idle one leaves them to this;
         # each session's state holds its own expiry, so none is given here
-        'upload_sessions': resumable.Sessions(store, expires_seconds=0).sweep_expired(dry_run=dry_run),
+        # (a bucket's objects and parts of no session go once older than upload_age)
+        'upload_sessions': bucket_sessions.sessions_of(store, int(upload_age)).sweep_expired(dry_run=dry_run),
         **store.abandoned_writes(upload_age, dry_run=dry_run),
         'orphaned_meta': 0,
         'index_rows': 0,

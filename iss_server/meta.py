@@ -6,7 +6,8 @@ the index keeps is made here too, so the schema is written down once:
 
 - every blob: ``kind``, ``bytes``, ``mime``, ``created_at`` (Unix seconds);
 - an image (kind ``image``): ``format``, ``width``, ``height`` and the fields of
-  :data:`images.IMAGE_META_KEYS`, read from its header by Pillow;
+  :data:`images.IMAGE_META_KEYS`, read from its header by Pillow, and its
+  :data:`images.FINGERPRINT_KEYS` (perceptual hash, placeholders) from a small decode;
 - an artifact: the client's own keys besides, which may not be any of ISS's.
 """
 
@@ -29,12 +30,15 @@ OCTET_STREAM = 'application/octet-stream'
 KIND_PATTERN = re.compile(r'[A-Za-z0-9._-]{1,64}')
 
 #: The keys an upload's answer repeats from the stored meta.
-ANSWER_KEYS = ('kind', 'bytes', 'mime', 'width', 'height', 'verified', 'created_at')
+ANSWER_KEYS = ('kind', 'bytes', 'mime', 'width', 'height', 'verified', 'created_at', *images.FINGERPRINT_KEYS)
 
 #: Keys ISS writes into a meta file, an upload's answer or a listing item (:func:`listing_item`,
 #: ``index.row_for``); an artifact's own meta may not use them (``id`` would fake a listed id).
 RESERVED_KEYS = (
-    frozenset(ANSWER_KEYS) | images.IMAGE_META_KEYS | frozenset({'id', 'format', 'image_id', 'artifact_id', 'filename'})
+    frozenset(ANSWER_KEYS)
+    | images.IMAGE_META_KEYS
+    | frozenset(images.FINGERPRINT_KEYS)
+    | frozenset({'id', 'format', 'image_id', 'artifact_id', 'filename'})
 )
 
 _MEDIA_TYPE_PATTERN = re.compile(r'[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+')
@@ -50,11 +54,13 @@ def image(
     created_at: float | None = None,
     filename: str | None = None,
     verified: str | None = None,
+    fingerprints: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The meta of an image: the seed's keys, with what Pillow read from its header.
 
     ``verified`` says how far the upload checked it: ``header`` (identified) or ``decode``
     (every pixel decoded); None for meta made otherwise (fsck, the command line's imports).
+    ``fingerprints``: :func:`images.fingerprints` (or its keys null: the pixels did not decode).
     """
     return {
         'kind': 'image',
@@ -64,6 +70,7 @@ def image(
         'width': info.width,
         'height': info.height,
         **info.fields,
+        **(fingerprints or {}),
         **({'verified': verified} if verified else {}),
         **_named(filename),
         'created_at': _now(created_at),
@@ -78,17 +85,31 @@ def identified_image(
     filename: str | None = None,
     verify: str | None = None,
 ) -> dict[str, Any]:
-    """The meta of the image in ``file``, checked as far as ``verify`` says (``header``, ``decode``).
+    """The meta of the image in ``file`` with its fingerprints, checked as far as ``verify`` says (header, decode).
 
     Raises:
         images.NotAnImage, images.ImageTooLarge: as :func:`images.identify`.
         images.CannotRender: with ``decode``, the pixels do not decode.
+        RendersBusy: no room to decode in time.
     """
     info = images.identify(file, max_pixels)
     if verify == 'decode':
         file.seek(0)
         images.check_decodes(file, max_pixels)
-    return image(info, size, created_at, filename, verified=verify)
+    file.seek(0)
+    return image(info, size, created_at, filename, verified=verify, fingerprints=fingerprints_of(file, max_pixels))
+
+
+def fingerprints_of(file: IO[bytes], max_pixels: int) -> dict[str, Any]:
+    """:func:`images.fingerprints`, or each of its keys null when the pixels do not decode.
+
+    NOTE: not a refusal: with ISS_VERIFY_IMAGES=header a truncated image is stored, as before;
+    it has no placeholder and is found by no similarity search.
+    """
+    try:
+        return images.fingerprints(file, max_pixels)
+    except (images.NotAnImage, images.ImageTooLarge, images.CannotRender):
+        return dict.fromkeys(images.FINGERPRINT_KEYS)
 
 
 def artifact(
@@ -170,23 +191,35 @@ class _Completable(Protocol):
     def complete_meta(self, blob_id: str, fields: dict[str, Any]) -> dict[str, Any]: ...
 
 
-def complete_image(store: _Completable, blob_id: str, max_pixels: int) -> dict[str, Any] | None:
+def complete_image(
+    store: _Completable, blob_id: str, max_pixels: int, *, fingerprints: bool = False
+) -> dict[str, Any] | None:
     """Fill in, once and for good, the image fields a stored meta lacks (the FastAPI version wrote fewer).
 
-    The seed's own keys are kept as they are; None when the bytes are no image Pillow reads.
+    With ``fingerprints``, also the perceptual hash and placeholders (a small decode; images stored
+    before they existed). The seed's own keys are kept as they are; None when the bytes are no image
+    Pillow reads.
     """
     blob = store.open(blob_id)
     with blob.file:
         try:
-            info = images.identify(blob.file, max_pixels)
+            completion = image_completion(images.identify(blob.file, max_pixels))
+            if fingerprints:
+                blob.file.seek(0)
+                completion.update(fingerprints_of(blob.file, max_pixels))
         except (images.NotAnImage, images.ImageTooLarge):
             return None
-    return store.complete_meta(blob_id, image_completion(info))
+    return store.complete_meta(blob_id, completion)
 
 
 def lacks_fields(meta: dict[str, Any]) -> bool:
     """True for an image's meta without the fields this version records (the FastAPI version's)."""
     return meta.get('kind') == 'image' and not meta.keys() >= images.IMAGE_META_KEYS
+
+
+def lacks_fingerprints(meta: dict[str, Any]) -> bool:
+    """True for an image's meta stored before the perceptual hash and placeholders were (``backfill`` adds them)."""
+    return meta.get('kind') == 'image' and not meta.keys() >= set(images.FINGERPRINT_KEYS)
 
 
 def listing_item(blob_id: str, meta: dict[str, Any] | None, size: int) -> dict[str, Any]:

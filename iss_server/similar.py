@@ -154,6 +154,61 @@ def schema(dialect: str) -> list[str]:
     return statements
 
 
+def sync_triggers(dialect: str) -> list[str]:
+    """Return the statements of the triggers that keep ``image_hashes`` in step with the index's ``blobs``.
+
+    A row of ``blobs`` is an image's when its ``item`` (the listing entry, JSON: the meta)
+    carries ``phash``, 16 hex digits; the triggers write its hash and bands, or remove them, in
+    the transaction of the row's own change, as the change feed's triggers do: every writer
+    (an upload, a rebuild, a backfill, a delete) is covered and none can forget it.
+    NOTE: the hex digits are turned into integers in SQL (SQLite has no hex parser: each digit
+    is its place in a string of them); a malformed phash (a meta edited by hand) is left out.
+    """
+    if dialect == 'sqlite':
+        digit = "(instr('0123456789abcdef', substr(p, {at}, 1)) - 1)"
+        columns = ', '.join(
+            ' + '.join(f'{digit.format(at=4 * i + k + 1)} * {16 ** (3 - k)}' for k in range(4)) + f' AS b{i}'
+            for i in range(BANDS)
+        )
+        whole = ' | '.join(f'(b{i} << {_BAND_BITS * (BANDS - 1 - i)})' for i in range(BANDS))
+        body = (
+            'DELETE FROM image_hashes WHERE hex = new.hex; '
+            f'INSERT INTO image_hashes (hex, hash, b0, b1, b2, b3) SELECT new.hex, {whole}, b0, b1, b2, b3 '
+            f"FROM (SELECT {columns} FROM (SELECT json_extract(new.item, '$.phash') AS p) "
+            f"WHERE new.collection = 'images' AND p GLOB '{'[0-9a-f]' * 16}');"
+        )
+        return [
+            f'CREATE TRIGGER IF NOT EXISTS image_hashes_insert AFTER INSERT ON blobs BEGIN {body} END',
+            f'CREATE TRIGGER IF NOT EXISTS image_hashes_update AFTER UPDATE ON blobs BEGIN {body} END',
+            'CREATE TRIGGER IF NOT EXISTS image_hashes_delete AFTER DELETE ON blobs BEGIN '
+            'DELETE FROM image_hashes WHERE hex = old.hex; END',
+        ]
+    if dialect != 'postgresql':
+        raise ValueError(f'no triggers for {dialect!r}')
+    bands_sql = ', '.join(f"('x' || substr(p, {4 * i + 1}, 4))::bit(16)::int" for i in range(BANDS))
+    return [
+        f"""CREATE OR REPLACE FUNCTION iss_image_hashes() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE p text;
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        DELETE FROM image_hashes WHERE hex = OLD.hex;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.collection = 'images' THEN
+        p := NEW.item::json ->> 'phash';
+        IF p ~ '^[0-9a-f]{{16}}$' THEN
+            INSERT INTO image_hashes (hex, hash, b0, b1, b2, b3)
+            VALUES (NEW.hex, ('x' || p)::bit(64)::bigint, {bands_sql})
+            ON CONFLICT (hex) DO UPDATE SET hash = excluded.hash,
+                b0 = excluded.b0, b1 = excluded.b1, b2 = excluded.b2, b3 = excluded.b3;
+        END IF;
+    END IF;
+    RETURN NULL;
+END $$""",
+        'CREATE OR REPLACE TRIGGER blobs_image_hashes AFTER INSERT OR UPDATE OR DELETE ON blobs '
+        'FOR EACH ROW EXECUTE FUNCTION iss_image_hashes()',
+    ]
+
+
 #: Runs one statement written with ``?`` placeholders and returns its rows: ``index._run`` is one.
 Execute = Callable[[str, Iterable[Any]], list[tuple]]
 #: Runs one statement for many rows in one transaction: ``index._execute_many`` is one.
@@ -198,12 +253,19 @@ class SimilarIndex:
         return to_unsigned(rows[0][0]) if rows else None
 
     def near(
-        self, value: int, max_distance: int = DEFAULT_DISTANCE, limit: int = 20, *, exclude: str | None = None
+        self,
+        value: int,
+        max_distance: int = DEFAULT_DISTANCE,
+        limit: int = 20,
+        *,
+        exclude: str | None = None,
+        after: tuple[int, str] | None = None,
     ) -> list[tuple[str, int]]:
         """Return up to ``limit`` images within ``max_distance`` bits of ``value``: ``(hex, distance)``, nearest first.
 
         Exact: every stored hash within the distance is a candidate (see the module's docstring).
-        Ties are in the order of ``hex``. ``exclude`` leaves out one image (the one asked about).
+        Ties are in the order of ``hex``. ``exclude`` leaves out one image (the one asked about);
+        ``after`` is the ``(distance, hex)`` of the last one of the page before (the next page's start).
         """
         if not 0 <= max_distance <= MAX_DISTANCE:
             raise ValueError(f'max_distance must be between 0 and {MAX_DISTANCE}')
@@ -227,6 +289,8 @@ class SimilarIndex:
             chunk = keys[start : start + self._KEYS_PER_SELECT]
             rows = self._execute(f'SELECT id, hex FROM image_hashes WHERE id IN ({", ".join("?" * len(chunk))})', chunk)
             found += [(near[key], hex_digest) for key, hex_digest in rows if hex_digest != exclude]
+        if after is not None:
+            found = [match for match in found if match > after]
         found.sort()
         return [(hex_digest, d) for d, hex_digest in found[:limit]]
 

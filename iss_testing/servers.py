@@ -154,8 +154,13 @@ class Nginx(LoopbackServer):
     CACHE_VALID = '2s'
 
     def __init__(
-        self, workdir: pathlib.Path, upstream_port: int, data_dir: pathlib.Path, s3_upstream: str = 'http://127.0.0.1:9'
+        self,
+        workdir: pathlib.Path,
+        upstream_port: int | Sequence[int],
+        data_dir: pathlib.Path,
+        s3_upstream: str = 'http://127.0.0.1:9',
     ) -> None:
+        """``upstream_port``: the node, or the nodes, it balances (as the cluster's name of many addresses does)."""
         binary = shutil.which('nginx') or shutil.which('nginx', path='/usr/sbin')
         assert binary, 'nginx is needed for these tests: apt-get install nginx (.ci/run does)'
         self.port = free_port()
@@ -163,7 +168,11 @@ class Nginx(LoopbackServer):
         site = render_template(
             (HERE / 'deploy/nginx/iss.conf.template').read_text(),
             {
-                'ISS_UPSTREAM': f'127.0.0.1:{upstream_port}',
+                # NOTE: several nodes: 'server a; server b', the upstream block of a name that resolves to both
+                'ISS_UPSTREAM': '; server '.join(
+                    f'127.0.0.1:{port}'
+                    for port in ([upstream_port] if isinstance(upstream_port, int) else upstream_port)
+                ),
                 'ISS_DATA': str(data_dir),
                 'ISS_S3_UPSTREAM': s3_upstream,
                 'ISS_MAX_UPLOAD_BYTES': str(self.UPLOAD_LIMIT),

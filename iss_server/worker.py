@@ -1,0 +1,233 @@
+"""ISS's gunicorn worker: gthread, with no thread given to a connection until its request's headers are in.
+
+gunicorn's gthread worker hands each connection to a thread that reads the request's headers
+from a blocking socket with no deadline: 33 clients trickling a header byte at a time took
+every thread of 2 workers x 16, and ``/health`` stopped answering for as long as they
+lasted (issue 29). Here the main loop collects a request's headers itself, from non-blocking
+sockets in its poller, and hands the connection to a thread only with its whole header block
+buffered; a client that does not complete it within ``ISS_HEADER_TIMEOUT`` seconds is answered
+408 and closed, and one address holds at most :data:`MAX_HEADS_PER_CLIENT` connections
+whose headers are still arriving (the next are closed at once). Bodies are bounded where ISS
+reads them (:mod:`iss_server.bodies`: a minimum rate), and take all threads but an eighth at most (503 beyond).
+
+NOTE: this reaches into gunicorn's ThreadWorker and TConn as of the pinned gunicorn 27.0.1
+(as :class:`bodies.SocketBody` does); ``test_hostile.py``'s slowloris tests fail if an
+upgrade changes them. TLS and HTTP/2 prior knowledge, which ISS's configuration never turns
+on, keep gunicorn's own path.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import Counter
+from functools import partial
+from typing import Any
+
+import gunicorn.util
+from gunicorn.http2 import negotiation
+from gunicorn.workers import gthread
+
+from iss_server import events
+from iss_server.config import Settings
+from iss_server.errors import error_body
+
+log = logging.getLogger(__name__)
+
+#: Bytes a request's headers may take (request line included): what gunicorn allows of one line
+#: (``limit_request_line``) and a few dozen ordinary fields. More is answered 431.
+MAX_HEAD_BYTES = 64 * 1024
+#: Connections of one client address whose headers are still arriving, per worker.
+MAX_HEADS_PER_CLIENT = 64
+#: Seconds a thread drains a body the app left unread, to keep the connection (gunicorn: 5).
+DRAIN_SECONDS = 1.0
+_HEAD_ENDS = (b'\r\n\r\n', b'\n\n')
+
+
+class ThreadWorker(gthread.ThreadWorker):
+    """gunicorn's gthread worker whose threads only ever see requests with their headers complete."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # NOTE: each connection collecting its headers, with its deadline, in the order they started
+        # (all have the same timeout, so the first is always the first to expire).
+        self._heads: dict[gthread.TConn, float] = {}
+        self._heads_per_client: Counter[str] = Counter()
+        self._header_timeout = Settings.from_env().header_timeout
+        # NOTE: all threads but an eighth (at least one) may receive bodies, so slow uploads leave
+        # those to everything else, /health included; fast bursts of uploads rarely meet the bound.
+        self.body_places = max(1, self.cfg.threads - max(1, self.cfg.threads // 8))
+        self._bodies = threading.BoundedSemaphore(self.body_places)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """SIGTERM: the change feed's waiting requests answer now, so the graceful stop is not held by them."""
+        events.STOPPING.set()
+        super().handle_exit(sig, frame)
+
+    # -- where gunicorn would hand a connection to a thread --------------------------
+
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            client_sock, client_addr = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        conn = _Connection(self.cfg, client_sock, client_addr, listener.getsockname())
+        self._collect_head(conn)
+
+    def on_client_socket_readable(self, conn: gthread.TConn, client: socket.socket) -> None:
+        """A kept-alive connection sends its next request: its headers are collected like a new one's."""
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self._collect_head(conn)
+
+    def enqueue_req(self, conn: gthread.TConn) -> None:
+        """Hand a connection to a thread, unless what it sent ahead (pipelined) is only part of its next headers."""
+        if conn.parser is not None and not conn.is_http2:
+            ahead = conn.parser.unreader.buf.getvalue()
+            if ahead and not _complete(ahead):
+                self._collect_head(conn)
+                return
+        super().enqueue_req(conn)
+
+    def murder_pending(self) -> None:
+        super().murder_pending()
+        now = time.monotonic()
+        while self._heads:
+            conn, deadline = next(iter(self._heads.items()))
+            if deadline > now:
+                break
+            self._refuse_head(
+                conn, 408, 'Request Timeout', f'The request headers took over {self._header_timeout:g} s.'
+            )
+
+    def handle_request(self, req: Any, conn: gthread.TConn) -> bool:
+        """Run the app; a request with a body only while fewer than :attr:`body_places` others run (503 beyond)."""
+        if not _has_body(req):
+            return bool(super().handle_request(req, conn))
+        if not self._bodies.acquire(blocking=False):
+            _refuse_busy(conn.sock, f'all {self.body_places} places for requests with a body are taken')
+            return False
+        try:
+            return bool(super().handle_request(req, conn))
+        finally:
+            self._bodies.release()
+
+    def _keepalive_after(self, conn: gthread.TConn, keepalive: bool) -> bool:
+        """gunicorn's, draining an unread body for :data:`DRAIN_SECONDS`: a drip after a 401 holds no thread long."""
+        return keepalive and bool(conn.parser.finish_body(deadline=time.monotonic() + DRAIN_SECONDS))
+
+    # -- collecting the headers ------------------------------------------------------
+
+    def _collect_head(self, conn: gthread.TConn) -> None:
+        if self.cfg.is_ssl or negotiation.prior_knowledge_allowed(self.cfg, conn.client):
+            super().enqueue_req(conn)  # NOTE: gunicorn's own path (never ISS's configuration)
+            return
+        address = _address(conn.client)
+        if self._heads_per_client[address] >= MAX_HEADS_PER_CLIENT:
+            self.nr_conns -= 1
+            conn.close()
+            return
+        conn.init()  # NOTE: a plain connection's init only makes its parser
+        conn.sock.setblocking(False)
+        conn.head = bytearray(conn.parser.unreader.take_buffered())  # NOTE: what came pipelined
+        self._heads_per_client[address] += 1
+        self._heads[conn] = time.monotonic() + self._header_timeout
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
+
+    def _on_head_bytes(self, conn: gthread.TConn, client: socket.socket) -> None:
+        try:
+            data = conn.sock.recv(MAX_HEAD_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self._forget_head(conn)
+            self.nr_conns -= 1
+            conn.close()
+            return
+        conn.head += data
+        if _complete(conn.head):
+            self._forget_head(conn)
+            conn.parser.unreader.unread(bytes(conn.head))
+            conn.data_ready = True
+            super().enqueue_req(conn)
+        elif len(conn.head) > MAX_HEAD_BYTES:
+            self._refuse_head(
+                conn, 431, 'Request Header Fields Too Large', f'The request headers exceed {MAX_HEAD_BYTES} bytes.'
+            )
+
+    def _refuse_head(self, conn: gthread.TConn, status: int, reason: str, message: str) -> None:
+        self._forget_head(conn)
+        self.nr_conns -= 1
+        try:
+            gunicorn.util.write_error(conn.sock, status, reason, message)
+        except OSError:
+            pass  # NOTE: best effort: a client that stopped reading gets the close alone
+        conn.close()
+
+    def _forget_head(self, conn: gthread.TConn) -> None:
+        del self._heads[conn]
+        self.poller.unregister(conn.sock)
+        address = _address(conn.client)
+        self._heads_per_client[address] -= 1
+        if not self._heads_per_client[address]:
+            del self._heads_per_client[address]
+
+
+def _address(client: object) -> str:
+    """The client's address without its port (a Unix socket's peer is one client)."""
+    return str(client[0]) if isinstance(client, tuple) else str(client)
+
+
+class _Connection(gthread.TConn):
+    def close(self, graceful: bool = False) -> None:
+        """Close without lingering: gunicorn's graceful close waits up to 2 s on the main loop for a dripping peer.
+
+        NOTE: what has arrived is read first, so the kernel sends FIN, not RST (which could cut the answer).
+        """
+        if graceful:
+            try:
+                self.sock.setblocking(False)
+                self.sock.shutdown(socket.SHUT_WR)
+                for _ in range(16):
+                    if not self.sock.recv(4096):
+                        break
+            except OSError:
+                pass
+        gunicorn.util.close(self.sock)
+
+
+def _complete(head: bytes | bytearray) -> bool:
+    """Whether ``head`` holds the end of a request's headers."""
+    return any(end in head for end in _HEAD_ENDS)
+
+
+def _has_body(req: Any) -> bool:
+    """Whether a gunicorn request declares a body (chunked, or a length other than 0)."""
+    declared = dict(req.headers)
+    return 'TRANSFER-ENCODING' in declared or declared.get('CONTENT-LENGTH', '0').strip() != '0'
+
+
+def _refuse_busy(sock: socket.socket, reason: str) -> None:
+    """Answer 503 with Retry-After, in ISS's JSON, before the app (and without reading the body)."""
+    body = json.dumps(
+        error_body(503, 'Busy receiving', 'Too many uploads are arriving right now; try again shortly.')
+    ).encode()
+    head = (
+        'HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n'
+        f'Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n'
+    )
+    log.warning('request with a body refused: %s', reason)
+    try:
+        gunicorn.util.write(sock, head.encode() + body)
+    except OSError:
+        pass
