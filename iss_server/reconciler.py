@@ -145,6 +145,8 @@ class Reconciler:
                 log.warning('reconciler: %s', exc)
             except Exception:  # NOTE: a bug must not end the reconciling of this process for good
                 log.exception('reconciler: unexpected error')
+            finally:
+                self._store.index.release()
 
     def run_once(self) -> dict[str, int] | None:
         """A pass, if this process holds (or takes) the lease; what it did, or None without the lease."""
