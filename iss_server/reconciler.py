@@ -137,14 +137,24 @@ class Reconciler:
     def _run(self) -> None:
         # NOTE: the workers of a node start together; a random first wait spreads their looks at the lease.
         wait = random.uniform(0, self._interval)
+        failing = False
         while not self._stop.wait(wait):
             wait = self._interval
             try:
                 self.run_once()
             except ServiceError as exc:  # NOTE: the index or the bucket is down: the next pass tries again
-                log.warning('reconciler: %s', exc)
+                if not failing:  # NOTE: once, not every pass of an outage
+                    log.warning('reconciler: %s (trying again every %g s)', exc, self._interval)
+                failing = True
+                continue
             except Exception:  # NOTE: a bug must not end the reconciling of this process for good
                 log.exception('reconciler: unexpected error')
+                continue
+            finally:
+                self._store.index.release()
+            if failing:
+                log.warning('reconciler: working again')
+            failing = False
 
     def run_once(self) -> dict[str, int] | None:
         """A pass, if this process holds (or takes) the lease; what it did, or None without the lease."""
