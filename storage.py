@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -865,17 +866,16 @@ def stage_file(layout: disk.Layout, stream: Readable, also: Callable[[memoryview
     size = 0
     while size < len(first) and (count := stream.readinto(first[size:])):
         size += count
-    if also is not None and size:
-        also(first[:size])
     if size < len(first):
+        if also is not None and size:
+            also(first[:size])
         return StagedBlob.in_memory(layout, bytes(first[:size]))
     with disk.translated('creating a temp file'):
         fd, path = layout.new_temp()
-    sha256 = hashlib.sha256(first)
+    sha256 = hashlib.sha256()
+    size = 0
     try:
-        with disk.translated('writing an upload'):
-            disk.write_all(fd, first)
-        for piece in written(fd, stream, start=size):
+        for piece in written(fd, stream, head=first):
             sha256.update(piece)
             size += len(piece)
             if also is not None:
@@ -923,8 +923,10 @@ _CHUNK_SIZE = 1024 * 1024
 _WRITEBACK_BYTES = 8 * 1024 * 1024
 
 
-def written(fd: int, stream: Readable, start: int = 0) -> Iterator[memoryview]:
+def written(fd: int, stream: Readable, start: int = 0, head: memoryview | None = None) -> Iterator[memoryview]:
     """Write ``stream`` into ``fd`` from offset ``start`` until EOF, yielding each piece once it is written.
+
+    ``head``: bytes already read from ``stream``, written first.
 
     The one way an upload's bytes reach a file (a staged blob, a chunk of a resumable
     upload): the caller hashes or counts what is yielded. Whatever reading raises
@@ -932,7 +934,7 @@ def written(fd: int, stream: Readable, start: int = 0) -> Iterator[memoryview]:
     """
     os.lseek(fd, start, os.SEEK_SET)
     position = written_back = start
-    for piece in _chunks(stream, _CHUNK_SIZE):
+    for piece in itertools.chain([head] if head else [], _chunks(stream, _CHUNK_SIZE)):
         with disk.translated('writing an upload'):
             disk.write_all(fd, piece)
         position += len(piece)
