@@ -138,6 +138,7 @@ def write_atomically(
     replace: bool = ...,
     keep_open: Literal[True],
     guard: contextlib.AbstractContextManager[object] | None = ...,
+    cache: bool = ...,
 ) -> tuple[bool, int]: ...
 @overload
 def write_atomically(
@@ -148,6 +149,7 @@ def write_atomically(
     replace: bool = ...,
     keep_open: Literal[False] = ...,
     guard: contextlib.AbstractContextManager[object] | None = ...,
+    cache: bool = ...,
 ) -> tuple[bool, None]: ...
 def write_atomically(
     layout: Layout,
@@ -157,6 +159,7 @@ def write_atomically(
     replace: bool = False,
     keep_open: bool = False,
     guard: contextlib.AbstractContextManager[object] | None = None,
+    cache: bool = False,
 ) -> tuple[bool, int | None]:
     """Write a file whole or not at all: temp file, ``write(fd)``, flush, into place, flush.
 
@@ -168,6 +171,10 @@ def write_atomically(
             at its start (the caller closes it); the temp name is gone either way.
         guard: entered once the bytes are durable, and held while they are put
             in place (a blob's lock, see :func:`hold`); what it raises aborts.
+        cache: a cache's file (a derivative, a node's copy), which a crash may lose
+            but never tear: its own bytes are flushed (fsync) before it is named, and
+            the name is not flushed. PERF: no ``syncfs`` of the whole file system,
+            whose cost grows with whatever else is dirty on it.
 
     Returns:
         Whether the file was put in place (False: the name existed, nothing
@@ -176,9 +183,15 @@ def write_atomically(
     fd, temp_path = layout.new_temp()
     try:
         write(fd)
-        layout.flush()
+        if cache:
+            os.fsync(fd)
+        else:
+            layout.flush()
         with guard or contextlib.nullcontext():
-            placed = place(layout, temp_path, final_path, replace=replace)
+            if cache:
+                placed = link(layout, temp_path, final_path, replace=replace)
+            else:
+                placed = place(layout, temp_path, final_path, replace=replace)
         kept = None
         if keep_open:
             kept = os.dup(fd)
