@@ -3,8 +3,9 @@
 Each derivative lives at ``derived/ab/cd/<hex>/<name>`` (``name`` is the
 variant's key, e.g. ``256x256-cover-q80.webp``), written whole or not at all
 (:func:`disk.write_atomically`, as a cache's file: a crash may lose it, never
-tear it) while its blob is held, so that a concurrent delete removes it too. The cache is kept under a byte bound by removing the
-least recently used first (a read touches the file's modification time).
+tear it) while its blob is held, so that a concurrent delete removes it too.
+The cache is kept under a byte bound by removing the least recently used first
+(a read touches the file's modification time).
 """
 
 from __future__ import annotations
