@@ -97,12 +97,20 @@ class StagedBlob:
         self.writer: Writer | None = None
         #: The bytes of a small upload not written yet, and the spool they go to.
         self._waiting: tuple[disk.Layout, bytes] | None = None
+        self._waiting_taken = size  # NOTE: what they count in _waiting_in_memory while they wait
 
     @classmethod
     def in_memory(cls, layout: disk.Layout, data: bytes) -> StagedBlob:
-        """A small upload held in memory: written to ``layout``'s spool only when :meth:`spool` is called."""
+        """A small upload held in memory: written to ``layout``'s spool only when :meth:`spool` is called.
+
+        NOTE: past :data:`_WAITING_BYTES` held by this process (a batch of many small
+        files, many threads), it is written at once: memory stays bounded.
+        """
         staged = cls(-1, '', 'sha256:' + hashlib.sha256(data).hexdigest(), len(data))
         staged._waiting = (layout, data)
+        if not _waiting_in_memory.take(len(data)):
+            staged._waiting_taken = 0
+            staged.spool()
         return staged
 
     def spool(self) -> None:
@@ -121,7 +129,13 @@ class StagedBlob:
             except BaseException:
                 disk.remove_temp(fd, path)
                 raise
-        self._fd, self._path, self._waiting = fd, path, None
+        self._fd, self._path = fd, path
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        if self._waiting is not None:
+            self._waiting = None
+            _waiting_in_memory.give(self._waiting_taken)
 
     @property
     def path(self) -> str:
@@ -152,7 +166,7 @@ class StagedBlob:
         if self.writer is not None:
             writer, self.writer = self.writer, None
             writer.cancel()
-        self._waiting = None
+        self._stop_waiting()
         if self._fd < 0:
             return
         # NOTE: unlink before close: while the fd is open the flock keeps
@@ -165,6 +179,26 @@ class StagedBlob:
 
     def __exit__(self, *exc_info: object) -> None:
         self.discard()
+
+
+class _Budget:
+    """A count of bytes that may not pass a bound, shared by a process's threads."""
+
+    def __init__(self, limit: int) -> None:
+        self._left = limit
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Count ``size`` more bytes, unless that would pass the bound (then False)."""
+        with self._lock:
+            if size > self._left:
+                return False
+            self._left -= size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self._left += size
 
 
 class BlobStore:
@@ -913,8 +947,11 @@ def sweep_temp(layout: disk.Layout, *, dry_run: bool = False) -> int:
     return removed
 
 
-# PERF: an upload up to this size is received into memory, and written only if it is new.
+# PERF: an upload up to this size is received into memory, and written only if it is new;
+# at most _WAITING_BYTES of them wait in a process's memory at once (the rest are written at once).
 _IN_MEMORY_BYTES = 64 * 1024
+_WAITING_BYTES = 32 * 1024 * 1024
+_waiting_in_memory = _Budget(_WAITING_BYTES)
 _FIRST_CHUNK_BYTES = 64 * 1024
 # PERF: 1 MiB reads keep the per-chunk Python overhead small next to
 # hashing (~1.4 GB/s) while bounding memory per upload.

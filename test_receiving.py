@@ -8,6 +8,7 @@ import pathlib
 import falcon.testing
 import pytest
 
+import storage
 from iss_server.config import Settings
 from iss_server.errors import BadRequest, TooManyFiles, UploadTooLarge
 from iss_server.receiving import UploadReceiver, is_multipart
@@ -159,3 +160,17 @@ def test_is_multipart_reads_the_type_in_any_case():
     assert is_multipart(form_request(b''))
     assert is_multipart(raw_request(b'', 'Multipart/Form-Data; boundary=x'))
     assert not is_multipart(raw_request(b'', 'image/png'))
+
+
+def test_small_uploads_wait_in_memory_only_up_to_the_bound_then_are_written_at_once(
+    receiver, staged_files, monkeypatch
+):
+    monkeypatch.setattr(storage, '_waiting_in_memory', storage._Budget(2000))
+    body = form(*(('file', f'f{n}', bytes([n]) * 900) for n in range(3)))
+
+    with receiver.receive(form_request(body), max_files=3) as uploads:
+        assert len(staged_files()) == 1  # NOTE: the third passed the bound: written at once
+        assert [upload.staged.size for upload in uploads] == [900, 900, 900]
+
+    assert staged_files() == []
+    assert storage._waiting_in_memory.take(2000), 'what waited was given back'
