@@ -24,6 +24,8 @@ import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
+import io
+import itertools
 import json
 import logging
 import os
@@ -94,16 +96,65 @@ class StagedBlob:
 
     It keeps the temp file open, and so its flock held, until the commit puts
     it in place or :meth:`discard` removes it. It is a :class:`drivers.Source`.
+    A small upload waits in memory instead (:meth:`in_memory`) until the commit
+    finds its content new and :meth:`spool` writes it.
     """
 
     def __init__(self, fd: int, path: str, digest: str, size: int) -> None:
         self._fd = fd
-        self.path = path
+        self._path = path
         self.digest = digest
         self.size = size
         #: The object a driver began writing while the bytes arrived (a PUT's claimed
         #: digest): the commit commits it, a discard cancels it.
         self.writer: Writer | None = None
+        #: The bytes of a small upload not written yet, and the spool they go to.
+        self._waiting: tuple[disk.Layout, bytes] | None = None
+        self._waiting_taken = size  # NOTE: what they count in _waiting_in_memory while they wait
+
+    @classmethod
+    def in_memory(cls, layout: disk.Layout, data: bytes) -> StagedBlob:
+        """A small upload held in memory: written to ``layout``'s spool only when :meth:`spool` is called.
+
+        NOTE: past :data:`_WAITING_BYTES` held by this process (a batch of many small
+        files, many threads), it is written at once: memory stays bounded.
+        """
+        staged = cls(-1, '', 'sha256:' + hashlib.sha256(data).hexdigest(), len(data))
+        staged._waiting = (layout, data)
+        if not _waiting_in_memory.take(len(data)):
+            staged._waiting_taken = 0
+            staged.spool()
+        return staged
+
+    def spool(self) -> None:
+        """Write bytes waiting in memory to a temp file of the spool; a no-op when they are in one.
+
+        PERF: the commit calls it for new content only (before the flush that makes staged
+        bytes durable), so content already stored is answered without any write.
+        """
+        if self._waiting is None:
+            return
+        layout, data = self._waiting
+        with disk.translated('writing an upload'):
+            fd, path = layout.new_temp()
+            try:
+                disk.write_all(fd, data)
+            except BaseException:
+                disk.remove_temp(fd, path)
+                raise
+        self._fd, self._path = fd, path
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        if self._waiting is not None:
+            self._waiting = None
+            _waiting_in_memory.give(self._waiting_taken)
+
+    @property
+    def path(self) -> str:
+        """The temp file holding the bytes (written now if they waited in memory)."""
+        self.spool()
+        return self._path
 
     @property
     def hex(self) -> str:
@@ -114,22 +165,26 @@ class StagedBlob:
         return self.hex
 
     def fileno(self) -> int:
+        self.spool()
         return self._fd
 
     def open(self) -> IO[bytes]:
         """The staged bytes, to inspect them before commit (the caller closes it)."""
-        return open(self.path, 'rb')
+        if self._waiting is not None:
+            return io.BytesIO(self._waiting[1])
+        return open(self._path, 'rb')
 
     def discard(self) -> None:
         """Throw the bytes away; a no-op once committed or discarded."""
         if self.writer is not None:
             writer, self.writer = self.writer, None
             writer.cancel()
+        self._stop_waiting()
         if self._fd < 0:
             return
         # NOTE: unlink before close: while the fd is open the flock keeps
         # sweepers away, so the name is never removed by anyone else.
-        disk.remove_temp(self._fd, self.path)
+        disk.remove_temp(self._fd, self._path)
         self._fd = -1
 
     def __enter__(self) -> StagedBlob:
@@ -137,6 +192,26 @@ class StagedBlob:
 
     def __exit__(self, *exc_info: object) -> None:
         self.discard()
+
+
+class _Budget:
+    """A count of bytes that may not pass a bound, shared by a process's threads."""
+
+    def __init__(self, limit: int) -> None:
+        self._left = limit
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Count ``size`` more bytes, unless that would pass the bound (then False)."""
+        with self._lock:
+            if size > self._left:
+                return False
+            self._left -= size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self._left += size
 
 
 class BlobStore:
@@ -425,6 +500,8 @@ class BlobStore:
             for hex_digest, _ in uploads
             if hex_digest not in stored or stored[hex_digest] is None
         }
+        for _, staged, _ in new:
+            staged.spool()  # NOTE: a small upload waited in memory; its content is new, so it is written now
         if meta_sources:
             group.sync()  # the staged bytes and the metas' bytes
         for hex_digest, staged, replace in new:
@@ -1094,6 +1171,8 @@ def stage_file(layout: disk.Layout, stream: Readable, also: Callable[[memoryview
 
     How every store receives an upload (an S3 store spools it on the node's own
     disk). The bytes are synced by the commit, and only if they are new.
+    PERF: an upload that ends within its first :data:`_IN_MEMORY_BYTES` waits in
+    memory (:meth:`StagedBlob.in_memory`), written only if the commit finds it new.
     Whatever ``stream.readinto`` raises (a size limit, a client that went away)
     propagates unchanged after the temp file is removed. ``also`` sees each piece
     as it is written (a view, valid until the next piece).
@@ -1102,12 +1181,20 @@ def stage_file(layout: disk.Layout, stream: Readable, also: Callable[[memoryview
         StoreFull: the disk filled up (the temp file is removed).
         StoreUnavailable: the data directory cannot be written.
     """
+    first = memoryview(bytearray(_IN_MEMORY_BYTES))
+    size = 0
+    while size < len(first) and (count := stream.readinto(first[size:])):
+        size += count
+    if size < len(first):
+        if also is not None and size:
+            also(first[:size])
+        return StagedBlob.in_memory(layout, bytes(first[:size]))
     with disk.translated('creating a temp file'):
         fd, path = layout.new_temp()
     sha256 = hashlib.sha256()
     size = 0
     try:
-        for piece in written(fd, stream):
+        for piece in written(fd, stream, head=first):
             sha256.update(piece)
             size += len(piece)
             if also is not None:
@@ -1146,6 +1233,11 @@ def sweep_temp(layout: disk.Layout, *, dry_run: bool = False) -> int:
     return removed
 
 
+# PERF: an upload up to this size is received into memory, and written only if it is new;
+# at most _WAITING_BYTES of them wait in a process's memory at once (the rest are written at once).
+_IN_MEMORY_BYTES = 64 * 1024
+_WAITING_BYTES = 32 * 1024 * 1024
+_waiting_in_memory = _Budget(_WAITING_BYTES)
 _FIRST_CHUNK_BYTES = 64 * 1024
 # PERF: 1 MiB reads keep the per-chunk Python overhead small next to
 # hashing (~1.4 GB/s) while bounding memory per upload.
@@ -1154,8 +1246,10 @@ _CHUNK_SIZE = 1024 * 1024
 _WRITEBACK_BYTES = 8 * 1024 * 1024
 
 
-def written(fd: int, stream: Readable, start: int = 0) -> Iterator[memoryview]:
+def written(fd: int, stream: Readable, start: int = 0, head: memoryview | None = None) -> Iterator[memoryview]:
     """Write ``stream`` into ``fd`` from offset ``start`` until EOF, yielding each piece once it is written.
+
+    ``head``: bytes already read from ``stream``, written first.
 
     The one way an upload's bytes reach a file (a staged blob, a chunk of a resumable
     upload): the caller hashes or counts what is yielded. Whatever reading raises
@@ -1163,7 +1257,7 @@ def written(fd: int, stream: Readable, start: int = 0) -> Iterator[memoryview]:
     """
     os.lseek(fd, start, os.SEEK_SET)
     position = written_back = start
-    for piece in _chunks(stream, _CHUNK_SIZE):
+    for piece in itertools.chain([head] if head else [], _chunks(stream, _CHUNK_SIZE)):
         with disk.translated('writing an upload'):
             disk.write_all(fd, piece)
         position += len(piece)

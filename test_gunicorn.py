@@ -17,7 +17,7 @@ import urllib.parse
 import pytest
 from PIL import Image
 
-from iss_testing.data import files_in
+from iss_testing.data import files_in, temp_files_open
 from iss_testing.servers import Gunicorn, wait_for
 
 MIB = 1024 * 1024
@@ -245,25 +245,35 @@ def start_upload_and_stall(server: Gunicorn, declared: int, sent: int) -> socket
     return sock
 
 
+def uploads_in_flight(server: Gunicorn) -> list[str]:
+    """The temp files the server's processes hold open under its tmp/ (unnamed ones too: ``O_TMPFILE``)."""
+    return temp_files_open(server.data_dir / 'tmp', server.processes())
+
+
 def test_client_that_disconnects_mid_upload_leaves_nothing(server):
     sock = start_upload_and_stall(server, declared=64 * MIB, sent=4 * MIB)
-    wait_for(lambda: files_in(server.data_dir / 'tmp'), message='the upload to reach a temp file')
+    wait_for(lambda: uploads_in_flight(server), message='the upload to reach a temp file')
 
     sock.close()
 
-    wait_for(lambda: not files_in(server.data_dir / 'tmp'), message='the temp file to be removed')
+    wait_for(lambda: not uploads_in_flight(server), message='the temp file to be removed')
+    assert files_in(server.data_dir / 'tmp') == []
     assert files_in(server.data_dir / 'blobs') == []
     assert server.request('GET', '/health')[0] == 200
 
 
 def test_temp_files_of_a_killed_server_are_swept_when_it_restarts(start, tmp_path):
+    """An unnamed temp file goes with the killed process; a named one (no O_TMPFILE, a replace) is swept."""
     first = start()
     sock = start_upload_and_stall(first, declared=64 * MIB, sent=2 * MIB)
-    wait_for(lambda: files_in(first.data_dir / 'tmp'), message='the upload to reach a temp file')
+    wait_for(lambda: uploads_in_flight(first), message='the upload to reach a temp file')
+    named = [path for path in uploads_in_flight(first) if not path.endswith(' (deleted)')]
 
     first.kill()
     sock.close()
-    assert files_in(first.data_dir / 'tmp'), 'SIGKILL should leave the temp file behind'
+    assert len(files_in(first.data_dir / 'tmp')) == len(named), 'an unnamed temp file goes with its process'
+    if not named:  # NOTE: what a dead writer leaves where a temp file has a name (no O_TMPFILE, a replace)
+        (first.data_dir / 'tmp' / 'upload-left-by-a-dead-worker').write_bytes(b'partial')
     second = start(first.data_dir)
 
     assert files_in(second.data_dir / 'tmp') == []
@@ -393,10 +403,74 @@ def test_an_upload_is_answered_only_after_the_flushes_that_make_it_durable(start
         assert len(flushes) == 3, '\n'.join(since_last_answer)
 
 
+def upload_steps(trace: pathlib.Path) -> list[list[str]]:
+    """What the thread answering each upload did for it, in order (strace of openat, write, link, syncfs, sendto).
+
+    Steps, repeats collapsed: ``bytes`` (a write to a temp file: the upload's or its meta's),
+    ``flush`` (a syncfs returned 0), ``blob named`` and ``meta named`` (a link that succeeded),
+    ``answer`` (the body of the answer, which names the artifact, sent). Whatever a thread did
+    before its previous answer (a /health probe's, another upload's) is not counted.
+    """
+    # NOTE: a call another thread interrupted is written in two lines; its result is on the second.
+    unfinished: dict[str, str] = {}
+    steps: dict[str, list[str]] = {}
+    temp_fds: dict[str, set[str]] = {}
+    answers = []
+    for line in trace.read_text().splitlines():
+        thread, _, call = line.partition(' ')
+        if call.endswith('<unfinished ...>'):
+            unfinished[thread] = call.removesuffix('<unfinished ...>')
+            continue
+        if call.startswith('<... '):
+            call = unfinished.pop(thread, '') + call.split('resumed>', 1)[1]
+        done = steps.setdefault(thread, [])
+        step = None
+        if 'O_TMPFILE' in call and (fd := re.search(r'= (\d+)$', call)):
+            temp_fds.setdefault(thread, set()).add(fd.group(1))
+        elif (fd := re.match(r'write\((\d+),', call)) and fd.group(1) in temp_fds.get(thread, ()):
+            step = 'bytes'
+        elif call.startswith('syncfs(') and call.endswith('= 0'):
+            step = 'flush'
+        elif re.match(r'link(at)?\(', call) and call.endswith('= 0'):
+            step = 'meta named' if '/meta/' in call else 'blob named' if '/blobs/' in call else None
+        elif call.startswith('sendto(') and '"HTTP/1.1 ' not in call:  # NOTE: the head goes first, then the body
+            if '{\\"artifact_id\\"' in call:
+                answers.append([*done, 'answer'])
+            steps[thread], temp_fds[thread] = [], set()
+        if step and (not done or done[-1] != step):
+            done.append(step)
+    return answers
+
+
+def test_a_new_small_upload_is_written_flushed_named_and_flushed_before_its_answer(start, tmp_path):
+    """The order that makes a blob durable before its 201, on the path of small uploads (in memory, then O_TMPFILE).
+
+    The bytes (the blob's and its meta's) are flushed before the blob gets its name, the blob's
+    name before its meta's, and the meta's name before the answer: a crash at any point leaves
+    the blob wholly there or not at all, and never a meta without its blob.
+    """
+    server, trace = start_under_strace(start, tmp_path, 'openat,write,link,linkat,syncfs,sendto')
+
+    put_random(server, 3000)
+
+    wait_for(lambda: upload_steps(trace), message='the answer in the trace')
+    assert upload_steps(trace) == [['bytes', 'flush', 'blob named', 'flush', 'meta named', 'flush', 'answer']]
+
+
+def test_a_small_upload_of_content_already_stored_is_answered_without_a_write(start, tmp_path):
+    server, trace = start_under_strace(start, tmp_path, 'openat,write,link,linkat,syncfs,sendto')
+    data, digest = put_random(server, 3000)
+
+    assert server.request('PUT', f'/artifacts/{digest}?kind=small', data)[0] == 200
+
+    wait_for(lambda: len(upload_steps(trace)) == 2, message='both answers in the trace')
+    assert upload_steps(trace)[1] == ['answer']
+
+
 def test_health_answers_while_slow_clients_upload(server):
     stalled = [start_upload_and_stall(server, declared=10 * MIB, sent=64 * 1024) for _ in range(8)]
     try:
-        wait_for(lambda: len(files_in(server.data_dir / 'tmp')) == 8, message='8 uploads in flight')
+        wait_for(lambda: len(uploads_in_flight(server)) == 8, message='8 uploads in flight')
 
         started = time.monotonic()
         status, _, body = server.request('GET', '/health')
@@ -411,10 +485,10 @@ def test_health_answers_while_slow_clients_upload(server):
 def test_a_client_that_stalls_mid_body_is_dropped_after_the_body_timeout(start):
     server = start(ISS_BODY_TIMEOUT='2')
     sock = start_upload_and_stall(server, declared=10 * MIB, sent=MIB)
-    wait_for(lambda: files_in(server.data_dir / 'tmp'), message='the upload to reach a temp file')
+    wait_for(lambda: uploads_in_flight(server), message='the upload to reach a temp file')
     stalled_at = time.monotonic()
 
-    wait_for(lambda: not files_in(server.data_dir / 'tmp'), seconds=15, message='the stalled upload to be dropped')
+    wait_for(lambda: not uploads_in_flight(server), seconds=15, message='the stalled upload to be dropped')
     dropped_after = time.monotonic() - stalled_at
     # NOTE: the connection closes after the answer: the rest of that body is not waited for.
     responses = read_responses(sock)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import falcon.testing
 import pytest
 
+import storage
 from iss_server.config import Settings
 from iss_server.errors import BadRequest, TooManyFiles, UploadTooLarge
 from iss_server.receiving import UploadReceiver, is_multipart
-from iss_testing.data import blob_id, file_store, files_under
+from iss_testing.data import blob_id, file_store, temp_files_open
 
 BOUNDARY = 'b0undary'
 
@@ -47,8 +49,8 @@ def receiver(store, data_dir: pathlib.Path) -> UploadReceiver:
 
 @pytest.fixture
 def staged_files(data_dir: pathlib.Path):
-    """The files staged in the data directory's tmp/, not yet committed."""
-    return lambda: files_under(data_dir / 'tmp')
+    """The temp files staged in the data directory's tmp/, not yet committed (named or not)."""
+    return lambda: temp_files_open(data_dir / 'tmp')
 
 
 def test_a_raw_body_is_one_upload_with_the_requests_type(receiver, staged_files):
@@ -56,9 +58,21 @@ def test_a_raw_body_is_one_upload_with_the_requests_type(receiver, staged_files)
         (upload,) = uploads
         assert (upload.staged.digest, upload.staged.size) == (blob_id(b'raw bytes'), 9)
         assert (upload.filename, upload.content_type, upload.fields) == (None, 'text/plain', {})
+        assert staged_files() == []  # NOTE: a small upload waits in memory until a commit finds it new
+        with upload.staged.open() as received:
+            assert received.read() == b'raw bytes'
+
+    assert staged_files() == []
+
+
+def test_an_upload_past_what_waits_in_memory_is_staged_in_one_temp_file(store, data_dir, staged_files):
+    receiver = UploadReceiver(store, Settings(data_dir=str(data_dir)))
+    data = os.urandom(100 * 1024)
+    with receiver.receive(raw_request(data, 'application/octet-stream')) as (upload,):
+        assert (upload.staged.digest, upload.staged.size) == (blob_id(data), len(data))
         assert len(staged_files()) == 1
 
-    assert staged_files() == []  # NOTE: not committed, so discarded
+    assert staged_files() == []
 
 
 def test_a_forms_file_comes_with_its_name_and_the_fields_asked_for(receiver):
@@ -146,3 +160,17 @@ def test_is_multipart_reads_the_type_in_any_case():
     assert is_multipart(form_request(b''))
     assert is_multipart(raw_request(b'', 'Multipart/Form-Data; boundary=x'))
     assert not is_multipart(raw_request(b'', 'image/png'))
+
+
+def test_small_uploads_wait_in_memory_only_up_to_the_bound_then_are_written_at_once(
+    receiver, staged_files, monkeypatch
+):
+    monkeypatch.setattr(storage, '_waiting_in_memory', storage._Budget(2000))
+    body = form(*(('file', f'f{n}', bytes([n]) * 900) for n in range(3)))
+
+    with receiver.receive(form_request(body), max_files=3) as uploads:
+        assert len(staged_files()) == 1  # NOTE: the third passed the bound: written at once
+        assert [upload.staged.size for upload in uploads] == [900, 900, 900]
+
+    assert staged_files() == []
+    assert storage._waiting_in_memory.take(2000), 'what waited was given back'

@@ -1,10 +1,11 @@
 """The derivative cache on disk: thumbnails and conversions, rendered once, kept within a bound.
 
 Each derivative lives at ``derived/ab/cd/<hex>/<name>`` (``name`` is the
-variant's key, e.g. ``256x256-cover-q80.webp``), written like a blob (see
-:func:`disk.write_atomically`) while its blob is held, so that a concurrent
-delete removes it too. The cache is kept under a byte bound by removing the
-least recently used first (a read touches the file's modification time).
+variant's key, e.g. ``256x256-cover-q80.webp``), written whole or not at all
+(:func:`disk.write_atomically`, as a cache's file: a crash may lose it, never
+tear it) while its blob is held, so that a concurrent delete removes it too.
+The cache is kept under a byte bound by removing the least recently used first
+(a read touches the file's modification time).
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ class DerivedCache:
         with disk.translated('storing a derivative'):
             # NOTE: rendered before the blob is held, so a delete never waits for a render;
             # served from the kept descriptor, as eviction below may remove the name already.
-            _, fd = disk.write_atomically(self._layout, path, write_fd, keep_open=True, guard=self._hold(hex_digest))
+            _, fd = disk.write_atomically(
+                self._layout, path, write_fd, keep_open=True, guard=self._hold(hex_digest), cache=True
+            )
         rendered = disk.open_fd(fd)
         stat = BlobStat.of(os.fstat(rendered.fileno()))
         self._writes += 1

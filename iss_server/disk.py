@@ -11,11 +11,12 @@ Layout under the data directory (the seed version's, unchanged)::
 
 The first three are the file driver's (``drivers/file.py``; on S3 they are
 keys in the bucket); the last three are the node's scratch. A durable write of
-a file is a private, locked temp file under ``tmp/``, flushed, then linked
-(never replacing) or renamed (replacing) into place and flushed again, the
-temp name removed on every path (:func:`write_atomically`, and a store's
-commit, which does the same for a group). Every operation on a stored blob
-that must not overlap a delete holds the blob's flock (:func:`lock_file`).
+a file is a private, locked temp file in ``tmp/`` (unnamed, ``O_TMPFILE``, where
+the file system allows), flushed, then linked (never replacing) or renamed
+(replacing) into place and flushed again, a temp name removed on every path
+(:func:`write_atomically`, and a store's commit, which does the same for a
+group). Every operation on a stored blob that must not overlap a delete holds
+the blob's flock (:func:`lock_file`).
 
 Flushes are group commits (:class:`Flusher`): one ``syncfs`` of the data
 directory's file system makes durable what every waiting writer wrote, so
@@ -31,12 +32,15 @@ import hashlib
 import os
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import IO, Any, Literal, overload
 
 from iss_server import syscalls
 from iss_server.errors import StoreFull, StoreUnavailable
 
+# The path of an unnamed temp file (O_TMPFILE) is that of its descriptor, followed by open.
+_UNNAMED = '/proc/self/fd/'
 # NOTE: errors that say the disk, not the request, is the problem.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -49,6 +53,7 @@ class Layout:
         #: Make everything written so far under the data directory durable (see :class:`Flusher`).
         self.flush = Flusher(self.root)
         self.tmp = os.path.join(self.root, 'tmp')
+        self._unnamed_temps = hasattr(os, 'O_TMPFILE') and syscalls.can_link_open_files()
 
     def blob(self, hex_digest: str) -> str:
         """Where a file driver on this directory keeps a blob (``storage.blob_key``)."""
@@ -59,12 +64,34 @@ class Layout:
         return os.path.join(self.root, f'{name}.lock')
 
     def new_temp(self) -> tuple[int, str]:
-        """Create a locked temp file under tmp/ and return (fd, path).
+        """Create a private temp file on the data directory's file system, locked; return (fd, path).
 
-        The exclusive flock marks the file as in use for as long as this
+        PERF: an unnamed file (``O_TMPFILE``) where the file system has them (ext4, XFS,
+        btrfs, tmpfs): no directory entry is made, flushed and removed again for each
+        upload, and a killed worker leaves nothing behind. Its ``path`` is
+        ``/proc/self/fd/<fd>``, valid while the fd is open: ``open`` reads it, :func:`link`
+        names it. Elsewhere it is a named file under tmp/.
+
+        The exclusive flock marks a named file as in use for as long as this
         process lives, so a sweep in another worker never takes a live write,
-        and a killed worker's file is swept at the next start.
+        and a killed worker's file is swept at the next start. Once a temp file
+        is linked into place, the flock holds the new file too (its inode).
         """
+        if self._unnamed_temps:
+            try:
+                fd = os.open(self.tmp, os.O_TMPFILE | os.O_RDWR, 0o644)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
+                    raise
+                self._unnamed_temps = False  # NOTE: this file system has none (EISDIR: nor this kernel)
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    os.fchmod(fd, 0o644)  # APPSEC: as a named temp file, whatever the umask
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd, _UNNAMED + str(fd)
         while True:
             fd, path = tempfile.mkstemp(dir=self.tmp, prefix='upload-')
             try:
@@ -111,6 +138,7 @@ def write_atomically(
     replace: bool = ...,
     keep_open: Literal[True],
     guard: contextlib.AbstractContextManager[object] | None = ...,
+    cache: bool = ...,
 ) -> tuple[bool, int]: ...
 @overload
 def write_atomically(
@@ -121,6 +149,7 @@ def write_atomically(
     replace: bool = ...,
     keep_open: Literal[False] = ...,
     guard: contextlib.AbstractContextManager[object] | None = ...,
+    cache: bool = ...,
 ) -> tuple[bool, None]: ...
 def write_atomically(
     layout: Layout,
@@ -130,6 +159,7 @@ def write_atomically(
     replace: bool = False,
     keep_open: bool = False,
     guard: contextlib.AbstractContextManager[object] | None = None,
+    cache: bool = False,
 ) -> tuple[bool, int | None]:
     """Write a file whole or not at all: temp file, ``write(fd)``, flush, into place, flush.
 
@@ -141,6 +171,10 @@ def write_atomically(
             at its start (the caller closes it); the temp name is gone either way.
         guard: entered once the bytes are durable, and held while they are put
             in place (a blob's lock, see :func:`hold`); what it raises aborts.
+        cache: a cache's file (a derivative, a node's copy), which a crash may lose
+            but never tear: its own bytes are flushed (fsync) before it is named, and
+            the name is not flushed. PERF: no ``syncfs`` of the whole file system,
+            whose cost grows with whatever else is dirty on it.
 
     Returns:
         Whether the file was put in place (False: the name existed, nothing
@@ -149,9 +183,15 @@ def write_atomically(
     fd, temp_path = layout.new_temp()
     try:
         write(fd)
-        layout.flush()
+        if cache:
+            os.fsync(fd)
+        else:
+            layout.flush()
         with guard or contextlib.nullcontext():
-            placed = place(layout, temp_path, final_path, replace=replace)
+            if cache:
+                placed = link(layout, temp_path, final_path, replace=replace)
+            else:
+                placed = place(layout, temp_path, final_path, replace=replace)
         kept = None
         if keep_open:
             kept = os.dup(fd)
@@ -163,30 +203,49 @@ def write_atomically(
 
 def place(layout: Layout, temp_path: str, final_path: str, *, replace: bool = False) -> bool:
     """Put a flushed file in place durably: rename over, or link (False if the name exists)."""
-    if not link(temp_path, final_path, replace=replace):
+    if not link(layout, temp_path, final_path, replace=replace):
         return False
     layout.flush()
     return True
 
 
-def link(temp_path: str, final_path: str, *, replace: bool = False) -> bool:
-    """Give a file its final name, making the fan-out directories it needs; False if the name exists.
+def link(layout: Layout, temp_path: str, final_path: str, *, replace: bool = False) -> bool:
+    """Give a temp file of ``layout`` its final name, making the fan-out directories it needs; False if the name exists.
 
     Not durable until the next flush: the caller flushes once for every name it gave.
     """
-    give_name = os.replace if replace else os.link
     try:
         try:
-            give_name(temp_path, final_path)
+            _give_name(layout, temp_path, final_path, replace)
         except FileNotFoundError:
             # PERF: the fan-out directory exists for all but the first file in it; made on demand.
             if not os.path.exists(temp_path):
                 raise
             os.makedirs(os.path.dirname(final_path), exist_ok=True)
-            give_name(temp_path, final_path)
+            _give_name(layout, temp_path, final_path, replace)
     except FileExistsError:
         return False
     return True
+
+
+def _give_name(layout: Layout, temp_path: str, final_path: str, replace: bool) -> None:
+    if not temp_path.startswith(_UNNAMED):
+        (os.replace if replace else os.link)(temp_path, final_path)
+        return
+    fd = int(temp_path[len(_UNNAMED) :])
+    if not replace:
+        syscalls.link_open_file(fd, final_path)
+        return
+    # NOTE: rename(2) moves names only: the file is named under tmp/ first. Our flock on it
+    # keeps sweepers away; if we die before the rename, the next start sweeps the name.
+    named = os.path.join(layout.tmp, f'replacing-{uuid.uuid4().hex}')
+    syscalls.link_open_file(fd, named)
+    try:
+        os.replace(named, final_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(named)
+        raise
 
 
 def write_bytes(data: bytes) -> Callable[[int], None]:
@@ -217,10 +276,11 @@ def lock_file(path: str, operation: int) -> int | None:
 
 
 def remove_temp(fd: int, path: str) -> None:
-    """Remove a temp file we hold; unlink first, so no sweeper can get between."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    os.close(fd)
+    """Remove a temp file we hold; unlink a named one first, so no sweeper can get between."""
+    if not path.startswith(_UNNAMED):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    os.close(fd)  # NOTE: an unnamed one goes with its last descriptor
 
 
 def unlink_durably(layout: Layout, path: str) -> bool:

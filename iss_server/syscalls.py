@@ -28,6 +28,10 @@ _SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>: start writeback, do not wait for i
 
 _syncfs = libc_function('syncfs', ctypes.c_int)
 
+_linkat = libc_function('linkat', ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int)
+_AT_FDCWD = -100  # from <fcntl.h>
+_AT_SYMLINK_FOLLOW = 0x400
+
 _mallopt = libc_function('mallopt', ctypes.c_int, ctypes.c_int)
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
 
@@ -50,6 +54,25 @@ def syncfs(fd: int) -> None:
     elif _syncfs(fd) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def can_link_open_files() -> bool:
+    """Whether :func:`link_open_file` works here (a libc with linkat, and /proc mounted)."""
+    return _linkat is not None and os.path.isdir('/proc/self/fd')
+
+
+def link_open_file(fd: int, path: str) -> None:
+    """Give the open file ``fd`` the name ``path`` (which must not exist): how an ``O_TMPFILE`` gets one.
+
+    linkat(2) of ``/proc/self/fd/<fd>`` following the link, as open(2) shows for O_TMPFILE:
+    unlike ``AT_EMPTY_PATH`` it needs no capability. Python's ``os.link`` calls link(2), which
+    links the /proc link itself (EXDEV). Raises OSError like ``os.link`` (FileExistsError...).
+    """
+    assert _linkat is not None  # NOTE: callers ask can_link_open_files() first
+    source = f'/proc/self/fd/{fd}'.encode()
+    if _linkat(_AT_FDCWD, source, _AT_FDCWD, os.fsencode(path), _AT_SYMLINK_FOLLOW) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
 
 
 def set_mmap_threshold(size: int) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import pathlib
 
 from PIL import Image
@@ -41,6 +43,24 @@ def file_store(root) -> storage.FileStore:
 def files_under(path: pathlib.Path) -> list[pathlib.Path]:
     """Return the files below ``path``, sorted."""
     return sorted(p for p in path.rglob('*') if p.is_file())
+
+
+def temp_files_open(tmp: pathlib.Path, pids: list[int] | None = None) -> list[str]:
+    """The files under ``tmp`` these processes (this one by default) hold open: uploads being staged.
+
+    Unlike a listing of ``tmp/`` it also sees the unnamed temp files (``O_TMPFILE``) a
+    store stages in, which are in no directory.
+    """
+    top = os.path.realpath(tmp) + os.sep
+    held = []
+    for pid in pids or [os.getpid()]:
+        with contextlib.suppress(OSError):  # NOTE: a process that ended meanwhile
+            for fd in os.listdir(f'/proc/{pid}/fd'):
+                with contextlib.suppress(OSError):  # NOTE: a descriptor closed meanwhile
+                    target = os.readlink(f'/proc/{pid}/fd/{fd}')
+                    if target.startswith(top):
+                        held.append(target)
+    return held
 
 
 def files_in(directory: pathlib.Path) -> list[pathlib.Path]:

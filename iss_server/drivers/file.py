@@ -158,7 +158,7 @@ class _FileGroup:
     def put(self, source: Source, key: str, *, replace: bool = False) -> bool:
         path = self._driver.path(key)
         # NOTE: once linked, the spooled file's own exclusive flock holds the new object.
-        while not disk.link(source.path, path, replace=replace):
+        while not disk.link(self._driver.layout, source.path, path, replace=replace):
             fd = disk.lock_file(path, fcntl.LOCK_SH)
             if fd is not None:  # NOTE: None: removed meanwhile; link ours after all
                 self._held.callback(os.close, fd)
