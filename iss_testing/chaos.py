@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -126,8 +127,11 @@ class FaultProxy:
                     break
                 sink.sendall(data)
         for end in (source, sink):
-            with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
+            if self.mode == 'reset':
+                _reset(end)  # NOTE: an RST, never the FIN of a shutdown: the peer must not see a clean end
+            else:
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
             self._untrack(end)
 
     def _track(self, sock: socket.socket) -> None:
@@ -142,11 +146,11 @@ class FaultProxy:
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close ``sock`` with an RST; wake a thread blocked reading it first."""
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RD)
+    """Close ``sock`` with an RST; wake a thread blocked reading it first (SHUT_RD sends nothing)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
     with contextlib.suppress(OSError):
         sock.close()
 
@@ -178,9 +182,13 @@ class Engines:
 class Cluster:
     """Two (or more) gunicorn nodes on one bucket and one index, each engine behind a ``FaultProxy``, nginx in front.
 
-    ``deadline``: what a request may cost when an engine hangs (set as ``ISS_INDEX_TIMEOUT``
-    and ``ISS_S3_TIMEOUT``); ``reconcile_interval``: within what every content is complete
-    or absent after a fault (set as ``ISS_RECONCILE_INTERVAL``).
+    ``deadline``: what a request may cost when an engine hangs, whole seconds (set as
+    ``ISS_INDEX_TIMEOUT`` and ``ISS_S3_TIMEOUT``). ``reconcile_interval`` and ``reconcile_grace``
+    (``ISS_RECONCILE_INTERVAL``, ``ISS_RECONCILE_GRACE``, and the sweep for objects without a
+    row as often, ``ISS_RECONCILE_SWEEP``): a write left half-done is settled once its grace
+    has passed, at the next pass; so ``settle_seconds`` after a fault every content is
+    complete or absent. Settings a node does not know are ignored: the suite runs on code
+    from before them, and says what fails there.
     """
 
     def __init__(
@@ -188,14 +196,15 @@ class Cluster:
         engines: Engines,
         workdir: pathlib.Path,
         nodes: int = 2,
-        deadline: float = 2.0,
-        reconcile_interval: float = 5.0,
+        deadline: int = 2,
+        reconcile_interval: int = 1,
+        reconcile_grace: int = 3,
         **env: str,
     ) -> None:
         self.engines = engines
         self.workdir = workdir
         self.deadline = deadline
-        self.reconcile_interval = reconcile_interval
+        self.settle_seconds = reconcile_grace + reconcile_interval
         self.index_proxy = FaultProxy(engines.postgres.port)
         self.s3_proxy = FaultProxy(engines.seaweedfs.port)
         direct = s3_node_environment(engines.seaweedfs, engines.postgres)
@@ -211,9 +220,11 @@ class Cluster:
             'ISS_ACCEL_REDIRECT': '/_internal/s3/',
             # NOTE: the workload's larger blobs (above it) are fetched by nginx from the bucket, the smaller by ISS.
             'ISS_ACCEL_MIN_BYTES': str(64 * 1024),
-            'ISS_INDEX_TIMEOUT': f'{deadline:g}',
-            'ISS_S3_TIMEOUT': f'{deadline:g}',
-            'ISS_RECONCILE_INTERVAL': f'{reconcile_interval:g}',
+            'ISS_INDEX_TIMEOUT': str(deadline),
+            'ISS_S3_TIMEOUT': str(deadline),
+            'ISS_RECONCILE_INTERVAL': str(reconcile_interval),
+            'ISS_RECONCILE_GRACE': str(reconcile_grace),
+            'ISS_RECONCILE_SWEEP': str(reconcile_interval),
             **env,
         }
         self.nodes: list[Gunicorn] = []
@@ -222,8 +233,13 @@ class Cluster:
         self._shared = pathlib.Path(tempfile.mkdtemp(prefix='iss-chaos-'))
         self._shared.chmod(0o755)
         try:
-            for number in range(nodes):
-                self.nodes.append(self._start_node(number))
+            # PERF: started together: each takes seconds to answer /health.
+            with concurrent.futures.ThreadPoolExecutor(nodes) as starting:
+                started = [starting.submit(self._start_node, number) for number in range(nodes)]
+            # NOTE: the nodes that did start are kept, so that stop() ends them when another did not.
+            self.nodes.extend(node.result() for node in started if node.exception() is None)
+            for node in started:
+                node.result()
             (workdir / 'nginx').mkdir()
             self.nginx = Nginx(
                 workdir / 'nginx', [node.port for node in self.nodes], self._shared / 'data', self.s3_endpoint
@@ -629,16 +645,23 @@ def check(target: Cluster, run: Run, recover_within: float = 60.0) -> Report:
     except AssertionError:
         report.problems.append(f"not every node answered /health 200 within {recover_within:g} s of the fault's end")
     report.measured['healthy_after_s'] = round(time.monotonic() - ready + run.workload.now() - run.fault_ended, 1)
-    # NOTE: one reconcile interval (and nginx's cache validity) after the last request.
-    time.sleep(target.reconcile_interval + 1)
+    # NOTE: the reconciler's grace and one interval (and nginx's cache validity, 2 s) after the last request.
+    time.sleep(max(target.settle_seconds, 2) + 1)
 
-    wrong = [c for c in calls if c.error and not c.refused_properly()]
-    kinds = ', '.join(
-        f'{k} x{n}' for k, n in collections.Counter(f'{c.op} {c.status or "none"}' for c in wrong).items()
-    )
+    wrong: dict[str, list[Call]] = collections.defaultdict(list)
+    for c in calls:
+        if c.error and not c.refused_properly():
+            wrong[f'{c.op} {c.status or "none"}'].append(c)
     report.broken(
-        f'answers neither a success nor a JSON 503 with Retry-After ({kinds})',
-        [f'{c.op} at {c.started:.1f}s: {c.status or "no answer"} {c.error[:120]}' for c in wrong],
+        'answers neither a success nor a JSON 503 with Retry-After '
+        f'({", ".join(f"{kind} x{len(some)}" for kind, some in wrong.items())})',
+        # NOTE: one example of each kind of wrong answer
+        [
+            f'{c.op} at {c.started:.1f}s: {c.status or "no answer"}{"" if c.retry_after else " (no Retry-After)"} '
+            f'{c.error[:160]}'
+            for c in (some[0] for some in wrong.values())
+        ],
+        limit=len(wrong),
     )
     slow = sorted((c for c in calls if c.seconds > target.deadline + 1), key=lambda c: -c.seconds)
     report.broken(
@@ -648,20 +671,28 @@ def check(target: Cluster, run: Run, recover_within: float = 60.0) -> Report:
     report.broken('reads through nginx whose bytes did not hash to their id', ledger.corrupt_reads)
 
     live = {digest: data for digest, data in ledger.uploaded.items() if digest not in ledger.deleted | ledger.uncertain}
-    unreadable: list[str] = []
-    for node in target.nodes:
-        for digest, data in live.items():
-            got = _read_through_node(target, node.port, digest)
-            if got != data:
-                unreadable.append(f'{digest[:19]}… on :{node.port}: {got if isinstance(got, str) else "other bytes"}')
-    report.broken('acknowledged uploads not readable byte-exact from every node', unreadable)
-    still = [
-        f'{digest[:19]}… on :{node.port}'
-        for node in target.nodes
-        for digest in ledger.deleted
-        if _status(node.port, f'/artifacts/{digest}') != 404
-    ]
-    report.broken('acknowledged deletes still served', still)
+    reads = [(node.port, digest) for node in target.nodes for digest in live]
+    gone = [(node.port, digest) for node in target.nodes for digest in ledger.deleted]
+    # PERF: hundreds of reads per node: several at once.
+    with concurrent.futures.ThreadPoolExecutor(8) as reading:
+        got = list(reading.map(lambda read: _read_through_node(target, *read), reads))
+        answered = list(reading.map(lambda read: _status(read[0], f'/artifacts/{read[1]}'), gone))
+    report.broken(
+        'acknowledged uploads not readable byte-exact from every node',
+        [
+            f'{digest[:19]}… on :{port}: {found if isinstance(found, str) else "other bytes"}'
+            for (port, digest), found in zip(reads, got, strict=True)
+            if found != live[digest]
+        ],
+    )
+    report.broken(
+        'acknowledged deletes still served',
+        [
+            f'{digest[:19]}… on :{port}: {status}'
+            for (port, digest), status in zip(gone, answered, strict=True)
+            if status != 404
+        ],
+    )
 
     blobs = {key.rpartition('/')[2]: size for key, size in target.bucket_objects('blobs/').items()}
     metas = {key.rpartition('/')[2].removesuffix('.json') for key in target.bucket_objects('meta/')}
@@ -678,24 +709,29 @@ def check(target: Cluster, run: Run, recover_within: float = 60.0) -> Report:
     report.broken('acknowledged uploads absent from the bucket', [d for d in live if d[7:] not in blobs])
     report.broken('acknowledged deletes still in the bucket', [d for d in ledger.deleted if d[7:] in blobs])
 
-    listed = _listing(target.port)
-    report.broken('blobs the listings miss', sorted(set(blobs) - listed))
-    report.broken('listed ids that are not in the bucket', sorted(listed - set(blobs)))
-    stats = json.loads(send(target.port, 'GET', '/stats').body)
-    if (stats.get('count'), stats.get('bytes')) != (len(blobs), sum(blobs.values())):
-        report.problems.append(
-            f'/stats says {stats.get("count")} blobs of {stats.get("bytes")} bytes; '
-            f'the bucket holds {len(blobs)} of {sum(blobs.values())}'
-        )
+    # NOTE: each node's answer, and nginx's: one index behind them all, but each node its own connections to it.
+    for name, port in [('nginx', target.port), *((f'node :{node.port}', node.port) for node in target.nodes)]:
+        listed = _listing(port)
+        report.broken(f'blobs the listings miss ({name})', sorted(set(blobs) - listed))
+        report.broken(f'listed ids that are not in the bucket ({name})', sorted(listed - set(blobs)))
+        stats = json.loads(send(port, 'GET', '/stats').body)
+        if (stats.get('count'), stats.get('bytes')) != (len(blobs), sum(blobs.values())):
+            report.problems.append(
+                f'/stats ({name}) says {stats.get("count")} blobs of {stats.get("bytes")} bytes; '
+                f'the bucket holds {len(blobs)} of {sum(blobs.values())}'
+            )
     return report
 
 
 def _measure(run: Run, deadline: float) -> dict[str, object]:
     """What clients saw while the fault lasted, how long they waited, how long until every request succeeded again."""
     calls = run.workload.calls
-    during = [c for c in calls if run.fault_began <= c.started < run.fault_ended]
+    # NOTE: a request that was waiting when the fault began is one of the fault's too.
+    during = [c for c in calls if c.started < run.fault_ended and c.started + c.seconds > run.fault_began]
     seen = collections.Counter(f'{c.op} {c.status or "none"}' for c in during)
-    calm = collections.Counter(f'{c.op} {c.status or "none"}' for c in calls if c.error and c.started < run.fault_began)
+    calm = collections.Counter(
+        f'{c.op} {c.status or "none"}' for c in calls if c.error and c.started + c.seconds <= run.fault_began
+    )
     # NOTE: unavailable (5xx, no answer), not refused (a 4xx says something else is wrong, fault or none).
     failed_after = [
         c.started + c.seconds
