@@ -161,6 +161,7 @@ class Nginx(LoopbackServer):
         data_dir: pathlib.Path,
         s3_upstream: str = 'http://127.0.0.1:9',
     ) -> None:
+        """``upstream_port``: the node, or the nodes, it balances (as the cluster's name of many addresses does)."""
         binary = shutil.which('nginx') or shutil.which('nginx', path='/usr/sbin')
         assert binary, 'nginx is needed for these tests: apt-get install nginx (.ci/run does)'
         self.port = free_port()
@@ -168,9 +169,8 @@ class Nginx(LoopbackServer):
         site = render_template(
             (HERE / 'deploy/nginx/iss.conf.template').read_text(),
             {
-                # NOTE: several ports are several servers in the upstream, as compose.cluster.yaml's
-                # alias iss-nodes resolving to each node's address gives nginx.
-                'ISS_UPSTREAM': ';\n    server '.join(
+                # NOTE: several nodes: 'server a; server b', the upstream block of a name that resolves to both
+                'ISS_UPSTREAM': '; server '.join(
                     f'127.0.0.1:{port}'
                     for port in ([upstream_port] if isinstance(upstream_port, int) else upstream_port)
                 ),
