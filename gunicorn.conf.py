@@ -14,13 +14,14 @@ import tempfile
 
 import gunicorn.arbiter
 import gunicorn.glogging
+import gunicorn.http.wsgi
 import gunicorn.systemd
 import gunicorn.util
 import gunicorn.workers.base
 
 from iss_server import syscalls
 from iss_server.config import Settings
-from iss_server.errors import error_body
+from iss_server.errors import ServiceError, error_body
 
 _settings = Settings.from_env()
 
@@ -58,8 +59,33 @@ class _Logger(gunicorn.glogging.Logger):
     even though nothing is configured to write them (~7% of a small GET, py-spy).
     """
 
-    def access(self, resp: object, req: object, environ: object, request_time: object) -> None:
-        pass
+    def access(self, resp: object, req: object, environ: dict, request_time: object) -> None:
+        # NOTE: gunicorn calls this in a finally once the body is out: an exception on its way
+        # out is what cut the body (a client that went away), and ISS's line says so.
+        telemetry.body_done(environ, written=getattr(resp, 'iss_written', 0), failure=sys.exc_info()[1])
+
+    def exception(self, msg: object, *args: object, **kwargs: object) -> None:
+        failure = sys.exc_info()[1]
+        if isinstance(failure, ServiceError):
+            # NOTE: ISS cut a body it had begun (a blob that failed its hash, a store gone mid-read):
+            # expected, said in one line here and in the request's access line, not a traceback.
+            self.error('%s: the body was cut short: %s', msg, failure)
+            return
+        super().exception(msg, *args, **kwargs)
+
+
+telemetry.write_access_after_body()
+_emit_body = gunicorn.http.wsgi.Response._emit_body
+
+
+def _emit_and_count(self: gunicorn.http.wsgi.Response, data: bytes) -> None:
+    """gunicorn's own, then count the body bytes really written (its ``sent`` counts them before)."""
+    _emit_body(self, data)
+    self.iss_written = getattr(self, 'iss_written', 0) + len(data)
+
+
+# NOTE: the hook gunicorn keeps for subclasses that frame the body; its Response is not configurable.
+gunicorn.http.wsgi.Response._emit_body = _emit_and_count
 
 
 logger_class = _Logger

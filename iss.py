@@ -20,6 +20,7 @@ import json
 import logging
 import pathlib
 import sys
+import time
 import urllib.parse
 from typing import Any
 
@@ -38,7 +39,7 @@ if __name__ == '__main__':
 import falcon
 from swagger_ui_bundle import swagger_ui_path
 
-from iss_server import browse, doors, images, index, meta, params, resumable, telemetry
+from iss_server import browse, bucket_sessions, doors, images, index, meta, params, telemetry
 from iss_server.auth import RequireReadToken, RequireToken
 from iss_server.blobs import parse_id
 from iss_server.config import Settings
@@ -57,6 +58,7 @@ from iss_server.events import Events
 from iss_server.pages import BrowseAsset, BrowsePage, Docs, OpenAPIDocument
 from iss_server.presentation import Presentations
 from iss_server.receiving import UploadReceiver
+from iss_server.reconciler import Reconciler
 from iss_server.responses import (
     IMMUTABLE,
     closed_on_error,
@@ -66,6 +68,7 @@ from iss_server.responses import (
     send_file,
     send_not_modified,
 )
+from iss_server.scrubber import Scrubber
 from iss_server.tus import TUS_HEADERS, ResumableUploads, TusProtocol, UploadsCollection, UploadSession
 from iss_server.webhooks import Deliverer, Webhooks
 from storage import BlobStore, open_store
@@ -236,6 +239,9 @@ class Item:
     With ``accel_redirect`` set (nginx in front), a GET of a blob of
     ``accel_min_bytes`` or more answers with ``X-Accel-Redirect`` and nginx
     sends the bytes, while ISS has already decided the status and every header.
+    From a store whose reads ISS verifies (a bucket), only a blob whose bytes
+    hashed to its name within ``verify_max_age`` (the scrubber, or a full read
+    through ISS) is handed over: any other ISS streams, hashing as it goes.
     """
 
     def __init__(
@@ -245,6 +251,7 @@ class Item:
         door: Door,
         presentations: Presentations,
         settings: Settings,
+        metrics: telemetry.Metrics,
         derivatives: Derivatives | None = None,
     ) -> None:
         self._store = store
@@ -254,6 +261,8 @@ class Item:
         self._derivatives = derivatives
         self._accel_redirect = settings.accel_redirect
         self._accel_min_bytes = settings.accel_min_bytes
+        self._verify_max_age = settings.verify_max_age
+        self._large_reads = metrics.large_reads
         self._redirect_seconds = settings.s3_redirect
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
@@ -275,8 +284,10 @@ class Item:
             presentation = self._presentations.of(blob_id, stat)
             accel_path = None
             # NOTE: small blobs are sent by ISS even behind nginx, so that nginx can cache them.
-            if self._accel_redirect and stat.size >= self._accel_min_bytes:
-                accel_path = self._accel_redirect + self._store.proxy_path(blob_id)
+            if self._accel_redirect and file is not None and stat.size >= self._accel_min_bytes:
+                if self._offloadable(blob_id):
+                    accel_path = self._accel_redirect + self._store.proxy_path(blob_id)
+                self._large_reads.labels('nginx' if accel_path else 'iss').inc()
         send_file(
             req,
             resp,
@@ -289,6 +300,16 @@ class Item:
         )
 
     on_head = on_get
+
+    def _offloadable(self, blob_id: str) -> bool:
+        """Whether nginx may send the blob: ISS would not hash its bytes either, or it did so recently.
+
+        NOTE: nginx hashes nothing; a blob read over a network is handed to it only
+        while its last verification is younger than ISS_VERIFY_MAX_AGE.
+        """
+        if not self._store.verifies_reads:
+            return True
+        return self._store.verified_since(blob_id, time.time() - self._verify_max_age)
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
         parse_id(blob_id)
@@ -374,14 +395,15 @@ class Health:
 # -- the app --------------------------------------------------------------------
 
 
-def create_app(settings: Settings, store: BlobStore) -> falcon.App:
+def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics | None = None) -> falcon.App:
     """Wire the WSGI app: every route ISS serves, its middleware and its error map.
 
-    It only wires: the store arrives ready (see :func:`build_app`).
+    It only wires: the store arrives ready (see :func:`build_app`), and so may its metrics.
     """
     # NOTE: the render gate is one per process (Pillow's memory is the worker's); the app sets its bounds.
     images.GATE.configure(settings)
-    metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
+    if metrics is None:
+        metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
     # NOTE: Any, as Falcon types middleware by protocols of its private falcon._typing
     middleware: list[Any] = [telemetry.RequestTelemetry(metrics), TusProtocol()]
     if settings.cors_origins:
@@ -430,10 +452,12 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     derivatives = Derivatives(store, settings)
     blob_meta = BlobMeta(store, settings)
     app.add_route('/images', Collection(store, receiver, images_door, settings))
-    app.add_route('/images/{blob_id}', Item(store, receiver, images_door, presentations, settings, derivatives))
+    app.add_route(
+        '/images/{blob_id}', Item(store, receiver, images_door, presentations, settings, metrics, derivatives)
+    )
     app.add_route('/images/{blob_id}/meta', blob_meta)
     app.add_route('/artifacts', Collection(store, receiver, artifacts_door, settings))
-    app.add_route('/artifacts/{blob_id}', Item(store, receiver, artifacts_door, presentations, settings))
+    app.add_route('/artifacts/{blob_id}', Item(store, receiver, artifacts_door, presentations, settings, metrics))
     app.add_route('/artifacts/{blob_id}/meta', blob_meta)
     app.add_route('/blobs/missing', MissingBlobs(store, receiver))
     app.add_route('/stats', Stats(store))
@@ -441,7 +465,7 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     webhooks = Webhooks(store.index, settings.webhooks, settings.admin_token)
     app.add_route('/webhooks', webhooks)
     app.add_route('/webhooks/{name}/resume', webhooks, suffix='resume')
-    sessions = resumable.Sessions(store, settings.upload_expires)
+    sessions = bucket_sessions.sessions_of(store, settings.upload_expires, settings.tus_max_sessions)
     resumable_uploads = ResumableUploads(store, sessions, images_door, artifacts_door, settings)
     app.add_route('/uploads', UploadsCollection(resumable_uploads))
     app.add_route('/uploads/{upload_id}', UploadSession(resumable_uploads))
@@ -469,13 +493,25 @@ def build_app(settings: Settings) -> falcon.App:
     """The app on the store the settings name, started (temp files swept, the index built if need be).
 
     NOTE: in each gunicorn worker (the app is built there, not in the master), so each runs a
-    webhook deliverer; the endpoints' leases have one of them, on one node, send each change.
+    webhook deliverer, a reconciler and a scrubber; leases in the index have one of them, on one
+    node, send each change, make each reconciler's pass and scrub the store.
     """
     store = open_store(settings)
     store.start()
-    app = create_app(settings, store)
+    metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
+    app = create_app(settings, store, metrics)
     if settings.webhooks:
         Deliverer(store.index, settings.webhooks).start()
+    if settings.reconcile_interval:
+        Reconciler(
+            store,
+            interval=settings.reconcile_interval,
+            grace=settings.reconcile_grace,
+            sweep_every=settings.reconcile_sweep,
+            fixed=lambda kind, count: metrics.reconciled.labels(kind).inc(count),
+        ).start()
+    if settings.scrub_rate:
+        Scrubber(store, rate=settings.scrub_rate, interval=settings.scrub_interval, metrics=metrics).start()
     return app
 
 

@@ -39,7 +39,14 @@ from iss_server.config import ConfigError, Settings
 from iss_server.derived import DerivedCache
 from iss_server.drivers import Busy, Driver, Group, KeyNotFound, Stat, Writer
 from iss_server.drivers.file import FileDriver
-from iss_server.errors import BlobNotFound, CorruptBlob, IndexIncomplete, StoreFailure, StoreUnavailable
+from iss_server.errors import (
+    BlobNotFound,
+    CorruptBlob,
+    IndexIncomplete,
+    ServiceError,
+    StoreFailure,
+    StoreUnavailable,
+)
 
 log = logging.getLogger('iss.storage')
 
@@ -51,6 +58,12 @@ _NODE_COPY_BYTES = 256 * 1024
 _LOOKUPS_IN_FLIGHT = 16
 # NOTE: a few hundred blobs at a time: memory stays flat on a store of millions.
 _REINDEX_BATCH = 500
+# NOTE: how long a writer waits for an earlier writer of the same content (then it writes too:
+# the conditional puts keep one copy), and how often it looks.
+_SINGLE_FLIGHT_SECONDS = 60.0
+_SINGLE_FLIGHT_POLL_SECONDS = 0.05
+# PERF: smaller content is written by each of its writers (a look at the others' intents costs more).
+_SINGLE_FLIGHT_MIN_BYTES = 1024 * 1024
 _READ_BYTES = 1024 * 1024
 
 _KEY_PATTERN = re.compile(r'(?:blobs|meta)/[0-9a-f]{2}/[0-9a-f]{2}/([0-9a-f]{64})(?:\.json)?')
@@ -142,6 +155,7 @@ class BlobStore:
             spooled file), the derivative cache, the lock of a reindex.
         derived_max_bytes: The bound of the derivative cache (and of the node's copies).
         node_copies: Keep verified copies of small blobs on this node (a remote backend).
+        intent_grace: Seconds after which a write's intent is taken for left behind (``ISS_RECONCILE_GRACE``).
     """
 
     def __init__(
@@ -152,8 +166,14 @@ class BlobStore:
         *,
         derived_max_bytes: int = 1024**3,
         node_copies: bool = False,
+        intent_grace: float = 300.0,
     ) -> None:
         self._driver = driver
+        self.intent_grace = intent_grace
+        #: This process's intents of writes in flight, renewed by a thread while there are any.
+        self._alive: set[str] = set()
+        self._alive_lock = threading.Lock()
+        self._keeper: threading.Thread | None = None
         self.index = index
         self.layout = scratch
         self.root = scratch.root
@@ -170,6 +190,11 @@ class BlobStore:
 
     def __repr__(self) -> str:
         return f'BlobStore({self._driver!r})'
+
+    @property
+    def driver(self) -> Driver:
+        """Where the bytes live (resumable uploads of a bucket keep their parts there too)."""
+        return self._driver
 
     def start(self) -> None:
         """Sweep what writes killed mid-way left in tmp/, and index a store that has no complete index.
@@ -203,7 +228,11 @@ class BlobStore:
         committed only when they hashed to it: receiving and sending overlap.
         The caller still compares.
         """
-        if expected is None or (writer := self._driver.writer(blob_key(parse_id(expected)), expected[7:])) is None:
+        if (
+            expected is None
+            or self._stored_or_being_stored(parse_id(expected))
+            or (writer := self._driver.writer(blob_key(parse_id(expected)), expected[7:])) is None
+        ):
             return stage_file(self.layout, stream)
         try:
             staged = stage_file(self.layout, stream, also=writer.write)
@@ -215,6 +244,23 @@ class BlobStore:
         else:
             staged.writer = writer
         return staged
+
+    def _stored_or_being_stored(self, hex_digest: str) -> bool:
+        """Whether the content has its row, or a live writer on some node (a PUT then sends its bytes only if need be).
+
+        PERF: sixteen PUTs of the same 20 MiB through two nodes each sent every part to the
+        bucket at once (issue 24: parts timed out under the load); only the first writer does now.
+        """
+        return self.index.get(hex_digest) is not None or bool(self._live_puts(hex_digest))
+
+    def _live_puts(self, hex_digest: str, *, other_than: str = '') -> list[index.Intent]:
+        """The puts of the content recorded within the grace period (their writers are at work), oldest first."""
+        live_since = time.time() - self.intent_grace
+        return [
+            intent
+            for intent in self.index.intents(hex_digest=hex_digest)
+            if intent.op == 'put' and intent.alive_at >= live_since and intent.id != other_than
+        ]
 
     def commit(self, staged: StagedBlob, new_meta: dict[str, Any]) -> Committed:
         """Make a staged blob visible under its id, with ``new_meta`` if it has none yet (see :meth:`commit_all`)."""
@@ -235,6 +281,16 @@ class BlobStore:
         :meth:`delete` of the same content happens wholly before or wholly
         after; blobs are taken in the order of their ids, so two groups sharing
         content never wait for each other in a circle.
+
+        The commit order, on every backend: an intent per content not wholly
+        stored yet is recorded in the index first (the index down: nothing is
+        written, 503), then blobs, then metas, then one transaction inserts the
+        rows and removes the intents. A writer killed or cut off between the two
+        leaves its intent, which the reconciler (``reconciler.py``) finishes or
+        undoes once it is older than :attr:`intent_grace`. Of several writers of
+        the same content (of :data:`_SINGLE_FLIGHT_MIN_BYTES` or more), on any
+        nodes, the first to record its intent writes; the others wait (up to
+        :data:`_SINGLE_FLIGHT_SECONDS`) for its row.
 
         Returns:
             For each upload, in order: whether its blob is new, and the meta now stored for it.
@@ -276,6 +332,86 @@ class BlobStore:
                 # are verified, so they take its place atomically.
                 log.warning('replacing damaged blob %s', self._driver.location(blob_key(hex_digest)))
                 new.append((hex_digest, staged, True))
+        # NOTE: the index down here, nothing is written (503, nothing stored).
+        unfinished = [hex_digest for hex_digest, _ in uploads if stored.get(hex_digest) is None]
+        intent_ids = dict(zip(unfinished, self.index.record_intents('put', unfinished, time.time()), strict=True))
+        with self._writing(list(intent_ids.values())):
+            for hex_digest, staged, _ in list(new):
+                if staged.size >= _SINGLE_FLIGHT_MIN_BYTES and self._stored_by_an_earlier_writer(
+                    hex_digest, intent_ids[hex_digest]
+                ):
+                    stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
+                    new = [entry for entry in new if entry[0] != hex_digest]
+            return self._write_group(group, uploads, spooled, stored, new, intent_ids)
+
+    @contextlib.contextmanager
+    def _writing(self, intent_ids: list[str]) -> Iterator[None]:
+        """Keep the intents alive while the block writes (see :meth:`_keep_alive`); give them up if it fails.
+
+        NOTE: a given-up intent is settled by the reconciler's next pass, and the writers waiting
+        on it go on at once; a put the bucket takes after all is found by the sweep.
+        """
+        with self._alive_lock:
+            self._alive.update(intent_ids)
+            if intent_ids and self._keeper is None:
+                self._keeper = threading.Thread(target=self._keep_alive, name='iss-intents', daemon=True)
+                self._keeper.start()
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(StoreFailure):
+                self.index.keep_intents(intent_ids, 0.0)
+            raise
+        finally:
+            with self._alive_lock:
+                self._alive.difference_update(intent_ids)
+
+    def _keep_alive(self) -> None:
+        """Renew this process's intents in flight, every third of the grace period, until there are none.
+
+        So the grace period bounds how long a dead writer's intent waits, not how long a write may take
+        (a 2 GiB PUT to a slow bucket, a writer waiting for another's row).
+        """
+        while True:
+            time.sleep(self.intent_grace / 3)
+            with self._alive_lock:
+                alive = list(self._alive)
+                if not alive:
+                    self._keeper = None
+                    return
+            try:
+                self.index.keep_intents(alive, time.time())
+            except StoreFailure as exc:
+                log.warning('renewing %d write intent(s) failed: %s', len(alive), exc)
+
+    def _stored_by_an_earlier_writer(self, hex_digest: str, intent_id: str) -> bool:
+        """Wait while a writer that recorded its intent first, on any node, stores the same content; whether it did.
+
+        PERF: one writer sends the bytes, not sixteen (see :meth:`_stored_or_being_stored`). A
+        writer that fails makes its intent old (see :meth:`_commit_group`): the others go on at once.
+        """
+        deadline = time.monotonic() + _SINGLE_FLIGHT_SECONDS
+        while True:
+            live = self._live_puts(hex_digest)
+            mine = next((intent for intent in live if intent.id == intent_id), None)
+            if mine is None or not any((intent.at, intent.id) < (mine.at, mine.id) for intent in live):
+                return False
+            if self.index.get(hex_digest) is not None:
+                return self.read_meta('sha256:' + hex_digest) is not None
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_SINGLE_FLIGHT_POLL_SECONDS)
+
+    def _write_group(
+        self,
+        group: Group,
+        uploads: list[tuple[str, tuple[StagedBlob, dict[str, Any]]]],
+        spooled: contextlib.ExitStack,
+        stored: dict[str, dict[str, Any] | None],
+        new: list[tuple[str, StagedBlob, bool]],
+        intent_ids: dict[str, str],
+    ) -> dict[str, Committed]:
+        """The writes of :meth:`_commit_group` once its intents are recorded: blobs, metas, rows."""
         metas = {hex_digest: new_meta for hex_digest, (_, new_meta) in uploads}
         # NOTE: a meta is readied for every blob that may need one, so one sync covers its bytes.
         meta_sources = {
@@ -301,9 +437,11 @@ class BlobStore:
         if put_metas:
             group.sync()  # the metas' names
         now = time.time()
-        self.index.put_missing(
-            [index.row_for(hex_digest, stored[hex_digest], now, staged.size) for hex_digest, (staged, _) in uploads]
-        )
+        rows = [index.row_for(hex_digest, stored[hex_digest], now, staged.size) for hex_digest, (staged, _) in uploads]
+        if intent_ids:
+            self.index.finish_puts(rows, list(intent_ids.values()))
+        else:  # NOTE: every content was wholly stored already (a file store's hold says so)
+            self.index.put_missing(rows)
         committed = {}
         for hex_digest, _ in uploads:
             stored_meta = stored[hex_digest]
@@ -359,22 +497,103 @@ class BlobStore:
         return stored
 
     def delete(self, blob_id: str) -> None:
-        """Remove a blob: its meta, index row and this node's derivatives first, its bytes last.
+        """Remove a blob: its row (with a delete's intent, in one transaction), this node's copies, meta, bytes.
 
         A reader that opened the blob before keeps reading the whole of it; one
         that comes after gets :class:`BlobNotFound`, on every node (a node serves
         a cached derivative or copy only while the blob's meta or row is there).
         The blob is held throughout: a commit of the same content waits, then
-        stores it anew with its own meta. A crash part way leaves the blob
-        without meta or row, which ``fsck`` reports (the client was not told the
-        delete succeeded).
+        stores it anew with its own meta. The index down, nothing changes (503);
+        a crash or an outage of the backend part way leaves the intent, and the
+        reconciler finishes the delete.
         """
         hex_digest = parse_id(blob_id)
         with self._held(hex_digest, exclusive=True):
+            intent_id = self.index.begin_delete(hex_digest, time.time())
+            with self._writing([intent_id]):
+                self._forget_on_node(hex_digest)
+                self._remove_objects(hex_digest)
+            self.index.drop_intent(intent_id)
+
+    def _remove_objects(self, hex_digest: str) -> None:
+        """A blob's meta, then its bytes: the end of a delete, or the undoing of an upload cut short."""
+        self._driver.remove(meta_key(hex_digest))
+        self._driver.remove(blob_key(hex_digest))
+
+    # -- the reconciler's repairs (reconciler.py) -------------------------------
+
+    def settle(self, intent: index.Intent, *, dry_run: bool = False) -> str | None:
+        """Finish or undo a write its writer left (killed, or cut off by an outage); what was done, or None.
+
+        A put whose blob and meta are there and whose bytes hash to the name is
+        finished (its row inserted): ``put_completed``; otherwise what it wrote goes:
+        ``put_undone`` (the client never had a 201). A delete is finished:
+        ``delete_completed``. An intent whose content has its row again (another
+        writer finished it, or uploaded it again after the delete) just goes:
+        ``intent_dropped``. None: a writer of the same content is at work now; a
+        later pass decides.
+        """
+        hex_digest = intent.hex
+        if self.index.get(hex_digest) is not None:
+            if not dry_run:
+                self.index.drop_intent(intent.id)
+            return 'intent_dropped'
+        if self._live_puts(hex_digest, other_than=intent.id):
+            return None
+        if intent.op == 'put' and (row := self._complete_row(hex_digest)) is not None:
+            if not dry_run:
+                self.index.finish_puts([row], [intent.id])
+            return 'put_completed'
+        if not dry_run:
+            self._remove_unlisted(hex_digest)
+            self.index.drop_intent(intent.id)
+        return 'put_undone' if intent.op == 'put' else 'delete_completed'
+
+    def settle_orphan(self, hex_digest: str, *, dry_run: bool = False) -> str | None:
+        """Settle a blob or meta that has neither row nor intent (a write the bucket took after its writer gave up).
+
+        A blob whose meta is readable and bytes hash to its name is indexed:
+        ``orphan_indexed``. One without meta moves to ``quarantine/`` (it might be
+        an operator's, copied in): ``orphan_quarantined``. A meta without its blob
+        goes: ``orphaned_meta``. None: it has a row or an intent by now.
+        """
+        if self.index.get(hex_digest) is not None or self.index.intents(hex_digest=hex_digest):
+            return None
+        if not self.is_stored(hex_digest):
+            if not dry_run:
+                self.remove_meta(hex_digest)
+            return 'orphaned_meta'
+        if (row := self._complete_row(hex_digest)) is not None:
+            if not dry_run:
+                self.index.put_missing([row])
+            return 'orphan_indexed'
+        if not dry_run:
+            self.quarantine(hex_digest, 'a blob without meta, row or intent')
+        return 'orphan_quarantined'
+
+    def _complete_row(self, hex_digest: str) -> index.Row | None:
+        """The row of a blob whose meta is readable and whose bytes hash to its name, or None."""
+        stored_meta = self.read_meta('sha256:' + hex_digest)
+        if stored_meta is None:
+            return None
+        try:
+            stat = self._driver.stat(blob_key(hex_digest))
+            with self.open_unverified(hex_digest) as body:
+                actual, size = disk.hash_stream(body)
+        except (KeyNotFound, BlobNotFound):
+            return None
+        if actual != hex_digest or size != stat.size:
+            return None
+        return index.row_for(hex_digest, stored_meta, stat.modified, stat.size)
+
+    def _remove_unlisted(self, hex_digest: str) -> None:
+        """Remove a blob that has no row, and its meta, holding it (a commit of it on this node waits)."""
+        try:
+            with self._held(hex_digest, exclusive=True):
+                self._forget_on_node(hex_digest)
+                self._remove_objects(hex_digest)
+        except BlobNotFound:
             self._driver.remove(meta_key(hex_digest))
-            self.index.remove(hex_digest)
-            self._forget_on_node(hex_digest)
-            self._driver.remove(blob_key(hex_digest))
 
     def quarantine(self, hex_digest: str, why: str) -> bool:
         """Move a blob whose bytes do not match its name, and its meta, to ``quarantine/``; its row goes.
@@ -450,6 +669,33 @@ class BlobStore:
         if self._driver.verify_reads:
             file = _VerifiedReader(self, hex_digest, file, stat)  # type: ignore[assignment]
         return OpenBlob(file, BlobStat(stat.size, stat.version))
+
+    @property
+    def verifies_reads(self) -> bool:
+        """Whether :meth:`open` hashes what it reads (a backend across a network) before the last byte goes out."""
+        return self._driver.verify_reads
+
+    def verified_since(self, blob_id: str, since: float) -> bool:
+        """Whether the blob's bytes, read back from the backend, hashed to its name at ``since`` or later.
+
+        NOTE: an index that cannot answer says no: the caller then reads through ISS, which verifies.
+        """
+        try:
+            at = self.index.verified_at(parse_id(blob_id))
+        except ServiceError as exc:
+            log.warning('when %s was verified is unknown: %s', blob_id, exc)
+            return False
+        return at is not None and at >= since
+
+    def record_check(self, hex_digest: str, *, verified: bool) -> None:
+        """Record in the index that a blob's bytes were read back and hashed now (see :meth:`verified_since`).
+
+        NOTE: a record that cannot be written is only logged: the blob is checked again later.
+        """
+        try:
+            self.index.record_check(hex_digest, time.time(), verified=verified)
+        except ServiceError as exc:
+            log.warning('recording the check of sha256:%s failed: %s', hex_digest, exc)
 
     def open_unverified(self, hex_digest: str) -> IO[bytes]:
         """A blob's bytes as the driver reads them, for fsck to judge (the caller closes it)."""
@@ -692,7 +938,9 @@ def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
         if existing and not os.path.isdir(settings.data_dir):
             raise ConfigError(f'{settings.data_dir} is not a directory (set ISS_DATA or --data)')
         store_index = index.open_index(settings.index, settings.data_dir)
-        return FileStore(settings.data_dir, store_index, derived_max_bytes=settings.derived_max_bytes)
+        store = FileStore(settings.data_dir, store_index, derived_max_bytes=settings.derived_max_bytes)
+        store.intent_grace = settings.reconcile_grace
+        return store
     from iss_server.drivers.s3 import S3Driver  # NOTE: only an S3 store needs boto3
 
     store_index = index.open_index(settings.index, settings.data_dir)
@@ -705,7 +953,14 @@ def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
         secret_key=settings.s3_secret_key,
     )
     scratch = disk.Layout(settings.data_dir)
-    return BlobStore(driver, store_index, scratch, derived_max_bytes=settings.derived_max_bytes, node_copies=True)
+    return BlobStore(
+        driver,
+        store_index,
+        scratch,
+        derived_max_bytes=settings.derived_max_bytes,
+        node_copies=True,
+        intent_grace=settings.reconcile_grace,
+    )
 
 
 def _quarantined(hex_digest: str, suffix: str = '') -> str:
@@ -774,6 +1029,7 @@ class _VerifiedReader:
         if actual != self._hex:
             self._store.quarantine(self._hex, f'its {self._position} bytes hash to {actual}')
             raise CorruptBlob(f'sha256:{self._hex}: the backend answered bytes that hash to {actual}')
+        self._store.record_check(self._hex, verified=True)
 
     def close(self) -> None:
         self._body.close()

@@ -8,6 +8,7 @@ gunicorn, through a proxy that cuts the connection at a random byte.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import io
@@ -19,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -27,6 +29,7 @@ from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 
 import iss
+import storage
 from iss_server import errors, resumable
 from iss_server.config import Settings
 from iss_testing import HERE
@@ -387,6 +390,68 @@ def test_a_patch_while_another_writes_the_session_is_409(tus, data_dir):
 
     assert 'Another request' in refused.json['description']
     tus.patch(location, b'abcd', headers={**CHUNK, 'Upload-Offset': '0'}, status=204)
+
+
+class Killed(BaseException):
+    """The worker dies here: nothing after this point of the commit runs (a SIGKILL, in process)."""
+
+
+def test_a_kill_after_the_blob_is_stored_but_before_its_id_is_recorded_resumes_to_the_id(tus, data_dir, monkeypatch):
+    data = os.urandom(5000)
+    location = tus.create(len(data)).headers['Location']
+    tus.patch(location, data[:1000], headers={**CHUNK, 'Upload-Offset': '0'}, status=204)
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(resumable.Sessions, 'finish', killed)
+        with pytest.raises(Killed):
+            tus.patch(location, data[1000:], headers={**CHUNK, 'Upload-Offset': '1000'})
+
+    # NOTE: the window of issue 29: the .part was gone, the id not recorded: every PATCH was 409 until expiry
+    answer = tus.head(location, headers=TUS)
+    assert answer.headers['Upload-Offset'] == '5000'
+    assert answer.headers['ISS-Blob-Id'] == blob_id(data)
+    assert tus.get(f'/artifacts/{blob_id(data)}').body == data
+    assert list(sessions_dir(data_dir).glob('*.part')) == []
+
+
+def test_a_kill_between_linking_the_blob_and_removing_the_part_neither_wedges_nor_deadlocks(tus, data_dir, monkeypatch):
+    data = os.urandom(5000)
+    location = tus.create(len(data)).headers['Location']
+
+    def killed(self):
+        raise Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(storage.StagedBlob, 'discard', killed)
+        with pytest.raises(Killed):
+            tus.patch(location, data, headers={**CHUNK, 'Upload-Offset': '0'})
+    (part,) = sessions_dir(data_dir).glob('*.part')
+    assert part.stat().st_nlink == 2  # NOTE: the .part is the blob's own inode
+    # NOTE: the killed worker's descriptors close with it, and their locks go
+    for fd in os.listdir('/proc/self/fd'):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(int(fd)), part.stat()):
+                os.close(int(fd))
+
+    answers: list = []
+    # NOTE: a PATCH that locked the .part and then the blob's path (the same inode) waited for ever
+    asking = threading.Thread(
+        target=lambda: answers.append(tus.patch(location, b'', headers={**CHUNK, 'Upload-Offset': '5000'}, status=409))
+    )
+    asking.start()
+    asking.join(10)
+    assert not asking.is_alive(), 'the PATCH deadlocked'
+    assert 'complete' in answers[0].json['description']
+    assert tus.head(location, headers=TUS).headers['ISS-Blob-Id'] == blob_id(data)
+    assert not part.exists()
+    # NOTE: a delete of the blob hung on the same lock, across restarts
+    deleting = threading.Thread(target=file_store(data_dir).delete, args=(blob_id(data),))
+    deleting.start()
+    deleting.join(10)
+    assert not deleting.is_alive(), 'the delete deadlocked'
 
 
 def test_the_hash_carries_over_from_chunk_to_chunk_without_reading_back():

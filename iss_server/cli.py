@@ -5,7 +5,7 @@ Every command works on the store of ``ISS_STORE`` (the data directory of
 gunicorn serves it: they go through the same store, with the same locks.
 ``migrate`` copies the store to another one. Exit codes: 0 all is well, 1 problems were found (or some files
 could not be imported), 2 the command could not run (usage, configuration,
-an unusable data directory). ``--json`` prints one JSON document instead of
+an unusable data directory), 130 stopped by Ctrl-C. ``--json`` prints one JSON document instead of
 text, for scripts.
 """
 
@@ -15,13 +15,16 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 import storage
@@ -32,6 +35,8 @@ from iss_server.errors import BlobNotFound, CorruptBlob, ServiceError
 from iss_server.files import files_below, manifest_entry, media_type
 
 OK, PROBLEMS, UNUSABLE = 0, 1, 2
+#: Stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED = 130
 
 
 class Progress:
@@ -158,34 +163,107 @@ def migrate(store: storage.BlobStore, args: argparse.Namespace, progress: Progre
     """Copy every blob and its meta to another store, each verified; run again to resume.
 
     A blob the target has already (with its meta) is skipped, so an interrupted
-    copy goes on where it stopped. Each blob is staged by the target, hashed as it
-    streams, and committed only when it hashes to its name: one that does not is
-    reported as corrupt and not copied. The target's index gets a row per blob.
+    copy goes on where it stopped; with ``--verify`` it is read back there and
+    hashed too, and one that does not match is quarantined there and copied anew.
+    Each blob is staged by the target, hashed as it streams, and committed only
+    when it hashes to its name: one that does not is reported as corrupt and not
+    copied. The target's index gets a row per blob. Ctrl-C stops after the blob
+    being copied (a second one at once), with what was done and how to go on.
     """
     target = storage.open_store(_target_settings(args))
     result: dict[str, Any] = {'to': args.to, 'blobs': 0, 'copied': 0, 'present': 0, 'bytes': 0, 'failed': []}
+    if args.verify:
+        result.update(verified=0, recopied=0)
     blobs = list(store.stored_blobs())
     total_bytes = sum(size for _, size in blobs)
-    for done, (hex_digest, size) in enumerate(blobs, 1):
-        blob_id = 'sha256:' + hex_digest
-        result['blobs'] += 1
+    with _finishing_on_interrupt(progress) as interrupted:
         try:
-            if target.missing([blob_id]) or target.read_meta(blob_id) is None:
-                source_meta = store.read_meta(blob_id) or meta.recovered(size, time.time())
-                # NOTE: typing.IO declares no readinto, which a blob's file has
-                with contextlib.closing(store.open(blob_id).file) as source, target.stage(source) as staged:  # type: ignore[arg-type]
-                    if staged.digest != blob_id:
-                        raise CorruptBlob(f'{blob_id} hashes to {staged.digest}')
-                    target.commit(staged, source_meta)
-                result['copied'] += 1
-            else:
-                result['present'] += 1
-        except (BlobNotFound, CorruptBlob) as exc:
-            result['failed'].append({'id': blob_id, 'reason': str(exc)})
-        result['bytes'] += size
-        status = f'{_bar(result["bytes"], total_bytes)} {done:,}/{_count(len(blobs), "blob")}  {_size(result["bytes"])}'
-        progress.show(f'migrate  {status}', final=done == len(blobs))
+            for done, (hex_digest, size) in enumerate(blobs, 1):
+                if interrupted.is_set():
+                    break
+                _migrate_blob(store, target, hex_digest, size, args.verify, result)
+                result['blobs'] += 1
+                result['bytes'] += size
+                status = f'{_bar(result["bytes"], total_bytes)} {done:,}/{_count(len(blobs), "blob")}'
+                progress.show(f'migrate  {status}  {_size(result["bytes"])}', final=done == len(blobs))
+        except KeyboardInterrupt:
+            interrupted.set()  # NOTE: the second Ctrl-C: the blob in hand is committed or not, never half
+    if interrupted.is_set():
+        again = 'run the same command again to go on (what is there is skipped'
+        result['interrupted'] = f'after {_count(result["blobs"], "blob")} of {len(blobs):,}: {again}' + (
+            '; --verify re-hashes it)' if not args.verify else ')'
+        )
+        return INTERRUPTED, result
     return (PROBLEMS if result['failed'] else OK), result
+
+
+def _migrate_blob(
+    store: storage.BlobStore,
+    target: storage.BlobStore,
+    hex_digest: str,
+    size: int,
+    verify: bool,
+    result: dict[str, Any],
+) -> None:
+    """Copy one blob and its meta unless the target has them (``verify``: hashed there, else copied anew)."""
+    blob_id = 'sha256:' + hex_digest
+    try:
+        present = not target.missing([blob_id]) and target.read_meta(blob_id) is not None
+        if present and verify:
+            actual = _hash_of(target, hex_digest)
+            if actual == hex_digest:
+                result['verified'] += 1
+            else:
+                target.quarantine(hex_digest, f'migrate --verify: its bytes hash to {actual}')
+                result['recopied'] += 1
+                present = False
+        if present:
+            result['present'] += 1
+            return
+        source_meta = store.read_meta(blob_id) or meta.recovered(size, time.time())
+        # NOTE: typing.IO declares no readinto, which a blob's file has
+        with contextlib.closing(store.open(blob_id).file) as source, target.stage(source) as staged:  # type: ignore[arg-type]
+            if staged.digest != blob_id:
+                raise CorruptBlob(f'{blob_id} hashes to {staged.digest}')
+            target.commit(staged, source_meta)
+        result['copied'] += 1
+    except (BlobNotFound, CorruptBlob) as exc:
+        result['failed'].append({'id': blob_id, 'reason': str(exc)})
+
+
+def _hash_of(store: storage.BlobStore, hex_digest: str) -> str:
+    """What a stored blob's bytes hash to, read back as the backend has them."""
+    sha256 = hashlib.sha256()
+    with contextlib.closing(store.open_unverified(hex_digest)) as file:
+        while chunk := file.read(1024 * 1024):
+            sha256.update(chunk)
+    return sha256.hexdigest()
+
+
+@contextlib.contextmanager
+def _finishing_on_interrupt(progress: Progress) -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) sets the event instead of raising, so the work in hand ends first; a second one raises.
+
+    NOTE: a KeyboardInterrupt in the middle of a copy would land in whatever runs then (an S3
+    call, a cleanup), which may raise anew over it: a traceback, and a staged upload left behind.
+    """
+    interrupted = threading.Event()
+
+    def finish_first(signum: int, frame: object) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        progress.clear()
+        sys.stderr.write('stopping after the blob in hand (Ctrl-C again to stop at once)\n')
+
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # NOTE: only the main thread may handle signals (a test calling main() in a thread)
+        return
+    previous = signal.signal(signal.SIGINT, finish_first)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _target_settings(args: argparse.Namespace) -> Settings:
@@ -335,6 +413,9 @@ def parser() -> argparse.ArgumentParser:
     mover = command('migrate', migrate, 'copy every blob and its meta to another store, verified; resumable')
     mover.add_argument('--to', required=True, help='s3://BUCKET[/PREFIX] (ISS_S3_ENDPOINT, AWS_*) or a data directory')
     mover.add_argument('--to-index', help="the target's index: sqlite (a data directory's) or postgresql://...")
+    mover.add_argument(
+        '--verify', action='store_true', help='also re-hash the blobs the target has already; copy a corrupt one anew'
+    )
     command('backfill', backfill, 'complete the meta of images stored by the FastAPI version')
     command('reindex', reindex, 'rebuild the index from the blob and meta files')
     command('stats', stats, 'count blobs and bytes per kind')
@@ -368,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         progress.clear()
         sys.stderr.write('interrupted\n')
-        return 130  # NOTE: 128 + SIGINT, as a shell reports it
+        return INTERRUPTED
     finally:
         progress.clear()
     _print(args, result)

@@ -175,10 +175,18 @@ class Settings:
     body_timeout: int = 60
     #: Seconds a resumable upload (tus) lives after its last chunk; a finished one answers with its id as long.
     upload_expires: int = 24 * 3600
+    #: Most unfinished resumable uploads the store holds at once (0: no bound); creating one more is 503.
+    tus_max_sessions: int = 10_000
     #: Seconds the change feed (``GET /events``) keeps a change; a cursor older answers 410.
     events_retain: int = 7 * 86400
     #: Endpoints each change of the feed is POSTed to (CloudEvents, signed per Standard Webhooks).
     webhooks: tuple[WebhookEndpoint, ...] = ()
+    #: Seconds between the reconciler's passes over writes left unfinished (reconciler.py); 0: off.
+    reconcile_interval: int = 30
+    #: Seconds after which a write's intent, or an object without row, is taken for left behind.
+    reconcile_grace: int = 300
+    #: Seconds between the reconciler's walks of the whole store for objects without row or intent; 0: never.
+    reconcile_sweep: int = 3600
     #: Largest artifact ``meta`` JSON document, in bytes of its text.
     max_meta_bytes: int = 16 * 1024
     #: When set, POST and PUT need ``Authorization: Bearer <token>``.
@@ -203,6 +211,15 @@ class Settings:
     accel_redirect: str = ''
     #: With accel_redirect: smaller blobs are still sent by ISS, so nginx can cache them.
     accel_min_bytes: int = 1024 * 1024
+    #: With accel_redirect on a store read over a network (S3): nginx sends a blob from the bucket only
+    #: if ISS hashed its bytes there within this many seconds (the scrubber, or a full read through ISS);
+    #: otherwise ISS streams it, hashing as it goes.
+    verify_max_age: int = 8 * 86400
+    #: Bytes per second the scrubber reads back and hashes, for the whole store (one node at a time
+    #: scrubs); 0: no scrubber.
+    scrub_rate: int = 0
+    #: Seconds after which the scrubber hashes a blob again (since its upload or its last check).
+    scrub_interval: int = 7 * 86400
     #: Largest image (width x height) accepted at upload (413) and rendered (422): bombs are never decoded.
     max_image_pixels: int = 89_478_485
     #: Renders one worker makes at once (derivatives, and ISS_VERIFY_IMAGES=decode); 503 beyond.
@@ -253,8 +270,12 @@ class Settings:
             derivatives=_choice(env, 'ISS_DERIVATIVES', ('open', 'presets', 'signed')),
             body_timeout=_integer(env, 'ISS_BODY_TIMEOUT', defaults.body_timeout, 1),
             upload_expires=_integer(env, 'ISS_UPLOAD_EXPIRES', defaults.upload_expires, 1),
+            tus_max_sessions=_integer(env, 'ISS_TUS_MAX_SESSIONS', defaults.tus_max_sessions, 0),
             events_retain=_duration(env, 'ISS_EVENTS_RETAIN', defaults.events_retain),
             webhooks=_webhooks(env, 'ISS_WEBHOOKS'),
+            reconcile_interval=_integer(env, 'ISS_RECONCILE_INTERVAL', defaults.reconcile_interval),
+            reconcile_grace=_integer(env, 'ISS_RECONCILE_GRACE', defaults.reconcile_grace, 1),
+            reconcile_sweep=_integer(env, 'ISS_RECONCILE_SWEEP', defaults.reconcile_sweep),
             api_token=env.get('ISS_API_TOKEN', '').strip(),
             admin_token=env.get('ISS_ADMIN_TOKEN', '').strip(),
             read_token=env.get('ISS_READ_TOKEN', '').strip(),
@@ -263,6 +284,9 @@ class Settings:
             cors_origins=_csv(env, 'ISS_CORS_ORIGINS'),
             accel_redirect=_location(env, 'ISS_ACCEL_REDIRECT'),
             accel_min_bytes=_integer(env, 'ISS_ACCEL_MIN_BYTES', defaults.accel_min_bytes),
+            verify_max_age=_duration(env, 'ISS_VERIFY_MAX_AGE', defaults.verify_max_age),
+            scrub_rate=_integer(env, 'ISS_SCRUB_RATE', defaults.scrub_rate),
+            scrub_interval=_duration(env, 'ISS_SCRUB_INTERVAL', defaults.scrub_interval),
             max_image_pixels=_integer(env, 'ISS_MAX_IMAGE_PIXELS', defaults.max_image_pixels, 1),
             renders=_integer(env, 'ISS_RENDERS', defaults.renders, 1),
             render_pixels=_integer(env, 'ISS_RENDER_PIXELS', defaults.render_pixels, 1),

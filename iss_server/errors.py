@@ -187,6 +187,18 @@ class OffsetMismatch(ServiceError):
     title = 'Offset mismatch'
 
 
+class TooManyUploads(ServiceError):
+    """The store holds as many unfinished resumable uploads as it may (``ISS_TUS_MAX_SESSIONS``)."""
+
+    status = 503
+    title = 'Too many open uploads'
+    detail_format = (
+        'The store holds {} unfinished resumable uploads, its most (ISS_TUS_MAX_SESSIONS): '
+        'finish or terminate one, or try again once some have expired.'
+    )
+    retry_after = 60
+
+
 class ChecksumMismatch(ServiceError):
     """A chunk whose ``Upload-Checksum`` differs from its bytes (tus's own status, 460)."""
 

@@ -30,7 +30,8 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from iss_server import meta
@@ -112,6 +113,52 @@ CREATE TABLE IF NOT EXISTS webhooks (
     leased_by TEXT,
     lease_until REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+
+-- What a write of the bucket (or data directory) is about to do, recorded before it starts and
+-- removed in the transaction that makes its outcome visible (storage.py: the commit order), so
+-- that the reconciler (reconciler.py) finds every write a crash, a kill or an outage cut short.
+CREATE TABLE IF NOT EXISTS intents (
+    id TEXT PRIMARY KEY,           -- one per writer: two uploads of the same content each have theirs
+    hex TEXT NOT NULL,
+    op TEXT NOT NULL,              -- 'put' or 'delete'
+    at REAL NOT NULL,              -- Unix seconds it was recorded
+    alive_at REAL NOT NULL         -- when its writer last said it is at work (0: it gave up)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS intents_by_time ON intents (alive_at);
+CREATE INDEX IF NOT EXISTS intents_by_hex ON intents (hex);
+
+-- The scrubber (scrubber.py): when each blob's bytes were last read back from the store and hashed.
+CREATE TABLE IF NOT EXISTS verified (
+    hex TEXT PRIMARY KEY,
+    checked_at REAL NOT NULL,      -- last read and hashed, or tried to (what the scrubber schedules by)
+    verified_at REAL               -- last found to hash to its name (what nginx may offload by)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS verified_by_time ON verified (checked_at);
+-- NOTE: a blob that goes (deleted, quarantined) is forgotten; the same content stored again is not verified yet.
+CREATE TRIGGER IF NOT EXISTS verified_forget AFTER DELETE ON blobs BEGIN
+    DELETE FROM verified WHERE hex = old.hex;
+END;
+-- Resumable uploads of a store on a bucket (bucket_sessions.py): any node continues any session.
+-- state is the session's JSON; version counts its saves (a save names the one it read);
+-- next_part hands out part numbers, each once; the lease is held while a node commits it.
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    expires REAL NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0,
+    next_part INTEGER NOT NULL DEFAULT 0,
+    leased_by TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires);
+-- Work that one node at a time does (the reconciler's pass, the scrubber, the sweep of expired
+-- uploads): who holds it, until when.
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    leased_by TEXT NOT NULL,
+    lease_until REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -162,6 +209,20 @@ class WebhookState:
 
     def failed(self, error: str, next_at: float, *, pause: bool) -> WebhookState:
         return dataclasses.replace(self, failures=self.failures + 1, next_at=next_at, paused=pause, last_error=error)
+
+
+@dataclasses.dataclass(frozen=True)
+class Intent:
+    """A write of the store begun and not yet finished: its own ``id``, the blob's ``hex``, ``op``, since ``at``.
+
+    ``alive_at``: when its writer last said it is at work (``BlobStore`` renews it while it is).
+    """
+
+    id: str
+    hex: str
+    op: str  # NOTE: 'put' or 'delete'
+    at: float
+    alive_at: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +325,99 @@ class _Queries:
     def remove(self, hex_digest: str) -> bool:
         """Remove a blob's row; return whether it had one."""
         return self._wrote(self._changes('DELETE FROM blobs WHERE hex = ?', (hex_digest,)))
+
+    # -- intents: writes of the store begun and not yet finished (storage.py, reconciler.py) --
+
+    _RECORD_INTENT = 'INSERT INTO intents VALUES (?, ?, ?, ?, ?)'
+
+    def record_intents(self, op: str, hexes: Sequence[str], now: float) -> list[str]:
+        """Record that this writer begins ``op`` ('put') on each blob, before any byte is written; their ids.
+
+        NOTE: the ids of one call share a prefix, so that (at, id) orders two writers alike on
+        every content they share: of two batches, one is first on all of them (see storage.py).
+        """
+        writer = uuid.uuid4().hex
+        rows = [(f'{writer}.{number:06d}', hex_digest, op, now, now) for number, hex_digest in enumerate(hexes)]
+        if len(rows) == 1:  # PERF: a lone row commits by itself, without BEGIN and COMMIT
+            self._run(self._RECORD_INTENT, rows[0])
+        elif rows:
+            self._execute_many(self._RECORD_INTENT, rows)
+        return [row[0] for row in rows]
+
+    def finish_puts(self, rows: list[Row], intent_ids: Sequence[str]) -> None:
+        """Add each blob's row unless it has one, and remove the puts' intents: one transaction.
+
+        What makes an upload visible: before it, blob and meta are written and the intent
+        says so; after it, the row is there and the intent gone; never one without the other.
+
+        Raises:
+            IndexUnavailable: an intent was gone: the reconciler took the writer for dead (it
+                outlasted the grace period) and may have undone its write; nothing is committed.
+        """
+        with self.session(), self.transaction():
+            for intent_id in intent_ids:
+                if not self._changes('DELETE FROM intents WHERE id = ?', (intent_id,)):
+                    raise IndexUnavailable(f'{self.path}: the write outlasted ISS_RECONCILE_GRACE and was settled')
+            # NOTE: in one order (kind, then hex), so that two groups never lock the totals in a circle.
+            for row in sorted(rows, key=lambda r: (r.kind or '', r.hex)):
+                self._run(self._PUT_MISSING, dataclasses.astuple(row))
+        self._wrote(True)
+
+    def begin_delete(self, hex_digest: str, now: float) -> str:
+        """Record a delete's intent and remove the blob's row: one transaction, before the bucket is touched.
+
+        From here the blob is absent from listings, ``/stats`` and every node's copies; the
+        intent's id is returned, dropped (:meth:`drop_intent`) once meta and blob are gone.
+        """
+        intent_id = uuid.uuid4().hex
+        with self.session(), self.transaction():
+            self._run(self._RECORD_INTENT, (intent_id, hex_digest, 'delete', now, now))
+            self._run('DELETE FROM blobs WHERE hex = ?', (hex_digest,))
+        self._wrote(True)
+        return intent_id
+
+    def keep_intents(self, intent_ids: Sequence[str], alive_at: float) -> None:
+        """Say the intents' writers are at work at ``alive_at`` (0: they gave up; the next pass settles them)."""
+        if intent_ids:
+            marks = ', '.join('?' * len(intent_ids))
+            self._run(f'UPDATE intents SET alive_at = ? WHERE id IN ({marks})', [alive_at, *intent_ids])
+
+    def drop_intent(self, intent_id: str) -> bool:
+        """Remove an intent whose write is finished or undone; whether it was there."""
+        return self._changes('DELETE FROM intents WHERE id = ?', (intent_id,))
+
+    def intents(self, *, before: float | None = None, hex_digest: str | None = None) -> list[Intent]:
+        """The intents whose writers were last at work before ``before`` (Unix seconds), or those of one blob.
+
+        Oldest first (by ``at``, then ``id``: the order in which writers of the same content take turns).
+        """
+        if hex_digest is not None:
+            rows = self._run('SELECT * FROM intents WHERE hex = ? ORDER BY at, id', (hex_digest,))
+        else:
+            rows = self._run('SELECT * FROM intents WHERE alive_at < ? ORDER BY at, id', (before,))
+        return [Intent(*row) for row in rows]
+
+    def unknown(self, hexes: Sequence[str]) -> list[str]:
+        """Those of ``hexes`` that have neither a row nor an intent (the reconciler's sweep), in order."""
+        if not hexes:
+            return []
+        marks = ', '.join('?' * len(hexes))
+        known = {
+            hex_digest
+            for (hex_digest,) in self._run(
+                f'SELECT hex FROM blobs WHERE hex IN ({marks}) UNION SELECT hex FROM intents WHERE hex IN ({marks})',
+                [*hexes, *hexes],
+            )
+        }
+        return [hex_digest for hex_digest in hexes if hex_digest not in known]
+
+    @property
+    def swept_at(self) -> float:
+        """When the reconciler last walked the whole store (Unix seconds; 0: never), whichever node did."""
+        return float(self._state('reconcile_swept_at') or 0)
+
+    def mark_swept(self, at: float) -> None:
+        self._set_state('reconcile_swept_at', repr(at))
 
     def _wrote(self, changed: bool) -> bool:
         """After a write: wake this process's followers, and now and then prune the expired events."""
@@ -561,6 +715,115 @@ class _Queries:
     def webhook_states(self) -> list[WebhookState]:
         return [_webhook_state(row) for row in self._run(f'SELECT {self._WEBHOOK_COLUMNS} FROM webhooks ORDER BY name')]
 
+    # -- the scrubber's record (scrubber.py); leases (the reconciler's pass, the scrubber) ---------------------------
+
+    def record_check(self, hex_digest: str, at: float, *, verified: bool) -> None:
+        """Record that a blob's bytes were read back and hashed at ``at``; ``verified``: they hashed to its name.
+
+        NOTE: only for a blob that has a row: one deleted meanwhile is not recorded again.
+        """
+        self._run(
+            'INSERT INTO verified SELECT hex, ?, ? FROM blobs WHERE hex = ? ON CONFLICT (hex) DO UPDATE SET '
+            'checked_at = excluded.checked_at, verified_at = coalesce(excluded.verified_at, verified.verified_at)',
+            (at, at if verified else None, hex_digest),
+        )
+
+    def verified_at(self, hex_digest: str) -> float | None:
+        """When the blob's bytes last hashed to its name, read back from the store; None: never (or forgotten)."""
+        rows = self._run('SELECT verified_at FROM verified WHERE hex = ?', (hex_digest,))
+        return rows[0][0] if rows else None
+
+    def due_for_check(self, before: float, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` blobs (hex, bytes) last hashed before ``before``, the longest ago first.
+
+        A blob never read back counts from its upload (its bytes were hashed as they came in).
+        """
+        return [
+            (hex_digest, size)
+            for hex_digest, size in self._run(
+                'SELECT blobs.hex, blobs.bytes FROM blobs LEFT JOIN verified ON verified.hex = blobs.hex '
+                'WHERE coalesce(verified.checked_at, blobs.created_at) < ? '
+                'ORDER BY coalesce(verified.checked_at, blobs.created_at), blobs.hex LIMIT ?',
+                (before, limit),
+            )
+        ]
+
+    def take_lease(self, name: str, holder: str, until: float, now: float) -> bool:
+        """Take or renew the lease ``name`` until ``until``; return whether ``holder`` has it."""
+        rows = self._run('SELECT leased_by, lease_until FROM leases WHERE name = ?', (name,))
+        # PERF: a lease another holds is only read: every worker of every node asks, often.
+        if rows and rows[0][0] != holder and rows[0][1] >= now:
+            return False
+        # NOTE: one statement: of two holders finding the lease expired, the second one's write waits
+        # for the first's row lock, then finds it taken (PostgreSQL re-checks the WHERE).
+        return self._changes(
+            'INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET '
+            'leased_by = excluded.leased_by, lease_until = excluded.lease_until '
+            'WHERE leases.leased_by = excluded.leased_by OR leases.lease_until < ?',
+            (name, holder, until, now),
+        )
+
+    # -- resumable uploads of a store on a bucket (bucket_sessions.py) ----------
+
+    def add_upload(self, upload_id: str, state: str, expires: float) -> None:
+        self._run('INSERT INTO uploads (id, state, expires) VALUES (?, ?, ?)', (upload_id, state, expires))
+
+    def upload(self, upload_id: str) -> UploadRow | None:
+        """A resumable upload's row: its JSON state, the version that state is, its commit lease."""
+        rows = self._run('SELECT state, version, leased_by, lease_until FROM uploads WHERE id = ?', (upload_id,))
+        return UploadRow(upload_id, *rows[0]) if rows else None
+
+    def open_uploads(self, now: float) -> int:
+        """How many uploads are unfinished and unexpired (what ``ISS_TUS_MAX_SESSIONS`` bounds)."""
+        return int(self._run('SELECT count(*) FROM uploads WHERE finished = 0 AND expires >= ?', (now,))[0][0])
+
+    def claim_part_number(self, upload_id: str) -> int | None:
+        """A part number no other request of this upload is given (None: the upload is gone)."""
+        rows = self._run('UPDATE uploads SET next_part = next_part + 1 WHERE id = ? RETURNING next_part', (upload_id,))
+        return int(rows[0][0]) if rows else None
+
+    def save_upload(self, upload_id: str, state: str, expires: float, version: int, *, finished: bool) -> bool:
+        """Replace the state, if it is still ``version`` (no other request saved it since); return whether."""
+        return self._changes(
+            'UPDATE uploads SET state = ?, expires = ?, finished = ?, version = version + 1 '
+            'WHERE id = ? AND version = ?',
+            (state, expires, int(finished), upload_id, version),
+        )
+
+    def lease_upload(self, upload_id: str, holder: str, until: float, now: float) -> bool:
+        """Take (or renew) the upload's commit lease until ``until``, unless another holder's runs on."""
+        return self._changes(
+            'UPDATE uploads SET leased_by = ?, lease_until = ? WHERE id = ? AND (leased_by = ? OR lease_until < ?)',
+            (holder, until, upload_id, holder, now),
+        )
+
+    def remove_upload(self, upload_id: str, holder: str, now: float) -> bool:
+        """Remove the upload's row unless another holder's lease runs on; return whether it went."""
+        return self._changes(
+            'DELETE FROM uploads WHERE id = ? AND (leased_by IS NULL OR leased_by = ? OR lease_until < ?)',
+            (upload_id, holder, now),
+        )
+
+    def expired_uploads(self, now: float, limit: int) -> list[UploadRow]:
+        """Uploads past their expiry that no node is committing, a batch at a time."""
+        rows = self._run(
+            'SELECT id, state, version, leased_by, lease_until FROM uploads '
+            'WHERE expires < ? AND lease_until < ? ORDER BY expires LIMIT ?',
+            (now, now, limit),
+        )
+        return [UploadRow(*row) for row in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadRow:
+    """A resumable upload as the index keeps it (the state is bucket_sessions' JSON)."""
+
+    id: str
+    state: str
+    version: int
+    leased_by: str | None
+    lease_until: float
+
 
 _COUNTER = re.compile(r'[0-9]{1,18}')
 
@@ -832,6 +1095,44 @@ CREATE TABLE IF NOT EXISTS webhooks (
     leased_by TEXT,
     lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS verified (
+    hex TEXT PRIMARY KEY,
+    checked_at DOUBLE PRECISION NOT NULL,
+    verified_at DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS verified_by_time ON verified (checked_at);
+CREATE OR REPLACE FUNCTION iss_forget_verified() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM verified WHERE hex = OLD.hex;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER blobs_verified AFTER DELETE ON blobs
+    FOR EACH ROW EXECUTE FUNCTION iss_forget_verified();
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    leased_by TEXT NOT NULL,
+    lease_until DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS intents (
+    id TEXT PRIMARY KEY,
+    hex TEXT NOT NULL,
+    op TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    alive_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS intents_by_time ON intents (alive_at);
+CREATE INDEX IF NOT EXISTS intents_by_hex ON intents (hex);
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    expires DOUBLE PRECISION NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0,
+    version BIGINT NOT NULL DEFAULT 0,
+    next_part INTEGER NOT NULL DEFAULT 0,
+    leased_by TEXT,
+    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires);
 """
 
 

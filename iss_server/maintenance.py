@@ -14,8 +14,9 @@ import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
-from iss_server import disk, drivers, resumable
+from iss_server import bucket_sessions, disk, drivers
 from iss_server.errors import BlobNotFound
+from iss_server.reconciler import reconcile
 from storage import BlobStore
 
 #: Makes the meta of a blob that has none, from its bytes and stat.
@@ -54,7 +55,9 @@ def verify(
 ) -> Verification:
     """Re-hash every blob and cross-check blobs, meta and index (``fsck``).
 
-    With ``repair``: a corrupt blob and its meta move to ``quarantine/``,
+    Writes left half-done (intents older than the store's grace period) are
+    reported; with ``repair`` they are settled first, as the reconciler does
+    (:func:`reconciler.reconcile`). With ``repair``: a corrupt blob and its meta move to ``quarantine/``,
     meta without a blob moves there too, a blob without (readable) meta gets
     the meta ``describe`` gives it, and the index is rebuilt. Objects that are
     no blob or meta are reported, never touched.
@@ -64,6 +67,10 @@ def verify(
         progress: called with (blobs checked, bytes hashed) as it goes.
     """
     checker = _Checker(store, repair, describe, progress)
+    # NOTE: a write left half-done is named by what settling it does (put_completed, put_undone, ...).
+    for outcome, count in reconcile(store, grace=store.intent_grace, sweep=False, dry_run=not repair).items():
+        for _ in range(count):
+            checker.report.found(outcome, store.index.path, repaired=repair)
     with concurrent.futures.ThreadPoolExecutor(_VERIFY_THREADS) as pool:
         pending: list[tuple[str, str, drivers.Stat]] = []
         for hex_digest, where, stat in store.walk('blobs'):
@@ -173,7 +180,8 @@ class _Checker:
 
 
 def collect_garbage(store: BlobStore, *, dry_run: bool = False, upload_age: float = 24 * 3600) -> dict[str, int]:
-    """Remove what no blob needs (``gc``): stale temp files, expired resumable uploads,
+    """Remove what no blob needs (``gc``): the writes left half-done (settled as the reconciler
+    does, :func:`reconciler.reconcile`), stale temp files, expired resumable uploads,
     the driver's writes begun more than ``upload_age`` seconds ago and never committed
     (an S3 bucket's multipart uploads), meta, index rows and node derivatives of no
     blob, and derivatives beyond the cache's bound.
@@ -181,11 +189,15 @@ def collect_garbage(store: BlobStore, *, dry_run: bool = False, upload_age: floa
     Returns:
         How many of each were removed (with ``dry_run``, would be).
     """
+    # NOTE: first, so that what an undone write left is not counted as orphans below.
+    settled = reconcile(store, grace=store.intent_grace, sweep=False, dry_run=dry_run)
     counts = {
+        **settled,
         'temp_files': store.sweep_temp(dry_run=dry_run),
         # NOTE: a server sweeps them as uploads are created, an idle one leaves them to this;
         # each session's state holds its own expiry, so none is given here
-        'upload_sessions': resumable.Sessions(store, expires_seconds=0).sweep_expired(dry_run=dry_run),
+        # (a bucket's objects and parts of no session go once older than upload_age)
+        'upload_sessions': bucket_sessions.sessions_of(store, int(upload_age)).sweep_expired(dry_run=dry_run),
         **store.abandoned_writes(upload_age, dry_run=dry_run),
         'orphaned_meta': 0,
         'index_rows': 0,

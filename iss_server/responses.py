@@ -235,6 +235,10 @@ class SendfileSlice(FileSlice):
     def fileno(self) -> int:
         return self._file.fileno()
 
+    def seek(self, offset: int) -> int:
+        """Where socket.sendfile leaves the file when the sending stops part way (telemetry.body_done reads it)."""
+        return self._file.seek(offset)
+
 
 class InPieces:
     """A file with no descriptor (a blob streaming from a bucket), sent in pieces of 1 MiB.

@@ -72,6 +72,29 @@ class Metrics:
         self.uploads = prometheus_client.Counter(
             'iss_uploads', 'Uploads stored: new content, or content already stored.', ['result'], registry=own
         )
+        self.reconciled = prometheus_client.Counter(
+            'iss_reconcile_fixed',
+            'Writes left half-done (a crash, a kill, an outage) that the reconciler finished or undid, by outcome.',
+            ['kind'],
+            registry=own,
+        )
+        self.scrubbed = prometheus_client.Counter(
+            'iss_scrub_blobs',
+            'Blobs the scrubber read back and hashed, by result: verified, corrupt (quarantined), '
+            'missing (a row without its blob), changed (deleted or stored anew while read).',
+            ['result'],
+            registry=own,
+        )
+        self.scrubbed_bytes = prometheus_client.Counter(
+            'iss_scrub_read_bytes', 'Bytes the scrubber read back and hashed.', registry=own
+        )
+        self.large_reads = prometheus_client.Counter(
+            'iss_large_reads',
+            'Full GETs of blobs of ISS_ACCEL_MIN_BYTES or more behind nginx, by who sent the bytes: nginx '
+            '(verified within ISS_VERIFY_MAX_AGE, or a store on disk) or iss (streamed, hashed as they went).',
+            ['sent_by'],
+            registry=own,
+        )
         if own is None:  # NOTE: multiprocess mode
             self.registry = prometheus_client.CollectorRegistry()
             multiprocess.MultiProcessCollector(self.registry)
@@ -148,24 +171,70 @@ class RequestTelemetry:
             bytes_sent = 0
         self._metrics.observe(req, resp, seconds, int(bytes_sent))
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                'request',
-                extra={
-                    'request': {
-                        'request_id': req.context.request_id,
-                        'method': req.method,
-                        'path': req.path,
-                        'query': req.query_string or None,
-                        'route': req.uri_template,
-                        'status': resp.status_code,
-                        'duration_ms': round(seconds * 1000, 3),
-                        'bytes_in': req.content_length or 0,
-                        'bytes_out': int(bytes_sent),
-                        'remote': req.remote_addr,
-                        'user_agent': req.user_agent,
-                    }
-                },
-            )
+            entry = {
+                'request_id': req.context.request_id,
+                'method': req.method,
+                'path': req.path,
+                'query': req.query_string or None,
+                'route': req.uri_template,
+                'status': resp.status_code,
+                'duration_ms': round(seconds * 1000, 3),
+                'bytes_in': req.content_length or 0,
+                'bytes_out': int(bytes_sent),
+                'remote': req.remote_addr,
+                'user_agent': req.user_agent,
+            }
+            if _written_after_body:
+                req.env[_DEFERRED] = (entry, resp.stream, _file_offset(resp.stream))
+            else:
+                access_log.info('request', extra={'request': entry})
+
+
+#: Set by gunicorn.conf.py (:func:`write_access_after_body`): gunicorn's logger writes each access
+#: line once the body is out, or cut; without it (the tests' WSGI apps) it is written as the body starts.
+_written_after_body = False
+_DEFERRED = 'iss.access'
+
+
+def write_access_after_body() -> None:
+    """Have the server write each access line (see :func:`body_done`) after the body, not before it."""
+    global _written_after_body
+    _written_after_body = True
+
+
+def body_done(environ: dict[str, Any], *, written: int, failure: BaseException | None) -> None:
+    """Write a request's access line now that its body is out; ``failure``: what cut it short.
+
+    ``written`` is what the server wrote of a body it iterated; a file it sent with sendfile(2)
+    was left at the offset where the sending stopped (socket.sendfile's documented behaviour).
+    A cut line has ``"cut"`` saying why, and ``bytes_out`` the body bytes really sent.
+    """
+    deferred = environ.pop(_DEFERRED, None)
+    if deferred is None:
+        return
+    entry, stream, start = deferred
+    if failure is not None:
+        if not written and start is not None:
+            written = (_file_offset(stream) or start) - start
+        entry['bytes_out'] = written
+        entry['cut'] = _why_cut(failure)
+    access_log.info('request', extra={'request': entry})
+
+
+def _file_offset(stream: object) -> int | None:
+    """Where a body that gunicorn may send with sendfile(2) stands in its file; None for any other body."""
+    try:
+        return os.lseek(stream.fileno(), 0, os.SEEK_CUR)  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _why_cut(failure: BaseException) -> str:
+    if isinstance(failure, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+        return 'the client went away'
+    if isinstance(failure, TimeoutError):
+        return 'the client stopped reading'
+    return f'{type(failure).__name__}: {failure}'
 
 
 class _RequestIds:

@@ -9,6 +9,8 @@ is the middleware that asks for, and sends, ``Tus-Resumable``.
 from __future__ import annotations
 
 import datetime
+import functools
+from typing import Any
 
 import falcon
 
@@ -16,11 +18,12 @@ from iss_server import doors, resumable
 from iss_server.auth import bearer_token
 from iss_server.blobs import parse_id
 from iss_server.bodies import RequestBody
+from iss_server.bucket_sessions import BucketSessions
 from iss_server.config import Settings
 from iss_server.doors import ArtifactDoor, Door, ImageDoor
 from iss_server.errors import BadRequest, DigestMismatch, FileRefused, InvalidId, UnsupportedProtocol, UploadTooLarge
 from iss_server.receiving import Upload
-from storage import BlobStore
+from storage import BlobStore, StagedBlob
 
 #: What a browser's tus client must be allowed to read of the answers (CORS).
 TUS_HEADERS = (
@@ -52,7 +55,7 @@ class ResumableUploads:
     def __init__(
         self,
         store: BlobStore,
-        sessions: resumable.Sessions,
+        sessions: resumable.Sessions | BucketSessions,
         images: ImageDoor,
         artifacts: ArtifactDoor,
         settings: Settings,
@@ -91,42 +94,37 @@ class ResumableUploads:
         self, req: falcon.Request, session_id: str, owner: str, offset: int, *, has_body: bool = True
     ) -> resumable.Session:
         """Append the request's body at ``offset``; commit the upload when it is its last byte."""
-        with self.sessions.writing(session_id, owner, offset) as (session, fd):
-            if has_body and req.content_length != 0:
-                body = RequestBody(req, session.length - offset, self._timeout)
-                session = self.sessions.append(
-                    session, fd, body, resumable.parse_checksum(req.get_header('Upload-Checksum'))
-                )
-            if session.complete:
-                session = self._commit(req, session, fd)
-        return session
+        body = None
+        if has_body and req.content_length != 0:
+            body = functools.partial(RequestBody, req, timeout=self._timeout)
+        checksum = resumable.parse_checksum(req.get_header('Upload-Checksum'))
+        return self.sessions.receive(session_id, owner, offset, body, checksum, _Commit(self, req))
 
-    def _commit(self, req: falcon.Request, session: resumable.Session, fd: int) -> resumable.Session:
-        """The complete upload into the store, verified and identified as a POST's would be."""
+    def resume(self, req: falcon.Request, session_id: str) -> resumable.Session:
+        """The session asked about, its commit finished first if a killed node left it undone (a bucket's)."""
+        return self.sessions.resume(session_id, self.owner(req), _Commit(self, req))
+
+    def result(self, session: resumable.Session, digest: str, *, created: bool) -> dict[str, Any]:
+        """What a finished session records and answers with: its blob's id, location, and whether it was new."""
+        location = doors.location(self.door_of(session.metadata).name, digest)
+        return {'id': digest, 'location': location, 'created': created}
+
+    def commit(self, req: falcon.Request, session: resumable.Session, staged: StagedBlob) -> dict[str, Any]:
+        """The complete upload into the store, verified and identified as a POST's would be; the result to record."""
         door = self.door_of(session.metadata)
         metadata = session.metadata
-        with self.sessions.staged(session, fd) as staged:
-            expected = metadata.get('sha256')
-            if expected is not None and staged.digest != _as_id(expected):
-                self.sessions.discard(session.id)
-                raise DigestMismatch(staged.digest, _as_id(expected))
-            fields = {name: metadata[name] for name in door.form_fields if name in metadata}
-            upload = Upload(staged, metadata.get('filename') or metadata.get('name'), _filetype(metadata), fields)
-            try:
-                committed = self._store.commit(staged, door.meta_for(req, upload))
-            except FileRefused:
-                self.sessions.discard(session.id)
-                raise
-            # NOTE: recorded before the staged file goes: a crash between them leaves a finished
-            # session whose file is swept with it, never one that can neither resume nor answer
-            return self.sessions.finish(
-                session,
-                {
-                    'id': staged.digest,
-                    'location': doors.location(door.name, staged.digest),
-                    'created': committed.created,
-                },
-            )
+        expected = metadata.get('sha256')
+        if expected is not None and staged.digest != _as_id(expected):
+            self.sessions.discard(session.id)
+            raise DigestMismatch(staged.digest, _as_id(expected))
+        fields = {name: metadata[name] for name in door.form_fields if name in metadata}
+        upload = Upload(staged, metadata.get('filename') or metadata.get('name'), _filetype(metadata), fields)
+        try:
+            committed = self._store.commit(staged, door.meta_for(req, upload))
+        except FileRefused:
+            self.sessions.discard(session.id)
+            raise
+        return self.result(session, staged.digest, created=committed.created)
 
     def answer(self, resp: falcon.Response, session: resumable.Session) -> None:
         """The headers every answer about a session carries: offset, expiry, and the blob once committed."""
@@ -138,6 +136,20 @@ class ResumableUploads:
             resp.set_header('ISS-Blob-Id', session.result['id'])
             resp.set_header('ISS-Blob-Status', '201' if session.result['created'] else '200')
             resp.set_header('ISS-Blob-Location', session.result['location'])
+
+
+class _Commit:
+    """The request's way to end a complete session (``resumable.Committer``)."""
+
+    def __init__(self, uploads: ResumableUploads, req: falcon.Request) -> None:
+        self._uploads = uploads
+        self._req = req
+
+    def commit(self, session: resumable.Session, staged: StagedBlob) -> dict[str, Any]:
+        return self._uploads.commit(self._req, session, staged)
+
+    def stored(self, session: resumable.Session, digest: str) -> dict[str, Any]:
+        return self._uploads.result(session, digest, created=False)
 
 
 class UploadsCollection:
@@ -183,7 +195,7 @@ class UploadSession:
         self._uploads = uploads
 
     def on_head(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
-        session = self._uploads.sessions.get(upload_id, self._uploads.owner(req))
+        session = self._uploads.resume(req, upload_id)
         resp.set_header('Upload-Length', str(session.length))
         if session.metadata:
             resp.set_header('Upload-Metadata', resumable.format_metadata(session.metadata))

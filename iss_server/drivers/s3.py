@@ -46,6 +46,9 @@ _MAX_PARTS = 10_000
 # NOTE: the answers of S3 that say a condition failed, or a key is absent.
 _EXISTS = frozenset({'PreconditionFailed', '412', 'ConditionalRequestConflict', '409'})
 _ABSENT = frozenset({'NoSuchKey', '404', 'NotFound'})
+_NO_UPLOAD = frozenset({'NoSuchUpload', '404'})
+#: Keys of resumable uploads (iss_server/bucket_sessions.py): their multipart uploads live as long as a session.
+SESSIONS_PREFIX = 'uploads/'
 
 # NOTE: boto3 sessions are not thread-safe; clients made from one are (and are shared by threads).
 _SESSION: tuple[int, Any] | None = None
@@ -174,6 +177,76 @@ class S3Driver:
             raise
         return parts.complete()
 
+    def write(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``, replacing what is there (a resumable upload's own scratch objects)."""
+        self._put_object(key, data, len(data), hashlib.sha256(data).hexdigest())
+
+    # -- a multipart upload that outlives a request (a resumable upload's parts, sent by any node) --
+
+    def start_parts(self, key: str) -> str:
+        """Start a multipart upload to ``key``; its id, which any node may send parts of."""
+        with _translated('starting a multipart upload'):
+            answer = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=self.prefix + key, ChecksumAlgorithm='SHA256'
+            )
+        return str(answer['UploadId'])
+
+    def put_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+        """Send part ``number`` (S3 keeps the last one sent under a number); what completing it needs.
+
+        Raises:
+            KeyNotFound: the upload was aborted.
+        """
+        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        with _translated('storing a part'):
+            try:
+                answer = self.client.upload_part(
+                    Bucket=self.bucket,
+                    Key=self.prefix + key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=data,
+                    ChecksumSHA256=checksum,
+                )
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) in _NO_UPLOAD:
+                    raise KeyNotFound(key) from None  # NOTE: aborted
+                raise
+        return {'PartNumber': number, 'ETag': answer['ETag'], 'ChecksumSHA256': checksum}
+
+    def complete_parts(self, key: str, upload_id: str, parts: list[dict[str, Any]]) -> None:
+        """Join ``parts`` (in order) into the object ``key``; done already (by a node killed after it) is done.
+
+        Raises:
+            KeyNotFound: the upload is gone and no object is there (aborted).
+        """
+        with _translated('completing a multipart upload'):
+            try:
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=self.prefix + key, UploadId=upload_id, MultipartUpload={'Parts': parts}
+                )
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) not in _NO_UPLOAD:
+                    raise
+                self.stat(key)  # NOTE: KeyNotFound unless an earlier completion made it
+
+    def abort_parts(self, key: str, upload_id: str) -> None:
+        """Abandon a multipart upload and its parts; one already gone is no error."""
+        with _translated('aborting a multipart upload'):
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.prefix + key, UploadId=upload_id)
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) not in _NO_UPLOAD:
+                    raise
+
+    def multipart_uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
+        """The unfinished multipart uploads to keys under ``prefix``: key, upload id, time started."""
+        paginator = self.client.get_paginator('list_multipart_uploads')
+        with _translated('listing multipart uploads'):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for upload in page.get('Uploads', []):
+                    yield upload['Key'].removeprefix(self.prefix), upload['UploadId'], upload['Initiated'].timestamp()
+
     # -- reading -------------------------------------------------------------
 
     def _get(self, key: str, doing: str, **params: Any) -> dict[str, Any]:
@@ -245,6 +318,9 @@ class S3Driver:
         with _translated('listing multipart uploads'):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for upload in page.get('Uploads', []):
+                    # NOTE: a resumable upload's parts live as long as its session, whose sweep ends them.
+                    if upload['Key'].startswith(self.prefix + SESSIONS_PREFIX):
+                        continue
                     if upload['Initiated'].timestamp() < cutoff:
                         count += 1
                         if not dry_run:
