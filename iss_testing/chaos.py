@@ -40,6 +40,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 
@@ -329,7 +330,7 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(engines: Engines, workdir: pathlib.Path, **options) -> Iterator[Cluster]:
+def cluster(engines: Engines, workdir: pathlib.Path, **options: Any) -> Iterator[Cluster]:
     started = Cluster(engines, workdir, **options)
     try:
         yield started
@@ -365,7 +366,12 @@ class Answer:
 
 
 def send(
-    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout=30.0
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
 ) -> Answer:
     conn = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
     try:
@@ -453,7 +459,13 @@ class Workload:
         return f'client {number} upload {serial} '.encode() + rng.randbytes(size)
 
     def _call(
-        self, op: str, method: str, path: str, ok: tuple[int, ...], body: bytes | None = None, headers=None
+        self,
+        op: str,
+        method: str,
+        path: str,
+        ok: tuple[int, ...],
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Answer | None:
         """Send one request, record it; the answer if its status is in ``ok``."""
         call = Call(op, self.now())
