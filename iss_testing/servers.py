@@ -7,6 +7,7 @@ own session on a free port, stopped by ``stop()``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
@@ -331,12 +332,18 @@ class PostgreSQL:
             shutil.chown(self.directory, 'postgres')
             self._as_user = ['runuser', '-u', 'postgres', '--']
         self.port = free_port()
-        data = self.directory / 'data'
-        self._run(str(self._bin / 'initdb'), '-D', str(data), '-A', 'trust', '-U', 'iss', '--no-sync', '-E', 'UTF8')
+        self._data = self.directory / 'data'
+        self._run(
+            str(self._bin / 'initdb'), '-D', str(self._data), '-A', 'trust', '-U', 'iss', '--no-sync', '-E', 'UTF8'
+        )
+        self.start()
+
+    def start(self) -> None:
+        """Start the server on its data directory and port (again, after :meth:`kill`: crash recovery first)."""
         self._run(
             str(self._bin / 'pg_ctl'),
             '-D',
-            str(data),
+            str(self._data),
             '-l',
             str(self.directory / 'postgres.log'),
             '-w',
@@ -344,7 +351,28 @@ class PostgreSQL:
             f'-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300',
             'start',
         )
-        self._data = data
+
+    def processes(self) -> list[int]:
+        """The postmaster, then its children (backends and helpers).
+
+        NOTE: each child calls setsid(), so no one process group holds them all: a signal
+        meant for the whole server goes to each of these.
+        """
+        postmaster = int((self._data / 'postmaster.pid').read_text().split()[0])
+        children = pathlib.Path(f'/proc/{postmaster}/task/{postmaster}/children').read_text().split()
+        return [postmaster, *map(int, children)]
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to every process of the server (SIGSTOP: frozen; SIGCONT: going on)."""
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every child, as a crash of its machine would."""
+        doomed = self.processes()
+        self.signal(signal.SIGKILL)
+        wait_for(lambda: not any(pathlib.Path(f'/proc/{pid}').exists() for pid in doomed), message='PostgreSQL to die')
 
     def _run(self, *args: str) -> None:
         result = subprocess.run([*self._as_user, *args], capture_output=True, text=True, timeout=120)
