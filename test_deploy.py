@@ -339,7 +339,7 @@ def test_nginx_answers_json_503_when_iss_is_down(tmp_path, shared_data_dir):
     finally:
         nginx.stop()
 
-    assert (status, headers['Content-Type']) == (503, 'application/json')
+    assert (status, headers['Content-Type'], headers['Retry-After']) == (503, 'application/json', '1')
     assert json.loads(body)['status'] == 503
 
 
