@@ -38,7 +38,7 @@ if __name__ == '__main__':
 import falcon
 from swagger_ui_bundle import swagger_ui_path
 
-from iss_server import browse, doors, images, index, meta, params, resumable, telemetry
+from iss_server import browse, doors, engines, images, index, meta, params, resumable, telemetry
 from iss_server.auth import RequireReadToken, RequireToken
 from iss_server.blobs import parse_id
 from iss_server.config import Settings
@@ -381,6 +381,8 @@ def create_app(settings: Settings, store: BlobStore) -> falcon.App:
     """
     # NOTE: the render gate is one per process (Pillow's memory is the worker's); the app sets its bounds.
     images.GATE.configure(settings)
+    # NOTE: so are the engines' bulkheads (a share of this worker's threads).
+    engines.configure(settings)
     metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
     # NOTE: Any, as Falcon types middleware by protocols of its private falcon._typing
     middleware: list[Any] = [telemetry.RequestTelemetry(metrics), TusProtocol()]

@@ -688,14 +688,20 @@ def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
         existing: the store must be there already (an operator's command never
             makes an empty one of a mistyped directory): ConfigError otherwise.
     """
+    # NOTE: opening the index touches nothing yet (a data directory not there is refused below).
+    store_index = index.open_index(
+        settings.index,
+        settings.data_dir,
+        timeout=settings.index_timeout,
+        pool_size=settings.index_pool_size,
+        prepared=settings.index_prepared,
+    )
     if settings.store == 'file':
         if existing and not os.path.isdir(settings.data_dir):
             raise ConfigError(f'{settings.data_dir} is not a directory (set ISS_DATA or --data)')
-        store_index = index.open_index(settings.index, settings.data_dir)
         return FileStore(settings.data_dir, store_index, derived_max_bytes=settings.derived_max_bytes)
     from iss_server.drivers.s3 import S3Driver  # NOTE: only an S3 store needs boto3
 
-    store_index = index.open_index(settings.index, settings.data_dir)
     driver = S3Driver(
         settings.s3_bucket,
         settings.s3_prefix,
@@ -703,6 +709,7 @@ def open_store(settings: Settings, *, existing: bool = False) -> BlobStore:
         region=settings.s3_region,
         access_key=settings.s3_access_key,
         secret_key=settings.s3_secret_key,
+        timeout=settings.s3_timeout,
     )
     scratch = disk.Layout(settings.data_dir)
     return BlobStore(driver, store_index, scratch, derived_max_bytes=settings.derived_max_bytes, node_copies=True)
