@@ -39,7 +39,14 @@ from iss_server.config import ConfigError, Settings
 from iss_server.derived import DerivedCache
 from iss_server.drivers import Busy, Driver, Group, KeyNotFound, Stat, Writer
 from iss_server.drivers.file import FileDriver
-from iss_server.errors import BlobNotFound, CorruptBlob, IndexIncomplete, StoreFailure, StoreUnavailable
+from iss_server.errors import (
+    BlobNotFound,
+    CorruptBlob,
+    IndexIncomplete,
+    IndexUnavailable,
+    StoreFailure,
+    StoreUnavailable,
+)
 
 log = logging.getLogger('iss.storage')
 
@@ -170,6 +177,11 @@ class BlobStore:
 
     def __repr__(self) -> str:
         return f'BlobStore({self._driver!r})'
+
+    @property
+    def backend(self) -> str:
+        """What ``/health`` names the blobs' backend: ``bucket`` or ``data directory``."""
+        return self._driver.part
 
     def start(self) -> None:
         """Sweep what writes killed mid-way left in tmp/, and index a store that has no complete index.
@@ -433,7 +445,12 @@ class BlobStore:
         """
         hex_digest = parse_id(blob_id)
         if self._copies is not None:
-            row = self.index.get(hex_digest)
+            try:
+                row = self.index.get(hex_digest)
+            except IndexUnavailable:
+                # NOTE: the row only says whether the node's copy is still good; the bucket itself
+                # answers without it, so an index that is down or stuck costs reads nothing.
+                return self._open(hex_digest)
             if row is not None and row.bytes <= _NODE_COPY_BYTES:
                 cached = self._copies.open(hex_digest, 'blob')
                 if cached is None:
@@ -531,10 +548,11 @@ class BlobStore:
 
     # -- housekeeping --------------------------------------------------------
 
-    def check(self) -> dict[str, Any]:
+    def check(self, *, with_index: bool = True) -> dict[str, Any]:
         """Prove the backend and the node's scratch take writes, and the index answers; return free space.
 
         ``free_bytes`` is the node's room for uploads in flight (on a file store, the store's room).
+        ``with_index`` False leaves the index out (``/health`` asks it apart, with a deadline of its own).
 
         Raises:
             StoreFull: not even a byte can be written.
@@ -549,7 +567,8 @@ class BlobStore:
                 disk.remove_temp(fd, path)
             usage = os.statvfs(self.root)
         # NOTE: after the directory: a read-only or full disk is named as such, not as the index on it.
-        self.index.complete  # noqa: B018 - a read that raises IndexUnavailable when the index is down
+        if with_index:
+            self.index.complete  # noqa: B018 - a read that raises IndexUnavailable when the index is down
         return {'free_bytes': usage.f_bavail * usage.f_frsize}
 
     def sweep_temp(self, *, dry_run: bool = False) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import re
+import threading
 import time
 from collections.abc import Iterator
 
@@ -191,3 +193,74 @@ def test_a_node_runs_its_index_through_pgbouncer_in_transaction_mode(tmp_path, s
 
 def upload_status(node: Gunicorn, number: int) -> int:
     return node.request('POST', '/artifacts?kind=x', f'artifact {number}'.encode(), OCTETS)[0]
+
+
+# -- bulkheads and health: a stuck engine holds a share of the threads, never all -------------------
+
+
+@contextlib.contextmanager
+def pressed(node: Gunicorn, path: str, clients: int = 12) -> Iterator[None]:
+    """``clients`` threads asking ``path`` over and over (more than the node's threads) while the block runs."""
+    done = threading.Event()
+
+    def client() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                node.request('GET', path)
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        for _ in range(clients):
+            pool.submit(client)
+        try:
+            yield
+        finally:
+            done.set()
+
+
+@pytest.mark.slow
+def test_while_postgresql_is_frozen_what_needs_no_index_answers_within_a_second(node, postgres):
+    digest = upload(node, 3)
+    assert node.request('GET', f'/artifacts/{digest}')[0] == 200
+    with frozen(postgres), pressed(node, '/stats'):
+        time.sleep(1.5)  # NOTE: the index's places taken, its deadline running
+        slowest = 0.0
+        for _ in range(10):
+            for path in ('/health/live', f'/artifacts/{digest}'):
+                (status, _, _), seconds = timed(node.request, 'GET', path)
+                assert status == 200, path
+                slowest = max(slowest, seconds)
+            time.sleep(0.2)
+        assert slowest < 1, slowest
+        (status, headers, body), seconds = timed(node.request, 'GET', '/health/ready')
+        assert seconds < 2 + 1
+    assert status == 503
+    assert headers['Retry-After']
+    answer = json.loads(body)
+    assert (answer['ok'], answer['failing']) == (False, 'index')
+    assert answer['engines']['bucket'] == 'ok'
+    assert node.request('GET', '/health/ready')[0] == 200
+    metrics = node.request('GET', '/metrics')[2].decode()
+    for name in ('iss_engine_refused_calls_total', 'iss_engine_cut_calls_total'):
+        assert float(re.search(rf'^{name}{{engine="index"}} (\S+)$', metrics, re.M)[1]) > 0, name
+
+
+@pytest.mark.slow
+def test_while_seaweedfs_is_frozen_health_names_the_bucket_and_listings_answer_within_a_second(node, seaweedfs):
+    digests = [upload(node, number) for number in range(4, 8)]
+    # NOTE: never read yet, so not on the node: each read asks the bucket.
+    with frozen(seaweedfs), pressed(node, f'/artifacts/{digests[0]}'):
+        time.sleep(1.5)
+        (status, headers, body), seconds = timed(node.request, 'GET', '/health/ready')
+        assert seconds < 2 + 1
+        assert status == 503
+        assert json.loads(body)['failing'] == 'bucket'
+        seed_answer = json.loads(node.request('GET', '/health')[2])
+        assert (sorted(seed_answer), seed_answer['failing']) == (['error', 'failing', 'ok'], 'bucket')
+        slowest = 0.0
+        for _ in range(10):
+            for path in ('/health/live', '/artifacts?limit=2', '/stats'):
+                (status, _, _), seconds = timed(node.request, 'GET', path)
+                assert status == 200, path
+                slowest = max(slowest, seconds)
+            time.sleep(0.2)
+        assert slowest < 1, slowest

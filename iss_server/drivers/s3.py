@@ -70,6 +70,7 @@ class S3Driver:
     """Objects in ``bucket`` under ``prefix`` (``''`` or ending in ``/``); see the module's docstring."""
 
     verify_reads = True
+    part = BucketUnavailable.part
 
     def __init__(
         self,
@@ -229,12 +230,18 @@ class S3Driver:
                 raise
 
     def walk(self, prefix: str) -> Iterator[tuple[str, Stat]]:
-        paginator = self.client.get_paginator('list_objects_v2')
-        with _translated('listing the bucket'):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-                for entry in page.get('Contents', []):
-                    stat = Stat(entry['Size'], entry['ETag'].strip('"'), entry['LastModified'].timestamp())
-                    yield entry['Key'].removeprefix(self.prefix), stat
+        pages = iter(
+            self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
+        )
+        while True:
+            # NOTE: a page at a time: the caller's work between pages holds no place in the bulkhead.
+            with _translated('listing the bucket'):
+                page = next(pages, None)
+            if page is None:
+                return
+            for entry in page.get('Contents', []):
+                stat = Stat(entry['Size'], entry['ETag'].strip('"'), entry['LastModified'].timestamp())
+                yield entry['Key'].removeprefix(self.prefix), stat
 
     # -- removing ------------------------------------------------------------
 
