@@ -9,15 +9,20 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from iss_server import index
+from iss_server import engines, index
 from iss_server.errors import IndexUnavailable
+from iss_testing import HERE
 from iss_testing.cli import cli_json
 from iss_testing.servers import Gunicorn, PgBouncer, PostgreSQL, SeaweedFS, s3_node_environment
 
@@ -39,6 +44,49 @@ def timed(call, *args, **kwargs):
     except Exception as exc:
         answer = exc
     return answer, time.monotonic() - started
+
+
+# -- bulkheads: a busy engine's callers queue, a stuck one's are refused at once ---------------------
+
+
+def test_a_bulkhead_lets_callers_of_a_busy_engine_wait_and_refuses_those_of_a_stuck_one():
+    bulkhead = engines.Bulkhead('index', IndexUnavailable)
+    bulkhead.limit = 2
+    release = threading.Event()
+
+    def hold() -> None:
+        with bulkhead.call():
+            release.wait()
+
+    def enter() -> None:
+        with bulkhead.call():
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(2) as holders:
+        for _ in range(2):
+            holders.submit(hold)
+        engines_wait_for(lambda: bulkhead.inside == 2)
+        threading.Timer(0.3, release.set).start()
+        answer, seconds = timed(enter)  # NOTE: waits for the places freed at 0.3 s
+    assert answer is None and 0.2 < seconds < 1
+    release.clear()
+    with concurrent.futures.ThreadPoolExecutor(2) as holders:
+        for _ in range(2):
+            holders.submit(hold)
+        engines_wait_for(lambda: bulkhead.inside == 2)
+        time.sleep(bulkhead.STUCK)  # NOTE: both places held this long: the engine is taken for stuck
+        answer, seconds = timed(enter)
+        release.set()
+    assert isinstance(answer, IndexUnavailable) and 'slow to answer' in str(answer)
+    assert seconds < 0.1
+    assert bulkhead.inside == 0
+
+
+def engines_wait_for(condition) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 # -- the index: a deadline on every call, counted by ISS -----------------------------------------
@@ -264,3 +312,20 @@ def test_while_seaweedfs_is_frozen_health_names_the_bucket_and_listings_answer_w
                 slowest = max(slowest, seconds)
             time.sleep(0.2)
         assert slowest < 1, slowest
+
+
+@pytest.mark.slow
+def test_the_container_probe_asks_readiness_and_liveness_on_request(tmp_path):
+    server = Gunicorn(tmp_path / 'data', tmp_path / 'g.log', ISS_WORKERS='1')
+    environment = {**os.environ, 'ISS_PORT': str(server.port)}
+
+    def probe(*args: str) -> int:
+        command = [sys.executable, 'healthcheck.py', *args]
+        return subprocess.run(command, cwd=HERE, env=environment, capture_output=True, timeout=30).returncode
+
+    try:
+        shutil.rmtree(tmp_path / 'data')  # NOTE: the data directory gone: not ready, still alive
+        assert (probe(), probe('ready'), probe('live'), probe('dead')) == (1, 1, 0, 2)
+        assert json.loads(server.request('GET', '/health/ready')[2])['engines']['index'] != 'ok'
+    finally:
+        server.stop()
