@@ -31,6 +31,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -886,7 +887,7 @@ class PostgresIndex(_Queries):
             self._options['prepare_threshold'] = None  # NOTE: behind PgBouncer in transaction mode
         self.path = _without_password(url)
         self._local = threading.local()
-        self._schema_ready = False
+        self._hooks = _PoolHooks(psycopg, timeout)
         self._pool: Any = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
@@ -919,42 +920,19 @@ class PostgresIndex(_Queries):
                         min_size=1,
                         max_size=self._pool_size,
                         open=True,
-                        configure=self._configure,
-                        check=self._check,
+                        configure=self._hooks.configure,
+                        check=self._hooks.check,
                         timeout=self.timeout,
                         name=f'iss-index-{os.getpid()}',
                         # NOTE: a server down longer is tried again by the next call, at once, instead of
                         # after a backoff that grows to minutes (which would outlast the server's return).
                         reconnect_timeout=self.timeout,
                     )
+                    self._hooks.pool = self._pool
                     self._pool_pid = os.getpid()
+                    # NOTE: its threads keep it alive: closed with the index (the tests make hundreds).
+                    weakref.finalize(self, _close_pool, self._pool, os.getpid())
         return self._pool
-
-    def _configure(self, db: Any) -> None:
-        """A new connection: the schema, created by the first one of the process (see below)."""
-        if self._schema_ready:
-            return
-        # NOTE: several nodes and workers start at once; CREATE ... IF NOT EXISTS
-        # races in PostgreSQL, so one at a time creates the schema.
-        with engines.WATCHDOG.deadline(db.fileno(), self.timeout), db.transaction():
-            db.execute("SELECT pg_advisory_xact_lock(hashtext('iss-index-schema'))")
-            db.execute(_POSTGRES_SCHEMA)
-        self._schema_ready = True
-
-    def _check(self, db: Any) -> None:
-        """Refuse a pooled connection whose server went away while it sat idle.
-
-        PERF: no round trip. An idle connection has nothing to read; one that has is closed
-        by the server (end of file, or the FATAL a server shutting down sends first).
-        """
-        readable = select.poll()
-        readable.register(db.fileno(), select.POLLIN)
-        if readable.poll(0):
-            db.close()
-            # NOTE: a restart ended them all: the pool's others are replaced at once, rather than
-            # each found out by a call of its own (the pool waits a growing second after each).
-            self._pool.drain()
-            raise self._psycopg.OperationalError('the server closed the connection while it was idle')
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Any]:
@@ -1049,6 +1027,54 @@ class PostgresIndex(_Queries):
             return IndexUnavailable(f'{self.path}: no answer within {self.timeout:g} s (ISS_INDEX_TIMEOUT)')
         full = isinstance(exc, self._psycopg.errors.DiskFull)
         return (IndexFull if full else IndexUnavailable)(f'{self.path}: {exc}')
+
+
+class _PoolHooks:
+    """What a :class:`PostgresIndex`'s pool calls on its connections, kept apart from the index
+    (which the pool's threads would otherwise keep alive).
+    """
+
+    def __init__(self, psycopg: Any, timeout: float) -> None:
+        self._psycopg = psycopg
+        self._timeout = timeout
+        self._schema_ready = False
+        self.pool: Any = None
+
+    def configure(self, db: Any) -> None:
+        """A new connection: the schema, created by the first one (see below)."""
+        if self._schema_ready:
+            return
+        # NOTE: several nodes and workers start at once; CREATE ... IF NOT EXISTS
+        # races in PostgreSQL, so one at a time creates the schema.
+        with engines.WATCHDOG.deadline(db.fileno(), self._timeout), db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(hashtext('iss-index-schema'))")
+            db.execute(_POSTGRES_SCHEMA)
+        self._schema_ready = True
+
+    def check(self, db: Any) -> None:
+        """Refuse a pooled connection whose server went away while it sat idle.
+
+        PERF: no round trip. An idle connection has nothing to read; one that has is closed
+        by the server (end of file, or the FATAL a server shutting down sends first).
+        """
+        readable = select.poll()
+        readable.register(db.fileno(), select.POLLIN)
+        if readable.poll(0):
+            db.close()
+            # NOTE: a restart ended them all: the pool's others are replaced at once, rather than
+            # each found out by a call of its own (the pool waits a growing second after each).
+            self.pool.drain()
+            raise self._psycopg.OperationalError('the server closed the connection while it was idle')
+
+
+def _close_pool(pool: Any, pid: int) -> None:
+    """Close an index's pool, in the process that opened it (never a forked child's copy).
+
+    NOTE: in a thread of its own: the collector may run this in any thread, one of the pool's too,
+    which the pool would wait for to end.
+    """
+    if os.getpid() == pid:
+        threading.Thread(target=pool.close, kwargs={'timeout': 5}, name='iss-index-close', daemon=True).start()
 
 
 #: What a store is given as its index.
