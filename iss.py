@@ -360,7 +360,6 @@ class Health:
     DEADLINE = 2.0
 
     def __init__(self, store: BlobStore) -> None:
-        self._store = store
         self._probes = engines.Probes(
             {store.backend: lambda: store.check(with_index=False), 'index': lambda: store.index.complete}
         )
