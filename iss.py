@@ -39,7 +39,7 @@ if __name__ == '__main__':
 import falcon
 from swagger_ui_bundle import swagger_ui_path
 
-from iss_server import browse, bucket_sessions, doors, images, index, meta, params, telemetry
+from iss_server import browse, bucket_sessions, doors, engines, images, index, meta, params, telemetry
 from iss_server.auth import RequireReadToken, RequireToken
 from iss_server.blobs import parse_id
 from iss_server.bodies import RequestBody
@@ -53,6 +53,7 @@ from iss_server.errors import (
     InvalidIdInBody,
     ServiceError,
     StoreFailure,
+    StoreUnavailable,
     error_body,
 )
 from iss_server.events import Events
@@ -370,25 +371,59 @@ class BlobMeta:
 
 
 class Health:
-    """Liveness and readiness: 200 while the store takes writes, else 503."""
+    """Readiness (``/health``, ``/healthz``, ``/health/ready``): 200 while every engine works, else 503
+    naming the one that fails; and liveness (``/health/live``): 200 while the process answers.
+
+    Each engine is asked apart, with a deadline of its own (:data:`DEADLINE`): the blobs' backend
+    (the bucket or the data directory, and the node's scratch) and the index. A stuck one answers
+    503 within it, whatever its own deadline, so the container probe (4-5 s) never gives up first.
+    """
+
+    #: Seconds each engine has to answer.
+    DEADLINE = 2.0
 
     def __init__(self, store: BlobStore) -> None:
-        self._store = store
+        self._probes = engines.Probes(
+            {store.backend: lambda: store.check(with_index=False), 'index': lambda: store.index.complete}
+        )
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.cache_control = ('no-store',)
-        try:
-            self._store.check()
-        except StoreFailure as exc:
-            resp.status = falcon.HTTP_503
-            # NOTE: which part is down (data directory, bucket, index), for whoever is paged.
-            resp.media = {'ok': False, 'failing': exc.part, 'error': str(exc)}
-            if exc.retry_after:
-                resp.retry_after = exc.retry_after
-        else:
-            resp.media = {'ok': True}
+        """The seed's answer, exactly: ``{"ok": true}``, or ``ok`` false with the part ``failing`` and the ``error``."""
+        self._answer_ready(resp)
+        resp.media.pop('engines')  # NOTE: kept as the seed answered, for clients that compare it whole
 
     on_head = on_get
+
+    def on_get_ready(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """The seed's answer, and each engine's state (``ok`` or its error) under ``engines``."""
+        self._answer_ready(resp)
+
+    on_head_ready = on_get_ready
+
+    def _answer_ready(self, resp: falcon.Response) -> None:
+        resp.cache_control = ('no-store',)
+        outcomes = self._probes.run(self.DEADLINE)
+        answer: dict[str, Any] = {'ok': True}
+        for part, failure in outcomes.items():
+            if failure is None:
+                continue
+            if not isinstance(failure, (StoreFailure, TimeoutError)):
+                raise failure  # NOTE: a bug, answered as any other (500, logged)
+            if answer['ok']:
+                # NOTE: which part is down (data directory, bucket, index), for whoever is paged: the first.
+                answer = {'ok': False, 'failing': getattr(failure, 'part', part), 'error': str(failure)}
+                resp.status = falcon.HTTP_503
+                resp.retry_after = getattr(failure, 'retry_after', None) or StoreUnavailable.retry_after
+        # NOTE: every engine's state, where the seed's answer named one.
+        answer['engines'] = {part: 'ok' if failure is None else str(failure) for part, failure in outcomes.items()}
+        resp.media = answer
+
+    def on_get_live(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """The process answers: nothing else is asked (restarting it would not mend an engine)."""
+        resp.cache_control = ('no-store',)
+        resp.media = {'ok': True}
+
+    on_head_live = on_get_live
 
 
 # -- helpers --------------------------------------------------------------------
@@ -407,6 +442,12 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
     RequestBody.configure(settings.body_min_rate)
     if metrics is None:
         metrics = telemetry.Metrics(store, shared=bool(settings.metrics_dir))
+    # NOTE: so are the engines' bulkheads (a share of this worker's threads), counted in the metrics.
+    engines.configure(
+        settings,
+        refused=lambda engine: metrics.engine_refused.labels(engine).inc(),
+        cut=lambda engine: metrics.engine_cut.labels(engine).inc(),
+    )
     # NOTE: Any, as Falcon types middleware by protocols of its private falcon._typing
     middleware: list[Any] = [telemetry.RequestTelemetry(metrics), TusProtocol()]
     if settings.cors_origins:
@@ -482,6 +523,8 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
     health = Health(store)
     app.add_route('/health', health)
     app.add_route('/healthz', health)
+    app.add_route('/health/ready', health, suffix='ready')
+    app.add_route('/health/live', health, suffix='live')
 
     openapi = OpenAPIDocument(HERE / 'openapi.yaml')
     app.add_route('/openapi.yaml', openapi)

@@ -45,6 +45,7 @@ from iss_server.errors import (
     BlobNotFound,
     CorruptBlob,
     IndexIncomplete,
+    IndexUnavailable,
     ServiceError,
     StoreFailure,
     StoreUnavailable,
@@ -271,6 +272,11 @@ class BlobStore:
     def driver(self) -> Driver:
         """Where the bytes live (resumable uploads of a bucket keep their parts there too)."""
         return self._driver
+
+    @property
+    def backend(self) -> str:
+        """What ``/health`` names the blobs' backend: ``bucket`` or ``data directory``."""
+        return self._driver.part
 
     def start(self) -> None:
         """Sweep what writes killed mid-way left in tmp/, and index a store that has no complete index.
@@ -735,7 +741,12 @@ class BlobStore:
         """
         hex_digest = parse_id(blob_id)
         if self._copies is not None:
-            row = self.index.get(hex_digest)
+            try:
+                row = self.index.get(hex_digest)
+            except IndexUnavailable:
+                # NOTE: the row only says whether the node's copy is still good; the bucket itself
+                # answers without it, so an index that is down or stuck costs reads nothing.
+                return self._open(hex_digest)
             if row is not None and row.bytes <= _NODE_COPY_BYTES:
                 cached = self._copies.open(hex_digest, 'blob')
                 if cached is None:
@@ -862,10 +873,11 @@ class BlobStore:
 
     # -- housekeeping --------------------------------------------------------
 
-    def check(self) -> dict[str, Any]:
+    def check(self, *, with_index: bool = True) -> dict[str, Any]:
         """Prove the backend and the node's scratch take writes, and the index answers; return free space.
 
         ``free_bytes`` is the node's room for uploads in flight (on a file store, the store's room).
+        ``with_index`` False leaves the index out (``/health`` asks it apart, with a deadline of its own).
 
         Raises:
             StoreFull: not even a byte can be written.
@@ -880,7 +892,8 @@ class BlobStore:
                 disk.remove_temp(fd, path)
             usage = os.statvfs(self.root)
         # NOTE: after the directory: a read-only or full disk is named as such, not as the index on it.
-        self.index.complete  # noqa: B018 - a read that raises IndexUnavailable when the index is down
+        if with_index:
+            self.index.complete  # noqa: B018 - a read that raises IndexUnavailable when the index is down
         return {'free_bytes': usage.f_bavail * usage.f_frsize}
 
     def sweep_temp(self, *, dry_run: bool = False) -> int:
@@ -1021,18 +1034,24 @@ def open_store(settings: Settings, *, existing: bool = False, only_a_store: bool
         only_a_store: with ``existing``, the directory is a store's (or empty), not any
             directory (a command that checks or changes a store: fsck, gc, reindex...).
     """
+    # NOTE: opening the index touches nothing yet (a data directory not there is refused below).
+    store_index = index.open_index(
+        settings.index,
+        settings.data_dir,
+        timeout=settings.index_timeout,
+        pool_size=settings.index_pool_size,
+        prepared=settings.index_prepared,
+    )
     if settings.store == 'file':
         if existing and not os.path.isdir(settings.data_dir):
             raise ConfigError(f'{settings.data_dir} is not a directory (set ISS_DATA or --data)')
         if existing and only_a_store:
             _refuse_unless_a_data_directory(settings.data_dir)
-        store_index = index.open_index(settings.index, settings.data_dir)
         store = FileStore(settings.data_dir, store_index, derived_max_bytes=settings.derived_max_bytes)
         store.intent_grace = settings.reconcile_grace
         return store
     from iss_server.drivers.s3 import S3Driver  # NOTE: only an S3 store needs boto3
 
-    store_index = index.open_index(settings.index, settings.data_dir)
     driver = S3Driver(
         settings.s3_bucket,
         settings.s3_prefix,
@@ -1040,6 +1059,7 @@ def open_store(settings: Settings, *, existing: bool = False, only_a_store: bool
         region=settings.s3_region,
         access_key=settings.s3_access_key,
         secret_key=settings.s3_secret_key,
+        timeout=settings.s3_timeout,
     )
     scratch = disk.Layout(settings.data_dir)
     return BlobStore(

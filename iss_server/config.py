@@ -157,6 +157,14 @@ class Settings:
     store: str = 'file'
     #: The index: ``sqlite`` (a file in ``data_dir``) or a ``postgresql://`` URL shared by every node.
     index: str = 'sqlite'
+    #: Seconds a call to a PostgreSQL index may take, connecting or waiting for a pooled connection
+    #: included, counted by ISS itself (a frozen server counts nothing); past it, 503.
+    index_timeout: int = 5
+    #: PostgreSQL connections each worker process keeps (nodes x workers x this <= max_connections).
+    index_pool_size: int = 4
+    #: Whether psycopg prepares the statements it runs often; 0 behind PgBouncer in transaction mode,
+    #: which hands each transaction to any server connection (PgBouncer before 1.21 keeps none).
+    index_prepared: bool = True
     #: The S3 service's URL (SeaweedFS, MinIO, Ceph RGW); empty: AWS itself.
     s3_endpoint: str = ''
     s3_region: str = 'us-east-1'
@@ -164,6 +172,8 @@ class Settings:
     s3_secret_key: str = ''
     #: Seconds a presigned URL lives when full GETs of an S3 store answer 307 to the bucket; 0: off.
     s3_redirect: int = 0
+    #: Seconds one S3 call may take, its one retry included (each attempt gets about half).
+    s3_timeout: int = 15
     #: Largest request body accepted on POST and PUT; 413 as soon as it is crossed.
     max_upload_bytes: int = 2 * 1024**3
     #: How far an uploaded image is checked: ``header`` (identified from it) or ``decode``
@@ -261,11 +271,15 @@ class Settings:
             data_dir=env.get('ISS_DATA', '').strip() or defaults.data_dir,
             store=_store(env, 'ISS_STORE'),
             index=_index(env, 'ISS_INDEX'),
+            index_timeout=_integer(env, 'ISS_INDEX_TIMEOUT', defaults.index_timeout, 1),
+            index_pool_size=_integer(env, 'ISS_INDEX_POOL_SIZE', defaults.index_pool_size, 1),
+            index_prepared=_choice(env, 'ISS_INDEX_PREPARED', ('1', '0')) == '1',
             s3_endpoint=_url(env, 'ISS_S3_ENDPOINT'),
             s3_region=env.get('AWS_REGION', '').strip() or defaults.s3_region,
             s3_access_key=env.get('AWS_ACCESS_KEY_ID', '').strip(),
             s3_secret_key=env.get('AWS_SECRET_ACCESS_KEY', '').strip(),
             s3_redirect=_integer(env, 'ISS_S3_REDIRECT', defaults.s3_redirect),
+            s3_timeout=_integer(env, 'ISS_S3_TIMEOUT', defaults.s3_timeout, 2),
             max_upload_bytes=_integer(env, 'ISS_MAX_UPLOAD_BYTES', defaults.max_upload_bytes, 1),
             max_meta_bytes=_integer(env, 'ISS_MAX_META_BYTES', defaults.max_meta_bytes, 2),
             max_batch_files=_integer(env, 'ISS_MAX_BATCH_FILES', defaults.max_batch_files, 1),

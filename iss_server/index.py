@@ -27,15 +27,17 @@ import json
 import logging
 import os
 import re
+import select
 import sqlite3
 import threading
 import time
 import urllib.parse
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
-from iss_server import meta, similar
+from iss_server import engines, meta, similar
 from iss_server.errors import CursorExpired, IndexFull, IndexUnavailable, InvalidCursor
 
 _DB = TypeVar('_DB')
@@ -284,12 +286,6 @@ class _Queries:
 
     def session(self) -> contextlib.AbstractContextManager[object]:
         raise NotImplementedError
-
-    def release(self) -> None:
-        """Close the connection this thread keeps, if it keeps one (a background thread between its rounds).
-
-        SQLite's are given back after each call and closed when idle: nothing to do.
-        """
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
         """Group writes (a rebuild) into one transaction: ``with index.transaction(): ...``."""
@@ -1203,6 +1199,8 @@ CREATE TABLE IF NOT EXISTS uploads (
     lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires);
+-- A rebuild's bookkeeping (PostgresIndex.start_rebuild): the rows each run has seen.
+CREATE UNLOGGED TABLE IF NOT EXISTS rebuild_seen (run TEXT NOT NULL, hex TEXT NOT NULL, PRIMARY KEY (run, hex));
 """ + ''.join(f'{statement};\n' for statement in (*similar.schema('postgresql'), *similar.sync_triggers('postgresql')))
 
 
@@ -1210,14 +1208,19 @@ class PostgresIndex(_Queries):
     """The index in a PostgreSQL database, shared by every ISS node of a store (``ISS_INDEX=postgresql://...``).
 
     The same rows and totals as :class:`SQLiteIndex`, in a database of its own
-    (tables ``blobs``, ``totals``, ``state``). Each thread keeps one connection
-    (autocommit: a statement is its own transaction unless grouped); a forked
-    child never uses, or closes, its parent's. A server that is down, refuses
-    or stalls past ``statement_timeout`` raises :class:`errors.IndexUnavailable`
-    (503), and the next call connects anew.
+    (tables ``blobs``, ``totals``, ``state``). Each process keeps a pool of at most
+    ``pool_size`` connections (``ISS_INDEX_POOL_SIZE``), made when it first needs one, so a
+    forked child never uses, or closes, its parent's; a call borrows one for a statement
+    (autocommit), a :meth:`session` for all of its own.
+
+    Every call has a deadline, ``timeout`` seconds (``ISS_INDEX_TIMEOUT``) counted by ISS:
+    waiting for a pooled connection, connecting, and each statement (a frozen server counts
+    nothing; see :mod:`engines`). A server that is down, refuses, or answers too late raises
+    :class:`errors.IndexUnavailable` (503), and the connection is dropped. One whose server
+    went away while it was idle (a restart) is noticed before use at no cost and replaced,
+    so a restart costs no client an error once the server is back.
     """
 
-    _TEMP = 'pg_temp'
     # NOTE: sequence numbers are taken before commit, so they commit out of order: a reader
     # that stepped past seq 7 while seq 6's transaction runs on would never see 6. Events are
     # ordered by their transaction's id first, and only those of transactions older than every
@@ -1229,112 +1232,230 @@ class PostgresIndex(_Queries):
     # NOTE: a deadlock between two groups of rows, which PostgreSQL breaks by aborting one, is tried again.
     _ATTEMPTS = 3
 
-    def __init__(self, url: str, *, connect_timeout: int = 5, statement_timeout_ms: int = 15_000) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0, pool_size: int = 4, prepared: bool = True) -> None:
         import psycopg  # NOTE: only a PostgreSQL index needs it
 
         self._psycopg = psycopg
         self._url = url
-        # NOTE: added to the URL's own options (a search_path, say), not in their place.
+        self.timeout = timeout
+        self._pool_size = pool_size
+        # NOTE: added to the URL's own options (a search_path, say), not in their place. The server's
+        # own statement_timeout as well: it ends a statement a live server runs too long, and frees its locks.
         given = psycopg.conninfo.conninfo_to_dict(url).get('options', '')
         self._options: dict[str, Any] = {  # NOTE: psycopg.connect()'s keywords
-            'connect_timeout': connect_timeout,
-            'options': f'{given} -c statement_timeout={statement_timeout_ms}'.strip(),
+            'autocommit': True,
+            # NOTE: counted by psycopg itself (whole seconds, 2 at least).
+            'connect_timeout': max(2, int(timeout)),
+            'options': f'{given} -c statement_timeout={int(timeout * 1000)}'.strip(),
         }
+        if not prepared:
+            self._options['prepare_threshold'] = None  # NOTE: behind PgBouncer in transaction mode
         self.path = _without_password(url)
         self._local = threading.local()
-        self._schema_ready = False
+        self._hooks = _PoolHooks(psycopg, timeout)
+        self._pool: Any = None
+        self._pool_pid = 0
+        self._pool_lock = threading.Lock()
         self._start_feed()
 
+    def _held(self) -> Any:
+        """The connection this thread's :meth:`session` holds, if any."""
+        held = getattr(self._local, 'held', None)
+        return held.db if held is not None and held.pid == os.getpid() else None
+
     def _in_transaction(self) -> bool:
-        held = getattr(self._local, 'connection', None)
+        db = self._held()
         return (
-            held is not None
-            and held.pid == os.getpid()
-            and not held.db.closed
-            and held.db.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE
+            db is not None and not db.closed and db.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE
         )
 
-    def _connection(self) -> Any:
-        held = getattr(self._local, 'connection', None)
-        if held is not None and held.pid == os.getpid() and not held.db.closed:
-            return held.db
-        if held is not None and held.pid != os.getpid():
-            _INHERITED.append(held)  # NOTE: closing it here would end the parent's session
-        try:
-            db = self._psycopg.connect(self._url, autocommit=True, **self._options)
-            if not self._schema_ready:
-                # NOTE: several nodes and workers start at once; CREATE ... IF NOT EXISTS
-                # races in PostgreSQL, so one at a time creates the schema.
-                with db.transaction():
-                    db.execute("SELECT pg_advisory_xact_lock(hashtext('iss-index-schema'))")
-                    db.execute(_POSTGRES_SCHEMA)
-                self._schema_ready = True
-        except self._psycopg.Error as exc:
-            raise self._unavailable(exc) from exc
-        self._local.connection = _Connection(db, 0, os.getpid())
-        return db
+    def _connections(self) -> Any:
+        """This process's pool, opened at its first use."""
+        if self._pool_pid != os.getpid():
+            from psycopg_pool import ConnectionPool
+
+            with self._pool_lock:
+                if self._pool_pid != os.getpid():
+                    if self._pool is not None:
+                        # NOTE: the parent's: its connections' finalizers would end the parent's sessions.
+                        _INHERITED.append(self._pool)
+                    self._pool = ConnectionPool(
+                        self._url,
+                        kwargs=self._options,
+                        min_size=1,
+                        max_size=self._pool_size,
+                        open=True,
+                        configure=self._hooks.configure,
+                        check=self._hooks.check,
+                        timeout=self.timeout,
+                        name=f'iss-index-{os.getpid()}',
+                        # NOTE: a server down longer is tried again by the next call, at once, instead of
+                        # after a backoff that grows to minutes (which would outlast the server's return).
+                        reconnect_timeout=self.timeout,
+                    )
+                    self._hooks.pool = self._pool
+                    self._pool_pid = os.getpid()
+                    # NOTE: its threads keep it alive: closed with the index (the tests make hundreds).
+                    weakref.finalize(self, _close_pool, self._pool, os.getpid())
+        return self._pool
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Any]:
-        yield self._connection()
-
-    def release(self) -> None:
-        """Close this thread's connection: a thread that wakes every half-minute holds none in between.
-
-        NOTE: with one per worker's reconciler kept open, nodes x workers connections more would sit idle.
-        """
-        held = getattr(self._local, 'connection', None)
-        if held is not None and held.pid == os.getpid():
-            self._local.connection = None
-            held.db.close()
+        """One connection for the calls inside the block (a rebuild's transactions, its temp table)."""
+        db = self._held()
+        if db is not None:
+            yield db
+            return
+        pool = self._connections()
+        try:
+            db = pool.getconn()
+        except self._psycopg.Error as exc:  # NOTE: the pool's timeout too (PoolTimeout)
+            raise self._unavailable(exc) from exc
+        self._local.held = _Connection(db, 0, os.getpid())
+        try:
+            yield db
+        finally:
+            self._local.held = None
+            pool.putconn(db)  # NOTE: one broken or left in a transaction is closed or rolled back
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        db = self._connection()
-        try:
-            with db.transaction():
+        """The statements inside the block in one transaction (joined to this thread's, if one is open)."""
+        with self.session():
+            if self._in_transaction():
                 yield
-        except self._psycopg.Error as exc:
-            raise self._unavailable(exc) from exc
+                return
+            # NOTE: BEGIN and COMMIT as statements of their own, each with its deadline (a
+            # rebuild's batch reads the bucket between its statements, which no deadline covers).
+            self._run('BEGIN')
+            try:
+                yield
+            except BaseException:
+                with contextlib.suppress(IndexUnavailable):
+                    self._run('ROLLBACK')
+                raise
+            self._run('COMMIT')
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[Any]:
+        """A connection for one call, guarded: a place in the bulkhead, and one deadline for the wait and the call."""
+        started = time.monotonic()
+        with engines.INDEX.call(), self.session() as db:
+            call = None
+            try:
+                left = max(0.0, self.timeout - (time.monotonic() - started))
+                with engines.WATCHDOG.deadline(db.fileno(), left) as call:
+                    yield db
+            except self._psycopg.Error as exc:
+                raise self._unavailable(exc, late=call is not None and call.expired) from exc
 
     def _execute(self, sql: str, params: Iterable[Any]) -> tuple[list[tuple], int]:
-        db = self._connection()
-        try:
+        with self._call() as db:
             cursor = db.execute(sql.replace('?', '%s'), tuple(params))
             return (cursor.fetchall() if cursor.description else []), cursor.rowcount
-        except self._psycopg.Error as exc:
-            raise self._unavailable(exc) from exc
 
     def _execute_many(self, sql: str, rows: list[tuple]) -> None:
         for attempt in range(self._ATTEMPTS):
-            db = self._connection()
             try:
-                with db.transaction(), db.cursor() as cursor:
+                with self.transaction(), self._call() as db, db.cursor() as cursor:
                     cursor.executemany(sql.replace('?', '%s'), rows)
                 return
-            except self._psycopg.errors.DeadlockDetected:
-                if attempt == self._ATTEMPTS - 1:
+            except IndexUnavailable as exc:
+                deadlock = isinstance(exc.__cause__, self._psycopg.errors.DeadlockDetected)
+                if not deadlock or attempt == self._ATTEMPTS - 1:
                     raise
-            except self._psycopg.Error as exc:
-                raise self._unavailable(exc) from exc
 
-    def _unavailable(self, exc: Exception) -> IndexUnavailable | IndexFull:
-        held = getattr(self._local, 'connection', None)
-        if held is not None and held.pid == os.getpid() and held.db.broken:
-            held.db.close()  # NOTE: the next call connects anew
+    # -- a rebuild's bookkeeping, in a table of the index -------------------------------------
+    # NOTE: not a temporary table: behind PgBouncer in transaction mode each statement may run on
+    # another server connection, which has none of this one's. Each run has rows of its own.
+
+    #: Seconds after which a run's rows are surely a killed rebuild's, and cleared by the next one.
+    _REBUILD_RUNS_KEPT = 86400
+
+    def start_rebuild(self) -> None:
+        # NOTE: a run is named by its start, so older ones compare smaller.
+        self._local.run = f'{time.time():015.3f}-{os.urandom(4).hex()}'
+        self._run('DELETE FROM rebuild_seen WHERE run < ?', (f'{time.time() - self._REBUILD_RUNS_KEPT:015.3f}',))
+
+    def saw(self, hex_digest: str) -> None:
+        self._run('INSERT INTO rebuild_seen VALUES (?, ?) ON CONFLICT DO NOTHING', (self._local.run, hex_digest))
+
+    def unseen(self) -> list[str]:
+        """Rows the rebuild did not see: candidates for removal. The run's bookkeeping is cleared."""
+        run = self._local.run
+        rows = self._run('SELECT hex FROM blobs WHERE hex NOT IN (SELECT hex FROM rebuild_seen WHERE run = ?)', (run,))
+        self._run('DELETE FROM rebuild_seen WHERE run = ?', (run,))
+        return [hex_digest for (hex_digest,) in rows]
+
+    def _unavailable(self, exc: Exception, *, late: bool = False) -> IndexUnavailable | IndexFull:
+        if late:
+            return IndexUnavailable(f'{self.path}: no answer within {self.timeout:g} s (ISS_INDEX_TIMEOUT)')
         full = isinstance(exc, self._psycopg.errors.DiskFull)
         return (IndexFull if full else IndexUnavailable)(f'{self.path}: {exc}')
+
+
+class _PoolHooks:
+    """What a :class:`PostgresIndex`'s pool calls on its connections, kept apart from the index
+    (which the pool's threads would otherwise keep alive).
+    """
+
+    def __init__(self, psycopg: Any, timeout: float) -> None:
+        self._psycopg = psycopg
+        self._timeout = timeout
+        self._schema_ready = False
+        self.pool: Any = None
+
+    def configure(self, db: Any) -> None:
+        """A new connection: the schema, created by the first one (see below)."""
+        if self._schema_ready:
+            return
+        # NOTE: several nodes and workers start at once; CREATE ... IF NOT EXISTS
+        # races in PostgreSQL, so one at a time creates the schema.
+        with engines.WATCHDOG.deadline(db.fileno(), self._timeout), db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(hashtext('iss-index-schema'))")
+            db.execute(_POSTGRES_SCHEMA)
+        self._schema_ready = True
+
+    def check(self, db: Any) -> None:
+        """Refuse a pooled connection whose server went away while it sat idle.
+
+        PERF: no round trip. An idle connection has nothing to read; one that has is closed
+        by the server (end of file, or the FATAL a server shutting down sends first).
+        """
+        readable = select.poll()
+        readable.register(db.fileno(), select.POLLIN)
+        if readable.poll(0):
+            db.close()
+            # NOTE: a restart ended them all: the pool's others are replaced at once, rather than
+            # each found out by a call of its own (the pool waits a growing second after each).
+            self.pool.drain()
+            raise self._psycopg.OperationalError('the server closed the connection while it was idle')
+
+
+def _close_pool(pool: Any, pid: int) -> None:
+    """Close an index's pool, in the process that opened it (never a forked child's copy).
+
+    NOTE: in a thread of its own: the collector may run this in any thread, one of the pool's too,
+    which the pool would wait for to end.
+    """
+    if os.getpid() == pid:
+        threading.Thread(target=pool.close, kwargs={'timeout': 5}, name='iss-index-close', daemon=True).start()
 
 
 #: What a store is given as its index.
 Index = SQLiteIndex | PostgresIndex
 
 
-def open_index(location: str, data_dir: str) -> Index:
-    """The index ``ISS_INDEX`` names: ``sqlite`` (``index.sqlite3`` in the data directory) or a PostgreSQL URL."""
+def open_index(
+    location: str, data_dir: str, *, timeout: float = 5.0, pool_size: int = 4, prepared: bool = True
+) -> Index:
+    """The index ``ISS_INDEX`` names: ``sqlite`` (``index.sqlite3`` in the data directory) or a PostgreSQL URL.
+
+    The keywords are a PostgreSQL index's (``ISS_INDEX_TIMEOUT``, ``ISS_INDEX_POOL_SIZE``, ``ISS_INDEX_PREPARED``).
+    """
     if location == 'sqlite':
         return SQLiteIndex(os.path.join(data_dir, 'index.sqlite3'))
-    return PostgresIndex(location)
+    return PostgresIndex(location, timeout=timeout, pool_size=pool_size, prepared=prepared)
 
 
 def _without_password(url: str) -> str:

@@ -150,8 +150,6 @@ class Reconciler:
             except Exception:  # NOTE: a bug must not end the reconciling of this process for good
                 log.exception('reconciler: unexpected error')
                 continue
-            finally:
-                self._store.index.release()
             if failing:
                 log.warning('reconciler: working again')
             failing = False

@@ -95,6 +95,19 @@ class Metrics:
             ['sent_by'],
             registry=own,
         )
+        # NOTE: see iss_server/engines.py: an engine that hangs shows here before its 503s pile up.
+        self.engine_refused = prometheus_client.Counter(
+            'iss_engine_refused_calls',
+            'Calls to an engine (index, bucket) refused at once: half the threads already waited on it.',
+            ['engine'],
+            registry=own,
+        )
+        self.engine_cut = prometheus_client.Counter(
+            'iss_engine_cut_calls',
+            'Calls to an engine cut off at their deadline (ISS_INDEX_TIMEOUT).',
+            ['engine'],
+            registry=own,
+        )
         if own is None:  # NOTE: multiprocess mode
             self.registry = prometheus_client.CollectorRegistry()
             multiprocess.MultiProcessCollector(self.registry)

@@ -1,8 +1,8 @@
 """The real servers the tests and benchmarks start on loopback, and what starting them needs.
 
 ``Gunicorn`` (``gunicorn iss:app`` as an operator starts it), ``Nginx`` (the deploy template in
-front of it), ``SeaweedFS`` (S3) and ``PostgreSQL`` (the shared index): each a process in its
-own session on a free port, stopped by ``stop()``.
+front of it), ``SeaweedFS`` (S3), ``PostgreSQL`` (the shared index) and ``PgBouncer`` (its pooler):
+each a process in its own session on a free port, stopped by ``stop()``.
 """
 
 from __future__ import annotations
@@ -277,6 +277,13 @@ class SeaweedFS(LoopbackServer):
             time.sleep(0.1)
         raise AssertionError('SeaweedFS did not start:\n' + (self.directory / 'weed.log').read_text()[-3000:])
 
+    def freeze(self) -> None:
+        """Stop every process of it (SIGSTOP): sockets stay open, nothing answers, as a stuck service does."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     @property
     def endpoint(self) -> str:
         return f'http://127.0.0.1:{self.port}'
@@ -390,8 +397,82 @@ class PostgreSQL:
             db.execute(f'CREATE SCHEMA {name}')
         return self.url() + f'?options=-csearch_path%3D{name}'
 
+    def freeze(self) -> None:
+        """Stop the whole server (SIGSTOP): its sockets stay open and nothing answers, as in a stuck failover."""
+        self.signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Stop the server (every session ends) and start it again; return once it takes connections."""
+        log = str(self.directory / 'postgres.log')
+        self._run(str(self._bin / 'pg_ctl'), '-D', str(self._data), '-l', log, '-m', 'fast', '-w', 'restart')
+
+    def new_own_database(self) -> str:
+        """The name of a new, empty database (0.3 s; :meth:`new_database` is cheaper where a schema will do)."""
+        import psycopg
+
+        name = f'iss_{next(_numbers)}'
+        with psycopg.connect(self.url(), autocommit=True) as db:
+            db.execute(f'CREATE DATABASE {name}')
+        return name
+
     def stop(self) -> None:
         self._run(str(self._bin / 'pg_ctl'), '-D', str(self._data), '-m', 'immediate', '-w', 'stop')
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class PgBouncer(LoopbackServer):
+    """Debian's PgBouncer in transaction pooling, in front of ``postgres``'s database ``database``.
+
+    Clients connect to it as to PostgreSQL (user ``iss``, no password); at most ``server_connections``
+    reach the server, whatever the number of clients. NOTE: it ignores the startup option ``options``
+    (a client's search_path and statement_timeout): a store behind it has a database of its own.
+    """
+
+    def __init__(self, postgres: PostgreSQL, database: str, server_connections: int = 4) -> None:
+        binary = shutil.which('pgbouncer') or shutil.which('pgbouncer', path='/usr/sbin')
+        assert binary, 'PgBouncer is needed for these tests: apt-get install pgbouncer'
+        self.port = free_port()
+        self.database = database
+        # NOTE: where the server's own user (it refuses to run as root) can read and write.
+        self.directory = pathlib.Path(tempfile.mkdtemp(prefix='iss-pgbouncer-'))
+        (self.directory / 'users.txt').write_text('"iss" ""\n')
+        (self.directory / 'pgbouncer.ini').write_text(
+            f'[databases]\n{database} = host=127.0.0.1 port={postgres.port} dbname={database} user=iss\n'
+            '[pgbouncer]\n'
+            f'listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n'
+            f'auth_type = trust\nauth_file = {self.directory / "users.txt"}\n'
+            f'pool_mode = transaction\ndefault_pool_size = {server_connections}\nmax_client_conn = 500\n'
+            'ignore_startup_parameters = extra_float_digits,options\n'
+            f'logfile = {self.directory / "pgbouncer.log"}\n'
+        )
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, 'postgres')
+            for path in self.directory.iterdir():
+                shutil.chown(path, 'postgres')
+            as_user = ['runuser', '-u', 'postgres', '--']
+        self._log = open(self.directory / 'stderr.log', 'ab')  # noqa: SIM115 - closed by stop()
+        self.process = subprocess.Popen(
+            [*as_user, binary, str(self.directory / 'pgbouncer.ini')],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(self._listening, message=f'PgBouncer to listen ({self.directory / "pgbouncer.log"})')
+
+    def _listening(self) -> bool:
+        assert self.process.poll() is None, (self.directory / 'stderr.log').read_text()
+        with socket.socket() as sock:
+            return sock.connect_ex(('127.0.0.1', self.port)) == 0
+
+    def url(self) -> str:
+        return f'postgresql://iss@127.0.0.1:{self.port}/{self.database}'
+
+    def stop(self) -> None:
+        super().stop()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

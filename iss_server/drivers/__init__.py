@@ -157,3 +157,5 @@ class Driver(Protocol):
 
     #: Whether reads cross a network that could change bytes: the store then verifies them.
     verify_reads: bool
+    #: What ``/health`` names this backend when it fails or does not answer (``StoreFailure.part``).
+    part: str

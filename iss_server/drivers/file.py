@@ -36,6 +36,7 @@ class FileDriver:
     """
 
     verify_reads = False
+    part = StoreUnavailable.part
 
     def __init__(self, layout: disk.Layout, directories: tuple[str, ...] = ()) -> None:
         self.layout = layout

@@ -10,6 +10,12 @@ checksum. Parts are invisible until completion; a failure aborts the upload,
 and one left by a killed node is aborted by ``gc`` (:meth:`S3Driver.abandoned`)
 or the bucket's lifecycle rule. Every S3 or network failure becomes
 :class:`errors.BucketUnavailable` (503, ``Retry-After``).
+
+Every call has a deadline, ``timeout`` (``ISS_S3_TIMEOUT``), its one retry included: each of
+its two attempts may take about half (:meth:`S3Driver.attempt_timeout`), and the retry waits at
+most a second. A call on a frozen service costs its request that, never
+more, and at most half a worker's request threads wait on the bucket at once
+(:data:`engines.BUCKET`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import botocore.config
 import botocore.exceptions
 import urllib3.exceptions
 
+from iss_server import engines
 from iss_server.drivers import KeyNotFound, Source, Stat
 from iss_server.errors import BucketUnavailable, CorruptBlob
 
@@ -50,6 +57,13 @@ _NO_UPLOAD = frozenset({'NoSuchUpload', '404'})
 #: Keys of resumable uploads (iss_server/bucket_sessions.py): their multipart uploads live as long as a session.
 SESSIONS_PREFIX = 'uploads/'
 
+# NOTE: two attempts in all (botocore's max_attempts would count retries only: three in all); standard
+# mode waits a random 0-1 s before the first retry, which the deadline keeps room for.
+_ATTEMPTS = 2
+_RETRY_WAIT = 1.0
+# NOTE: a PUT of a file's bytes waits up to a second for "100 Continue" before it sends them (botocore).
+_CONTINUE_WAIT = 1.0
+
 # NOTE: boto3 sessions are not thread-safe; clients made from one are (and are shared by threads).
 _SESSION: tuple[int, Any] | None = None
 _SESSION_LOCK = threading.Lock()
@@ -59,6 +73,7 @@ class S3Driver:
     """Objects in ``bucket`` under ``prefix`` (``''`` or ending in ``/``); see the module's docstring."""
 
     verify_reads = True
+    part = BucketUnavailable.part
 
     def __init__(
         self,
@@ -69,8 +84,10 @@ class S3Driver:
         region: str = 'us-east-1',
         access_key: str = '',
         secret_key: str = '',
+        timeout: float = 15.0,
     ) -> None:
         self.bucket = bucket
+        self.timeout = timeout
         self.prefix = prefix
         self.endpoint = endpoint
         self._service: dict[str, Any] = {  # NOTE: boto3's client() keywords
@@ -96,14 +113,19 @@ class S3Driver:
                     self._client_pid = os.getpid()
         return self._client
 
+    @property
+    def attempt_timeout(self) -> float:
+        """Seconds one attempt may take: to connect, or to be answered (a PUT's wait for "100 Continue" included)."""
+        return max(1.0, (self.timeout - _RETRY_WAIT) / _ATTEMPTS)
+
     def _new_client(self) -> Any:
         config = botocore.config.Config(
             signature_version='s3v4',
             s3={'addressing_style': 'path'},
-            # NOTE: a service that is down answers 503 within seconds, not after a minute of retries.
-            connect_timeout=3,
-            read_timeout=30,
-            retries={'max_attempts': 2, 'mode': 'standard'},
+            # NOTE: client-side socket timeouts, so a frozen service is noticed too (see the docstring).
+            connect_timeout=self.attempt_timeout,
+            read_timeout=max(0.5, self.attempt_timeout - _CONTINUE_WAIT),
+            retries={'total_max_attempts': _ATTEMPTS, 'mode': 'standard'},
             # NOTE: gunicorn's threads of a worker share the client and its pool.
             max_pool_connections=64,
             # PERF: ISS sends its own SHA-256 checksums; boto's default CRC32 of every body
@@ -281,12 +303,18 @@ class S3Driver:
                 raise
 
     def walk(self, prefix: str) -> Iterator[tuple[str, Stat]]:
-        paginator = self.client.get_paginator('list_objects_v2')
-        with _translated('listing the bucket'):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-                for entry in page.get('Contents', []):
-                    stat = Stat(entry['Size'], entry['ETag'].strip('"'), entry['LastModified'].timestamp())
-                    yield entry['Key'].removeprefix(self.prefix), stat
+        pages = iter(
+            self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
+        )
+        while True:
+            # NOTE: a page at a time: the caller's work between pages holds no place in the bulkhead.
+            with _translated('listing the bucket'):
+                page = next(pages, None)
+            if page is None:
+                return
+            for entry in page.get('Contents', []):
+                stat = Stat(entry['Size'], entry['ETag'].strip('"'), entry['LastModified'].timestamp())
+                yield entry['Key'].removeprefix(self.prefix), stat
 
     # -- removing ------------------------------------------------------------
 
@@ -395,11 +423,14 @@ class _Parts:
         number = len(self._parts) + len(self._in_flight) + 1
         self._in_flight.append(self._pool.submit(self._send, number, data))
         if len(self._in_flight) >= _PARTS_IN_FLIGHT:
-            self._parts.append(self._in_flight.pop(0).result())
+            with _translated('storing a part'):  # NOTE: this request's thread waits on the bucket
+                self._parts.append(self._in_flight.pop(0).result())
 
     def _send(self, number: int, data: bytes) -> dict[str, Any]:
         checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
-        with _translated('storing a part'):
+        # NOTE: outside the bulkhead: this upload's own threads, as many as _PARTS_IN_FLIGHT, are
+        # not the worker's; the request's thread holds the place while it waits for them.
+        with _translated('storing a part', guarded=False):
             answer = self._driver.client.upload_part(
                 Bucket=self._driver.bucket,
                 Key=self._key,
@@ -412,7 +443,8 @@ class _Parts:
 
     def complete(self) -> bool:
         try:
-            self._parts.extend(future.result() for future in self._in_flight)
+            with _translated('storing a part'):
+                self._parts.extend(future.result() for future in self._in_flight)
             self._in_flight = []
             with _translated('completing a multipart upload'):
                 try:
@@ -537,14 +569,16 @@ def _code(exc: botocore.exceptions.ClientError) -> str:
 
 
 @contextlib.contextmanager
-def _translated(doing: str) -> Iterator[None]:
+def _translated(doing: str, *, guarded: bool = True) -> Iterator[None]:
     """Raise the S3 service's trouble as BucketUnavailable (503), saying what was being done.
 
     Client errors the caller expects (absent key, failed condition) are looked at by
     the caller first, inside this block; whatever else S3 answers is the service's trouble.
+    ``guarded``: the block holds a place in :data:`engines.BUCKET` (refused at once when full).
     """
     try:
-        yield
+        with engines.BUCKET.call() if guarded else contextlib.nullcontext():
+            yield
     except botocore.exceptions.ClientError as exc:
         raise BucketUnavailable(f'{doing}: {_code(exc)} {exc}') from exc
     except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:

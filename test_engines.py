@@ -1,0 +1,331 @@
+"""Engines that hang or restart never hang ISS (issue 24, points 1-4): deadlines, pooled connections, PgBouncer.
+
+Real servers only: PostgreSQL and SeaweedFS frozen with SIGSTOP (sockets open, nothing answers:
+a stuck disk, a failover, a long lock), PostgreSQL restarted, PgBouncer in transaction mode.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from iss_server import engines, index
+from iss_server.errors import IndexUnavailable
+from iss_testing import HERE
+from iss_testing.cli import cli_json
+from iss_testing.servers import Gunicorn, PgBouncer, PostgreSQL, SeaweedFS, s3_node_environment
+
+
+@contextlib.contextmanager
+def frozen(server: PostgreSQL | SeaweedFS) -> Iterator[None]:
+    server.freeze()
+    try:
+        yield
+    finally:
+        server.thaw()
+
+
+def timed(call, *args, **kwargs):
+    """``call``'s answer (or the exception it raised) and the seconds it took."""
+    started = time.monotonic()
+    try:
+        answer = call(*args, **kwargs)
+    except Exception as exc:
+        answer = exc
+    return answer, time.monotonic() - started
+
+
+# -- bulkheads: a busy engine's callers queue, a stuck one's are refused at once ---------------------
+
+
+def test_a_bulkhead_lets_callers_of_a_busy_engine_wait_and_refuses_those_of_a_stuck_one():
+    bulkhead = engines.Bulkhead('index', IndexUnavailable)
+    bulkhead.limit = 2
+    release = threading.Event()
+
+    def hold() -> None:
+        with bulkhead.call():
+            release.wait()
+
+    def enter() -> None:
+        with bulkhead.call():
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(2) as holders:
+        for _ in range(2):
+            holders.submit(hold)
+        engines_wait_for(lambda: bulkhead.inside == 2)
+        threading.Timer(0.3, release.set).start()
+        answer, seconds = timed(enter)  # NOTE: waits for the places freed at 0.3 s
+    assert answer is None and 0.2 < seconds < 1
+    release.clear()
+    with concurrent.futures.ThreadPoolExecutor(2) as holders:
+        for _ in range(2):
+            holders.submit(hold)
+        engines_wait_for(lambda: bulkhead.inside == 2)
+        time.sleep(bulkhead.STUCK)  # NOTE: both places held this long: the engine is taken for stuck
+        answer, seconds = timed(enter)
+        release.set()
+    assert isinstance(answer, IndexUnavailable) and 'slow to answer' in str(answer)
+    assert seconds < 0.1
+    assert bulkhead.inside == 0
+
+
+def engines_wait_for(condition) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+# -- the index: a deadline on every call, counted by ISS -----------------------------------------
+
+
+def test_a_frozen_postgresql_costs_a_call_its_deadline_then_works_again(postgres):
+    store_index = index.PostgresIndex(postgres.new_database(), timeout=1)
+    assert store_index.get('0' * 64) is None  # NOTE: the pool and its connection, made before the freeze
+    with frozen(postgres):
+        answer, seconds = timed(store_index.get, '0' * 64)
+        assert isinstance(answer, IndexUnavailable), answer
+        assert 'no answer within 1 s' in str(answer)
+        assert seconds < 1.5
+        # NOTE: connecting anew meets the same frozen server, and the same deadline.
+        answer, seconds = timed(store_index.totals)
+        assert isinstance(answer, IndexUnavailable), answer
+        assert seconds < 2.5
+    assert store_index.get('0' * 64) is None
+
+
+def test_a_restarted_postgresql_costs_no_call_an_error(postgres):
+    store_index = index.PostgresIndex(postgres.new_database(), timeout=2, pool_size=4)
+    # NOTE: four threads at once, so that the pool holds four connections the restart ends.
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(totals == {} for totals in pool.map(lambda _: store_index.totals(), range(40)))
+    postgres.restart()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: timed(store_index.totals), range(100)))
+    failures = [answer for answer, _ in answers if isinstance(answer, Exception)]
+    assert failures == []
+    assert max(seconds for _, seconds in answers) < 2
+
+
+def test_each_worker_keeps_at_most_its_pool_of_connections(postgres):
+    url = postgres.new_database() + '&application_name=iss-pool-of-two'
+    store_index = index.PostgresIndex(url, timeout=5, pool_size=2)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: store_index._run('SELECT pg_sleep(0.02)'), range(32)))
+    [(connections,)] = store_index._run(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'iss-pool-of-two'"
+    )
+    assert 1 <= connections <= 2
+
+
+# -- a node: what its clients see while an engine hangs or restarts ------------------------------
+
+
+@pytest.fixture
+def node(tmp_path, seaweedfs, postgres) -> Iterator[Gunicorn]:
+    """An ISS node on S3 and PostgreSQL, with short deadlines (2 s on the index, 4 s on S3) and 8 threads."""
+    server = Gunicorn(
+        tmp_path / 'data',
+        tmp_path / 'gunicorn.log',
+        **s3_node_environment(seaweedfs, postgres),
+        ISS_WORKERS='1',
+        ISS_THREADS='8',
+        ISS_INDEX_TIMEOUT='2',
+        ISS_S3_TIMEOUT='4',
+    )
+    yield server
+    server.kill()  # NOTE: a request still stuck on a thawed engine would hold a graceful stop
+
+
+OCTETS = {'Content-Type': 'application/octet-stream'}
+
+
+def upload(node: Gunicorn, number: int) -> str:
+    status, _, body = node.request('POST', '/artifacts?kind=x', f'artifact {number}'.encode(), OCTETS)
+    assert status in (200, 201), body
+    return json.loads(body)['artifact_id']
+
+
+CALLS_NEEDING_THE_INDEX = [('GET', '/stats', None), ('GET', '/artifacts', None), ('POST', '/artifacts?kind=x', b'x')]
+
+
+@pytest.mark.slow
+def test_a_node_answers_503_within_its_index_deadline_while_postgresql_is_frozen(node, postgres):
+    upload(node, 1)
+    with frozen(postgres):
+        for method, path, body in CALLS_NEEDING_THE_INDEX:
+            (status, headers, answer), seconds = timed(node.request, method, path, body, OCTETS)
+            assert status == 503, (path, answer)
+            assert headers['Retry-After'], path
+            assert json.loads(answer)['title'] == 'Storage unavailable', path
+            assert seconds < 2 + 1, (path, seconds)
+    assert node.request('GET', '/stats')[0] == 200
+
+
+@pytest.mark.slow
+def test_a_node_answers_503_within_its_s3_deadline_while_seaweedfs_is_frozen(node, seaweedfs):
+    with frozen(seaweedfs):
+        (status, headers, answer), seconds = timed(node.request, 'POST', '/artifacts?kind=x', b'never stored', OCTETS)
+        assert status == 503, answer
+        assert headers['Retry-After']
+        assert seconds < 4 + 1, seconds
+    upload(node, 2)
+
+
+@pytest.mark.slow
+def test_a_postgresql_restart_costs_no_client_a_503_once_it_is_back(node, postgres):
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(lambda _: node.request('GET', '/stats')[0], range(40))) == {200}
+        postgres.restart()
+        statuses = list(pool.map(lambda n: node.request('GET', '/stats' if n % 2 else '/artifacts')[0], range(100)))
+    assert statuses.count(503) == 0, statuses
+    assert set(statuses) == {200}
+
+
+# -- PgBouncer: the pooler for more nodes than max_connections allows --------------------------
+
+
+@pytest.mark.slow
+def test_a_node_runs_its_index_through_pgbouncer_in_transaction_mode(tmp_path, seaweedfs, postgres):
+    database = postgres.new_own_database()
+    bouncer = PgBouncer(postgres, database, server_connections=2)
+    environment = {
+        **s3_node_environment(seaweedfs, postgres),
+        'ISS_INDEX': bouncer.url(),
+        'ISS_INDEX_PREPARED': '0',  # NOTE: PgBouncer 1.18 keeps no prepared statement across transactions
+    }
+    node = Gunicorn(tmp_path / 'data', tmp_path / 'gunicorn.log', **environment, ISS_WORKERS='2', ISS_THREADS='8')
+    try:
+
+        def client(number: int) -> list[int]:
+            # PERF: more requests than psycopg's prepare threshold (5) per connection, were it on
+            return [
+                upload_status(node, number),
+                node.request('GET', '/artifacts?limit=5')[0],
+                node.request('GET', '/stats')[0],
+                node.request('GET', '/events?limit=5')[0],
+            ]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = [status for answer in pool.map(client, range(48)) for status in answer]
+        assert set(statuses) <= {200, 201}, statuses
+        stats = json.loads(node.request('GET', '/stats')[2])
+        assert stats['count'] == 48
+        # NOTE: the rebuild's and fsck's bookkeeping spans many transactions, each on any server connection.
+        # NOTE: a row of no blob, which the rebuild finds unseen and removes.
+        index.PostgresIndex(bouncer.url(), prepared=False).put(index.row_for('f' * 64, None, 1.0, 1))
+        rebuilt = cli_json(tmp_path / 'data', 'reindex', environment=environment)
+        assert (rebuilt['blobs'], rebuilt['changed'], rebuilt['removed']) == (48, 0, 1)
+        assert cli_json(tmp_path / 'data', 'fsck', environment=environment)['problems'] == []
+        [(connections,)] = index.PostgresIndex(postgres.url())._run(
+            'SELECT count(*) FROM pg_stat_activity WHERE datname = ?', (database,)
+        )
+        assert connections <= 2
+    finally:
+        node.kill()
+        bouncer.stop()
+
+
+def upload_status(node: Gunicorn, number: int) -> int:
+    return node.request('POST', '/artifacts?kind=x', f'artifact {number}'.encode(), OCTETS)[0]
+
+
+# -- bulkheads and health: a stuck engine holds a share of the threads, never all -------------------
+
+
+@contextlib.contextmanager
+def pressed(node: Gunicorn, path: str, clients: int = 12) -> Iterator[None]:
+    """``clients`` threads asking ``path`` over and over (more than the node's threads) while the block runs."""
+    done = threading.Event()
+
+    def client() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                node.request('GET', path)
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        for _ in range(clients):
+            pool.submit(client)
+        try:
+            yield
+        finally:
+            done.set()
+
+
+@pytest.mark.slow
+def test_while_postgresql_is_frozen_what_needs_no_index_answers_within_a_second(node, postgres):
+    digest = upload(node, 3)
+    assert node.request('GET', f'/artifacts/{digest}')[0] == 200
+    with frozen(postgres), pressed(node, '/stats'):
+        time.sleep(1.5)  # NOTE: the index's places taken, its deadline running
+        slowest = 0.0
+        for _ in range(10):
+            for path in ('/health/live', f'/artifacts/{digest}'):
+                (status, _, _), seconds = timed(node.request, 'GET', path)
+                assert status == 200, path
+                slowest = max(slowest, seconds)
+            time.sleep(0.2)
+        assert slowest < 1, slowest
+        (status, headers, body), seconds = timed(node.request, 'GET', '/health/ready')
+        assert seconds < 2 + 1
+    assert status == 503
+    assert headers['Retry-After']
+    answer = json.loads(body)
+    assert (answer['ok'], answer['failing']) == (False, 'index')
+    assert answer['engines']['bucket'] == 'ok'
+    assert node.request('GET', '/health/ready')[0] == 200
+    metrics = node.request('GET', '/metrics')[2].decode()
+    for name in ('iss_engine_refused_calls_total', 'iss_engine_cut_calls_total'):
+        assert float(re.search(rf'^{name}{{engine="index"}} (\S+)$', metrics, re.M)[1]) > 0, name
+
+
+@pytest.mark.slow
+def test_while_seaweedfs_is_frozen_health_names_the_bucket_and_listings_answer_within_a_second(node, seaweedfs):
+    digests = [upload(node, number) for number in range(4, 8)]
+    # NOTE: never read yet, so not on the node: each read asks the bucket.
+    with frozen(seaweedfs), pressed(node, f'/artifacts/{digests[0]}'):
+        time.sleep(1.5)
+        (status, headers, body), seconds = timed(node.request, 'GET', '/health/ready')
+        assert seconds < 2 + 1
+        assert status == 503
+        assert json.loads(body)['failing'] == 'bucket'
+        seed_answer = json.loads(node.request('GET', '/health')[2])
+        assert (sorted(seed_answer), seed_answer['failing']) == (['error', 'failing', 'ok'], 'bucket')
+        slowest = 0.0
+        for _ in range(10):
+            for path in ('/health/live', '/artifacts?limit=2', '/stats'):
+                (status, _, _), seconds = timed(node.request, 'GET', path)
+                assert status == 200, path
+                slowest = max(slowest, seconds)
+            time.sleep(0.2)
+        assert slowest < 1, slowest
+
+
+@pytest.mark.slow
+def test_the_container_probe_asks_readiness_and_liveness_on_request(tmp_path):
+    server = Gunicorn(tmp_path / 'data', tmp_path / 'g.log', ISS_WORKERS='1')
+    environment = {**os.environ, 'ISS_PORT': str(server.port)}
+
+    def probe(*args: str) -> int:
+        command = [sys.executable, 'healthcheck.py', *args]
+        return subprocess.run(command, cwd=HERE, env=environment, capture_output=True, timeout=30).returncode
+
+    try:
+        shutil.rmtree(tmp_path / 'data')  # NOTE: the data directory gone: not ready, still alive
+        assert (probe(), probe('ready'), probe('live'), probe('dead')) == (1, 1, 0, 2)
+        assert json.loads(server.request('GET', '/health/ready')[2])['engines']['index'] != 'ok'
+    finally:
+        server.stop()
