@@ -7,8 +7,9 @@ lasted (issue 29). Here the main loop collects a request's headers itself, from 
 sockets in its poller, and hands the connection to a thread only with its whole header block
 buffered; a client that does not complete it within ``ISS_HEADER_TIMEOUT`` seconds is answered
 408 and closed, and one address holds at most :data:`MAX_HEADS_PER_CLIENT` connections
-whose headers are still arriving (the next are closed at once). Bodies are bounded where ISS
-reads them (:mod:`iss_server.bodies`: a minimum rate), and take all threads but an eighth at most (503 beyond).
+whose headers are still arriving (the next are closed at once). Requests with a body take all
+threads but an eighth at most (the others wait for a place here, without a thread, then 503),
+and ISS reads bodies at a minimum rate (:mod:`iss_server.bodies`).
 
 NOTE: this reaches into gunicorn's ThreadWorker and TConn as of the pinned gunicorn 27.0.1
 (as :class:`bodies.SocketBody` does); ``test_hostile.py``'s slowloris tests fail if an
