@@ -464,8 +464,9 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
                 settings.api_token,
                 'ISS_API_TOKEN',
                 'Uploading',
-                # NOTE: MissingBlobs is a read by POST: a private store's read token guards it (RequireReadToken)
-                exempt=(Sign, Webhooks, MissingBlobs),
+                # NOTE: on a private store, asking which ids are stored is a read, which any of its
+                # tokens may make (RequireReadToken); on a public one, a POST like every other.
+                exempt=(Sign, Webhooks, *((MissingBlobs,) if settings.read_token else ())),
                 every_method_of=(UploadSession,),
             )
         )

@@ -705,10 +705,11 @@ def test_two_hundred_body_drips_leave_threads_free_and_are_cut_at_the_minimum_ra
         assert max(health_answers_within(server.port, 1.0)) < 1.0
         answers = [answer_of(client) for client in clients]
     statuses = collections.Counter(answer[9:12] for answer in answers)
-    # at most 14 of each worker's 16 threads received bodies: the rest were refused at once
-    assert statuses[b'503'] >= SLOW_CLIENTS - 2 * 14, statuses
-    assert statuses[b'408'] >= 1, statuses
-    assert set(statuses) <= {b'503', b'408'}, statuses
+    # 14 of each worker's 16 threads received bodies at a time, cut at the minimum rate (408); the
+    # others waited for a place in the main loop, and those still waiting after ISS_BODY_TIMEOUT got 503
+    assert statuses[b'408'] >= 14, statuses  # NOTE: at least one worker's places (the other may get few)
+    assert statuses[b'503'] >= 1, statuses
+    assert set(statuses) == {b'503', b'408'}, statuses
     assert b'Retry-After: 1' in next(answer for answer in answers if answer[9:12] == b'503')
     assert not list((server.data_dir / 'tmp').glob('upload-*'))  # nothing half-written stays
 

@@ -7,8 +7,9 @@ lasted (issue 29). Here the main loop collects a request's headers itself, from 
 sockets in its poller, and hands the connection to a thread only with its whole header block
 buffered; a client that does not complete it within ``ISS_HEADER_TIMEOUT`` seconds is answered
 408 and closed, and one address holds at most :data:`MAX_HEADS_PER_CLIENT` connections
-whose headers are still arriving (the next are closed at once). Bodies are bounded where ISS
-reads them (:mod:`iss_server.bodies`: a minimum rate), and take all threads but an eighth at most (503 beyond).
+whose headers are still arriving (the next are closed at once). Requests with a body take all
+threads but an eighth at most (the others wait for a place here, without a thread, then 503),
+and ISS reads bodies at a minimum rate (:mod:`iss_server.bodies`).
 
 NOTE: this reaches into gunicorn's ThreadWorker and TConn as of the pinned gunicorn 27.0.1
 (as :class:`bodies.SocketBody` does); ``test_hostile.py``'s slowloris tests fail if an
@@ -21,9 +22,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import selectors
 import socket
-import threading
 import time
 from collections import Counter
 from functools import partial
@@ -59,10 +60,13 @@ class ThreadWorker(gthread.ThreadWorker):
         self._heads: dict[gthread.TConn, float] = {}
         self._heads_per_client: Counter[str] = Counter()
         self._header_timeout = Settings.from_env().header_timeout
-        # NOTE: all threads but an eighth (at least one) may receive bodies, so slow uploads leave
-        # those to everything else, /health included; fast bursts of uploads rarely meet the bound.
+        # NOTE: all threads but an eighth (at least one) may run requests with a body, so slow uploads
+        # leave those to everything else, /health included. A request with a body that finds no
+        # place waits for one here, in the main loop (no thread held), for ISS_BODY_TIMEOUT at most.
         self.body_places = max(1, self.cfg.threads - max(1, self.cfg.threads // 8))
-        self._bodies = threading.BoundedSemaphore(self.body_places)
+        self._free_body_places = self.body_places
+        self._waiting_bodies: dict[gthread.TConn, float] = {}
+        self._body_wait = Settings.from_env().body_timeout
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """SIGTERM: the change feed's waiting requests answer now, so the graceful stop is not held by them."""
@@ -89,13 +93,33 @@ class ThreadWorker(gthread.ThreadWorker):
         self._collect_head(conn)
 
     def enqueue_req(self, conn: gthread.TConn) -> None:
-        """Hand a connection to a thread, unless what it sent ahead (pipelined) is only part of its next headers."""
+        """Hand a connection to a thread once its headers are in, and, for a request with a body, a place is free.
+
+        What a connection sent ahead (pipelined) may be only part of its next headers: they are collected first.
+        """
         if conn.parser is not None and not conn.is_http2:
             ahead = conn.parser.unreader.buf.getvalue()
             if ahead and not _complete(ahead):
                 self._collect_head(conn)
                 return
+            if _declares_a_body(ahead):
+                if not self._free_body_places:
+                    self._waiting_bodies[conn] = time.monotonic() + self._body_wait
+                    return
+                self._free_body_places -= 1
+                conn.body_place = True
         super().enqueue_req(conn)
+
+    def finish_request(self, conn: gthread.TConn, fs: Any) -> None:
+        """gunicorn's, after giving back the request's body place to the longest waiting request."""
+        if getattr(conn, 'body_place', False):
+            conn.body_place = False
+            self._free_body_places += 1
+            if self._waiting_bodies:
+                waiting = next(iter(self._waiting_bodies))
+                del self._waiting_bodies[waiting]
+                self.enqueue_req(waiting)
+        super().finish_request(conn, fs)
 
     def murder_pending(self) -> None:
         super().murder_pending()
@@ -107,18 +131,14 @@ class ThreadWorker(gthread.ThreadWorker):
             self._refuse_head(
                 conn, 408, 'Request Timeout', f'The request headers took over {self._header_timeout:g} s.'
             )
-
-    def handle_request(self, req: Any, conn: gthread.TConn) -> bool:
-        """Run the app; a request with a body only while fewer than :attr:`body_places` others run (503 beyond)."""
-        if not _has_body(req):
-            return bool(super().handle_request(req, conn))
-        if not self._bodies.acquire(blocking=False):
-            _refuse_busy(conn.sock, f'all {self.body_places} places for requests with a body are taken')
-            return False
-        try:
-            return bool(super().handle_request(req, conn))
-        finally:
-            self._bodies.release()
+        while self._waiting_bodies:
+            conn, deadline = next(iter(self._waiting_bodies.items()))
+            if deadline > now and self.alive:
+                break
+            del self._waiting_bodies[conn]
+            self.nr_conns -= 1
+            _refuse_busy(conn.sock, f'all {self.body_places} places for requests with a body stayed taken')
+            conn.close(graceful=True)
 
     def _keepalive_after(self, conn: gthread.TConn, keepalive: bool) -> bool:
         """gunicorn's, draining an unread body for :data:`DRAIN_SECONDS`: a drip after a 401 holds no thread long."""
@@ -159,7 +179,7 @@ class ThreadWorker(gthread.ThreadWorker):
             self._forget_head(conn)
             conn.parser.unreader.unread(bytes(conn.head))
             conn.data_ready = True
-            super().enqueue_req(conn)
+            self.enqueue_req(conn)
         elif len(conn.head) > MAX_HEAD_BYTES:
             self._refuse_head(
                 conn, 431, 'Request Header Fields Too Large', f'The request headers exceed {MAX_HEAD_BYTES} bytes.'
@@ -211,10 +231,17 @@ def _complete(head: bytes | bytearray) -> bool:
     return any(end in head for end in _HEAD_ENDS)
 
 
-def _has_body(req: Any) -> bool:
-    """Whether a gunicorn request declares a body (chunked, or a length other than 0)."""
-    declared = dict(req.headers)
-    return 'TRANSFER-ENCODING' in declared or declared.get('CONTENT-LENGTH', '0').strip() != '0'
+_BODY_DECLARED = re.compile(rb'\n(?:content-length[ \t]*:[ \t]*0*[1-9]|transfer-encoding[ \t]*:)', re.IGNORECASE)
+
+
+def _declares_a_body(ahead: bytes) -> bool:
+    """Whether the headers at the start of ``ahead`` declare a body (a length other than 0, or chunked).
+
+    NOTE: a look before gunicorn parses them, to admit the request; gunicorn's parser still
+    decides (a malformed header is its 400), and a body it then finds is read as always.
+    """
+    end = min((found for found in (ahead.find(mark) for mark in _HEAD_ENDS) if found >= 0), default=len(ahead))
+    return _BODY_DECLARED.search(ahead, 0, end) is not None
 
 
 def _refuse_busy(sock: socket.socket, reason: str) -> None:
@@ -228,6 +255,7 @@ def _refuse_busy(sock: socket.socket, reason: str) -> None:
     )
     log.warning('request with a body refused: %s', reason)
     try:
+        sock.setblocking(False)  # NOTE: on the main loop: a client that reads nothing must not stall it
         gunicorn.util.write(sock, head.encode() + body)
     except OSError:
         pass
