@@ -367,6 +367,25 @@ def test_a_session_terminated_while_a_chunk_arrives_is_not_brought_back_by_it(da
     assert files_in(sessions_dir(data_dir)) == []
 
 
+def test_a_termination_waits_for_the_commit_of_the_last_chunk_and_the_session_stays_gone(data_dir):
+    store = file_store(data_dir)
+    sessions = resumable.Sessions(store, 3600)
+    owner = resumable.owner_of(b'')
+    session = sessions.create(4, {'kind': 'a'}, owner)
+
+    with sessions.writing(session.id, owner, 0) as (held, fd):
+        held = sessions.append(held, fd, io.BytesIO(b'abcd'), None)  # NOTE: the last byte: the commit begins
+        terminating = threading.Thread(target=sessions.terminate, args=(session.id, owner))
+        terminating.start()
+        terminating.join(0.5)
+        assert terminating.is_alive()  # NOTE: it waits for the commit (issue 29: sessions came back after a 204)
+        sessions.finish(held, {'id': blob_id(b'abcd'), 'location': '/artifacts/x', 'created': True})
+    terminating.join(10)
+
+    assert not terminating.is_alive()
+    assert files_in(sessions_dir(data_dir)) == []
+
+
 def test_a_restart_sweeps_temp_files_but_keeps_open_sessions(data_dir):
     store = file_store(data_dir)
     sessions = resumable.Sessions(store, 3600)

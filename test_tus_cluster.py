@@ -24,6 +24,7 @@ import webtest
 from tusclient import client as tus_client
 
 import iss
+import iss_client
 import storage
 from iss_server import bucket_sessions
 from iss_server.config import Settings
@@ -272,7 +273,8 @@ def test_tuspy_alternating_patches_between_two_nodes(nodes, tmp_path):
         assert server.request('GET', f'/artifacts/{blob_id(data)}')[2] == data
 
 
-def test_tuspy_through_the_shipped_cluster_site_without_stickiness(nodes, tmp_path, shared_data_dir):
+def test_tuspy_through_the_shipped_cluster_site_without_stickiness(nodes, tmp_path, shared_data_dir, monkeypatch):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     a, b = nodes('a'), nodes('b')
     workdir = tmp_path / 'nginx'
     workdir.mkdir()
@@ -284,12 +286,17 @@ def test_tuspy_through_the_shipped_cluster_site_without_stickiness(nodes, tmp_pa
             str(path), chunk_size=2 * MIB, metadata={'kind': 'tuspy'}
         )
         uploader.upload()
+        # NOTE: and the project's own client, as iss-client push sends a large file (issue 24 saw it fail)
+        pushed, pushed_data = a_file(tmp_path, 9 * MIB + 3)
+        stored = iss_client.Client(f'http://127.0.0.1:{site.port}').put_resumable(pushed, kind='m', chunk_bytes=MIB)
     finally:
         site.stop()
 
     # NOTE: nginx's round robin sent chunks to both nodes; each went on from where the other was
-    assert requests_of(a, 'PATCH') >= 3 and requests_of(b, 'PATCH') >= 3
+    assert requests_of(a, 'PATCH') >= 8 and requests_of(b, 'PATCH') >= 8
     assert b.request('GET', f'/artifacts/{blob_id(data)}')[2] == data
+    assert stored.id == blob_id(pushed_data)
+    assert a.request('GET', f'/artifacts/{blob_id(pushed_data)}')[2] == pushed_data
 
 
 def send_slowly(port: int, location: str, offset: int, data: bytes, sent: threading.Event) -> None:

@@ -378,11 +378,10 @@ class BucketSessions:
         now = time.time() if now is None else now
         removed = 0
         while batch := self._index.expired_uploads(now, _SWEEP_BATCH):
-            for row in batch:
-                if not dry_run and not self._remove(_decode(row.state)):
-                    continue
-                removed += 1
-            if dry_run or len(batch) < _SWEEP_BATCH:
+            went = sum(1 for row in batch if dry_run or self._remove(_decode(row.state)))
+            removed += went
+            # NOTE: a batch of which none went (each taken by a commit meanwhile) would come back as it is
+            if dry_run or went == 0 or len(batch) < _SWEEP_BATCH:
                 break
         if not dry_run:
             self._sweep_orphans(now - self.expires_seconds)
