@@ -149,6 +149,22 @@ def test_creation_with_upload_takes_the_first_chunk_or_the_whole_file(tus):
     assert whole.headers['ISS-Blob-Id'] == blob_id(b'all')
 
 
+def test_a_creation_whose_chunk_is_refused_keeps_no_session(tus, data_dir):
+    tus.post(
+        '/uploads',
+        b'hello',
+        headers={
+            **CHUNK,
+            'Upload-Length': '11',
+            'Upload-Checksum': checksum('sha1', b'other'),
+            'Upload-Metadata': metadata(kind='text'),
+        },
+        status=460,
+    )
+
+    assert files_in(sessions_dir(data_dir)) == []  # NOTE: issue 29: it was kept, with no Location to find it by
+
+
 def test_an_empty_upload_is_committed_when_created(tus):
     created = tus.create(0)
 
