@@ -149,6 +149,22 @@ def test_creation_with_upload_takes_the_first_chunk_or_the_whole_file(tus):
     assert whole.headers['ISS-Blob-Id'] == blob_id(b'all')
 
 
+def test_a_creation_whose_chunk_is_refused_keeps_no_session(tus, data_dir):
+    tus.post(
+        '/uploads',
+        b'hello',
+        headers={
+            **CHUNK,
+            'Upload-Length': '11',
+            'Upload-Checksum': checksum('sha1', b'other'),
+            'Upload-Metadata': metadata(kind='text'),
+        },
+        status=460,
+    )
+
+    assert files_in(sessions_dir(data_dir)) == []  # NOTE: issue 29: it was kept, with no Location to find it by
+
+
 def test_an_empty_upload_is_committed_when_created(tus):
     created = tus.create(0)
 
@@ -364,6 +380,25 @@ def test_a_session_terminated_while_a_chunk_arrives_is_not_brought_back_by_it(da
         with pytest.raises(errors.UploadNotFound):
             sessions.append(held, fd, io.BytesIO(b'abcd'), None)
 
+    assert files_in(sessions_dir(data_dir)) == []
+
+
+def test_a_termination_waits_for_the_commit_of_the_last_chunk_and_the_session_stays_gone(data_dir):
+    store = file_store(data_dir)
+    sessions = resumable.Sessions(store, 3600)
+    owner = resumable.owner_of(b'')
+    session = sessions.create(4, {'kind': 'a'}, owner)
+
+    with sessions.writing(session.id, owner, 0) as (held, fd):
+        held = sessions.append(held, fd, io.BytesIO(b'abcd'), None)  # NOTE: the last byte: the commit begins
+        terminating = threading.Thread(target=sessions.terminate, args=(session.id, owner))
+        terminating.start()
+        terminating.join(0.5)
+        assert terminating.is_alive()  # NOTE: it waits for the commit (issue 29: sessions came back after a 204)
+        sessions.finish(held, {'id': blob_id(b'abcd'), 'location': '/artifacts/x', 'created': True})
+    terminating.join(10)
+
+    assert not terminating.is_alive()
     assert files_in(sessions_dir(data_dir)) == []
 
 

@@ -69,9 +69,10 @@ _MAX_PARTS = 10_000
 _PART_NUMBERS_USED = 9_000
 # PERF: what a chunk's body is read at a time.
 _READ_BYTES = 1024 * 1024
-# NOTE: a commit's lease: time to read back and store the upload at a slow 16 MiB/s, and more.
-_LEASE_SECONDS = 60.0
-_LEASE_BYTES_PER_SECOND = 16 * 1024 * 1024
+# NOTE: a commit's lease, renewed while it reads the upload back: a node killed in a commit
+# holds the session this long at most, and a HEAD waits about as long for a commit under way.
+_LEASE_SECONDS = 15.0
+_RENEW_EVERY_SECONDS = 5.0
 # NOTE: one sweep of the expired sessions at a time across the nodes, at most this often.
 _SWEEP_EVERY_SECONDS = 60.0
 _SWEEP_BATCH = 200
@@ -148,11 +149,21 @@ class BucketSessions:
         return self._read(session_id, owner)[0]
 
     def resume(self, session_id: str, owner: str, commit: resumable.Committer) -> BucketSession:
-        """The session (see :meth:`get`), its commit first finished if a killed node left it undone."""
+        """The session (see :meth:`get`), its commit first finished if a killed node left it undone.
+
+        A commit under way in another request is waited for (a lease's term at most), so that a
+        client whose last PATCH lost its answer learns the blob's id.
+        """
         session, version = self._read(session_id, owner)
-        if session.complete and session.result is None:
-            with contextlib.suppress(OffsetMismatch):  # NOTE: another request is finishing it: say where it is
-                session = self._commit(session, version, commit)
+        deadline = time.monotonic() + _LEASE_SECONDS + _RENEW_EVERY_SECONDS
+        while session.complete and session.result is None:
+            try:
+                return self._commit(session, version, commit)
+            except OffsetMismatch:
+                if time.monotonic() > deadline:
+                    return session  # NOTE: still under way: the offset says every byte is in
+            time.sleep(0.25)
+            session, version = self._read(session_id, owner)
         return session
 
     def receive(
@@ -296,8 +307,7 @@ class BucketSessions:
         """Complete the parts, read the upload back into the store's spool, commit it, and record its blob."""
         holder = self._holder()
         now = time.time()
-        lease = _LEASE_SECONDS + session.length / _LEASE_BYTES_PER_SECOND
-        if not self._index.lease_upload(session.id, holder, now + lease, now):
+        if not self._index.lease_upload(session.id, holder, now + _LEASE_SECONDS, now):
             raise OffsetMismatch('The upload is being completed by another request; ask HEAD for its result.')
         try:
             row = self._index.upload(session.id)
@@ -309,7 +319,7 @@ class BucketSessions:
             with self._assembled(session) as file:
                 expected = None if session.sha256_state is None else resumable.Sha256.from_hex(session.sha256_state)
                 digest = None if expected is None else 'sha256:' + expected.hexdigest()
-                staged = self._store.stage(file, digest)
+                staged = self._store.stage(_Renewing(file, lambda: self._renew(session.id, holder)), digest)
             with staged:
                 if digest is not None and staged.digest != digest:
                     self._remove(session)
@@ -326,6 +336,11 @@ class BucketSessions:
             return finished
         finally:
             self._index.lease_upload(session.id, holder, 0.0, time.time())
+
+    def _renew(self, session_id: str, holder: str) -> None:
+        now = time.time()
+        if not self._index.lease_upload(session_id, holder, now + _LEASE_SECONDS, now):
+            raise OffsetMismatch('The upload was taken over by another request while it was committed.')
 
     @contextlib.contextmanager
     def _assembled(self, session: BucketSession) -> Any:
@@ -378,11 +393,10 @@ class BucketSessions:
         now = time.time() if now is None else now
         removed = 0
         while batch := self._index.expired_uploads(now, _SWEEP_BATCH):
-            for row in batch:
-                if not dry_run and not self._remove(_decode(row.state)):
-                    continue
-                removed += 1
-            if dry_run or len(batch) < _SWEEP_BATCH:
+            went = sum(1 for row in batch if dry_run or self._remove(_decode(row.state)))
+            removed += went
+            # NOTE: a batch of which none went (each taken by a commit meanwhile) would come back as it is
+            if dry_run or went == 0 or len(batch) < _SWEEP_BATCH:
                 break
         if not dry_run:
             self._sweep_orphans(now - self.expires_seconds)
@@ -443,6 +457,21 @@ class BucketSessions:
 
     def _expiry(self) -> float:
         return time.time() + self.expires_seconds
+
+
+class _Renewing:
+    """A reader that calls ``renew`` now and then while it is read (a commit's lease, kept while it works)."""
+
+    def __init__(self, file: Any, renew: Callable[[], None]) -> None:
+        self._file = file
+        self._renew = renew
+        self._renewed = time.monotonic()
+
+    def readinto(self, buffer: memoryview) -> int:
+        if time.monotonic() - self._renewed > _RENEW_EVERY_SECONDS:
+            self._renew()
+            self._renewed = time.monotonic()
+        return int(self._file.readinto(buffer))
 
 
 def _overtaken() -> OffsetMismatch:

@@ -526,11 +526,23 @@ class Sessions:
     def terminate(self, session_id: str, owner: str) -> None:
         """Remove a session (tus termination); one being written is removed when that chunk ends.
 
+        One whose last chunk is in (its commit under way) is removed once the commit ends: a
+        DELETE and the final PATCH are serialised, so the session never comes back after a 204.
+
         Raises:
             UploadNotFound: no such session.
         """
-        self.get(session_id, owner)
-        self._remove(session_id)
+        session = self.get(session_id, owner)
+        fd = None
+        if session.complete and session.result is None:
+            # NOTE: the .part may be the blob's inode (a kill between link and unlink); no lock of
+            # ours is held on the blob here, so waiting for it cannot deadlock
+            fd = disk.lock_file(self._path(session_id, '.part'), fcntl.LOCK_EX)
+        try:
+            self._remove(session_id)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def discard(self, session_id: str) -> None:
         """Remove a session that cannot complete (its bytes are not what it said they would be)."""

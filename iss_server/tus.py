@@ -8,6 +8,7 @@ is the middleware that asks for, and sends, ``Tus-Resumable``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 from typing import Any
@@ -184,7 +185,13 @@ class UploadsCollection:
         resp.status = falcon.HTTP_201
         resp.location = f'/uploads/{session.id}'
         if has_chunk or length == 0:
-            session = self._uploads.receive(req, session.id, owner, 0, has_body=has_chunk)
+            try:
+                session = self._uploads.receive(req, session.id, owner, 0, has_body=has_chunk)
+            except Exception:
+                # NOTE: the error is answered without the session's Location: one no client can find is not kept
+                with contextlib.suppress(Exception):
+                    self._uploads.sessions.discard(session.id)
+                raise
         self._uploads.answer(resp, session)
 
 
