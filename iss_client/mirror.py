@@ -59,6 +59,9 @@ ISS_KEYS = frozenset(
         'camera_make',
         'camera_model',
         'orientation',
+        'phash',
+        'thumbhash',
+        'blurhash',
     }
 )
 #: Events asked for at once; the state is saved after each page.
