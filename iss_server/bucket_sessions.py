@@ -37,16 +37,14 @@ import hmac
 import io
 import json
 import logging
-import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import storage
-from iss_server import resumable
+from iss_server import background, resumable
 from iss_server.drivers import KeyNotFound
 from iss_server.drivers.s3 import SESSIONS_PREFIX, S3Driver
 from iss_server.errors import (
@@ -111,7 +109,7 @@ class BucketSessions:
         self._driver = driver
         self.expires_seconds = expires_seconds
         self.max_sessions = max_sessions
-        self._node = f'{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}'
+        self._node = background.holder()
         self._last_sweep = 0.0
         self._sweep_lock = threading.Lock()
 

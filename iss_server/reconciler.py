@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import random
-import socket
-import threading
 import time
-import uuid
 from collections.abc import Callable
 
+from iss_server.background import Background
 from iss_server.errors import ServiceError
 from storage import BlobStore
 
@@ -98,12 +95,14 @@ def _settle_orphans(store: BlobStore, hexes: list[str], counts: collections.Coun
             counts[outcome] += 1
 
 
-class Reconciler:
+class Reconciler(Background):
     """One process's reconciler: a thread that makes a pass every ``interval`` seconds when it holds the lease.
 
     Args:
         fixed: called with each outcome and its count after a pass (the metrics).
     """
+
+    thread_name = 'iss-reconciler'
 
     def __init__(
         self,
@@ -121,18 +120,7 @@ class Reconciler:
         self._fixed = fixed
         #: Seconds a lease lasts; renewed at every batch, so a node that stops loses it this fast.
         self.lease_seconds = max(3 * interval, 10.0)
-        self._holder = f'{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}'
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name='iss-reconciler', daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        super().__init__()
 
     def _run(self) -> None:
         # NOTE: the workers of a node start together; a random first wait spreads their looks at the lease.

@@ -15,13 +15,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import socket
-import threading
 import time
-import uuid
 from typing import IO
 
+from iss_server.background import Background
 from iss_server.errors import BlobNotFound, ServiceError
 from iss_server.telemetry import Metrics
 from storage import BlobStore
@@ -36,8 +33,10 @@ class Interrupted(Exception):
     """A blob's read was left off: this process stops, or another node took the lease (it goes on from the index)."""
 
 
-class Scrubber:
+class Scrubber(Background):
     """One process's scrubber: a thread that checks the blobs due while it holds the store's lease."""
+
+    thread_name = 'iss-scrubber'
 
     #: Seconds a lease lasts; renewed while it scrubs, so a node that stops loses it this fast.
     LEASE_SECONDS = 60.0
@@ -54,19 +53,8 @@ class Scrubber:
         self._rate = rate
         self._interval = interval
         self._metrics = metrics
-        self._holder = f'{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}'
+        super().__init__()
         self._renewed = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name='iss-scrubber', daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
     def _run(self) -> None:
         while not self._stop.is_set():

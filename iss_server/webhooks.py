@@ -16,13 +16,9 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 
 import falcon
 from cloudevents.core.bindings.http import to_structured_event
@@ -31,6 +27,7 @@ from standardwebhooks import Webhook
 
 from iss_server import index
 from iss_server.auth import carries_one_of, token_required
+from iss_server.background import Background
 from iss_server.config import WebhookEndpoint
 from iss_server.errors import CursorExpired, ServiceError
 
@@ -41,8 +38,10 @@ class DeliveryFailed(Exception):
     """The endpoint did not take the event (no answer, or not 2xx)."""
 
 
-class Deliverer:
+class Deliverer(Background):
     """One process's deliverer: a thread that serves the endpoints whose lease it holds."""
+
+    thread_name = 'iss-webhooks'
 
     #: Seconds a lease lasts; renewed at every round, so a node that stops loses it this fast.
     LEASE_SECONDS = 30.0
@@ -60,21 +59,13 @@ class Deliverer:
     def __init__(self, store_index: index.Index, endpoints: tuple[WebhookEndpoint, ...]) -> None:
         self._index = store_index
         self._endpoints = endpoints
-        self._holder = f'{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}'
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     def start(self) -> None:
         """Have every endpoint follow the feed (from now, for one new to the index), and start sending."""
         for endpoint in self._endpoints:
             self._index.add_webhook(endpoint.name)
-        self._thread = threading.Thread(target=self._run, name='iss-webhooks', daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        super().start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
