@@ -562,7 +562,13 @@ def build_app(settings: Settings) -> falcon.App:
             fixed=lambda kind, count: metrics.reconciled.labels(kind).inc(count),
         ).start()
     if settings.scrub_rate:
-        Scrubber(store, rate=settings.scrub_rate, interval=settings.scrub_interval, metrics=metrics).start()
+        Scrubber(
+            store,
+            rate=settings.scrub_rate,
+            interval=settings.scrub_interval,
+            checked=lambda result: metrics.scrubbed.labels(result).inc(),
+            read=metrics.scrubbed_bytes.inc,
+        ).start()
     return app
 
 

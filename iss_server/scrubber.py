@@ -16,11 +16,11 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from typing import IO
 
 from iss_server.background import Background
 from iss_server.errors import BlobNotFound, ServiceError
-from iss_server.telemetry import Metrics
 from storage import BlobStore
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,24 @@ class Scrubber(Background):
     #: Bytes read at a time.
     CHUNK_BYTES = 1024 * 1024
 
-    def __init__(self, store: BlobStore, *, rate: int, interval: int, metrics: Metrics) -> None:
-        """``rate``: bytes per second read; ``interval``: seconds between two checks of a blob."""
+    def __init__(
+        self,
+        store: BlobStore,
+        *,
+        rate: int,
+        interval: int,
+        checked: Callable[[str], None] = lambda result: None,
+        read: Callable[[int], None] = lambda size: None,
+    ) -> None:
+        """``rate``: bytes per second read; ``interval``: seconds between two checks of a blob.
+
+        ``checked`` is called with each blob's result, ``read`` with each chunk's size (the metrics).
+        """
         self._store = store
         self._rate = rate
         self._interval = interval
-        self._metrics = metrics
+        self._checked = checked
+        self._read = read
         super().__init__()
         self._renewed = 0.0
 
@@ -79,7 +91,7 @@ class Scrubber(Background):
         for hex_digest, _ in self._store.index.due_for_check(time.time() - self._interval, self.BATCH):
             if self._stop.is_set() or not self._renew():
                 break
-            self._metrics.scrubbed.labels(self.check(hex_digest, pace)).inc()
+            self._checked(self.check(hex_digest, pace))
             checked += 1
         return checked
 
@@ -118,7 +130,7 @@ class Scrubber(Background):
         while chunk := file.read(self.CHUNK_BYTES):
             sha256.update(chunk)
             size += len(chunk)
-            self._metrics.scrubbed_bytes.inc(len(chunk))
+            self._read(len(chunk))
             if self._stop.wait(pace.wait(len(chunk))):
                 raise Interrupted('this process stops')
             if not self._renew():
