@@ -15,6 +15,7 @@ from PIL import Image, ImageCms, ImageOps
 import iss
 from iss_server import images, meta, signing
 from iss_server.config import ConfigError, Settings
+from iss_server.disk import disk_bytes
 from iss_testing.cli import cli_json, upload_image
 from iss_testing.data import blob_id, blob_path, file_store, files_under, make_png
 
@@ -549,7 +550,7 @@ def test_the_cache_evicts_the_least_recently_used(data_dir, png):
     for url in urls:
         client.get(url)
     client.get(urls[0])  # used again: now the most recent
-    sizes = {p.name: p.stat().st_size for p in files_under(data_dir / 'derived')}
+    sizes = {p.name: disk_bytes(p.stat()) for p in files_under(data_dir / 'derived')}
 
     kept = sizes['90x-contain.png'] + sizes['92x-contain.png']
     removed, remaining = store_.derived.evict(int(kept / 0.9) + 1)
@@ -566,9 +567,22 @@ def test_the_cache_stays_near_its_bound_while_rendering(make_client, data_dir):
     for width in range(20, 60):
         client.get(f'/images/{image_id}?w={width}&format=png')  # 1-11 kB each, 0.2 MB in all
 
-    sizes = [p.stat().st_size for p in files_under(data_dir / 'derived')]
+    sizes = [disk_bytes(p.stat()) for p in files_under(data_dir / 'derived')]
     # NOTE: one worker: it evicts as soon as its last render crossed the bound.
     assert 0 < sum(sizes) <= 40_000 + max(sizes), sizes
+
+
+@pytest.mark.file_store
+def test_the_cache_bound_counts_the_disk_that_tiny_derivatives_take(make_client, data_dir):
+    """1 MB of tiny derivatives took 10.3 MB of disk: the bound counted their sizes, not their blocks."""
+    client = make_client(derived_max_bytes=40_000)
+    image_id = store(client, encode(Image.effect_noise((120, 120), 50).convert('RGB')))
+
+    for width in range(1, 41):
+        client.get(f'/images/{image_id}?w={width}&h=1&fit=fill&format=png')  # ~100 bytes each, a block on disk
+
+    on_disk = [disk_bytes(p.stat()) for p in files_under(data_dir / 'derived')]
+    assert 0 < sum(on_disk) <= 40_000 + max(on_disk), on_disk
 
 
 @pytest.mark.file_store

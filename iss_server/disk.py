@@ -293,6 +293,11 @@ def unlink_durably(layout: Layout, path: str) -> bool:
     return True
 
 
+def disk_bytes(stat: os.stat_result) -> int:
+    """The bytes a file takes on its disk: its blocks (a 100-byte file takes 4 KiB), never less than its size."""
+    return max(stat.st_blocks * 512, stat.st_size)
+
+
 def files_below(top: str) -> Iterator[os.DirEntry]:
     try:
         entries = os.scandir(top)
