@@ -799,6 +799,22 @@ def test_jxl_is_an_output_and_auto_prefers_it_when_accepted(client):
     assert refused.content_type == 'image/webp'
 
 
+def test_a_jxl_derivative_carries_no_exif_and_q100_is_lossless(client):
+    """JXL thumbnails kept the photo's EXIF: its GPS, and an orientation the pixels already had."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0112] = 'Canon', 6  # make, orientation
+    exif.get_ifd(0x8825)[0x0001] = 'N'  # GPSLatitudeRef
+    image_id = store(client, encode(Image.new('RGB', (64, 48), 'grey'), 'JPEG', exif=exif))
+
+    thumbnail = Image.open(io.BytesIO(client.get(f'/images/{image_id}?w=24&format=jxl').body))
+    lossless = client.get(f'/images/{image_id}?w=24&format=jxl&q=100')
+
+    assert thumbnail.size == (24, 32)  # turned upright once
+    assert not thumbnail.getexif()
+    assert lossless.content_type == 'image/jxl'
+    assert Image.open(io.BytesIO(lossless.body)).size == (24, 32)
+
+
 def test_a_jxl_bomb_is_refused_from_its_header_before_any_decode(client):
     bomb = jxl_header_declaring(100_000, 100_000)
 

@@ -662,6 +662,11 @@ def _render(image: Image.Image, orientation: int, size: tuple[int, int], variant
         # PERF: libjxl's default effort (7) took 107 ms for a 512x384 thumbnail here, 5 took 69 ms;
         # 3 (19 ms) shifts saturated colours of small images by ~65 levels of 255 at q80 (NOTES-images.md).
         options['effort'] = 5
+        # NOTE: the plugin copies the source's EXIF when given none: its GPS, and an orientation
+        # the pixels already have (a re-upload turned twice). Every other output carries none.
+        options['exif'] = b''
+        # NOTE: libjxl refuses quality 100 ("the encoder API is used in an incorrect way"): it is lossless.
+        options['lossless'] = variant.quality == 100
     # NOTE: Pillow's annotation asks for an IO; it only writes to it, which the sink does.
     image.save(out, variant.format, **options)  # type: ignore[arg-type]
 
