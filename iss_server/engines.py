@@ -154,21 +154,21 @@ class Budget:
 
     def start(self) -> None:
         """This thread's request begins (see :class:`PerRequest`), with the whole budget."""
-        self._local.until = self.seconds or math.inf
+        self._local.allowed = self.seconds or math.inf
         self._local.spent = 0.0
         self._local.since = None
 
     def stop(self) -> None:
         """This thread's request is over: its further calls are not counted."""
-        self._local.until = math.inf
+        self._local.allowed = math.inf
 
     def left(self) -> float:
         """Seconds this thread's request may still spend in engine calls (infinite outside a request)."""
-        until = getattr(self._local, 'until', math.inf)
-        if until == math.inf:
+        allowed = getattr(self._local, 'allowed', math.inf)
+        if allowed == math.inf:
             return math.inf
         since = self._local.since
-        return until - self._local.spent - (time.monotonic() - since if since is not None else 0.0)
+        return allowed - self._local.spent - (time.monotonic() - since if since is not None else 0.0)
 
     def within(self, seconds: float) -> float:
         """A call's own deadline, ``seconds``, cut to what the request has left (never below 0)."""
@@ -184,7 +184,7 @@ class Budget:
     @contextlib.contextmanager
     def spending(self) -> Iterator[None]:
         """Count the block's time as spent (once, however deep the calls nest)."""
-        if getattr(self._local, 'until', math.inf) == math.inf or self._local.since is not None:
+        if getattr(self._local, 'allowed', math.inf) == math.inf or self._local.since is not None:
             yield
             return
         self._local.since = time.monotonic()
