@@ -1309,7 +1309,9 @@ class PostgresIndex(_Queries):
             return
         pool = self._connections()
         try:
-            db = pool.getconn(timeout=engines.BUDGET.within(self.timeout))
+            # NOTE: the wait is the request's too (a transaction's connection is taken outside its calls).
+            with engines.BUDGET.spending():
+                db = pool.getconn(timeout=engines.BUDGET.within(self.timeout))
         except self._psycopg.Error as exc:  # NOTE: the pool's timeout too (PoolTimeout)
             raise self._unavailable(exc) from exc
         self._local.held = _Connection(db, 0, os.getpid())
