@@ -449,7 +449,7 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
         cut=lambda engine: metrics.engine_cut.labels(engine).inc(),
     )
     # NOTE: Any, as Falcon types middleware by protocols of its private falcon._typing
-    middleware: list[Any] = [telemetry.RequestTelemetry(metrics), TusProtocol()]
+    middleware: list[Any] = [telemetry.RequestTelemetry(metrics), engines.PerRequest(), TusProtocol()]
     if settings.cors_origins:
         middleware.append(
             falcon.CORSMiddleware(

@@ -21,10 +21,10 @@ from collections.abc import Iterator
 import pytest
 
 from iss_server import engines, index
-from iss_server.errors import IndexUnavailable
+from iss_server.errors import BucketUnavailable, IndexUnavailable
 from iss_testing import HERE
 from iss_testing.cli import cli_json
-from iss_testing.servers import Gunicorn, PgBouncer, PostgreSQL, SeaweedFS, s3_node_environment
+from iss_testing.servers import S3_KEY, S3_SECRET, Gunicorn, PgBouncer, PostgreSQL, SeaweedFS, s3_node_environment
 
 
 @contextlib.contextmanager
@@ -105,6 +105,53 @@ def test_a_frozen_postgresql_costs_a_call_its_deadline_then_works_again(postgres
         assert isinstance(answer, IndexUnavailable), answer
         assert seconds < 2.5
     assert store_index.get('0' * 64) is None
+
+
+def test_a_request_waits_on_a_frozen_postgresql_one_budget_however_many_calls_it_makes(postgres, monkeypatch):
+    store_index = index.PostgresIndex(postgres.new_database(), timeout=1)
+    assert store_index.get('0' * 64) is None
+    monkeypatch.setattr(engines.BUDGET, 'seconds', 1.5)
+    with frozen(postgres):
+        started = time.monotonic()
+        with engines.BUDGET.request():
+            # NOTE: a deadline of its own for each call would cost the request three seconds.
+            answers = [timed(store_index.get, '0' * 64) for _ in range(3)]
+        whole = time.monotonic() - started
+        assert all(isinstance(answer, IndexUnavailable) for answer, _ in answers), answers
+        (_, first), (_, second), (third_answer, third) = answers
+        assert 0.9 < first < 1.3  # NOTE: the call's own deadline, less than the budget
+        assert 0.3 < second < 0.8  # NOTE: what the budget had left
+        assert third < 0.1 and 'too little is left' in str(third_answer)
+        assert whole < 1.5 + watchdog_slack()
+        # NOTE: a thread outside a request (the reconciler, a webhook) keeps each call's own deadline.
+        answer, seconds = timed(store_index.get, '0' * 64)
+        assert isinstance(answer, IndexUnavailable) and 0.9 < seconds < 1.3
+    assert store_index.get('0' * 64) is None
+
+
+def test_a_request_waits_on_a_frozen_s3_service_one_budget_however_many_calls_it_makes(seaweedfs, monkeypatch):
+    from iss_server.drivers.s3 import S3Driver
+
+    bucket, _, prefix = seaweedfs.new_store().removeprefix('s3://').partition('/')
+    driver = S3Driver(
+        bucket, prefix + '/', endpoint=seaweedfs.endpoint, access_key=S3_KEY, secret_key=S3_SECRET, timeout=3
+    )
+    driver.write('a', b'a')
+    monkeypatch.setattr(engines.BUDGET, 'seconds', 3)
+    with frozen(seaweedfs):
+        started = time.monotonic()
+        with engines.BUDGET.request():
+            answers = [timed(driver.write, f'k{number}', b'x') for number in range(4)]
+        whole = time.monotonic() - started
+    assert all(isinstance(answer, BucketUnavailable) for answer, _ in answers), answers
+    assert 'too little is left' in str(answers[-1][0]) and answers[-1][1] < 0.1
+    assert whole < 3 + watchdog_slack()
+    assert driver.read('a') == b'a'
+
+
+def watchdog_slack() -> float:
+    """How late past its deadline a cut call may end: a watchdog's tick, and the answer's way back."""
+    return engines.Watchdog.TICK + 0.2
 
 
 def test_a_restarted_postgresql_costs_no_call_an_error(postgres):

@@ -14,6 +14,15 @@ with it. Two guards, one per concern:
   Past the deadline the socket is shut down: the call blocked on it fails at once, and the
   connection is dropped. boto3 needs none: its socket timeouts are client-side (see drivers/s3.py).
 
+A request makes several engine calls in sequence (an intent, the puts, the row); each with a
+deadline of its own, a hanging engine would cost the request a deadline per call. So a request
+has one :class:`Budget`: the seconds its thread may spend in engine calls in all,
+``max(ISS_INDEX_TIMEOUT, ISS_S3_TIMEOUT)``. Each call gets at most what is left (the index's
+watchdog deadline; an S3 attempt starts only if a whole attempt fits), and once it is spent
+the next call is refused at once, as its engine's 503. Time spent receiving or sending a body
+is not counted, only time inside engine calls; threads that serve no request (the reconciler,
+the scrubber, webhooks, the parts an upload sends alongside) have no budget.
+
 ``INDEX`` and ``BUCKET`` are this process's bulkheads; :func:`configure` sizes them from the settings.
 :class:`Probes` asks each engine with a deadline of its own, for ``/health/ready``.
 """
@@ -25,6 +34,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import socket
 import threading
@@ -76,8 +86,18 @@ class Bulkhead:
         """Hold a place while the block runs.
 
         Raises:
-            StoreUnavailable: (the engine's own kind) every place is held by a call older than STUCK.
+            StoreUnavailable: (the engine's own kind) every place is held by a call older than STUCK,
+                or the request's :data:`BUDGET` is spent.
         """
+        if BUDGET.left() <= 0:
+            self.on_refused(self.engine)
+            raise self._unavailable(f'the {self.engine} is not asked: {BUDGET.refusal()}')
+        # NOTE: the wait for a place is the request's too.
+        with BUDGET.spending(), self._place():
+            yield
+
+    @contextlib.contextmanager
+    def _place(self) -> Iterator[None]:
         depth = getattr(self._local, 'depth', 0)
         thread = threading.get_ident()
         if depth == 0:
@@ -111,16 +131,100 @@ class Bulkhead:
         return len(self._since)
 
 
+class Budget:
+    """The seconds a request's thread may spend inside engine calls, all of them together (see the module's docstring).
+
+    :meth:`request` gives the calling thread its budget; calls made outside one are not counted, and
+    find the whole of their own deadline (:meth:`left` is infinite).
+    """
+
+    def __init__(self) -> None:
+        #: Seconds per request: ``max(ISS_INDEX_TIMEOUT, ISS_S3_TIMEOUT)`` (:func:`configure`); 0, none.
+        self.seconds = 0.0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """The block is one request: its engine calls share :attr:`seconds`."""
+        self.start()
+        try:
+            yield
+        finally:
+            self.stop()
+
+    def start(self) -> None:
+        """This thread's request begins (see :class:`PerRequest`), with the whole budget."""
+        self._local.allowed = self.seconds or math.inf
+        self._local.spent = 0.0
+        self._local.since = None
+
+    def stop(self) -> None:
+        """This thread's request is over: its further calls are not counted."""
+        self._local.allowed = math.inf
+
+    def left(self) -> float:
+        """Seconds this thread's request may still spend in engine calls (infinite outside a request)."""
+        allowed = getattr(self._local, 'allowed', math.inf)
+        if allowed == math.inf:
+            return math.inf
+        since = self._local.since
+        return allowed - self._local.spent - (time.monotonic() - since if since is not None else 0.0)
+
+    def within(self, seconds: float) -> float:
+        """A call's own deadline, ``seconds``, cut to what the request has left (never below 0)."""
+        return max(0.0, min(seconds, self.left()))
+
+    def refusal(self) -> str:
+        """Why a call is refused: the words of its 503."""
+        return (
+            f'too little is left of the {self.seconds:g} s this request may spend in engine calls '
+            '(the larger of ISS_INDEX_TIMEOUT and ISS_S3_TIMEOUT)'
+        )
+
+    @contextlib.contextmanager
+    def spending(self) -> Iterator[None]:
+        """Count the block's time as spent (once, however deep the calls nest)."""
+        if getattr(self._local, 'allowed', math.inf) == math.inf or self._local.since is not None:
+            yield
+            return
+        self._local.since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._local.spent += time.monotonic() - self._local.since
+            self._local.since = None
+
+
+class PerRequest:
+    """Falcon middleware: each request's engine calls share one :data:`BUDGET`.
+
+    NOTE: a body streamed after the response started (a blob's bytes) is read outside it: a
+    client reads at its own pace, and each read has the bucket's own deadline.
+    """
+
+    def process_request(self, req: object, resp: object) -> None:
+        BUDGET.start()
+
+    def process_response(self, req: object, resp: object, resource: object, req_succeeded: bool) -> None:
+        BUDGET.stop()
+
+
+#: This process's: a request's thread's budget.
+BUDGET = Budget()
+
+
 INDEX = Bulkhead('index', IndexUnavailable)
 BUCKET = Bulkhead('bucket', BucketUnavailable)
 
 
 def configure(settings: Settings, *, refused: Callable[[str], None], cut: Callable[[str], None]) -> None:
-    """Size this process's bulkheads: each engine may hold half of a worker's threads (at least one).
+    """Size this process's bulkheads: each engine may hold half of a worker's threads (at least one);
+    and a request's :data:`BUDGET`.
 
     ``refused`` and ``cut`` are called with an engine's name for each call its bulkhead refused,
     and each the watchdog cut off at its deadline (the app's metrics).
     """
+    BUDGET.seconds = max(settings.index_timeout, settings.s3_timeout)
     for bulkhead in (INDEX, BUCKET):
         bulkhead.limit = max(1, settings.threads // 2)
         bulkhead.on_refused = refused

@@ -1215,8 +1215,9 @@ class PostgresIndex(_Queries):
 
     Every call has a deadline, ``timeout`` seconds (``ISS_INDEX_TIMEOUT``) counted by ISS:
     waiting for a pooled connection, connecting, and each statement (a frozen server counts
-    nothing; see :mod:`engines`). A server that is down, refuses, or answers too late raises
-    :class:`errors.IndexUnavailable` (503), and the connection is dropped. One whose server
+    nothing; see :mod:`engines`), cut to what the request's budget has left (:data:`engines.BUDGET`).
+    A server that is down, refuses, or answers too late raises :class:`errors.IndexUnavailable`
+    (503), and the connection is dropped. One whose server
     went away while it was idle (a restart) is noticed before use at no cost and replaced,
     so a restart costs no client an error once the server is back.
     """
@@ -1308,7 +1309,9 @@ class PostgresIndex(_Queries):
             return
         pool = self._connections()
         try:
-            db = pool.getconn()
+            # NOTE: the wait is the request's too (a transaction's connection is taken outside its calls).
+            with engines.BUDGET.spending():
+                db = pool.getconn(timeout=engines.BUDGET.within(self.timeout))
         except self._psycopg.Error as exc:  # NOTE: the pool's timeout too (PoolTimeout)
             raise self._unavailable(exc) from exc
         self._local.held = _Connection(db, 0, os.getpid())
@@ -1343,7 +1346,7 @@ class PostgresIndex(_Queries):
         with engines.INDEX.call(), self.session() as db:
             call = None
             try:
-                left = max(0.0, self.timeout - (time.monotonic() - started))
+                left = engines.BUDGET.within(self.timeout - (time.monotonic() - started))
                 with engines.WATCHDOG.deadline(db.fileno(), left) as call:
                     yield db
             except self._psycopg.Error as exc:
@@ -1389,7 +1392,9 @@ class PostgresIndex(_Queries):
 
     def _unavailable(self, exc: Exception, *, late: bool = False) -> IndexUnavailable | IndexFull:
         if late:
-            return IndexUnavailable(f'{self.path}: no answer within {self.timeout:g} s (ISS_INDEX_TIMEOUT)')
+            return IndexUnavailable(
+                f"{self.path}: no answer within {self.timeout:g} s (ISS_INDEX_TIMEOUT) or the request's budget"
+            )
         full = isinstance(exc, self._psycopg.errors.DiskFull)
         return (IndexFull if full else IndexUnavailable)(f'{self.path}: {exc}')
 

@@ -15,7 +15,10 @@ Every call has a deadline, ``timeout`` (``ISS_S3_TIMEOUT``), its one retry inclu
 its two attempts may take about half (:meth:`S3Driver.attempt_timeout`), and the retry waits at
 most a second. A call on a frozen service costs its request that, never
 more, and at most half a worker's request threads wait on the bucket at once
-(:data:`engines.BUCKET`).
+(:data:`engines.BUCKET`). A request's calls share one budget (:data:`engines.BUDGET`):
+botocore's socket timeouts are the client's, not a call's, so an attempt (a retry
+too) starts only if the request has a whole attempt's time left, and is refused,
+as a 503, if not (:meth:`S3Driver._within_budget`).
 """
 
 from __future__ import annotations
@@ -142,7 +145,17 @@ class S3Driver:
         client = session.client('s3', config=config, **self._service)
         for operation in ('PutObject', 'UploadPart'):
             client.meta.events.register(f'before-sign.s3.{operation}', _payload_hash_from_checksum)
+        client.meta.events.register('before-send.s3', self._within_budget)
         return client
+
+    def _within_budget(self, request: Any, **_: Any) -> None:
+        """Refuse an attempt the request's budget cannot wait for (botocore's ``before-send``, each attempt's).
+
+        NOTE: raised here, it ends the call without a retry (botocore retries only its own errors).
+        """
+        if engines.BUDGET.left() < self.attempt_timeout:
+            engines.BUCKET.on_refused(engines.BUCKET.engine)
+            raise BucketUnavailable(f'{request.method} not sent: {engines.BUDGET.refusal()}')
 
     # -- writing -------------------------------------------------------------
 
