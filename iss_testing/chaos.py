@@ -243,7 +243,11 @@ class Cluster:
                 node.result()
             (workdir / 'nginx').mkdir()
             self.nginx = Nginx(
-                workdir / 'nginx', [node.port for node in self.nodes], self._shared / 'data', self.s3_endpoint
+                workdir / 'nginx',
+                [node.port for node in self.nodes],
+                self._shared / 'data',
+                self.s3_endpoint,
+                s3_timeout=self.deadline,
             )
         except BaseException:
             self.stop()

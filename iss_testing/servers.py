@@ -160,8 +160,10 @@ class Nginx(LoopbackServer):
         upstream_port: int | Sequence[int],
         data_dir: pathlib.Path,
         s3_upstream: str = 'http://127.0.0.1:9',
+        s3_timeout: int = 15,
     ) -> None:
-        """``upstream_port``: the node, or the nodes, it balances (as the cluster's name of many addresses does)."""
+        """``upstream_port``: the node, or the nodes, it balances (as the cluster's name of many addresses does);
+        ``s3_timeout``: the nodes' ``ISS_S3_TIMEOUT``."""
         binary = shutil.which('nginx') or shutil.which('nginx', path='/usr/sbin')
         assert binary, 'nginx is needed for these tests: apt-get install nginx (.ci/run does)'
         self.port = free_port()
@@ -176,6 +178,7 @@ class Nginx(LoopbackServer):
                 ),
                 'ISS_DATA': str(data_dir),
                 'ISS_S3_UPSTREAM': s3_upstream,
+                'ISS_S3_TIMEOUT': str(s3_timeout),
                 'ISS_MAX_UPLOAD_BYTES': str(self.UPLOAD_LIMIT),
                 'NGINX_PORT': f'127.0.0.1:{self.port}',
                 # NOTE: beside the data, where nginx's workers (nobody) can reach it.
