@@ -452,6 +452,28 @@ def test_a_kill_after_the_blob_is_stored_but_before_its_id_is_recorded_resumes_t
     assert list(sessions_dir(data_dir).glob('*.part')) == []
 
 
+def test_a_kill_after_the_last_byte_before_the_commit_is_finished_by_a_head(tus, data_dir, monkeypatch):
+    """A worker killed 0-80 ms after the last byte left offset = length without an id until expiry (3 of 77 kills)."""
+    data = os.urandom(5000)
+    location = tus.create(len(data)).headers['Location']
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(resumable.Sessions, 'staged', killed)
+        with pytest.raises(Killed):
+            tus.patch(location, data, headers={**CHUNK, 'Upload-Offset': '0'})
+    assert tus.get(f'/artifacts/{blob_id(data)}', status=404)
+
+    # NOTE: a client takes offset = length for done and asks HEAD for the id; it sends no more PATCH
+    answer = tus.head(location, headers=TUS)
+    assert answer.headers['Upload-Offset'] == '5000'
+    assert answer.headers['ISS-Blob-Id'] == blob_id(data)
+    assert tus.get(f'/artifacts/{blob_id(data)}').body == data
+    assert list(sessions_dir(data_dir).glob('*.part')) == []
+
+
 def test_a_kill_between_linking_the_blob_and_removing_the_part_neither_wedges_nor_deadlocks(tus, data_dir, monkeypatch):
     data = os.urandom(5000)
     location = tus.create(len(data)).headers['Location']

@@ -374,7 +374,25 @@ class Sessions:
         return session
 
     def resume(self, session_id: str, owner: str, commit: Committer) -> Session:
-        """The session (see :meth:`get`), its blob's id recorded first if a kill within its commit left it out."""
+        """The session (see :meth:`get`), its commit first finished if a kill within it left it undone.
+
+        NOTE: a client takes offset = length for done and asks HEAD for the id; it never sends the
+        empty PATCH that would commit a session whose worker was killed after its last byte.
+        """
+        session = self._recovered(session_id, owner, commit)
+        if session.complete and session.result is None:
+            try:
+                with (
+                    self.writing(session_id, owner, session.length) as (session, fd),
+                    self.staged(session, fd) as staged,
+                ):
+                    session = self.finish(session, commit.commit(session, staged))
+            except OffsetMismatch:
+                pass  # NOTE: a live request commits it: the next HEAD has the id
+        return session
+
+    def _recovered(self, session_id: str, owner: str, commit: Committer) -> Session:
+        """The session, its blob's id recorded first if a kill within its commit left it out."""
         session = self.get(session_id, owner)
         if session.complete and session.result is None:
             session = self._recover(session, commit)
@@ -418,7 +436,7 @@ class Sessions:
             UploadNotFound: no such session.
             OffsetMismatch: another request holds it, or it is not at ``offset`` (409).
         """
-        self.resume(session_id, owner, commit)  # NOTE: a commit a kill left half-recorded, before any lock
+        self._recovered(session_id, owner, commit)  # NOTE: a commit a kill left half-recorded, before any lock
         with self.writing(session_id, owner, offset) as (session, fd):
             if body is not None:
                 session = self.append(session, fd, body(session.length - offset), checksum)
