@@ -745,8 +745,9 @@ class BlobStore:
                 row = self.index.get(hex_digest)
             except IndexUnavailable:
                 # NOTE: the row only says whether the node's copy is still good; the bucket itself
-                # answers without it, so an index that is down or stuck costs reads nothing.
-                return self._open(hex_digest)
+                # answers without it, so an index that is down or stuck costs a read one deadline,
+                # not a second one to record the check (the scrubber checks the blob later).
+                return self._open(hex_digest, record=False)
             if row is not None and row.bytes <= _NODE_COPY_BYTES:
                 cached = self._copies.open(hex_digest, 'blob')
                 if cached is None:
@@ -755,13 +756,14 @@ class BlobStore:
                 return OpenBlob(cached.file, BlobStat(cached.stat.size, f'row-{row.created_at!r}'))
         return self._open(hex_digest)
 
-    def _open(self, hex_digest: str) -> OpenBlob:
+    def _open(self, hex_digest: str, *, record: bool = True) -> OpenBlob:
+        """The blob's bytes from the driver; ``record``: a verified read is recorded in the index."""
         try:
             file, stat = self._driver.open(blob_key(hex_digest))
         except KeyNotFound:
             raise BlobNotFound('sha256:' + hex_digest) from None
         if self._driver.verify_reads:
-            file = _VerifiedReader(self, hex_digest, file, stat)  # type: ignore[assignment]
+            file = _VerifiedReader(self, hex_digest, file, stat, record=record)  # type: ignore[assignment]
         return OpenBlob(file, BlobStat(stat.size, stat.version))
 
     @property
@@ -1102,8 +1104,9 @@ class _VerifiedReader:
     alone, and ``fsck`` re-hashes every blob.
     """
 
-    def __init__(self, store: BlobStore, hex_digest: str, body: IO[bytes], stat: Stat) -> None:
+    def __init__(self, store: BlobStore, hex_digest: str, body: IO[bytes], stat: Stat, *, record: bool = True) -> None:
         self._store = store
+        self._record = record
         self._hex = hex_digest
         self._body = body
         self.stat = BlobStat(stat.size, stat.version)
@@ -1153,7 +1156,8 @@ class _VerifiedReader:
         if actual != self._hex:
             self._store.quarantine(self._hex, f'its {self._position} bytes hash to {actual}')
             raise CorruptBlob(f'sha256:{self._hex}: the backend answered bytes that hash to {actual}')
-        self._store.record_check(self._hex, verified=True)
+        if self._record:
+            self._store.record_check(self._hex, verified=True)
 
     def close(self) -> None:
         self._body.close()

@@ -340,6 +340,16 @@ def test_while_postgresql_is_frozen_what_needs_no_index_answers_within_a_second(
 
 
 @pytest.mark.slow
+def test_an_uncached_read_while_postgresql_is_frozen_costs_one_index_deadline(node, postgres):
+    """Found from outside: the lookup's deadline, then the bucket, then a second deadline to record the check."""
+    digest = upload(node, 4)
+    with frozen(postgres):
+        (status, _, body), seconds = timed(node.request, 'GET', f'/artifacts/{digest}')
+    assert (status, body) == (200, b'artifact 4')
+    assert seconds < 2 + 1, seconds
+
+
+@pytest.mark.slow
 def test_while_seaweedfs_is_frozen_health_names_the_bucket_and_listings_answer_within_a_second(node, seaweedfs):
     digests = [upload(node, number) for number in range(4, 8)]
     # NOTE: never read yet, so not on the node: each read asks the bucket.
