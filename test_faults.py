@@ -176,7 +176,8 @@ def test_sigkill_at_random_points_during_uploads_loses_and_corrupts_nothing(tmp_
     assert sum(kill_points.values()) >= 50
     assert found['temp_files'] == 0
     assert len(acknowledged) >= 20, 'too few uploads got through to prove anything'
-    assert 'stale temp file' in log.read_text(), 'some kill should have left a temp file to sweep'
+    # NOTE: no "stale temp file" asked of the log: an upload's temp file is unnamed (O_TMPFILE), so a
+    # kill leaves none to sweep but where the fallback names one; test_gunicorn plants one for the sweep.
 
 
 class SmallUploader(threading.Thread):
