@@ -22,6 +22,7 @@ import base64
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import itertools
 import json
 import logging
@@ -1203,6 +1204,9 @@ CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires);
 CREATE UNLOGGED TABLE IF NOT EXISTS rebuild_seen (run TEXT NOT NULL, hex TEXT NOT NULL, PRIMARY KEY (run, hex));
 """ + ''.join(f'{statement};\n' for statement in (*similar.schema('postgresql'), *similar.sync_triggers('postgresql')))
 
+#: What the schema a database has is, so a node creates it only when it changed (see _PoolHooks.configure).
+_POSTGRES_SCHEMA_HASH = hashlib.sha256(_POSTGRES_SCHEMA.encode()).hexdigest()
+
 
 class PostgresIndex(_Queries):
     """The index in a PostgreSQL database, shared by every ISS node of a store (``ISS_INDEX=postgresql://...``).
@@ -1415,10 +1419,21 @@ class _PoolHooks:
         if self._schema_ready:
             return
         # NOTE: several nodes and workers start at once; CREATE ... IF NOT EXISTS
-        # races in PostgreSQL, so one at a time creates the schema.
+        # races in PostgreSQL, so one at a time creates the schema. And only when it changed:
+        # its DDL (CREATE OR REPLACE TRIGGER, CREATE INDEX) locks the tables a running node
+        # writes, in another order than a DELETE's triggers do (a deadlock, found by test_reconcile).
         with engines.WATCHDOG.deadline(db.fileno(), self._timeout), db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(hashtext('iss-index-schema'))")
+            if db.execute("SELECT to_regclass('state') IS NOT NULL").fetchone()[0]:
+                row = db.execute("SELECT value FROM state WHERE key = 'schema'").fetchone()
+                if row is not None and row[0] == _POSTGRES_SCHEMA_HASH:
+                    self._schema_ready = True
+                    return
             db.execute(_POSTGRES_SCHEMA)
+            db.execute(
+                "INSERT INTO state VALUES ('schema', %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_POSTGRES_SCHEMA_HASH,),
+            )
         self._schema_ready = True
 
     def check(self, db: Any) -> None:
