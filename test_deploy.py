@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 from PIL import Image
@@ -44,14 +43,8 @@ CACHE_VALID = Nginx.CACHE_VALID
 
 
 def access_lines(server: Gunicorn) -> list[dict]:
-    """The JSON access log lines ISS wrote (it runs with ISS_LOG_LEVEL=info), once the log is still.
-
-    NOTE: a line is written once its body is out, a moment after the client (nginx) has the answer.
-    """
-    size = -1
-    while size != (size := server.log_path.stat().st_size):
-        time.sleep(0.2)
-    lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith('{')]
+    """The JSON access log lines ISS wrote (it runs with ISS_LOG_LEVEL=info)."""
+    lines = server.json_log()
     return [line for line in lines if line['logger'] == 'iss.access']
 
 

@@ -714,7 +714,7 @@ def test_metrics_add_up_every_worker(start, png):
     server = start(ISS_WORKERS='2', ISS_LOG_LEVEL='info')
 
     def health_lines() -> list[dict]:
-        return [line for line in json_log(server) if line.get('route') == '/health']
+        return [line for line in server.json_log() if line.get('route') == '/health']
 
     # NOTE: the kernel hands sequential connections to one worker; bursts reach both.
     for _ in range(50):
@@ -745,10 +745,6 @@ def test_metrics_add_up_every_worker(start, png):
         assert metric(text, 'iss_store_bytes', kind='image') == len(png)
 
 
-def json_log(server) -> list[dict]:
-    return [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith('{')]
-
-
 def test_access_log_is_one_json_line_per_request_without_bodies(start):
     server = start(ISS_LOG_LEVEL='info')
     secret = b'body-marker-' + os.urandom(8).hex().encode()
@@ -759,7 +755,7 @@ def test_access_log_is_one_json_line_per_request_without_bodies(start):
     assert status == 201 and headers['X-Request-Id'] == 'req-1'
     log = server.log_path.read_text()
     assert secret.decode() not in log
-    lines = [line for line in json_log(server) if line['logger'] == 'iss.access']
+    lines = [line for line in server.json_log() if line['logger'] == 'iss.access']
     upload = next(line for line in lines if line['request_id'] == 'req-1')
     assert upload['method'] == 'POST' and upload['path'] == '/artifacts' and upload['query'] == 'kind=k'
     assert (upload['status'], upload['bytes_in'], upload['route']) == (201, len(secret), '/artifacts')
@@ -772,7 +768,7 @@ def test_log_level_warning_keeps_access_lines_out(start):
     server = start(ISS_LOG_LEVEL='warning')
     server.request('GET', '/health')
 
-    assert [line for line in json_log(server) if line['logger'] == 'iss.access'] == []
+    assert [line for line in server.json_log() if line['logger'] == 'iss.access'] == []
 
 
 class _BrokenStore(storage.FileStore):

@@ -131,6 +131,17 @@ class Gunicorn(LoopbackServer):
         children = pathlib.Path(f'/proc/{self.process.pid}/task/{self.process.pid}/children').read_text().split()
         return [self.process.pid, *map(int, children)]
 
+    def json_log(self) -> list[dict]:
+        """The JSON lines of its log, once the log is still.
+
+        NOTE: ISS writes a request's access line once its body is out, a moment after the client
+        has the answer: a test that reads the log at once may miss the last lines.
+        """
+        size = -1
+        while size != (size := self.log_path.stat().st_size):
+            time.sleep(0.2)
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith('{')]
+
 
 def wait_for(condition, seconds: float = 10, message: str = 'condition') -> None:
     """Poll ``condition`` until it is true; fail the test after ``seconds``."""
