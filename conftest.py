@@ -19,6 +19,7 @@ import pytest
 import webtest
 
 import iss
+from iss_server import background
 from iss_server.config import Settings
 from iss_testing.data import make_png
 from iss_testing.servers import Gunicorn, PostgreSQL, SeaweedFS, s3_node_environment
@@ -54,6 +55,14 @@ def store_backend(request) -> dict[str, str]:
         's3_access_key': env['AWS_ACCESS_KEY_ID'],
         's3_secret_key': env['AWS_SECRET_ACCESS_KEY'],
     }
+
+
+@pytest.fixture(autouse=True)
+def _background_stopped():
+    """Stop the reconcilers, scrubbers and deliverers a test's apps started, when it ends."""
+    yield
+    for work in list(background.RUNNING):
+        work.stop(timeout=10)
 
 
 @pytest.fixture

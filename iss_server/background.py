@@ -2,7 +2,8 @@
 
 Every worker of every node runs each of them; a lease in the index (named by :func:`holder`)
 has one at a time do the work it guards. :class:`Background` is the thread, started once and
-stopped on demand (the tests stop theirs; a worker's ends with its process).
+stopped on demand (the tests stop every one a test started: :data:`RUNNING`; a worker's ends
+with its process).
 """
 
 from __future__ import annotations
@@ -32,11 +33,21 @@ class Background:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
+        RUNNING.add(self)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the thread to end and wait for it (at most ``timeout`` seconds: one engine call's deadline)."""
         self._stop.set()
+        RUNNING.discard(self)
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         raise NotImplementedError
+
+
+#: Every Background started in this process and not stopped yet.
+#: NOTE: for the tests, whose apps come and go in one process: a thread left running holds its
+#: store (a closed pool it retries every interval, a deleted directory) and a place in the
+#: engines' bulkheads, which a later test then finds taken.
+RUNNING: set[Background] = set()
