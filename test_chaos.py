@@ -84,6 +84,26 @@ def test_a_node_killed(cluster):
     held(run, cluster, 'a node killed and restarted')
 
 
+@pytest.mark.parametrize('fault', ['frozen', 'killed and restarted'])
+def test_four_nodes_through_pgbouncer_while_postgresql_is(engines, tmp_path, fault):
+    # NOTE: the README's setup for many nodes: each node's pool reaches PgBouncer, which holds its few
+    # server connections; a PostgreSQL frozen or restarted behind it must cost no node more than its deadline.
+    with chaos.cluster(engines, tmp_path, nodes=4, pgbouncer=True, ISS_WORKERS='1') as cluster:
+        if fault == 'frozen':
+            run = chaos.run(
+                cluster, lambda: cluster.freeze('postgres'), lambda: cluster.thaw('postgres'), FAULT_SECONDS
+            )
+        else:
+            run = chaos.run(
+                cluster,
+                lambda: cluster.kill_engine('postgres'),
+                lambda: cluster.restart_engine('postgres'),
+                FAULT_SECONDS,
+            )
+
+        held(run, cluster, f'four nodes through PgBouncer, postgres {fault}')
+
+
 # -- the injector itself ------------------------------------------------------------------------------
 
 

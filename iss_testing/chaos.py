@@ -44,7 +44,7 @@ from typing import Any
 
 import psycopg
 
-from iss_testing.servers import Gunicorn, Nginx, PostgreSQL, SeaweedFS, s3_node_environment, wait_for
+from iss_testing.servers import Gunicorn, Nginx, PgBouncer, PostgreSQL, SeaweedFS, s3_node_environment, wait_for
 
 ADMIN = {'Authorization': 'Bearer admin'}
 KIND = 'chaos'
@@ -190,6 +190,10 @@ class Cluster:
     has passed, at the next pass; so ``settle_seconds`` after a fault every content is
     complete or absent. Settings a node does not know are ignored: the suite runs on code
     from before them, and says what fails there.
+
+    ``pgbouncer``: the nodes reach the index through PgBouncer in transaction pooling (a database of
+    its own, the README's setup for more nodes than PostgreSQL's connections allow) instead of through
+    the index's ``FaultProxy``; PostgreSQL's faults are then PgBouncer's server's.
     """
 
     def __init__(
@@ -200,6 +204,7 @@ class Cluster:
         deadline: int = 2,
         reconcile_interval: int = 1,
         reconcile_grace: int = 3,
+        pgbouncer: bool = False,
         **env: str,
     ) -> None:
         self.engines = engines
@@ -228,6 +233,13 @@ class Cluster:
             'ISS_RECONCILE_SWEEP': str(reconcile_interval),
             **env,
         }
+        self.bouncer: PgBouncer | None = None
+        if pgbouncer:
+            database = engines.postgres.new_own_database()
+            self.bouncer = PgBouncer(engines.postgres, database, server_connections=4)
+            self.index_url = engines.postgres.url(database)
+            # NOTE: PgBouncer keeps no prepared statement across transactions
+            self.env |= {'ISS_INDEX': self.bouncer.url(), 'ISS_INDEX_PREPARED': '0'}
         self.nodes: list[Gunicorn] = []
         self.nginx: Nginx | None = None
         # NOTE: nginx's workers run as nobody: its cache cannot be under pytest's 0700 tmp.
@@ -279,6 +291,8 @@ class Cluster:
             node._log.close()
         for proxy in (self.index_proxy, self.s3_proxy):
             proxy.close()
+        if self.bouncer is not None:
+            self.bouncer.stop()
         shutil.rmtree(self._shared, ignore_errors=True)
 
     # -- faults --

@@ -460,6 +460,9 @@ class PgBouncer(LoopbackServer):
             f'auth_type = trust\nauth_file = {self.directory / "users.txt"}\n'
             f'pool_mode = transaction\ndefault_pool_size = {server_connections}\nmax_client_conn = 500\n'
             'ignore_startup_parameters = extra_float_digits,options\n'
+            # NOTE: after a failed login (a restarting server) PgBouncer waits this long before it tries
+            # again; its default, 15 s, kept every node's index down 14 s after PostgreSQL was back.
+            'server_login_retry = 1\n'
             f'logfile = {self.directory / "pgbouncer.log"}\n'
         )
         as_user: list[str] = []
