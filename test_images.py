@@ -738,6 +738,50 @@ def test_post_similar_answers_for_an_image_it_does_not_store(client):
     assert client.post('/images/similar', truncated, content_type='image/jpeg', status=422).json['status'] == 422
 
 
+def test_post_similar_checks_its_query_before_it_reads_the_body(client):
+    """A bad max_distance or limit was refused only after the body was decoded (here: a 415 for the body)."""
+    for query in ('max_distance=17', 'limit=0', 'limit=1&limit=5', 'cursor=nonsense'):
+        refused = client.post(f'/images/similar?{query}', b'plain text', content_type='image/png', status=400).json
+
+        assert refused['title'] in ('Invalid parameter', 'Repeated parameter', 'Invalid cursor'), (query, refused)
+
+
+@pytest.mark.parametrize('route', ['get', 'post'])
+@pytest.mark.parametrize('query', ['limit=1&limit=5', 'max_distance=3&max_distance=10', 'cursor=a&cursor=b'])
+def test_similar_refuses_a_parameter_given_twice(client, route, query):
+    """?limit=1&limit=5 answered a page of 5: the last one won, silently."""
+    data = encode(picture(2))
+    image_id = store(client, data)
+
+    if route == 'get':
+        refused = client.get(f'/images/{image_id}/similar?{query}', status=400).json
+    else:
+        refused = client.post(f'/images/similar?{query}', data, content_type='image/png', status=400).json
+
+    name = query.partition('=')[0]
+    assert (refused['title'], refused['detail']) == ('Repeated parameter', f'Give {name} once.')
+
+
+@pytest.mark.parametrize(
+    'query, says',
+    [
+        ('limit=-1', 'at least 1 and at most 100'),
+        ('limit=1000000000000000', 'at least 1 and at most 100'),
+        ('max_distance=-3', 'at least 0 and at most 16'),
+        ('max_distance=17', 'at least 0 and at most 16'),
+        ('limit=ten', 'must be an integer'),
+        ('limit=1.5', 'must be an integer'),
+    ],
+)
+def test_similar_says_the_range_of_an_integer_out_of_it(client, query, says):
+    """-1 and 10**15 were "not an integer"."""
+    image_id = store(client, encode(picture(2)))
+
+    refused = client.get(f'/images/{image_id}/similar?{query}', status=400).json
+
+    assert refused['title'] == 'Invalid parameter' and says in refused['detail'], refused
+
+
 @pytest.mark.file_store
 def test_older_images_get_their_fingerprints_from_backfill_or_when_asked(data_dir, client):
     seeds = [write_seed_image(data_dir, encode(picture(seed))) for seed in (4, 5)]
