@@ -121,15 +121,16 @@ def jxl_header(file: Readable) -> JxlHeader:
             break
         content = size - header_size if size else None  # NOTE: 0 is "to the end of the file"
         if box_type in (b'jxlc', b'jxlp') and headers is None:
+            prefix = 6 if box_type == b'jxlp' else 2
             if box_type == b'jxlp':
                 file.read(4)  # NOTE: a partial codestream's index comes first
             if file.read(2) != _JXL_CODESTREAM:
                 raise ValueError('a JPEG XL codestream box without the codestream signature')
-            headers = file.read(_JXL_HEADERS_BYTES)
-            used = len(headers) + 2 + (4 if box_type == b'jxlp' else 0)
+            # NOTE: no further than the box: headers split over two partial boxes are "cut short", not misread.
+            headers = file.read(_JXL_HEADERS_BYTES if content is None else min(_JXL_HEADERS_BYTES, content - prefix))
             if content is None:
                 break
-            file.seek(content - used, 1)
+            file.seek(content - prefix - len(headers), 1)
             continue
         if box_type == b'Exif' and exif is None and content is not None and 4 < content <= _JXL_MAX_EXIF_BYTES:
             exif = file.read(content)
