@@ -463,7 +463,9 @@ def test_push_sends_a_file_over_the_threshold_resumably(start, tmp_path, monkeyp
 # -- the command as a new user meets it (issue 25) -------------------------------------
 
 
-def _command(*args: str, cache: pathlib.Path, umask: int | None = None, **env: str) -> subprocess.CompletedProcess:
+def _command(
+    *args: str, cache: pathlib.Path, umask: int | None = None, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
     """``python -m iss_client ARGS`` from the checkout, with a cache of its own and no ISS_* of the test's."""
     environ = {name: value for name, value in os.environ.items() if not name.startswith('ISS_')}
     environ.update(XDG_CACHE_HOME=str(cache), **env)
@@ -474,7 +476,7 @@ def _command(*args: str, cache: pathlib.Path, umask: int | None = None, **env: s
         cwd=HERE,
         env=environ,
         preexec_fn=None if umask is None else lambda: os.umask(umask),
-        timeout=300,
+        timeout=timeout,
     )
 
 
@@ -815,3 +817,80 @@ def test_the_server_never_imports_the_client_and_the_client_imports_only_the_sta
     assert {str(path.relative_to(HERE)) for path in server if 'iss_client' in imported(path)} == set()
     outside = {name for path in client for name in imported(path)} - set(sys.stdlib_module_names) - {'iss_client'}
     assert outside == set()
+
+
+# -- dupes ---------------------------------------------------------------------------
+
+
+def _pictures(folder: pathlib.Path, count: int) -> list[pathlib.Path]:
+    """``count`` PNGs of one colour each, two by two the same picture at two sizes (near-duplicates)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number in range(count):
+        colour = ('red', 'green', 'blue', 'white')[number // 2 % 4]
+        path = folder / f'{number}.png'
+        path.write_bytes(make_png(100 + 20 * (number % 2), 80 + 16 * (number % 2), colour))
+        paths.append(path)
+    return paths
+
+
+def test_dupes_refuses_a_missing_path_in_one_line_with_the_usage_code(server, tmp_path):
+    """A missing path was a FileNotFoundError traceback."""
+    _pictures(tmp_path / 'here', 2)
+
+    result = _command('--url', server.url, 'dupes', str(tmp_path / 'here'), str(tmp_path / 'gone'), cache=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f'iss-client: {tmp_path / "gone"}: no such file or directory\n'
+
+
+def test_dupes_skips_a_fifo_with_a_warning_and_counts_the_files_that_are_no_images(server, tmp_path):
+    """A FIFO in the folder made it wait for a writer forever; the text files were skipped without a word."""
+    folder = tmp_path / 'photos'
+    _pictures(folder, 2)
+    os.mkfifo(folder / 'pipe')
+    (folder / 'notes.txt').write_text('not an image')
+    (folder / 'table.csv').write_text('a,b\n')
+
+    result = _command('--url', server.url, 'dupes', str(folder), cache=tmp_path, timeout=30)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('group 1: 2 images'), result.stdout
+    assert result.stderr.splitlines() == [
+        f'iss-client: {folder / "pipe"}: not a regular file: skipped',
+        'iss-client: dupes: 2 files skipped: no image (by its first bytes)',
+    ]
+
+
+def test_dupes_into_a_closed_pipe_ends_without_a_traceback(server, tmp_path):
+    """``iss-client dupes | head`` printed a BrokenPipeError traceback once head had gone."""
+    _pictures(tmp_path / 'photos', 8)
+    environ = {name: value for name, value in os.environ.items() if not name.startswith('ISS_')}
+    reader, writer = os.pipe()
+    os.close(reader)  # NOTE: the reader is gone before the command writes a line, as head's after its lines
+    try:
+        done = subprocess.run(
+            [sys.executable, '-m', 'iss_client', '--url', server.url, 'dupes', str(tmp_path / 'photos')],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=HERE,
+            env={**environ, 'XDG_CACHE_HOME': str(tmp_path)},
+            timeout=60,
+        )
+    finally:
+        os.close(writer)
+
+    assert (done.returncode, done.stderr) == (1, '')
+
+
+def test_dupes_without_the_token_it_needs_says_so_once(start, tmp_path):
+    """Each file's 401 was a line of its own (and a request of its own)."""
+    server = start(ISS_API_TOKEN='right')
+    _pictures(tmp_path / 'photos', 12)
+
+    result = _command('--url', server.url, 'dupes', str(tmp_path / 'photos'), cache=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.count('\n') == 1, result.stderr
+    assert 'no token was given: pass --token or set $ISS_API_TOKEN' in result.stderr

@@ -75,3 +75,31 @@ def test_a_heic_with_a_thumbnail_drafts_it_instead_of_decoding_the_image():
     assert drafted.draft(None, (128, 128)) is None  # NOTE: 160x120 is not at least 128x128: no
     assert drafted.draft(None, (100, 100)) is not None
     assert drafted.size == (160, 120)
+
+
+# -- a JPEG XL's headers, read without decoding (issue 27's trial: 12 KB cost 1.2 GB to identify) --------
+
+
+@pytest.mark.parametrize('mode', ['L', 'LA', 'RGB', 'RGBA', 'I;16', 'F'])
+@pytest.mark.parametrize('options', [{}, {'lossless': True}, {'use_container': True}], ids=['lossy', 'lossless', 'box'])
+def test_a_jxl_header_says_the_size_and_mode_libjxl_decodes(mode, options):
+    formats.register()
+    image = Image.new(mode, (37, 21), {'L': 9, 'I;16': 300, 'F': 0.5}.get(mode, 'red'))
+    data = encoded(image, 'JXL', **options)
+
+    header = formats.jxl_header(io.BytesIO(data))
+    opened = Image.open(io.BytesIO(data))
+    declared = (opened.size, opened.mode)
+    opened.load()
+
+    assert (header.width, header.height, header.mode) == (37, 21, mode)
+    assert declared == (opened.size, opened.mode) == ((37, 21), mode)
+
+
+def test_a_jxl_header_cut_short_or_not_a_jxl_is_a_value_error():
+    formats.register()
+    data = encoded(Image.new('RGBA', (37, 21), 'red'), 'JXL', use_container=True)
+
+    for broken in (data[:40], b'\xff\x0a\x01', b'GIF89a' + bytes(20)):
+        with pytest.raises(ValueError):
+            formats.jxl_header(io.BytesIO(broken))

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import pathlib
+import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -16,6 +20,7 @@ import iss
 from iss_server import images, meta, signing
 from iss_server.config import ConfigError, Settings
 from iss_server.disk import disk_bytes
+from iss_testing import HERE
 from iss_testing.cli import cli_json, upload_image
 from iss_testing.data import blob_id, blob_path, file_store, files_under, make_png
 
@@ -733,6 +738,50 @@ def test_post_similar_answers_for_an_image_it_does_not_store(client):
     assert client.post('/images/similar', truncated, content_type='image/jpeg', status=422).json['status'] == 422
 
 
+def test_post_similar_checks_its_query_before_it_reads_the_body(client):
+    """A bad max_distance or limit was refused only after the body was decoded (here: a 415 for the body)."""
+    for query in ('max_distance=17', 'limit=0', 'limit=1&limit=5', 'cursor=nonsense'):
+        refused = client.post(f'/images/similar?{query}', b'plain text', content_type='image/png', status=400).json
+
+        assert refused['title'] in ('Invalid parameter', 'Repeated parameter', 'Invalid cursor'), (query, refused)
+
+
+@pytest.mark.parametrize('route', ['get', 'post'])
+@pytest.mark.parametrize('query', ['limit=1&limit=5', 'max_distance=3&max_distance=10', 'cursor=a&cursor=b'])
+def test_similar_refuses_a_parameter_given_twice(client, route, query):
+    """?limit=1&limit=5 answered a page of 5: the last one won, silently."""
+    data = encode(picture(2))
+    image_id = store(client, data)
+
+    if route == 'get':
+        refused = client.get(f'/images/{image_id}/similar?{query}', status=400).json
+    else:
+        refused = client.post(f'/images/similar?{query}', data, content_type='image/png', status=400).json
+
+    name = query.partition('=')[0]
+    assert (refused['title'], refused['detail']) == ('Repeated parameter', f'Give {name} once.')
+
+
+@pytest.mark.parametrize(
+    'query, says',
+    [
+        ('limit=-1', 'at least 1 and at most 100'),
+        ('limit=1000000000000000', 'at least 1 and at most 100'),
+        ('max_distance=-3', 'at least 0 and at most 16'),
+        ('max_distance=17', 'at least 0 and at most 16'),
+        ('limit=ten', 'must be an integer'),
+        ('limit=1.5', 'must be an integer'),
+    ],
+)
+def test_similar_says_the_range_of_an_integer_out_of_it(client, query, says):
+    """-1 and 10**15 were "not an integer"."""
+    image_id = store(client, encode(picture(2)))
+
+    refused = client.get(f'/images/{image_id}/similar?{query}', status=400).json
+
+    assert refused['title'] == 'Invalid parameter' and says in refused['detail'], refused
+
+
 @pytest.mark.file_store
 def test_older_images_get_their_fingerprints_from_backfill_or_when_asked(data_dir, client):
     seeds = [write_seed_image(data_dir, encode(picture(seed))) for seed in (4, 5)]
@@ -821,6 +870,71 @@ def test_a_jxl_bomb_is_refused_from_its_header_before_any_decode(client):
     refused = client.post('/images', bomb, content_type='image/jxl', status=413).json
 
     assert refused['title'] == 'Image too large' and '10000000000 pixels' in refused['detail']
+
+
+_JXL_BOMB = """
+import sys
+sys.path.insert(0, {here!r})
+from iss_server import formats
+from PIL import Image
+formats.register()
+# NOTE: lossless at effort 1: 11 KB; libjxl decodes it through 32-bit planes (1.2 GB).
+for blue in range(3):
+    flat = Image.new('RGB', (9000, 9000), (40, 120, 200 + blue))
+    flat.save(f'{path}/flat-9000-{{blue}}.jxl', 'JXL', lossless=True, effort=1)
+"""
+
+_IDENTIFY = """
+import sys, time
+sys.path.insert(0, {here!r})
+from iss_server import images
+started = time.process_time()
+info = images.identify(open({path!r}, 'rb'))
+peak = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1]
+print(info.format, info.width, info.height, info.fields['mode'], round(time.process_time() - started, 2), peak)
+"""
+
+
+@pytest.fixture(scope='session')
+def jxl_bombs(tmp_path_factory) -> list[pathlib.Path]:
+    """Three files of 11 KB of JPEG XL declaring 9000x9000 pixels (under ISS_MAX_IMAGE_PIXELS): 1.2 GB to decode."""
+    path = tmp_path_factory.mktemp('jxl')
+    script = _JXL_BOMB.format(here=str(HERE), path=str(path))
+    subprocess.run([sys.executable, '-c', script], check=True, timeout=120)  # NOTE: its 800 MB not in pytest's
+    return sorted(path.iterdir())
+
+
+def test_a_jxl_is_identified_from_its_headers_without_decoding_its_pixels(jxl_bombs):
+    """pillow-jxl-plugin decoded in Image.open: identifying these 11 KB took 1.2 GB and 2.6 s of CPU."""
+    script = _IDENTIFY.format(here=str(HERE), path=str(jxl_bombs[0]))
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120, check=True)
+    image_format, width, height, mode, cpu_seconds, peak_kib = done.stdout.split()
+
+    assert (image_format, width, height, mode) == ('JXL', '9000', '9000', 'RGB')
+    assert float(cpu_seconds) < 0.5 and int(peak_kib) < 200 * 1024, done.stdout
+
+
+@pytest.mark.slow
+def test_concurrent_uploads_of_a_jxl_bomb_decode_one_at_a_time_in_the_render_gate(start, jxl_bombs):
+    """Each upload decoded it outside the gate (identify, then the fingerprints): three at once took 3 x 1.2 GB."""
+    server = start(ISS_WORKERS='1', ISS_THREADS='4')
+    worker = server.processes()[1]
+    answers: list[tuple[int, bytes]] = []
+
+    def upload(path: pathlib.Path) -> None:
+        status, _, body = server.request('POST', '/images', path.read_bytes(), {'Content-Type': 'image/jxl'})
+        answers.append((status, body))
+
+    uploads = [threading.Thread(target=upload, args=(path,)) for path in jxl_bombs]
+    for thread in uploads:
+        thread.start()
+    for thread in uploads:
+        thread.join()
+
+    assert [status for status, _ in answers] == [201] * 3, answers
+    assert json.loads(answers[0][1])['phash']
+    peak_mib = int(re.search(r'VmHWM:\s+(\d+) kB', pathlib.Path(f'/proc/{worker}/status').read_text()).group(1)) / 1024
+    assert peak_mib < 1800, f'the worker peaked at {peak_mib:.0f} MiB: more than one 1.2 GB decode at once'
 
 
 @pytest.mark.parametrize('image_format', ['HEIF', 'JXL', 'AVIF'])

@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -151,11 +152,14 @@ def _parallel(
     """Run ``work`` on each item with ``jobs`` threads; yield (item, result, error) as each ends."""
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         futures = {pool.submit(work, item): item for item in items}
-        for future in concurrent.futures.as_completed(futures):
-            try:
-                yield futures[future], future.result(), None
-            except Exception as exc:
-                yield futures[future], None, exc
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    yield futures[future], future.result(), None
+                except Exception as exc:
+                    yield futures[future], None, exc
+        finally:
+            pool.shutdown(cancel_futures=True)  # NOTE: a caller that stops early waits for no more work
 
 
 def _outcome(call: Callable[[], Stored]) -> Stored | Exception:
@@ -450,6 +454,11 @@ def dupes_command(client: Client, args: argparse.Namespace, console: _Console) -
     nothing): the stored images it resembles join its group. With ``--store`` (or no PATH),
     every stored image's hash is listed and grouped too.
     """
+    missing = [path for path in args.paths if not os.path.exists(path)]
+    for path in missing:
+        console.error(path, 'no such file or directory')
+    if missing:
+        return USAGE
     hashes: dict[str, str] = {}  # NOTE: a member is a local path or a stored id; its phash
     about: dict[str, dict[str, Any]] = {}
     links: list[tuple[str, str]] = []
@@ -458,7 +467,15 @@ def dupes_command(client: Client, args: argparse.Namespace, console: _Console) -
     for entry in skipped:
         console.error(entry['path'], entry['reason'])
         failed = True
-    local = [path for path, _ in found if _is_image_file(path)]
+    local, others = [], 0
+    for path, _ in found:
+        if not _is_regular(path):
+            # NOTE: opened, a FIFO waits for a writer (the command hung); a device is read forever.
+            console.error(path, 'not a regular file: skipped')
+        elif _is_image_file(path):
+            local.append(path)
+        else:
+            others += 1
     console.start(len(local), sum(os.path.getsize(path) for path in local))
 
     def send(path: str) -> dict[str, Any]:
@@ -467,6 +484,8 @@ def dupes_command(client: Client, args: argparse.Namespace, console: _Console) -
 
     for path, answer, error in _parallel(send, local, args.jobs):
         console.advance(os.path.getsize(path))
+        if isinstance(error, ISSError) and (error.status in (401, 403) or isinstance(error, Unreachable)):
+            raise error  # NOTE: every file would fail alike: one line (main's), and no more requests
         if error is not None:
             console.error(path, _reason(error, args))
             failed = True
@@ -476,6 +495,8 @@ def dupes_command(client: Client, args: argparse.Namespace, console: _Console) -
             hashes.setdefault(item['id'], item['phash'])
             about.setdefault(item['id'], _stored(item))
             links.append((path, item['id']))
+    if others:
+        console.error('dupes', f'{_count(others, "file")} skipped: no image (by its first bytes)')
     if args.store or not args.paths:
         for item in client.list('images'):
             if isinstance(item.get('phash'), str):  # NOTE: none before its backfill, or when it does not decode
@@ -493,6 +514,13 @@ def dupes_command(client: Client, args: argparse.Namespace, console: _Console) -
             where = member.get('path') or f'{member["id"]}  {member.get("filename") or ""}'.rstrip()
             print(f'  {member["distance"]:>2}  {where}')
     return SOME_FAILED if failed else OK
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _is_image_file(path: str) -> bool:
@@ -739,7 +767,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.remote:  # NOTE: mirror names its two servers itself
             client.reach()
-        return args.function(client, args, console)
+        code: int = args.function(client, args, console)
+        sys.stdout.flush()  # NOTE: a reader gone is found here, not when Python flushes at exit
+        return code
     except Unreachable as exc:
         console.error(args.command, _reason(exc, args))
         return USAGE
@@ -747,6 +777,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.error(args.command, _reason(exc, args))
         return SOME_FAILED
     except KeyboardInterrupt:
+        return SOME_FAILED
+    except BrokenPipeError:
+        # NOTE: the reader is gone (| head): no traceback, and none at exit when Python flushes stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return SOME_FAILED
     finally:
         console.finish()

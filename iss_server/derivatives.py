@@ -22,7 +22,7 @@ from iss_server.auth import carries_one_of, token_required
 from iss_server.blobs import OpenBlob, parse_id
 from iss_server.config import DERIVATIVE_PARAMETERS, Settings
 from iss_server.errors import BadRequest, InvalidId, InvalidIdInBody
-from iss_server.params import whole_number
+from iss_server.params import single, whole_number
 from iss_server.receiving import UploadReceiver
 from iss_server.responses import etag_matches, send_file, send_not_modified
 from storage import BlobStore
@@ -109,7 +109,7 @@ class Derivatives:
         NOTE: each of these was once taken silently (the last ``w`` of two won, an unknown
         one was ignored), rendering and caching something the client did not ask for.
         """
-        for name, value in req.params.items():
+        for name in req.params:
             if name in signing.PARAMETERS:
                 continue  # NOTE: a signed URL's own (checked by auth.RequireReadToken)
             if name not in self._QUERY_NAMES:
@@ -117,8 +117,7 @@ class Derivatives:
                     f'{name} is not a derivative parameter; they are {", ".join(DERIVATIVE_PARAMETERS)}.',
                     title='Unknown parameter',
                 )
-            if isinstance(value, list):
-                raise BadRequest(f'Give {name} once.', title='Repeated parameter')
+            single(req, name)  # NOTE: BadRequest for one given twice
 
     def _allowed_params(self, req: falcon.Request) -> dict[str, str]:
         """The derivative's parameters: a preset's, or the query's where ``ISS_DERIVATIVES`` allows them.

@@ -14,6 +14,7 @@ no more of the table than the band lookups name: see ``similar.SimilarIndex.near
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import urllib.parse
@@ -33,6 +34,15 @@ MAX_LIMIT = 100
 _PHASH = re.compile(r'[0-9a-f]{16}')
 
 
+@dataclasses.dataclass(frozen=True)
+class _Query:
+    """A search's parameters, checked."""
+
+    max_distance: int
+    limit: int
+    after: tuple[int, str] | None
+
+
 class _Search:
     """What both routes share: the query's parameters, and the page of matches as JSON."""
 
@@ -40,26 +50,43 @@ class _Search:
         self._store = store
         self._max_pixels = settings.max_image_pixels
 
-    def _answer(self, req: falcon.Request, resp: falcon.Response, phash: str, *, exclude: str | None = None) -> None:
+    @staticmethod
+    def _query(req: falcon.Request) -> _Query:
+        """The query's parameters, checked before anything is read or decoded.
+
+        Raises:
+            falcon.HTTPInvalidParam, BadRequest: a parameter out of its grammar or range, or given twice.
+            InvalidCursor: a cursor of no previous page.
+        """
         max_distance = params.whole_number(
-            req.get_param('max_distance'), 'max_distance', minimum=0, maximum=similar.MAX_DISTANCE
+            params.single(req, 'max_distance'), 'max_distance', minimum=0, maximum=similar.MAX_DISTANCE
         )
-        max_distance = similar.DEFAULT_DISTANCE if max_distance is None else max_distance
-        limit = params.whole_number(req.get_param('limit'), 'limit', minimum=1, maximum=MAX_LIMIT) or DEFAULT_LIMIT
-        after = _decode_cursor(req.get_param('cursor'))
+        limit = params.whole_number(params.single(req, 'limit'), 'limit', minimum=1, maximum=MAX_LIMIT)
+        return _Query(
+            similar.DEFAULT_DISTANCE if max_distance is None else max_distance,
+            limit or DEFAULT_LIMIT,
+            _decode_cursor(params.single(req, 'cursor')),
+        )
+
+    def _answer(
+        self, req: falcon.Request, resp: falcon.Response, query: _Query, phash: str, *, exclude: str | None = None
+    ) -> None:
+        limit = query.limit
         # NOTE: one more than the page, to know whether there is a next one without a second query.
-        found = self._store.index.similar_images(int(phash, 16), max_distance, limit + 1, exclude=exclude, after=after)
+        found = self._store.index.similar_images(
+            int(phash, 16), query.max_distance, limit + 1, exclude=exclude, after=query.after
+        )
         page = found[:limit]
         items = [{**json.loads(item), 'distance': distance} for distance, item in page]
         next_url = None
         if len(found) > limit:
             last = page[-1]
-            query = {key: value for key, value in req.params.items() if key != 'cursor'}
-            query['cursor'] = _encode_cursor(last[0], items[-1]['id'].removeprefix('sha256:'))
-            next_url = f'{req.path}?{urllib.parse.urlencode(query, doseq=True)}'
+            next_query = {key: value for key, value in req.params.items() if key != 'cursor'}
+            next_query['cursor'] = _encode_cursor(last[0], items[-1]['id'].removeprefix('sha256:'))
+            next_url = f'{req.path}?{urllib.parse.urlencode(next_query, doseq=True)}'
             resp.append_link(next_url, 'next')
         resp.cache_control = ('no-cache',)
-        resp.media = {'phash': phash, 'max_distance': max_distance, 'items': items, 'next': next_url}
+        resp.media = {'phash': phash, 'max_distance': query.max_distance, 'items': items, 'next': next_url}
 
 
 class SimilarToStored(_Search):
@@ -70,6 +97,7 @@ class SimilarToStored(_Search):
     """
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, blob_id: str) -> None:
+        query = self._query(req)  # NOTE: before the meta is completed, which may decode the image
         stored = self._store.read_meta(blob_id)
         if stored is None:
             self._store.stat(blob_id)  # NOTE: BlobNotFound (or a malformed id) for what is not stored
@@ -83,7 +111,7 @@ class SimilarToStored(_Search):
         phash = stored.get('phash')
         if not isinstance(phash, str) or not _PHASH.fullmatch(phash):
             raise UndecodableImage(f'{blob_id} has no perceptual hash')
-        self._answer(req, resp, phash, exclude=blob_id.removeprefix('sha256:'))
+        self._answer(req, resp, query, phash, exclude=blob_id.removeprefix('sha256:'))
 
 
 class SimilarToUpload(_Search):
@@ -100,6 +128,7 @@ class SimilarToUpload(_Search):
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         self._door.check(req)
+        query = self._query(req)  # NOTE: a 400 before the body is received and decoded, not after
         with self._receiver.receive(req) as (upload,), upload.staged.open() as file:
             try:
                 images.identify(file, self._max_pixels)
@@ -111,7 +140,7 @@ class SimilarToUpload(_Search):
                 raise OversizedImage(exc) from None
             except images.CannotRender as exc:
                 raise UndecodableImage(exc) from None
-        self._answer(req, resp, sent['phash'])
+        self._answer(req, resp, query, sent['phash'])
         resp.media = {**resp.media, 'thumbhash': sent['thumbhash'], 'blurhash': sent['blurhash']}
 
 

@@ -16,6 +16,8 @@ import falcon
 from iss_server.errors import BadRequest
 
 _WHOLE_NUMBER = re.compile(r'[0-9]{1,12}')
+# NOTE: an integer, but not a whole number of 1 to 12 digits: one out of every range (negative, or huge).
+_INTEGER = re.compile(r'-?[0-9]+')
 _UNIX_SECONDS = re.compile(r'-?[0-9]{1,12}(\.[0-9]{1,9})?')
 
 
@@ -27,11 +29,29 @@ def whole_number(raw: str | None, name: str, *, minimum: int, maximum: int) -> i
     """
     if raw is None:
         return None
+    out_of_range = falcon.HTTPInvalidParam(f'The value must be at least {minimum} and at most {maximum}.', name)
     if not _WHOLE_NUMBER.fullmatch(raw):
+        if _INTEGER.fullmatch(raw):
+            raise out_of_range  # NOTE: -1 or 10**20 is an integer: "must be an integer" misled
         raise falcon.HTTPInvalidParam('The value must be an integer.', name)
     value = int(raw)
     if not minimum <= value <= maximum:
-        raise falcon.HTTPInvalidParam(f'The value must be at least {minimum} and at most {maximum}.', name)
+        raise out_of_range
+    return value
+
+
+def single(req: falcon.Request, name: str) -> str | None:
+    """The query parameter ``name``, given once; None when not given.
+
+    NOTE: Falcon gives a parameter given twice as a list, and ``get_param`` the last of it: which
+    one the client meant is not ISS's to guess (``?limit=1&limit=5`` was silently a page of 5).
+
+    Raises:
+        BadRequest: given more than once.
+    """
+    value = req.params.get(name)
+    if isinstance(value, list):
+        raise BadRequest(f'Give {name} once.', title='Repeated parameter')
     return value
 
 

@@ -6,7 +6,8 @@
 Targets: ``tus`` (the tus header parsers of iss_server/resumable.py), ``range``
 (the Range and If-Range of iss_server/responses.py), ``form`` (the multipart parser, iss_server/forms.py),
 ``meta`` (an artifact's meta, its kind, type and file name: iss_server/meta.py) and
-``image`` (images.identify, check_decodes and render: every call ISS makes into Pillow).
+``image`` (images.identify, check_decodes and render: every call ISS makes into Pillow, and
+formats.jxl_header, whose reading of a JPEG XL must agree with what libjxl decodes).
 
 Each target lets through only the refusals its code documents; any other exception,
 or an answer that breaks the target's invariant, is a finding: libFuzzer stops and
@@ -153,8 +154,9 @@ def image(data: bytes) -> None:
     json.dumps(info.fields, allow_nan=False)
     try:
         images.check_decodes(io.BytesIO(data), max_pixels)
-    except images.CannotRender:
-        pass
+    except images.CannotRender as exc:
+        # NOTE: what formats.jxl_header reads must be what libjxl decodes, for every file it decodes.
+        assert 'its header declares' not in str(exc), exc
     try:
         images.render(io.BytesIO(data), variant, io.BytesIO(), max_pixels)
     except images.CannotRender:
@@ -168,7 +170,7 @@ INSTRUMENTED = {
     'range': ['iss_server.responses'],
     'form': ['iss_server.forms'],
     'meta': ['iss_server.meta'],
-    'image': ['iss_server.images', 'PIL'],
+    'image': ['iss_server.images', 'iss_server.formats', 'PIL'],
 }
 
 
@@ -191,6 +193,9 @@ def image_seeds(directory: pathlib.Path) -> None:
         ('BMP', 'RGB', {}),
         ('AVIF', 'RGB', {}),
         ('PNG', 'I;16', {}),
+        ('JXL', 'RGB', {'exif': exif.tobytes(), 'use_container': True}),
+        ('JXL', 'LA', {'lossless': True}),
+        ('JXL', 'I;16', {}),
     ):
         if name == 'AVIF' and not features.check('avif'):
             continue
