@@ -155,16 +155,16 @@ class Collection:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         limit = (
-            params.whole_number(req.get_param('limit'), 'limit', minimum=1, maximum=self._MAX_LIMIT)
+            params.whole_number(params.single(req, 'limit'), 'limit', minimum=1, maximum=self._MAX_LIMIT)
             or self._DEFAULT_LIMIT
         )
         filters: dict[str, Any] = {
-            'created_after': params.timestamp(req.get_param('created_after'), 'created_after'),
-            'created_before': params.timestamp(req.get_param('created_before'), 'created_before'),
-            'cursor': req.get_param('cursor') or None,
+            'created_after': params.timestamp(params.single(req, 'created_after'), 'created_after'),
+            'created_before': params.timestamp(params.single(req, 'created_before'), 'created_before'),
+            'cursor': params.single(req, 'cursor') or None,
         }
         if self._kind_filter:
-            kind = req.get_param('kind')
+            kind = params.single(req, 'kind')
             filters['kind'] = None if kind is None else meta.check_kind(kind)
         page = self._store.list(self._door.name, limit=limit, **filters)
         next_url = None

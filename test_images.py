@@ -986,3 +986,14 @@ def test_the_client_finds_groups_of_near_duplicates_locally_and_in_the_store(ser
     assert main(['--url', server.url, 'dupes', '--store']) == 0
     table = capsys.readouterr().out
     assert table.startswith('group 1: 2 images') and stored['image_id'] in table and twin['image_id'] in table
+
+
+def test_a_decoder_panic_in_rust_is_the_files_refusal_and_an_interrupt_is_not():
+    class PanicException(BaseException):
+        """What pyo3 raises when a Rust decoder (pillow-jxl-plugin's) panics: no Exception."""
+
+    panic = pytest.raises(images.NotAnImage, match='PanicException: index out of bounds')
+    with panic, images._boundary(images.NotAnImage, 'identifying'):
+        raise PanicException('index out of bounds')
+    with pytest.raises(KeyboardInterrupt), images._boundary(images.NotAnImage, 'identifying'):
+        raise KeyboardInterrupt

@@ -1513,3 +1513,30 @@ def test_example_env_lists_every_setting():
     source = (HERE / 'iss_server' / 'config.py').read_text()
 
     assert set(re.findall(r"'(ISS_\w+)'", source)) == set(re.findall(r'^#?\s*(ISS_\w+)=', example, re.M))
+
+
+@pytest.mark.parametrize(
+    'path',
+    [
+        '/images?limit=1&limit=5',
+        '/artifacts?kind=a&kind=b',
+        '/images?created_after=1&created_after=2',
+        '/artifacts?cursor=a&cursor=b',
+        '/events?limit=1&limit=5',
+        '/events?wait=0&wait=1',
+    ],
+)
+def test_a_query_parameter_given_twice_is_refused_everywhere(client, path):
+    """?limit=1&limit=5 answered a page of 5: the last one won, silently (one rule: params.single)."""
+    name = urllib.parse.urlsplit(path).query.partition('=')[0]
+
+    refused = client.get(path, status=400).json
+
+    assert (refused['title'], refused['detail']) == ('Repeated parameter', f'Give {name} once.')
+
+
+def test_an_upload_query_parameter_given_twice_is_refused_before_the_body(client, png):
+    refused = client.post('/artifacts?kind=a&kind=b', png, content_type='application/octet-stream', status=400).json
+
+    assert refused['detail'] == 'Give kind once.'
+    assert client.get('/stats').json['count'] == 0

@@ -126,7 +126,7 @@ class Derivatives:
         parameters only in a signed URL (so nobody makes the service render sizes the
         application did not hand out).
         """
-        name = req.get_param('preset')
+        name = single(req, 'preset')
         # NOTE: a parameter given twice (a list) was refused already
         given = {
             key: value for key, value in req.params.items() if key in DERIVATIVE_PARAMETERS and isinstance(value, str)

@@ -18,6 +18,7 @@ from iss_server import images, index, meta
 from iss_server.blobs import Committed
 from iss_server.config import Settings
 from iss_server.errors import BadRequest, FileRefused, NotAnImage, OversizedImage, UndecodableImage, error_body
+from iss_server.params import single
 from iss_server.receiving import Upload, is_multipart
 from storage import BlobStore
 
@@ -101,11 +102,11 @@ class ArtifactDoor:
 
         A form may carry the kind as a field: without one in the query, it is checked by meta_for.
         """
-        kind = req.get_param('kind')
+        kind = single(req, 'kind')
         if kind is None and is_multipart(req):
-            meta.parse_user_meta(req.get_param('meta'), self._max_meta_bytes)
+            meta.parse_user_meta(single(req, 'meta'), self._max_meta_bytes)
         else:
-            self.fields(kind, req.get_param('meta'))
+            self.fields(kind, single(req, 'meta'))
 
     def fields(self, kind: str | None, user_meta: str | None) -> tuple[str, dict[str, Any]]:
         """The artifact's ``kind`` and its client's ``meta``, checked: of a POST, a PUT or a tus session.
@@ -122,7 +123,7 @@ class ArtifactDoor:
 
     @staticmethod
     def _value(req: falcon.Request, upload: Upload, name: str) -> str | None:
-        value = req.get_param(name)
+        value = single(req, name)
         if name not in upload.fields:
             return value
         if value is not None:
@@ -132,7 +133,7 @@ class ArtifactDoor:
 
 def offered_name(req: falcon.Request, upload: Upload) -> str | None:
     """The file name the client gives: ``?filename=`` (any upload), else the form part's."""
-    return req.get_param('filename') or upload.filename
+    return single(req, 'filename') or upload.filename
 
 
 def content_type(req: falcon.Request) -> str:

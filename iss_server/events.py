@@ -24,7 +24,7 @@ import falcon
 
 from iss_server import index
 from iss_server.errors import FeedBusy, ServiceError
-from iss_server.params import whole_number
+from iss_server.params import single, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Events:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Answer the changes after ``after`` (a page, or a stream)."""
-        after = req.get_param('after') or None
+        after = single(req, 'after') or None
         resp.cache_control = ['no-store']
         if 'text/event-stream' in (req.accept or ''):
             after = req.get_header('Last-Event-ID') or after
@@ -73,8 +73,8 @@ class Events:
             resp.set_header('X-Accel-Buffering', 'no')  # NOTE: nginx passes each event on at once
             resp.stream = _Held(self._stream(page.next_cursor), self._waiters)
             return
-        limit = whole_number(req.get_param('limit'), 'limit', minimum=1, maximum=self.MAX_LIMIT) or self.DEFAULT_LIMIT
-        wait = whole_number(req.get_param('wait'), 'wait', minimum=0, maximum=self.MAX_WAIT) or 0
+        limit = whole_number(single(req, 'limit'), 'limit', minimum=1, maximum=self.MAX_LIMIT) or self.DEFAULT_LIMIT
+        wait = whole_number(single(req, 'wait'), 'wait', minimum=0, maximum=self.MAX_WAIT) or 0
         waiting = wait > 0 and self._waiters.acquire(blocking=False)
         try:
             page = self._index.wait_for_events(after, limit, wait if waiting else 0, stop=STOPPING)

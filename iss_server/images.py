@@ -220,7 +220,11 @@ def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
         raise ImageTooLarge(f'identifying it takes {exc}; this service reads at most that') from None
     except UnidentifiedImageError:
         raise refusal('no image format this service reads') from None
-    except Exception as exc:  # APPSEC: a decoder's failure is the file's, whatever its type
+    except BaseException as exc:  # APPSEC: a decoder's failure is the file's, whatever its type
+        # NOTE: a panic of a decoder in Rust (pillow-jxl-plugin, through pyo3) is a BaseException;
+        # an interrupt or an exit is no decoder's.
+        if not isinstance(exc, Exception) and type(exc).__name__ != 'PanicException':
+            raise
         log.warning('image refused while %s: %s: %s', doing, type(exc).__name__, exc)
         raise refusal(f'{type(exc).__name__}: {exc}' if str(exc) else type(exc).__name__) from None
 

@@ -30,6 +30,7 @@ from iss_server.auth import carries_one_of, token_required
 from iss_server.background import Background
 from iss_server.config import WebhookEndpoint
 from iss_server.errors import CursorExpired, ServiceError
+from iss_server.params import single
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,6 @@ class Webhooks:
         self._check(req)
         if name not in self._endpoints:
             raise falcon.HTTPNotFound(title='No such webhook', description=f'ISS_WEBHOOKS names no {name!r}.')
-        cursor = self._index.events('now', 1).next_cursor if req.get_param('from') == 'now' else None
+        cursor = self._index.events('now', 1).next_cursor if single(req, 'from') == 'now' else None
         self._index.resume_webhook(name, cursor)
         resp.status = falcon.HTTP_NO_CONTENT
