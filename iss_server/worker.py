@@ -90,7 +90,7 @@ class ThreadWorker(gthread.ThreadWorker):
         """A kept-alive connection sends its next request: its headers are collected like a new one's."""
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
-        self._collect_head(conn)
+        self._collect_head(conn, readable=True)
 
     def enqueue_req(self, conn: gthread.TConn) -> None:
         """Hand a connection to a thread once its headers are in, and, for a request with a body, a place is free.
@@ -146,7 +146,8 @@ class ThreadWorker(gthread.ThreadWorker):
 
     # -- collecting the headers ------------------------------------------------------
 
-    def _collect_head(self, conn: gthread.TConn) -> None:
+    def _collect_head(self, conn: gthread.TConn, *, readable: bool = False) -> None:
+        """Collect the connection's next request headers, from the poller (``readable``: read what is there first)."""
         if self.cfg.is_ssl or negotiation.prior_knowledge_allowed(self.cfg, conn.client):
             super().enqueue_req(conn)  # NOTE: gunicorn's own path (never ISS's configuration)
             return
@@ -160,9 +161,16 @@ class ThreadWorker(gthread.ThreadWorker):
         conn.head = bytearray(conn.parser.unreader.take_buffered())  # NOTE: what came pipelined
         self._heads_per_client[address] += 1
         self._heads[conn] = time.monotonic() + self._header_timeout
+        if readable:
+            # PERF: a kept-alive connection comes back readable, its next headers in as a rule: read
+            # now, they go to a thread without a poller registration, its removal and a turn of the
+            # main loop (two epoll_ctl and an epoll_wait per request).
+            self._on_head_bytes(conn, conn.sock, registered=False)
+            if conn not in self._heads:
+                return  # NOTE: handed to a thread, refused or closed
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
 
-    def _on_head_bytes(self, conn: gthread.TConn, client: socket.socket) -> None:
+    def _on_head_bytes(self, conn: gthread.TConn, client: socket.socket, *, registered: bool = True) -> None:
         try:
             data = conn.sock.recv(MAX_HEAD_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -170,23 +178,29 @@ class ThreadWorker(gthread.ThreadWorker):
         except OSError:
             data = b''
         if not data:
-            self._forget_head(conn)
+            self._forget_head(conn, registered)
             self.nr_conns -= 1
             conn.close()
             return
         conn.head += data
         if _complete(conn.head):
-            self._forget_head(conn)
+            self._forget_head(conn, registered)
             conn.parser.unreader.unread(bytes(conn.head))
             conn.data_ready = True
             self.enqueue_req(conn)
         elif len(conn.head) > MAX_HEAD_BYTES:
             self._refuse_head(
-                conn, 431, 'Request Header Fields Too Large', f'The request headers exceed {MAX_HEAD_BYTES} bytes.'
+                conn,
+                431,
+                'Request Header Fields Too Large',
+                f'The request headers exceed {MAX_HEAD_BYTES} bytes.',
+                registered=registered,
             )
 
-    def _refuse_head(self, conn: gthread.TConn, status: int, reason: str, message: str) -> None:
-        self._forget_head(conn)
+    def _refuse_head(
+        self, conn: gthread.TConn, status: int, reason: str, message: str, *, registered: bool = True
+    ) -> None:
+        self._forget_head(conn, registered)
         self.nr_conns -= 1
         try:
             gunicorn.util.write_error(conn.sock, status, reason, message)
@@ -194,9 +208,10 @@ class ThreadWorker(gthread.ThreadWorker):
             pass  # NOTE: best effort: a client that stopped reading gets the close alone
         conn.close()
 
-    def _forget_head(self, conn: gthread.TConn) -> None:
+    def _forget_head(self, conn: gthread.TConn, registered: bool = True) -> None:
         del self._heads[conn]
-        self.poller.unregister(conn.sock)
+        if registered:
+            self.poller.unregister(conn.sock)
         address = _address(conn.client)
         self._heads_per_client[address] -= 1
         if not self._heads_per_client[address]:
