@@ -47,7 +47,6 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADS_PER_CLIENT = 64
 #: Seconds a thread drains a body the app left unread, to keep the connection (gunicorn: 5).
 DRAIN_SECONDS = 1.0
-_HEAD_ENDS = (b'\r\n\r\n', b'\n\n')
 
 
 class ThreadWorker(gthread.ThreadWorker):
@@ -241,9 +240,20 @@ class _Connection(gthread.TConn):
         gunicorn.util.close(self.sock)
 
 
+def _head_end(data: bytes | bytearray) -> int:
+    """Where the headers at the start of ``data`` end (their blank line's index), or -1: not in yet.
+
+    PERF: the bare-LF end is looked for only before the CRLF one: a POST's whole body is often
+    buffered behind its head, and scanning it for both ends was 8% of a small POST's samples (py-spy).
+    """
+    crlf = data.find(b'\r\n\r\n')
+    lf = data.find(b'\n\n', 0, len(data) if crlf < 0 else crlf)
+    return lf if lf >= 0 else crlf
+
+
 def _complete(head: bytes | bytearray) -> bool:
     """Whether ``head`` holds the end of a request's headers."""
-    return any(end in head for end in _HEAD_ENDS)
+    return _head_end(head) >= 0
 
 
 _BODY_DECLARED = re.compile(rb'\n(?:content-length[ \t]*:[ \t]*0*[1-9]|transfer-encoding[ \t]*:)', re.IGNORECASE)
@@ -255,8 +265,8 @@ def _declares_a_body(ahead: bytes) -> bool:
     NOTE: a look before gunicorn parses them, to admit the request; gunicorn's parser still
     decides (a malformed header is its 400), and a body it then finds is read as always.
     """
-    end = min((found for found in (ahead.find(mark) for mark in _HEAD_ENDS) if found >= 0), default=len(ahead))
-    return _BODY_DECLARED.search(ahead, 0, end) is not None
+    end = _head_end(ahead)
+    return _BODY_DECLARED.search(ahead, 0, len(ahead) if end < 0 else end) is not None
 
 
 def _refuse_busy(sock: socket.socket, reason: str) -> None:
