@@ -156,7 +156,8 @@ class ThreadWorker(gthread.ThreadWorker):
             conn.close()
             return
         conn.init()  # NOTE: a plain connection's init only makes its parser
-        conn.sock.setblocking(False)
+        if not readable:  # PERF: gunicorn made a kept-alive socket non-blocking before polling it (an ioctl less)
+            conn.sock.setblocking(False)
         conn.head = bytearray(conn.parser.unreader.take_buffered())  # NOTE: what came pipelined
         self._heads_per_client[address] += 1
         self._heads[conn] = time.monotonic() + self._header_timeout
