@@ -88,6 +88,14 @@ def hex_of(top: str, key: str) -> str | None:
     return match.group(1)
 
 
+#: The meta a commit gives a blob that has none: the document, or what makes it when the commit needs it.
+NewMeta = dict[str, Any] | Callable[[], dict[str, Any]]
+
+
+def _made(new_meta: NewMeta) -> dict[str, Any]:
+    return new_meta() if callable(new_meta) else new_meta
+
+
 class Readable(Protocol):
     def readinto(self, buffer: memoryview, /) -> int: ...
 
@@ -349,11 +357,11 @@ class BlobStore:
             if intent.op == 'put' and intent.alive_at >= live_since and intent.id != other_than
         ]
 
-    def commit(self, staged: StagedBlob, new_meta: dict[str, Any]) -> Committed:
+    def commit(self, staged: StagedBlob, new_meta: NewMeta) -> Committed:
         """Make a staged blob visible under its id, with ``new_meta`` if it has none yet (see :meth:`commit_all`)."""
         return self.commit_all([(staged, new_meta)])[0]
 
-    def commit_all(self, uploads: list[tuple[StagedBlob, dict[str, Any]]]) -> list[Committed]:
+    def commit_all(self, uploads: Sequence[tuple[StagedBlob, NewMeta]]) -> list[Committed]:
         """Make staged blobs visible under their ids, each with its meta unless it has some; one group commit.
 
         The first commit of some content wins: an existing blob is never
@@ -382,7 +390,7 @@ class BlobStore:
         Returns:
             For each upload, in order: whether its blob is new, and the meta now stored for it.
         """
-        firsts: dict[str, tuple[StagedBlob, dict[str, Any]]] = {}
+        firsts: dict[str, tuple[StagedBlob, NewMeta]] = {}
         for staged, new_meta in uploads:
             firsts.setdefault(staged.hex, (staged, new_meta))
         try:
@@ -398,7 +406,7 @@ class BlobStore:
         ]
 
     def _commit_group(
-        self, group: Group, uploads: list[tuple[str, tuple[StagedBlob, dict[str, Any]]]], spooled: contextlib.ExitStack
+        self, group: Group, uploads: list[tuple[str, tuple[StagedBlob, NewMeta]]], spooled: contextlib.ExitStack
     ) -> dict[str, Committed]:
         """:meth:`commit_all` for distinct contents sorted by id; the metas' temp files go on ``spooled``."""
         stored: dict[str, dict[str, Any] | None] = {}
@@ -419,8 +427,10 @@ class BlobStore:
                 # are verified, so they take its place atomically.
                 log.warning('replacing damaged blob %s', self._driver.location(blob_key(hex_digest)))
                 new.append((hex_digest, staged, True))
-        # NOTE: the index down here, nothing is written (503, nothing stored).
         unfinished = [hex_digest for hex_digest, _ in uploads if stored.get(hex_digest) is None]
+        # PERF: a meta is made only for content that has none (an image's fingerprints decode its pixels).
+        metas = {hex_digest: _made(new_meta) for hex_digest, (_, new_meta) in uploads if hex_digest in unfinished}
+        # NOTE: the index down here, nothing is written (503, nothing stored).
         intent_ids = dict(zip(unfinished, self.index.record_intents('put', unfinished, time.time()), strict=True))
         with self._writing(list(intent_ids.values())):
             for hex_digest, staged, _ in list(new):
@@ -429,7 +439,7 @@ class BlobStore:
                 ):
                     stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
                     new = [entry for entry in new if entry[0] != hex_digest]
-            return self._write_group(group, uploads, spooled, stored, new, intent_ids)
+            return self._write_group(group, uploads, metas, spooled, stored, new, intent_ids)
 
     @contextlib.contextmanager
     def _writing(self, intent_ids: list[str]) -> Iterator[None]:
@@ -492,14 +502,15 @@ class BlobStore:
     def _write_group(
         self,
         group: Group,
-        uploads: list[tuple[str, tuple[StagedBlob, dict[str, Any]]]],
+        uploads: list[tuple[str, tuple[StagedBlob, NewMeta]]],
+        metas: dict[str, dict[str, Any]],
         spooled: contextlib.ExitStack,
         stored: dict[str, dict[str, Any] | None],
         new: list[tuple[str, StagedBlob, bool]],
         intent_ids: dict[str, str],
     ) -> dict[str, Committed]:
-        """The writes of :meth:`_commit_group` once its intents are recorded: blobs, metas, rows."""
-        metas = {hex_digest: new_meta for hex_digest, (_, new_meta) in uploads}
+        """The writes of :meth:`_commit_group` once its intents are recorded: blobs, metas (``metas``: those
+        of the contents that had none), rows."""
         # NOTE: a meta is readied for every blob that may need one, so one sync covers its bytes.
         meta_sources = {
             hex_digest: self._spool(meta.encode(metas[hex_digest]), spooled)

@@ -1,4 +1,4 @@
-"""What download.py and small_get.py share: nginx sending ISS's own blob files, and taking turns."""
+"""What the before/after benches share: nginx sending ISS's own blob files, and taking turns (rounds)."""
 
 import argparse
 import contextlib
@@ -7,7 +7,7 @@ import shutil
 import signal
 import tempfile
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from bench import iss_bench
@@ -53,4 +53,30 @@ def take_turns(targets: dict[str, str], measure: Callable[[str], _T], rounds: in
     for _ in range(rounds):
         for name, url in targets.items():
             results[name].append(measure(url))
+    return results
+
+
+def alternating_rounds(
+    rounds: int,
+    cases: dict[str, Sequence[str]],
+    measure: Callable[[str, str], _T],
+    show: Callable[[_T], str] = str,
+    after_round: Callable[[int], None] | None = None,
+) -> dict[str, dict[str, list[_T]]]:
+    """``measure(case, side)`` of every case's sides, round after round; each case's results per side, in rounds.
+
+    NOTE: the sides take turns within a case, their order reversed every other round, so that
+    neither always runs first (right after a warm-up, or another side's load) on a shared machine:
+    read the ratios of sides measured in the same round. Each value is printed as it comes
+    (``show``); ``after_round(number)`` runs after each round, for what is measured once a round.
+    """
+    results: dict[str, dict[str, list[_T]]] = {case: {side: [] for side in sides} for case, sides in cases.items()}
+    for number in range(1, rounds + 1):
+        for case, sides in cases.items():
+            for side in sides if number % 2 else sides[::-1]:
+                value = measure(case, side)
+                results[case][side].append(value)
+                print(f'round {number} {case} {side}: {show(value)}', flush=True)
+        if after_round is not None:
+            after_round(number)
     return results

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import urllib.request
 
-from bench import iss_bench, small_get, small_post
+from bench import alternate, iss_bench, small_get, small_post
 from bench.house import start_node
 from iss_testing.servers import PostgreSQL, SeaweedFS, s3_node_environment
 
@@ -59,13 +59,12 @@ def main() -> int:
             'GET /stats, req/s': lambda side: small_get.wrk(f'{nodes[side]}/stats', args.seconds),
             'POST 4 KiB distinct, req/s': lambda side: small_post.wrk(nodes[side] + '/images', script, args.seconds),
         }
-        results: dict[str, dict[str, list[float]]] = {name: {'old': [], 'new': []} for name in measures}
-        for round_number in range(1, args.rounds + 1):
-            for name, measure in measures.items():
-                for side in ('old', 'new') if round_number % 2 else ('new', 'old'):
-                    value = measure(side)['rps']
-                    results[name][side].append(value)
-                    print(f'round {round_number} {side}: {name} {value:,.1f}', flush=True)
+        results = alternate.alternating_rounds(
+            args.rounds,
+            dict.fromkeys(measures, ('old', 'new')),
+            lambda name, side: float(measures[name](side)['rps']),
+            show=lambda value: f'{value:,.1f}',
+        )
         print()
         for name, sides in results.items():
             old, new = statistics.median(sides['old']), statistics.median(sides['new'])

@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.request
 
-from bench import iss_bench, small_get, small_post
+from bench import alternate, iss_bench, small_get, small_post
 from bench.local_server import big_file
 from iss_testing.servers import PostgreSQL, SeaweedFS, free_port, s3_node_environment
 
@@ -106,14 +106,14 @@ def main() -> int:
             )
             with urllib.request.urlopen(upload) as answer:
                 images[side] = iss_bench.extract_id(answer.read())
-        results: dict[str, dict[str, list[float]]] = {name: {'old': [], 'new': []} for name in measures}
-        for round_number in range(1, args.rounds + 1):
-            for name, measure in measures.items():
-                for side in ('old', 'new') if round_number % 2 else ('new', 'old'):
-                    subprocess.run(['sync'], check=True)
-                    value = measure(nodes[side], images[side])
-                    results[name][side].append(value)
-                    print(f'round {round_number} {side}: {name} {value:,.2f}', flush=True)
+
+        def measure(name: str, side: str) -> float:
+            subprocess.run(['sync'], check=True)
+            return measures[name](nodes[side], images[side])
+
+        results = alternate.alternating_rounds(
+            args.rounds, dict.fromkeys(measures, ('old', 'new')), measure, show=lambda value: f'{value:,.2f}'
+        )
         print()
         for name, sides in results.items():
             old, new = statistics.median(sides['old']), statistics.median(sides['new'])

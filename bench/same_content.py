@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 
+from bench import alternate
 from bench.house import start_node
 from iss_testing.servers import PostgreSQL, SeaweedFS, s3_node_environment
 
@@ -71,11 +72,12 @@ def main() -> int:
             started = [start_node(checkout, work, f'{side}-{name}', env) for name in ('a', 'b')]
             processes += [process for process, _ in started]
             nodes[side] = [url for _, url in started]
-        for round_number in range(args.rounds):
-            for side in ('old', 'new'):
-                statuses, seconds = one_round(nodes[side], args.mib, args.uploads)
-                answers = dict(sorted(statuses.items()))
-                print(f'round {round_number + 1} {side}: {answers} in {seconds:.1f} s', flush=True)
+        alternate.alternating_rounds(
+            args.rounds,
+            {f'{args.uploads} x {args.mib} MiB': ('old', 'new')},
+            lambda case, side: one_round(nodes[side], args.mib, args.uploads),
+            show=lambda outcome: f'{dict(sorted(outcome[0].items()))} in {outcome[1]:.1f} s',
+        )
     finally:
         for process in processes:
             os.killpg(process.pid, 15)

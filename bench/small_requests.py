@@ -227,26 +227,24 @@ def main() -> int:
             }
         with alternate.nginx_on_blobs(iss_data) as nginx_url:
             sides['nginx'] = {'GET': (None, nginx_url(sides['ISS']['GET'][1].rsplit(':', 1)[1]), None)}
+
+            def s3_reads(number: int) -> None:
+                port = int(s3_url.rsplit(':', 1)[1])
+                ids = [put_new_blob(s3_url) for _ in range(args.blobs)]
+                first_reads.append((reads_per_second(port, ids), reads_per_second(port, ids)))
+                first, cached = first_reads[-1]
+                print(f'round {number} S3 reads: first {first:,.0f}/s, cached {cached:,.0f}/s', flush=True)
+
             cases = ('GET', 'POST same', 'POST distinct')
-            results: dict[str, dict[str, list[tuple[float, float | None]]]] = {
-                case: {side: [] for side in sides if case in sides[side]} for case in cases
-            }
-            order = list(sides)
-            for number in range(1, args.rounds + 1):
-                for case in cases:
-                    for side in order if number % 2 else order[::-1]:
-                        if case not in sides[side]:
-                            continue
-                        rps, cpu_ms = measure(*sides[side][case][:2], args.seconds, sides[side][case][2])
-                        results[case][side].append((rps, cpu_ms))
-                        cpu = f', {cpu_ms:.3f} ms CPU' if cpu_ms is not None else ''
-                        print(f'round {number} {case} {side}: {rps:,.0f} req/s{cpu}', flush=True)
-                if args.s3:
-                    port = int(s3_url.rsplit(':', 1)[1])
-                    ids = [put_new_blob(s3_url) for _ in range(args.blobs)]
-                    first_reads.append((reads_per_second(port, ids), reads_per_second(port, ids)))
-                    first, cached = first_reads[-1]
-                    print(f'round {number} S3 reads: first {first:,.0f}/s, cached {cached:,.0f}/s', flush=True)
+            results = alternate.alternating_rounds(
+                args.rounds,
+                {case: [side for side in sides if case in sides[side]] for case in cases},
+                lambda case, side: measure(*sides[side][case][:2], args.seconds, sides[side][case][2]),
+                show=lambda value: (
+                    f'{value[0]:,.0f} req/s' + (f', {value[1]:.3f} ms CPU' if value[1] is not None else '')
+                ),
+                after_round=s3_reads if args.s3 else None,
+            )
     finally:
         for pid in pids:
             os.killpg(pid, signal.SIGTERM)

@@ -92,12 +92,24 @@ def identified_image(
         images.CannotRender: with ``decode``, the pixels do not decode.
         RendersBusy: no room to decode in time.
     """
+    info = checked_image(file, max_pixels, verify)
+    file.seek(0)
+    return image(info, size, created_at, filename, verified=verify, fingerprints=fingerprints_of(file, max_pixels))
+
+
+def checked_image(file: IO[bytes], max_pixels: int, verify: str | None = None) -> images.ImageInfo:
+    """What Pillow reads from the header of the image in ``file``, checked as far as ``verify`` says.
+
+    Raises:
+        images.NotAnImage, images.ImageTooLarge: as :func:`images.identify`.
+        images.CannotRender: with ``decode``, the pixels do not decode.
+        RendersBusy: no room to decode in time.
+    """
     info = images.identify(file, max_pixels)
     if verify == 'decode':
         file.seek(0)
         images.check_decodes(file, max_pixels)
-    file.seek(0)
-    return image(info, size, created_at, filename, verified=verify, fingerprints=fingerprints_of(file, max_pixels))
+    return info
 
 
 def fingerprints_of(file: IO[bytes], max_pixels: int) -> dict[str, Any]:

@@ -114,19 +114,30 @@ class Metrics:
         else:
             self.registry = own
         self.registry.register(StoreCollector(store))
+        # PERF: labels() checks its values and takes the metric's lock on every call (four a request);
+        # the request metrics' children are kept here by their label values (a few routes, methods, statuses).
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once."""
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def observe(self, req: falcon.Request, resp: falcon.Response, seconds: float, bytes_sent: int) -> None:
         route = req.uri_template or 'unmatched'  # NOTE: a template of the app's routes, or none
         method = req.method if req.method in _METHODS else 'other'
         status = resp.status_code
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route, method).observe(seconds)
+        self._child(self.requests, route, method, str(status)).inc()
+        self._child(self.latency, route, method).observe(seconds)
         if req.content_length:
-            self.bytes_received.labels(route).inc(req.content_length)
+            self._child(self.bytes_received, route).inc(req.content_length)
         if bytes_sent:
-            self.bytes_sent.labels(route).inc(bytes_sent)
+            self._child(self.bytes_sent, route).inc(bytes_sent)
         if method in ('POST', 'PUT') and route in _UPLOAD_ROUTES and status in (200, 201):
-            self.uploads.labels('new' if status == 201 else 'existing').inc()
+            self._child(self.uploads, 'new' if status == 201 else 'existing').inc()
 
 
 class StoreCollector:
