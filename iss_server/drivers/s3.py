@@ -15,9 +15,9 @@ Every call has a deadline, ``timeout`` (``ISS_S3_TIMEOUT``), its one retry inclu
 its two attempts may take about half (:meth:`S3Driver.attempt_timeout`), and the retry waits at
 most a second. A call on a frozen service costs its request that, never
 more, and at most half a worker's request threads wait on the bucket at once
-(:data:`engines.BUCKET`). A request's calls share one budget (:data:`engines.BUDGET`):
-botocore's socket timeouts are the client's, not a call's, so an attempt (a retry
-too) starts only if the request has a whole attempt's time left, and is refused,
+(:data:`engines.BUCKET`). A request's calls to the bucket share one budget, ``timeout`` in all
+(``engines.BUCKET.budget``): botocore's socket timeouts are the client's, not a call's, so an
+attempt (a retry too) starts only if the request has a whole attempt's time left, and is refused,
 as a 503, if not (:meth:`S3Driver._within_budget`).
 """
 
@@ -153,9 +153,9 @@ class S3Driver:
 
         NOTE: raised here, it ends the call without a retry (botocore retries only its own errors).
         """
-        if engines.BUDGET.left() < self.attempt_timeout:
+        if engines.BUCKET.budget.left() < self.attempt_timeout:
             engines.BUCKET.on_refused(engines.BUCKET.engine)
-            raise BucketUnavailable(f'{request.method} not sent: {engines.BUDGET.refusal()}')
+            raise BucketUnavailable(f'{request.method} not sent: {engines.BUCKET.budget.refusal()}')
 
     # -- writing -------------------------------------------------------------
 
