@@ -24,7 +24,17 @@ from iss_server import engines, index
 from iss_server.errors import BucketUnavailable, IndexUnavailable
 from iss_testing import HERE
 from iss_testing.cli import cli_json
-from iss_testing.servers import S3_KEY, S3_SECRET, Gunicorn, PgBouncer, PostgreSQL, SeaweedFS, s3_node_environment
+from iss_testing.servers import (
+    S3_KEY,
+    S3_OBJECTS_KEY,
+    S3_OBJECTS_SECRET,
+    S3_SECRET,
+    Gunicorn,
+    PgBouncer,
+    PostgreSQL,
+    SeaweedFS,
+    s3_node_environment,
+)
 
 
 @contextlib.contextmanager
@@ -426,3 +436,60 @@ def test_the_container_probe_asks_readiness_and_liveness_on_request(tmp_path):
         assert json.loads(server.request('GET', '/health/ready')[2])['engines']['index'] != 'ok'
     finally:
         server.stop()
+
+
+# -- the bucket: a node creates it on a fresh S3 service --------------------------------------------
+
+
+def node_on_a_fresh_bucket(
+    tmp_path, seaweedfs, postgres, bucket: str, ready: bool = True, **environment: str
+) -> Gunicorn:
+    tmp_path.mkdir(exist_ok=True)
+    return Gunicorn(
+        tmp_path / 'data',
+        tmp_path / 'gunicorn.log',
+        **{**s3_node_environment(seaweedfs, postgres), 'ISS_STORE': f's3://{bucket}/', **environment},
+        ISS_WORKERS='2',  # NOTE: two workers, each creating it at start: at once
+        expect_health=200 if ready else 503,
+    )
+
+
+@pytest.mark.slow
+def test_a_node_creates_its_missing_bucket_at_start_and_is_ready_without_a_write(tmp_path, seaweedfs, postgres):
+    bucket = seaweedfs.new_bucket_name()
+    # NOTE: two nodes starting at once on one fresh bucket, two workers each.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        nodes = list(
+            pool.map(lambda name: node_on_a_fresh_bucket(tmp_path / name, seaweedfs, postgres, bucket), ('one', 'two'))
+        )
+    try:
+        for node in nodes:
+            status, _, body = node.request('GET', '/health/ready')
+            assert (status, json.loads(body)['engines']['bucket']) == (200, 'ok'), body
+        assert seaweedfs.keys(bucket) == []  # NOTE: nothing written: ready all the same
+        logs = ''.join(node.log_path.read_text() for node in nodes)
+        assert 'could not make sure' not in logs
+        assert 1 <= logs.count(f'created the bucket {bucket}: it was missing') <= 4, logs
+        upload(nodes[0], 5000)
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+@pytest.mark.slow
+def test_a_node_whose_credentials_may_not_create_its_bucket_says_so_when_asked_if_ready(tmp_path, seaweedfs, postgres):
+    bucket = seaweedfs.new_bucket_name()
+    credentials = {'AWS_ACCESS_KEY_ID': S3_OBJECTS_KEY, 'AWS_SECRET_ACCESS_KEY': S3_OBJECTS_SECRET}
+    node = node_on_a_fresh_bucket(tmp_path, seaweedfs, postgres, bucket, ready=False, **credentials)
+    try:
+        status, headers, body = node.request('GET', '/health/ready')
+        answer = json.loads(body)
+        assert (status, answer['failing']) == (503, 'bucket'), body
+        assert headers['Retry-After']
+        assert f'the bucket {bucket} does not exist, and these credentials may not create it' in answer['error']
+        assert 'could not make sure the store' in node.log_path.read_text()
+    finally:
+        node.kill()
+    # NOTE: created by someone who may, a node with the same credentials is ready.
+    seaweedfs.client().create_bucket(Bucket=bucket)
+    node_on_a_fresh_bucket(tmp_path, seaweedfs, postgres, bucket, **credentials).kill()

@@ -27,6 +27,7 @@ import base64
 import concurrent.futures
 import contextlib
 import hashlib
+import logging
 import mimetypes
 import os
 import threading
@@ -45,6 +46,8 @@ from iss_server import engines
 from iss_server.drivers import KeyNotFound, Source, Stat
 from iss_server.errors import BucketUnavailable, CorruptBlob
 
+log = logging.getLogger(__name__)
+
 # PERF: one request up to this size (a request costs ~2-5 ms against SeaweedFS on loopback);
 # beyond it, parts go up several at a time and a failure costs one part, not the whole.
 _SINGLE_PUT_BYTES = 64 * 1024 * 1024
@@ -57,6 +60,7 @@ _MAX_PARTS = 10_000
 _EXISTS = frozenset({'PreconditionFailed', '412', 'ConditionalRequestConflict', '409'})
 _ABSENT = frozenset({'NoSuchKey', '404', 'NotFound'})
 _NO_UPLOAD = frozenset({'NoSuchUpload', '404'})
+_BUCKET_EXISTS = frozenset({'BucketAlreadyOwnedByYou', 'BucketAlreadyExists'})
 #: Keys of resumable uploads (iss_server/bucket_sessions.py): their multipart uploads live as long as a session.
 SESSIONS_PREFIX = 'uploads/'
 
@@ -390,9 +394,34 @@ class S3Driver:
     def location(self, key: str) -> str:
         return f's3://{self.bucket}/{self.prefix}{key}'
 
-    def check(self) -> None:
+    def create(self) -> bool:
+        """Create the bucket if it is missing (a fresh S3 service); True when this call did (and logged it).
+
+        NOTE: asked first, so credentials that may not create buckets are not refused for one
+        that is there; one that another node creates meanwhile is no failure.
+        """
         with _translated('reaching the bucket'):
-            self.client.head_bucket(Bucket=self.bucket)
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+                return False
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) not in _ABSENT:
+                    raise
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) in _BUCKET_EXISTS:
+                    return False
+                raise BucketUnavailable(
+                    f'the bucket {self.bucket} does not exist, and these credentials may not create it '
+                    f'({_code(exc)}): create it, or give ISS credentials that may (s3:CreateBucket)'
+                ) from exc
+        log.warning('created the bucket %s: it was missing', self.bucket)
+        return True
+
+    def check(self) -> None:
+        """The bucket answers; one missing is created (see :meth:`create`), or the error says why it cannot be."""
+        self.create()
 
 
 class _S3Group:
