@@ -493,3 +493,78 @@ def test_a_node_whose_credentials_may_not_create_its_bucket_says_so_when_asked_i
     # NOTE: created by someone who may, a node with the same credentials is ready.
     seaweedfs.client().create_bucket(Bucket=bucket)
     node_on_a_fresh_bucket(tmp_path, seaweedfs, postgres, bucket, **credentials).kill()
+
+
+# -- a frozen bucket that thaws: a write that timed out lands all the same -----------------------------
+
+
+def test_a_put_whose_timed_out_attempt_lands_before_its_retry_says_it_stored_the_object(seaweedfs, tmp_path):
+    """Found from outside: a new blob answered 200 "created": false when the service thawed during the retry."""
+    import io
+
+    import storage
+    from iss_server import disk
+    from iss_server.drivers.s3 import S3Driver
+
+    bucket, _, prefix = seaweedfs.new_store().removeprefix('s3://').partition('/')
+    # NOTE: attempts of 2.5 s: the first ends at ~2.5 s, the retry starts by 3.5 s and ends after 5 s.
+    driver = S3Driver(
+        bucket, prefix + '/', endpoint=seaweedfs.endpoint, access_key=S3_KEY, secret_key=S3_SECRET, timeout=6
+    )
+    layout = disk.Layout(str(tmp_path / 'scratch'))
+    os.makedirs(layout.tmp)
+    staged = storage.stage_file(layout, io.BytesIO(b'new content, sent while the service is frozen'))
+    try:
+        with frozen(seaweedfs):
+            thawing = threading.Timer(3.7, seaweedfs.thaw)
+            thawing.start()
+            (stored, seconds) = timed(driver.put, staged, 'blobs/new')
+            thawing.join()
+    finally:
+        staged.discard()
+    # NOTE: the first attempt landed at the thaw; its retry found the object there (412): its own.
+    assert stored is True, (stored, seconds)
+    assert driver.read('blobs/new') == b'new content, sent while the service is frozen'
+    # NOTE: and another writer's object is still another's.
+    other = storage.stage_file(layout, io.BytesIO(b'new content, sent while the service is frozen'))
+    try:
+        assert driver.put(other, 'blobs/new') is False
+    finally:
+        other.discard()
+
+
+@pytest.mark.slow
+def test_new_content_sent_while_s3_freezes_and_thaws_is_never_answered_as_found_there(tmp_path, seaweedfs, postgres):
+    """A request answers 201 for content it stored, or 503 (not acknowledged). The write may land after
+    the 503 all the same (the service took it before it froze), so the client's retry answers 200
+    "created": false: the truth, as the content is stored and that request did not create it."""
+    node = Gunicorn(
+        tmp_path / 'data',
+        tmp_path / 'gunicorn.log',
+        **s3_node_environment(seaweedfs, postgres),
+        ISS_WORKERS='1',
+        ISS_S3_TIMEOUT='8',  # NOTE: attempts of 3.5 s: the retry starts at ~3.5 s, the deadline at 8 s
+    )
+    try:
+        node.request('GET', '/stats')
+        # NOTE: thawed during the retry (its first attempt lands before it), and after the deadline.
+        for number, thaw_at in enumerate((3.7, 8.5)):
+            content = f'new content {number}, sent while the service is frozen'.encode()
+            with frozen(seaweedfs):
+                thawing = threading.Timer(thaw_at, seaweedfs.thaw)
+                thawing.start()
+                (status, headers, body), seconds = timed(node.request, 'POST', '/artifacts?kind=x', content, OCTETS)
+                thawing.join()
+            assert seconds < 8 + 1
+            assert (status, json.loads(body).get('created', False)) in ((201, True), (503, False)), body
+            if status == 503:
+                assert headers['Retry-After'] and 'sending it again is safe' in json.loads(body)['description']
+            wait_for_landing = time.monotonic() + 5
+            while True:
+                status, _, body = node.request('POST', '/artifacts?kind=x', content, OCTETS)
+                if status != 503 or time.monotonic() > wait_for_landing:
+                    break
+                time.sleep(0.2)
+            assert (status, json.loads(body)['created']) == (200, False), body
+    finally:
+        node.kill()

@@ -181,6 +181,7 @@ class S3Driver:
             return self._put_object(key, body, source.size, source.sha256, ContentType=content_type, **condition)
 
     def _put_object(self, key: str, body: Any, size: int, sha256: str, **params: Any) -> bool:
+        copy = uuid.uuid4().hex
         with _translated('storing an object'):
             try:
                 self.client.put_object(
@@ -189,14 +190,27 @@ class S3Driver:
                     Body=body,
                     ContentLength=size,
                     ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode(),
-                    Metadata={'iss-copy': uuid.uuid4().hex},
+                    Metadata={'iss-copy': copy},
                     **params,
                 )
             except botocore.exceptions.ClientError as exc:
                 if _code(exc) in _EXISTS:
-                    return False
+                    return self._landed_before_its_retry(exc, key, copy)
                 raise
         return True
+
+    def _landed_before_its_retry(self, exc: botocore.exceptions.ClientError, key: str, copy: str) -> bool:
+        """Whether the object a conditional write's retry found is that write's own: True, it stored it.
+
+        NOTE: an attempt that timed out may land after all, before its retry (a frozen service
+        thawed): the retry then finds the object there (412). Its ``iss-copy`` says whose it is.
+        """
+        if not exc.response.get('ResponseMetadata', {}).get('RetryAttempts'):
+            return False
+        try:
+            return self.stat(key).version == copy
+        except KeyNotFound:
+            return False
 
     def _put_multipart(self, source: Source, key: str) -> bool:
         """Send a spooled file up in parts, read in order; complete it only if they hash to its checksum."""
@@ -451,14 +465,16 @@ class _Parts:
 
     def __init__(self, driver: S3Driver, key: str, part_bytes: int = _PART_BYTES) -> None:
         self._driver = driver
+        self._name = key
         self._key = driver.prefix + key
+        self._copy = uuid.uuid4().hex
         self.part_bytes = part_bytes
         self._pool = concurrent.futures.ThreadPoolExecutor(_PARTS_IN_FLIGHT, thread_name_prefix='iss-s3-part')
         self._in_flight: list[concurrent.futures.Future] = []
         self._parts: list[dict[str, Any]] = []
         with _translated('starting a multipart upload'):
             self._upload_id = driver.client.create_multipart_upload(
-                Bucket=driver.bucket, Key=self._key, ChecksumAlgorithm='SHA256', Metadata={'iss-copy': uuid.uuid4().hex}
+                Bucket=driver.bucket, Key=self._key, ChecksumAlgorithm='SHA256', Metadata={'iss-copy': self._copy}
             )['UploadId']
 
     def send(self, data: bytes) -> None:
@@ -498,10 +514,12 @@ class _Parts:
                         IfNoneMatch='*',
                     )
                 except botocore.exceptions.ClientError as exc:
-                    if _code(exc) in _EXISTS:
-                        self.abort()
-                        return False
-                    raise
+                    if _code(exc) not in _EXISTS:
+                        raise
+                    if self._driver._landed_before_its_retry(exc, self._name, self._copy):
+                        return True
+                    self.abort()
+                    return False
         except BaseException:
             self.abort()
             raise
