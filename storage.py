@@ -293,7 +293,8 @@ class BlobStore:
             return
         if swept:
             log.warning('removed %d stale temp file(s) from %s', swept, self.root)
-        self._create_backend()
+        # NOTE: in the background: a frozen service would hold the worker's start for its deadline.
+        threading.Thread(target=self._create_backend, name='iss-create-backend', daemon=True).start()
         self._build_index_unless_complete()
 
     def _create_backend(self) -> None:

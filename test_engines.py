@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +35,7 @@ from iss_testing.servers import (
     PgBouncer,
     PostgreSQL,
     SeaweedFS,
+    free_port,
     s3_node_environment,
 )
 
@@ -568,3 +571,70 @@ def test_new_content_sent_while_s3_freezes_and_thaws_is_never_answered_as_found_
             assert (status, json.loads(body)['created']) == (200, False), body
     finally:
         node.kill()
+
+
+# -- a node starting: its port is bound before its workers answer ---------------------------------------
+
+
+@pytest.mark.slow
+def test_connections_made_while_a_node_starts_wait_for_its_workers_and_are_answered(tmp_path, seaweedfs, postgres):
+    """Found from outside: a restarted node accepts TCP connections seconds before its workers answer
+    (gunicorn's master binds, then forks them; a worker's start asks the index, here frozen for 3 s).
+    Such a connection waits in the listen backlog and is answered; none is refused or reset."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        **s3_node_environment(seaweedfs, postgres),
+        'ISS_DATA': str(tmp_path / 'data'),
+        'ISS_PORT': str(port),
+        'ISS_WORKERS': '2',
+        'ISS_INDEX_TIMEOUT': '3',
+        'ISS_LOG_LEVEL': 'warning',
+    }
+    answers: list[tuple[float, float, str]] = []  # NOTE: when made, when answered, the status line or error
+
+    def ask(connection: socket.socket, made: float) -> None:
+        with connection:
+            try:
+                connection.sendall(b'GET /health/live HTTP/1.1\r\nHost: iss\r\nConnection: close\r\n\r\n')
+                answer = b''
+                while chunk := connection.recv(65536):
+                    answer += chunk
+                answers.append((made, time.monotonic(), answer.split(b'\r\n', 1)[0].decode()))
+            except OSError as exc:
+                answers.append((made, time.monotonic(), repr(exc)))
+
+    with frozen(postgres), (tmp_path / 'gunicorn.log').open('ab') as log:
+        started = time.monotonic()
+        node = subprocess.Popen(
+            [sys.executable, '-m', 'gunicorn', 'iss:app'],
+            cwd=HERE,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            askers = []
+            while not any(status.endswith('200 OK') for _, _, status in answers):
+                assert time.monotonic() - started < 20, answers
+                try:
+                    connection = socket.create_connection(('127.0.0.1', port), timeout=30)
+                except ConnectionRefusedError:
+                    time.sleep(0.05)  # NOTE: not bound yet
+                    continue
+                askers.append(threading.Thread(target=ask, args=(connection, time.monotonic())))
+                askers[-1].start()
+                time.sleep(0.1)
+            for asker in askers:
+                asker.join(35)
+        finally:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(10)
+    first_made = min(made for made, _, _ in answers)
+    first_answered = min(answered for _, answered, _ in answers)
+    print(
+        f'\nstarting node: {len(answers)} connections accepted {first_answered - first_made:.2f} s before it answered'
+    )
+    assert {status for _, _, status in answers} == {'HTTP/1.1 200 OK'}, answers
+    assert first_answered - first_made > 1  # NOTE: the window is there: these connections waited in it
