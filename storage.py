@@ -301,7 +301,20 @@ class BlobStore:
             return
         if swept:
             log.warning('removed %d stale temp file(s) from %s', swept, self.root)
+        # NOTE: in the background: a frozen service would hold the worker's start for its deadline.
+        threading.Thread(target=self._create_backend, name='iss-create-backend', daemon=True).start()
         self._build_index_unless_complete()
+
+    def _create_backend(self) -> None:
+        """Create the backend's bucket if it is missing (a fresh S3 service), so readiness needs no first write.
+
+        NOTE: every worker of every node asks; one creates it, the others find it there. One that
+        cannot (the service down, credentials that may not) logs why; /health/ready asks again.
+        """
+        try:
+            self._driver.create()
+        except StoreFailure as exc:
+            log.error('could not make sure the store %s exists: %s', self._driver, exc)
 
     def _build_index_unless_complete(self) -> None:
         """Build the index in the background when incomplete (new, lost, set aside as corrupt), one build at a time."""

@@ -299,7 +299,7 @@ def test_a_bucket_that_cannot_be_reached_is_503_with_retry_after(s3_settings, tm
 
     assert health.json['failing'] == 'bucket'
     assert upload.headers['Retry-After'] == '5'
-    assert 'nothing was stored' in upload.json['description']
+    assert 'sending it again is safe' in upload.json['description']
     assert read.json['title'] == 'Storage unavailable'
     assert list((tmp_path / 'n' / 'tmp').iterdir()) == []
 

@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +26,18 @@ from iss_server import engines, index
 from iss_server.errors import BucketUnavailable, IndexUnavailable
 from iss_testing import HERE
 from iss_testing.cli import cli_json
-from iss_testing.servers import S3_KEY, S3_SECRET, Gunicorn, PgBouncer, PostgreSQL, SeaweedFS, s3_node_environment
+from iss_testing.servers import (
+    S3_KEY,
+    S3_OBJECTS_KEY,
+    S3_OBJECTS_SECRET,
+    S3_SECRET,
+    Gunicorn,
+    PgBouncer,
+    PostgreSQL,
+    SeaweedFS,
+    free_port,
+    s3_node_environment,
+)
 
 
 @contextlib.contextmanager
@@ -110,10 +123,10 @@ def test_a_frozen_postgresql_costs_a_call_its_deadline_then_works_again(postgres
 def test_a_request_waits_on_a_frozen_postgresql_one_budget_however_many_calls_it_makes(postgres, monkeypatch):
     store_index = index.PostgresIndex(postgres.new_database(), timeout=1)
     assert store_index.get('0' * 64) is None
-    monkeypatch.setattr(engines.BUDGET, 'seconds', 1.5)
+    monkeypatch.setattr(engines.INDEX.budget, 'seconds', 1.5)
     with frozen(postgres):
         started = time.monotonic()
-        with engines.BUDGET.request():
+        with engines.INDEX.budget.request():
             # NOTE: a deadline of its own for each call would cost the request three seconds.
             answers = [timed(store_index.get, '0' * 64) for _ in range(3)]
         whole = time.monotonic() - started
@@ -121,7 +134,9 @@ def test_a_request_waits_on_a_frozen_postgresql_one_budget_however_many_calls_it
         (_, first), (_, second), (third_answer, third) = answers
         assert 0.9 < first < 1.3  # NOTE: the call's own deadline, less than the budget
         assert 0.3 < second < 0.8  # NOTE: what the budget had left
-        assert third < 0.1 and 'too little is left' in str(third_answer)
+        assert third < 0.1 and 'too little is left of the 1.5 s this request may spend in index calls' in str(
+            third_answer
+        )
         assert whole < 1.5 + watchdog_slack()
         # NOTE: a thread outside a request (the reconciler, a webhook) keeps each call's own deadline.
         answer, seconds = timed(store_index.get, '0' * 64)
@@ -137,10 +152,10 @@ def test_a_request_waits_on_a_frozen_s3_service_one_budget_however_many_calls_it
         bucket, prefix + '/', endpoint=seaweedfs.endpoint, access_key=S3_KEY, secret_key=S3_SECRET, timeout=3
     )
     driver.write('a', b'a')
-    monkeypatch.setattr(engines.BUDGET, 'seconds', 3)
+    monkeypatch.setattr(engines.BUCKET.budget, 'seconds', 3)
     with frozen(seaweedfs):
         started = time.monotonic()
-        with engines.BUDGET.request():
+        with engines.BUCKET.budget.request():
             answers = [timed(driver.write, f'k{number}', b'x') for number in range(4)]
         whole = time.monotonic() - started
     assert all(isinstance(answer, BucketUnavailable) for answer, _ in answers), answers
@@ -230,6 +245,44 @@ def test_a_node_answers_503_within_its_s3_deadline_while_seaweedfs_is_frozen(nod
         assert headers['Retry-After']
         assert seconds < 4 + 1, seconds
     upload(node, 2)
+
+
+@pytest.mark.slow
+def test_a_frozen_postgresql_costs_a_request_its_index_deadline_however_long_the_s3_deadline(
+    tmp_path, seaweedfs, postgres
+):
+    """Found from outside: the budget was the larger of the two deadlines, so a request whose first
+    index call ran out waited again in the next ones, up to ISS_S3_TIMEOUT (15 s by default)."""
+    node = Gunicorn(
+        tmp_path / 'data',
+        tmp_path / 'gunicorn.log',
+        **s3_node_environment(seaweedfs, postgres),
+        ISS_WORKERS='1',
+        ISS_THREADS='8',
+        ISS_INDEX_TIMEOUT='2',
+        ISS_S3_TIMEOUT='15',
+        # NOTE: a large read then asks the index twice: its row (the node's copy), and whether nginx may send it.
+        ISS_ACCEL_REDIRECT='/_internal/s3/',
+        ISS_ACCEL_MIN_BYTES='1000',
+    )
+    try:
+        large = [f'artifact {number} '.encode() * 100 for number in range(3)]  # NOTE: over ISS_ACCEL_MIN_BYTES
+        digests = [
+            json.loads(node.request('POST', '/artifacts?kind=x', body, OCTETS)[2])['artifact_id'] for body in large
+        ]
+        with frozen(postgres):
+            for method, path, body in CALLS_NEEDING_THE_INDEX:
+                (status, _, answer), seconds = timed(node.request, method, path, body, OCTETS)
+                assert status == 503, (path, answer)
+                assert seconds < 2 + 1, (path, seconds)
+            for digest, body in zip(digests, large, strict=True):
+                (status, headers, answer), seconds = timed(node.request, 'GET', f'/artifacts/{digest}')
+                # NOTE: sent by the node, which hashed it (nginx may not: when it was last verified is unknown).
+                assert (status, answer, headers.get('X-Accel-Redirect')) == (200, body, None)
+                assert seconds < 2 + 1, seconds
+        assert node.request('GET', '/stats')[0] == 200
+    finally:
+        node.kill()
 
 
 @pytest.mark.slow
@@ -386,3 +439,202 @@ def test_the_container_probe_asks_readiness_and_liveness_on_request(tmp_path):
         assert json.loads(server.request('GET', '/health/ready')[2])['engines']['index'] != 'ok'
     finally:
         server.stop()
+
+
+# -- the bucket: a node creates it on a fresh S3 service --------------------------------------------
+
+
+def node_on_a_fresh_bucket(
+    tmp_path, seaweedfs, postgres, bucket: str, ready: bool = True, **environment: str
+) -> Gunicorn:
+    tmp_path.mkdir(exist_ok=True)
+    return Gunicorn(
+        tmp_path / 'data',
+        tmp_path / 'gunicorn.log',
+        **{**s3_node_environment(seaweedfs, postgres), 'ISS_STORE': f's3://{bucket}/', **environment},
+        ISS_WORKERS='2',  # NOTE: two workers, each creating it at start: at once
+        expect_health=200 if ready else 503,
+    )
+
+
+@pytest.mark.slow
+def test_a_node_creates_its_missing_bucket_at_start_and_is_ready_without_a_write(tmp_path, seaweedfs, postgres):
+    bucket = seaweedfs.new_bucket_name()
+    # NOTE: two nodes starting at once on one fresh bucket, two workers each.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        nodes = list(
+            pool.map(lambda name: node_on_a_fresh_bucket(tmp_path / name, seaweedfs, postgres, bucket), ('one', 'two'))
+        )
+    try:
+        for node in nodes:
+            status, _, body = node.request('GET', '/health/ready')
+            assert (status, json.loads(body)['engines']['bucket']) == (200, 'ok'), body
+        assert seaweedfs.keys(bucket) == []  # NOTE: nothing written: ready all the same
+        logs = ''.join(node.log_path.read_text() for node in nodes)
+        assert 'could not make sure' not in logs
+        assert 1 <= logs.count(f'created the bucket {bucket}: it was missing') <= 4, logs
+        upload(nodes[0], 5000)
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+@pytest.mark.slow
+def test_a_node_whose_credentials_may_not_create_its_bucket_says_so_when_asked_if_ready(tmp_path, seaweedfs, postgres):
+    bucket = seaweedfs.new_bucket_name()
+    credentials = {'AWS_ACCESS_KEY_ID': S3_OBJECTS_KEY, 'AWS_SECRET_ACCESS_KEY': S3_OBJECTS_SECRET}
+    node = node_on_a_fresh_bucket(tmp_path, seaweedfs, postgres, bucket, ready=False, **credentials)
+    try:
+        status, headers, body = node.request('GET', '/health/ready')
+        answer = json.loads(body)
+        assert (status, answer['failing']) == (503, 'bucket'), body
+        assert headers['Retry-After']
+        assert f'the bucket {bucket} does not exist, and these credentials may not create it' in answer['error']
+        assert 'could not make sure the store' in node.log_path.read_text()
+    finally:
+        node.kill()
+    # NOTE: created by someone who may, a node with the same credentials is ready.
+    seaweedfs.client().create_bucket(Bucket=bucket)
+    node_on_a_fresh_bucket(tmp_path, seaweedfs, postgres, bucket, **credentials).kill()
+
+
+# -- a frozen bucket that thaws: a write that timed out lands all the same -----------------------------
+
+
+def test_a_put_whose_timed_out_attempt_lands_before_its_retry_says_it_stored_the_object(seaweedfs, tmp_path):
+    """Found from outside: a new blob answered 200 "created": false when the service thawed during the retry."""
+    import io
+
+    import storage
+    from iss_server import disk
+    from iss_server.drivers.s3 import S3Driver
+
+    bucket, _, prefix = seaweedfs.new_store().removeprefix('s3://').partition('/')
+    # NOTE: attempts of 2.5 s: the first ends at ~2.5 s, the retry starts by 3.5 s and ends after 5 s.
+    driver = S3Driver(
+        bucket, prefix + '/', endpoint=seaweedfs.endpoint, access_key=S3_KEY, secret_key=S3_SECRET, timeout=6
+    )
+    layout = disk.Layout(str(tmp_path / 'scratch'))
+    os.makedirs(layout.tmp)
+    staged = storage.stage_file(layout, io.BytesIO(b'new content, sent while the service is frozen'))
+    try:
+        with frozen(seaweedfs):
+            thawing = threading.Timer(3.7, seaweedfs.thaw)
+            thawing.start()
+            (stored, seconds) = timed(driver.put, staged, 'blobs/new')
+            thawing.join()
+    finally:
+        staged.discard()
+    # NOTE: the first attempt landed at the thaw; its retry found the object there (412): its own.
+    assert stored is True, (stored, seconds)
+    assert driver.read('blobs/new') == b'new content, sent while the service is frozen'
+    # NOTE: and another writer's object is still another's.
+    other = storage.stage_file(layout, io.BytesIO(b'new content, sent while the service is frozen'))
+    try:
+        assert driver.put(other, 'blobs/new') is False
+    finally:
+        other.discard()
+
+
+@pytest.mark.slow
+def test_new_content_sent_while_s3_freezes_and_thaws_is_never_answered_as_found_there(tmp_path, seaweedfs, postgres):
+    """A request answers 201 for content it stored, or 503 (not acknowledged). The write may land after
+    the 503 all the same (the service took it before it froze), so the client's retry answers 200
+    "created": false: the truth, as the content is stored and that request did not create it."""
+    node = Gunicorn(
+        tmp_path / 'data',
+        tmp_path / 'gunicorn.log',
+        **s3_node_environment(seaweedfs, postgres),
+        ISS_WORKERS='1',
+        ISS_S3_TIMEOUT='8',  # NOTE: attempts of 3.5 s: the retry starts at ~3.5 s, the deadline at 8 s
+    )
+    try:
+        node.request('GET', '/stats')
+        # NOTE: thawed during the retry (its first attempt lands before it), and after the deadline.
+        for number, thaw_at in enumerate((3.7, 8.5)):
+            content = f'new content {number}, sent while the service is frozen'.encode()
+            with frozen(seaweedfs):
+                thawing = threading.Timer(thaw_at, seaweedfs.thaw)
+                thawing.start()
+                (status, headers, body), seconds = timed(node.request, 'POST', '/artifacts?kind=x', content, OCTETS)
+                thawing.join()
+            assert seconds < 8 + 1
+            assert (status, json.loads(body).get('created', False)) in ((201, True), (503, False)), body
+            if status == 503:
+                assert headers['Retry-After'] and 'sending it again is safe' in json.loads(body)['description']
+            wait_for_landing = time.monotonic() + 5
+            while True:
+                status, _, body = node.request('POST', '/artifacts?kind=x', content, OCTETS)
+                if status != 503 or time.monotonic() > wait_for_landing:
+                    break
+                time.sleep(0.2)
+            assert (status, json.loads(body)['created']) == (200, False), body
+    finally:
+        node.kill()
+
+
+# -- a node starting: its port is bound before its workers answer ---------------------------------------
+
+
+@pytest.mark.slow
+def test_connections_made_while_a_node_starts_wait_for_its_workers_and_are_answered(tmp_path, seaweedfs, postgres):
+    """Found from outside: a restarted node accepts TCP connections seconds before its workers answer
+    (gunicorn's master binds, then forks them; a worker's start asks the index, here frozen for 3 s).
+    Such a connection waits in the listen backlog and is answered; none is refused or reset."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        **s3_node_environment(seaweedfs, postgres),
+        'ISS_DATA': str(tmp_path / 'data'),
+        'ISS_PORT': str(port),
+        'ISS_WORKERS': '2',
+        'ISS_INDEX_TIMEOUT': '3',
+        'ISS_LOG_LEVEL': 'warning',
+    }
+    answers: list[tuple[float, float, str]] = []  # NOTE: when made, when answered, the status line or error
+
+    def ask(connection: socket.socket, made: float) -> None:
+        with connection:
+            try:
+                connection.sendall(b'GET /health/live HTTP/1.1\r\nHost: iss\r\nConnection: close\r\n\r\n')
+                answer = b''
+                while chunk := connection.recv(65536):
+                    answer += chunk
+                answers.append((made, time.monotonic(), answer.split(b'\r\n', 1)[0].decode()))
+            except OSError as exc:
+                answers.append((made, time.monotonic(), repr(exc)))
+
+    with frozen(postgres), (tmp_path / 'gunicorn.log').open('ab') as log:
+        started = time.monotonic()
+        node = subprocess.Popen(
+            [sys.executable, '-m', 'gunicorn', 'iss:app'],
+            cwd=HERE,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            askers = []
+            while not any(status.endswith('200 OK') for _, _, status in answers):
+                assert time.monotonic() - started < 20, answers
+                try:
+                    connection = socket.create_connection(('127.0.0.1', port), timeout=30)
+                except ConnectionRefusedError:
+                    time.sleep(0.05)  # NOTE: not bound yet
+                    continue
+                askers.append(threading.Thread(target=ask, args=(connection, time.monotonic())))
+                askers[-1].start()
+                time.sleep(0.1)
+            for asker in askers:
+                asker.join(35)
+        finally:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(10)
+    first_made = min(made for made, _, _ in answers)
+    first_answered = min(answered for _, answered, _ in answers)
+    print(
+        f'\nstarting node: {len(answers)} connections accepted {first_answered - first_made:.2f} s before it answered'
+    )
+    assert {status for _, _, status in answers} == {'HTTP/1.1 200 OK'}, answers
+    assert first_answered - first_made > 1  # NOTE: the window is there: these connections waited in it

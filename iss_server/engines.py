@@ -16,14 +16,17 @@ with it. Two guards, one per concern:
 
 A request makes several engine calls in sequence (an intent, the puts, the row); each with a
 deadline of its own, a hanging engine would cost the request a deadline per call. So a request
-has one :class:`Budget`: the seconds its thread may spend in engine calls in all,
-``max(ISS_INDEX_TIMEOUT, ISS_S3_TIMEOUT)``. Each call gets at most what is left (the index's
-watchdog deadline; an S3 attempt starts only if a whole attempt fits), and once it is spent
-the next call is refused at once, as its engine's 503. Time spent receiving or sending a body
-is not counted, only time inside engine calls; threads that serve no request (the reconciler,
-the scrubber, webhooks, the parts an upload sends alongside) have no budget.
+has a :class:`Budget` per engine: the seconds its thread may spend in that engine's calls in all,
+the engine's own deadline (``ISS_INDEX_TIMEOUT`` for the index, ``ISS_S3_TIMEOUT`` for the
+bucket). Each call gets at most what is left of its engine's (the index's watchdog deadline; an
+S3 attempt starts only if a whole attempt fits), and once it is spent the engine's next call is
+refused at once, as its 503. So a hung index costs a request at most ``ISS_INDEX_TIMEOUT``
+however many index calls it makes, and a hung bucket at most ``ISS_S3_TIMEOUT``. Time spent
+receiving or sending a body is not counted, only time inside engine calls; threads that serve no
+request (the reconciler, the scrubber, webhooks, the parts an upload sends alongside) have no budget.
 
-``INDEX`` and ``BUCKET`` are this process's bulkheads; :func:`configure` sizes them from the settings.
+``INDEX`` and ``BUCKET`` are this process's bulkheads, each with its engine's budget;
+:func:`configure` sizes them from the settings.
 :class:`Probes` asks each engine with a deadline of its own, for ``/health/ready``.
 """
 
@@ -70,9 +73,11 @@ class Bulkhead:
     #: Seconds between two looks of a call waiting for a place.
     _LOOK = 0.05
 
-    def __init__(self, engine: str, unavailable: type[StoreUnavailable]) -> None:
+    def __init__(self, engine: str, unavailable: type[StoreUnavailable], setting: str = '') -> None:
         self.engine = engine
         self._unavailable = unavailable
+        #: A request's seconds in this engine's calls (``setting``, its deadline).
+        self.budget = Budget(engine, setting)
         self.limit = 0
         self._since: dict[int, float] = {}  # NOTE: the threads inside, by ident: when each came in
         self._slow_at = -self.REMEMBERED  # NOTE: when a call that took STUCK or more ended
@@ -87,13 +92,13 @@ class Bulkhead:
 
         Raises:
             StoreUnavailable: (the engine's own kind) every place is held by a call older than STUCK,
-                or the request's :data:`BUDGET` is spent.
+                or the request's :attr:`budget` for this engine is spent.
         """
-        if BUDGET.left() <= 0:
+        if self.budget.left() <= 0:
             self.on_refused(self.engine)
-            raise self._unavailable(f'the {self.engine} is not asked: {BUDGET.refusal()}')
+            raise self._unavailable(f'the {self.engine} is not asked: {self.budget.refusal()}')
         # NOTE: the wait for a place is the request's too.
-        with BUDGET.spending(), self._place():
+        with self.budget.spending(), self._place():
             yield
 
     @contextlib.contextmanager
@@ -132,20 +137,23 @@ class Bulkhead:
 
 
 class Budget:
-    """The seconds a request's thread may spend inside engine calls, all of them together (see the module's docstring).
+    """The seconds a request's thread may spend inside one engine's calls, all together (see the module's docstring).
 
     :meth:`request` gives the calling thread its budget; calls made outside one are not counted, and
     find the whole of their own deadline (:meth:`left` is infinite).
     """
 
-    def __init__(self) -> None:
-        #: Seconds per request: ``max(ISS_INDEX_TIMEOUT, ISS_S3_TIMEOUT)`` (:func:`configure`); 0, none.
+    def __init__(self, engine: str, setting: str = '') -> None:
+        self.engine = engine
+        #: The setting :attr:`seconds` comes from, named in a refusal.
+        self.setting = setting
+        #: Seconds per request: the engine's deadline (:func:`configure`); 0, none.
         self.seconds = 0.0
         self._local = threading.local()
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
-        """The block is one request: its engine calls share :attr:`seconds`."""
+        """The block is one request: its calls to the engine share :attr:`seconds`."""
         self.start()
         try:
             yield
@@ -153,7 +161,7 @@ class Budget:
             self.stop()
 
     def start(self) -> None:
-        """This thread's request begins (see :class:`PerRequest`), with the whole budget."""
+        """This thread's request begins (see :class:`PerRequest`), with the whole of :attr:`seconds`."""
         self._local.allowed = self.seconds or math.inf
         self._local.spent = 0.0
         self._local.since = None
@@ -163,7 +171,7 @@ class Budget:
         self._local.allowed = math.inf
 
     def left(self) -> float:
-        """Seconds this thread's request may still spend in engine calls (infinite outside a request)."""
+        """Seconds this thread's request may still spend in the engine's calls (infinite outside a request)."""
         allowed = getattr(self._local, 'allowed', math.inf)
         if allowed == math.inf:
             return math.inf
@@ -176,10 +184,8 @@ class Budget:
 
     def refusal(self) -> str:
         """Why a call is refused: the words of its 503."""
-        return (
-            f'too little is left of the {self.seconds:g} s this request may spend in engine calls '
-            '(the larger of ISS_INDEX_TIMEOUT and ISS_S3_TIMEOUT)'
-        )
+        setting = f' ({self.setting})' if self.setting else ''
+        return f'too little is left of the {self.seconds:g} s this request may spend in {self.engine} calls{setting}'
 
     @contextlib.contextmanager
     def spending(self) -> Iterator[None]:
@@ -196,35 +202,34 @@ class Budget:
 
 
 class PerRequest:
-    """Falcon middleware: each request's engine calls share one :data:`BUDGET`.
+    """Falcon middleware: each request's calls to an engine share that engine's budget (:attr:`Bulkhead.budget`).
 
     NOTE: a body streamed after the response started (a blob's bytes) is read outside it: a
     client reads at its own pace, and each read has the bucket's own deadline.
     """
 
     def process_request(self, req: object, resp: object) -> None:
-        BUDGET.start()
+        for bulkhead in (INDEX, BUCKET):
+            bulkhead.budget.start()
 
     def process_response(self, req: object, resp: object, resource: object, req_succeeded: bool) -> None:
-        BUDGET.stop()
+        for bulkhead in (INDEX, BUCKET):
+            bulkhead.budget.stop()
 
 
-#: This process's: a request's thread's budget.
-BUDGET = Budget()
-
-
-INDEX = Bulkhead('index', IndexUnavailable)
-BUCKET = Bulkhead('bucket', BucketUnavailable)
+INDEX = Bulkhead('index', IndexUnavailable, 'ISS_INDEX_TIMEOUT')
+BUCKET = Bulkhead('bucket', BucketUnavailable, 'ISS_S3_TIMEOUT')
 
 
 def configure(settings: Settings, *, refused: Callable[[str], None], cut: Callable[[str], None]) -> None:
     """Size this process's bulkheads: each engine may hold half of a worker's threads (at least one);
-    and a request's :data:`BUDGET`.
+    and a request's budget in each engine's calls: its deadline.
 
     ``refused`` and ``cut`` are called with an engine's name for each call its bulkhead refused,
     and each the watchdog cut off at its deadline (the app's metrics).
     """
-    BUDGET.seconds = max(settings.index_timeout, settings.s3_timeout)
+    INDEX.budget.seconds = settings.index_timeout
+    BUCKET.budget.seconds = settings.s3_timeout
     for bulkhead in (INDEX, BUCKET):
         bulkhead.limit = max(1, settings.threads // 2)
         bulkhead.on_refused = refused

@@ -251,7 +251,11 @@ class StoreUnavailable(StoreFailure):
 class BucketUnavailable(StoreUnavailable):
     """The S3 service is unreachable, too slow, refuses ISS's key or answers errors."""
 
-    description = 'The object store cannot be used right now; nothing was stored.'
+    # NOTE: not "nothing was stored": a write the service took after ISS gave up on it lands all
+    # the same (a frozen service that thaws). Sending it again is safe; it then answers created false.
+    description = (
+        'The object store cannot be used right now; an upload was not acknowledged (sending it again is safe).'
+    )
     part = 'bucket'
 
 

@@ -1219,7 +1219,7 @@ class PostgresIndex(_Queries):
 
     Every call has a deadline, ``timeout`` seconds (``ISS_INDEX_TIMEOUT``) counted by ISS:
     waiting for a pooled connection, connecting, and each statement (a frozen server counts
-    nothing; see :mod:`engines`), cut to what the request's budget has left (:data:`engines.BUDGET`).
+    nothing; see :mod:`engines`), cut to what the request's index budget has left (``engines.INDEX.budget``).
     A server that is down, refuses, or answers too late raises :class:`errors.IndexUnavailable`
     (503), and the connection is dropped. One whose server
     went away while it was idle (a restart) is noticed before use at no cost and replaced,
@@ -1314,8 +1314,8 @@ class PostgresIndex(_Queries):
         pool = self._connections()
         try:
             # NOTE: the wait is the request's too (a transaction's connection is taken outside its calls).
-            with engines.BUDGET.spending():
-                db = pool.getconn(timeout=engines.BUDGET.within(self.timeout))
+            with engines.INDEX.budget.spending():
+                db = pool.getconn(timeout=engines.INDEX.budget.within(self.timeout))
         except self._psycopg.Error as exc:  # NOTE: the pool's timeout too (PoolTimeout)
             raise self._unavailable(exc) from exc
         self._local.held = _Connection(db, 0, os.getpid())
@@ -1350,7 +1350,7 @@ class PostgresIndex(_Queries):
         with engines.INDEX.call(), self.session() as db:
             call = None
             try:
-                left = engines.BUDGET.within(self.timeout - (time.monotonic() - started))
+                left = engines.INDEX.budget.within(self.timeout - (time.monotonic() - started))
                 with engines.WATCHDOG.deadline(db.fileno(), left) as call:
                     yield db
             except self._psycopg.Error as exc:

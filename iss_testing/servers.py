@@ -230,6 +230,8 @@ class Nginx(LoopbackServer):
 # -- the servers of a store that outgrew one machine: real SeaweedFS (S3) and PostgreSQL ------------
 
 S3_KEY, S3_SECRET = 'iss-tests', 'iss-tests-secret'
+#: A key that may read and write objects but not create buckets (SeaweedFS's Admin action).
+S3_OBJECTS_KEY, S3_OBJECTS_SECRET = 'iss-tests-objects', 'iss-tests-objects-secret'
 
 
 class SeaweedFS(LoopbackServer):
@@ -248,7 +250,12 @@ class SeaweedFS(LoopbackServer):
                             'name': 'iss',
                             'credentials': [{'accessKey': S3_KEY, 'secretKey': S3_SECRET}],
                             'actions': ['Admin', 'Read', 'Write', 'List', 'Tagging'],
-                        }
+                        },
+                        {
+                            'name': 'iss-objects',
+                            'credentials': [{'accessKey': S3_OBJECTS_KEY, 'secretKey': S3_OBJECTS_SECRET}],
+                            'actions': ['Read', 'Write', 'List', 'Tagging'],
+                        },
                     ]
                 }
             )
@@ -316,9 +323,13 @@ class SeaweedFS(LoopbackServer):
         )
 
     def new_bucket(self) -> str:
-        name = f'iss-{next(_numbers)}'
+        name = self.new_bucket_name()
         self.client().create_bucket(Bucket=name)
         return name
+
+    def new_bucket_name(self) -> str:
+        """A bucket's name no test has used: nothing is there yet."""
+        return f'iss-{next(_numbers)}-{os.getpid()}'
 
     def new_store(self) -> str:
         """An empty store: a fresh prefix of one bucket the tests share.

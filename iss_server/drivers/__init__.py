@@ -152,6 +152,13 @@ class Driver(Protocol):
     def abandoned(self, age: float, *, dry_run: bool = False) -> dict[str, int]:
         """Remove writes begun more than ``age`` seconds ago and never committed; how many, by kind."""
 
+    def create(self) -> bool:
+        """Make the backend's container if it is missing (a bucket); True when this call made it (and logged it).
+
+        Idempotent, and safe while other processes do the same. Raises the backend's
+        StoreFailure when it cannot be asked, or when it is missing and may not be made.
+        """
+
     def check(self) -> None:
         """Prove the backend answers and takes writes (raises the backend's StoreFailure)."""
 

@@ -135,6 +135,10 @@ class FileDriver:
         """Nothing: a write in flight is a temp file of the spool, which the store sweeps."""
         return {}
 
+    def create(self) -> bool:
+        """False: the data directory's parts are made when the driver is (see :meth:`__init__`)."""
+        return False
+
     def check(self) -> None:
         for directory in self._directories:
             if not os.path.isdir(directory):

@@ -15,9 +15,9 @@ Every call has a deadline, ``timeout`` (``ISS_S3_TIMEOUT``), its one retry inclu
 its two attempts may take about half (:meth:`S3Driver.attempt_timeout`), and the retry waits at
 most a second. A call on a frozen service costs its request that, never
 more, and at most half a worker's request threads wait on the bucket at once
-(:data:`engines.BUCKET`). A request's calls share one budget (:data:`engines.BUDGET`):
-botocore's socket timeouts are the client's, not a call's, so an attempt (a retry
-too) starts only if the request has a whole attempt's time left, and is refused,
+(:data:`engines.BUCKET`). A request's calls to the bucket share one budget, ``timeout`` in all
+(``engines.BUCKET.budget``): botocore's socket timeouts are the client's, not a call's, so an
+attempt (a retry too) starts only if the request has a whole attempt's time left, and is refused,
 as a 503, if not (:meth:`S3Driver._within_budget`).
 """
 
@@ -27,6 +27,7 @@ import base64
 import concurrent.futures
 import contextlib
 import hashlib
+import logging
 import mimetypes
 import os
 import threading
@@ -45,6 +46,8 @@ from iss_server import engines
 from iss_server.drivers import KeyNotFound, Source, Stat
 from iss_server.errors import BucketUnavailable, CorruptBlob
 
+log = logging.getLogger(__name__)
+
 # PERF: one request up to this size (a request costs ~2-5 ms against SeaweedFS on loopback);
 # beyond it, parts go up several at a time and a failure costs one part, not the whole.
 _SINGLE_PUT_BYTES = 64 * 1024 * 1024
@@ -57,6 +60,7 @@ _MAX_PARTS = 10_000
 _EXISTS = frozenset({'PreconditionFailed', '412', 'ConditionalRequestConflict', '409'})
 _ABSENT = frozenset({'NoSuchKey', '404', 'NotFound'})
 _NO_UPLOAD = frozenset({'NoSuchUpload', '404'})
+_BUCKET_EXISTS = frozenset({'BucketAlreadyOwnedByYou', 'BucketAlreadyExists'})
 #: Keys of resumable uploads (iss_server/bucket_sessions.py): their multipart uploads live as long as a session.
 SESSIONS_PREFIX = 'uploads/'
 
@@ -153,9 +157,9 @@ class S3Driver:
 
         NOTE: raised here, it ends the call without a retry (botocore retries only its own errors).
         """
-        if engines.BUDGET.left() < self.attempt_timeout:
+        if engines.BUCKET.budget.left() < self.attempt_timeout:
             engines.BUCKET.on_refused(engines.BUCKET.engine)
-            raise BucketUnavailable(f'{request.method} not sent: {engines.BUDGET.refusal()}')
+            raise BucketUnavailable(f'{request.method} not sent: {engines.BUCKET.budget.refusal()}')
 
     # -- writing -------------------------------------------------------------
 
@@ -177,6 +181,7 @@ class S3Driver:
             return self._put_object(key, body, source.size, source.sha256, ContentType=content_type, **condition)
 
     def _put_object(self, key: str, body: Any, size: int, sha256: str, **params: Any) -> bool:
+        copy = uuid.uuid4().hex
         with _translated('storing an object'):
             try:
                 self.client.put_object(
@@ -185,14 +190,27 @@ class S3Driver:
                     Body=body,
                     ContentLength=size,
                     ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode(),
-                    Metadata={'iss-copy': uuid.uuid4().hex},
+                    Metadata={'iss-copy': copy},
                     **params,
                 )
             except botocore.exceptions.ClientError as exc:
                 if _code(exc) in _EXISTS:
-                    return False
+                    return self._landed_before_its_retry(exc, key, copy)
                 raise
         return True
+
+    def _landed_before_its_retry(self, exc: botocore.exceptions.ClientError, key: str, copy: str) -> bool:
+        """Whether the object a conditional write's retry found is that write's own: True, it stored it.
+
+        NOTE: an attempt that timed out may land after all, before its retry (a frozen service
+        thawed): the retry then finds the object there (412). Its ``iss-copy`` says whose it is.
+        """
+        if not exc.response.get('ResponseMetadata', {}).get('RetryAttempts'):
+            return False
+        try:
+            return self.stat(key).version == copy
+        except KeyNotFound:
+            return False
 
     def _put_multipart(self, source: Source, key: str) -> bool:
         """Send a spooled file up in parts, read in order; complete it only if they hash to its checksum."""
@@ -390,9 +408,34 @@ class S3Driver:
     def location(self, key: str) -> str:
         return f's3://{self.bucket}/{self.prefix}{key}'
 
-    def check(self) -> None:
+    def create(self) -> bool:
+        """Create the bucket if it is missing (a fresh S3 service); True when this call did (and logged it).
+
+        NOTE: asked first, so credentials that may not create buckets are not refused for one
+        that is there; one that another node creates meanwhile is no failure.
+        """
         with _translated('reaching the bucket'):
-            self.client.head_bucket(Bucket=self.bucket)
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+                return False
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) not in _ABSENT:
+                    raise
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) in _BUCKET_EXISTS:
+                    return False
+                raise BucketUnavailable(
+                    f'the bucket {self.bucket} does not exist, and these credentials may not create it '
+                    f'({_code(exc)}): create it, or give ISS credentials that may (s3:CreateBucket)'
+                ) from exc
+        log.warning('created the bucket %s: it was missing', self.bucket)
+        return True
+
+    def check(self) -> None:
+        """The bucket answers; one missing is created (see :meth:`create`), or the error says why it cannot be."""
+        self.create()
 
 
 class _S3Group:
@@ -422,14 +465,16 @@ class _Parts:
 
     def __init__(self, driver: S3Driver, key: str, part_bytes: int = _PART_BYTES) -> None:
         self._driver = driver
+        self._name = key
         self._key = driver.prefix + key
+        self._copy = uuid.uuid4().hex
         self.part_bytes = part_bytes
         self._pool = concurrent.futures.ThreadPoolExecutor(_PARTS_IN_FLIGHT, thread_name_prefix='iss-s3-part')
         self._in_flight: list[concurrent.futures.Future] = []
         self._parts: list[dict[str, Any]] = []
         with _translated('starting a multipart upload'):
             self._upload_id = driver.client.create_multipart_upload(
-                Bucket=driver.bucket, Key=self._key, ChecksumAlgorithm='SHA256', Metadata={'iss-copy': uuid.uuid4().hex}
+                Bucket=driver.bucket, Key=self._key, ChecksumAlgorithm='SHA256', Metadata={'iss-copy': self._copy}
             )['UploadId']
 
     def send(self, data: bytes) -> None:
@@ -469,10 +514,12 @@ class _Parts:
                         IfNoneMatch='*',
                     )
                 except botocore.exceptions.ClientError as exc:
-                    if _code(exc) in _EXISTS:
-                        self.abort()
-                        return False
-                    raise
+                    if _code(exc) not in _EXISTS:
+                        raise
+                    if self._driver._landed_before_its_retry(exc, self._name, self._copy):
+                        return True
+                    self.abort()
+                    return False
         except BaseException:
             self.abort()
             raise
