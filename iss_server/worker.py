@@ -286,7 +286,7 @@ class ThreadWorker(gthread.ThreadWorker):
         else:
             self.enqueue_req(conn)
 
-    def _forget_arriving(self, conn: gthread.TConn, arriving: dict[gthread.TConn, float]) -> None:
+    def _forget_arriving(self, conn: gthread.TConn, arriving: dict[gthread.TConn, Any]) -> None:
         del arriving[conn]
         self.poller.unregister(conn.sock)
         address = _address(conn.client)
