@@ -228,7 +228,7 @@ class ThreadWorker(gthread.ThreadWorker):
     # -- receiving a small body --------------------------------------------------------
 
     def _collect_body(self, conn: gthread.TConn, length: int) -> None:
-        """Receive the rest of a body of ``length`` bytes here, within ISS_BODY_TIMEOUT + length / ISS_BODY_MIN_RATE.
+        """Receive the rest of a body of ``length`` bytes here, as long as it keeps the pace of ISS_BODY_MIN_RATE.
 
         NOTE: the pace :class:`bodies.RequestBody` asks of a body it reads, counted from the end of the headers.
         """
