@@ -619,14 +619,21 @@ def test_listing_parameters_take_ascii_digits_only(client, name, value):
 
 SLOW_CLIENTS = 200
 # NOTE: the slow clients come from 127.0.0.1, the health checks from another address of loopback
-# (one address holds at most iss_server.worker.MAX_HEADS_PER_CLIENT connections sending headers).
+# (one address holds at most iss_server.worker.MAX_ARRIVING_PER_CLIENT connections still sending a request).
 HEALTH_CHECKER = ('127.0.0.2', 0)
+HONEST_UPLOADER = ('127.0.0.3', 0)
+#: Slow clients spread over eight addresses of loopback, 25 from each (under any per-address bound).
+SPREAD = tuple(f'127.0.0.{last}' for last in range(4, 12))
 
 
-def open_slow_clients(port: int, first_bytes: bytes, count: int = SLOW_CLIENTS) -> list[socket.socket]:
+def open_slow_clients(
+    port: int, first_bytes: bytes, count: int = SLOW_CLIENTS, sources: tuple[str, ...] = ('127.0.0.1',)
+) -> list[socket.socket]:
     clients = []
-    for _ in range(count):
-        client = socket.create_connection(('127.0.0.1', port), timeout=30)
+    for number in range(count):
+        client = socket.create_connection(
+            ('127.0.0.1', port), timeout=30, source_address=(sources[number % len(sources)], 0)
+        )
         with contextlib.suppress(OSError):
             client.sendall(first_bytes)
         clients.append(client)
@@ -669,6 +676,19 @@ def health_answers_within(port: int, seconds: float, checks: int = 6) -> list[fl
     return took
 
 
+def uploads_answer_within(port: int, seconds: float, checks: int = 3) -> list[float]:
+    """Upload a small body ``checks`` times from another address, each answered 201 within ``seconds``; their times."""
+    took = []
+    for _ in range(checks):
+        started = time.monotonic()
+        connection = http.client.HTTPConnection('127.0.0.1', port, timeout=seconds, source_address=HONEST_UPLOADER)
+        connection.request('POST', '/artifacts?kind=honest', body=os.urandom(20_000))
+        assert connection.getresponse().status == 201
+        connection.close()
+        took.append(time.monotonic() - started)
+    return took
+
+
 def answer_of(client: socket.socket, first: bytes = b'') -> bytes:
     """What the server answered on ``client`` until it closed (``first``: what was read of it already)."""
     answer = first
@@ -686,10 +706,27 @@ def test_two_hundred_header_trickles_take_no_thread_and_are_cut_at_the_header_ti
     with dripping(clients, b'X-Slow: 1\r\n'):
         assert max(health_answers_within(server.port, 1.0)) < 1.0
         answers = [answer_of(client) for client in clients]
-    # each either answered 408 at the header timeout, or closed at once past the per-address bound
-    assert all(answer.startswith(b'HTTP/1.1 408') or answer == b'' for answer in answers)
-    assert sum(answer.startswith(b'HTTP/1.1 408') for answer in answers) >= 64
-    assert json.loads(next(a for a in answers if a).partition(b'\r\n\r\n')[2])['status'] == 408
+    # each either answered 408 at the header timeout, or 503 at once past the per-address bound
+    statuses = collections.Counter(answer[9:12] for answer in answers)
+    assert set(statuses) == {b'408', b'503'} and statuses[b'408'] >= 64, statuses
+    for status in (b'408', b'503'):
+        answer = next(answer for answer in answers if answer[9:12] == status)
+        assert json.loads(answer.partition(b'\r\n\r\n')[2])['status'] == int(status)
+    assert b'Retry-After: 1' in next(answer for answer in answers if answer[9:12] == b'503')
+
+
+def test_past_the_connections_one_address_may_have_arriving_it_is_answered_503_health_included(start):
+    """Beyond MAX_ARRIVING_PER_CLIENT the connection was closed without an answer, /health included."""
+    server = start(ISS_WORKERS='1', ISS_HEADER_TIMEOUT='5')
+    clients = open_slow_clients(server.port, b'GET /health HTTP/1.1\r\n', 64)
+    try:
+        wait_for(lambda: server.request('GET', '/health')[0] == 503, message='the 65th connection to be refused')
+        status, headers, body = server.request('GET', '/health')
+        assert (status, headers['Retry-After'], json.loads(body)['status']) == (503, '1', 503)
+        assert max(health_answers_within(server.port, 1.0, checks=2)) < 1.0  # another address is answered
+    finally:
+        for client in clients:
+            client.close()
 
 
 @pytest.mark.slow
@@ -702,7 +739,8 @@ def test_two_hundred_body_drips_leave_threads_free_and_are_cut_at_the_minimum_ra
     )
     clients = open_slow_clients(server.port, head)
     with dripping(clients, b'x', every=0.2):
-        assert max(health_answers_within(server.port, 1.0)) < 1.0
+        assert max(uploads_answer_within(server.port, 1.0)) < 1.0  # a small body needs no place
+        assert max(health_answers_within(server.port, 1.0, checks=3)) < 1.0
         answers = [answer_of(client) for client in clients]
     statuses = collections.Counter(answer[9:12] for answer in answers)
     # 14 of each worker's 16 threads received bodies at a time, cut at the minimum rate (408); the
@@ -712,6 +750,27 @@ def test_two_hundred_body_drips_leave_threads_free_and_are_cut_at_the_minimum_ra
     assert set(statuses) == {b'503', b'408'}, statuses
     assert b'Retry-After: 1' in next(answer for answer in answers if answer[9:12] == b'503')
     assert not list((server.data_dir / 'tmp').glob('upload-*'))  # nothing half-written stays
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sources', [('127.0.0.1',), SPREAD], ids=['one-address', 'eight-addresses'])
+def test_two_hundred_small_body_drips_take_no_thread_and_are_cut_at_their_pace(start, sources):
+    """200 clients dripping small uploads held every body place, and an honest upload waited ISS_BODY_TIMEOUT."""
+    server = start(ISS_BODY_TIMEOUT='2', ISS_BODY_MIN_RATE='1024')
+    head = b'POST /artifacts?kind=slow HTTP/1.1\r\nHost: iss\r\nContent-Length: 2048\r\n\r\n'
+    clients = open_slow_clients(server.port, head, sources=sources)
+    with dripping(clients, b'x', every=0.2):
+        assert max(uploads_answer_within(server.port, 1.0)) < 1.0
+        assert max(health_answers_within(server.port, 1.0, checks=2)) < 1.0
+        answers = [answer_of(client) for client in clients]
+    # received in the main loop, cut at ISS_BODY_TIMEOUT + 2048 / ISS_BODY_MIN_RATE s (408), or, past one address's
+    # MAX_ARRIVING_PER_CLIENT, answered 503 at once
+    statuses = collections.Counter(answer[9:12] for answer in answers)
+    assert statuses[b'408'] >= 64 and set(statuses) <= {b'408', b'503'}, statuses
+    assert json.loads(next(a for a in answers if a[9:12] == b'408').partition(b'\r\n\r\n')[2])['title'] == (
+        'Request body too slow'
+    )
+    assert not list((server.data_dir / 'tmp').glob('upload-*'))
 
 
 @pytest.mark.slow
@@ -729,8 +788,12 @@ def test_two_hundred_slow_clients_through_nginx_leave_health_answering(tmp_path,
             + b'0' * 64
             + b'?kind=slow HTTP/1.1\r\nHost: iss\r\nContent-Length: 100000\r\n\r\n'
         )
-        body_drips = open_slow_clients(nginx.port, head, SLOW_CLIENTS // 2)
+        # NOTE: small bodies (nginx buffers them) and large ones (streamed to ISS's body places)
+        body_drips = open_slow_clients(nginx.port, head, SLOW_CLIENTS // 4) + open_slow_clients(
+            nginx.port, head.replace(b'100000', b'1000000'), SLOW_CLIENTS // 4
+        )
         with dripping(header_trickles, b'X-Slow: 1\r\n'), dripping(body_drips, b'x', every=0.2):
+            assert max(uploads_answer_within(nginx.port, 1.0)) < 1.0
             assert max(health_answers_within(nginx.port, 1.0)) < 1.0
             assert max(health_answers_within(behind.port, 1.0, checks=2)) < 1.0
     finally:

@@ -6,10 +6,12 @@ every thread of 2 workers x 16, and ``/health`` stopped answering for as long as
 lasted (issue 29). Here the main loop collects a request's headers itself, from non-blocking
 sockets in its poller, and hands the connection to a thread only with its whole header block
 buffered; a client that does not complete it within ``ISS_HEADER_TIMEOUT`` seconds is answered
-408 and closed, and one address holds at most :data:`MAX_HEADS_PER_CLIENT` connections
-whose headers are still arriving (the next are closed at once). Requests with a body take all
-threads but an eighth at most (the others wait for a place here, without a thread, then 503),
-and ISS reads bodies at a minimum rate (:mod:`iss_server.bodies`).
+408 and closed, and one address holds at most :data:`MAX_ARRIVING_PER_CLIENT` connections
+whose request is still arriving (the next are answered 503 at once). A body of at most
+:data:`MAX_BUFFERED_BODY` bytes is received here too, whole, before a thread sees it: 200 clients
+dripping small uploads take no thread, and an honest small upload never waits behind them for
+a place. Larger bodies take all threads but an eighth at most (the others wait for a place
+here, without a thread, then 503), and ISS reads them at a minimum rate (:mod:`iss_server.bodies`).
 
 NOTE: this reaches into gunicorn's ThreadWorker and TConn as of the pinned gunicorn 27.0.1
 (as :class:`bodies.SocketBody` does); ``test_hostile.py``'s slowloris tests fail if an
@@ -20,6 +22,8 @@ on, keep gunicorn's own path.
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import json
 import logging
 import re
@@ -43,8 +47,11 @@ log = logging.getLogger(__name__)
 #: Bytes a request's headers may take (request line included): what gunicorn allows of one line
 #: (``limit_request_line``) and a few dozen ordinary fields. More is answered 431.
 MAX_HEAD_BYTES = 64 * 1024
-#: Connections of one client address whose headers are still arriving, per worker.
-MAX_HEADS_PER_CLIENT = 64
+#: Connections of one client address whose request (headers, or a buffered body) is still arriving, per worker.
+MAX_ARRIVING_PER_CLIENT = 64
+#: Largest body received whole by the main loop (a request that declares its length and expects no
+#: ``100 Continue``); larger ones are read by a thread, with a body place. nginx buffers the same (deploy/nginx).
+MAX_BUFFERED_BODY = 256 * 1024
 #: Seconds a thread drains a body the app left unread, to keep the connection (gunicorn: 5).
 DRAIN_SECONDS = 1.0
 
@@ -57,15 +64,24 @@ class ThreadWorker(gthread.ThreadWorker):
         # NOTE: each connection collecting its headers, with its deadline, in the order they started
         # (all have the same timeout, so the first is always the first to expire).
         self._heads: dict[gthread.TConn, float] = {}
-        self._heads_per_client: Counter[str] = Counter()
-        self._header_timeout = Settings.from_env().header_timeout
+        self._arriving_per_client: Counter[str] = Counter()
+        settings = Settings.from_env()
+        self._header_timeout = settings.header_timeout
+        # NOTE: each connection receiving a small body, with the number of its entry in the heap of deadlines.
+        # An entry is the earliest its body may fall behind its pace; when it comes up, the body's real
+        # deadline is pushed anew if that is later (bytes arrived meanwhile), and an entry whose number is
+        # not its connection's (handed over, or gone) is dropped.
+        self._bodies: dict[gthread.TConn, int] = {}
+        self._body_deadlines: list[tuple[float, int, gthread.TConn]] = []
+        self._body_order = itertools.count()
+        self._body_min_rate = settings.body_min_rate
         # NOTE: all threads but an eighth (at least one) may run requests with a body, so slow uploads
         # leave those to everything else, /health included. A request with a body that finds no
         # place waits for one here, in the main loop (no thread held), for ISS_BODY_TIMEOUT at most.
         self.body_places = max(1, self.cfg.threads - max(1, self.cfg.threads // 8))
         self._free_body_places = self.body_places
         self._waiting_bodies: dict[gthread.TConn, float] = {}
-        self._body_wait = Settings.from_env().body_timeout
+        self._body_wait = settings.body_timeout
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """SIGTERM: the change feed's waiting requests answer now, so the graceful stop is not held by them."""
@@ -92,7 +108,7 @@ class ThreadWorker(gthread.ThreadWorker):
         self._collect_head(conn, readable=True)
 
     def enqueue_req(self, conn: gthread.TConn) -> None:
-        """Hand a connection to a thread once its headers are in, and, for a request with a body, a place is free.
+        """Hand a connection to a thread once its headers are in, a small body too, or a larger body's place is free.
 
         What a connection sent ahead (pipelined) may be only part of its next headers: they are collected first.
         """
@@ -101,7 +117,12 @@ class ThreadWorker(gthread.ThreadWorker):
             if ahead and not _complete(ahead):
                 self._collect_head(conn)
                 return
-            if _declares_a_body(ahead):
+            length = _buffered_body_length(ahead)
+            if length is not None:
+                if len(ahead) < _head_length(ahead) + length:
+                    self._collect_body(conn, length)
+                    return
+            elif _declares_a_body(ahead):
                 if not self._free_body_places:
                     self._waiting_bodies[conn] = time.monotonic() + self._body_wait
                     return
@@ -130,6 +151,14 @@ class ThreadWorker(gthread.ThreadWorker):
             self._refuse_head(
                 conn, 408, 'Request Timeout', f'The request headers took over {self._header_timeout:g} s.'
             )
+        while self._body_deadlines and self._body_deadlines[0][0] <= now:
+            _, number, conn = heapq.heappop(self._body_deadlines)
+            if self._bodies.get(conn) != number:
+                continue
+            if self._body_deadline(conn) > now:
+                self._await_body(conn)
+            else:
+                self._refuse_slow_body(conn)
         while self._waiting_bodies:
             conn, deadline = next(iter(self._waiting_bodies.items()))
             if deadline > now and self.alive:
@@ -151,15 +180,22 @@ class ThreadWorker(gthread.ThreadWorker):
             super().enqueue_req(conn)  # NOTE: gunicorn's own path (never ISS's configuration)
             return
         address = _address(conn.client)
-        if self._heads_per_client[address] >= MAX_HEADS_PER_CLIENT:
+        if self._arriving_per_client[address] >= MAX_ARRIVING_PER_CLIENT:
+            # NOTE: answered before a byte is read, /health included: nothing tells a health check from the rest
+            # until its headers are in, and collecting them is what this address may not do more of.
             self.nr_conns -= 1
-            conn.close()
+            description = (
+                f'Over {MAX_ARRIVING_PER_CLIENT} connections from your address are still sending their request; '
+                'try again shortly.'
+            )
+            _answer(conn.sock, 503, 'Service Unavailable', 'Too many slow requests', description, retry_after=1)
+            conn.close(graceful=True)
             return
         conn.init()  # NOTE: a plain connection's init only makes its parser
         if not readable:  # PERF: gunicorn made a kept-alive socket non-blocking before polling it (an ioctl less)
             conn.sock.setblocking(False)
         conn.head = bytearray(conn.parser.unreader.take_buffered())  # NOTE: what came pipelined
-        self._heads_per_client[address] += 1
+        self._arriving_per_client[address] += 1
         self._heads[conn] = time.monotonic() + self._header_timeout
         if readable:
             # PERF: a kept-alive connection comes back readable, its next headers in as a rule: read
@@ -167,27 +203,22 @@ class ThreadWorker(gthread.ThreadWorker):
             # main loop (two epoll_ctl and an epoll_wait per request).
             self._on_head_bytes(conn, conn.sock, registered=False)
             if conn not in self._heads:
-                return  # NOTE: handed to a thread, refused or closed
+                return  # NOTE: handed over, refused or closed
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
 
     def _on_head_bytes(self, conn: gthread.TConn, client: socket.socket, *, registered: bool = True) -> None:
-        try:
-            data = conn.sock.recv(MAX_HEAD_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b''
         if not data:
-            self._forget_head(conn, registered)
+            self._forget_arriving(conn, self._heads, registered)
             self.nr_conns -= 1
             conn.close()
             return
         conn.head += data
         if _complete(conn.head):
-            self._forget_head(conn, registered)
-            conn.parser.unreader.unread(bytes(conn.head))
-            conn.data_ready = True
-            self.enqueue_req(conn)
+            self._forget_arriving(conn, self._heads, registered)
+            self._hand_over(conn)
         elif len(conn.head) > MAX_HEAD_BYTES:
             self._refuse_head(
                 conn,
@@ -200,7 +231,7 @@ class ThreadWorker(gthread.ThreadWorker):
     def _refuse_head(
         self, conn: gthread.TConn, status: int, reason: str, message: str, *, registered: bool = True
     ) -> None:
-        self._forget_head(conn, registered)
+        self._forget_arriving(conn, self._heads, registered)
         self.nr_conns -= 1
         try:
             gunicorn.util.write_error(conn.sock, status, reason, message)
@@ -208,14 +239,77 @@ class ThreadWorker(gthread.ThreadWorker):
             pass  # NOTE: best effort: a client that stopped reading gets the close alone
         conn.close()
 
-    def _forget_head(self, conn: gthread.TConn, registered: bool = True) -> None:
-        del self._heads[conn]
+    # -- receiving a small body --------------------------------------------------------
+
+    def _collect_body(self, conn: gthread.TConn, length: int) -> None:
+        """Receive the rest of a body of ``length`` bytes here, as long as it keeps the pace of ISS_BODY_MIN_RATE.
+
+        NOTE: the pace :class:`bodies.RequestBody` asks of a body it reads, counted from the end of the headers.
+        """
+        conn.sock.setblocking(False)
+        conn.head = bytearray(conn.parser.unreader.take_buffered())
+        conn.body_start = _head_length(conn.head)
+        conn.body_end = conn.body_start + length
+        conn.body_started = time.monotonic()
+        self._arriving_per_client[_address(conn.client)] += 1
+        self._await_body(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_body_bytes, conn))
+
+    def _body_deadline(self, conn: gthread.TConn) -> float:
+        """When the body falls behind its pace: ISS_BODY_TIMEOUT s, plus a second per ISS_BODY_MIN_RATE bytes."""
+        received = len(conn.head) - conn.body_start
+        return float(conn.body_started + self._body_wait + received / self._body_min_rate)
+
+    def _await_body(self, conn: gthread.TConn) -> None:
+        self._bodies[conn] = number = next(self._body_order)
+        heapq.heappush(self._body_deadlines, (self._body_deadline(conn), number, conn))
+
+    def _refuse_slow_body(self, conn: gthread.TConn) -> None:
+        self._forget_arriving(conn, self._bodies)
+        self.nr_conns -= 1
+        received = len(conn.head) - conn.body_start
+        description = (
+            f'Received {received} bytes in {time.monotonic() - conn.body_started:.0f} s: a body must average '
+            f'{self._body_min_rate} bytes a second after its first {self._body_wait} s (ISS_BODY_MIN_RATE).'
+        )
+        _answer(conn.sock, 408, 'Request Timeout', 'Request body too slow', description)
+        conn.close(graceful=True)
+
+    def _on_body_bytes(self, conn: gthread.TConn, client: socket.socket) -> None:
+        data = _receive(conn.sock)
+        if data is None:
+            return
+        conn.head += data
+        if data and self._body_deadline(conn) <= time.monotonic():
+            self._refuse_slow_body(conn)  # NOTE: a drip never pauses: it is cut when it falls behind, as it arrives
+            return
+        # NOTE: a client gone before its last byte goes to a thread too: the app answers its IncompleteBody.
+        if not data or len(conn.head) >= conn.body_end:
+            self._forget_arriving(conn, self._bodies)
+            self._hand_over(conn, to_thread=True)
+
+    # -- both ----------------------------------------------------------------------------
+
+    def _hand_over(self, conn: gthread.TConn, to_thread: bool = False) -> None:
+        """What arrived goes back to the parser; the connection to :meth:`enqueue_req`, or straight to a thread."""
+        conn.parser.unreader.unread(bytes(conn.head))
+        conn.head = bytearray()
+        conn.data_ready = True
+        if to_thread:
+            super().enqueue_req(conn)  # NOTE: its small body is all here (or will never be): no place needed
+        else:
+            self.enqueue_req(conn)
+
+    def _forget_arriving(
+        self, conn: gthread.TConn, arriving: dict[gthread.TConn, Any], registered: bool = True
+    ) -> None:
+        del arriving[conn]
         if registered:
             self.poller.unregister(conn.sock)
         address = _address(conn.client)
-        self._heads_per_client[address] -= 1
-        if not self._heads_per_client[address]:
-            del self._heads_per_client[address]
+        self._arriving_per_client[address] -= 1
+        if not self._arriving_per_client[address]:
+            del self._arriving_per_client[address]
 
 
 def _address(client: object) -> str:
@@ -270,18 +364,62 @@ def _declares_a_body(ahead: bytes) -> bool:
     return _BODY_DECLARED.search(ahead, 0, len(ahead) if end < 0 else end) is not None
 
 
+_CONTENT_LENGTH = re.compile(rb'\ncontent-length[ \t]*:[ \t]*([0-9]{1,16})[ \t]*\r?\n', re.IGNORECASE)
+_STREAMED = re.compile(rb'\n(?:transfer-encoding|expect)[ \t]*:', re.IGNORECASE)
+
+
+def _head_length(ahead: bytes | bytearray) -> int:
+    """Bytes the request's headers take at the start of ``ahead`` (all of it while they are incomplete)."""
+    end = _head_end(ahead)
+    if end < 0:
+        return len(ahead)
+    return end + (2 if ahead.startswith(b'\n\n', end) else 4)
+
+
+def _buffered_body_length(ahead: bytes | bytearray) -> int | None:
+    """The length of the body the main loop receives whole (1 to :data:`MAX_BUFFERED_BODY` bytes), else None.
+
+    NOTE: a chunked body, or one whose client waits for ``100 Continue`` (gunicorn's thread sends it), is read by a
+    thread as before; so is a malformed length, which gunicorn's parser answers 400.
+    """
+    end = _head_length(ahead)
+    if _STREAMED.search(ahead, 0, end):
+        return None
+    lengths = _CONTENT_LENGTH.findall(ahead, 0, end)
+    if len(lengths) != 1 or not 0 < int(lengths[0]) <= MAX_BUFFERED_BODY:
+        return None
+    return int(lengths[0])
+
+
+def _receive(sock: socket.socket) -> bytes | None:
+    """What arrived on a non-blocking socket: b'' when the client is gone, None when nothing after all."""
+    try:
+        return sock.recv(MAX_HEAD_BYTES)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b''
+
+
 def _refuse_busy(sock: socket.socket, reason: str) -> None:
-    """Answer 503 with Retry-After, in ISS's JSON, before the app (and without reading the body)."""
-    body = json.dumps(
-        error_body(503, 'Busy receiving', 'Too many uploads are arriving right now; try again shortly.')
-    ).encode()
+    """Answer 503 with Retry-After before the app (and without reading the body)."""
+    log.warning('request with a body refused: %s', reason)
+    description = 'Too many uploads are arriving right now; try again shortly.'
+    _answer(sock, 503, 'Service Unavailable', 'Busy receiving', description, retry_after=1)
+
+
+def _answer(
+    sock: socket.socket, status: int, reason: str, title: str, description: str, retry_after: int | None = None
+) -> None:
+    """Answer in ISS's JSON from the main loop, without blocking: a client that reads nothing gets the close alone."""
+    body = json.dumps(error_body(status, title, description)).encode()
+    retry = f'Retry-After: {retry_after}\r\n' if retry_after is not None else ''
     head = (
-        'HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n'
+        f'HTTP/1.1 {status} {reason}\r\nConnection: close\r\n{retry}'
         f'Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n'
     )
-    log.warning('request with a body refused: %s', reason)
     try:
-        sock.setblocking(False)  # NOTE: on the main loop: a client that reads nothing must not stall it
+        sock.setblocking(False)
         gunicorn.util.write(sock, head.encode() + body)
     except OSError:
         pass
