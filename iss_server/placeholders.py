@@ -46,7 +46,7 @@ def small(image: Image.Image, side: int = SIDE) -> Image.Image:
 
 
 def reduced(image: Image.Image, side: int = SIDE) -> Image.Image:
-    """Return ``image`` reduced to fit ``side`` x ``side`` pixels, as a new RGB image, or RGBA if some pixel is not opaque.
+    """Return ``image`` reduced to fit ``side`` x ``side`` pixels: a new RGB image, RGBA if a pixel is not opaque.
 
     PERF: on an image not yet loaded, ``draft`` first has the decoder scale it down: a JPEG
     decodes at 1/2 to 1/8 scale, a HEIC with an embedded thumbnail decodes that thumbnail; the
@@ -57,14 +57,14 @@ def reduced(image: Image.Image, side: int = SIDE) -> Image.Image:
     hash composites RGBA on white (64 us), and the placeholders read three planes, not four.
     """
     image.draft(None, (side * 2, side * 2))  # NOTE: twice the side, as Image.thumbnail's reducing_gap
-    reduced = eight_bit(image.copy())
-    reduced.thumbnail((side, side), Image.Resampling.BOX)
-    if reduced.mode == 'RGB' and 'transparency' not in reduced.info:
-        return reduced
-    reduced = reduced.convert('RGBA')
-    if reduced.getchannel('A').getextrema() == (255, 255):
-        return reduced.convert('RGB')
-    return reduced
+    thumbnail = eight_bit(image.copy())
+    thumbnail.thumbnail((side, side), Image.Resampling.BOX)
+    if thumbnail.mode == 'RGB' and 'transparency' not in thumbnail.info:
+        return thumbnail
+    rgba = thumbnail.convert('RGBA')
+    if rgba.getchannel('A').getextrema() == (255, 255):
+        return rgba.convert('RGB')
+    return rgba
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
@@ -83,7 +83,6 @@ def _js_round(value: float) -> int:
 
 
 # -- ThumbHash ---------------------------------------------------------------------------------------
-
 
 
 def thumbhash(image: Image.Image) -> str:
@@ -332,7 +331,10 @@ def blurhash(image: Image.Image, components: tuple[int, int] | None = None) -> s
     for band in range(3):
         linear = list(map(_LINEAR.__getitem__, rgb[band::3]))
         rows = [linear[y * w : (y + 1) * w] for y in range(h)]
-        projected.append([[sum(map(mul, row, fx)) for row in rows] for fx in along_x])
+        # NOTE: the first cosine is 1 everywhere: a row's sum is its projection.
+        projected.append(
+            [[sum(row) for row in rows]] + [[sum(map(mul, row, fx)) for row in rows] for fx in along_x[1:]]
+        )
     factors = []
     for j, fy in enumerate(along_y):
         for i in range(nx):
