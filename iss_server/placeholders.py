@@ -269,7 +269,7 @@ def thumbhash_to_image(value: str) -> Image.Image:
 
 @functools.cache
 def _thumbhash_cosines(size: int, count: int) -> list[list[float]]:
-    """The first ``count`` cosines the reference projects ``size`` pixels on (computed once a size)."""
+    """The first ``count`` cosines the reference projects ``size`` pixels on (once a size: sizes are <= 32)."""
     return [[math.cos(math.pi / size * c * (x + 0.5)) for x in range(size)] for c in range(count)]
 
 
@@ -361,7 +361,7 @@ def blurhash(image: Image.Image, components: tuple[int, int] | None = None) -> s
 
 @functools.cache
 def _blurhash_cosines(size: int, count: int) -> list[list[float]]:
-    """The first ``count`` cosines the reference projects ``size`` pixels on (computed once a size)."""
+    """The first ``count`` cosines the reference projects ``size`` pixels on (once a size: sizes are <= 32)."""
     return [[math.cos(math.pi * c * x / size) for x in range(size)] for c in range(count)]
 
 
