@@ -400,7 +400,7 @@ def _capture_time(exif: Image.Exif) -> str | None:
 def fingerprints(source: IO[bytes], max_pixels: int, gate: RenderGate | None = None) -> dict[str, Any]:
     """The meta's :data:`FINGERPRINT_KEYS` of the image in ``source``, from one small decode.
 
-    The image is decoded as small as its format allows (``placeholders.small``: a JPEG at 1/8
+    The image is decoded as small as its format allows (``placeholders.reduced``: a JPEG at 1/8
     scale, a HEIC's embedded thumbnail; other formats in full), turned upright by its EXIF
     orientation (a rotated copy is another picture), then hashed.
 
@@ -412,17 +412,19 @@ def fingerprints(source: IO[bytes], max_pixels: int, gate: RenderGate | None = N
     budgeted = _BudgetedFile(source, HEADER_BUDGET)
     with _open(budgeted, max_pixels) as image, _boundary(CannotRender, 'fingerprinting'):
         orientation = _orientation(_exif(image))
-        # NOTE: draft now (placeholders.small's own is then a no-op), so the gate counts the pixels decoded.
+        # NOTE: draft now (placeholders.reduced's own is then a no-op), so the gate counts the pixels decoded.
         image.draft(None, (placeholders.SIDE * 2, placeholders.SIDE * 2))
         budgeted.allow(None)
         with (gate or GATE).admitted(_decoded_pixels(image), wait=_UPLOAD_WAIT_SECONDS):
-            shown = placeholders.small(image)
+            shown = placeholders.reduced(image)
     if orientation in _TRANSPOSITIONS:
         shown = shown.transpose(_TRANSPOSITIONS[orientation])
+    # PERF: one reduction for both placeholders (each reduces a larger image to this same size).
+    tiny = placeholders.reduced(shown, placeholders.PLACEHOLDER_SIDE)
     return {
         'phash': similar.to_hex(similar.perceptual_hash(shown)),
-        'thumbhash': placeholders.thumbhash(shown),
-        'blurhash': placeholders.blurhash(shown),
+        'thumbhash': placeholders.thumbhash(tiny),
+        'blurhash': placeholders.blurhash(tiny),
     }
 
 

@@ -22,28 +22,49 @@ component. Both of ours are checked against those ports in test_placeholders.py.
 from __future__ import annotations
 
 import base64
+import functools
 import math
+from itertools import repeat
+from operator import add, mul, sub, truediv
 
 from PIL import Image
 
 #: The largest side :func:`small` decodes to, and the largest :func:`thumbhash` takes (the reference's limit).
 SIDE = 100
+#: ThumbHash and BlurHash read at most this many pixels a side: a larger image is first reduced to it,
+#: one reduction for both in ``images.fingerprints``. NOTE: ThumbHash's reference takes up to 100, but
+#: its at most 7 cosines a side are sampled well by 32 pixels, and pure Python pays for each pixel
+#: (100x75: ~25 ms; 32x24: ~2 ms, before the PERF work of NOTES-fingerprints.md); the decoded
+#: placeholders differ by < 5 levels of 255 on average, where either is 15 to 40 off the source.
+#: BlurHash's 4x3 cosines see nothing finer either.
+PLACEHOLDER_SIDE = 32
 
 
 def small(image: Image.Image, side: int = SIDE) -> Image.Image:
-    """Return ``image`` reduced to fit ``side`` x ``side`` pixels, as a new RGBA image.
+    """Return ``image`` reduced to fit ``side`` x ``side`` pixels, as a new RGBA image (see :func:`reduced`)."""
+    return reduced(image, side).convert('RGBA')
+
+
+def reduced(image: Image.Image, side: int = SIDE) -> Image.Image:
+    """Return ``image`` reduced to fit ``side`` x ``side`` pixels: a new RGB image, RGBA if a pixel is not opaque.
 
     PERF: on an image not yet loaded, ``draft`` first has the decoder scale it down: a JPEG
     decodes at 1/2 to 1/8 scale, a HEIC with an embedded thumbnail decodes that thumbnail; the
     full-size pixels are never decoded. Such an image is then smaller for its other uses too:
     give this function an image opened for it. Other formats decode in full.
+    PERF: an opaque image stays RGB, the same pixels as RGBA's without their alpha of 255: Pillow
+    resizes RGBA premultiplied (two conversions more: 100x80 to 32x26, 107 -> 41 us), the perceptual
+    hash composites RGBA on white (64 us), and the placeholders read three planes, not four.
     """
     image.draft(None, (side * 2, side * 2))  # NOTE: twice the side, as Image.thumbnail's reducing_gap
-    reduced = eight_bit(image.copy())
-    reduced.thumbnail((side, side), Image.Resampling.BOX)
-    if reduced.mode != 'RGBA':
-        reduced = reduced.convert('RGBA')
-    return reduced
+    thumbnail = eight_bit(image.copy())
+    thumbnail.thumbnail((side, side), Image.Resampling.BOX)
+    if thumbnail.mode == 'RGB' and 'transparency' not in thumbnail.info:
+        return thumbnail
+    rgba = thumbnail.convert('RGBA')
+    if rgba.getchannel('A').getextrema() == (255, 255):
+        return rgba.convert('RGB')
+    return rgba
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
@@ -64,61 +85,75 @@ def _js_round(value: float) -> int:
 # -- ThumbHash ---------------------------------------------------------------------------------------
 
 
-#: ThumbHash reads at most this many pixels a side. NOTE: the reference takes up to 100, but its
-#: at most 7 cosines a side are sampled well by 32 pixels, and pure Python pays for each pixel
-#: (100x75: ~25 ms; 32x24: ~2 ms); the decoded placeholders differ by < 5 levels of 255 on average,
-#: where either is 15 to 40 off the source.
-THUMBHASH_SIDE = 32
-
-
 def thumbhash(image: Image.Image) -> str:
-    """Return the ThumbHash of ``image`` (reduced to :data:`THUMBHASH_SIDE` if larger), base64-encoded."""
-    if image.width > THUMBHASH_SIDE or image.height > THUMBHASH_SIDE or image.mode != 'RGBA':
-        image = small(image, THUMBHASH_SIDE)
-    return base64.b64encode(_thumbhash_bytes(image.width, image.height, image.tobytes())).decode()
+    """Return the ThumbHash of ``image`` (reduced to :data:`PLACEHOLDER_SIDE` if larger), base64-encoded."""
+    if image.width > PLACEHOLDER_SIDE or image.height > PLACEHOLDER_SIDE or image.mode not in ('RGB', 'RGBA'):
+        image = reduced(image, PLACEHOLDER_SIDE)
+    return base64.b64encode(_thumbhash_bytes(image.width, image.height, image.mode, image.tobytes())).decode()
 
 
-def _thumbhash_bytes(w: int, h: int, rgba: bytes) -> bytes:
-    pixels = w * h
-    avg_r = avg_g = avg_b = avg_a = 0.0
-    for j in range(0, pixels * 4, 4):
-        alpha = rgba[j + 3] / 255
-        avg_r += alpha / 255 * rgba[j]
-        avg_g += alpha / 255 * rgba[j + 1]
-        avg_b += alpha / 255 * rgba[j + 2]
-        avg_a += alpha
+# PERF: the reference's per-pixel arithmetic on 8-bit levels, as tables: the same floats, looked up.
+_ALPHA = [level / 255 for level in range(256)]  # a level's alpha: 0 to 1
+_WEIGHT = [alpha / 255 for alpha in _ALPHA]  # what a colour level of that alpha adds: alpha / 255 * level
+_BEHIND = [1 - alpha for alpha in _ALPHA]  # how much of the average colour shows through it
+_OPAQUE = [_WEIGHT[255] * level for level in range(256)]  # a colour level at alpha 1
+
+
+def _thumbhash_bytes(w: int, h: int, mode: str, pixels: bytes) -> bytes:
+    """The ThumbHash of ``pixels`` (``RGB``: opaque; or ``RGBA``), as the reference computes it.
+
+    PERF: by planes, not by pixels: each step of the reference's per-pixel loops runs over a whole
+    channel at once (``map`` over byte slices and tables), the same operations on the same floats
+    in the same order, so the same hash; a 32x32 image 2.0 -> 0.76 ms CPU.
+    """
+    count = w * h
+    bands = len(mode)
+    levels = [pixels[band::bands] for band in range(3)]
+    if mode == 'RGBA':
+        alpha_levels = pixels[3::4]
+        alphas = list(map(_ALPHA.__getitem__, alpha_levels))
+        weights = list(map(_WEIGHT.__getitem__, alpha_levels))
+        # alpha / 255 * level, each channel: its sum makes the average, and it is the pixel's own part
+        own = [list(map(mul, weights, channel)) for channel in levels]
+        avg_a = sum(alphas)
+    else:
+        # NOTE: alpha 1 everywhere: the reference's average colour times (1 - 1) is 0, and 0 + x is x.
+        own = [list(map(_OPAQUE.__getitem__, channel)) for channel in levels]
+        alphas = []
+        avg_a = float(count)
+    avg_r, avg_g, avg_b = (sum(channel) for channel in own)
     if avg_a:
         avg_r, avg_g, avg_b = avg_r / avg_a, avg_g / avg_a, avg_b / avg_a
-    has_alpha = avg_a < pixels
+    has_alpha = avg_a < count
     l_limit = 5 if has_alpha else 7  # NOTE: fewer luminance terms when alpha needs the room
     lx = max(1, _js_round(l_limit * w / max(w, h)))
     ly = max(1, _js_round(l_limit * h / max(w, h)))
     # RGBA to LPQA (luminance, yellow-blue, red-green, alpha), composited atop the average colour.
-    lum, yb, rg, alphas = [], [], [], []
-    for j in range(0, pixels * 4, 4):
-        alpha = rgba[j + 3] / 255
-        r = avg_r * (1 - alpha) + alpha / 255 * rgba[j]
-        g = avg_g * (1 - alpha) + alpha / 255 * rgba[j + 1]
-        b = avg_b * (1 - alpha) + alpha / 255 * rgba[j + 2]
-        lum.append((r + g + b) / 3)
-        yb.append((r + g) / 2 - b)
-        rg.append(r - g)
-        alphas.append(alpha)
+    if has_alpha:
+        behind = list(map(_BEHIND.__getitem__, alpha_levels))
+        r, g, b = (
+            list(map(add, map(mul, repeat(average), behind), channel))
+            for average, channel in zip((avg_r, avg_g, avg_b), own, strict=True)
+        )
+    else:
+        r, g, b = own
+    r_plus_g = list(map(add, r, g))
+    lum = list(map(truediv, map(add, r_plus_g, b), repeat(3)))
+    yb = list(map(sub, map(truediv, r_plus_g, repeat(2)), b))
+    rg = list(map(sub, r, g))
 
     def encode_channel(channel: list[float], nx: int, ny: int) -> tuple[float, list[float], float]:
         # PERF: separable: each row is projected on each horizontal cosine once, then the
         # projections are summed down the columns (a 100x75 image: 60 -> 10 ms).
         rows = [channel[y * w : (y + 1) * w] for y in range(h)]
-        along = []
-        for cx in range(nx):
-            fx = [math.cos(math.pi / w * cx * (x + 0.5)) for x in range(w)]
-            along.append([sum(value * c for value, c in zip(row, fx, strict=True)) for row in rows])
+        # NOTE: the first cosine is 1 everywhere: a row's sum is its projection, exactly.
+        along = [[sum(row) for row in rows]]
+        along += [[sum(map(mul, row, fx)) for row in rows] for fx in _thumbhash_cosines(w, nx)[1:]]
         dc, ac, scale = 0.0, [], 0.0
-        for cy in range(ny):
-            fy = [math.cos(math.pi / h * cy * (y + 0.5)) for y in range(h)]
+        for cy, fy in enumerate(_thumbhash_cosines(h, ny)):
             cx = 0
             while cx * ny < nx * (ny - cy):
-                f = sum(a * b for a, b in zip(along[cx], fy, strict=True)) / pixels
+                f = sum(map(mul, along[cx], fy)) / count
                 if cx or cy:
                     ac.append(f)
                     scale = max(scale, abs(f))
@@ -232,6 +267,12 @@ def thumbhash_to_image(value: str) -> Image.Image:
     return Image.frombytes('RGBA', (w, h), bytes(out))
 
 
+@functools.cache
+def _thumbhash_cosines(size: int, count: int) -> list[list[float]]:
+    """The first ``count`` cosines the reference projects ``size`` pixels on (once a size: sizes are <= 32)."""
+    return [[math.cos(math.pi / size * c * (x + 0.5)) for x in range(size)] for c in range(count)]
+
+
 def _thumbhash_ratio(hash_: bytes) -> float:
     has_alpha, landscape, header = hash_[2] & 0x80, hash_[4] & 0x80, hash_[3]
     lx = (5 if has_alpha else 7) if landscape else header & 7
@@ -242,8 +283,6 @@ def _thumbhash_ratio(hash_: bytes) -> float:
 # -- BlurHash ----------------------------------------------------------------------------------------
 
 _BASE83 = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#$%*+,-.:;=?@[]^_{|}~'
-#: BlurHash reads at most this many pixels a side: its 4x3 cosines see nothing finer.
-BLURHASH_SIDE = 32
 
 
 def _encode83(value: int, length: int) -> str:
@@ -276,27 +315,33 @@ _LINEAR = [_to_linear(v) for v in range(256)]  # PERF: a table, not a power per 
 
 def blurhash(image: Image.Image, components: tuple[int, int] | None = None) -> str:
     """Return the BlurHash of ``image``: 4x3 components (3x4 for a portrait) unless ``components`` says."""
-    if image.width > BLURHASH_SIDE or image.height > BLURHASH_SIDE:
-        image = small(image, BLURHASH_SIDE)
+    if image.width > PLACEHOLDER_SIDE or image.height > PLACEHOLDER_SIDE:
+        image = reduced(image, PLACEHOLDER_SIDE)
     nx, ny = components or ((3, 4) if image.height > image.width else (4, 3))
     w, h = image.size
     rgb = image.convert('RGB').tobytes()
-    linear = [_LINEAR[v] for v in rgb]
+    # PERF: separable, by planes: each row of a channel is projected on the nx horizontal cosines
+    # once, then those projections down the columns on the ny vertical ones, where the reference
+    # multiplies each pixel by each of the nx * ny cosines; a 32x32 image 2.2 -> 0.44 ms CPU.
+    # NOTE: the sums run in another order, so a factor may differ in its last bit (1e-16); a factor
+    # is quantized to 19 levels (the DC to 8-bit sRGB), so the string differs only if one falls
+    # within 1e-16 of a step: the same strings on NOTES-fingerprints.md's 412 test images.
+    along_x = _blurhash_cosines(w, nx)
+    along_y = _blurhash_cosines(h, ny)
+    projected = []  # per channel: per horizontal cosine, the projection of each row
+    for band in range(3):
+        linear = list(map(_LINEAR.__getitem__, rgb[band::3]))
+        rows = [linear[y * w : (y + 1) * w] for y in range(h)]
+        # NOTE: the first cosine is 1 everywhere: a row's sum is its projection.
+        projected.append(
+            [[sum(row) for row in rows]] + [[sum(map(mul, row, fx)) for row in rows] for fx in along_x[1:]]
+        )
     factors = []
-    for j in range(ny):
-        fy = [math.cos(math.pi * j * y / h) for y in range(h)]
+    for j, fy in enumerate(along_y):
         for i in range(nx):
-            fx = [math.cos(math.pi * i * x / w) for x in range(w)]
             norm = (1 if i == 0 and j == 0 else 2) / (w * h)
-            r = g = b = 0.0
-            for y in range(h):
-                for x in range(w):
-                    basis = fx[x] * fy[y]
-                    k = (y * w + x) * 3
-                    r += basis * linear[k]
-                    g += basis * linear[k + 1]
-                    b += basis * linear[k + 2]
-            factors.append((r * norm, g * norm, b * norm))
+            r, g, b = (sum(map(mul, channel[i], fy)) * norm for channel in projected)
+            factors.append((r, g, b))
     dc, ac = factors[0], factors[1:]
     text = _encode83(nx - 1 + (ny - 1) * 9, 1)
     if ac:
@@ -312,6 +357,12 @@ def blurhash(image: Image.Image, components: tuple[int, int] | None = None) -> s
         r, g, b = (max(0, min(18, math.floor(_sign_pow(c / maximum, 0.5) * 9 + 9.5))) for c in factor)
         text += _encode83(r * 19 * 19 + g * 19 + b, 2)
     return text
+
+
+@functools.cache
+def _blurhash_cosines(size: int, count: int) -> list[list[float]]:
+    """The first ``count`` cosines the reference projects ``size`` pixels on (once a size: sizes are <= 32)."""
+    return [[math.cos(math.pi * c * x / size) for x in range(size)] for c in range(count)]
 
 
 def blurhash_to_image(value: str, size: tuple[int, int] = (32, 32), punch: float = 1.0) -> Image.Image:
