@@ -997,3 +997,13 @@ def test_a_decoder_panic_in_rust_is_the_files_refusal_and_an_interrupt_is_not():
         raise PanicException('index out of bounds')
     with pytest.raises(KeyboardInterrupt), images._boundary(images.NotAnImage, 'identifying'):
         raise KeyboardInterrupt
+
+
+def test_a_jxl_padded_past_the_header_budget_is_refused_not_read_whole(client):
+    """pillow-jxl-plugin reads the whole file at load: a JXL padded to 1.5 GB took a worker to 1.5 GB."""
+    padded = encode(picture(5), 'JXL') + bytes(images.HEADER_BUDGET.bytes + 1)
+
+    refused = client.post('/images', padded, content_type='image/jxl', status=413).json
+
+    assert 'identifying it takes more than' in refused['detail']
+    assert client.get('/stats').json['count'] == 0

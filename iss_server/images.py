@@ -144,6 +144,16 @@ HEADER_BUDGET = ReadBudget(bytes=32 * 1024 * 1024, reads=20_000)
 #: Counting the frames after the header (a GIF is read through, not decoded): past this,
 #: ``frames`` is the count reached (at least that many).
 FRAMES_BUDGET = ReadBudget(bytes=64 * 1024 * 1024, reads=500_000)
+#: Formats whose decoder reads the whole file into memory at load (pillow-jxl-plugin): their decode
+#: has HEADER_BUDGET, as WebP and AVIF have at open. Others stream their pixels: no read budget.
+#: NOTE: a JPEG XL padded to 1.5 GB took a worker to 1.5 GB.
+_READ_WHOLE_AT_LOAD = frozenset({'JXL'})
+
+
+def _decode_budget(image: Image.Image) -> ReadBudget | None:
+    return HEADER_BUDGET if image.format in _READ_WHOLE_AT_LOAD else None
+
+
 #: TIFF directories walked to count frames. PERF: Pillow checks each one against all before
 #: it (quadratic): 100,000 tiny ones took minutes.
 MAX_FRAMES_WALKED = 1000
@@ -289,6 +299,11 @@ def identify(file: IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo
             'channels': len(image.getbands()),
         }
         fields.update(_exif_fields(image))
+        if image_format in _READ_WHOLE_AT_LOAD and budgeted.seek(0, 2) > HEADER_BUDGET.bytes:
+            # NOTE: as WebP and AVIF, read whole at open: refused here rather than stored without its fingerprints.
+            raise ImageTooLarge(
+                f'identifying it takes more than {HEADER_BUDGET.bytes} bytes; this service reads at most that'
+            )
         budgeted.allow(FRAMES_BUDGET)
         fields['frames'] = _count_frames(image)
     # NOTE: every key, null when the image has no such EXIF field: a meta file has them all.
@@ -414,7 +429,7 @@ def fingerprints(source: IO[bytes], max_pixels: int, gate: RenderGate | None = N
         orientation = _orientation(_exif(image))
         # NOTE: draft now (placeholders.reduced's own is then a no-op), so the gate counts the pixels decoded.
         image.draft(None, (placeholders.SIDE * 2, placeholders.SIDE * 2))
-        budgeted.allow(None)
+        budgeted.allow(_decode_budget(image))
         with (gate or GATE).admitted(_decoded_pixels(image), wait=_UPLOAD_WAIT_SECONDS):
             shown = placeholders.reduced(image)
     if orientation in _TRANSPOSITIONS:
@@ -546,7 +561,7 @@ def check_decodes(source: IO[bytes], max_pixels: int, gate: RenderGate | None = 
     """
     budgeted = _BudgetedFile(source, HEADER_BUDGET)
     with _open(budgeted, max_pixels) as image:
-        budgeted.allow(None)
+        budgeted.allow(_decode_budget(image))
         admitted = (gate or GATE).admitted(_decoded_pixels(image), wait=_UPLOAD_WAIT_SECONDS)
         with admitted, _boundary(CannotRender, 'decoding'):
             image.load()
@@ -571,7 +586,7 @@ def render(
             with _boundary(CannotRender, 'rendering'):
                 orientation, size = _prepare(image, variant)
                 _check_output_size(size, variant.format)
-                budgeted.allow(None)
+                budgeted.allow(_decode_budget(image))
                 with (gate or GATE).admitted(_decoded_pixels(image) + size[0] * size[1]):
                     _render(image, orientation, size, variant, sink)
         except CannotRender:
