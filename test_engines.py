@@ -196,18 +196,16 @@ def test_each_worker_keeps_at_most_its_pool_of_connections(postgres):
 # -- a node: what its clients see while an engine hangs or restarts ------------------------------
 
 
+def start_node(tmp_path, seaweedfs, postgres, **changes: str) -> Gunicorn:
+    """An ISS node on S3 and PostgreSQL, with short deadlines (2 s on the index, 4 s on S3) and 8 threads."""
+    settings = {'ISS_WORKERS': '1', 'ISS_THREADS': '8', 'ISS_INDEX_TIMEOUT': '2', 'ISS_S3_TIMEOUT': '4'}
+    environment = s3_node_environment(seaweedfs, postgres) | settings | changes
+    return Gunicorn(tmp_path / 'data', tmp_path / 'gunicorn.log', **environment)
+
+
 @pytest.fixture
 def node(tmp_path, seaweedfs, postgres) -> Iterator[Gunicorn]:
-    """An ISS node on S3 and PostgreSQL, with short deadlines (2 s on the index, 4 s on S3) and 8 threads."""
-    server = Gunicorn(
-        tmp_path / 'data',
-        tmp_path / 'gunicorn.log',
-        **s3_node_environment(seaweedfs, postgres),
-        ISS_WORKERS='1',
-        ISS_THREADS='8',
-        ISS_INDEX_TIMEOUT='2',
-        ISS_S3_TIMEOUT='4',
-    )
+    server = start_node(tmp_path, seaweedfs, postgres)
     yield server
     server.kill()  # NOTE: a request still stuck on a thawed engine would hold a graceful stop
 
@@ -253,13 +251,10 @@ def test_a_frozen_postgresql_costs_a_request_its_index_deadline_however_long_the
 ):
     """Found from outside: the budget was the larger of the two deadlines, so a request whose first
     index call ran out waited again in the next ones, up to ISS_S3_TIMEOUT (15 s by default)."""
-    node = Gunicorn(
-        tmp_path / 'data',
-        tmp_path / 'gunicorn.log',
-        **s3_node_environment(seaweedfs, postgres),
-        ISS_WORKERS='1',
-        ISS_THREADS='8',
-        ISS_INDEX_TIMEOUT='2',
+    node = start_node(
+        tmp_path,
+        seaweedfs,
+        postgres,
         ISS_S3_TIMEOUT='15',
         # NOTE: a large read then asks the index twice: its row (the node's copy), and whether nginx may send it.
         ISS_ACCEL_REDIRECT='/_internal/s3/',
