@@ -417,7 +417,7 @@ def upload_steps(trace: pathlib.Path) -> list[list[str]]:
     temp_fds: dict[str, set[str]] = {}
     answers = []
     for line in trace.read_text().splitlines():
-        thread, _, call = line.partition(' ')
+        thread, call = line.split(maxsplit=1)  # NOTE: strace pads a pid of under 5 digits with spaces
         if call.endswith('<unfinished ...>'):
             unfinished[thread] = call.removesuffix('<unfinished ...>')
             continue
