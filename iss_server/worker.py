@@ -117,12 +117,14 @@ class ThreadWorker(gthread.ThreadWorker):
             if ahead and not _complete(ahead):
                 self._collect_head(conn)
                 return
-            length = _buffered_body_length(ahead)
+            # PERF: where the headers end, found once for the looks below (on every request)
+            head = _head_length(ahead)
+            length = _buffered_body_length(ahead, head)
             if length is not None:
-                if len(ahead) < _head_length(ahead) + length:
+                if len(ahead) < head + length:
                     self._collect_body(conn, length)
                     return
-            elif _declares_a_body(ahead):
+            elif _declares_a_body(ahead, head):
                 if not self._free_body_places:
                     self._waiting_bodies[conn] = time.monotonic() + self._body_wait
                     return
@@ -354,14 +356,13 @@ def _complete(head: bytes | bytearray) -> bool:
 _BODY_DECLARED = re.compile(rb'\n(?:content-length[ \t]*:[ \t]*0*[1-9]|transfer-encoding[ \t]*:)', re.IGNORECASE)
 
 
-def _declares_a_body(ahead: bytes) -> bool:
-    """Whether the headers at the start of ``ahead`` declare a body (a length other than 0, or chunked).
+def _declares_a_body(ahead: bytes, head: int) -> bool:
+    """Whether the headers, the first ``head`` bytes of ``ahead``, declare a body (a length other than 0, or chunked).
 
     NOTE: a look before gunicorn parses them, to admit the request; gunicorn's parser still
     decides (a malformed header is its 400), and a body it then finds is read as always.
     """
-    end = _head_end(ahead)
-    return _BODY_DECLARED.search(ahead, 0, len(ahead) if end < 0 else end) is not None
+    return _BODY_DECLARED.search(ahead, 0, head) is not None
 
 
 _CONTENT_LENGTH = re.compile(rb'\ncontent-length[ \t]*:[ \t]*([0-9]{1,16})[ \t]*\r?\n', re.IGNORECASE)
@@ -376,16 +377,17 @@ def _head_length(ahead: bytes | bytearray) -> int:
     return end + (2 if ahead.startswith(b'\n\n', end) else 4)
 
 
-def _buffered_body_length(ahead: bytes | bytearray) -> int | None:
+def _buffered_body_length(ahead: bytes | bytearray, head: int) -> int | None:
     """The length of the body the main loop receives whole (1 to :data:`MAX_BUFFERED_BODY` bytes), else None.
+
+    ``head``: the bytes the headers take at the start of ``ahead`` (:func:`_head_length`).
 
     NOTE: a chunked body, or one whose client waits for ``100 Continue`` (gunicorn's thread sends it), is read by a
     thread as before; so is a malformed length, which gunicorn's parser answers 400.
     """
-    end = _head_length(ahead)
-    if _STREAMED.search(ahead, 0, end):
+    if _STREAMED.search(ahead, 0, head):
         return None
-    lengths = _CONTENT_LENGTH.findall(ahead, 0, end)
+    lengths = _CONTENT_LENGTH.findall(ahead, 0, head)
     if len(lengths) != 1 or not 0 < int(lengths[0]) <= MAX_BUFFERED_BODY:
         return None
     return int(lengths[0])
