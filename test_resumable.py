@@ -359,10 +359,14 @@ def test_a_session_expires_after_its_last_chunk_and_is_swept(data_dir):
     assert files_in(sessions_dir(data_dir)) == []
 
 
+def new_session(data_dir) -> tuple[resumable.Sessions, resumable.Session]:
+    """The tus sessions of a file store on ``data_dir``, and a new session of 4 bytes in them, of no token."""
+    sessions = resumable.Sessions(file_store(data_dir), 3600)
+    return sessions, sessions.create(4, {'kind': 'a'}, resumable.owner_of(b''))
+
+
 def test_an_expired_session_being_written_is_not_swept(data_dir):
-    store = file_store(data_dir)
-    sessions = resumable.Sessions(store, 3600)
-    session = sessions.create(4, {'kind': 'a'}, resumable.owner_of(b''))
+    sessions, session = new_session(data_dir)
 
     with sessions.writing(session.id, resumable.owner_of(b''), 0):
         assert sessions.sweep_expired(now=time.time() + 7200) == 0
@@ -370,10 +374,8 @@ def test_an_expired_session_being_written_is_not_swept(data_dir):
 
 
 def test_a_session_terminated_while_a_chunk_arrives_is_not_brought_back_by_it(data_dir):
-    store = file_store(data_dir)
-    sessions = resumable.Sessions(store, 3600)
+    sessions, session = new_session(data_dir)
     owner = resumable.owner_of(b'')
-    session = sessions.create(4, {'kind': 'a'}, owner)
 
     with sessions.writing(session.id, owner, 0) as (held, fd):
         sessions.terminate(session.id, owner)
@@ -384,10 +386,8 @@ def test_a_session_terminated_while_a_chunk_arrives_is_not_brought_back_by_it(da
 
 
 def test_a_termination_waits_for_the_commit_of_the_last_chunk_and_the_session_stays_gone(data_dir):
-    store = file_store(data_dir)
-    sessions = resumable.Sessions(store, 3600)
+    sessions, session = new_session(data_dir)
     owner = resumable.owner_of(b'')
-    session = sessions.create(4, {'kind': 'a'}, owner)
 
     with sessions.writing(session.id, owner, 0) as (held, fd):
         held = sessions.append(held, fd, io.BytesIO(b'abcd'), None)  # NOTE: the last byte: the commit begins
@@ -403,9 +403,7 @@ def test_a_termination_waits_for_the_commit_of_the_last_chunk_and_the_session_st
 
 
 def test_a_restart_sweeps_temp_files_but_keeps_open_sessions(data_dir):
-    store = file_store(data_dir)
-    sessions = resumable.Sessions(store, 3600)
-    session = sessions.create(4, {'kind': 'a'}, resumable.owner_of(b''))
+    sessions, session = new_session(data_dir)
     (data_dir / 'tmp' / 'upload-dead').write_bytes(b'left by a killed worker')
 
     file_store(data_dir).start()
