@@ -468,12 +468,18 @@ def create_app(settings: Settings, store: BlobStore, metrics: telemetry.Metrics 
                 # tokens may make (RequireReadToken); on a public one, a POST like every other.
                 exempt=(Sign, Webhooks, *((MissingBlobs,) if settings.read_token else ())),
                 every_method_of=(UploadSession,),
+                other_tokens=(settings.read_token, settings.admin_token),
             )
         )
     # NOTE: an upload session is terminated by its owner, not the admin (ResumableUploads.owner)
     middleware.append(
         RequireToken(
-            frozenset({'DELETE'}), settings.admin_token, 'ISS_ADMIN_TOKEN', 'Deleting', exempt=(UploadSession,)
+            frozenset({'DELETE'}),
+            settings.admin_token,
+            'ISS_ADMIN_TOKEN',
+            'Deleting',
+            exempt=(UploadSession,),
+            other_tokens=(settings.read_token, settings.api_token),
         )
     )
     if settings.read_token:

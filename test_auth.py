@@ -55,8 +55,10 @@ def app(
     *, upload: str = UPLOAD, admin: str = ADMIN, read: str = '', keys: tuple[str, ...] = ()
 ) -> falcon.testing.TestClient:
     middleware = [
-        auth.RequireToken(frozenset({'POST'}), upload, 'ISS_API_TOKEN', 'Uploading', (Exempt, Lookup), (Session,)),
-        auth.RequireToken(frozenset({'DELETE'}), admin, 'ISS_ADMIN_TOKEN', 'Deleting'),
+        auth.RequireToken(
+            frozenset({'POST'}), upload, 'ISS_API_TOKEN', 'Uploading', (Exempt, Lookup), (Session,), (read, admin)
+        ),
+        auth.RequireToken(frozenset({'DELETE'}), admin, 'ISS_ADMIN_TOKEN', 'Deleting', other_tokens=(read, upload)),
     ]
     if read:
         middleware.append(auth.RequireReadToken((read, upload, admin), (Health,), (Lookup,), keys))
@@ -119,6 +121,23 @@ def test_a_wrong_token_is_told_apart_from_a_missing_one():
     assert missing['title'] == wrong['title'] == 'Token required'
     assert 'not one this store takes' in wrong['description']
     assert 'not one this store takes' not in missing['description']
+
+
+def test_a_token_of_another_kind_is_named_as_one_of_the_stores_not_as_a_wrong_one():
+    client = app(read=READ)
+
+    for method, token, needed in [
+        ('POST', READ, 'ISS_API_TOKEN'),
+        ('POST', ADMIN, 'ISS_API_TOKEN'),
+        ('DELETE', READ, 'ISS_ADMIN_TOKEN'),
+        ('DELETE', UPLOAD, 'ISS_ADMIN_TOKEN'),
+    ]:
+        refused = client.simulate_request(method, '/blobs/a', headers=bearer(token))
+
+        assert refused.status_code == 401
+        assert refused.headers['WWW-Authenticate'] == 'Bearer realm="iss"'
+        assert f"one of this store's, but not {needed}" in refused.json['description'], (method, token)
+        assert 'not one this store takes' not in refused.json['description']
 
 
 def test_without_its_token_set_the_action_is_off_for_everyone():

@@ -1140,8 +1140,14 @@ def test_a_private_store_answers_reads_only_with_a_token(make_client, png):
     for open_path in ('/health', '/openapi.yaml', '/openapi.json', '/docs'):
         client.get(open_path, status=200)
     # the read token reads, and only reads
-    upload_image(client, make_png(5, 5), headers={'Authorization': 'Bearer reader'}, status=401)
+    refused = upload_image(client, make_png(5, 5), headers={'Authorization': 'Bearer reader'}, status=401)
+    assert "one of this store's, but not ISS_API_TOKEN" in refused.json['description']
     client.delete(f'/images/{image_id}', headers={'Authorization': 'Bearer reader'}, status=401)
+    # looking up an image sent in the body costs an upload's decoding: the upload token, and the message says so
+    refused = client.post(
+        '/images/similar', png, headers={'Authorization': 'Bearer reader', 'Content-Type': 'image/png'}, status=401
+    )
+    assert 'but not ISS_API_TOKEN' in refused.json['description']
 
 
 def test_a_private_stores_answers_are_private_in_caches(make_client, png):

@@ -28,9 +28,12 @@ class RequireToken:
         purpose: str,
         exempt: tuple[type, ...] = (),
         every_method_of: tuple[type, ...] = (),
+        other_tokens: tuple[str, ...] = (),
     ) -> None:
         self._methods = methods
         self._expected = token.encode() if token else None
+        # NOTE: the store's other tokens, so that one of them is told apart from a mistyped token
+        self._others = tuple(other.encode() for other in other_tokens if other and other != token)
         self._variable = variable
         self._purpose = purpose
         self._exempt = exempt  # NOTE: resources that check a token of their own
@@ -49,7 +52,10 @@ class RequireToken:
                 title=f'{self._purpose} is off', description=f'{self._purpose} is off until {self._variable} is set.'
             )
         if not hmac.compare_digest(bearer_token(req.get_header('Authorization')), self._expected):
-            raise token_required(f'{self._purpose} needs the header "Authorization: Bearer <{self._variable}>".', req)
+            needed = f'{self._purpose} needs the header "Authorization: Bearer <{self._variable}>".'
+            if carries_one_of(req, self._others):
+                raise token_required(f"The token given is one of this store's, but not {self._variable}. {needed}")
+            raise token_required(needed, req)
 
 
 class RequireReadToken:
