@@ -68,6 +68,15 @@ def test_transparent_pixels_hash_as_white():
     assert similar.perceptual_hash(shape.convert('LA')) == similar.perceptual_hash(on_white.convert('L'))
 
 
+def test_every_flat_image_hashes_to_zero_whatever_its_colour():
+    # a flat image has no shape: its DCT coefficients were float noise, a different hash per colour
+    colours = [(0, 0, 0), (255, 0, 0), (200, 200, 200), (17, 99, 3), (255, 255, 255)]
+    assert {similar.perceptual_hash(Image.new('RGB', (64, 64), colour)) for colour in colours} == {0}
+    one_step = Image.new('L', (64, 64), 100)
+    one_step.paste(101, (0, 0, 32, 32))  # NOTE: a quarter: a half is only row or column 0, left out
+    assert similar.perceptual_hash(one_step) != 0  # NOTE: the least structure an 8-bit image has still counts
+
+
 def test_16_bit_levels_are_scaled_not_clipped():
     grey = Image.linear_gradient('L').resize((64, 64)).rotate(30)
     deep = grey.convert('I').point(lambda level: level * 257).convert('I;16')  # a 16-bit PNG opens so

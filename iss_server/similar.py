@@ -78,7 +78,10 @@ def perceptual_hash(image: Image.Image) -> int:
     # order (the same hash), in C: the hash of a 32x32 image 0.67 -> 0.38 ms CPU.
     along = [[sum(map(mul, basis, row)) for basis in _BASIS] for row in rows]
     columns = list(zip(*along, strict=True))
-    coefficients = [sum(map(mul, basis, column)) for basis in _BASIS for column in columns]
+    # NOTE: rounded, because a flat image's coefficients are all zero but for float noise (1e-13),
+    # which made each colour's hash a different arbitrary value; a real pixel's step of 1 moves one
+    # by far more than 1e-6, so no other image's hash changes.
+    coefficients = [round(sum(map(mul, basis, column)), 6) for basis in _BASIS for column in columns]
     median = sorted(coefficients)[len(coefficients) // 2]
     value = 0
     for coefficient in coefficients:
