@@ -1,6 +1,6 @@
 """Small GETs from ISS against nginx sending the very same blob file, alternated in one run.
 
-    python -m bench.small_get --url http://127.0.0.1:8800 --data-dir DATA [--rounds 5] [--seconds 5]
+    python -m bench.small_get --url http://127.0.0.1:8800 --data-dir DATA [--rounds 5] [--seconds 5] [--site]
 
 iss_bench.py measures ISS's small GETs and, a minute or two later, nginx's; on a shared
 machine whose speed changes by the minute that ratio moves with it. Here a 4096-byte PNG
@@ -8,15 +8,22 @@ machine whose speed changes by the minute that ratio moves with it. Here a 4096-
 ISS for it and nginx (configured as in iss_bench.py) for its blob file, taking turns for
 ``--rounds`` rounds. Prints the median req/s of each, the ratio of the medians with the range
 of the rounds' ratios, ISS's median p99, and the ratio as a multiple of the FastAPI version's
-(350 req/s against nginx's 65,000 on this kind of machine). Needs wrk and nginx.
+(350 req/s against nginx's 65,000 on this kind of machine). With ``--site``, a third side: the
+same GET through the shipped nginx site (deploy/nginx/iss.conf.template, started as the tests
+start it) in front of that ISS, which answers it from its cache after the first. Needs wrk and nginx.
 """
 
+import contextlib
+import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
+import urllib.parse
 import urllib.request
 
 from bench import alternate, iss_bench
+from iss_testing.servers import Nginx
 
 SEED_RATIO = 350 / 65_000  # the FastAPI version's small GETs against nginx static (issue 6)
 
@@ -34,6 +41,7 @@ def wrk(url: str, seconds: float) -> dict:
 def main() -> int:
     parser = alternate.arguments(__doc__.splitlines()[0])
     parser.add_argument('--seconds', type=float, default=5)
+    parser.add_argument('--site', action='store_true', help='also through the shipped nginx site in front of ISS')
     args = parser.parse_args()
     head, text, tail = iss_bench.make_png_parts()
     upload = urllib.request.Request(
@@ -41,8 +49,17 @@ def main() -> int:
     )
     with urllib.request.urlopen(upload) as answer:
         image_id = iss_bench.extract_id(answer.read())
-    with alternate.nginx_on_blobs(args.data_dir) as nginx_url:
+    with contextlib.ExitStack() as stack:
+        nginx_url = stack.enter_context(alternate.nginx_on_blobs(args.data_dir))
         targets = {'ISS': f'{args.url}/images/{image_id}', 'nginx': nginx_url(image_id.removeprefix('sha256:'))}
+        if args.site:
+            work = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix='iss-site-')))
+            work.chmod(0o755)  # NOTE: its cache directory is made beside the data, by nginx's workers
+            port = urllib.parse.urlsplit(args.url).port
+            assert port, '--url needs its port'
+            site = Nginx(work, port, pathlib.Path(args.data_dir).resolve())
+            stack.callback(site.stop)
+            targets['site'] = f'http://127.0.0.1:{site.port}/images/{image_id}'
         rounds = alternate.take_turns(targets, lambda url: wrk(url, args.seconds), args.rounds)
     iss = statistics.median(result['rps'] for result in rounds['ISS'])
     limit = statistics.median(result['rps'] for result in rounds['nginx'])
@@ -53,6 +70,14 @@ def main() -> int:
         f'nginx {limit:,.0f} req/s; ratio {iss / limit:.3f}x ({min(ratios):.3f}-{max(ratios):.3f}), '
         f"{iss / limit / SEED_RATIO:.1f}x the FastAPI version's"
     )
+    if 'site' in rounds:
+        site = statistics.median(result['rps'] for result in rounds['site'])
+        ratios = [a['rps'] / b['rps'] for a, b in zip(rounds['site'], rounds['nginx'], strict=True)]
+        print(
+            f'through the nginx site: {site:,.0f} req/s '
+            f'(p99 {statistics.median(result["lat_p99_ms"] for result in rounds["site"]):.2f} ms); '
+            f'{site / limit:.3f}x nginx static ({min(ratios):.3f}-{max(ratios):.3f})'
+        )
     return 0
 
 
