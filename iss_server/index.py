@@ -356,6 +356,8 @@ class _Queries:
         NOTE: the ids of one call share a prefix, so that (at, id) orders two writers alike on
         every content they share: of two batches, one is first on all of them (see storage.py).
         """
+        if not hexes:
+            return []  # PERF: an upload of stored content records none (uuid4 reads the kernel's random source)
         writer = uuid.uuid4().hex
         rows = [(f'{writer}.{number:06d}', hex_digest, op, now, now) for number, hex_digest in enumerate(hexes)]
         if len(rows) == 1:  # PERF: a lone row commits by itself, without BEGIN and COMMIT
