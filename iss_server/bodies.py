@@ -52,7 +52,6 @@ class RequestBody:
         # APPSEC: gunicorn's threads read bodies from a blocking socket with no
         # timeout, so a client that stops sending would hold a thread for ever.
         # gunicorn makes the socket blocking again before the next request.
-        self._keep_pace()
         if self.declared_length is None:
             # NOTE: a chunked body is only safe to read when the server
             # marks where it ends (gunicorn does; PEP 3333 servers may not).
@@ -63,6 +62,11 @@ class RequestBody:
             raise UploadTooLarge(limit)
         else:
             self._stream = SocketBody.of(req.env) or req.bounded_stream
+            if isinstance(self._stream, SocketBody) and self._stream.all_here:
+                # PERF: the worker received this body whole (worker.MAX_BUFFERED_BODY): no read waits on the
+                # socket, so it needs no timeout, which cost an ioctl per read and a poll per send (strace).
+                self._socket = None
+        self._keep_pace()
 
     def read(self, size: int = -1) -> bytes:
         with self._arriving():
@@ -164,6 +168,11 @@ class SocketBody:
         ):
             return cls(body, reader)
         return None
+
+    @property
+    def all_here(self) -> bool:
+        """Whether the whole body was read ahead with the headers: nothing is left to receive from the socket."""
+        return not self._reader.length
 
     def readinto(self, buffer: memoryview) -> int:
         if self._pending:

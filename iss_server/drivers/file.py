@@ -22,6 +22,23 @@ from iss_server import disk
 from iss_server.drivers import Busy, KeyNotFound, Source, Stat
 from iss_server.errors import StoreUnavailable
 
+#: Files up to this size are read whole when opened (responses.py sends blobs up to 64 KiB from memory).
+_READ_AT_OPEN_BYTES = 64 * 1024
+
+
+def _read_to_end(fd: int, size: int) -> bytes:
+    """A file's bytes to its end, in one read as a rule: its ``size`` (fstat) and one byte more are asked for.
+
+    NOTE: a regular file's read returns less than asked only at its end; a file that grew meanwhile is read on.
+    """
+    data = os.read(fd, size + 1)
+    if len(data) <= size:
+        return data
+    chunks = [data]
+    while chunk := os.read(fd, io.DEFAULT_BUFFER_SIZE):
+        chunks.append(chunk)
+    return b''.join(chunks)
+
 
 def _stat(stat: os.stat_result) -> Stat:
     # NOTE: the inode and its change time tell a stored copy from one stored again after a delete.
@@ -67,26 +84,45 @@ class FileDriver:
         return None
 
     def read(self, key: str) -> bytes:
+        # PERF: openat, fstat, read, close: Python's open and read() to the end add an ioctl (isatty),
+        # an lseek, an fstat and a second read (strace of a POST of stored content, which reads its meta;
+        # each syscall hands the GIL to another of 16 threads).
+        fd = self._open_fd(key, 'reading a file')
         try:
-            with open(self.path(key), 'rb') as file:
-                return file.read()
-        except FileNotFoundError:
-            raise KeyNotFound(key) from None
+            return _read_to_end(fd, os.fstat(fd).st_size)
         except OSError as exc:
             raise disk.store_error(exc, 'reading a file') from exc
+        finally:
+            os.close(fd)
 
     def open(self, key: str, offset: int = 0) -> tuple[IO[bytes], Stat]:
+        fd = self._open_fd(key, 'opening a file')
         try:
-            # PERF: a buffer size given, Python does not ask whether the file is a terminal (an
-            # ioctl per small GET, strace; each syscall hands the GIL to another of 16 threads).
-            file = open(self.path(key), 'rb', buffering=io.DEFAULT_BUFFER_SIZE)  # noqa: SIM115 - the caller closes it
+            stat = os.fstat(fd)
+            if stat.st_size <= _READ_AT_OPEN_BYTES:
+                # PERF: a small file is read here, whole (openat, fstat, read, close): a small GET sends it
+                # from memory anyway, and Python's file object added an fstat and an lseek (strace).
+                file: IO[bytes] = io.BytesIO(_read_to_end(fd, stat.st_size))
+            else:
+                # NOTE: a buffer size given, Python does not ask whether the file is a terminal (an ioctl).
+                file = open(fd, 'rb', buffering=io.DEFAULT_BUFFER_SIZE)  # noqa: SIM115 - the caller closes it
+                fd = -1  # NOTE: the file object's now
+        except OSError as exc:
+            raise disk.store_error(exc, 'opening a file') from exc
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if offset:
+            file.seek(offset)
+        return file, _stat(stat)
+
+    def _open_fd(self, key: str, doing: str) -> int:
+        try:
+            return os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise KeyNotFound(key) from None
         except OSError as exc:
-            raise disk.store_error(exc, 'opening a file') from exc
-        if offset:
-            file.seek(offset)
-        return file, _stat(os.fstat(file.fileno()))
+            raise disk.store_error(exc, doing) from exc
 
     def stat(self, key: str) -> Stat:
         try:
