@@ -822,6 +822,32 @@ def test_a_body_slower_than_the_minimum_rate_is_408_and_keeps_nothing(start):
     assert not list((server.data_dir / 'tmp').glob('upload-*'))
 
 
+@pytest.mark.parametrize(
+    ('target', 'status', 'title'),
+    [
+        (b'/artifacts?kind=slow', b'408', 'Request body too slow'),
+        # NOTE: a body the app leaves unread is drained for DRAIN_SECONDS before the connection is kept
+        (b'/health', b'405', '405 Method Not Allowed'),
+    ],
+    ids=['read', 'left-unread'],
+)
+def test_a_chunked_drip_is_cut_and_its_connection_closed(start, target, status, title):
+    """gunicorn fills one read of a chunked body from as many chunks as come, a receive each: a chunk of one
+    byte every 0.2 s never let a receive time out, and held its body place (a thread) for as long as it dripped."""
+    server = start(ISS_BODY_TIMEOUT='2', ISS_BODY_MIN_RATE='1024')
+    client = socket.create_connection(('127.0.0.1', server.port), timeout=8)
+    client.sendall(b'POST ' + target + b' HTTP/1.1\r\nHost: iss\r\nTransfer-Encoding: chunked\r\n\r\n')
+    started = time.monotonic()
+    with dripping([client], b'1\r\nx\r\n', every=0.2):
+        assert max(uploads_answer_within(server.port, 1.0, checks=1)) < 1.0
+        answer = answer_of(client)  # NOTE: until the server closes the connection (or the 8 s timeout)
+        took = time.monotonic() - started
+    assert answer.startswith(b'HTTP/1.1 ' + status), answer
+    assert json.loads(answer.partition(b'\r\n\r\n')[2])['title'] == title
+    assert took < 5, took  # ISS_BODY_TIMEOUT and a little, then the close
+    assert not list((server.data_dir / 'tmp').glob('upload-*'))
+
+
 # -- the change feed lets a node stop -------------------------------------------------
 
 

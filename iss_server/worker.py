@@ -31,6 +31,7 @@ import selectors
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -38,7 +39,7 @@ import gunicorn.util
 from gunicorn.http2 import negotiation
 from gunicorn.workers import gthread
 
-from iss_server import events
+from iss_server import bodies, events
 from iss_server.config import Settings
 from iss_server.errors import error_body
 
@@ -171,8 +172,17 @@ class ThreadWorker(gthread.ThreadWorker):
             conn.close(graceful=True)
 
     def _keepalive_after(self, conn: gthread.TConn, keepalive: bool) -> bool:
-        """gunicorn's, draining an unread body for :data:`DRAIN_SECONDS`: a drip after a 401 holds no thread long."""
-        return keepalive and bool(conn.parser.finish_body(deadline=time.monotonic() + DRAIN_SECONDS))
+        """gunicorn's, draining an unread body for :data:`DRAIN_SECONDS`: a drip after a 401 holds no thread long.
+
+        APPSEC: gunicorn checks the drain's deadline between reads of 1 KiB, and one read of a chunked
+        body is as many receives as chunks come (a one-byte chunk every 0.2 s held the thread 200 s):
+        the deadline bounds each receive.
+        """
+        if not keepalive:
+            return False
+        deadline = time.monotonic() + DRAIN_SECONDS
+        with bodies.receiving_through(conn.parser.unreader, partial(_receive_by, deadline, conn.sock)):
+            return bool(conn.parser.finish_body(deadline=deadline))
 
     # -- collecting the headers ------------------------------------------------------
 
@@ -401,6 +411,15 @@ def _receive(sock: socket.socket) -> bytes | None:
         return None
     except OSError:
         return b''
+
+
+def _receive_by(deadline: float, sock: socket.socket, receive: Callable[[], bytes]) -> bytes:
+    """``receive()`` from ``sock``, waiting no later than ``deadline`` (:func:`time.monotonic`)."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError('the drain of an unread body took its time')
+    sock.settimeout(remaining)
+    return receive()
 
 
 def _refuse_busy(sock: socket.socket, reason: str) -> None:
