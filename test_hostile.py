@@ -848,6 +848,28 @@ def test_a_chunked_drip_is_cut_and_its_connection_closed(start, target, status, 
     assert not list((server.data_dir / 'tmp').glob('upload-*'))
 
 
+def test_connections_waiting_for_a_body_place_count_in_what_one_address_may_have_arriving(start):
+    """They did not: one address could hold every connection a worker accepts (1000) waiting, /health shut out."""
+    server = start(ISS_WORKERS='1', ISS_BODY_TIMEOUT='5')
+    head = b'POST /artifacts?kind=slow HTTP/1.1\r\nHost: iss\r\nTransfer-Encoding: chunked\r\n\r\n'
+    # NOTE: 14 take the worker's body places (16 threads), the others wait for one, or are refused past 64
+    clients = open_slow_clients(server.port, head, count=100)
+    try:
+        started = time.monotonic()
+        late = open_slow_clients(server.port, head, count=1)[0]
+        late.settimeout(3)
+        answer = answer_of(late)
+        late.close()
+        assert time.monotonic() - started < 1.0
+        assert answer.startswith(b'HTTP/1.1 503'), answer
+        assert json.loads(answer.partition(b'\r\n\r\n')[2])['title'] == 'Too many slow requests'
+        assert max(health_answers_within(server.port, 1.0, checks=2)) < 1.0
+        assert max(uploads_answer_within(server.port, 1.0, checks=1)) < 1.0
+    finally:
+        for client in clients:
+            client.close()
+
+
 # -- the change feed lets a node stop -------------------------------------------------
 
 

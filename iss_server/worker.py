@@ -7,11 +7,12 @@ lasted (issue 29). Here the main loop collects a request's headers itself, from 
 sockets in its poller, and hands the connection to a thread only with its whole header block
 buffered; a client that does not complete it within ``ISS_HEADER_TIMEOUT`` seconds is answered
 408 and closed, and one address holds at most :data:`MAX_ARRIVING_PER_CLIENT` connections
-whose request is still arriving (the next are answered 503 at once). A body of at most
-:data:`MAX_BUFFERED_BODY` bytes is received here too, whole, before a thread sees it: 200 clients
-dripping small uploads take no thread, and an honest small upload never waits behind them for
-a place. Larger bodies take all threads but an eighth at most (the others wait for a place
-here, without a thread, then 503), and ISS reads them at a minimum rate (:mod:`iss_server.bodies`).
+whose request is still arriving or waits for a body place (the next are answered 503 at once).
+A body of at most :data:`MAX_BUFFERED_BODY` bytes is received here too, whole, before a thread
+sees it: 200 clients dripping small uploads take no thread, and an honest small upload never
+waits behind them for a place. Larger bodies, and chunked ones, take all threads but an eighth
+at most (the others wait for a place here, without a thread, ``ISS_BODY_TIMEOUT`` seconds at
+most, then 503), and ISS reads them at a minimum rate, each receive (:mod:`iss_server.bodies`).
 
 NOTE: this reaches into gunicorn's ThreadWorker and TConn as of the pinned gunicorn 27.0.1
 (as :class:`bodies.SocketBody` does); ``test_hostile.py``'s slowloris tests fail if an
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 #: Bytes a request's headers may take (request line included): what gunicorn allows of one line
 #: (``limit_request_line``) and a few dozen ordinary fields. More is answered 431.
 MAX_HEAD_BYTES = 64 * 1024
-#: Connections of one client address whose request (headers, or a buffered body) is still arriving, per worker.
+#: Connections of one client address whose request is still arriving (headers, or a buffered body) or waits for
+#: a body place, per worker.
 MAX_ARRIVING_PER_CLIENT = 64
 #: Largest body received whole by the main loop (a request that declares its length and expects no
 #: ``100 Continue``); larger ones are read by a thread, with a body place. nginx buffers the same (deploy/nginx).
@@ -127,7 +129,10 @@ class ThreadWorker(gthread.ThreadWorker):
                     return
             elif _declares_a_body(ahead, head):
                 if not self._free_body_places:
+                    # NOTE: counted as arriving: one address's waiting connections are bounded too (not
+                    # every connection the worker accepts, the next ones and /health left out)
                     self._waiting_bodies[conn] = time.monotonic() + self._body_wait
+                    self._arriving_per_client[_address(conn.client)] += 1
                     return
                 self._free_body_places -= 1
                 conn.body_place = True
@@ -140,7 +145,7 @@ class ThreadWorker(gthread.ThreadWorker):
             self._free_body_places += 1
             if self._waiting_bodies:
                 waiting = next(iter(self._waiting_bodies))
-                del self._waiting_bodies[waiting]
+                self._forget_arriving(waiting, self._waiting_bodies, registered=False)
                 self.enqueue_req(waiting)
         super().finish_request(conn, fs)
 
@@ -166,7 +171,7 @@ class ThreadWorker(gthread.ThreadWorker):
             conn, deadline = next(iter(self._waiting_bodies.items()))
             if deadline > now and self.alive:
                 break
-            del self._waiting_bodies[conn]
+            self._forget_arriving(conn, self._waiting_bodies, registered=False)
             self.nr_conns -= 1
             _refuse_busy(conn.sock, f'all {self.body_places} places for requests with a body stayed taken')
             conn.close(graceful=True)
