@@ -221,6 +221,24 @@ def test_a_form_that_trickles_in_small_pieces_is_stored_whole(server):
     assert json.loads(responses[0][1])['artifact_id'] == 'sha256:' + hashlib.sha256(data).hexdigest()
 
 
+def test_a_chunked_body_in_many_chunks_is_stored_whole_and_the_connection_kept(server):
+    """Each receive of a chunked body is paced (iss_server.bodies.receiving_through), and only while it is read."""
+    body = os.urandom(300 * 1000)
+    chunks = b''.join(
+        b'%x\r\n' % len(piece) + piece + b'\r\n' for piece in (body[i : i + 997] for i in range(0, len(body), 997))
+    )
+    request = (
+        b'POST /artifacts?kind=chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+        + chunks
+        + b'0\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+    )
+
+    responses = trickle(server.port, request, 1000)
+
+    assert [status for status, _ in responses] == [201, 200]
+    assert json.loads(responses[0][1])['artifact_id'] == 'sha256:' + hashlib.sha256(body).hexdigest()
+
+
 def test_a_body_cut_short_by_a_half_close_is_400_and_stores_nothing(server):
     request = put_request(os.urandom(MIB))
     with socket.create_connection(('127.0.0.1', server.port)) as sock:

@@ -822,6 +822,54 @@ def test_a_body_slower_than_the_minimum_rate_is_408_and_keeps_nothing(start):
     assert not list((server.data_dir / 'tmp').glob('upload-*'))
 
 
+@pytest.mark.parametrize(
+    ('target', 'status', 'title'),
+    [
+        (b'/artifacts?kind=slow', b'408', 'Request body too slow'),
+        # NOTE: a body the app leaves unread is drained for DRAIN_SECONDS before the connection is kept
+        (b'/health', b'405', '405 Method Not Allowed'),
+    ],
+    ids=['read', 'left-unread'],
+)
+def test_a_chunked_drip_is_cut_and_its_connection_closed(start, target, status, title):
+    """gunicorn fills one read of a chunked body from as many chunks as come, a receive each: a chunk of one
+    byte every 0.2 s never let a receive time out, and held its body place (a thread) for as long as it dripped."""
+    server = start(ISS_BODY_TIMEOUT='2', ISS_BODY_MIN_RATE='1024')
+    client = socket.create_connection(('127.0.0.1', server.port), timeout=8)
+    client.sendall(b'POST ' + target + b' HTTP/1.1\r\nHost: iss\r\nTransfer-Encoding: chunked\r\n\r\n')
+    started = time.monotonic()
+    with dripping([client], b'1\r\nx\r\n', every=0.2):
+        assert max(uploads_answer_within(server.port, 1.0, checks=1)) < 1.0
+        answer = answer_of(client)  # NOTE: until the server closes the connection (or the 8 s timeout)
+        took = time.monotonic() - started
+    assert answer.startswith(b'HTTP/1.1 ' + status), answer
+    assert json.loads(answer.partition(b'\r\n\r\n')[2])['title'] == title
+    assert took < 5, took  # ISS_BODY_TIMEOUT and a little, then the close
+    assert not list((server.data_dir / 'tmp').glob('upload-*'))
+
+
+def test_past_the_requests_one_address_may_have_waiting_for_a_body_place_it_is_answered_503_at_once(start):
+    """They waited without bound: one address could hold every connection a worker accepts (1000), /health shut out."""
+    server = start(ISS_WORKERS='1', ISS_BODY_TIMEOUT='5')
+    head = b'POST /artifacts?kind=slow HTTP/1.1\r\nHost: iss\r\nTransfer-Encoding: chunked\r\n\r\n'
+    # NOTE: 14 take the worker's body places (16 threads), 64 wait for one, the others are refused at once
+    clients = open_slow_clients(server.port, head, count=100)
+    try:
+        started = time.monotonic()
+        late = open_slow_clients(server.port, head, count=1)[0]
+        late.settimeout(3)
+        answer = answer_of(late)
+        late.close()
+        assert time.monotonic() - started < 1.0
+        assert answer.startswith(b'HTTP/1.1 503') and b'Retry-After: 1' in answer, answer
+        assert json.loads(answer.partition(b'\r\n\r\n')[2])['title'] == 'Busy receiving'
+        assert server.request('GET', '/health')[0] == 200  # NOTE: the same address: /health needs no body place
+        assert max(uploads_answer_within(server.port, 1.0, checks=1)) < 1.0
+    finally:
+        for client in clients:
+            client.close()
+
+
 # -- the change feed lets a node stop -------------------------------------------------
 
 

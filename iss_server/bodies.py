@@ -4,7 +4,8 @@
 upload, a tus chunk, a small JSON document): it refuses what is too large before
 or as it arrives, and turns a client that went away into :class:`IncompleteBody`.
 Under gunicorn, a body of known length is received straight from the socket
-(:class:`SocketBody`).
+(:class:`SocketBody`), and a chunked one through gunicorn's reader, each receive
+paced (:func:`receiving_through`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import contextlib
 import io
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import falcon
 import gunicorn.http.body
+import gunicorn.http.unreader
 
 from iss_server.errors import BodyTooSlow, IncompleteBody, LengthRequired, UploadTooLarge
 
@@ -45,6 +48,8 @@ class RequestBody:
     def __init__(self, req: falcon.Request, limit: int, timeout: int) -> None:
         self._limit = limit
         self._received = 0
+        # NOTE: what the pace counts: the bytes received off the socket, a chunked body's framing included
+        self._arrived = 0
         self.declared_length = req.content_length
         self._timeout = timeout
         self._started = time.monotonic()
@@ -58,10 +63,12 @@ class RequestBody:
             if not req.env.get('wsgi.input_terminated'):
                 raise LengthRequired('Send a Content-Length header (or a chunked body to a server that supports it).')
             self._stream = req.stream
+            self._unreader = _chunked_unreader(req.env)
         elif self.declared_length > limit:
             raise UploadTooLarge(limit)
         else:
             self._stream = SocketBody.of(req.env) or req.bounded_stream
+            self._unreader = None
             if isinstance(self._stream, SocketBody) and self._stream.all_here:
                 # PERF: the worker received this body whole (worker.MAX_BUFFERED_BODY): no read waits on the
                 # socket, so it needs no timeout, which cost an ioctl per read and a poll per send (strace).
@@ -91,7 +98,8 @@ class RequestBody:
         """Whatever reading the body raises (a reset, a timeout) is an incomplete body."""
         self._keep_pace()
         try:
-            yield
+            with receiving_through(self._unreader, self._paced):
+                yield
         except Exception as exc:
             if self._behind() >= 0:
                 raise self._too_slow() from exc
@@ -106,9 +114,21 @@ class RequestBody:
         # NOTE: the next byte may come until the pace allows it (a full pause at first)
         self._socket.settimeout(min(self._timeout, 1 / self.min_rate - self._behind()))
 
+    def _paced(self, receive: Callable[[], bytes]) -> bytes:
+        """One receive of a chunked body from the socket, kept to the pace like a read.
+
+        APPSEC: gunicorn fills one read of a chunked body from as many chunks as come, a receive
+        each (and a chunk's size line a receive per byte, if so sent): a chunk of one byte every
+        0.2 s never let a receive time out, and the read went on for as long as it dripped.
+        """
+        self._keep_pace()
+        data = receive()
+        self._arrived += len(data)
+        return data
+
     def _behind(self) -> float:
         """Seconds the body is behind its pace (negative: how long it may still take for what it has sent)."""
-        allowed = self._timeout + self._received / self.min_rate
+        allowed = self._timeout + self._arrived / self.min_rate
         return time.monotonic() - self._started - allowed
 
     def _too_slow(self) -> BodyTooSlow:
@@ -119,6 +139,8 @@ class RequestBody:
 
     def _count(self, received: int, asked: int) -> None:
         self._received += received
+        if self._unreader is None:
+            self._arrived += received  # NOTE: a chunked body's bytes are counted as they arrive (_paced)
         if self._received > self._limit:
             raise UploadTooLarge(self._limit)
         if not received and asked != 0 and self.declared_length is not None and self._received < self.declared_length:
@@ -208,3 +230,37 @@ class SocketBody:
         except BaseException:
             self._body.failed = True
             raise
+
+
+def _chunked_unreader(env: dict[str, Any]) -> Any:
+    """The unreader a gunicorn chunked body is received through, or None when it is not one on a socket."""
+    reader = getattr(env.get('wsgi.input'), 'reader', None)
+    if isinstance(reader, gunicorn.http.body.ChunkedReader) and isinstance(
+        getattr(reader.req, 'unreader', None), gunicorn.http.unreader.SocketUnreader
+    ):
+        return reader.req.unreader
+    return None
+
+
+@contextlib.contextmanager
+def receiving_through(unreader: Any, paced: Callable[[Callable[[], bytes]], bytes]) -> Iterator[None]:
+    """While the block runs, each receive of gunicorn's ``unreader`` from its socket goes through ``paced``.
+
+    ``paced(receive)`` checks what it must (a pace, a deadline), sets the socket's timeout, and
+    returns ``receive()``. ``unreader`` None (not a gunicorn socket's): nothing changes.
+
+    NOTE: this reaches into gunicorn's unreader as of the pinned gunicorn 27.0.1, as
+    :class:`SocketBody` does: every read of it from the socket (its ChunkedReader's, its
+    finish_body's) calls ``SocketUnreader.chunk``, which an attribute of the instance shadows;
+    test_hostile.py's chunked drip tests fail if an upgrade changes that.
+    """
+    if unreader is None:
+        yield
+        return
+    unreader.chunk = lambda size_hint=None: paced(
+        partial(gunicorn.http.unreader.SocketUnreader.chunk, unreader, size_hint)
+    )
+    try:
+        yield
+    finally:
+        del unreader.chunk

@@ -10,8 +10,10 @@ buffered; a client that does not complete it within ``ISS_HEADER_TIMEOUT`` secon
 whose request is still arriving (the next are answered 503 at once). A body of at most
 :data:`MAX_BUFFERED_BODY` bytes is received here too, whole, before a thread sees it: 200 clients
 dripping small uploads take no thread, and an honest small upload never waits behind them for
-a place. Larger bodies take all threads but an eighth at most (the others wait for a place
-here, without a thread, then 503), and ISS reads them at a minimum rate (:mod:`iss_server.bodies`).
+a place. Larger bodies, and chunked ones, take all threads but an eighth at most (the others
+wait for a place here, without a thread, ``ISS_BODY_TIMEOUT`` seconds at most and
+:data:`MAX_WAITING_PER_CLIENT` of an address, then 503), and ISS reads them at a minimum rate,
+each receive (:mod:`iss_server.bodies`).
 
 NOTE: this reaches into gunicorn's ThreadWorker and TConn as of the pinned gunicorn 27.0.1
 (as :class:`bodies.SocketBody` does); ``test_hostile.py``'s slowloris tests fail if an
@@ -31,6 +33,7 @@ import selectors
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -38,7 +41,7 @@ import gunicorn.util
 from gunicorn.http2 import negotiation
 from gunicorn.workers import gthread
 
-from iss_server import events
+from iss_server import bodies, events
 from iss_server.config import Settings
 from iss_server.errors import error_body
 
@@ -49,6 +52,9 @@ log = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024
 #: Connections of one client address whose request (headers, or a buffered body) is still arriving, per worker.
 MAX_ARRIVING_PER_CLIENT = 64
+#: Connections of one client address waiting for a body place, per worker; the next request with a body is
+#: answered 503 at once (its address's other requests are not: /health needs no body place).
+MAX_WAITING_PER_CLIENT = 64
 #: Largest body received whole by the main loop (a request that declares its length and expects no
 #: ``100 Continue``); larger ones are read by a thread, with a body place. nginx buffers the same (deploy/nginx).
 MAX_BUFFERED_BODY = 256 * 1024
@@ -81,6 +87,7 @@ class ThreadWorker(gthread.ThreadWorker):
         self.body_places = max(1, self.cfg.threads - max(1, self.cfg.threads // 8))
         self._free_body_places = self.body_places
         self._waiting_bodies: dict[gthread.TConn, float] = {}
+        self._waiting_per_client: Counter[str] = Counter()
         self._body_wait = settings.body_timeout
         # PERF: whether a connection may need gunicorn's own path (TLS, HTTP/2 prior knowledge), decided
         # once: asking the config per request was 2% of a small GET's samples (py-spy).
@@ -129,7 +136,7 @@ class ThreadWorker(gthread.ThreadWorker):
                     return
             elif _declares_a_body(ahead, head):
                 if not self._free_body_places:
-                    self._waiting_bodies[conn] = time.monotonic() + self._body_wait
+                    self._wait_for_a_body_place(conn)
                     return
                 self._free_body_places -= 1
                 conn.body_place = True
@@ -142,7 +149,7 @@ class ThreadWorker(gthread.ThreadWorker):
             self._free_body_places += 1
             if self._waiting_bodies:
                 waiting = next(iter(self._waiting_bodies))
-                del self._waiting_bodies[waiting]
+                self._forget_waiting(waiting)
                 self.enqueue_req(waiting)
         super().finish_request(conn, fs)
 
@@ -168,14 +175,49 @@ class ThreadWorker(gthread.ThreadWorker):
             conn, deadline = next(iter(self._waiting_bodies.items()))
             if deadline > now and self.alive:
                 break
-            del self._waiting_bodies[conn]
-            self.nr_conns -= 1
-            _refuse_busy(conn.sock, f'all {self.body_places} places for requests with a body stayed taken')
-            conn.close(graceful=True)
+            self._forget_waiting(conn)
+            self._refuse_busy(conn, f'all {self.body_places} places for requests with a body stayed taken')
+
+    def _wait_for_a_body_place(self, conn: gthread.TConn) -> None:
+        """Let the request wait its turn for a body place; past :data:`MAX_WAITING_PER_CLIENT` of its address, 503.
+
+        NOTE: a waiting connection holds no thread, but counts in the worker's connections: one address
+        waiting without bound stopped the worker accepting (``worker_connections``), /health included.
+        """
+        address = _address(conn.client)
+        if self._waiting_per_client[address] >= MAX_WAITING_PER_CLIENT:
+            self._refuse_busy(conn, f'{MAX_WAITING_PER_CLIENT} requests of {address} already wait for a body place')
+            return
+        self._waiting_per_client[address] += 1
+        self._waiting_bodies[conn] = time.monotonic() + self._body_wait
+
+    def _forget_waiting(self, conn: gthread.TConn) -> None:
+        del self._waiting_bodies[conn]
+        address = _address(conn.client)
+        self._waiting_per_client[address] -= 1
+        if not self._waiting_per_client[address]:
+            del self._waiting_per_client[address]
+
+    def _refuse_busy(self, conn: gthread.TConn, reason: str) -> None:
+        """Answer 503 with Retry-After before the app (and without reading the body)."""
+        log.warning('request with a body refused: %s', reason)
+        self.nr_conns -= 1
+        description = 'Too many uploads are arriving right now; try again shortly.'
+        _answer(conn.sock, 503, 'Service Unavailable', 'Busy receiving', description, retry_after=1)
+        conn.close(graceful=True)
 
     def _keepalive_after(self, conn: gthread.TConn, keepalive: bool) -> bool:
-        """gunicorn's, draining an unread body for :data:`DRAIN_SECONDS`: a drip after a 401 holds no thread long."""
-        return keepalive and bool(conn.parser.finish_body(deadline=time.monotonic() + DRAIN_SECONDS))
+        """gunicorn's, draining an unread body for :data:`DRAIN_SECONDS`: a drip after a 401 holds no thread long.
+
+        APPSEC: gunicorn checks the drain's deadline between reads of 1 KiB, and one read of a chunked
+        body is as many receives as chunks come (a one-byte chunk every 0.2 s held the thread 200 s):
+        the deadline bounds each receive.
+        """
+        if not keepalive:
+            return False
+        deadline = time.monotonic() + DRAIN_SECONDS
+        with bodies.receiving_through(conn.parser.unreader, partial(_receive_by, deadline, conn.sock)):
+            return bool(conn.parser.finish_body(deadline=deadline))
 
     # -- collecting the headers ------------------------------------------------------
 
@@ -408,11 +450,13 @@ def _receive(sock: socket.socket) -> bytes | None:
         return b''
 
 
-def _refuse_busy(sock: socket.socket, reason: str) -> None:
-    """Answer 503 with Retry-After before the app (and without reading the body)."""
-    log.warning('request with a body refused: %s', reason)
-    description = 'Too many uploads are arriving right now; try again shortly.'
-    _answer(sock, 503, 'Service Unavailable', 'Busy receiving', description, retry_after=1)
+def _receive_by(deadline: float, sock: socket.socket, receive: Callable[[], bytes]) -> bytes:
+    """``receive()`` from ``sock``, waiting no later than ``deadline`` (:func:`time.monotonic`)."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError('the drain of an unread body took its time')
+    sock.settimeout(remaining)
+    return receive()
 
 
 def _answer(
