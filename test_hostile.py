@@ -37,6 +37,7 @@ from PIL import Image
 import iss
 from iss_server import cli, errors, images, resumable
 from iss_server.config import Settings
+from iss_server.worker import MAX_WAITING_PER_CLIENT
 from iss_testing import HERE
 from iss_testing.cli import upload_image
 from iss_testing.data import blob_id, make_png
@@ -865,6 +866,38 @@ def test_past_the_requests_one_address_may_have_waiting_for_a_body_place_it_is_a
         assert json.loads(answer.partition(b'\r\n\r\n')[2])['title'] == 'Busy receiving'
         assert server.request('GET', '/health')[0] == 200  # NOTE: the same address: /health needs no body place
         assert max(uploads_answer_within(server.port, 1.0, checks=1)) < 1.0
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_behind_a_trusted_proxy_the_requests_waiting_for_a_body_place_count_against_the_client_it_forwards(start):
+    """Behind nginx every request came from nginx's address: 64 waiting uploads of all its clients refused the next."""
+    server = start(ISS_WORKERS='1', ISS_BODY_TIMEOUT='5')
+
+    def head(client: str) -> bytes:
+        return (
+            b'POST /artifacts?kind=slow HTTP/1.1\r\nHost: iss\r\nTransfer-Encoding: chunked\r\n'
+            b'X-Forwarded-For: 198.51.100.9, ' + client.encode() + b'\r\n\r\n'
+        )
+
+    # NOTE: 14 take the places, 86 wait: from 127.0.0.1 (gunicorn's default forwarded_allow_ips), each as its client
+    clients = [open_slow_clients(server.port, head(f'203.0.113.{number}'), count=1)[0] for number in range(100)]
+    try:
+        another = open_slow_clients(server.port, head('203.0.113.200'), count=1)[0]
+        another.settimeout(1.5)
+        with pytest.raises(TimeoutError):
+            another.recv(1)  # NOTE: it waits its turn, as the others do: no 503
+        clients.append(another)
+        crowd = open_slow_clients(server.port, head('192.0.2.1'), count=MAX_WAITING_PER_CLIENT)
+        clients += crowd
+        started = time.monotonic()
+        late = open_slow_clients(server.port, head('192.0.2.1'), count=1)[0]
+        late.settimeout(3)
+        answer = answer_of(late)
+        late.close()
+        assert time.monotonic() - started < 1.0
+        assert answer.startswith(b'HTTP/1.1 503') and b'Retry-After: 1' in answer, answer
     finally:
         for client in clients:
             client.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+import ipaddress
 import itertools
 import json
 import logging
@@ -136,7 +137,7 @@ class ThreadWorker(gthread.ThreadWorker):
                     return
             elif _declares_a_body(ahead, head):
                 if not self._free_body_places:
-                    self._wait_for_a_body_place(conn)
+                    self._wait_for_a_body_place(conn, self._client_of(conn, ahead, head))
                     return
                 self._free_body_places -= 1
                 conn.body_place = True
@@ -178,22 +179,47 @@ class ThreadWorker(gthread.ThreadWorker):
             self._forget_waiting(conn)
             self._refuse_busy(conn, f'all {self.body_places} places for requests with a body stayed taken')
 
-    def _wait_for_a_body_place(self, conn: gthread.TConn) -> None:
-        """Let the request wait its turn for a body place; past :data:`MAX_WAITING_PER_CLIENT` of its address, 503.
+    def _wait_for_a_body_place(self, conn: gthread.TConn, client: str) -> None:
+        """Let the request wait its turn for a body place; past :data:`MAX_WAITING_PER_CLIENT` of ``client``, 503.
 
         NOTE: a waiting connection holds no thread, but counts in the worker's connections: one address
         waiting without bound stopped the worker accepting (``worker_connections``), /health included.
         """
-        address = _address(conn.client)
-        if self._waiting_per_client[address] >= MAX_WAITING_PER_CLIENT:
-            self._refuse_busy(conn, f'{MAX_WAITING_PER_CLIENT} requests of {address} already wait for a body place')
+        if self._waiting_per_client[client] >= MAX_WAITING_PER_CLIENT:
+            self._refuse_busy(conn, f'{MAX_WAITING_PER_CLIENT} requests of {client} already wait for a body place')
             return
-        self._waiting_per_client[address] += 1
+        conn.waiting_as = client
+        self._waiting_per_client[client] += 1
         self._waiting_bodies[conn] = time.monotonic() + self._body_wait
+
+    def _client_of(self, conn: gthread.TConn, ahead: bytes, head: int) -> str:
+        """The client a request counts against: its peer's address or, from a trusted proxy, the address it forwards.
+
+        NOTE: behind nginx every request comes from nginx's address: counted there, 64 large uploads of all
+        its clients together refused the next. nginx appends the address it saw last in X-Forwarded-For, and
+        bounds each client's connections itself (limit_conn). Trusted: gunicorn's ``forwarded_allow_ips``.
+        """
+        peer = _address(conn.client)
+        if isinstance(conn.client, tuple) and not self._trusts(peer):
+            return peer  # NOTE: a Unix socket's peer is trusted, as gunicorn trusts it
+        forwarded = _FORWARDED_FOR.search(ahead, 0, head)
+        if forwarded is None:
+            return peer
+        return forwarded[1].rpartition(b',')[2].strip()[:64].decode('latin-1') or peer
+
+    def _trusts(self, address: str) -> bool:
+        """Whether ``address`` is one of gunicorn's ``forwarded_allow_ips`` (a proxy whose forwarding is believed)."""
+        if '*' in self.cfg.forwarded_allow_ips:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.cfg.forwarded_allow_networks())
 
     def _forget_waiting(self, conn: gthread.TConn) -> None:
         del self._waiting_bodies[conn]
-        address = _address(conn.client)
+        address = conn.waiting_as
         self._waiting_per_client[address] -= 1
         if not self._waiting_per_client[address]:
             del self._waiting_per_client[address]
@@ -412,6 +438,7 @@ def _declares_a_body(ahead: bytes, head: int) -> bool:
     return _BODY_DECLARED.search(ahead, 0, head) is not None
 
 
+_FORWARDED_FOR = re.compile(rb'\nx-forwarded-for[ \t]*:[ \t]*([^\r\n]*)', re.IGNORECASE)
 _CONTENT_LENGTH = re.compile(rb'\ncontent-length[ \t]*:[ \t]*([0-9]{1,16})[ \t]*\r?\n', re.IGNORECASE)
 _STREAMED = re.compile(rb'\n(?:transfer-encoding|expect)[ \t]*:', re.IGNORECASE)
 
