@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps
 
 import iss
-from iss_server import images, meta, signing
+from iss_server import formats, images, meta, signing
 from iss_server.config import ConfigError, Settings
 from iss_server.disk import disk_bytes
 from iss_testing import HERE
@@ -1065,3 +1065,20 @@ def test_an_honest_avif_is_stored_and_rendered(client, mode, frames):
     assert (recorded['width'], recorded['height'], recorded['frames']) == (64, 64, frames)
     assert recorded['phash']
     assert derive(client, stored['image_id'], 'w=16&format=png').size == (16, 16)
+
+
+@pytest.mark.parametrize(('override', 'coded'), [(0, (2000, 1000)), (1, (2048, 1024))], ids=['kept', 'overridden'])
+def test_an_av1_first_frame_that_may_override_its_size_counts_as_the_largest_its_bits_code(override, coded):
+    """dav1d decodes a frame_size_override_flag's size (in frame_width_bits) without holding it to max_frame_width."""
+
+    def bits(*fields: tuple[int, int]) -> bytes:
+        text = ''.join(format(value, f'0{count}b') for value, count in fields)
+        text += '0' * (-len(text) % 8)
+        return int(text, 2).to_bytes(len(text) // 8, 'big')
+
+    # NOTE: a full sequence header: no timing info, one operating point, 11 x 10 frame size bits, 2000 x 1000
+    sequence = bits((0, 5), (0, 2), (0, 5), (0, 12), (0, 5), (10, 4), (9, 4), (1999, 11), (999, 10), (0, 9), (3, 2))
+    frame = bits((0, 1), (0, 2), (1, 1), (0, 1), (0, 1), (override, 1))  # a shown key frame, screen tools off
+    data = b'\x0a' + bytes([len(sequence)]) + sequence + b'\x1a' + bytes([len(frame)]) + frame
+
+    assert formats._coded_size(data) == coded

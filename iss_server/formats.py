@@ -276,10 +276,11 @@ _AVIF_MAX_ITEMS = 4096
 _AVIF_MAX_BOXES = _AVIF_MAX_ITEMS + 64  # in one box: an iinf has a box per item
 _AVIF_MAX_TOP_BOXES = 1024  # ftyp, meta, moov, mdat, free: walked by seeking, never read
 _AVIF_MAX_BOX_BYTES = 4 * 1024 * 1024  # a meta or moov box, read whole (4096 items take about 200 KB)
-# NOTE: a sequence header is tens of bytes, the first OBU of an item (a temporal delimiter may come before).
-_AV1_HEADER_BYTES = 1024
+# NOTE: a sequence header is tens of bytes, the first OBU of an item (a temporal delimiter may come before),
+# and the first frame header follows it (after metadata OBUs, HDR's among them: hundreds of bytes).
+_AV1_HEADER_BYTES = 4096
 _AV1_MAX_OBUS = 8
-_OBU_SEQUENCE_HEADER = 1
+_OBU_SEQUENCE_HEADER, _OBU_FRAME_HEADER, _OBU_FRAME = 1, 3, 6
 
 
 def avif_frames(file: Readable) -> list[Av1Frame]:
@@ -299,6 +300,7 @@ def avif_frames(file: Readable) -> list[Av1Frame]:
             image has no readable sequence header (libavif could not decode it either).
     """
     frames: list[Av1Frame] = []
+    file_size = file.seek(0, 2)
     file.seek(0)
     position = 0
     for _ in range(_AVIF_MAX_TOP_BOXES):
@@ -309,9 +311,9 @@ def avif_frames(file: Readable) -> list[Av1Frame]:
         if size == 1:
             size, header_size = int.from_bytes(header[8:16], 'big'), 16
         if size == 0:  # NOTE: "to the end of the file": the last box
-            size = file.seek(0, 2) - position
-        if size < header_size:
-            raise ValueError(f'a {kind!r} box of {size} bytes')
+            size = file_size - position
+        if size < header_size or position + size > file_size:
+            raise ValueError(f'a {kind!r} box of {size} bytes, past the end of the file or short of its header')
         if kind in (b'meta', b'moov'):
             if size > _AVIF_MAX_BOX_BYTES:
                 raise ValueError(f'a {kind!r} box of {size} bytes; this service reads at most {_AVIF_MAX_BOX_BYTES}')
@@ -496,16 +498,38 @@ def _path(data: bytes, box: tuple[int, int] | None, *kinds: bytes) -> tuple[int,
 
 
 def _read_at(file: Readable, offset: int, length: int) -> bytes:
+    if offset >= file.seek(0, 2):  # NOTE: an offset of 64 bits would overflow seek
+        raise ValueError('AV1 data past the end of the file')
     file.seek(offset)
     return file.read(min(length, _AV1_HEADER_BYTES))
 
 
 def _coded_size(data: bytes) -> tuple[int, int]:
-    """max_frame_width x max_frame_height of the sequence header OBU in an AV1 image's data (AV1 5.3, 5.5)."""
+    """The largest frame an AV1 image's data may decode first (AV1 5.3 OBUs, 5.5 sequence header, 5.9.2 frame header).
+
+    NOTE: a frame is its sequence header's max_frame_width x max_frame_height, unless its frame header
+    sets frame_size_override_flag: then its size is coded in frame_width_bits, and dav1d does not hold
+    it to the maximum. A reduced still picture header (AVIF stills) forbids the override; otherwise the
+    first frame header is read up to that flag, and a first frame that overrides its size (or is no
+    shown key frame) counts as the largest size those bits code, as dav1d would decode it.
+    """
+    sequence: _Av1Sequence | None = None
+    for kind, obu in _obus(data):
+        if kind == _OBU_SEQUENCE_HEADER and sequence is None:
+            sequence = _sequence_header(_Av1Bits(obu))
+            if sequence.reduced:
+                return sequence.max_size
+        elif kind in (_OBU_FRAME_HEADER, _OBU_FRAME) and sequence is not None:
+            return sequence.max_size if _keeps_max_size(_Av1Bits(obu), sequence) else sequence.codable_size
+    raise ValueError('no AV1 sequence header and frame header where the image starts')
+
+
+def _obus(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The (type, payload) of the first OBUs in ``data``; the last one maybe cut short where ``data`` ends."""
     position = 0
     for _ in range(_AV1_MAX_OBUS):
         if position >= len(data):
-            break
+            return
         header = data[position]
         if header & 0x80:
             raise ValueError('an AV1 OBU with its forbidden bit set')
@@ -521,10 +545,8 @@ def _coded_size(data: bytes) -> tuple[int, int]:
                 position += 1
                 if not data[position - 1] & 0x80:
                     break
-        if kind == _OBU_SEQUENCE_HEADER:
-            return _max_frame_size(_Av1Bits(data[position : position + size]))
+        yield kind, data[position : position + size]
         position += size
-    raise ValueError('no AV1 sequence header where the image starts')
 
 
 class _Av1Bits:
@@ -535,7 +557,7 @@ class _Av1Bits:
 
     def __call__(self, count: int) -> int:
         if self._position + count > self._size:
-            raise ValueError('an AV1 sequence header cut short')
+            raise ValueError('an AV1 header cut short')
         self._position += count
         return (self._value >> (self._size - self._position)) & ((1 << count) - 1)
 
@@ -548,25 +570,45 @@ class _Av1Bits:
         return self(zeros) + (1 << zeros) - 1
 
 
-def _max_frame_size(bits: _Av1Bits) -> tuple[int, int]:
-    """Read a sequence_header_obu up to max_frame_height_minus_1 (AV1 5.5.1 to 5.5.5)."""
+@dataclasses.dataclass(frozen=True)
+class _Av1Sequence:
+    """What of a sequence header the frame sizes, and the first frame header up to its size, need."""
+
+    reduced: bool  # reduced_still_picture_header
+    max_size: tuple[int, int]  # max_frame_width, max_frame_height
+    codable_size: tuple[int, int]  # 2 ** frame_width_bits, 2 ** frame_height_bits: what a frame header can code
+    presentation_time_bits: int  # 0: no frame_presentation_time in a shown frame's header
+    frame_id_bits: int  # 0: no current_frame_id
+    screen_content_tools: int  # seq_force_screen_content_tools; 2: each frame says
+    integer_mv: int  # seq_force_integer_mv; 2: each frame says
+
+
+_SELECT = 2  # SELECT_SCREEN_CONTENT_TOOLS, SELECT_INTEGER_MV
+
+
+def _sequence_header(bits: _Av1Bits) -> _Av1Sequence:
+    """Read a sequence_header_obu up to order_hint_bits_minus_1 (AV1 5.5.1 to 5.5.5)."""
     bits(3)  # seq_profile
     bits(1)  # still_picture
-    if bits(1):  # reduced_still_picture_header
+    reduced = bits(1)
+    presentation_time_bits = 0
+    if reduced:
         bits(5)  # seq_level_idx[0]
     else:
-        decoder_model_info, buffer_delay_length = 0, 0
+        decoder_model_info, buffer_delay_length, equal_picture_interval = 0, 0, 0
         if bits(1):  # timing_info_present_flag
             bits(32)  # num_units_in_display_tick
             bits(32)  # time_scale
-            if bits(1):  # equal_picture_interval
+            equal_picture_interval = bits(1)
+            if equal_picture_interval:
                 bits.uvlc()  # num_ticks_per_picture_minus_1
             decoder_model_info = bits(1)
             if decoder_model_info:
                 buffer_delay_length = bits(5) + 1
                 bits(32)  # num_units_in_decoding_tick
                 bits(5)  # buffer_removal_time_length_minus_1
-                bits(5)  # frame_presentation_time_length_minus_1
+                presentation_time_length = bits(5) + 1  # NOTE: read always, used when pictures are not equally spaced
+                presentation_time_bits = 0 if equal_picture_interval else presentation_time_length
         initial_display_delay = bits(1)
         for _ in range(bits(5) + 1):  # operating_points_cnt_minus_1
             bits(12)  # operating_point_idc
@@ -577,7 +619,39 @@ def _max_frame_size(bits: _Av1Bits) -> tuple[int, int]:
             if initial_display_delay and bits(1):  # initial_display_delay_present_for_this_op
                 bits(4)
     width_bits, height_bits = bits(4) + 1, bits(4) + 1
-    return bits(width_bits) + 1, bits(height_bits) + 1
+    max_size = (bits(width_bits) + 1, bits(height_bits) + 1)
+    codable_size = (1 << width_bits, 1 << height_bits)
+    if reduced:
+        return _Av1Sequence(True, max_size, codable_size, 0, 0, 0, 0)
+    frame_id_bits = bits(4) + bits(3) + 3 if bits(1) else 0  # frame_id_numbers_present_flag: idLen
+    bits(3)  # use_128x128_superblock, enable_filter_intra, enable_intra_edge_filter
+    bits(4)  # enable_interintra_compound, enable_masked_compound, enable_warped_motion, enable_dual_filter
+    order_hint = bits(1)
+    if order_hint:
+        bits(2)  # enable_jnt_comp, enable_ref_frame_mvs
+    screen_content_tools = _SELECT if bits(1) else bits(1)
+    integer_mv = _SELECT
+    if screen_content_tools:
+        integer_mv = _SELECT if bits(1) else bits(1)
+    return _Av1Sequence(
+        False, max_size, codable_size, presentation_time_bits, frame_id_bits, screen_content_tools, integer_mv
+    )
+
+
+def _keeps_max_size(bits: _Av1Bits, sequence: _Av1Sequence) -> bool:
+    """Whether a first frame header is of a shown key frame without frame_size_override_flag (AV1 5.9.2)."""
+    if bits(1):  # show_existing_frame
+        return False
+    frame_type, show_frame = bits(2), bits(1)
+    if frame_type != 0 or not show_frame:  # NOTE: KEY_FRAME; a shown one has error_resilient_mode unread
+        return False
+    bits(sequence.presentation_time_bits)  # temporal_point_info
+    bits(1)  # disable_cdf_update
+    screen_content_tools = bits(1) if sequence.screen_content_tools == _SELECT else sequence.screen_content_tools
+    if screen_content_tools and sequence.integer_mv == _SELECT:
+        bits(1)  # force_integer_mv
+    bits(sequence.frame_id_bits)  # current_frame_id
+    return not bits(1)  # frame_size_override_flag
 
 
 class _JxlImageFile(ImageFile.ImageFile):
