@@ -384,14 +384,16 @@ def _item_frames(meta: bytes, file: Readable) -> list[Av1Frame]:
         if item not in sizes or item not in locations:
             raise ValueError(f'AV1 item {item} without its size (ispe) or its location (iloc)')
         method, extents = locations[item]
-        if method == 0:  # NOTE: offsets in the file
-            data = b''.join(_read_at(file, offset, length) for offset, length in extents)
-        elif method == 1:  # NOTE: offsets in the idat box
-            data = b''.join(
-                meta[idat[0] + offset : idat[0] + offset + length][:_AV1_HEADER_BYTES] for offset, length in extents
-            )
-        else:
+        if method not in (0, 1):
             raise ValueError(f'AV1 item {item} located by construction method {method}, which libavif never reads')
+        data = b''
+        for offset, length in extents:
+            if len(data) >= _AV1_HEADER_BYTES:
+                break
+            if method == 0:  # NOTE: offsets in the file
+                data += _read_at(file, offset, length)
+            else:  # NOTE: offsets in the idat box
+                data += meta[idat[0] + offset : idat[0] + offset + min(length, _AV1_HEADER_BYTES)]
         frames.append(Av1Frame(f'item {item}', sizes[item], _coded_size(data[:_AV1_HEADER_BYTES])))
     return frames
 
@@ -419,13 +421,18 @@ def _locations(meta: bytes, start: int, end: int) -> dict[int, tuple[int, list[t
     offset_size, length_size, base_size = sizes >> 12, (sizes >> 8) & 15, (sizes >> 4) & 15
     index_size = sizes & 15 if version in (1, 2) else 0
     locations = {}
+    extents_left = _AVIF_MAX_BOXES  # NOTE: an extent of 0-byte offset and length takes no room: counted instead
     for _ in range(min(cursor.uint(2 if version < 2 else 4), _AVIF_MAX_BOXES)):
         item = cursor.uint(2 if version < 2 else 4)
         method = cursor.uint(2) & 15 if version in (1, 2) else 0
         cursor.uint(2)  # data_reference_index
         base = cursor.uint(base_size)
         extents = []
-        for _ in range(cursor.uint(2)):
+        count = cursor.uint(2)
+        extents_left -= count
+        if extents_left < 0:
+            raise ValueError(f'more than {_AVIF_MAX_BOXES} extents in an iloc')
+        for _ in range(count):
             cursor.uint(index_size)
             offset, length = base + cursor.uint(offset_size), cursor.uint(length_size)
             extents.append((offset, length or _AV1_HEADER_BYTES))  # NOTE: 0 is "to the end of the file"
