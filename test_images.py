@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps
 
 import iss
-from iss_server import images, meta, signing
+from iss_server import formats, images, meta, signing
 from iss_server.config import ConfigError, Settings
 from iss_server.disk import disk_bytes
 from iss_testing import HERE
@@ -1007,3 +1007,78 @@ def test_a_jxl_padded_past_the_header_budget_is_refused_not_read_whole(client):
 
     assert 'identifying it takes more than' in refused['detail']
     assert client.get('/stats').json['count'] == 0
+
+
+def with_ispe(avif: bytes, width: int, height: int) -> bytes:
+    """The AVIF with every ispe (and a sequence's track and sample entry sizes) declaring width x height."""
+    patched = bytearray(avif)
+    at = patched.find(b'ispe')
+    while at > 0:
+        patched[at + 8 : at + 16] = width.to_bytes(4, 'big') + height.to_bytes(4, 'big')
+        at = patched.find(b'ispe', at + 4)
+    if (tkhd := patched.find(b'tkhd')) > 0:
+        end = tkhd - 4 + int.from_bytes(patched[tkhd - 4 : tkhd], 'big')
+        patched[end - 8 : end] = (width << 16).to_bytes(4, 'big') + (height << 16).to_bytes(4, 'big')
+        entry = patched.find(b'av01', patched.find(b'stsd'))
+        patched[entry + 28 : entry + 32] = width.to_bytes(2, 'big') + height.to_bytes(2, 'big')
+    return bytes(patched)
+
+
+def flat_avif(size: int = 256, mode: str = 'RGB', frames: int = 1) -> bytes:
+    colours = [(40, 120, 200, 100), (200, 120, 40, 100)][:frames]
+    images_ = [Image.new(mode, (size, size), colour[: len(mode)]) for colour in colours]
+    return encode(images_[0], 'AVIF', speed=10, save_all=frames > 1, append_images=images_[1:])
+
+
+@pytest.mark.parametrize('frames', [1, 2], ids=['image', 'sequence'])
+def test_an_avif_coded_larger_than_its_ispe_is_refused_before_any_decode(client, frames):
+    """libavif decodes the frame the AV1 sequence header says, then scales it to the ispe: 3.5 KB declaring
+    100 x 100 decoded 16000 x 16000 (548 MiB) and passed ISS_MAX_IMAGE_PIXELS (issue 27)."""
+    lying = with_ispe(flat_avif(256, frames=frames), 16, 16)
+    assert Image.open(io.BytesIO(lying)).size == (16, 16), 'Pillow believes the ispe'
+
+    refused = client.post('/images', lying, content_type='image/avif', status=413).json
+
+    assert refused['title'] == 'Image too large'
+    assert 'declares 16x16 pixels but is coded at 256x256' in refused['detail'], refused
+    assert client.get('/stats').json['count'] == 0
+
+
+def test_an_avif_without_a_sequence_header_is_refused_as_not_an_image(client):
+    avif = flat_avif(64)
+    item = avif.index(b'mdat') + 4  # NOTE: libavif writes one item's data at the start of its mdat
+    assert avif[item : item + 3] == b'\x12\x00\x0a', 'a temporal delimiter OBU, then the sequence header'
+    padding = avif[: item + 2] + b'\x7a' + avif[item + 3 :]  # the same OBU, as padding (type 15)
+
+    refused = client.post('/images', padding, content_type='image/avif', expect_errors=True)
+
+    assert refused.status_int == 415 and refused.json['title'] == 'Not an image'
+    assert client.get('/stats').json['count'] == 0
+
+
+@pytest.mark.parametrize(('mode', 'frames'), [('RGB', 1), ('RGBA', 1), ('RGB', 2)], ids=['plain', 'alpha', 'sequence'])
+def test_an_honest_avif_is_stored_and_rendered(client, mode, frames):
+    stored = client.post('/images', flat_avif(64, mode, frames), content_type='image/avif').json
+
+    recorded = client.get(f'/images/{stored["image_id"]}/meta').json
+
+    assert (recorded['width'], recorded['height'], recorded['frames']) == (64, 64, frames)
+    assert recorded['phash']
+    assert derive(client, stored['image_id'], 'w=16&format=png').size == (16, 16)
+
+
+@pytest.mark.parametrize(('override', 'coded'), [(0, (2000, 1000)), (1, (2048, 1024))], ids=['kept', 'overridden'])
+def test_an_av1_first_frame_that_may_override_its_size_counts_as_the_largest_its_bits_code(override, coded):
+    """dav1d decodes a frame_size_override_flag's size (in frame_width_bits) without holding it to max_frame_width."""
+
+    def bits(*fields: tuple[int, int]) -> bytes:
+        text = ''.join(format(value, f'0{count}b') for value, count in fields)
+        text += '0' * (-len(text) % 8)
+        return int(text, 2).to_bytes(len(text) // 8, 'big')
+
+    # NOTE: a full sequence header: no timing info, one operating point, 11 x 10 frame size bits, 2000 x 1000
+    sequence = bits((0, 5), (0, 2), (0, 5), (0, 12), (0, 5), (10, 4), (9, 4), (1999, 11), (999, 10), (0, 9), (3, 2))
+    frame = bits((0, 1), (0, 2), (1, 1), (0, 1), (0, 1), (override, 1))  # a shown key frame, screen tools off
+    data = b'\x0a' + bytes([len(sequence)]) + sequence + b'\x1a' + bytes([len(frame)]) + frame
+
+    assert formats._coded_size(data) == coded

@@ -3,7 +3,8 @@
 AVIF needs no plugin: Pillow reads and writes it itself (its wheels carry libavif
 since 11.3). :func:`register` teaches Pillow the other two, once per process;
 call it before the first ``Image.open`` of an upload (``images.py`` does, at import).
-:func:`jxl_header` reads a JPEG XL's size, mode and EXIF without decoding it.
+:func:`jxl_header` reads a JPEG XL's size, mode and EXIF without decoding it;
+:func:`avif_frames` reads the size each AV1 image of an AVIF is coded at, without decoding it.
 
 NOTE: what each costs (NOTES-similar.md has the numbers):
 - A HEIC decodes in full (HEVC has no reduced-scale decode as JPEG's ``draft``),
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import threading
+from collections.abc import Iterator
 from typing import Any, Protocol, cast
 
 from PIL import Image, ImageFile
@@ -254,6 +256,409 @@ def _bit_depth(bits: _Bits) -> tuple[bool, int]:
         bits(4)  # exponent_bits_per_sample
         return True, depth
     return False, bits.u32((0, 8), (0, 10), (0, 12), (6, 1))
+
+
+# -- the size an AVIF's AV1 frames are coded at, read without decoding ---------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Av1Frame:
+    """One AV1 image of an AVIF (an item, or a track's first frame): the size it declares, and is coded at."""
+
+    where: str  # 'item 1', 'track 1'
+    declared: tuple[int, int]  # the item's ispe, or the track's tkhd: what Pillow (libavif) reports as the size
+    coded: tuple[int, int]  # its AV1 sequence header's max_frame_width x max_frame_height: what dav1d decodes
+
+
+# NOTE: bounds of the parse (a hostile file costs at most these): a grid of 256 x 256 tiles is
+# libavif's own limit; 4096 tiles of 512 x 512 are 1 GP, more than any camera writes.
+_AVIF_MAX_ITEMS = 4096
+_AVIF_MAX_BOXES = _AVIF_MAX_ITEMS + 64  # in one box: an iinf has a box per item
+_AVIF_MAX_TOP_BOXES = 1024  # ftyp, meta, moov, mdat, free: walked by seeking, never read
+_AVIF_MAX_BOX_BYTES = 4 * 1024 * 1024  # a meta or moov box, read whole (4096 items take about 200 KB)
+# NOTE: a sequence header is tens of bytes, the first OBU of an item (a temporal delimiter may come before),
+# and the first frame header follows it (after metadata OBUs, HDR's among them: hundreds of bytes).
+_AV1_HEADER_BYTES = 4096
+_AV1_MAX_OBUS = 8
+_OBU_SEQUENCE_HEADER, _OBU_FRAME_HEADER, _OBU_FRAME = 1, 3, 6
+
+
+def avif_frames(file: Readable) -> list[Av1Frame]:
+    """Every AV1 image of an AVIF, with the size it declares and the size its sequence header codes it at.
+
+    APPSEC: Pillow (libavif) takes an AVIF's size from its ``ispe`` box (a track's from ``tkhd``),
+    and ISS checks that against ISS_MAX_IMAGE_PIXELS; dav1d then decodes the frame its AV1
+    sequence header says, and libavif scales it to the ``ispe`` after: 3.9 KB declaring 100 x 100
+    decoded 16000 x 16000 (issue 27). The caller refuses a frame coded larger than it declares.
+    Every ``av01`` item is read, not only those libavif decodes (the primary, a grid's tiles, the
+    alpha): the others (a gain map, a thumbnail) are no larger in an honest file, and one rule is
+    simpler than following ``iref``. Of a track (an image sequence) the first frame is read: the
+    one ISS decodes (a later keyframe may carry another sequence header; ISS never decodes it).
+
+    Raises:
+        ValueError: the file is no ISOBMFF, its boxes are malformed or past its bounds, or an AV1
+            image has no readable sequence header (libavif could not decode it either).
+    """
+    frames: list[Av1Frame] = []
+    file_size = file.seek(0, 2)
+    file.seek(0)
+    position = 0
+    for _ in range(_AVIF_MAX_TOP_BOXES):
+        header = file.read(16)
+        if len(header) < 8:
+            break
+        size, kind, header_size = int.from_bytes(header[:4], 'big'), header[4:8], 8
+        if size == 1:
+            size, header_size = int.from_bytes(header[8:16], 'big'), 16
+        if size == 0:  # NOTE: "to the end of the file": the last box
+            size = file_size - position
+        if size < header_size or position + size > file_size:
+            raise ValueError(f'a {kind!r} box of {size} bytes, past the end of the file or short of its header')
+        if kind in (b'meta', b'moov'):
+            if size > _AVIF_MAX_BOX_BYTES:
+                raise ValueError(f'a {kind!r} box of {size} bytes; this service reads at most {_AVIF_MAX_BOX_BYTES}')
+            file.seek(position + header_size)
+            content = file.read(size - header_size)
+            if len(content) < size - header_size:
+                raise ValueError(f'a {kind!r} box cut short')
+            frames += _item_frames(content, file) if kind == b'meta' else _track_frames(content, file)
+        position += size
+        file.seek(position)
+    if not frames:
+        raise ValueError('no AV1 image in it')
+    return frames
+
+
+class _Cursor:
+    """Big-endian integers read from a box's bytes, never past its end."""
+
+    def __init__(self, data: bytes, start: int, end: int) -> None:
+        self.data, self.position, self.end = data, start, end
+
+    def uint(self, size: int) -> int:
+        if self.position + size > self.end:
+            raise ValueError('a box cut short')
+        self.position += size
+        return int.from_bytes(self.data[self.position - size : self.position], 'big')
+
+
+def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """The (type, content start, content end) of the boxes in ``data[start:end]``."""
+    for _ in range(_AVIF_MAX_BOXES):
+        if start + 8 > end:
+            return
+        cursor = _Cursor(data, start, end)
+        size, kind, header_size = cursor.uint(4), cursor.uint(4).to_bytes(4, 'big'), 8
+        if size == 1:
+            size, header_size = cursor.uint(8), 16
+        elif size == 0:
+            size = end - start
+        if size < header_size or start + size > end:
+            raise ValueError(f'a {kind!r} box past its parent')
+        yield kind, start + header_size, start + size
+        start += size
+    raise ValueError(f'more than {_AVIF_MAX_BOXES} boxes in one')
+
+
+def _children(data: bytes, start: int, end: int) -> dict[bytes, tuple[int, int]]:
+    """The first box of each type in ``data[start:end]``: (content start, content end)."""
+    found: dict[bytes, tuple[int, int]] = {}
+    for kind, content_start, content_end in _boxes(data, start, end):
+        found.setdefault(kind, (content_start, content_end))
+    return found
+
+
+def _item_frames(meta: bytes, file: Readable) -> list[Av1Frame]:
+    """The ``av01`` items of a ``meta`` box (ISO/IEC 23008-12: iinf, iloc, iprp > ipco, ipma)."""
+    boxes = _children(meta, 4, len(meta))  # NOTE: meta is a FullBox: version and flags first
+    if not {b'iinf', b'iloc', b'iprp'} <= boxes.keys():
+        return []
+    av1_items = _av1_items(meta, *boxes[b'iinf'])
+    if len(av1_items) > _AVIF_MAX_ITEMS:
+        raise ValueError(f'more than {_AVIF_MAX_ITEMS} AV1 items')
+    locations = _locations(meta, *boxes[b'iloc'])
+    sizes = _item_sizes(meta, *boxes[b'iprp'])
+    idat = boxes.get(b'idat', (0, 0))
+    frames = []
+    for item in av1_items:
+        if item not in sizes or item not in locations:
+            raise ValueError(f'AV1 item {item} without its size (ispe) or its location (iloc)')
+        method, extents = locations[item]
+        if method not in (0, 1):
+            raise ValueError(f'AV1 item {item} located by construction method {method}, which libavif never reads')
+        data = b''
+        for offset, length in extents:
+            if len(data) >= _AV1_HEADER_BYTES:
+                break
+            if method == 0:  # NOTE: offsets in the file
+                data += _read_at(file, offset, length)
+            else:  # NOTE: offsets in the idat box
+                data += meta[idat[0] + offset : idat[0] + offset + min(length, _AV1_HEADER_BYTES)]
+        frames.append(Av1Frame(f'item {item}', sizes[item], _coded_size(data[:_AV1_HEADER_BYTES])))
+    return frames
+
+
+def _av1_items(meta: bytes, start: int, end: int) -> list[int]:
+    """The ids of the ``av01`` items an ``iinf`` lists (its ``infe`` of version 2 or 3)."""
+    items = []
+    for kind, content_start, content_end in _boxes(meta, start + (6 if meta[start] == 0 else 8), end):
+        cursor = _Cursor(meta, content_start, content_end)
+        version = cursor.uint(4) >> 24
+        if kind != b'infe' or version < 2:
+            continue
+        item = cursor.uint(2 if version == 2 else 4)
+        cursor.uint(2)  # item_protection_index
+        if cursor.uint(4).to_bytes(4, 'big') == b'av01':
+            items.append(item)
+    return items
+
+
+def _locations(meta: bytes, start: int, end: int) -> dict[int, tuple[int, list[tuple[int, int]]]]:
+    """Each item's construction method and (offset, length) extents, from an ``iloc``, its base offset added."""
+    cursor = _Cursor(meta, start, end)
+    version = cursor.uint(4) >> 24
+    sizes = cursor.uint(2)
+    offset_size, length_size, base_size = sizes >> 12, (sizes >> 8) & 15, (sizes >> 4) & 15
+    index_size = sizes & 15 if version in (1, 2) else 0
+    locations = {}
+    extents_left = _AVIF_MAX_BOXES  # NOTE: an extent of 0-byte offset and length takes no room: counted instead
+    for _ in range(min(cursor.uint(2 if version < 2 else 4), _AVIF_MAX_BOXES)):
+        item = cursor.uint(2 if version < 2 else 4)
+        method = cursor.uint(2) & 15 if version in (1, 2) else 0
+        cursor.uint(2)  # data_reference_index
+        base = cursor.uint(base_size)
+        extents = []
+        count = cursor.uint(2)
+        extents_left -= count
+        if extents_left < 0:
+            raise ValueError(f'more than {_AVIF_MAX_BOXES} extents in an iloc')
+        for _ in range(count):
+            cursor.uint(index_size)
+            offset, length = base + cursor.uint(offset_size), cursor.uint(length_size)
+            extents.append((offset, length or _AV1_HEADER_BYTES))  # NOTE: 0 is "to the end of the file"
+        locations[item] = (method, extents)
+    return locations
+
+
+def _item_sizes(meta: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
+    """Each item's width and height, from its ``ispe`` (``iprp``: properties in ``ipco``, items' in ``ipma``)."""
+    boxes = _children(meta, start, end)
+    if b'ipco' not in boxes or b'ipma' not in boxes:
+        return {}
+    properties = list(_boxes(meta, *boxes[b'ipco']))
+    cursor = _Cursor(meta, *boxes[b'ipma'])
+    version_and_flags = cursor.uint(4)
+    version, wide = version_and_flags >> 24, version_and_flags & 1
+    sizes = {}
+    for _ in range(min(cursor.uint(4), _AVIF_MAX_BOXES)):
+        item = cursor.uint(2 if version < 1 else 4)
+        for _ in range(cursor.uint(1)):
+            index = cursor.uint(2) & 0x7FFF if wide else cursor.uint(1) & 0x7F
+            if 0 < index <= len(properties) and properties[index - 1][0] == b'ispe':
+                ispe = _Cursor(meta, *properties[index - 1][1:])
+                ispe.uint(4)
+                sizes[item] = (ispe.uint(4), ispe.uint(4))
+    return sizes
+
+
+def _track_frames(moov: bytes, file: Readable) -> list[Av1Frame]:
+    """The first frame of each ``av01`` track of a ``moov`` (an image sequence), with its ``tkhd`` size."""
+    frames = []
+    tracks = 0
+    for kind, start, end in _boxes(moov, 0, len(moov)):
+        if kind != b'trak':
+            continue
+        tracks += 1
+        trak = _children(moov, start, end)
+        stbl = _path(moov, trak.get(b'mdia'), b'minf', b'stbl')
+        if b'tkhd' not in trak or stbl is None:
+            continue
+        tkhd_end = trak[b'tkhd'][1]
+        declared = _Cursor(moov, tkhd_end - 8, tkhd_end)
+        width, height = declared.uint(4) >> 16, declared.uint(4) >> 16  # NOTE: 16.16 fixed point, its last fields
+        tables = _children(moov, *stbl)
+        stsd = tables.get(b'stsd', (0, 0))
+        entries = list(_boxes(moov, stsd[0] + 8, stsd[1])) if stsd[1] else []
+        if not entries or entries[0][0] != b'av01':
+            continue
+        if b'stsz' not in tables or not ({b'stco', b'co64'} & tables.keys()):
+            raise ValueError(f'AV1 track {tracks} without its sample sizes or chunk offsets')
+        chunks = _Cursor(moov, *tables.get(b'stco', tables.get(b'co64', (0, 0))))
+        chunks.uint(8)  # version, flags, entry_count
+        offset = chunks.uint(4 if b'stco' in tables else 8)  # NOTE: the first sample starts its first chunk
+        samples = _Cursor(moov, *tables[b'stsz'])
+        samples.uint(4)
+        sample_size = samples.uint(4)
+        samples.uint(4)  # sample_count
+        data = _read_at(file, offset, sample_size or samples.uint(4))
+        frames.append(Av1Frame(f'track {tracks}', (width, height), _coded_size(data)))
+    return frames
+
+
+def _path(data: bytes, box: tuple[int, int] | None, *kinds: bytes) -> tuple[int, int] | None:
+    """The content of the box found down ``kinds`` from ``box``, or None."""
+    for kind in kinds:
+        if box is None:
+            return None
+        box = _children(data, *box).get(kind)
+    return box
+
+
+def _read_at(file: Readable, offset: int, length: int) -> bytes:
+    if offset >= file.seek(0, 2):  # NOTE: an offset of 64 bits would overflow seek
+        raise ValueError('AV1 data past the end of the file')
+    file.seek(offset)
+    return file.read(min(length, _AV1_HEADER_BYTES))
+
+
+def _coded_size(data: bytes) -> tuple[int, int]:
+    """The largest frame an AV1 image's data may decode first (AV1 5.3 OBUs, 5.5 sequence header, 5.9.2 frame header).
+
+    NOTE: a frame is its sequence header's max_frame_width x max_frame_height, unless its frame header
+    sets frame_size_override_flag: then its size is coded in frame_width_bits, and dav1d does not hold
+    it to the maximum. A reduced still picture header (AVIF stills) forbids the override; otherwise the
+    first frame header is read up to that flag, and a first frame that overrides its size (or is no
+    shown key frame) counts as the largest size those bits code, as dav1d would decode it.
+    """
+    sequence: _Av1Sequence | None = None
+    for kind, obu in _obus(data):
+        if kind == _OBU_SEQUENCE_HEADER and sequence is None:
+            sequence = _sequence_header(_Av1Bits(obu))
+            if sequence.reduced:
+                return sequence.max_size
+        elif kind in (_OBU_FRAME_HEADER, _OBU_FRAME) and sequence is not None:
+            return sequence.max_size if _keeps_max_size(_Av1Bits(obu), sequence) else sequence.codable_size
+    raise ValueError('no AV1 sequence header and frame header where the image starts')
+
+
+def _obus(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The (type, payload) of the first OBUs in ``data``; the last one maybe cut short where ``data`` ends."""
+    position = 0
+    for _ in range(_AV1_MAX_OBUS):
+        if position >= len(data):
+            return
+        header = data[position]
+        if header & 0x80:
+            raise ValueError('an AV1 OBU with its forbidden bit set')
+        kind, extension, has_size = (header >> 3) & 15, header & 4, header & 2
+        position += 2 if extension else 1
+        size = len(data) - position  # NOTE: an OBU without a size field runs to the end of the item
+        if has_size:
+            size = 0
+            for byte in range(8):  # leb128
+                if position >= len(data):
+                    raise ValueError('an AV1 OBU size cut short')
+                size |= (data[position] & 0x7F) << (7 * byte)
+                position += 1
+                if not data[position - 1] & 0x80:
+                    break
+        yield kind, data[position : position + size]
+        position += size
+
+
+class _Av1Bits:
+    """An AV1 bit reader: most significant bit first."""
+
+    def __init__(self, data: bytes) -> None:
+        self._value, self._size, self._position = int.from_bytes(data, 'big'), len(data) * 8, 0
+
+    def __call__(self, count: int) -> int:
+        if self._position + count > self._size:
+            raise ValueError('an AV1 header cut short')
+        self._position += count
+        return (self._value >> (self._size - self._position)) & ((1 << count) - 1)
+
+    def uvlc(self) -> int:
+        zeros = 0
+        while not self(1):
+            zeros += 1
+            if zeros >= 32:
+                raise ValueError('an AV1 uvlc of more than 32 bits')
+        return self(zeros) + (1 << zeros) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Av1Sequence:
+    """What of a sequence header the frame sizes, and the first frame header up to its size, need."""
+
+    reduced: bool  # reduced_still_picture_header
+    max_size: tuple[int, int]  # max_frame_width, max_frame_height
+    codable_size: tuple[int, int]  # 2 ** frame_width_bits, 2 ** frame_height_bits: what a frame header can code
+    presentation_time_bits: int  # 0: no frame_presentation_time in a shown frame's header
+    frame_id_bits: int  # 0: no current_frame_id
+    screen_content_tools: int  # seq_force_screen_content_tools; 2: each frame says
+    integer_mv: int  # seq_force_integer_mv; 2: each frame says
+
+
+_SELECT = 2  # SELECT_SCREEN_CONTENT_TOOLS, SELECT_INTEGER_MV
+
+
+def _sequence_header(bits: _Av1Bits) -> _Av1Sequence:
+    """Read a sequence_header_obu up to order_hint_bits_minus_1 (AV1 5.5.1 to 5.5.5)."""
+    bits(3)  # seq_profile
+    bits(1)  # still_picture
+    reduced = bits(1)
+    presentation_time_bits = 0
+    if reduced:
+        bits(5)  # seq_level_idx[0]
+    else:
+        decoder_model_info, buffer_delay_length, equal_picture_interval = 0, 0, 0
+        if bits(1):  # timing_info_present_flag
+            bits(32)  # num_units_in_display_tick
+            bits(32)  # time_scale
+            equal_picture_interval = bits(1)
+            if equal_picture_interval:
+                bits.uvlc()  # num_ticks_per_picture_minus_1
+            decoder_model_info = bits(1)
+            if decoder_model_info:
+                buffer_delay_length = bits(5) + 1
+                bits(32)  # num_units_in_decoding_tick
+                bits(5)  # buffer_removal_time_length_minus_1
+                presentation_time_length = bits(5) + 1  # NOTE: read always, used when pictures are not equally spaced
+                presentation_time_bits = 0 if equal_picture_interval else presentation_time_length
+        initial_display_delay = bits(1)
+        for _ in range(bits(5) + 1):  # operating_points_cnt_minus_1
+            bits(12)  # operating_point_idc
+            if bits(5) > 7:  # seq_level_idx
+                bits(1)  # seq_tier
+            if decoder_model_info and bits(1):  # decoder_model_present_for_this_op
+                bits(2 * buffer_delay_length + 1)  # decoder and encoder buffer delays, low_delay_mode_flag
+            if initial_display_delay and bits(1):  # initial_display_delay_present_for_this_op
+                bits(4)
+    width_bits, height_bits = bits(4) + 1, bits(4) + 1
+    max_size = (bits(width_bits) + 1, bits(height_bits) + 1)
+    codable_size = (1 << width_bits, 1 << height_bits)
+    if reduced:
+        return _Av1Sequence(True, max_size, codable_size, 0, 0, 0, 0)
+    frame_id_bits = bits(4) + bits(3) + 3 if bits(1) else 0  # frame_id_numbers_present_flag: idLen
+    bits(3)  # use_128x128_superblock, enable_filter_intra, enable_intra_edge_filter
+    bits(4)  # enable_interintra_compound, enable_masked_compound, enable_warped_motion, enable_dual_filter
+    order_hint = bits(1)
+    if order_hint:
+        bits(2)  # enable_jnt_comp, enable_ref_frame_mvs
+    screen_content_tools = _SELECT if bits(1) else bits(1)
+    integer_mv = _SELECT
+    if screen_content_tools:
+        integer_mv = _SELECT if bits(1) else bits(1)
+    return _Av1Sequence(
+        False, max_size, codable_size, presentation_time_bits, frame_id_bits, screen_content_tools, integer_mv
+    )
+
+
+def _keeps_max_size(bits: _Av1Bits, sequence: _Av1Sequence) -> bool:
+    """Whether a first frame header is of a shown key frame without frame_size_override_flag (AV1 5.9.2)."""
+    if bits(1):  # show_existing_frame
+        return False
+    frame_type, show_frame = bits(2), bits(1)
+    if frame_type != 0 or not show_frame:  # NOTE: KEY_FRAME; a shown one has error_resilient_mode unread
+        return False
+    bits(sequence.presentation_time_bits)  # temporal_point_info
+    bits(1)  # disable_cdf_update
+    screen_content_tools = bits(1) if sequence.screen_content_tools == _SELECT else sequence.screen_content_tools
+    if screen_content_tools and sequence.integer_mv == _SELECT:
+        bits(1)  # force_integer_mv
+    bits(sequence.frame_id_bits)  # current_frame_id
+    return not bits(1)  # frame_size_override_flag
 
 
 class _JxlImageFile(ImageFile.ImageFile):

@@ -192,6 +192,8 @@ def image_seeds(directory: pathlib.Path) -> None:
         ('WEBP', 'RGBA', {'save_all': True, 'append_images': frames[1:]}),
         ('BMP', 'RGB', {}),
         ('AVIF', 'RGB', {}),
+        # NOTE: an alpha item and a sequence's track: formats.avif_frames reads both
+        ('AVIF', 'RGBA', {'save_all': True, 'append_images': [frame.convert('RGBA') for frame in frames[1:]]}),
         ('PNG', 'I;16', {}),
         ('JXL', 'RGB', {'exif': exif.tobytes(), 'use_container': True}),
         ('JXL', 'LA', {'lossless': True}),
