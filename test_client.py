@@ -19,6 +19,7 @@ import threading
 import time
 
 import pytest
+from PIL import Image
 
 import iss_client
 from iss_testing import HERE
@@ -860,6 +861,38 @@ def test_dupes_skips_a_fifo_with_a_warning_and_counts_the_files_that_are_no_imag
         f'iss-client: {folder / "pipe"}: not a regular file: skipped',
         'iss-client: dupes: 2 files skipped: no image (by its first bytes)',
     ]
+
+
+def test_dupes_shows_the_same_groups_on_every_run_the_first_path_first(server, tmp_path):
+    """With -j 8 a group's first member was whichever answer came first: five outputs in six runs."""
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for number, angle in enumerate((0, 40, 90)):
+        picture = Image.linear_gradient('L').rotate(angle).convert('RGB')
+        picture.paste((200, 30, 30), (40 + 30 * number, 60, 120, 140))
+        for copy, (side, quality) in enumerate(((256, 95), (200, 60), (240, 30))):
+            picture.resize((side, side)).save(folder / f'{number}-{copy}.jpg', quality=quality)
+
+    runs = [_command('--url', server.url, 'dupes', '-j', '8', str(folder), cache=tmp_path) for _ in range(3)]
+
+    assert [run.returncode for run in runs] == [0, 0, 0], runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout == runs[2].stdout
+    groups = [block.splitlines()[1:] for block in runs[0].stdout.split('group ')[1:]]
+    assert len(groups) == 3, runs[0].stdout
+    for number, group in enumerate(sorted(groups, key=lambda lines: lines[0])):
+        assert group[0] == f'   0  {folder / f"{number}-0.jpg"}'  # NOTE: the first in the paths' order
+
+
+def test_dupes_names_a_file_the_server_cannot_read_as_an_image_without_push_advice(server, tmp_path):
+    """It said "push it without --images-only", an option dupes does not have."""
+    folder = tmp_path / 'photos'
+    _pictures(folder, 2)
+    (folder / 'cut.png').write_bytes(make_png(50, 50)[:20])  # NOTE: an image by its first bytes, no more
+
+    result = _command('--url', server.url, 'dupes', str(folder), cache=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr == f'iss-client: {folder / "cut.png"}: not an image: the server cannot read it as one\n'
 
 
 def test_dupes_into_a_closed_pipe_ends_without_a_traceback(server, tmp_path):

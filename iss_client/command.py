@@ -134,11 +134,12 @@ def _reason(exc: BaseException, args: argparse.Namespace) -> str:
     if not isinstance(exc, ISSError):
         return str(exc)
     if exc.status == 415:
-        return _NOT_AN_IMAGE
+        return 'not an image: the server cannot read it as one' if args.command == 'dupes' else _NOT_AN_IMAGE
+    said = str(exc).rstrip('.')
     if exc.status == 401 and args.token:
-        return f'{exc}; the token given was refused: check --token or $ISS_API_TOKEN'
+        return f'{said}; the token given was refused: check --token or $ISS_API_TOKEN'
     if exc.status == 401:
-        return f'{exc}; no token was given: pass --token or set $ISS_API_TOKEN'
+        return f'{said}; no token was given: pass --token or set $ISS_API_TOKEN'
     if exc.status == 403 and args.command == 'rm':
         return f"{exc}; deleting takes the admin token (the server's ISS_ADMIN_TOKEN), given with --token"
     if exc.title in ('Invalid kind', 'Invalid meta'):
@@ -482,6 +483,7 @@ def dupes_command(client: Client, args: argparse.Namespace, console: _Console) -
         with open(path, 'rb') as file:
             return client.similar_to(file.read(), args.max_distance)
 
+    answers: dict[str, dict[str, Any]] = {}
     for path, answer, error in _parallel(send, local, args.jobs):
         console.advance(os.path.getsize(path))
         if isinstance(error, ISSError) and (error.status in (401, 403) or isinstance(error, Unreachable)):
@@ -490,6 +492,11 @@ def dupes_command(client: Client, args: argparse.Namespace, console: _Console) -
             console.error(path, _reason(error, args))
             failed = True
             continue
+        answers[path] = answer
+    # NOTE: taken in the order of the paths, not of the answers (which -j interleaves): a group's first
+    # member, and so every distance shown, is the same on every run.
+    for path in (path for path in local if path in answers):
+        answer = answers[path]
         hashes[path], about[path] = answer['phash'], {'path': path}
         for item in answer['items']:
             hashes.setdefault(item['id'], item['phash'])
