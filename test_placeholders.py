@@ -88,6 +88,22 @@ def test_thumbhash_keeps_alpha():
     assert base64.b64decode(placeholders.thumbhash(scene())) != base64.b64decode(placeholders.thumbhash(image))
 
 
+def test_a_blurhash_paints_transparent_pixels_white_not_the_colour_they_hide():
+    """A fully transparent image (black under its alpha) gave a black placeholder."""
+    clear = Image.new('RGBA', (40, 30), (0, 0, 0, 0))
+    half = Image.new('RGBA', (40, 30), (0, 0, 150, 255))
+    ImageDraw.Draw(half).rectangle((0, 0, 39, 14), fill=(0, 0, 0, 0))  # the top half transparent
+
+    painted = placeholders.blurhash_to_image(placeholders.blurhash(clear))
+    assert ImageStat.Stat(painted).mean == pytest.approx([255, 255, 255], abs=6)  # NOTE: the DC is quantized
+    top, bottom = (
+        placeholders.blurhash_to_image(placeholders.blurhash(half)).crop(box)
+        for box in [(0, 0, 32, 8), (0, 24, 32, 32)]
+    )
+    assert min(ImageStat.Stat(top).mean) > 200
+    assert ImageStat.Stat(bottom).mean[2] > ImageStat.Stat(bottom).mean[0] + 30  # NOTE: blue, blurred into white
+
+
 def test_a_large_jpeg_is_decoded_small():
     encoded = io.BytesIO()
     scene(3200, 2400).save(encoded, 'JPEG', quality=85)

@@ -67,6 +67,15 @@ def reduced(image: Image.Image, side: int = SIDE) -> Image.Image:
     return rgba
 
 
+def on_white(image: Image.Image) -> Image.Image:
+    """Return ``image`` as RGB, its transparent pixels composited on white."""
+    if image.mode not in ('RGB', 'L'):
+        image = image.convert('RGBA' if 'A' in image.getbands() or 'transparency' in image.info else 'RGB')
+        if image.mode == 'RGBA':
+            image = Image.alpha_composite(Image.new('RGBA', image.size, (255, 255, 255, 255)), image)
+    return image.convert('RGB')
+
+
 def eight_bit(image: Image.Image) -> Image.Image:
     """Return ``image`` with 16-bit grey levels scaled to 8 bits; any other image as it is.
 
@@ -319,7 +328,9 @@ def blurhash(image: Image.Image, components: tuple[int, int] | None = None) -> s
         image = reduced(image, PLACEHOLDER_SIDE)
     nx, ny = components or ((3, 4) if image.height > image.width else (4, 3))
     w, h = image.size
-    rgb = image.convert('RGB').tobytes()
+    # NOTE: a BlurHash has no alpha: transparent pixels count as white, as the phash and a JPEG
+    # derivative take them, not as whatever colour they hide (often black: a dark placeholder).
+    rgb = on_white(image).tobytes()
     # PERF: separable, by planes: each row of a channel is projected on the nx horizontal cosines
     # once, then those projections down the columns on the ny vertical ones, where the reference
     # multiplies each pixel by each of the nx * ny cosines; a 32x32 image 2.2 -> 0.44 ms CPU.

@@ -64,11 +64,7 @@ def perceptual_hash(image: Image.Image) -> int:
     """
     image = placeholders.eight_bit(image)
     if image.mode not in ('L', 'RGB'):
-        image = image.convert('RGBA' if 'A' in image.getbands() or 'transparency' in image.info else 'RGB')
-        if image.mode == 'RGBA':
-            # NOTE: transparent pixels count as white, whatever colour they hide.
-            background = Image.new('RGBA', image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image).convert('RGB')
+        image = placeholders.on_white(image)  # NOTE: transparent pixels count as white, whatever colour they hide
     # PERF: reduce first, then convert: converting a 12 MP image to grey costs more than the hash.
     small = image.resize((_SIDE, _SIDE), Image.Resampling.BOX).convert('L')
     pixels = small.tobytes()
