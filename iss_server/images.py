@@ -235,8 +235,9 @@ def _boundary(refusal: type[ValueError], doing: str) -> Iterator[None]:
         # an interrupt or an exit is no decoder's.
         if not isinstance(exc, Exception) and type(exc).__name__ != 'PanicException':
             raise
-        log.warning('image refused while %s: %s: %s', doing, type(exc).__name__, exc)
-        raise refusal(f'{type(exc).__name__}: {exc}' if str(exc) else type(exc).__name__) from None
+        reason = str(exc).strip()  # NOTE: libheif's messages end in a newline, which an answer should not carry
+        log.warning('image refused while %s: %s: %s', doing, type(exc).__name__, reason)
+        raise refusal(f'{type(exc).__name__}: {reason}' if reason else type(exc).__name__) from None
 
 
 class _Limit(threading.local):
