@@ -1147,7 +1147,10 @@ def test_a_private_store_answers_reads_only_with_a_token(make_client, png):
     refused = client.post(
         '/images/similar', png, headers={'Authorization': 'Bearer reader', 'Content-Type': 'image/png'}, status=401
     )
-    assert 'but not ISS_API_TOKEN' in refused.json['description']
+    assert refused.json['description'] == (
+        "The token given is one of this store's, but not ISS_API_TOKEN. Searching with an image sent in the body "
+        'needs the header "Authorization: Bearer <ISS_API_TOKEN>".'
+    )
 
 
 def test_a_private_stores_answers_are_private_in_caches(make_client, png):

@@ -52,7 +52,9 @@ class RequireToken:
                 title=f'{self._purpose} is off', description=f'{self._purpose} is off until {self._variable} is set.'
             )
         if not hmac.compare_digest(bearer_token(req.get_header('Authorization')), self._expected):
-            needed = f'{self._purpose} needs the header "Authorization: Bearer <{self._variable}>".'
+            # NOTE: a resource may name its own purpose (a POST that is no upload)
+            purpose = getattr(resource, 'token_purpose', self._purpose)
+            needed = f'{purpose} needs the header "Authorization: Bearer <{self._variable}>".'
             if carries_one_of(req, self._others):
                 raise token_required(f"The token given is one of this store's, but not {self._variable}. {needed}")
             raise token_required(needed, req)

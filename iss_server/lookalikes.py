@@ -121,6 +121,9 @@ class SimilarToUpload(_Search):
     the same limits; the answer also carries the sent image's placeholders.
     """
 
+    #: What a 401 says needs the upload token here (auth.RequireToken): it costs an upload's decoding, but is no upload.
+    token_purpose = 'Searching with an image sent in the body'
+
     def __init__(self, store: BlobStore, receiver: UploadReceiver, door: ImageDoor, settings: Settings) -> None:
         super().__init__(store, settings)
         self._receiver = receiver
