@@ -429,9 +429,12 @@ class BlobStore:
         """:meth:`commit_all` for distinct contents sorted by id; the metas' temp files go on ``spooled``."""
         stored: dict[str, dict[str, Any] | None] = {}
         new: list[tuple[str, StagedBlob, bool]] = []  # (hex, staged, replacing a damaged blob)
+        unasked: set[str] = set()  # NOTE: a driver without locks answers None: its put says whether it is there
         for hex_digest, (staged, _) in uploads:
             try:
                 held = group.hold(blob_key(hex_digest))
+                if held is None:
+                    unasked.add(hex_digest)
             except KeyNotFound:
                 held = None
             if held is None:
@@ -446,8 +449,13 @@ class BlobStore:
                 log.warning('replacing damaged blob %s', self._driver.location(blob_key(hex_digest)))
                 new.append((hex_digest, staged, True))
         unfinished = [hex_digest for hex_digest, _ in uploads if stored.get(hex_digest) is None]
-        # PERF: a meta is made only for content that has none (an image's fingerprints decode its pixels).
-        metas = {hex_digest: _made(new_meta) for hex_digest, (_, new_meta) in uploads if hex_digest in unfinished}
+        # PERF: a meta is made only for content that has none (an image's fingerprints decode its pixels);
+        # for content the driver was not asked about, once its put says it is new (_write_group).
+        metas = {
+            hex_digest: _made(new_meta)
+            for hex_digest, (_, new_meta) in uploads
+            if hex_digest in unfinished and hex_digest not in unasked
+        }
         # NOTE: the index down here, nothing is written (503, nothing stored).
         intent_ids = dict(zip(unfinished, self.index.record_intents('put', unfinished, time.time()), strict=True))
         with self._writing(list(intent_ids.values())):
@@ -528,23 +536,27 @@ class BlobStore:
         intent_ids: dict[str, str],
     ) -> dict[str, Committed]:
         """The writes of :meth:`_commit_group` once its intents are recorded: blobs, metas (``metas``: those
-        of the contents that had none), rows."""
+        of the contents that had none, made already; those the driver was not asked about are made here), rows."""
         # NOTE: a meta is readied for every blob that may need one, so one sync covers its bytes.
         meta_sources = {
-            hex_digest: self._spool(meta.encode(metas[hex_digest]), spooled)
-            for hex_digest, _ in uploads
+            hex_digest: self._spool(meta.encode(made), spooled)
+            for hex_digest, made in metas.items()
             if hex_digest not in stored or stored[hex_digest] is None
         }
         for _, staged, _ in new:
             staged.spool()  # NOTE: a small upload waited in memory; its content is new, so it is written now
-        if meta_sources:
+        if meta_sources or new:
             group.sync()  # the staged bytes and the metas' bytes
         for hex_digest, staged, replace in new:
             if not self._put_blob(group, hex_digest, staged, replace):
                 stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
-        if new:
-            group.sync()  # the blobs' names: before any meta's, never a meta without its blob
         created = {hex_digest for hex_digest, _, _ in new} - stored.keys()
+        for hex_digest, (_, new_meta) in uploads:
+            if hex_digest not in metas and (hex_digest in created or stored[hex_digest] is None):
+                metas[hex_digest] = _made(new_meta)
+                meta_sources[hex_digest] = self._spool(meta.encode(metas[hex_digest]), spooled)
+        if new:
+            group.sync()  # the blobs' names (and the metas' bytes made since): never a meta without its blob
         put_metas = False
         for hex_digest, source in meta_sources.items():
             if hex_digest in created or stored[hex_digest] is None:
