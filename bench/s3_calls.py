@@ -10,7 +10,10 @@ thread, for 4 KiB objects (each round, the cases in turn):
   over ``http.client`` (the floor below boto3: what a request costs without it);
 - store operations (``BlobStore`` on the bucket, its index in PostgreSQL): stage + commit of
   new content, of stored content, and the first and second ``open`` + read of a new blob
-  (from the bucket, verified, kept on the node; then the node's copy).
+  (from the bucket, verified, kept on the node; then the node's copy);
+- ``POST /images`` of one stored 4096-byte PNG (bench.small_requests' "POST same") through the
+  WSGI app in this process (``iss.build_app``, WebTest): the whole request but the socket (its
+  requests to the bucket are not counted: the app has its own client).
 
 Prints the CPU of this process per call (ms, ``time.process_time``: boto3, the index's
 client, hashing; SeaweedFS's and PostgreSQL's own CPU are not counted), the wall time per
@@ -33,7 +36,11 @@ import time
 import urllib.parse
 from collections.abc import Callable
 
+import webtest
+
+import iss
 import storage
+from bench import iss_bench
 from iss_server.config import Settings
 from iss_server.drivers.s3 import S3Driver
 from iss_testing.servers import S3_KEY, S3_SECRET, PostgreSQL, SeaweedFS, s3_node_environment
@@ -145,6 +152,15 @@ def one_round(store: storage.BlobStore, driver: S3Driver, prefix: str, calls: in
     measure('store node copy open + read', calls, read, results)
 
 
+def http_round(client: webtest.TestApp, png: bytes, calls: int, results: Results) -> None:
+    """``calls`` POSTs of the same stored PNG, multipart as bench.small_requests sends it."""
+
+    def post(_: int) -> None:
+        client.post('/images', upload_files=[('file', 'a.png', png, 'image/png')], status=200)
+
+    measure('http POST same (uncounted)', calls, post, results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--calls', type=int, default=200)
@@ -161,10 +177,15 @@ def main() -> None:
         driver.client.meta.events.register('before-send.s3', count_sent)
         print(f'pid {os.getpid()}, load average {os.getloadavg()}, {datetime.datetime.now(datetime.UTC):%H:%M} UTC')
         results: Results = {}
+        settings = Settings.from_env(environ | {'ISS_RECONCILE_INTERVAL': '0', 'ISS_LOG_LEVEL': 'warning'})
+        client = webtest.TestApp(iss.build_app(settings))
+        png = b''.join(iss_bench.make_png_parts())
+        client.post('/images', upload_files=[('file', 'a.png', png, 'image/png')], status=201)
 
         for round_number in range(args.rounds):
             print(f'round {round_number + 1}')
             one_round(store, driver, f'bench-{round_number}/', args.calls, results)
+            http_round(client, png, args.calls, results)
         print(f'medians of {args.rounds} rounds, {args.calls} calls each; load average {os.getloadavg()}')
         for name, rounds in results.items():
             cpu = statistics.median(c for c, _ in rounds)
