@@ -264,7 +264,12 @@ class BlobStore:
         #: Cached derivatives of the blobs, rendered while the blob is held.
         self.derived = DerivedCache(scratch, derived_max_bytes, hold=self._held)
         # NOTE: not a derivative: the blob itself, verified, served while the index has its row.
-        self._copies = DerivedCache(scratch, derived_max_bytes, hold=self._held, top='copies') if node_copies else None
+        # PERF: its hold asks the bucket nothing (a HEAD was half the CPU of a first read, issue 28):
+        # the bytes were just read and hashed to their name, and a copy a concurrent delete leaves
+        # behind is never served (no row) and is swept by remove_node_orphans.
+        self._copies = (
+            DerivedCache(scratch, derived_max_bytes, hold=self._held_unasked, top='copies') if node_copies else None
+        )
         self._index_building = threading.Lock()  # NOTE: held while this process builds the index
         try:
             os.makedirs(scratch.tmp, exist_ok=True)
@@ -424,9 +429,12 @@ class BlobStore:
         """:meth:`commit_all` for distinct contents sorted by id; the metas' temp files go on ``spooled``."""
         stored: dict[str, dict[str, Any] | None] = {}
         new: list[tuple[str, StagedBlob, bool]] = []  # (hex, staged, replacing a damaged blob)
+        unasked: set[str] = set()  # NOTE: a driver without locks answers None: its put says whether it is there
         for hex_digest, (staged, _) in uploads:
             try:
                 held = group.hold(blob_key(hex_digest))
+                if held is None:
+                    unasked.add(hex_digest)
             except KeyNotFound:
                 held = None
             if held is None:
@@ -441,8 +449,13 @@ class BlobStore:
                 log.warning('replacing damaged blob %s', self._driver.location(blob_key(hex_digest)))
                 new.append((hex_digest, staged, True))
         unfinished = [hex_digest for hex_digest, _ in uploads if stored.get(hex_digest) is None]
-        # PERF: a meta is made only for content that has none (an image's fingerprints decode its pixels).
-        metas = {hex_digest: _made(new_meta) for hex_digest, (_, new_meta) in uploads if hex_digest in unfinished}
+        # PERF: a meta is made only for content that has none (an image's fingerprints decode its pixels);
+        # for content the driver was not asked about, once its put says it is new (_write_group).
+        metas = {
+            hex_digest: _made(new_meta)
+            for hex_digest, (_, new_meta) in uploads
+            if hex_digest in unfinished and hex_digest not in unasked
+        }
         # NOTE: the index down here, nothing is written (503, nothing stored).
         intent_ids = dict(zip(unfinished, self.index.record_intents('put', unfinished, time.time()), strict=True))
         with self._writing(list(intent_ids.values())):
@@ -523,23 +536,27 @@ class BlobStore:
         intent_ids: dict[str, str],
     ) -> dict[str, Committed]:
         """The writes of :meth:`_commit_group` once its intents are recorded: blobs, metas (``metas``: those
-        of the contents that had none), rows."""
+        of the contents that had none, made already; those the driver was not asked about are made here), rows."""
         # NOTE: a meta is readied for every blob that may need one, so one sync covers its bytes.
         meta_sources = {
-            hex_digest: self._spool(meta.encode(metas[hex_digest]), spooled)
-            for hex_digest, _ in uploads
+            hex_digest: self._spool(meta.encode(made), spooled)
+            for hex_digest, made in metas.items()
             if hex_digest not in stored or stored[hex_digest] is None
         }
         for _, staged, _ in new:
             staged.spool()  # NOTE: a small upload waited in memory; its content is new, so it is written now
-        if meta_sources:
+        if meta_sources or new:
             group.sync()  # the staged bytes and the metas' bytes
         for hex_digest, staged, replace in new:
             if not self._put_blob(group, hex_digest, staged, replace):
                 stored[hex_digest] = self.read_meta('sha256:' + hex_digest)
-        if new:
-            group.sync()  # the blobs' names: before any meta's, never a meta without its blob
         created = {hex_digest for hex_digest, _, _ in new} - stored.keys()
+        for hex_digest, (_, new_meta) in uploads:
+            if hex_digest not in metas and (hex_digest in created or stored[hex_digest] is None):
+                metas[hex_digest] = _made(new_meta)
+                meta_sources[hex_digest] = self._spool(meta.encode(metas[hex_digest]), spooled)
+        if new:
+            group.sync()  # the blobs' names (and the metas' bytes made since): never a meta without its blob
         put_metas = False
         for hex_digest, source in meta_sources.items():
             if hex_digest in created or stored[hex_digest] is None:
@@ -746,6 +763,20 @@ class BlobStore:
             with self._driver.group() as group:
                 # NOTE: a driver without locks is asked whether the blob is there
                 yield group.hold(key, exclusive=exclusive) or self._driver.stat(key)
+        except KeyNotFound:
+            raise BlobNotFound('sha256:' + hex_digest) from None
+
+    @contextlib.contextmanager
+    def _held_unasked(self, hex_digest: str) -> Iterator[None]:
+        """Hold a blob where the driver has locks; a driver without them is asked nothing (a node's copy).
+
+        Raises:
+            BlobNotFound: it is not stored (a driver with locks says so).
+        """
+        try:
+            with self._driver.group() as group:
+                group.hold(blob_key(hex_digest))
+                yield
         except KeyNotFound:
             raise BlobNotFound('sha256:' + hex_digest) from None
 
