@@ -1081,4 +1081,107 @@ def test_an_av1_first_frame_that_may_override_its_size_counts_as_the_largest_its
     frame = bits((0, 1), (0, 2), (1, 1), (0, 1), (0, 1), (override, 1))  # a shown key frame, screen tools off
     data = b'\x0a' + bytes([len(sequence)]) + sequence + b'\x1a' + bytes([len(frame)]) + frame
 
-    assert formats._coded_size(data) == coded
+    assert formats._av1_coded_size(data) == coded
+
+
+def flat_heic(size: int = 256, mode: str = 'RGB', **options) -> bytes:
+    # PERF: x265 at quality 50 encodes a flat 256 x 256 in about 0.1 s.
+    return encode(Image.new(mode, (size, size), (40, 120, 200, 100)[: len(mode)]), 'HEIF', quality=50, **options)
+
+
+def with_sps_destroyed(heic: bytes) -> bytes:
+    """The HEIC with its hvcC's SPS turned into a prefix SEI (NAL unit type 39): no SPS anywhere."""
+    at = heic.index(b'\x42\x01', heic.index(b'hvcC'))  # NOTE: an SPS's NAL unit header: type 33, layer 0
+    assert heic[at - 5] & 0x3F == 33, 'the hvcC array of SPSs, then its count and the NAL unit length'
+    return heic[:at] + b'\x4e' + heic[at + 1 :]
+
+
+def test_a_heic_coded_larger_than_its_ispe_is_refused_before_any_decode(client):
+    """libheif decodes the picture the HEVC SPS codes and refuses it when it is not the ispe's size: such a HEIC
+    was stored as 16 x 16 with no fingerprints, every derivative 422 (issue 27)."""
+    lying = with_ispe(flat_heic(256), 16, 16)
+    assert Image.open(io.BytesIO(lying)).size == (16, 16), 'Pillow believes the ispe'
+
+    refused = client.post('/images', lying, content_type='image/heic', status=413).json
+
+    assert refused['title'] == 'Image too large'
+    assert 'its HEVC item 1 declares 16x16 pixels but is coded at 256x256' in refused['detail'], refused
+    assert client.get('/stats').json['count'] == 0
+
+
+def test_a_heic_coded_over_the_pixel_limit_is_refused_whatever_its_ispe_says(make_client):
+    """An outside trial stored a 1200 x 900 photo declaring 100 x 100 on a store of ISS_MAX_IMAGE_PIXELS=1000000."""
+    client = make_client(max_image_pixels=100 * 100)
+    lying = with_ispe(flat_heic(256), 64, 64)
+
+    refused = client.post('/images', lying, content_type='image/heic', status=413).json
+
+    assert refused['title'] == 'Image too large'
+    assert client.get('/stats').json['count'] == 0
+
+
+def test_a_heic_without_a_sequence_parameter_set_is_refused_as_not_an_image(client):
+    refused = client.post('/images', with_sps_destroyed(flat_heic(64)), content_type='image/heic', expect_errors=True)
+
+    assert refused.status_int == 415 and refused.json['title'] == 'Not an image'
+    assert client.get('/stats').json['count'] == 0
+
+
+def ten_bit_heic(width: int, height: int) -> bytes:
+    import pillow_heif
+
+    samples = (1000).to_bytes(2, 'little') * (width * height * 3)
+    buffer = io.BytesIO()
+    pillow_heif.from_bytes('RGB;16', (width, height), samples).save(buffer, quality=50)
+    return buffer.getvalue()
+
+
+def two_sub_layer_heic() -> bytes:
+    """A 130 x 66 HEIC (coded 136 x 72) whose SPS has sps_max_sub_layers_minus1 = 1: profile_tier_level has its fillers."""
+    heic = encode(Image.new('RGB', (130, 66), 'teal'), 'HEIF', quality=50, enc_params={'x265:temporal-layers': '2'})
+    sps = heic.index(b'\x42\x01', heic.index(b'hvcC'))
+    assert (heic[sps + 2] >> 1) & 7 == 1, 'x265 wrote two temporal sub-layers'
+    return heic
+
+
+@pytest.mark.parametrize(
+    ('heic', 'size'),
+    [
+        (lambda: flat_heic(64), (64, 64)),
+        (lambda: flat_heic(64, 'RGBA', thumbnails=[16]), (64, 64)),  # NOTE: an alpha item and a thumbnail item
+        (lambda: encode(Image.new('RGB', (130, 66), 'teal'), 'HEIF', quality=50), (130, 66)),  # coded 136 x 72
+        (lambda: ten_bit_heic(40, 24), (40, 24)),
+        (lambda: two_sub_layer_heic(), (130, 66)),
+    ],
+    ids=['plain', 'alpha-and-thumbnail', 'cropped', '10-bit', 'sub-layers'],
+)
+def test_an_honest_heic_is_stored_and_rendered(client, heic, size):
+    stored = client.post('/images', heic(), content_type='image/heic').json
+
+    recorded = client.get(f'/images/{stored["image_id"]}/meta').json
+
+    assert (recorded['format'], recorded['width'], recorded['height']) == ('HEIF', *size)
+    assert recorded['phash']
+    assert derive(client, stored['image_id'], 'w=16&format=png').width == 16
+
+
+def test_an_hevc_sps_with_sub_layers_and_a_conformance_window_gives_its_coded_and_shown_sizes():
+    """profile_tier_level's size depends on sps_max_sub_layers_minus1 and each sub-layer's flags."""
+
+    def ue(value: int) -> str:
+        code = format(value + 1, 'b')
+        return '0' * (len(code) - 1) + code
+
+    # NOTE: 2 sub-layers over the first (max_sub_layers_minus1 = 2): the first has its profile, not its level;
+    # the second its level only. 4:2:0, 8000 x 6000 coded, a window of 2 + 4 chroma samples across, 3 down.
+    text = format(0, '04b') + format(2, '03b') + '1' + '0' * 96  # vps id, sub-layers, nesting, general profile
+    text += '10' + '01' + '00' * 6 + '0' * 88 + '0' * 8  # the flags, the fillers, a profile, a level
+    text += ue(0) + ue(1) + ue(8000) + ue(6000) + '1' + ue(2) + ue(4) + ue(0) + ue(3) + '1'
+    text += '0' * (-len(text) % 8)
+    payload = int(text, 2).to_bytes(len(text) // 8, 'big')
+    escaped = payload.replace(b'\x00\x00', b'\x00\x00\x03')  # NOTE: the profile's zeros, as an encoder escapes them
+    assert escaped != payload
+
+    assert formats._sps_size(b'\x42\x01' + escaped) == ((8000, 6000), (8000 - 2 * 6, 6000 - 2 * 3))
+    coded = formats.coded_images(io.BytesIO(two_sub_layer_heic()))
+    assert [(image.declared, image.coded, image.shown) for image in coded] == [((130, 66), (136, 72), (130, 66))]
