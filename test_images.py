@@ -1137,7 +1137,7 @@ def ten_bit_heic(width: int, height: int) -> bytes:
 
 
 def two_sub_layer_heic() -> bytes:
-    """A 130 x 66 HEIC (coded 136 x 72) whose SPS has sps_max_sub_layers_minus1 = 1: profile_tier_level has its fillers."""
+    """A 130 x 66 HEIC (coded 136 x 72) whose SPS has sps_max_sub_layers_minus1 = 1: profile_tier_level's fillers."""
     heic = encode(Image.new('RGB', (130, 66), 'teal'), 'HEIF', quality=50, enc_params={'x265:temporal-layers': '2'})
     sps = heic.index(b'\x42\x01', heic.index(b'hvcC'))
     assert (heic[sps + 2] >> 1) & 7 == 1, 'x265 wrote two temporal sub-layers'
@@ -1185,3 +1185,107 @@ def test_an_hevc_sps_with_sub_layers_and_a_conformance_window_gives_its_coded_an
     assert formats._sps_size(b'\x42\x01' + escaped) == ((8000, 6000), (8000 - 2 * 6, 6000 - 2 * 3))
     coded = formats.coded_images(io.BytesIO(two_sub_layer_heic()))
     assert [(image.declared, image.coded, image.shown) for image in coded] == [((130, 66), (136, 72), (130, 66))]
+
+
+def box(kind: bytes, *content: bytes, version: int | None = None) -> bytes:
+    body = (b'' if version is None else version.to_bytes(4, 'big')) + b''.join(content)
+    return (8 + len(body)).to_bytes(4, 'big') + kind + body
+
+
+def grid_heic(colours: tuple[str, ...], tile_ispe: int = 64) -> bytes:
+    """A HEIC as a phone writes it: its primary a 2 x 2 ``grid`` of hvc1 tiles (``dimg``), each with its ispe and hvcC.
+
+    NOTE: pillow_heif writes no grid: the tiles are its 64 x 64 HEICs, their hvcC and data put in a
+    meta of our own (ISO/IEC 23008-12 6.6.2.3: the grid's rows, columns and size in an idat).
+    """
+    tiles = []
+    for colour in dict.fromkeys(colours):
+        tile = encode(Image.new('RGB', (64, 64), colour), 'HEIF', quality=50)
+        hvcc = tile.index(b'hvcC') - 4
+        mdat = tile.index(b'mdat') - 4
+        tiles.append((colour, tile[hvcc : hvcc + int.from_bytes(tile[hvcc : hvcc + 4], 'big')], tile[mdat + 8 :]))
+    index = {colour: number for number, (colour, _, _) in enumerate(tiles)}
+    # NOTE: properties: each tile's hvcC (1, 2...), the tiles' ispe, the grid's ispe
+    ipco = box(
+        b'ipco',
+        *(hvcc for _, hvcc, _ in tiles),
+        *(box(b'ispe', size.to_bytes(4, 'big') * 2, version=0) for size in (tile_ispe, 128)),
+    )
+    tile_ispe_index, grid_ispe_index = len(tiles) + 1, len(tiles) + 2
+    associations = [(1).to_bytes(2, 'big') + b'\x01' + bytes([grid_ispe_index])]
+    associations += [
+        (item).to_bytes(2, 'big') + b'\x02' + bytes([0x80 | (index[colour] + 1), tile_ispe_index])
+        for item, colour in enumerate(colours, start=2)
+    ]
+    ipma = box(b'ipma', len(associations).to_bytes(4, 'big'), *associations, version=0)
+    grid = bytes([0, 0, 1, 1]) + (128).to_bytes(2, 'big') * 2  # version, flags, rows - 1, columns - 1, size
+
+    def meta(mdat_start: int) -> bytes:
+        offsets, at = {}, mdat_start
+        for colour, _, data in tiles:
+            offsets[colour] = (at, len(data))
+            at += len(data)
+        locations = [
+            (1).to_bytes(2, 'big') + b'\x00\x01\x00\x00\x00\x01' + (0).to_bytes(4, 'big') + (8).to_bytes(4, 'big')
+        ]
+        locations += [
+            item.to_bytes(2, 'big')
+            + b'\x00\x00\x00\x00\x00\x01'
+            + offsets[colour][0].to_bytes(4, 'big')
+            + offsets[colour][1].to_bytes(4, 'big')
+            for item, colour in enumerate(colours, start=2)
+        ]
+        infes = [box(b'infe', (1).to_bytes(2, 'big'), b'\x00\x00grid\x00', version=2 << 24)]
+        infes += [
+            box(b'infe', item.to_bytes(2, 'big'), b'\x00\x00hvc1\x00', version=2 << 24)
+            for item in range(2, len(colours) + 2)
+        ]
+        references = (1).to_bytes(2, 'big') + len(colours).to_bytes(2, 'big')
+        references += b''.join(item.to_bytes(2, 'big') for item in range(2, len(colours) + 2))
+        return box(
+            b'meta',
+            box(b'hdlr', b'\x00' * 4, b'pict', b'\x00' * 13, version=0),
+            box(b'pitm', (1).to_bytes(2, 'big'), version=0),
+            box(b'iloc', b'\x44\x00', (1 + len(colours)).to_bytes(2, 'big'), *locations, version=1 << 24),
+            box(b'iinf', (1 + len(colours)).to_bytes(2, 'big'), *infes, version=0),
+            box(b'iref', box(b'dimg', references), version=0),
+            box(b'iprp', ipco, ipma),
+            box(b'idat', grid),
+            version=0,
+        )
+
+    ftyp = box(b'ftyp', b'heic', b'\x00' * 4, b'mif1heic')
+    start = len(ftyp) + len(meta(0)) + 8
+    return ftyp + meta(start) + box(b'mdat', *(data for _, _, data in tiles))
+
+
+def test_a_grid_heic_as_phones_write_it_is_stored_and_rendered_and_its_tiles_checked(client):
+    """iPhone photos are grids of 512 x 512 hvc1 tiles: each tile is sized by its own ispe and SPS."""
+    honest = grid_heic(('red', 'lime', 'blue', 'white'))
+    lying = grid_heic(('red', 'lime', 'blue', 'white'), tile_ispe=16)
+
+    stored = client.post('/images', honest, content_type='image/heic').json
+    refused = client.post('/images', lying, content_type='image/heic', status=413).json
+
+    assert (stored['width'], stored['height']) == (128, 128) and stored['phash']
+    rendered = derive(client, stored['image_id'], 'w=64&format=png')
+    assert all(map(close, colours_at_quadrants(rendered), (RED, GREEN, BLUE, WHITE))), 'the tiles in their places'
+    assert 'its HEVC item 2 declares 16x16 pixels but is coded at 64x64' in refused['detail'], refused
+    assert client.get('/stats').json['count'] == 1
+
+
+def test_an_sps_in_a_heic_items_data_counts_as_the_one_in_its_hvcc(client):
+    """libheif gives libde265 the hvcC's NAL units, then the item's data: an SPS there is decoded too (hev1)."""
+    heic, larger = flat_heic(64), flat_heic(256)
+    sps = larger.index(b'\x42\x01', larger.index(b'hvcC'))
+    length = int.from_bytes(larger[sps - 2 : sps], 'big')  # NOTE: an hvcC's NAL unit lengths are 2 bytes
+    data = length.to_bytes(4, 'big') + larger[sps : sps + length] + heic[heic.index(b'mdat') + 4 :]
+    iloc = heic.index(b'iloc') + 4  # NOTE: version 0, 4-byte fields; its one item's base offset, extent offset, length
+    assert heic[iloc + 4 : iloc + 6] == b'\x44\x40' and heic[iloc + 16 : iloc + 18] == b'\x00\x01'
+    located = (len(heic) + 8).to_bytes(4, 'big') + heic[iloc + 16 : iloc + 18] + bytes(4) + len(data).to_bytes(4, 'big')
+    moved = heic[: iloc + 12] + located + heic[iloc + 26 :] + box(b'mdat', data)
+    assert Image.open(io.BytesIO(moved)).size == (64, 64)
+
+    refused = client.post('/images', moved, content_type='image/heic', status=413).json
+
+    assert 'its HEVC item 1 declares 64x64 pixels but is coded at 256x256' in refused['detail'], refused

@@ -263,10 +263,12 @@ def _bit_depth(bits: _Bits) -> tuple[bool, int]:
 
 @dataclasses.dataclass(frozen=True)
 class CodedImage:
-    """One AV1 or HEVC image of an AVIF or a HEIC (an item, or a track's first frame): the size it declares, and is coded at."""
+    """An AV1 or HEVC image of an AVIF or a HEIC (an item, a track's first frame): its declared and coded sizes."""
 
     where: str  # 'AV1 item 1', 'HEVC item 2', 'AV1 track 1'
-    declared: tuple[int, int]  # the item's ispe, or the track's tkhd: what Pillow (libavif, libheif) reports as the size
+    declared: tuple[
+        int, int
+    ]  # the item's ispe, or the track's tkhd: what Pillow (libavif, libheif) reports as the size
     # NOTE: what the decoder allocates: an AV1 sequence header's max_frame_width x max_frame_height (dav1d),
     # an HEVC sequence parameter set's pic_width_in_luma_samples x pic_height_in_luma_samples (libde265).
     coded: tuple[int, int]
@@ -417,7 +419,7 @@ def _item_images(meta: bytes, file: Readable) -> list[CodedImage]:
 
 
 def _coded_items(meta: bytes, start: int, end: int) -> dict[int, bytes]:
-    """The id and type of each ``av01``, ``hvc1`` and ``hev1`` item an ``iinf`` lists (its ``infe`` of version 2 or 3)."""
+    """The id and type of each ``av01``, ``hvc1`` and ``hev1`` item of an ``iinf`` (its ``infe`` of version 2, 3)."""
     items = {}
     for kind, content_start, content_end in _boxes(meta, start + (6 if meta[start] == 0 else 8), end):
         cursor = _Cursor(meta, content_start, content_end)
