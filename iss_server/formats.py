@@ -266,9 +266,8 @@ class CodedImage:
     """An AV1 or HEVC image of an AVIF or a HEIC (an item, a track's first frame): its declared and coded sizes."""
 
     where: str  # 'AV1 item 1', 'HEVC item 2', 'AV1 track 1'
-    declared: tuple[
-        int, int
-    ]  # the item's ispe, or the track's tkhd: what Pillow (libavif, libheif) reports as the size
+    # NOTE: the item's ispe, or the track's tkhd: what Pillow (libavif, libheif) reports as the size.
+    declared: tuple[int, int]
     # NOTE: what the decoder allocates: an AV1 sequence header's max_frame_width x max_frame_height (dav1d),
     # an HEVC sequence parameter set's pic_width_in_luma_samples x pic_height_in_luma_samples (libde265).
     coded: tuple[int, int]
@@ -292,7 +291,8 @@ _HEVC_ITEM_TYPES = (b'hvc1', b'hev1')  # NOTE: hev1: parameter sets may be in th
 # NOTE: the NAL units walked in one HEVC item's data (by their lengths: a slice's bytes are never read).
 # An image is one picture: its parameter sets, SEI and slices (one a tile, for Apple's and x265's).
 _HEVC_MAX_NAL_UNITS = 256
-# NOTE: the sizes come before the 120th byte of an SPS (profile_tier_level of 7 sub-layers is 109 bytes).
+# NOTE: an SPS's sizes come within its first 200 bytes (profile_tier_level of 7 sub-layers is 98 bytes,
+# each ue(v) at most 9; emulation-prevention bytes add at most one in three).
 _HEVC_SPS_BYTES = 512
 _NAL_SPS = 33
 # NOTE: SubWidthC, SubHeightC of each chroma_format_idc (H.265 table 6-1): a conformance window's unit.
