@@ -72,7 +72,7 @@ def test_every_finding_kept_replays_without_one(path):
 def test_the_image_seeds_are_a_file_of_every_format_pillow_writes_here(tmp_path):
     fuzz.image_seeds(tmp_path)
     formats = {images.identify(io.BytesIO(path.read_bytes())).format for path in tmp_path.iterdir()}
-    expected = {'PNG', 'JPEG', 'GIF', 'TIFF', 'WEBP', 'BMP', 'JXL'}
+    expected = {'PNG', 'JPEG', 'GIF', 'TIFF', 'WEBP', 'BMP', 'JXL', 'HEIF'}
     expected |= {'AVIF'} if 'avif' in images.OUTPUT_FORMATS else set()
     assert formats == expected
     for path in tmp_path.iterdir():

@@ -1081,4 +1081,211 @@ def test_an_av1_first_frame_that_may_override_its_size_counts_as_the_largest_its
     frame = bits((0, 1), (0, 2), (1, 1), (0, 1), (0, 1), (override, 1))  # a shown key frame, screen tools off
     data = b'\x0a' + bytes([len(sequence)]) + sequence + b'\x1a' + bytes([len(frame)]) + frame
 
-    assert formats._coded_size(data) == coded
+    assert formats._av1_coded_size(data) == coded
+
+
+def flat_heic(size: int = 256, mode: str = 'RGB', **options) -> bytes:
+    # PERF: x265 at quality 50 encodes a flat 256 x 256 in about 0.1 s.
+    return encode(Image.new(mode, (size, size), (40, 120, 200, 100)[: len(mode)]), 'HEIF', quality=50, **options)
+
+
+def with_sps_destroyed(heic: bytes) -> bytes:
+    """The HEIC with its hvcC's SPS turned into a prefix SEI (NAL unit type 39): no SPS anywhere."""
+    at = heic.index(b'\x42\x01', heic.index(b'hvcC'))  # NOTE: an SPS's NAL unit header: type 33, layer 0
+    assert heic[at - 5] & 0x3F == 33, 'the hvcC array of SPSs, then its count and the NAL unit length'
+    return heic[:at] + b'\x4e' + heic[at + 1 :]
+
+
+def test_a_heic_coded_larger_than_its_ispe_is_refused_before_any_decode(client):
+    """libheif decodes the picture the HEVC SPS codes and refuses it when it is not the ispe's size: such a HEIC
+    was stored as 16 x 16 with no fingerprints, every derivative 422 (issue 27)."""
+    lying = with_ispe(flat_heic(256), 16, 16)
+    assert Image.open(io.BytesIO(lying)).size == (16, 16), 'Pillow believes the ispe'
+
+    refused = client.post('/images', lying, content_type='image/heic', status=413).json
+
+    assert refused['title'] == 'Image too large'
+    assert 'its HEVC item 1 declares 16x16 pixels but is coded at 256x256' in refused['detail'], refused
+    assert client.get('/stats').json['count'] == 0
+
+
+def test_a_heic_coded_over_the_pixel_limit_is_refused_whatever_its_ispe_says(make_client):
+    """An outside trial stored a 1200 x 900 photo declaring 100 x 100 on a store of ISS_MAX_IMAGE_PIXELS=1000000."""
+    client = make_client(max_image_pixels=100 * 100)
+    lying = with_ispe(flat_heic(256), 64, 64)
+
+    refused = client.post('/images', lying, content_type='image/heic', status=413).json
+
+    assert refused['title'] == 'Image too large'
+    assert client.get('/stats').json['count'] == 0
+
+
+def test_a_heic_without_a_sequence_parameter_set_is_refused_as_not_an_image(client):
+    refused = client.post('/images', with_sps_destroyed(flat_heic(64)), content_type='image/heic', expect_errors=True)
+
+    assert refused.status_int == 415 and refused.json['title'] == 'Not an image'
+    assert client.get('/stats').json['count'] == 0
+
+
+def ten_bit_heic(width: int, height: int) -> bytes:
+    import pillow_heif
+
+    samples = (1000).to_bytes(2, 'little') * (width * height * 3)
+    buffer = io.BytesIO()
+    pillow_heif.from_bytes('RGB;16', (width, height), samples).save(buffer, quality=50)
+    return buffer.getvalue()
+
+
+def two_sub_layer_heic() -> bytes:
+    """A 130 x 66 HEIC (coded 136 x 72) whose SPS has sps_max_sub_layers_minus1 = 1: profile_tier_level's fillers."""
+    heic = encode(Image.new('RGB', (130, 66), 'teal'), 'HEIF', quality=50, enc_params={'x265:temporal-layers': '2'})
+    sps = heic.index(b'\x42\x01', heic.index(b'hvcC'))
+    assert (heic[sps + 2] >> 1) & 7 == 1, 'x265 wrote two temporal sub-layers'
+    return heic
+
+
+@pytest.mark.parametrize(
+    ('heic', 'size'),
+    [
+        (lambda: flat_heic(64), (64, 64)),
+        (lambda: flat_heic(64, 'RGBA', thumbnails=[16]), (64, 64)),  # NOTE: an alpha item and a thumbnail item
+        (lambda: encode(Image.new('RGB', (130, 66), 'teal'), 'HEIF', quality=50), (130, 66)),  # coded 136 x 72
+        (lambda: ten_bit_heic(40, 24), (40, 24)),
+        (lambda: two_sub_layer_heic(), (130, 66)),
+    ],
+    ids=['plain', 'alpha-and-thumbnail', 'cropped', '10-bit', 'sub-layers'],
+)
+def test_an_honest_heic_is_stored_and_rendered(client, heic, size):
+    stored = client.post('/images', heic(), content_type='image/heic').json
+
+    recorded = client.get(f'/images/{stored["image_id"]}/meta').json
+
+    assert (recorded['format'], recorded['width'], recorded['height']) == ('HEIF', *size)
+    assert recorded['phash']
+    assert derive(client, stored['image_id'], 'w=16&format=png').width == 16
+
+
+def test_an_hevc_sps_with_sub_layers_and_a_conformance_window_gives_its_coded_and_shown_sizes():
+    """profile_tier_level's size depends on sps_max_sub_layers_minus1 and each sub-layer's flags."""
+
+    def ue(value: int) -> str:
+        code = format(value + 1, 'b')
+        return '0' * (len(code) - 1) + code
+
+    # NOTE: 2 sub-layers over the first (max_sub_layers_minus1 = 2): the first has its profile, not its level;
+    # the second its level only. 4:2:0, 8000 x 6000 coded, a window of 2 + 4 chroma samples across, 3 down.
+    text = format(0, '04b') + format(2, '03b') + '1' + '0' * 96  # vps id, sub-layers, nesting, general profile
+    text += '10' + '01' + '00' * 6 + '0' * 88 + '0' * 8  # the flags, the fillers, a profile, a level
+    text += ue(0) + ue(1) + ue(8000) + ue(6000) + '1' + ue(2) + ue(4) + ue(0) + ue(3) + '1'
+    text += '0' * (-len(text) % 8)
+    payload = int(text, 2).to_bytes(len(text) // 8, 'big')
+    escaped = payload.replace(b'\x00\x00', b'\x00\x00\x03')  # NOTE: the profile's zeros, as an encoder escapes them
+    assert escaped != payload
+
+    assert formats._sps_size(b'\x42\x01' + escaped) == ((8000, 6000), (8000 - 2 * 6, 6000 - 2 * 3))
+    coded = formats.coded_images(io.BytesIO(two_sub_layer_heic()))
+    assert [(image.declared, image.coded, image.shown) for image in coded] == [((130, 66), (136, 72), (130, 66))]
+
+
+def box(kind: bytes, *content: bytes, version: int | None = None) -> bytes:
+    body = (b'' if version is None else version.to_bytes(4, 'big')) + b''.join(content)
+    return (8 + len(body)).to_bytes(4, 'big') + kind + body
+
+
+def grid_heic(colours: tuple[str, ...], tile_ispe: int = 64) -> bytes:
+    """A HEIC as a phone writes it: its primary a 2 x 2 ``grid`` of hvc1 tiles (``dimg``), each with its ispe and hvcC.
+
+    NOTE: pillow_heif writes no grid: the tiles are its 64 x 64 HEICs, their hvcC and data put in a
+    meta of our own (ISO/IEC 23008-12 6.6.2.3: the grid's rows, columns and size in an idat).
+    """
+    tiles = []
+    for colour in dict.fromkeys(colours):
+        tile = encode(Image.new('RGB', (64, 64), colour), 'HEIF', quality=50)
+        hvcc = tile.index(b'hvcC') - 4
+        mdat = tile.index(b'mdat') - 4
+        tiles.append((colour, tile[hvcc : hvcc + int.from_bytes(tile[hvcc : hvcc + 4], 'big')], tile[mdat + 8 :]))
+    index = {colour: number for number, (colour, _, _) in enumerate(tiles)}
+    # NOTE: properties: each tile's hvcC (1, 2...), the tiles' ispe, the grid's ispe
+    ipco = box(
+        b'ipco',
+        *(hvcc for _, hvcc, _ in tiles),
+        *(box(b'ispe', size.to_bytes(4, 'big') * 2, version=0) for size in (tile_ispe, 128)),
+    )
+    tile_ispe_index, grid_ispe_index = len(tiles) + 1, len(tiles) + 2
+    associations = [(1).to_bytes(2, 'big') + b'\x01' + bytes([grid_ispe_index])]
+    associations += [
+        (item).to_bytes(2, 'big') + b'\x02' + bytes([0x80 | (index[colour] + 1), tile_ispe_index])
+        for item, colour in enumerate(colours, start=2)
+    ]
+    ipma = box(b'ipma', len(associations).to_bytes(4, 'big'), *associations, version=0)
+    grid = bytes([0, 0, 1, 1]) + (128).to_bytes(2, 'big') * 2  # version, flags, rows - 1, columns - 1, size
+
+    def meta(mdat_start: int) -> bytes:
+        offsets, at = {}, mdat_start
+        for colour, _, data in tiles:
+            offsets[colour] = (at, len(data))
+            at += len(data)
+        locations = [
+            (1).to_bytes(2, 'big') + b'\x00\x01\x00\x00\x00\x01' + (0).to_bytes(4, 'big') + (8).to_bytes(4, 'big')
+        ]
+        locations += [
+            item.to_bytes(2, 'big')
+            + b'\x00\x00\x00\x00\x00\x01'
+            + offsets[colour][0].to_bytes(4, 'big')
+            + offsets[colour][1].to_bytes(4, 'big')
+            for item, colour in enumerate(colours, start=2)
+        ]
+        infes = [box(b'infe', (1).to_bytes(2, 'big'), b'\x00\x00grid\x00', version=2 << 24)]
+        infes += [
+            box(b'infe', item.to_bytes(2, 'big'), b'\x00\x00hvc1\x00', version=2 << 24)
+            for item in range(2, len(colours) + 2)
+        ]
+        references = (1).to_bytes(2, 'big') + len(colours).to_bytes(2, 'big')
+        references += b''.join(item.to_bytes(2, 'big') for item in range(2, len(colours) + 2))
+        return box(
+            b'meta',
+            box(b'hdlr', b'\x00' * 4, b'pict', b'\x00' * 13, version=0),
+            box(b'pitm', (1).to_bytes(2, 'big'), version=0),
+            box(b'iloc', b'\x44\x00', (1 + len(colours)).to_bytes(2, 'big'), *locations, version=1 << 24),
+            box(b'iinf', (1 + len(colours)).to_bytes(2, 'big'), *infes, version=0),
+            box(b'iref', box(b'dimg', references), version=0),
+            box(b'iprp', ipco, ipma),
+            box(b'idat', grid),
+            version=0,
+        )
+
+    ftyp = box(b'ftyp', b'heic', b'\x00' * 4, b'mif1heic')
+    start = len(ftyp) + len(meta(0)) + 8
+    return ftyp + meta(start) + box(b'mdat', *(data for _, _, data in tiles))
+
+
+def test_a_grid_heic_as_phones_write_it_is_stored_and_rendered_and_its_tiles_checked(client):
+    """iPhone photos are grids of 512 x 512 hvc1 tiles: each tile is sized by its own ispe and SPS."""
+    honest = grid_heic(('red', 'lime', 'blue', 'white'))
+    lying = grid_heic(('red', 'lime', 'blue', 'white'), tile_ispe=16)
+
+    stored = client.post('/images', honest, content_type='image/heic').json
+    refused = client.post('/images', lying, content_type='image/heic', status=413).json
+
+    assert (stored['width'], stored['height']) == (128, 128) and stored['phash']
+    rendered = derive(client, stored['image_id'], 'w=64&format=png')
+    assert all(map(close, colours_at_quadrants(rendered), (RED, GREEN, BLUE, WHITE))), 'the tiles in their places'
+    assert 'its HEVC item 2 declares 16x16 pixels but is coded at 64x64' in refused['detail'], refused
+    assert client.get('/stats').json['count'] == 1
+
+
+def test_an_sps_in_a_heic_items_data_counts_as_the_one_in_its_hvcc(client):
+    """libheif gives libde265 the hvcC's NAL units, then the item's data: an SPS there is decoded too (hev1)."""
+    heic, larger = flat_heic(64), flat_heic(256)
+    sps = larger.index(b'\x42\x01', larger.index(b'hvcC'))
+    length = int.from_bytes(larger[sps - 2 : sps], 'big')  # NOTE: an hvcC's NAL unit lengths are 2 bytes
+    data = length.to_bytes(4, 'big') + larger[sps : sps + length] + heic[heic.index(b'mdat') + 4 :]
+    iloc = heic.index(b'iloc') + 4  # NOTE: version 0, 4-byte fields; its one item's base offset, extent offset, length
+    assert heic[iloc + 4 : iloc + 6] == b'\x44\x40' and heic[iloc + 16 : iloc + 18] == b'\x00\x01'
+    located = (len(heic) + 8).to_bytes(4, 'big') + heic[iloc + 16 : iloc + 18] + bytes(4) + len(data).to_bytes(4, 'big')
+    moved = heic[: iloc + 12] + located + heic[iloc + 26 :] + box(b'mdat', data)
+    assert Image.open(io.BytesIO(moved)).size == (64, 64)
+
+    refused = client.post('/images', moved, content_type='image/heic', status=413).json
+
+    assert 'its HEVC item 1 declares 64x64 pixels but is coded at 256x256' in refused['detail'], refused

@@ -4,7 +4,7 @@ AVIF needs no plugin: Pillow reads and writes it itself (its wheels carry libavi
 since 11.3). :func:`register` teaches Pillow the other two, once per process;
 call it before the first ``Image.open`` of an upload (``images.py`` does, at import).
 :func:`jxl_header` reads a JPEG XL's size, mode and EXIF without decoding it;
-:func:`avif_frames` reads the size each AV1 image of an AVIF is coded at, without decoding it.
+:func:`coded_images` reads the size each AV1 or HEVC image of an AVIF or a HEIC is coded at, without decoding it.
 
 NOTE: what each costs (NOTES-similar.md has the numbers):
 - A HEIC decodes in full (HEVC has no reduced-scale decode as JPEG's ``draft``),
@@ -258,52 +258,71 @@ def _bit_depth(bits: _Bits) -> tuple[bool, int]:
     return False, bits.u32((0, 8), (0, 10), (0, 12), (6, 1))
 
 
-# -- the size an AVIF's AV1 frames are coded at, read without decoding ---------------------------------
+# -- the size each image of an AVIF or a HEIC is coded at, read without decoding -----------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class Av1Frame:
-    """One AV1 image of an AVIF (an item, or a track's first frame): the size it declares, and is coded at."""
+class CodedImage:
+    """An AV1 or HEVC image of an AVIF or a HEIC (an item, a track's first frame): its declared and coded sizes."""
 
-    where: str  # 'item 1', 'track 1'
-    declared: tuple[int, int]  # the item's ispe, or the track's tkhd: what Pillow (libavif) reports as the size
-    coded: tuple[int, int]  # its AV1 sequence header's max_frame_width x max_frame_height: what dav1d decodes
+    where: str  # 'AV1 item 1', 'HEVC item 2', 'AV1 track 1'
+    # NOTE: the item's ispe, or the track's tkhd: what Pillow (libavif, libheif) reports as the size.
+    declared: tuple[int, int]
+    # NOTE: what the decoder allocates: an AV1 sequence header's max_frame_width x max_frame_height (dav1d),
+    # an HEVC sequence parameter set's pic_width_in_luma_samples x pic_height_in_luma_samples (libde265).
+    coded: tuple[int, int]
+    # NOTE: what the decoder gives: the coded size less an HEVC conformance window (x265 codes a 33 x 33
+    # picture as 40 x 40, cropped by the window to its ispe); an AV1 frame is given whole.
+    shown: tuple[int, int]
 
 
 # NOTE: bounds of the parse (a hostile file costs at most these): a grid of 256 x 256 tiles is
 # libavif's own limit; 4096 tiles of 512 x 512 are 1 GP, more than any camera writes.
-_AVIF_MAX_ITEMS = 4096
-_AVIF_MAX_BOXES = _AVIF_MAX_ITEMS + 64  # in one box: an iinf has a box per item
-_AVIF_MAX_TOP_BOXES = 1024  # ftyp, meta, moov, mdat, free: walked by seeking, never read
-_AVIF_MAX_BOX_BYTES = 4 * 1024 * 1024  # a meta or moov box, read whole (4096 items take about 200 KB)
+_ISOBMFF_MAX_ITEMS = 4096
+_ISOBMFF_MAX_BOXES = _ISOBMFF_MAX_ITEMS + 64  # in one box: an iinf has a box per item
+_ISOBMFF_MAX_TOP_BOXES = 1024  # ftyp, meta, moov, mdat, free: walked by seeking, never read
+_ISOBMFF_MAX_BOX_BYTES = 4 * 1024 * 1024  # a meta or moov box, read whole (4096 items take about 200 KB)
 # NOTE: a sequence header is tens of bytes, the first OBU of an item (a temporal delimiter may come before),
 # and the first frame header follows it (after metadata OBUs, HDR's among them: hundreds of bytes).
 _AV1_HEADER_BYTES = 4096
 _AV1_MAX_OBUS = 8
 _OBU_SEQUENCE_HEADER, _OBU_FRAME_HEADER, _OBU_FRAME = 1, 3, 6
+_HEVC_ITEM_TYPES = (b'hvc1', b'hev1')  # NOTE: hev1: parameter sets may be in the item's data too
+# NOTE: the NAL units walked in one HEVC item's data (by their lengths: a slice's bytes are never read).
+# An image is one picture: its parameter sets, SEI and slices (one a tile, for Apple's and x265's).
+_HEVC_MAX_NAL_UNITS = 256
+# NOTE: an SPS's sizes come within its first 200 bytes (profile_tier_level of 7 sub-layers is 98 bytes,
+# each ue(v) at most 9; emulation-prevention bytes add at most one in three).
+_HEVC_SPS_BYTES = 512
+_NAL_SPS = 33
+# NOTE: SubWidthC, SubHeightC of each chroma_format_idc (H.265 table 6-1): a conformance window's unit.
+_CHROMA_UNITS = {0: (1, 1), 1: (2, 2), 2: (2, 1), 3: (1, 1)}
 
 
-def avif_frames(file: Readable) -> list[Av1Frame]:
-    """Every AV1 image of an AVIF, with the size it declares and the size its sequence header codes it at.
+def coded_images(file: Readable) -> list[CodedImage]:
+    """Every AV1 and HEVC image of an AVIF or a HEIC, with the size it declares and the size it is coded at.
 
-    APPSEC: Pillow (libavif) takes an AVIF's size from its ``ispe`` box (a track's from ``tkhd``),
-    and ISS checks that against ISS_MAX_IMAGE_PIXELS; dav1d then decodes the frame its AV1
-    sequence header says, and libavif scales it to the ``ispe`` after: 3.9 KB declaring 100 x 100
-    decoded 16000 x 16000 (issue 27). The caller refuses a frame coded larger than it declares.
-    Every ``av01`` item is read, not only those libavif decodes (the primary, a grid's tiles, the
-    alpha): the others (a gain map, a thumbnail) are no larger in an honest file, and one rule is
-    simpler than following ``iref``. Of a track (an image sequence) the first frame is read: the
-    one ISS decodes (a later keyframe may carry another sequence header; ISS never decodes it).
+    APPSEC: Pillow (libavif, libheif) takes the size from an ``ispe`` box (an AVIF track's from
+    ``tkhd``), and ISS checks that against ISS_MAX_IMAGE_PIXELS; the decoder then decodes what the
+    coded headers say. libavif scales an AV1 frame to the ``ispe`` after: 3.9 KB declaring
+    100 x 100 decoded 16000 x 16000 (issue 27). libheif refuses an HEVC picture of another size
+    (after decoding it, or before when it is far larger), so a HEIC lying so was stored with a size
+    no decode gives. The caller refuses an image coded larger than it declares.
+    Every ``av01``, ``hvc1`` and ``hev1`` item is read, not only those decoded (the primary, a grid's
+    tiles, the alpha, a thumbnail): the others (a gain map, a depth map) are no larger in an honest
+    file, and one rule is simpler than following ``iref``. Of an AV1 track (an image sequence) the
+    first frame is read: the one ISS decodes (a later keyframe may carry another sequence header;
+    ISS never decodes it).
 
     Raises:
-        ValueError: the file is no ISOBMFF, its boxes are malformed or past its bounds, or an AV1
-            image has no readable sequence header (libavif could not decode it either).
+        ValueError: the file is no ISOBMFF, its boxes are malformed or past its bounds, it has no AV1
+            or HEVC image, or one has no readable sequence header (the decoder could not decode it either).
     """
-    frames: list[Av1Frame] = []
+    found: list[CodedImage] = []
     file_size = file.seek(0, 2)
     file.seek(0)
     position = 0
-    for _ in range(_AVIF_MAX_TOP_BOXES):
+    for _ in range(_ISOBMFF_MAX_TOP_BOXES):
         header = file.read(16)
         if len(header) < 8:
             break
@@ -315,18 +334,18 @@ def avif_frames(file: Readable) -> list[Av1Frame]:
         if size < header_size or position + size > file_size:
             raise ValueError(f'a {kind!r} box of {size} bytes, past the end of the file or short of its header')
         if kind in (b'meta', b'moov'):
-            if size > _AVIF_MAX_BOX_BYTES:
-                raise ValueError(f'a {kind!r} box of {size} bytes; this service reads at most {_AVIF_MAX_BOX_BYTES}')
+            if size > _ISOBMFF_MAX_BOX_BYTES:
+                raise ValueError(f'a {kind!r} box of {size} bytes; this service reads at most {_ISOBMFF_MAX_BOX_BYTES}')
             file.seek(position + header_size)
             content = file.read(size - header_size)
             if len(content) < size - header_size:
                 raise ValueError(f'a {kind!r} box cut short')
-            frames += _item_frames(content, file) if kind == b'meta' else _track_frames(content, file)
+            found += _item_images(content, file) if kind == b'meta' else _track_images(content, file)
         position += size
         file.seek(position)
-    if not frames:
-        raise ValueError('no AV1 image in it')
-    return frames
+    if not found:
+        raise ValueError('no AV1 or HEVC image in it')
+    return found
 
 
 class _Cursor:
@@ -336,19 +355,22 @@ class _Cursor:
         self.data, self.position, self.end = data, start, end
 
     def uint(self, size: int) -> int:
+        return int.from_bytes(self.bytes(size), 'big')
+
+    def bytes(self, size: int) -> bytes:
         if self.position + size > self.end:
             raise ValueError('a box cut short')
         self.position += size
-        return int.from_bytes(self.data[self.position - size : self.position], 'big')
+        return self.data[self.position - size : self.position]
 
 
 def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
     """The (type, content start, content end) of the boxes in ``data[start:end]``."""
-    for _ in range(_AVIF_MAX_BOXES):
+    for _ in range(_ISOBMFF_MAX_BOXES):
         if start + 8 > end:
             return
         cursor = _Cursor(data, start, end)
-        size, kind, header_size = cursor.uint(4), cursor.uint(4).to_bytes(4, 'big'), 8
+        size, kind, header_size = cursor.uint(4), cursor.bytes(4), 8
         if size == 1:
             size, header_size = cursor.uint(8), 16
         elif size == 0:
@@ -357,7 +379,7 @@ def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]
             raise ValueError(f'a {kind!r} box past its parent')
         yield kind, start + header_size, start + size
         start += size
-    raise ValueError(f'more than {_AVIF_MAX_BOXES} boxes in one')
+    raise ValueError(f'more than {_ISOBMFF_MAX_BOXES} boxes in one')
 
 
 def _children(data: bytes, start: int, end: int) -> dict[bytes, tuple[int, int]]:
@@ -368,39 +390,37 @@ def _children(data: bytes, start: int, end: int) -> dict[bytes, tuple[int, int]]
     return found
 
 
-def _item_frames(meta: bytes, file: Readable) -> list[Av1Frame]:
-    """The ``av01`` items of a ``meta`` box (ISO/IEC 23008-12: iinf, iloc, iprp > ipco, ipma)."""
+def _item_images(meta: bytes, file: Readable) -> list[CodedImage]:
+    """The AV1 and HEVC items of a ``meta`` box (ISO/IEC 23008-12: iinf, iloc, iprp > ipco, ipma)."""
     boxes = _children(meta, 4, len(meta))  # NOTE: meta is a FullBox: version and flags first
     if not {b'iinf', b'iloc', b'iprp'} <= boxes.keys():
         return []
-    av1_items = _av1_items(meta, *boxes[b'iinf'])
-    if len(av1_items) > _AVIF_MAX_ITEMS:
-        raise ValueError(f'more than {_AVIF_MAX_ITEMS} AV1 items')
+    items = _coded_items(meta, *boxes[b'iinf'])
+    if len(items) > _ISOBMFF_MAX_ITEMS:
+        raise ValueError(f'more than {_ISOBMFF_MAX_ITEMS} AV1 or HEVC items')
     locations = _locations(meta, *boxes[b'iloc'])
-    sizes = _item_sizes(meta, *boxes[b'iprp'])
-    idat = boxes.get(b'idat', (0, 0))
-    frames = []
-    for item in av1_items:
-        if item not in sizes or item not in locations:
-            raise ValueError(f'AV1 item {item} without its size (ispe) or its location (iloc)')
-        method, extents = locations[item]
-        if method not in (0, 1):
-            raise ValueError(f'AV1 item {item} located by construction method {method}, which libavif never reads')
-        data = b''
-        for offset, length in extents:
-            if len(data) >= _AV1_HEADER_BYTES:
-                break
-            if method == 0:  # NOTE: offsets in the file
-                data += _read_at(file, offset, length)
-            else:  # NOTE: offsets in the idat box
-                data += meta[idat[0] + offset : idat[0] + offset + min(length, _AV1_HEADER_BYTES)]
-        frames.append(Av1Frame(f'item {item}', sizes[item], _coded_size(data[:_AV1_HEADER_BYTES])))
-    return frames
+    properties = _item_properties(meta, *boxes[b'iprp'])
+    found = []
+    for item, item_type in items.items():
+        codec = 'AV1' if item_type == b'av01' else 'HEVC'
+        own = properties.get(item, {})
+        if b'ispe' not in own or item not in locations:
+            raise ValueError(f'{codec} item {item} without its size (ispe) or its location (iloc)')
+        ispe = _Cursor(meta, *own[b'ispe'])
+        ispe.uint(4)  # version, flags
+        declared = (ispe.uint(4), ispe.uint(4))
+        data = _ItemData(file, meta, boxes.get(b'idat'), *locations[item])
+        if codec == 'AV1':
+            coded = shown = _av1_coded_size(data.read(0, _AV1_HEADER_BYTES))
+        else:
+            coded, shown = _hevc_coded_size(meta, own.get(b'hvcC'), data)
+        found.append(CodedImage(f'{codec} item {item}', declared, coded, shown))
+    return found
 
 
-def _av1_items(meta: bytes, start: int, end: int) -> list[int]:
-    """The ids of the ``av01`` items an ``iinf`` lists (its ``infe`` of version 2 or 3)."""
-    items = []
+def _coded_items(meta: bytes, start: int, end: int) -> dict[int, bytes]:
+    """The id and type of each ``av01``, ``hvc1`` and ``hev1`` item of an ``iinf`` (its ``infe`` of version 2, 3)."""
+    items = {}
     for kind, content_start, content_end in _boxes(meta, start + (6 if meta[start] == 0 else 8), end):
         cursor = _Cursor(meta, content_start, content_end)
         version = cursor.uint(4) >> 24
@@ -408,8 +428,9 @@ def _av1_items(meta: bytes, start: int, end: int) -> list[int]:
             continue
         item = cursor.uint(2 if version == 2 else 4)
         cursor.uint(2)  # item_protection_index
-        if cursor.uint(4).to_bytes(4, 'big') == b'av01':
-            items.append(item)
+        item_type = cursor.bytes(4)
+        if item_type == b'av01' or item_type in _HEVC_ITEM_TYPES:
+            items[item] = item_type
     return items
 
 
@@ -421,8 +442,8 @@ def _locations(meta: bytes, start: int, end: int) -> dict[int, tuple[int, list[t
     offset_size, length_size, base_size = sizes >> 12, (sizes >> 8) & 15, (sizes >> 4) & 15
     index_size = sizes & 15 if version in (1, 2) else 0
     locations = {}
-    extents_left = _AVIF_MAX_BOXES  # NOTE: an extent of 0-byte offset and length takes no room: counted instead
-    for _ in range(min(cursor.uint(2 if version < 2 else 4), _AVIF_MAX_BOXES)):
+    extents_left = _ISOBMFF_MAX_BOXES  # NOTE: an extent of 0-byte offset and length takes no room: counted instead
+    for _ in range(min(cursor.uint(2 if version < 2 else 4), _ISOBMFF_MAX_BOXES)):
         item = cursor.uint(2 if version < 2 else 4)
         method = cursor.uint(2) & 15 if version in (1, 2) else 0
         cursor.uint(2)  # data_reference_index
@@ -431,17 +452,16 @@ def _locations(meta: bytes, start: int, end: int) -> dict[int, tuple[int, list[t
         count = cursor.uint(2)
         extents_left -= count
         if extents_left < 0:
-            raise ValueError(f'more than {_AVIF_MAX_BOXES} extents in an iloc')
+            raise ValueError(f'more than {_ISOBMFF_MAX_BOXES} extents in an iloc')
         for _ in range(count):
             cursor.uint(index_size)
-            offset, length = base + cursor.uint(offset_size), cursor.uint(length_size)
-            extents.append((offset, length or _AV1_HEADER_BYTES))  # NOTE: 0 is "to the end of the file"
+            extents.append((base + cursor.uint(offset_size), cursor.uint(length_size)))  # NOTE: length 0: to the end
         locations[item] = (method, extents)
     return locations
 
 
-def _item_sizes(meta: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
-    """Each item's width and height, from its ``ispe`` (``iprp``: properties in ``ipco``, items' in ``ipma``)."""
+def _item_properties(meta: bytes, start: int, end: int) -> dict[int, dict[bytes, tuple[int, int]]]:
+    """Each item's properties, the first of each type (``iprp``: in ``ipco``, an item's listed in ``ipma``)."""
     boxes = _children(meta, start, end)
     if b'ipco' not in boxes or b'ipma' not in boxes:
         return {}
@@ -449,21 +469,60 @@ def _item_sizes(meta: bytes, start: int, end: int) -> dict[int, tuple[int, int]]
     cursor = _Cursor(meta, *boxes[b'ipma'])
     version_and_flags = cursor.uint(4)
     version, wide = version_and_flags >> 24, version_and_flags & 1
-    sizes = {}
-    for _ in range(min(cursor.uint(4), _AVIF_MAX_BOXES)):
-        item = cursor.uint(2 if version < 1 else 4)
+    found: dict[int, dict[bytes, tuple[int, int]]] = {}
+    for _ in range(min(cursor.uint(4), _ISOBMFF_MAX_BOXES)):
+        own = found.setdefault(cursor.uint(2 if version < 1 else 4), {})
         for _ in range(cursor.uint(1)):
             index = cursor.uint(2) & 0x7FFF if wide else cursor.uint(1) & 0x7F
-            if 0 < index <= len(properties) and properties[index - 1][0] == b'ispe':
-                ispe = _Cursor(meta, *properties[index - 1][1:])
-                ispe.uint(4)
-                sizes[item] = (ispe.uint(4), ispe.uint(4))
-    return sizes
+            if 0 < index <= len(properties):
+                kind, content_start, content_end = properties[index - 1]
+                own.setdefault(kind, (content_start, content_end))
+    return found
 
 
-def _track_frames(moov: bytes, file: Readable) -> list[Av1Frame]:
+class _ItemData:
+    """An item's bytes over its extents, in the file or in the ``meta``'s ``idat``, read a piece at a time."""
+
+    def __init__(
+        self, file: Readable, meta: bytes, idat: tuple[int, int] | None, method: int, extents: list[tuple[int, int]]
+    ) -> None:
+        if method == 0:  # NOTE: offsets in the file
+            start, end = 0, file.seek(0, 2)
+        elif method == 1 and idat is not None:  # NOTE: offsets in the idat box
+            start, end = idat
+        else:
+            raise ValueError(f'an item located by construction method {method}, which libavif and libheif never read')
+        self._file, self._meta, self._in_file = file, meta, method == 0
+        self._extents = []
+        for offset, length in extents:
+            if start + offset >= end:  # NOTE: an offset of 64 bits would overflow seek
+                raise ValueError('item data past the end of its file or idat')
+            # NOTE: cut where the file ends (the decoder could read no further either)
+            self._extents.append((start + offset, min(length or end, end - start - offset)))
+        self.size = sum(length for _, length in self._extents)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes from ``offset`` of the item's data; fewer where it ends."""
+        data = b''
+        for start, length in self._extents:
+            if offset >= length:
+                offset -= length
+                continue
+            count = min(length - offset, size - len(data))
+            if self._in_file:
+                self._file.seek(start + offset)
+                data += self._file.read(count)
+            else:
+                data += self._meta[start + offset : start + offset + count]
+            offset = 0
+            if len(data) >= size:
+                break
+        return data
+
+
+def _track_images(moov: bytes, file: Readable) -> list[CodedImage]:
     """The first frame of each ``av01`` track of a ``moov`` (an image sequence), with its ``tkhd`` size."""
-    frames = []
+    found = []
     tracks = 0
     for kind, start, end in _boxes(moov, 0, len(moov)):
         if kind != b'trak':
@@ -490,9 +549,10 @@ def _track_frames(moov: bytes, file: Readable) -> list[Av1Frame]:
         samples.uint(4)
         sample_size = samples.uint(4)
         samples.uint(4)  # sample_count
-        data = _read_at(file, offset, sample_size or samples.uint(4))
-        frames.append(Av1Frame(f'track {tracks}', (width, height), _coded_size(data)))
-    return frames
+        sample = _ItemData(file, moov, None, 0, [(offset, sample_size or samples.uint(4))])
+        coded = _av1_coded_size(sample.read(0, _AV1_HEADER_BYTES))
+        found.append(CodedImage(f'AV1 track {tracks}', (width, height), coded, coded))
+    return found
 
 
 def _path(data: bytes, box: tuple[int, int] | None, *kinds: bytes) -> tuple[int, int] | None:
@@ -504,14 +564,87 @@ def _path(data: bytes, box: tuple[int, int] | None, *kinds: bytes) -> tuple[int,
     return box
 
 
-def _read_at(file: Readable, offset: int, length: int) -> bytes:
-    if offset >= file.seek(0, 2):  # NOTE: an offset of 64 bits would overflow seek
-        raise ValueError('AV1 data past the end of the file')
-    file.seek(offset)
-    return file.read(min(length, _AV1_HEADER_BYTES))
+# -- an HEVC image's coded size (H.265 7.3.1 NAL units, 7.3.2.2 SPS; ISO/IEC 14496-15 8.3.3 hvcC) ----------
 
 
-def _coded_size(data: bytes) -> tuple[int, int]:
+def _hevc_coded_size(
+    meta: bytes, hvcc: tuple[int, int] | None, data: _ItemData
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The largest coded and shown sizes of an HEVC item's sequence parameter sets.
+
+    NOTE: libheif gives libde265 the NAL units of the item's ``hvcC``, then those of its data: the SPSs
+    of both are read (an ``hev1`` item may carry its own in its data), and the largest counts.
+    """
+    if hvcc is None:
+        raise ValueError('an HEVC item without its hvcC')
+    config = _Cursor(meta, *hvcc)
+    config.bytes(21)  # NOTE: the general profile, chroma format and bit depths: the SPS's own say
+    length_size = (config.uint(1) & 3) + 1  # lengthSizeMinusOne: the size of a NAL unit's length in the data
+    sizes = []
+    for _ in range(config.uint(1)):  # numOfArrays
+        config.uint(1)  # array_completeness, NAL_unit_type: each NAL unit's own header says
+        for _ in range(config.uint(2)):  # numNalus
+            nal_unit = config.bytes(config.uint(2))
+            if _is_sps(nal_unit):
+                sizes.append(_sps_size(nal_unit))
+    offset = 0
+    for _ in range(_HEVC_MAX_NAL_UNITS):
+        if offset >= data.size:
+            break
+        head = data.read(offset, length_size + 2)
+        if len(head) < length_size + 2:
+            raise ValueError('an HEVC NAL unit cut short')
+        length = int.from_bytes(head[:length_size], 'big')
+        if _is_sps(head[length_size:]):
+            sizes.append(_sps_size(data.read(offset + length_size, min(length, _HEVC_SPS_BYTES))))
+        offset += length_size + length
+    if offset < data.size:
+        raise ValueError(f'more than {_HEVC_MAX_NAL_UNITS} NAL units in an HEVC image')
+    if not sizes:
+        raise ValueError('no HEVC sequence parameter set for an HEVC image')
+    coded = (max(coded[0] for coded, _ in sizes), max(coded[1] for coded, _ in sizes))
+    return coded, (max(shown[0] for _, shown in sizes), max(shown[1] for _, shown in sizes))
+
+
+def _is_sps(nal_unit: bytes) -> bool:
+    """Whether a NAL unit is an SPS libde265 reads: nal_unit_type 33, nuh_layer_id 0 (it drops other layers)."""
+    return len(nal_unit) >= 2 and (nal_unit[0] >> 1) & 0x3F == _NAL_SPS and not (nal_unit[0] & 1 or nal_unit[1] >> 3)
+
+
+def _sps_size(nal_unit: bytes) -> tuple[tuple[int, int], tuple[int, int]]:
+    """An SPS's pic_width x pic_height_in_luma_samples, and that less its conformance window (H.265 7.3.2.2.1)."""
+    # NOTE: an encoder puts 0x03 after two zero bytes so that no start code appears inside: taken out first.
+    bits = _MsbBits(nal_unit[2:].replace(b'\x00\x00\x03', b'\x00\x00'))
+    bits(4)  # sps_video_parameter_set_id
+    sub_layers = bits(3)  # sps_max_sub_layers_minus1
+    bits(1)  # sps_temporal_id_nesting_flag
+    # NOTE: profile_tier_level(1, sps_max_sub_layers_minus1) (7.3.3): the general profile (88 bits) and level,
+    # then which sub-layers have their own, 2-bit fillers up to 8 of them, and each one's profile and level.
+    bits(88 + 8)
+    present = [(bits(1), bits(1)) for _ in range(sub_layers)]  # sub_layer_profile_present_flag, _level_
+    if sub_layers:
+        bits(2 * (8 - sub_layers))  # reserved_zero_2bits
+    for profile, level in present:
+        bits(88 * profile + 8 * level)
+    bits.uvlc()  # sps_seq_parameter_set_id
+    chroma_format = bits.uvlc()
+    if chroma_format not in _CHROMA_UNITS:
+        raise ValueError(f'an HEVC chroma_format_idc of {chroma_format}')
+    unit_width, unit_height = _CHROMA_UNITS[chroma_format]
+    if chroma_format == 3 and bits(1):  # separate_colour_plane_flag: each plane coded as monochrome
+        unit_width, unit_height = 1, 1
+    width, height = bits.uvlc(), bits.uvlc()
+    left = right = top = bottom = 0
+    if bits(1):  # conformance_window_flag
+        left, right, top, bottom = bits.uvlc(), bits.uvlc(), bits.uvlc(), bits.uvlc()
+    shown = (max(0, width - unit_width * (left + right)), max(0, height - unit_height * (top + bottom)))
+    return (width, height), shown
+
+
+# -- an AV1 image's coded size (AV1 5.3 OBUs, 5.5 sequence header, 5.9.2 frame header) ---------------------
+
+
+def _av1_coded_size(data: bytes) -> tuple[int, int]:
     """The largest frame an AV1 image's data may decode first (AV1 5.3 OBUs, 5.5 sequence header, 5.9.2 frame header).
 
     NOTE: a frame is its sequence header's max_frame_width x max_frame_height, unless its frame header
@@ -523,11 +656,11 @@ def _coded_size(data: bytes) -> tuple[int, int]:
     sequence: _Av1Sequence | None = None
     for kind, obu in _obus(data):
         if kind == _OBU_SEQUENCE_HEADER and sequence is None:
-            sequence = _sequence_header(_Av1Bits(obu))
+            sequence = _sequence_header(_MsbBits(obu))
             if sequence.reduced:
                 return sequence.max_size
         elif kind in (_OBU_FRAME_HEADER, _OBU_FRAME) and sequence is not None:
-            return sequence.max_size if _keeps_max_size(_Av1Bits(obu), sequence) else sequence.codable_size
+            return sequence.max_size if _keeps_max_size(_MsbBits(obu), sequence) else sequence.codable_size
     raise ValueError('no AV1 sequence header and frame header where the image starts')
 
 
@@ -556,24 +689,25 @@ def _obus(data: bytes) -> Iterator[tuple[int, bytes]]:
         position += size
 
 
-class _Av1Bits:
-    """An AV1 bit reader: most significant bit first."""
+class _MsbBits:
+    """An AV1 or HEVC bit reader: most significant bit first."""
 
     def __init__(self, data: bytes) -> None:
         self._value, self._size, self._position = int.from_bytes(data, 'big'), len(data) * 8, 0
 
     def __call__(self, count: int) -> int:
         if self._position + count > self._size:
-            raise ValueError('an AV1 header cut short')
+            raise ValueError('an AV1 or HEVC header cut short')
         self._position += count
         return (self._value >> (self._size - self._position)) & ((1 << count) - 1)
 
     def uvlc(self) -> int:
+        """An AV1 uvlc(), which is HEVC's ue(v) (H.265 9.2): a count of zeros, a one, then as many bits."""
         zeros = 0
         while not self(1):
             zeros += 1
             if zeros >= 32:
-                raise ValueError('an AV1 uvlc of more than 32 bits')
+                raise ValueError('an AV1 uvlc or HEVC ue(v) of more than 32 bits')
         return self(zeros) + (1 << zeros) - 1
 
 
@@ -593,7 +727,7 @@ class _Av1Sequence:
 _SELECT = 2  # SELECT_SCREEN_CONTENT_TOOLS, SELECT_INTEGER_MV
 
 
-def _sequence_header(bits: _Av1Bits) -> _Av1Sequence:
+def _sequence_header(bits: _MsbBits) -> _Av1Sequence:
     """Read a sequence_header_obu up to order_hint_bits_minus_1 (AV1 5.5.1 to 5.5.5)."""
     bits(3)  # seq_profile
     bits(1)  # still_picture
@@ -645,7 +779,7 @@ def _sequence_header(bits: _Av1Bits) -> _Av1Sequence:
     )
 
 
-def _keeps_max_size(bits: _Av1Bits, sequence: _Av1Sequence) -> bool:
+def _keeps_max_size(bits: _MsbBits, sequence: _Av1Sequence) -> bool:
     """Whether a first frame header is of a shown key frame without frame_size_override_flag (AV1 5.9.2)."""
     if bits(1):  # show_existing_frame
         return False

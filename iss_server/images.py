@@ -276,32 +276,38 @@ def _open(file: _BudgetedFile, max_pixels: int) -> Image.Image:
         image = Image.open(file)
     try:
         _bomb_check(image.size)  # NOTE: Image.open made it already; said here, as it is ISS's rule
-        if image.format == 'AVIF':
-            _check_av1_frames(file)
+        if image.format in _CODED_FORMATS:
+            _check_coded_images(file)
     except (ImageTooLarge, NotAnImage):
         image.close()
         raise
     return image
 
 
-def _check_av1_frames(file: _BudgetedFile) -> None:
-    """Refuse an AVIF whose AV1 frames are coded larger than it declares, or than the pixel limit.
+#: Formats whose size Pillow takes from a box (``ispe``) beside the coded images: theirs are read too.
+_CODED_FORMATS = frozenset({'AVIF', 'HEIF'})
 
-    APPSEC: the size Pillow reports (and :func:`_bomb_check` saw) is the ``ispe``'s; libavif decodes
-    the frame the AV1 sequence header says, then scales it to the ``ispe``: 3.5 KB declaring
-    100 x 100 decoded 16000 x 16000 (548 MiB) at upload (issue 27, NOTES-avifseq.md).
+
+def _check_coded_images(file: _BudgetedFile) -> None:
+    """Refuse an AVIF or a HEIC whose images are coded larger than it declares, or than the pixel limit.
+
+    APPSEC: the size Pillow reports (and :func:`_bomb_check` saw) is the ``ispe``'s; the decoder decodes
+    what the AV1 sequence header or the HEVC sequence parameter set says. libavif then scales the frame
+    to the ``ispe``: 3.5 KB declaring 100 x 100 decoded 16000 x 16000 (548 MiB) at upload (issue 27,
+    NOTES-avifseq.md). libheif refuses the picture (before decoding it when far larger): a HEIC declaring
+    100 x 100 over 8000 x 8000 was stored as 100 x 100, with no fingerprints and no derivative (NOTES-hevcsps.md).
     """
-    file.allow(HEADER_BUDGET)  # NOTE: Image.open read the whole AVIF; this parse reads its boxes and headers again
+    file.allow(HEADER_BUDGET)  # NOTE: Image.open read the whole file; this parse reads its boxes and headers again
     with _boundary(NotAnImage, 'identifying'):
-        frames = formats.avif_frames(file)
-    for frame in frames:
-        (width, height), (coded_width, coded_height) = frame.declared, frame.coded
-        if coded_width > width or coded_height > height:
+        coded_images = formats.coded_images(file)
+    for coded in coded_images:
+        (width, height), (shown_width, shown_height) = coded.declared, coded.shown
+        if shown_width > width or shown_height > height:
             raise ImageTooLarge(
-                f'its AV1 {frame.where} declares {width}x{height} pixels but is coded at {coded_width}x{coded_height} '
-                '(its sequence header); this service decodes no more than an image declares'
+                f'its {coded.where} declares {width}x{height} pixels but is coded at {shown_width}x{shown_height}; '
+                'this service decodes no more than an image declares'
             )
-        _bomb_check(frame.coded)
+        _bomb_check(coded.coded)
 
 
 def identify(file: IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:

@@ -192,9 +192,12 @@ def image_seeds(directory: pathlib.Path) -> None:
         ('WEBP', 'RGBA', {'save_all': True, 'append_images': frames[1:]}),
         ('BMP', 'RGB', {}),
         ('AVIF', 'RGB', {}),
-        # NOTE: an alpha item and a sequence's track: formats.avif_frames reads both
+        # NOTE: an alpha item and a sequence's track: formats.coded_images reads both
         ('AVIF', 'RGBA', {'save_all': True, 'append_images': [frame.convert('RGBA') for frame in frames[1:]]}),
         ('PNG', 'I;16', {}),
+        # NOTE: an hvc1 item with its EXIF; an alpha item and a thumbnail item: formats.coded_images reads their SPSs
+        ('HEIF', 'RGB', {'exif': exif.tobytes()}),
+        ('HEIF', 'RGBA', {'thumbnails': [8]}),
         ('JXL', 'RGB', {'exif': exif.tobytes(), 'use_container': True}),
         ('JXL', 'LA', {'lossless': True}),
         ('JXL', 'I;16', {}),
