@@ -903,6 +903,52 @@ def test_behind_a_trusted_proxy_the_requests_waiting_for_a_body_place_count_agai
             client.close()
 
 
+def test_one_client_holds_its_share_of_the_body_places_and_another_uploads_at_once(start):
+    """Slow but legal uploads of one address (above ISS_BODY_MIN_RATE) held every body place for as long as they
+    lasted: an honest large upload from another address waited ISS_BODY_TIMEOUT, then got 503 (issue 29's trial)."""
+    server = start(ISS_WORKERS='1', ISS_BODY_TIMEOUT='6', ISS_BODY_MIN_RATE='1024', ISS_LOG_LEVEL='info')
+    head = b'POST /artifacts?kind=slow HTTP/1.1\r\nHost: iss\r\nContent-Length: 100000000\r\n\r\n'
+    # NOTE: 3 of the 14 places are its share; its 11 other uploads wait their turn, not refused
+    clients = open_slow_clients(server.port, head, count=14)
+    with dripping(clients, b'x' * 400, every=0.2):  # 2 kB/s each: never cut
+        time.sleep(0.5)
+        started = time.monotonic()
+        connection = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10, source_address=HONEST_UPLOADER)
+        connection.request('POST', '/artifacts?kind=honest', body=os.urandom(MIB))
+        assert connection.getresponse().status == 201
+        connection.close()
+        assert time.monotonic() - started < 2.0
+        for client in clients:
+            client.settimeout(0.01)
+            with pytest.raises(TimeoutError):
+                client.recv(1)  # NOTE: each receives, or waits: none is answered
+    metrics = server.request('GET', '/metrics')[2].decode()
+    assert 'iss_worker_refused_total' not in metrics
+
+
+def test_the_requests_the_worker_refuses_have_their_access_line_and_their_count(start):
+    """The worker's own 408, 431 and 503 had no access line (the 503's was a line of plain text) and no metric."""
+    server = start(ISS_WORKERS='1', ISS_HEADER_TIMEOUT='1', ISS_LOG_LEVEL='info')
+    huge = socket.create_connection(('127.0.0.1', server.port), timeout=5)
+    huge.sendall(b'GET /health?huge=1 HTTP/1.1\r\n' + b'X-Big: 1\r\n' * 7000)
+    assert answer_of(huge).startswith(b'HTTP/1.1 431')
+    slow = socket.create_connection(('127.0.0.1', server.port), timeout=5)
+    slow.sendall(b'PUT /artifacts/x HTTP/1.1\r\n')
+    assert answer_of(slow).startswith(b'HTTP/1.1 408')
+    huge.close()
+    slow.close()
+    metrics = server.request('GET', '/metrics')[2].decode()
+    assert 'iss_worker_refused_total{reason="head_too_large",status="431"} 1.0' in metrics, metrics
+    assert 'iss_worker_refused_total{reason="head_timeout",status="408"} 1.0' in metrics, metrics
+    refused = [line for line in server.json_log() if line.get('refused')]
+    assert [(line['status'], line['refused'], line['method'], line['path'], line['query']) for line in refused] == [
+        (431, 'head_too_large', 'GET', '/health', 'huge=1'),
+        (408, 'head_timeout', 'PUT', '/artifacts/x', None),
+    ]
+    assert all(line['logger'] == 'iss.access' and len(line['request_id']) == 32 for line in refused)
+    assert refused[0]['remote'] == '127.0.0.1'
+
+
 # -- the change feed lets a node stop -------------------------------------------------
 
 

@@ -13,7 +13,12 @@ dripping small uploads take no thread, and an honest small upload never waits be
 a place. Larger bodies, and chunked ones, take all threads but an eighth at most (the others
 wait for a place here, without a thread, ``ISS_BODY_TIMEOUT`` seconds at most and
 :data:`MAX_WAITING_PER_CLIENT` of an address, then 503), and ISS reads them at a minimum rate,
-each receive (:mod:`iss_server.bodies`).
+each receive (:mod:`iss_server.bodies`). One client holds at most a quarter of the body places
+(:data:`BODY_PLACES_SHARE`): its further requests wait, and a freed place goes to the first
+waiting request whose client holds less than its share.
+
+Every request the worker refuses itself (408, 431, 503) gets its JSON access line, with
+``refused`` saying why (:data:`REFUSALS`), and counts in ``iss_worker_refused_total``.
 
 NOTE: this reaches into gunicorn's ThreadWorker and TConn as of the pinned gunicorn 27.0.1
 (as :class:`bodies.SocketBody` does); ``test_hostile.py``'s slowloris tests fail if an
@@ -42,11 +47,9 @@ import gunicorn.util
 from gunicorn.http2 import negotiation
 from gunicorn.workers import gthread
 
-from iss_server import bodies, events
+from iss_server import bodies, events, telemetry
 from iss_server.config import Settings
 from iss_server.errors import error_body
-
-log = logging.getLogger(__name__)
 
 #: Bytes a request's headers may take (request line included): what gunicorn allows of one line
 #: (``limit_request_line``) and a few dozen ordinary fields. More is answered 431.
@@ -61,6 +64,20 @@ MAX_WAITING_PER_CLIENT = 64
 MAX_BUFFERED_BODY = 256 * 1024
 #: Seconds a thread drains a body the app left unread, to keep the connection (gunicorn: 5).
 DRAIN_SECONDS = 1.0
+#: One client holds at most this fraction of a worker's body places (at least one): 3 of 14. Slow but legal
+#: uploads of one address (above ISS_BODY_MIN_RATE, never cut) held every place for as long as they lasted
+#: (issue 29's trial); with a quarter, three quarters stay to the others, and iss-client's 8 parallel jobs
+#: over 2 workers still run 6 at once (the others wait their turn here).
+BODY_PLACES_SHARE = 1 / 4
+#: Why the worker refused a request itself (the ``refused`` of its access line, a label of the metric): a fixed set.
+REFUSALS = {
+    'head_timeout': 408,  # its headers took over ISS_HEADER_TIMEOUT
+    'head_too_large': 431,  # its headers exceed MAX_HEAD_BYTES
+    'body_too_slow': 408,  # its small body fell behind ISS_BODY_MIN_RATE
+    'too_many_arriving': 503,  # its address has MAX_ARRIVING_PER_CLIENT connections still sending
+    'too_many_waiting': 503,  # its client has MAX_WAITING_PER_CLIENT requests waiting for a body place
+    'no_body_place': 503,  # it waited ISS_BODY_TIMEOUT for a body place (or the worker stopped)
+}
 
 
 class ThreadWorker(gthread.ThreadWorker):
@@ -87,6 +104,8 @@ class ThreadWorker(gthread.ThreadWorker):
         # place waits for one here, in the main loop (no thread held), for ISS_BODY_TIMEOUT at most.
         self.body_places = max(1, self.cfg.threads - max(1, self.cfg.threads // 8))
         self._free_body_places = self.body_places
+        self.body_places_per_client = max(1, int(self.body_places * BODY_PLACES_SHARE))
+        self._body_places_held: Counter[str] = Counter()
         self._waiting_bodies: dict[gthread.TConn, float] = {}
         self._waiting_per_client: Counter[str] = Counter()
         self._body_wait = settings.body_timeout
@@ -136,23 +155,38 @@ class ThreadWorker(gthread.ThreadWorker):
                     self._collect_body(conn, length)
                     return
             elif _declares_a_body(ahead, head):
-                if not self._free_body_places:
-                    self._wait_for_a_body_place(conn, self._client_of(conn, ahead, head))
+                client = self._client_of(conn, ahead, head)
+                if not self._may_take_a_body_place(client):
+                    self._wait_for_a_body_place(conn, client)
                     return
                 self._free_body_places -= 1
-                conn.body_place = True
+                self._body_places_held[client] += 1
+                conn.body_place = client
         super().enqueue_req(conn)
 
     def finish_request(self, conn: gthread.TConn, fs: Any) -> None:
-        """gunicorn's, after giving back the request's body place to the longest waiting request."""
-        if getattr(conn, 'body_place', False):
-            conn.body_place = False
+        """gunicorn's, after giving back the request's body place to the first waiting request that may take it.
+
+        NOTE: a waiting request's client is at its share, or no place was free: the place freed here
+        is the only one a waiting request may take. The look passes at most the waiting requests of
+        the clients at their share (MAX_WAITING_PER_CLIENT each, a handful of clients).
+        """
+        client = getattr(conn, 'body_place', None)
+        if client is not None:
+            conn.body_place = None
             self._free_body_places += 1
-            if self._waiting_bodies:
-                waiting = next(iter(self._waiting_bodies))
+            self._body_places_held[client] -= 1
+            if not self._body_places_held[client]:
+                del self._body_places_held[client]
+            waiting = next((w for w in self._waiting_bodies if self._may_take_a_body_place(w.waiting_as)), None)
+            if waiting is not None:
                 self._forget_waiting(waiting)
                 self.enqueue_req(waiting)
         super().finish_request(conn, fs)
+
+    def _may_take_a_body_place(self, client: str) -> bool:
+        """Whether a place is free and ``client`` holds less than its share of them."""
+        return bool(self._free_body_places) and self._body_places_held[client] < self.body_places_per_client
 
     def murder_pending(self) -> None:
         super().murder_pending()
@@ -162,7 +196,7 @@ class ThreadWorker(gthread.ThreadWorker):
             if deadline > now:
                 break
             self._refuse_head(
-                conn, 408, 'Request Timeout', f'The request headers took over {self._header_timeout:g} s.'
+                conn, 'head_timeout', 'Request Timeout', f'The request headers took over {self._header_timeout:g} s.'
             )
         while self._body_deadlines and self._body_deadlines[0][0] <= now:
             _, number, conn = heapq.heappop(self._body_deadlines)
@@ -177,16 +211,19 @@ class ThreadWorker(gthread.ThreadWorker):
             if deadline > now and self.alive:
                 break
             self._forget_waiting(conn)
-            self._refuse_busy(conn, f'all {self.body_places} places for requests with a body stayed taken')
+            self._refuse_busy(conn, 'no_body_place')
 
     def _wait_for_a_body_place(self, conn: gthread.TConn, client: str) -> None:
         """Let the request wait its turn for a body place; past :data:`MAX_WAITING_PER_CLIENT` of ``client``, 503.
+
+        NOTE: it waits too when places are free but ``client`` holds its share: a place it took now
+        would be one the next client finds taken, for as long as the upload lasts.
 
         NOTE: a waiting connection holds no thread, but counts in the worker's connections: one address
         waiting without bound stopped the worker accepting (``worker_connections``), /health included.
         """
         if self._waiting_per_client[client] >= MAX_WAITING_PER_CLIENT:
-            self._refuse_busy(conn, f'{MAX_WAITING_PER_CLIENT} requests of {client} already wait for a body place')
+            self._refuse_busy(conn, 'too_many_waiting')
             return
         conn.waiting_as = client
         self._waiting_per_client[client] += 1
@@ -224,12 +261,13 @@ class ThreadWorker(gthread.ThreadWorker):
         if not self._waiting_per_client[address]:
             del self._waiting_per_client[address]
 
-    def _refuse_busy(self, conn: gthread.TConn, reason: str) -> None:
+    def _refuse_busy(self, conn: gthread.TConn, refused: str) -> None:
         """Answer 503 with Retry-After before the app (and without reading the body)."""
-        log.warning('request with a body refused: %s', reason)
         self.nr_conns -= 1
         description = 'Too many uploads are arriving right now; try again shortly.'
+        head = conn.parser.unreader.buf.getvalue()
         _answer(conn.sock, 503, 'Service Unavailable', 'Busy receiving', description, retry_after=1)
+        _log_refusal(conn, refused, head)
         conn.close(graceful=True)
 
     def _keepalive_after(self, conn: gthread.TConn, keepalive: bool) -> bool:
@@ -264,6 +302,7 @@ class ThreadWorker(gthread.ThreadWorker):
                 'try again shortly.'
             )
             _answer(conn.sock, 503, 'Service Unavailable', 'Too many slow requests', description, retry_after=1)
+            _log_refusal(conn, 'too_many_arriving', b'')
             conn.close(graceful=True)
             return
         conn.init()  # NOTE: a plain connection's init only makes its parser
@@ -297,21 +336,22 @@ class ThreadWorker(gthread.ThreadWorker):
         elif len(conn.head) > MAX_HEAD_BYTES:
             self._refuse_head(
                 conn,
-                431,
+                'head_too_large',
                 'Request Header Fields Too Large',
                 f'The request headers exceed {MAX_HEAD_BYTES} bytes.',
                 registered=registered,
             )
 
     def _refuse_head(
-        self, conn: gthread.TConn, status: int, reason: str, message: str, *, registered: bool = True
+        self, conn: gthread.TConn, refused: str, reason: str, message: str, *, registered: bool = True
     ) -> None:
         self._forget_arriving(conn, self._heads, registered)
         self.nr_conns -= 1
         try:
-            gunicorn.util.write_error(conn.sock, status, reason, message)
+            gunicorn.util.write_error(conn.sock, REFUSALS[refused], reason, message)
         except OSError:
             pass  # NOTE: best effort: a client that stopped reading gets the close alone
+        _log_refusal(conn, refused, conn.head)
         conn.close()
 
     # -- receiving a small body --------------------------------------------------------
@@ -348,6 +388,7 @@ class ThreadWorker(gthread.ThreadWorker):
             f'{self._body_min_rate} bytes a second after its first {self._body_wait} s (ISS_BODY_MIN_RATE).'
         )
         _answer(conn.sock, 408, 'Request Timeout', 'Request body too slow', description)
+        _log_refusal(conn, 'body_too_slow', conn.head)
         conn.close(graceful=True)
 
     def _on_body_bytes(self, conn: gthread.TConn, client: socket.socket) -> None:
@@ -385,6 +426,29 @@ class ThreadWorker(gthread.ThreadWorker):
         self._arriving_per_client[address] -= 1
         if not self._arriving_per_client[address]:
             del self._arriving_per_client[address]
+
+
+def _log_refusal(conn: gthread.TConn, refused: str, head: bytes | bytearray) -> None:
+    """The access line and the count of a request the worker refused itself; ``head``: what arrived of it."""
+    status = REFUSALS[refused]
+    telemetry.worker_refusals().labels(str(status), refused).inc()
+    if not telemetry.access_log.isEnabledFor(logging.INFO):
+        return
+    line = _REQUEST_LINE.match(head)
+    method, path, query = (part.decode('latin-1') if part else None for part in line.groups()) if line else [None] * 3
+    entry = {
+        'request_id': telemetry.new_request_id(),
+        'method': method,
+        'path': path,
+        'query': query,
+        'route': None,
+        'status': status,
+        'bytes_in': 0,
+        'bytes_out': 0,
+        'remote': _address(conn.client),
+        'refused': refused,
+    }
+    telemetry.access_log.info('request', extra={'request': entry})
 
 
 def _address(client: object) -> str:
@@ -438,6 +502,8 @@ def _declares_a_body(ahead: bytes, head: int) -> bool:
     return _BODY_DECLARED.search(ahead, 0, head) is not None
 
 
+#: A request line's method, path and query, as much as the log takes of them.
+_REQUEST_LINE = re.compile(rb'([A-Z]{1,16}) ([^ \r\n?]{1,2048})(?:\?([^ \r\n]{0,2048}))? HTTP/')
 _FORWARDED_FOR = re.compile(rb'\nx-forwarded-for[ \t]*:[ \t]*([^\r\n]*)', re.IGNORECASE)
 _CONTENT_LENGTH = re.compile(rb'\ncontent-length[ \t]*:[ \t]*([0-9]{1,16})[ \t]*\r?\n', re.IGNORECASE)
 _STREAMED = re.compile(rb'\n(?:transfer-encoding|expect)[ \t]*:', re.IGNORECASE)
