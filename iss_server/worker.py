@@ -7,7 +7,7 @@ lasted (issue 29). Here the main loop collects a request's headers itself, from 
 sockets in its poller, and hands the connection to a thread only with its whole header block
 buffered; a client that does not complete it within ``ISS_HEADER_TIMEOUT`` seconds is answered
 408 and closed, and one address holds at most :data:`MAX_ARRIVING_PER_CLIENT` connections
-whose request is still arriving (the next are answered 503 at once). A body of at most
+whose request is still arriving (the next have :data:`ARRIVING_GRACE` seconds for theirs, then 503). A body of at most
 :data:`MAX_BUFFERED_BODY` bytes is received here too, whole, before a thread sees it: 200 clients
 dripping small uploads take no thread, and an honest small upload never waits behind them for
 a place. Larger bodies, and chunked ones, take all threads but an eighth at most (the others
@@ -41,6 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
+from http import HTTPStatus
 from typing import Any
 
 import gunicorn.util
@@ -56,6 +57,10 @@ from iss_server.errors import error_body
 MAX_HEAD_BYTES = 64 * 1024
 #: Connections of one client address whose request (headers, or a buffered body) is still arriving, per worker.
 MAX_ARRIVING_PER_CLIENT = 64
+#: Seconds a connection of an address past :data:`MAX_ARRIVING_PER_CLIENT` has for its whole request, else 503.
+#: NOTE: refused at once, a burst of 300 fast /health of one address (a NAT) got 172 503s in 0.17 s: accepted
+#: faster than their bytes came, they all counted as arriving. Only the slow ones are still arriving after it.
+ARRIVING_GRACE = 1.0
 #: Connections of one client address waiting for a body place, per worker; the next request with a body is
 #: answered 503 at once (its address's other requests are not: /health needs no body place).
 MAX_WAITING_PER_CLIENT = 64
@@ -70,14 +75,19 @@ DRAIN_SECONDS = 1.0
 #: over 2 workers still run 6 at once (the others wait their turn here).
 BODY_PLACES_SHARE = 1 / 4
 #: Why the worker refused a request itself (the ``refused`` of its access line, a label of the metric): a fixed set.
+#: Each with its status and the title of its answer.
 REFUSALS = {
-    'head_timeout': 408,  # its headers took over ISS_HEADER_TIMEOUT
-    'head_too_large': 431,  # its headers exceed MAX_HEAD_BYTES
-    'body_too_slow': 408,  # its small body fell behind ISS_BODY_MIN_RATE
-    'too_many_arriving': 503,  # its address has MAX_ARRIVING_PER_CLIENT connections still sending
-    'too_many_waiting': 503,  # its client has MAX_WAITING_PER_CLIENT requests waiting for a body place
-    'no_body_place': 503,  # it waited ISS_BODY_TIMEOUT for a body place (or the worker stopped)
+    'head_timeout': (408, 'Request Timeout'),  # its headers took over ISS_HEADER_TIMEOUT
+    'head_too_large': (431, 'Request Header Fields Too Large'),  # its headers exceed MAX_HEAD_BYTES
+    'body_too_slow': (408, 'Request body too slow'),  # its small body fell behind ISS_BODY_MIN_RATE
+    # its address had MAX_ARRIVING_PER_CLIENT connections still sending, and it took over ARRIVING_GRACE
+    'too_many_arriving': (503, 'Too many slow requests'),
+    'too_many_waiting': (503, 'Busy receiving'),  # its client had MAX_WAITING_PER_CLIENT waiting for a body place
+    'no_body_place': (503, 'Busy receiving'),  # it waited ISS_BODY_TIMEOUT for a body place (or the worker stopped)
 }
+_TOO_MANY_ARRIVING = (
+    f'Over {MAX_ARRIVING_PER_CLIENT} connections from your address are still sending their request; try again shortly.'
+)
 
 
 class ThreadWorker(gthread.ThreadWorker):
@@ -88,6 +98,8 @@ class ThreadWorker(gthread.ThreadWorker):
         # NOTE: each connection collecting its headers, with its deadline, in the order they started
         # (all have the same timeout, so the first is always the first to expire).
         self._heads: dict[gthread.TConn, float] = {}
+        # NOTE: the same, of the connections past their address's MAX_ARRIVING_PER_CLIENT (ARRIVING_GRACE each).
+        self._heads_past_the_bound: dict[gthread.TConn, float] = {}
         self._arriving_per_client: Counter[str] = Counter()
         settings = Settings.from_env()
         self._header_timeout = settings.header_timeout
@@ -195,9 +207,12 @@ class ThreadWorker(gthread.ThreadWorker):
             conn, deadline = next(iter(self._heads.items()))
             if deadline > now:
                 break
-            self._refuse_head(
-                conn, 'head_timeout', 'Request Timeout', f'The request headers took over {self._header_timeout:g} s.'
-            )
+            self._refuse_head(conn, 'head_timeout', f'The request headers took over {self._header_timeout:g} s.')
+        while self._heads_past_the_bound:
+            conn, deadline = next(iter(self._heads_past_the_bound.items()))
+            if deadline > now:
+                break
+            self._refuse_head(conn, 'too_many_arriving', _TOO_MANY_ARRIVING)
         while self._body_deadlines and self._body_deadlines[0][0] <= now:
             _, number, conn = heapq.heappop(self._body_deadlines)
             if self._bodies.get(conn) != number:
@@ -265,10 +280,7 @@ class ThreadWorker(gthread.ThreadWorker):
         """Answer 503 with Retry-After before the app (and without reading the body)."""
         self.nr_conns -= 1
         description = 'Too many uploads are arriving right now; try again shortly.'
-        head = conn.parser.unreader.buf.getvalue()
-        _answer(conn.sock, 503, 'Service Unavailable', 'Busy receiving', description, retry_after=1)
-        _log_refusal(conn, refused, head)
-        conn.close(graceful=True)
+        _refuse(conn, refused, description, conn.parser.unreader.buf.getvalue())
 
     def _keepalive_after(self, conn: gthread.TConn, keepalive: bool) -> bool:
         """gunicorn's, draining an unread body for :data:`DRAIN_SECONDS`: a drip after a 401 holds no thread long.
@@ -293,30 +305,26 @@ class ThreadWorker(gthread.ThreadWorker):
             super().enqueue_req(conn)  # NOTE: gunicorn's own path (never ISS's configuration)
             return
         address = _address(conn.client)
+        now = time.monotonic()
+        # NOTE: past its address's bound a connection is admitted all the same, with ARRIVING_GRACE for its whole
+        # request (headers, and a small body): nothing tells a fast request from a slow one until it has arrived.
         if self._arriving_per_client[address] >= MAX_ARRIVING_PER_CLIENT:
-            # NOTE: answered before a byte is read, /health included: nothing tells a health check from the rest
-            # until its headers are in, and collecting them is what this address may not do more of.
-            self.nr_conns -= 1
-            description = (
-                f'Over {MAX_ARRIVING_PER_CLIENT} connections from your address are still sending their request; '
-                'try again shortly.'
-            )
-            _answer(conn.sock, 503, 'Service Unavailable', 'Too many slow requests', description, retry_after=1)
-            _log_refusal(conn, 'too_many_arriving', b'')
-            conn.close(graceful=True)
-            return
+            conn.past_the_bound_until = now + ARRIVING_GRACE
+            self._heads_past_the_bound[conn] = conn.past_the_bound_until
+        else:
+            conn.past_the_bound_until = None
+            self._heads[conn] = now + self._header_timeout
         conn.init()  # NOTE: a plain connection's init only makes its parser
         if not readable:  # PERF: gunicorn made a kept-alive socket non-blocking before polling it (an ioctl less)
             conn.sock.setblocking(False)
         conn.head = bytearray(conn.parser.unreader.take_buffered())  # NOTE: what came pipelined
         self._arriving_per_client[address] += 1
-        self._heads[conn] = time.monotonic() + self._header_timeout
         if readable:
             # PERF: a kept-alive connection comes back readable, its next headers in as a rule: read
             # now, they go to a thread without a poller registration, its removal and a turn of the
             # main loop (two epoll_ctl and an epoll_wait per request).
             self._on_head_bytes(conn, conn.sock, registered=False)
-            if conn not in self._heads:
+            if conn not in self._heads and conn not in self._heads_past_the_bound:
                 return  # NOTE: handed over, refused or closed
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
 
@@ -325,34 +333,27 @@ class ThreadWorker(gthread.ThreadWorker):
         if data is None:
             return
         if not data:
-            self._forget_arriving(conn, self._heads, registered)
+            self._forget_arriving(conn, self._heads_of(conn), registered)
             self.nr_conns -= 1
             conn.close()
             return
         conn.head += data
         if _complete(conn.head):
-            self._forget_arriving(conn, self._heads, registered)
+            self._forget_arriving(conn, self._heads_of(conn), registered)
             self._hand_over(conn)
         elif len(conn.head) > MAX_HEAD_BYTES:
             self._refuse_head(
-                conn,
-                'head_too_large',
-                'Request Header Fields Too Large',
-                f'The request headers exceed {MAX_HEAD_BYTES} bytes.',
-                registered=registered,
+                conn, 'head_too_large', f'The request headers exceed {MAX_HEAD_BYTES} bytes.', registered=registered
             )
 
-    def _refuse_head(
-        self, conn: gthread.TConn, refused: str, reason: str, message: str, *, registered: bool = True
-    ) -> None:
-        self._forget_arriving(conn, self._heads, registered)
+    def _heads_of(self, conn: gthread.TConn) -> dict[gthread.TConn, float]:
+        """The connections collecting their headers that ``conn`` is one of, with their deadlines."""
+        return self._heads if conn.past_the_bound_until is None else self._heads_past_the_bound
+
+    def _refuse_head(self, conn: gthread.TConn, refused: str, description: str, *, registered: bool = True) -> None:
+        self._forget_arriving(conn, self._heads_of(conn), registered)
         self.nr_conns -= 1
-        try:
-            gunicorn.util.write_error(conn.sock, REFUSALS[refused], reason, message)
-        except OSError:
-            pass  # NOTE: best effort: a client that stopped reading gets the close alone
-        _log_refusal(conn, refused, conn.head)
-        conn.close()
+        _refuse(conn, refused, description, conn.head)
 
     # -- receiving a small body --------------------------------------------------------
 
@@ -371,9 +372,13 @@ class ThreadWorker(gthread.ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_body_bytes, conn))
 
     def _body_deadline(self, conn: gthread.TConn) -> float:
-        """When the body falls behind its pace: ISS_BODY_TIMEOUT s, plus a second per ISS_BODY_MIN_RATE bytes."""
+        """When the body falls behind its pace: ISS_BODY_TIMEOUT s, plus a second per ISS_BODY_MIN_RATE bytes.
+
+        Past its address's MAX_ARRIVING_PER_CLIENT, by the end of its ARRIVING_GRACE at the latest.
+        """
         received = len(conn.head) - conn.body_start
-        return float(conn.body_started + self._body_wait + received / self._body_min_rate)
+        paced = float(conn.body_started + self._body_wait + received / self._body_min_rate)
+        return paced if conn.past_the_bound_until is None else min(paced, conn.past_the_bound_until)
 
     def _await_body(self, conn: gthread.TConn) -> None:
         self._bodies[conn] = number = next(self._body_order)
@@ -382,14 +387,15 @@ class ThreadWorker(gthread.ThreadWorker):
     def _refuse_slow_body(self, conn: gthread.TConn) -> None:
         self._forget_arriving(conn, self._bodies)
         self.nr_conns -= 1
+        if conn.past_the_bound_until is not None and conn.past_the_bound_until <= time.monotonic():
+            _refuse(conn, 'too_many_arriving', _TOO_MANY_ARRIVING, conn.head)
+            return
         received = len(conn.head) - conn.body_start
         description = (
             f'Received {received} bytes in {time.monotonic() - conn.body_started:.0f} s: a body must average '
             f'{self._body_min_rate} bytes a second after its first {self._body_wait} s (ISS_BODY_MIN_RATE).'
         )
-        _answer(conn.sock, 408, 'Request Timeout', 'Request body too slow', description)
-        _log_refusal(conn, 'body_too_slow', conn.head)
-        conn.close(graceful=True)
+        _refuse(conn, 'body_too_slow', description, conn.head)
 
     def _on_body_bytes(self, conn: gthread.TConn, client: socket.socket) -> None:
         data = _receive(conn.sock)
@@ -428,9 +434,20 @@ class ThreadWorker(gthread.ThreadWorker):
             del self._arriving_per_client[address]
 
 
+def _refuse(conn: gthread.TConn, refused: str, description: str, head: bytes | bytearray) -> None:
+    """Answer a request the worker refuses itself (503s with Retry-After), log and count it, close its connection.
+
+    ``refused``: one of :data:`REFUSALS`; ``head``: what arrived of the request.
+    """
+    status, title = REFUSALS[refused]
+    _answer(conn.sock, status, HTTPStatus(status).phrase, title, description, retry_after=1 if status == 503 else None)
+    _log_refusal(conn, refused, head)
+    conn.close(graceful=True)
+
+
 def _log_refusal(conn: gthread.TConn, refused: str, head: bytes | bytearray) -> None:
     """The access line and the count of a request the worker refused itself; ``head``: what arrived of it."""
-    status = REFUSALS[refused]
+    status = REFUSALS[refused][0]
     telemetry.worker_refusals().labels(str(status), refused).inc()
     if not telemetry.access_log.isEnabledFor(logging.INFO):
         return
@@ -457,6 +474,9 @@ def _address(client: object) -> str:
 
 
 class _Connection(gthread.TConn):
+    #: Until when the request must have arrived, when it came past its address's MAX_ARRIVING_PER_CLIENT.
+    past_the_bound_until: float | None = None
+
     def close(self, graceful: bool = False) -> None:
         """Close without lingering: gunicorn's graceful close waits up to 2 s on the main loop for a dripping peer.
 
