@@ -7,10 +7,10 @@ lasted (issue 29). Here the main loop collects a request's headers itself, from 
 sockets in its poller, and hands the connection to a thread only with its whole header block
 buffered; a client that does not complete it within ``ISS_HEADER_TIMEOUT`` seconds is answered
 408 and closed, and one address holds at most :data:`MAX_ARRIVING_PER_CLIENT` connections
-whose request is still arriving (the next have :data:`ARRIVING_GRACE` seconds for theirs, then 503). A body of at most
-:data:`MAX_BUFFERED_BODY` bytes is received here too, whole, before a thread sees it: 200 clients
-dripping small uploads take no thread, and an honest small upload never waits behind them for
-a place. Larger bodies, and chunked ones, take all threads but an eighth at most (the others
+whose request is still arriving (the next have :data:`ARRIVING_GRACE` seconds for theirs, then
+503). A body of at most :data:`MAX_BUFFERED_BODY` bytes is received here too, whole, before a
+thread sees it: 200 clients dripping small uploads take no thread, and an honest small upload
+never waits behind them for a place. Larger bodies, and chunked ones, take all threads but an eighth at most (the others
 wait for a place here, without a thread, ``ISS_BODY_TIMEOUT`` seconds at most and
 :data:`MAX_WAITING_PER_CLIENT` of an address, then 503), and ISS reads them at a minimum rate,
 each receive (:mod:`iss_server.bodies`). One client holds at most a quarter of the body places
