@@ -252,9 +252,9 @@ def test_a_body_cut_short_by_a_half_close_is_400_and_stores_nothing(server):
     assert files_in(server.data_dir / 'tmp') == []
 
 
-def start_upload_and_stall(server: Gunicorn, declared: int, sent: int) -> socket.socket:
-    """Open a PUT that declares ``declared`` bytes, send ``sent`` of them, and stop."""
-    sock = socket.create_connection(('127.0.0.1', server.port))
+def start_upload_and_stall(server: Gunicorn, declared: int, sent: int, source: str = '127.0.0.1') -> socket.socket:
+    """Open a PUT that declares ``declared`` bytes, send ``sent`` of them, and stop; ``source``: the client address."""
+    sock = socket.create_connection(('127.0.0.1', server.port), source_address=(source, 0))
     sock.sendall(
         f'PUT /artifacts/sha256:{"1" * 64}?kind=partial HTTP/1.1\r\nHost: x\r\n'
         f'Content-Length: {declared}\r\n\r\n'.encode()
@@ -487,7 +487,11 @@ def test_a_small_upload_of_content_already_stored_is_answered_without_a_write(st
 
 
 def test_health_answers_while_slow_clients_upload(server):
-    stalled = [start_upload_and_stall(server, declared=10 * MIB, sent=64 * 1024) for _ in range(8)]
+    # NOTE: from 8 addresses: one holds at most a quarter of a worker's body places (iss_server/worker.py)
+    stalled = [
+        start_upload_and_stall(server, declared=10 * MIB, sent=64 * 1024, source=f'127.0.0.{4 + number}')
+        for number in range(8)
+    ]
     try:
         wait_for(lambda: len(uploads_in_flight(server)) == 8, message='8 uploads in flight')
 

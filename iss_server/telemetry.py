@@ -13,6 +13,7 @@ access line logged per request. Bodies are never logged.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -138,6 +139,22 @@ class Metrics:
             self._child(self.bytes_sent, route).inc(bytes_sent)
         if method in ('POST', 'PUT') and route in _UPLOAD_ROUTES and status in (200, 201):
             self._child(self.uploads, 'new' if status == 201 else 'existing').inc()
+
+
+@functools.cache
+def worker_refusals() -> prometheus_client.Counter:
+    """The count of requests ISS's gunicorn worker refused itself, by status and why (iss_server/worker.py).
+
+    NOTE: made in the worker, not by :class:`Metrics`: only under gunicorn, so always in multiprocess
+    mode, where a value goes to the worker's files whatever registry holds it, and ``/metrics`` adds them up.
+    """
+    return prometheus_client.Counter(
+        'iss_worker_refused',
+        'Requests the worker answered itself before the app: 408, 431 (slow or huge headers, a small body '
+        'behind ISS_BODY_MIN_RATE), 503 (too many of one address arriving or waiting, no body place in time).',
+        ['status', 'reason'],
+        registry=None,
+    )
 
 
 class StoreCollector:

@@ -7,13 +7,18 @@ lasted (issue 29). Here the main loop collects a request's headers itself, from 
 sockets in its poller, and hands the connection to a thread only with its whole header block
 buffered; a client that does not complete it within ``ISS_HEADER_TIMEOUT`` seconds is answered
 408 and closed, and one address holds at most :data:`MAX_ARRIVING_PER_CLIENT` connections
-whose request is still arriving (the next are answered 503 at once). A body of at most
-:data:`MAX_BUFFERED_BODY` bytes is received here too, whole, before a thread sees it: 200 clients
-dripping small uploads take no thread, and an honest small upload never waits behind them for
-a place. Larger bodies, and chunked ones, take all threads but an eighth at most (the others
+whose request is still arriving (the next have :data:`ARRIVING_GRACE` seconds for theirs, then
+503). A body of at most :data:`MAX_BUFFERED_BODY` bytes is received here too, whole, before a
+thread sees it: 200 clients dripping small uploads take no thread, and an honest small upload
+never waits behind them for a place. Larger bodies, and chunked ones, take all threads but an eighth at most (the others
 wait for a place here, without a thread, ``ISS_BODY_TIMEOUT`` seconds at most and
 :data:`MAX_WAITING_PER_CLIENT` of an address, then 503), and ISS reads them at a minimum rate,
-each receive (:mod:`iss_server.bodies`).
+each receive (:mod:`iss_server.bodies`). One client holds at most a quarter of the body places
+(:data:`BODY_PLACES_SHARE`): its further requests wait, and a freed place goes to the first
+waiting request whose client holds less than its share.
+
+Every request the worker refuses itself (408, 431, 503) gets its JSON access line, with
+``refused`` saying why (:data:`REFUSALS`), and counts in ``iss_worker_refused_total``.
 
 NOTE: this reaches into gunicorn's ThreadWorker and TConn as of the pinned gunicorn 27.0.1
 (as :class:`bodies.SocketBody` does); ``test_hostile.py``'s slowloris tests fail if an
@@ -36,23 +41,26 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
+from http import HTTPStatus
 from typing import Any
 
 import gunicorn.util
 from gunicorn.http2 import negotiation
 from gunicorn.workers import gthread
 
-from iss_server import bodies, events
+from iss_server import bodies, events, telemetry
 from iss_server.config import Settings
 from iss_server.errors import error_body
-
-log = logging.getLogger(__name__)
 
 #: Bytes a request's headers may take (request line included): what gunicorn allows of one line
 #: (``limit_request_line``) and a few dozen ordinary fields. More is answered 431.
 MAX_HEAD_BYTES = 64 * 1024
 #: Connections of one client address whose request (headers, or a buffered body) is still arriving, per worker.
 MAX_ARRIVING_PER_CLIENT = 64
+#: Seconds a connection of an address past :data:`MAX_ARRIVING_PER_CLIENT` has for its whole request, else 503.
+#: NOTE: refused at once, a burst of 300 fast /health of one address (a NAT) got 172 503s in 0.17 s: accepted
+#: faster than their bytes came, they all counted as arriving. Only the slow ones are still arriving after it.
+ARRIVING_GRACE = 1.0
 #: Connections of one client address waiting for a body place, per worker; the next request with a body is
 #: answered 503 at once (its address's other requests are not: /health needs no body place).
 MAX_WAITING_PER_CLIENT = 64
@@ -61,6 +69,25 @@ MAX_WAITING_PER_CLIENT = 64
 MAX_BUFFERED_BODY = 256 * 1024
 #: Seconds a thread drains a body the app left unread, to keep the connection (gunicorn: 5).
 DRAIN_SECONDS = 1.0
+#: One client holds at most this fraction of a worker's body places (at least one): 3 of 14. Slow but legal
+#: uploads of one address (above ISS_BODY_MIN_RATE, never cut) held every place for as long as they lasted
+#: (issue 29's trial); with a quarter, three quarters stay to the others, and iss-client's 8 parallel jobs
+#: over 2 workers still run 6 at once (the others wait their turn here).
+BODY_PLACES_SHARE = 1 / 4
+#: Why the worker refused a request itself (the ``refused`` of its access line, a label of the metric): a fixed set.
+#: Each with its status and the title of its answer.
+REFUSALS = {
+    'head_timeout': (408, 'Request Timeout'),  # its headers took over ISS_HEADER_TIMEOUT
+    'head_too_large': (431, 'Request Header Fields Too Large'),  # its headers exceed MAX_HEAD_BYTES
+    'body_too_slow': (408, 'Request body too slow'),  # its small body fell behind ISS_BODY_MIN_RATE
+    # its address had MAX_ARRIVING_PER_CLIENT connections still sending, and it took over ARRIVING_GRACE
+    'too_many_arriving': (503, 'Too many slow requests'),
+    'too_many_waiting': (503, 'Busy receiving'),  # its client had MAX_WAITING_PER_CLIENT waiting for a body place
+    'no_body_place': (503, 'Busy receiving'),  # it waited ISS_BODY_TIMEOUT for a body place (or the worker stopped)
+}
+_TOO_MANY_ARRIVING = (
+    f'Over {MAX_ARRIVING_PER_CLIENT} connections from your address are still sending their request; try again shortly.'
+)
 
 
 class ThreadWorker(gthread.ThreadWorker):
@@ -71,6 +98,8 @@ class ThreadWorker(gthread.ThreadWorker):
         # NOTE: each connection collecting its headers, with its deadline, in the order they started
         # (all have the same timeout, so the first is always the first to expire).
         self._heads: dict[gthread.TConn, float] = {}
+        # NOTE: the same, of the connections past their address's MAX_ARRIVING_PER_CLIENT (ARRIVING_GRACE each).
+        self._heads_past_the_bound: dict[gthread.TConn, float] = {}
         self._arriving_per_client: Counter[str] = Counter()
         settings = Settings.from_env()
         self._header_timeout = settings.header_timeout
@@ -87,6 +116,8 @@ class ThreadWorker(gthread.ThreadWorker):
         # place waits for one here, in the main loop (no thread held), for ISS_BODY_TIMEOUT at most.
         self.body_places = max(1, self.cfg.threads - max(1, self.cfg.threads // 8))
         self._free_body_places = self.body_places
+        self.body_places_per_client = max(1, int(self.body_places * BODY_PLACES_SHARE))
+        self._body_places_held: Counter[str] = Counter()
         self._waiting_bodies: dict[gthread.TConn, float] = {}
         self._waiting_per_client: Counter[str] = Counter()
         self._body_wait = settings.body_timeout
@@ -136,23 +167,38 @@ class ThreadWorker(gthread.ThreadWorker):
                     self._collect_body(conn, length)
                     return
             elif _declares_a_body(ahead, head):
-                if not self._free_body_places:
-                    self._wait_for_a_body_place(conn, self._client_of(conn, ahead, head))
+                client = self._client_of(conn, ahead, head)
+                if not self._may_take_a_body_place(client):
+                    self._wait_for_a_body_place(conn, client)
                     return
                 self._free_body_places -= 1
-                conn.body_place = True
+                self._body_places_held[client] += 1
+                conn.body_place = client
         super().enqueue_req(conn)
 
     def finish_request(self, conn: gthread.TConn, fs: Any) -> None:
-        """gunicorn's, after giving back the request's body place to the longest waiting request."""
-        if getattr(conn, 'body_place', False):
-            conn.body_place = False
+        """gunicorn's, after giving back the request's body place to the first waiting request that may take it.
+
+        NOTE: a waiting request's client is at its share, or no place was free: the place freed here
+        is the only one a waiting request may take. The look passes at most the waiting requests of
+        the clients at their share (MAX_WAITING_PER_CLIENT each, a handful of clients).
+        """
+        client = getattr(conn, 'body_place', None)
+        if client is not None:
+            conn.body_place = None
             self._free_body_places += 1
-            if self._waiting_bodies:
-                waiting = next(iter(self._waiting_bodies))
+            self._body_places_held[client] -= 1
+            if not self._body_places_held[client]:
+                del self._body_places_held[client]
+            waiting = next((w for w in self._waiting_bodies if self._may_take_a_body_place(w.waiting_as)), None)
+            if waiting is not None:
                 self._forget_waiting(waiting)
                 self.enqueue_req(waiting)
         super().finish_request(conn, fs)
+
+    def _may_take_a_body_place(self, client: str) -> bool:
+        """Whether a place is free and ``client`` holds less than its share of them."""
+        return bool(self._free_body_places) and self._body_places_held[client] < self.body_places_per_client
 
     def murder_pending(self) -> None:
         super().murder_pending()
@@ -161,9 +207,12 @@ class ThreadWorker(gthread.ThreadWorker):
             conn, deadline = next(iter(self._heads.items()))
             if deadline > now:
                 break
-            self._refuse_head(
-                conn, 408, 'Request Timeout', f'The request headers took over {self._header_timeout:g} s.'
-            )
+            self._refuse_head(conn, 'head_timeout', f'The request headers took over {self._header_timeout:g} s.')
+        while self._heads_past_the_bound:
+            conn, deadline = next(iter(self._heads_past_the_bound.items()))
+            if deadline > now:
+                break
+            self._refuse_head(conn, 'too_many_arriving', _TOO_MANY_ARRIVING)
         while self._body_deadlines and self._body_deadlines[0][0] <= now:
             _, number, conn = heapq.heappop(self._body_deadlines)
             if self._bodies.get(conn) != number:
@@ -177,16 +226,19 @@ class ThreadWorker(gthread.ThreadWorker):
             if deadline > now and self.alive:
                 break
             self._forget_waiting(conn)
-            self._refuse_busy(conn, f'all {self.body_places} places for requests with a body stayed taken')
+            self._refuse_busy(conn, 'no_body_place')
 
     def _wait_for_a_body_place(self, conn: gthread.TConn, client: str) -> None:
         """Let the request wait its turn for a body place; past :data:`MAX_WAITING_PER_CLIENT` of ``client``, 503.
+
+        NOTE: it waits too when places are free but ``client`` holds its share: a place it took now
+        would be one the next client finds taken, for as long as the upload lasts.
 
         NOTE: a waiting connection holds no thread, but counts in the worker's connections: one address
         waiting without bound stopped the worker accepting (``worker_connections``), /health included.
         """
         if self._waiting_per_client[client] >= MAX_WAITING_PER_CLIENT:
-            self._refuse_busy(conn, f'{MAX_WAITING_PER_CLIENT} requests of {client} already wait for a body place')
+            self._refuse_busy(conn, 'too_many_waiting')
             return
         conn.waiting_as = client
         self._waiting_per_client[client] += 1
@@ -224,13 +276,11 @@ class ThreadWorker(gthread.ThreadWorker):
         if not self._waiting_per_client[address]:
             del self._waiting_per_client[address]
 
-    def _refuse_busy(self, conn: gthread.TConn, reason: str) -> None:
+    def _refuse_busy(self, conn: gthread.TConn, refused: str) -> None:
         """Answer 503 with Retry-After before the app (and without reading the body)."""
-        log.warning('request with a body refused: %s', reason)
         self.nr_conns -= 1
         description = 'Too many uploads are arriving right now; try again shortly.'
-        _answer(conn.sock, 503, 'Service Unavailable', 'Busy receiving', description, retry_after=1)
-        conn.close(graceful=True)
+        _refuse(conn, refused, description, conn.parser.unreader.buf.getvalue())
 
     def _keepalive_after(self, conn: gthread.TConn, keepalive: bool) -> bool:
         """gunicorn's, draining an unread body for :data:`DRAIN_SECONDS`: a drip after a 401 holds no thread long.
@@ -255,29 +305,26 @@ class ThreadWorker(gthread.ThreadWorker):
             super().enqueue_req(conn)  # NOTE: gunicorn's own path (never ISS's configuration)
             return
         address = _address(conn.client)
+        now = time.monotonic()
+        # NOTE: past its address's bound a connection is admitted all the same, with ARRIVING_GRACE for its whole
+        # request (headers, and a small body): nothing tells a fast request from a slow one until it has arrived.
         if self._arriving_per_client[address] >= MAX_ARRIVING_PER_CLIENT:
-            # NOTE: answered before a byte is read, /health included: nothing tells a health check from the rest
-            # until its headers are in, and collecting them is what this address may not do more of.
-            self.nr_conns -= 1
-            description = (
-                f'Over {MAX_ARRIVING_PER_CLIENT} connections from your address are still sending their request; '
-                'try again shortly.'
-            )
-            _answer(conn.sock, 503, 'Service Unavailable', 'Too many slow requests', description, retry_after=1)
-            conn.close(graceful=True)
-            return
+            conn.past_the_bound_until = now + ARRIVING_GRACE
+            self._heads_past_the_bound[conn] = conn.past_the_bound_until
+        else:
+            conn.past_the_bound_until = None
+            self._heads[conn] = now + self._header_timeout
         conn.init()  # NOTE: a plain connection's init only makes its parser
         if not readable:  # PERF: gunicorn made a kept-alive socket non-blocking before polling it (an ioctl less)
             conn.sock.setblocking(False)
         conn.head = bytearray(conn.parser.unreader.take_buffered())  # NOTE: what came pipelined
         self._arriving_per_client[address] += 1
-        self._heads[conn] = time.monotonic() + self._header_timeout
         if readable:
             # PERF: a kept-alive connection comes back readable, its next headers in as a rule: read
             # now, they go to a thread without a poller registration, its removal and a turn of the
             # main loop (two epoll_ctl and an epoll_wait per request).
             self._on_head_bytes(conn, conn.sock, registered=False)
-            if conn not in self._heads:
+            if conn not in self._heads and conn not in self._heads_past_the_bound:
                 return  # NOTE: handed over, refused or closed
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
 
@@ -286,33 +333,27 @@ class ThreadWorker(gthread.ThreadWorker):
         if data is None:
             return
         if not data:
-            self._forget_arriving(conn, self._heads, registered)
+            self._forget_arriving(conn, self._heads_of(conn), registered)
             self.nr_conns -= 1
             conn.close()
             return
         conn.head += data
         if _complete(conn.head):
-            self._forget_arriving(conn, self._heads, registered)
+            self._forget_arriving(conn, self._heads_of(conn), registered)
             self._hand_over(conn)
         elif len(conn.head) > MAX_HEAD_BYTES:
             self._refuse_head(
-                conn,
-                431,
-                'Request Header Fields Too Large',
-                f'The request headers exceed {MAX_HEAD_BYTES} bytes.',
-                registered=registered,
+                conn, 'head_too_large', f'The request headers exceed {MAX_HEAD_BYTES} bytes.', registered=registered
             )
 
-    def _refuse_head(
-        self, conn: gthread.TConn, status: int, reason: str, message: str, *, registered: bool = True
-    ) -> None:
-        self._forget_arriving(conn, self._heads, registered)
+    def _heads_of(self, conn: gthread.TConn) -> dict[gthread.TConn, float]:
+        """The connections collecting their headers that ``conn`` is one of, with their deadlines."""
+        return self._heads if conn.past_the_bound_until is None else self._heads_past_the_bound
+
+    def _refuse_head(self, conn: gthread.TConn, refused: str, description: str, *, registered: bool = True) -> None:
+        self._forget_arriving(conn, self._heads_of(conn), registered)
         self.nr_conns -= 1
-        try:
-            gunicorn.util.write_error(conn.sock, status, reason, message)
-        except OSError:
-            pass  # NOTE: best effort: a client that stopped reading gets the close alone
-        conn.close()
+        _refuse(conn, refused, description, conn.head)
 
     # -- receiving a small body --------------------------------------------------------
 
@@ -331,9 +372,13 @@ class ThreadWorker(gthread.ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_body_bytes, conn))
 
     def _body_deadline(self, conn: gthread.TConn) -> float:
-        """When the body falls behind its pace: ISS_BODY_TIMEOUT s, plus a second per ISS_BODY_MIN_RATE bytes."""
+        """When the body falls behind its pace: ISS_BODY_TIMEOUT s, plus a second per ISS_BODY_MIN_RATE bytes.
+
+        Past its address's MAX_ARRIVING_PER_CLIENT, by the end of its ARRIVING_GRACE at the latest.
+        """
         received = len(conn.head) - conn.body_start
-        return float(conn.body_started + self._body_wait + received / self._body_min_rate)
+        paced = float(conn.body_started + self._body_wait + received / self._body_min_rate)
+        return paced if conn.past_the_bound_until is None else min(paced, conn.past_the_bound_until)
 
     def _await_body(self, conn: gthread.TConn) -> None:
         self._bodies[conn] = number = next(self._body_order)
@@ -342,13 +387,15 @@ class ThreadWorker(gthread.ThreadWorker):
     def _refuse_slow_body(self, conn: gthread.TConn) -> None:
         self._forget_arriving(conn, self._bodies)
         self.nr_conns -= 1
+        if conn.past_the_bound_until is not None and conn.past_the_bound_until <= time.monotonic():
+            _refuse(conn, 'too_many_arriving', _TOO_MANY_ARRIVING, conn.head)
+            return
         received = len(conn.head) - conn.body_start
         description = (
             f'Received {received} bytes in {time.monotonic() - conn.body_started:.0f} s: a body must average '
             f'{self._body_min_rate} bytes a second after its first {self._body_wait} s (ISS_BODY_MIN_RATE).'
         )
-        _answer(conn.sock, 408, 'Request Timeout', 'Request body too slow', description)
-        conn.close(graceful=True)
+        _refuse(conn, 'body_too_slow', description, conn.head)
 
     def _on_body_bytes(self, conn: gthread.TConn, client: socket.socket) -> None:
         data = _receive(conn.sock)
@@ -387,12 +434,49 @@ class ThreadWorker(gthread.ThreadWorker):
             del self._arriving_per_client[address]
 
 
+def _refuse(conn: gthread.TConn, refused: str, description: str, head: bytes | bytearray) -> None:
+    """Answer a request the worker refuses itself (503s with Retry-After), log and count it, close its connection.
+
+    ``refused``: one of :data:`REFUSALS`; ``head``: what arrived of the request.
+    """
+    status, title = REFUSALS[refused]
+    _answer(conn.sock, status, HTTPStatus(status).phrase, title, description, retry_after=1 if status == 503 else None)
+    _log_refusal(conn, refused, head)
+    conn.close(graceful=True)
+
+
+def _log_refusal(conn: gthread.TConn, refused: str, head: bytes | bytearray) -> None:
+    """The access line and the count of a request the worker refused itself; ``head``: what arrived of it."""
+    status = REFUSALS[refused][0]
+    telemetry.worker_refusals().labels(str(status), refused).inc()
+    if not telemetry.access_log.isEnabledFor(logging.INFO):
+        return
+    line = _REQUEST_LINE.match(head)
+    method, path, query = (part.decode('latin-1') if part else None for part in line.groups()) if line else [None] * 3
+    entry = {
+        'request_id': telemetry.new_request_id(),
+        'method': method,
+        'path': path,
+        'query': query,
+        'route': None,
+        'status': status,
+        'bytes_in': 0,
+        'bytes_out': 0,
+        'remote': _address(conn.client),
+        'refused': refused,
+    }
+    telemetry.access_log.info('request', extra={'request': entry})
+
+
 def _address(client: object) -> str:
     """The client's address without its port (a Unix socket's peer is one client)."""
     return str(client[0]) if isinstance(client, tuple) else str(client)
 
 
 class _Connection(gthread.TConn):
+    #: Until when the request must have arrived, when it came past its address's MAX_ARRIVING_PER_CLIENT.
+    past_the_bound_until: float | None = None
+
     def close(self, graceful: bool = False) -> None:
         """Close without lingering: gunicorn's graceful close waits up to 2 s on the main loop for a dripping peer.
 
@@ -438,6 +522,8 @@ def _declares_a_body(ahead: bytes, head: int) -> bool:
     return _BODY_DECLARED.search(ahead, 0, head) is not None
 
 
+#: A request line's method, path and query, as much as the log takes of them.
+_REQUEST_LINE = re.compile(rb'([A-Z]{1,16}) ([^ \r\n?]{1,2048})(?:\?([^ \r\n]{0,2048}))? HTTP/')
 _FORWARDED_FOR = re.compile(rb'\nx-forwarded-for[ \t]*:[ \t]*([^\r\n]*)', re.IGNORECASE)
 _CONTENT_LENGTH = re.compile(rb'\ncontent-length[ \t]*:[ \t]*([0-9]{1,16})[ \t]*\r?\n', re.IGNORECASE)
 _STREAMED = re.compile(rb'\n(?:transfer-encoding|expect)[ \t]*:', re.IGNORECASE)
