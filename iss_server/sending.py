@@ -90,14 +90,19 @@ class PacedSocket:
         sent = 0
         # NOTE: a socket with a timeout (a request body's, bodies.RequestBody) polls before a send, MSG_DONTWAIT
         # or not, and waits there: it goes to the pace at once (non-blocking, no poll while there is room).
-        offered = self._pace is None and self._sock.gettimeout() is None
+        offered = not self._sock.gettimeout()
         if offered:
             try:
                 sent = self._sock.send(data, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 pass
             if sent == len(data):
+                # NOTE: the client has caught up: the next wait starts a new pace (an event stream's
+                # quiet minutes between events are not the client's)
+                self._pace = None
                 return
+        if self._pace is not None:
+            self._pace.moved += sent
         view = memoryview(data)
         self._send_paced(lambda done: self._sock.send(view[done:]), len(data), sent, room=not offered)
 
@@ -135,7 +140,7 @@ class PacedSocket:
             pace.moved += sent
 
     def _pace_started(self) -> Pace:
-        """The pace, from now if the kernel has had room for everything so far; the socket made non-blocking.
+        """The pace, from now if the kernel has had room for everything offered so far; the socket non-blocking.
 
         PERF: non-blocking, so that sendfile(2) and send(2) return with what the kernel took and the waits
         are the pace's polls; gunicorn makes the socket blocking again before the connection's next request.
