@@ -874,6 +874,28 @@ def test_clients_that_stop_reading_a_download_are_cut_and_health_keeps_answering
             client.close()
 
 
+def test_a_client_that_pipelines_small_gets_and_reads_none_is_cut(start):
+    """Each answer is small, but they fill the kernel's buffers: past them, a small answer waited for ever too."""
+    server = start(ISS_BODY_TIMEOUT='2', ISS_LOG_LEVEL='info')
+    data = os.urandom(64 * 1024)  # NOTE: the largest blob sent from memory (responses._SMALL_BLOB_BYTES)
+    digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+    assert server.request('PUT', f'/artifacts/{digest}?kind=small', data)[0] == 201
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(('127.0.0.1', server.port))
+    client.sendall(f'GET /artifacts/{digest} HTTP/1.1\r\nHost: iss\r\n\r\n'.encode() * 200)
+    try:
+        wait_for(
+            lambda: any(line.get('cut') == 'the client stopped reading' for line in server.json_log()),
+            seconds=8,
+            message='the client cut',
+        )
+        assert was_closed(client)
+        assert max(health_answers_within(server.port, 1.0, checks=2)) < 1.0
+    finally:
+        client.close()
+
+
 def test_a_body_slower_than_the_minimum_rate_is_408_and_keeps_nothing(start):
     server = start(ISS_BODY_TIMEOUT='1', ISS_BODY_MIN_RATE='1000')
     client = socket.create_connection(('127.0.0.1', server.port), timeout=10)
