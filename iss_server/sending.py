@@ -6,7 +6,8 @@ other probe (issue 29). Here each send of a response is first offered to the ker
 waiting (``MSG_DONTWAIT``: the one ``sendto`` a blocking ``sendall`` makes, and no timeout, which
 would cost a poll before every send); what the kernel does not take at once goes out under the
 body pace (:class:`bodies.Pace`: ``ISS_BODY_TIMEOUT`` the longest wait for room, ``ISS_BODY_MIN_RATE``
-bytes a second on average), counted from the moment the kernel first had no room. A client that
+bytes a second on average), counted from the moment the kernel had no room until it takes a whole
+send at once again (the client caught up). A client that
 falls behind it is cut: :class:`ClientStoppedReading`, which the access line names ``"the client
 stopped reading"``, and the connection is reset.
 
