@@ -22,6 +22,7 @@ import gunicorn.workers.base
 from iss_server import syscalls
 from iss_server.config import Settings
 from iss_server.errors import ServiceError, error_body
+from iss_server.sending import ClientStoppedReading
 
 _settings = Settings.from_env()
 
@@ -72,6 +73,10 @@ class _Logger(gunicorn.glogging.Logger):
             # NOTE: ISS cut a body it had begun (a blob that failed its hash, a store gone mid-read):
             # expected, said in one line here and in the request's access line, not a traceback.
             self.error('%s: the body was cut short: %s', msg, failure)
+            return
+        if isinstance(failure, ClientStoppedReading):
+            # NOTE: a client's doing, like the reset gunicorn logs at debug; the access line's "cut" says it
+            self.debug('%s: %s', msg, failure)
             return
         super().exception(msg, *args, **kwargs)
 

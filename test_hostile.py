@@ -839,6 +839,100 @@ def test_two_hundred_slow_clients_through_nginx_leave_health_answering(tmp_path,
         behind.stop()
 
 
+def open_non_readers(port: int, path: str, count: int) -> list[socket.socket]:
+    """``count`` clients that ask for ``path`` with a small receive buffer and read nothing."""
+    clients = []
+    for _ in range(count):
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(('127.0.0.1', port))
+        client.sendall(f'GET {path} HTTP/1.1\r\nHost: iss\r\n\r\n'.encode())
+        clients.append(client)
+    return clients
+
+
+def was_closed(client: socket.socket) -> bool:
+    """Whether the server closed the connection (reset, or what it sent ends)."""
+    client.setblocking(False)
+    try:
+        while client.recv(1024 * 1024):
+            pass
+    except ConnectionResetError:
+        return True
+    except BlockingIOError:
+        return False
+    return True
+
+
+def read_slowly(port: int, path: str, every: float = 0.05) -> bytes:
+    """The body at ``path``, read 64 KiB every ``every`` seconds (1.3 MB/s: far above ISS_BODY_MIN_RATE)."""
+    client = socket.create_connection(('127.0.0.1', port), timeout=10, source_address=HONEST_UPLOADER)
+    client.sendall(f'GET {path} HTTP/1.1\r\nHost: iss\r\nConnection: close\r\n\r\n'.encode())
+    answer = b''
+    while chunk := client.recv(64 * 1024):
+        answer += chunk
+        time.sleep(every)
+    client.close()
+    return answer.partition(b'\r\n\r\n')[2]
+
+
+def test_clients_that_stop_reading_a_download_are_cut_and_health_keeps_answering(start):
+    """40 clients that asked for a 60 MB blob and read nothing held 40 threads for ever: /health timed out on every
+    other probe, and none was logged cut (issue 29). Responses go out under the body pace, as bodies come in."""
+    server = start(ISS_BODY_TIMEOUT='2', ISS_LOG_LEVEL='info')
+    data = os.urandom(8 * 1024 * 1024)  # NOTE: more than loopback's kernel takes at once (1.6 to 4 MB)
+    digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+    assert server.request('PUT', f'/artifacts/{digest}?kind=big', data)[0] == 201
+    path = f'/artifacts/{digest}'
+    honest: list[bytes] = []
+    reader = threading.Thread(target=lambda: honest.append(read_slowly(server.port, path)))
+
+    clients = open_non_readers(server.port, path, 40)
+    started = time.monotonic()
+    reader.start()
+    try:
+        assert max(health_answers_within(server.port, 1.0, checks=8)) < 1.0
+
+        def cut() -> list[dict]:
+            return [
+                line
+                for line in server.json_log()
+                if line.get('path') == path and line.get('cut') == 'the client stopped reading'
+            ]
+
+        wait_for(lambda: len(cut()) == 40, seconds=8, message='the 40 clients cut')
+        assert time.monotonic() - started < 2 + 5
+        assert all(was_closed(client) for client in clients)
+        assert all(line['bytes_out'] < len(data) for line in cut())
+        reader.join(timeout=15)
+        assert honest == [data]  # NOTE: waits a moment each time: never the one that waited longest
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_client_that_pipelines_small_gets_and_reads_none_is_cut(start):
+    """Each answer is small, but they fill the kernel's buffers: past them, a small answer waited for ever too."""
+    server = start(ISS_BODY_TIMEOUT='2', ISS_LOG_LEVEL='info')
+    data = os.urandom(64 * 1024)  # NOTE: the largest blob sent from memory (responses._SMALL_BLOB_BYTES)
+    digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+    assert server.request('PUT', f'/artifacts/{digest}?kind=small', data)[0] == 201
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(('127.0.0.1', server.port))
+    client.sendall(f'GET /artifacts/{digest} HTTP/1.1\r\nHost: iss\r\n\r\n'.encode() * 200)
+    try:
+        wait_for(
+            lambda: any(line.get('cut') == 'the client stopped reading' for line in server.json_log()),
+            seconds=8,
+            message='the client cut',
+        )
+        assert was_closed(client)
+        assert max(health_answers_within(server.port, 1.0, checks=2)) < 1.0
+    finally:
+        client.close()
+
+
 def test_a_body_slower_than_the_minimum_rate_is_408_and_keeps_nothing(start):
     server = start(ISS_BODY_TIMEOUT='1', ISS_BODY_MIN_RATE='1000')
     client = socket.create_connection(('127.0.0.1', server.port), timeout=10)

@@ -5,7 +5,8 @@ upload, a tus chunk, a small JSON document): it refuses what is too large before
 or as it arrives, and turns a client that went away into :class:`IncompleteBody`.
 Under gunicorn, a body of known length is received straight from the socket
 (:class:`SocketBody`), and a chunked one through gunicorn's reader, each receive
-paced (:func:`receiving_through`).
+paced (:func:`receiving_through`). :class:`Pace` is the one pace rule, which responses are
+sent under too (:mod:`iss_server.sending`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,34 @@ import gunicorn.http.body
 import gunicorn.http.unreader
 
 from iss_server.errors import BodyTooSlow, IncompleteBody, LengthRequired, UploadTooLarge
+
+
+class Pace:
+    """The pace a body keeps, received or sent: ``timeout`` seconds its longest pause, and ``min_rate`` bytes
+    a second on average once its first ``timeout`` seconds are past (``ISS_BODY_TIMEOUT``, ``ISS_BODY_MIN_RATE``).
+
+    A one-byte drip never pauses: without the average it would hold a thread for as long as it lasts.
+    ``moved`` counts the bytes that went (received, or taken by the kernel to send) since the pace started.
+    """
+
+    def __init__(self, timeout: float, min_rate: int) -> None:
+        self.timeout = timeout
+        self.min_rate = min_rate
+        self.started = time.monotonic()
+        self.moved = 0
+
+    def behind(self) -> float:
+        """Seconds the body is behind its pace (negative: how long it may still take for what has gone)."""
+        allowed = self.timeout + self.moved / self.min_rate
+        return time.monotonic() - self.started - allowed
+
+    def next_wait(self) -> float:
+        """How long the next byte may take when the body is not :meth:`behind`: a full pause at first, then until
+        the pace would be behind without it."""
+        return min(self.timeout, 1 / self.min_rate - self.behind())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
 
 
 class RequestBody:
@@ -48,11 +77,9 @@ class RequestBody:
     def __init__(self, req: falcon.Request, limit: int, timeout: int) -> None:
         self._limit = limit
         self._received = 0
-        # NOTE: what the pace counts: the bytes received off the socket, a chunked body's framing included
-        self._arrived = 0
         self.declared_length = req.content_length
-        self._timeout = timeout
-        self._started = time.monotonic()
+        # NOTE: what the pace counts: the bytes received off the socket, a chunked body's framing included
+        self._pace = Pace(timeout, self.min_rate)
         self._socket: socket.socket | None = req.env.get('gunicorn.socket')
         # APPSEC: gunicorn's threads read bodies from a blocking socket with no
         # timeout, so a client that stops sending would hold a thread for ever.
@@ -101,7 +128,7 @@ class RequestBody:
             with receiving_through(self._unreader, self._paced):
                 yield
         except Exception as exc:
-            if self._behind() >= 0:
+            if self._pace.behind() >= 0:
                 raise self._too_slow() from exc
             raise IncompleteBody(f'The body stopped arriving: {exc or type(exc).__name__}') from exc
 
@@ -109,10 +136,9 @@ class RequestBody:
         """Let the next read wait at most the pause allowed, and no later than the body's pace allows."""
         if self._socket is None:
             return
-        if self._behind() >= 0:
+        if self._pace.behind() >= 0:
             raise self._too_slow()
-        # NOTE: the next byte may come until the pace allows it (a full pause at first)
-        self._socket.settimeout(min(self._timeout, 1 / self.min_rate - self._behind()))
+        self._socket.settimeout(self._pace.next_wait())
 
     def _paced(self, receive: Callable[[], bytes]) -> bytes:
         """One receive of a chunked body from the socket, kept to the pace like a read.
@@ -123,24 +149,19 @@ class RequestBody:
         """
         self._keep_pace()
         data = receive()
-        self._arrived += len(data)
+        self._pace.moved += len(data)
         return data
-
-    def _behind(self) -> float:
-        """Seconds the body is behind its pace (negative: how long it may still take for what it has sent)."""
-        allowed = self._timeout + self._arrived / self.min_rate
-        return time.monotonic() - self._started - allowed
 
     def _too_slow(self) -> BodyTooSlow:
         return BodyTooSlow(
-            f'Received {self._received} bytes in {time.monotonic() - self._started:.0f} s: a body must average '
-            f'{self.min_rate} bytes a second after its first {self._timeout} s (ISS_BODY_MIN_RATE).'
+            f'Received {self._received} bytes in {self._pace.elapsed():.0f} s: a body must average '
+            f'{self._pace.min_rate} bytes a second after its first {self._pace.timeout} s (ISS_BODY_MIN_RATE).'
         )
 
     def _count(self, received: int, asked: int) -> None:
         self._received += received
         if self._unreader is None:
-            self._arrived += received  # NOTE: a chunked body's bytes are counted as they arrive (_paced)
+            self._pace.moved += received  # NOTE: a chunked body's bytes are counted as they arrive (_paced)
         if self._received > self._limit:
             raise UploadTooLarge(self._limit)
         if not received and asked != 0 and self.declared_length is not None and self._received < self.declared_length:

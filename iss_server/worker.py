@@ -48,7 +48,7 @@ import gunicorn.util
 from gunicorn.http2 import negotiation
 from gunicorn.workers import gthread
 
-from iss_server import bodies, events, telemetry
+from iss_server import bodies, events, sending, telemetry
 from iss_server.config import Settings
 from iss_server.errors import error_body
 
@@ -124,6 +124,11 @@ class ThreadWorker(gthread.ThreadWorker):
         # PERF: whether a connection may need gunicorn's own path (TLS, HTTP/2 prior knowledge), decided
         # once: asking the config per request was 2% of a small GET's samples (py-spy).
         self._maybe_gunicorns_path = bool(self.cfg.is_ssl) or self.cfg.http2_cleartext in ('prior-knowledge', 'both')
+
+    def init_process(self) -> None:
+        """gunicorn's, every response of the process sent under the body pace (:mod:`iss_server.sending`)."""
+        sending.pace_responses(self._body_wait, self._body_min_rate, places=self.body_places)
+        super().init_process()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """SIGTERM: the change feed's waiting requests answer now, so the graceful stop is not held by them."""
