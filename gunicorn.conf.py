@@ -34,6 +34,7 @@ if not _settings.metrics_dir:
 
 # NOTE: only now: prometheus_client picks its multiprocess mode when first imported.
 from iss_server import telemetry  # noqa: E402
+from iss_server.worker import MAX_HEAD_BYTES  # noqa: E402
 
 wsgi_app = 'iss:app'
 bind = f'{_settings.host}:{_settings.port}'
@@ -88,6 +89,19 @@ def _emit_and_count(self: gunicorn.http.wsgi.Response, data: bytes) -> None:
 
 # NOTE: the hook gunicorn keeps for subclasses that frame the body; its Response is not configurable.
 gunicorn.http.wsgi.Response._emit_body = _emit_and_count
+_should_close = gunicorn.http.wsgi.Response.should_close
+
+
+def _closing_after_a_failed_body(self: gunicorn.http.wsgi.Response) -> bool:
+    """gunicorn's, and a request whose body failed to read (a 408, a 400 cut short, a 413 chunk): its answer
+    says ``Connection: close``, which gunicorn then does (its parser never reuses such a connection).
+
+    NOTE: gunicorn decides the header before the connection's fate, and said keep-alive (issue 29).
+    """
+    return bool(_should_close(self)) or getattr(getattr(self.req, 'body', None), 'failed', False) is True
+
+
+gunicorn.http.wsgi.Response.should_close = _closing_after_a_failed_body
 
 
 logger_class = _Logger
@@ -96,6 +110,11 @@ control_socket_disable = True
 # The longest request line gunicorn allows (its default is 4094): an artifact's `meta` may
 # travel in the query string. Larger `meta` goes as a form field (ISS_MAX_META_BYTES).
 limit_request_line = 8190
+# NOTE: ISS's worker bounds the whole head (MAX_HEAD_BYTES, 64 KiB, else 431); gunicorn's own bounds of a field
+# (8190 bytes) and of their count (100) were stricter, and kept a tus Upload-Metadata of a few files' names
+# under 8 KiB. One field may take the whole head, and as many fields as fit in it (gunicorn's largest count).
+limit_request_field_size = MAX_HEAD_BYTES
+limit_request_fields = 32768
 
 
 def _write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
