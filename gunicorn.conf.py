@@ -14,10 +14,12 @@ import tempfile
 
 import gunicorn.arbiter
 import gunicorn.glogging
+import gunicorn.http.body
 import gunicorn.http.wsgi
 import gunicorn.systemd
 import gunicorn.util
 import gunicorn.workers.base
+from gunicorn.http.parser import _DRAIN_MAX_BYTES
 
 from iss_server import syscalls
 from iss_server.config import Settings
@@ -92,16 +94,25 @@ gunicorn.http.wsgi.Response._emit_body = _emit_and_count
 _should_close = gunicorn.http.wsgi.Response.should_close
 
 
-def _closing_after_a_failed_body(self: gunicorn.http.wsgi.Response) -> bool:
-    """gunicorn's, and a request whose body failed to read (a 408, a 400 cut short, a 413 chunk): its answer
-    says ``Connection: close``, which gunicorn then does (its parser never reuses such a connection).
+def _closing_after_its_body(self: gunicorn.http.wsgi.Response) -> bool:
+    """gunicorn's, and a request whose body failed to read (a 408, a 400 cut short, a 413 chunk) or whose unread
+    rest of known length is more than gunicorn drains (a 413 declared): its answer says ``Connection: close``,
+    which gunicorn then does (its parser never reuses such a connection).
 
-    NOTE: gunicorn decides the header before the connection's fate, and said keep-alive (issue 29).
+    NOTE: gunicorn decides the header before the connection's fate, and said keep-alive (issue 29). A chunked
+    body left unread (a 405 to a drip) is still drained after the answer, and may yet close: not known here.
     """
-    return bool(_should_close(self)) or getattr(getattr(self.req, 'body', None), 'failed', False) is True
+    body = getattr(self.req, 'body', None)
+    reader = getattr(body, 'reader', None)
+    return (
+        bool(_should_close(self))
+        or getattr(body, 'failed', False) is True
+        # NOTE: ISS's SocketBody keeps the reader's length; the drain stops at gunicorn's byte cap
+        or (isinstance(reader, gunicorn.http.body.LengthReader) and reader.length >= _DRAIN_MAX_BYTES)
+    )
 
 
-gunicorn.http.wsgi.Response.should_close = _closing_after_a_failed_body
+gunicorn.http.wsgi.Response.should_close = _closing_after_its_body
 
 
 logger_class = _Logger

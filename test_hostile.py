@@ -855,6 +855,34 @@ def test_a_chunked_drip_is_cut_and_its_connection_closed(start, target, status, 
     assert not list((server.data_dir / 'tmp').glob('upload-*'))
 
 
+@pytest.mark.parametrize(
+    ('request_bytes', 'status', 'connection'),
+    [
+        (
+            b'POST /artifacts?kind=p HTTP/1.1\r\nHost: iss\r\nContent-Length: 5000000\r\n\r\n' + b'a' * 1000,
+            413,
+            b'close',
+        ),
+        (b'POST /health HTTP/1.1\r\nHost: iss\r\nContent-Length: 3\r\n\r\nabc', 405, b'keep-alive'),
+    ],
+    ids=['413-declared', '405-drained'],
+)
+def test_an_answer_says_connection_close_when_the_connection_closes_after_it(start, request_bytes, status, connection):
+    """Issue 29: a 413 to a declared 5 MB body said keep-alive, then closed (gunicorn drains at most 64 KiB)."""
+    server = start(ISS_MAX_UPLOAD_BYTES='1000000')
+    with socket.create_connection(('127.0.0.1', server.port), timeout=8) as client:
+        client.sendall(request_bytes)
+        answer = client.recv(65536)
+        client.settimeout(0.5)
+        with contextlib.suppress(TimeoutError):
+            answer += answer_of(client)
+        closed = not client.recv(1) if connection == b'close' else None
+
+    assert answer.startswith(b'HTTP/1.1 %d' % status), answer
+    assert b'\r\nConnection: ' + connection + b'\r\n' in answer, answer
+    assert closed in (True, None)
+
+
 def test_a_body_in_a_transfer_coding_iss_does_not_undo_is_501_and_stores_nothing(server):
     """Issue 29: "Transfer-Encoding: gzip, chunked" was stored as the bytes came, still gzipped (nginx: 501)."""
     with socket.create_connection(('127.0.0.1', server.port), timeout=5) as client:
