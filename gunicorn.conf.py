@@ -14,10 +14,12 @@ import tempfile
 
 import gunicorn.arbiter
 import gunicorn.glogging
+import gunicorn.http.body
 import gunicorn.http.wsgi
 import gunicorn.systemd
 import gunicorn.util
 import gunicorn.workers.base
+from gunicorn.http.parser import _DRAIN_MAX_BYTES
 
 from iss_server import syscalls
 from iss_server.config import Settings
@@ -35,6 +37,7 @@ if not _settings.metrics_dir:
 
 # NOTE: only now: prometheus_client picks its multiprocess mode when first imported.
 from iss_server import telemetry  # noqa: E402
+from iss_server.worker import MAX_HEAD_BYTES  # noqa: E402
 
 wsgi_app = 'iss:app'
 bind = f'{_settings.host}:{_settings.port}'
@@ -93,6 +96,28 @@ def _emit_and_count(self: gunicorn.http.wsgi.Response, data: bytes) -> None:
 
 # NOTE: the hook gunicorn keeps for subclasses that frame the body; its Response is not configurable.
 gunicorn.http.wsgi.Response._emit_body = _emit_and_count
+_should_close = gunicorn.http.wsgi.Response.should_close
+
+
+def _closing_after_its_body(self: gunicorn.http.wsgi.Response) -> bool:
+    """gunicorn's, and a request whose body failed to read (a 408, a 400 cut short, a 413 chunk) or whose unread
+    rest of known length is more than gunicorn drains (a 413 declared): its answer says ``Connection: close``,
+    which gunicorn then does (its parser never reuses such a connection).
+
+    NOTE: gunicorn decides the header before the connection's fate, and said keep-alive (issue 29). A chunked
+    body left unread (a 405 to a drip) is still drained after the answer, and may yet close: not known here.
+    """
+    body = getattr(self.req, 'body', None)
+    reader = getattr(body, 'reader', None)
+    return (
+        bool(_should_close(self))
+        or getattr(body, 'failed', False) is True
+        # NOTE: ISS's SocketBody keeps the reader's length; the drain stops at gunicorn's byte cap
+        or (isinstance(reader, gunicorn.http.body.LengthReader) and reader.length >= _DRAIN_MAX_BYTES)
+    )
+
+
+gunicorn.http.wsgi.Response.should_close = _closing_after_its_body
 
 
 logger_class = _Logger
@@ -101,6 +126,10 @@ control_socket_disable = True
 # The longest request line gunicorn allows (its default is 4094): an artifact's `meta` may
 # travel in the query string. Larger `meta` goes as a form field (ISS_MAX_META_BYTES).
 limit_request_line = 8190
+# NOTE: ISS's worker bounds the whole head (MAX_HEAD_BYTES, 64 KiB, else 431); gunicorn's own bound of a field
+# (8190 bytes) was stricter, and kept a tus Upload-Metadata of a few files' names under 8 KiB: one field may
+# take the whole head. gunicorn's 100 fields stay (431 beyond): 13,000 fields of 5 bytes cost 120 ms a request.
+limit_request_field_size = MAX_HEAD_BYTES
 
 
 def _write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:

@@ -11,7 +11,7 @@ import gunicorn.http.unreader
 import pytest
 
 from iss_server.bodies import RequestBody, SocketBody
-from iss_server.errors import IncompleteBody, LengthRequired, UploadTooLarge
+from iss_server.errors import IncompleteBody, LengthRequired, TransferCodingNotImplemented, UploadTooLarge
 
 
 def request(body: bytes = b'', headers: dict[str, str] | None = None, **env_extra) -> falcon.Request:
@@ -85,6 +85,29 @@ def test_a_chunked_body_needs_a_server_that_marks_its_end():
         RequestBody(req, limit=20, timeout=5)
 
     assert refused.value.status == 411
+
+
+@pytest.mark.parametrize('codings', ['gzip, chunked', 'deflate,chunked', 'x-custom, chunked'])
+def test_a_body_in_a_transfer_coding_iss_does_not_undo_is_501_before_a_byte_is_read(codings):
+    """Issue 29: gunicorn takes "gzip, chunked" and hands on the gzipped bytes, which were stored as they came."""
+    req = request(b'', headers={'Transfer-Encoding': codings}, **{'wsgi.input': io.BytesIO(b'abc')})
+    req.env.update({'wsgi.input_terminated': True})
+    req.env.pop('CONTENT_LENGTH', None)
+
+    with pytest.raises(TransferCodingNotImplemented) as refused:
+        RequestBody(req, limit=20, timeout=5)
+
+    assert refused.value.status == 501
+    assert req.stream.read() == b'abc'  # NOTE: untouched
+
+
+@pytest.mark.parametrize('codings', ['chunked', 'Chunked', 'identity, chunked'])
+def test_a_plain_chunked_body_is_read(codings):
+    req = request(b'', headers={'Transfer-Encoding': codings}, **{'wsgi.input': io.BytesIO(b'abc')})
+    req.env.update({'wsgi.input_terminated': True})
+    req.env.pop('CONTENT_LENGTH', None)
+
+    assert RequestBody(req, limit=20, timeout=5).read() == b'abc'
 
 
 def test_a_body_shorter_than_declared_is_incomplete():

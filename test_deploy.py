@@ -11,9 +11,11 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 from PIL import Image
@@ -341,6 +343,83 @@ def test_nginx_answers_json_503_when_iss_is_down(tmp_path, shared_data_dir):
 
     assert (status, headers['Content-Type'], headers['Retry-After']) == (503, 'application/json', '1')
     assert json.loads(body)['status'] == 503
+
+
+def raw_answer(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (http.client would not send these) and read the answer to the close."""
+    with socket.create_connection(('127.0.0.1', port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b''
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b'\r\n\r\n')
+    status_line, *fields = head.decode('latin-1').split('\r\n')
+    headers = dict(field.split(': ', 1) for field in fields)
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.fixture
+def nginx_before_a_silent_iss(tmp_path, shared_data_dir):
+    """nginx in front of an address that takes connections and never answers: whatever answers is nginx."""
+    with socket.create_server(('127.0.0.1', 0), backlog=256) as silent:
+        nginx_dir = tmp_path / 'nginx'
+        nginx_dir.mkdir()
+        nginx = Nginx(nginx_dir, silent.getsockname()[1], shared_data_dir)
+        yield nginx
+        nginx.stop()
+
+
+@pytest.mark.parametrize(
+    ('request_bytes', 'status'),
+    [
+        (b'G\x00T /health HTTP/1.1\r\nHost: x\r\n\r\n', 400),
+        (b'GET /health HTTP/1.1\r\n\r\n', 400),
+        (b'POST /artifacts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffffff\r\n', 400),
+        (b'TRACE /health HTTP/1.1\r\nHost: x\r\n\r\n', 405),
+        (b'GET /' + b'a' * 9000 + b' HTTP/1.1\r\nHost: x\r\n\r\n', 414),
+        (b'GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ' + b'a' * 70000 + b'\r\n\r\n', 431),
+        (b'GET /health HTTP/1.1\r\nHost: x\r\n' + (b'X-A: ' + b'b' * 1000 + b'\r\n') * 40 + b'\r\n', 431),
+        (b'POST /artifacts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n', 501),
+        (b'GET /health HTTP/9.9\r\nHost: x\r\n\r\n', 505),
+    ],
+    ids=[
+        'bad-method',
+        'no-host',
+        'huge-chunk-size',
+        'trace',
+        'long-line',
+        'long-header',
+        'many-headers',
+        'gzip',
+        'http-9',
+    ],
+)
+def test_every_error_nginx_makes_itself_is_iss_json(nginx_before_a_silent_iss, request_bytes, status):
+    """Issue 29: nginx's own 400, 405, 414, 494 (as 431), 501 and 505 were HTML pages."""
+    answer_status, headers, body = raw_answer(nginx_before_a_silent_iss.port, request_bytes)
+
+    assert (answer_status, headers['Content-Type']) == (status, 'application/json')
+    error = json.loads(body)
+    assert error['status'] == status
+    assert error['title'] and error['description'] == error['detail']
+
+
+def test_nginx_refuses_a_client_over_its_connection_bound_in_words_of_its_own(nginx_before_a_silent_iss):
+    """Issue 29: limit_conn's 503 said "ISS is not answering"; it is this address's 64 requests in flight."""
+    port = nginx_before_a_silent_iss.port
+    in_flight = [socket.create_connection(('127.0.0.1', port), timeout=10) for _ in range(64)]
+    try:
+        for sock in in_flight:
+            sock.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n')
+        time.sleep(0.5)  # NOTE: until nginx has counted them all (each waits on the silent upstream)
+
+        status, headers, body = raw_answer(port, b'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+    finally:
+        for sock in in_flight:
+            sock.close()
+
+    assert (status, headers['Content-Type'], headers['Retry-After']) == (503, 'application/json', '1')
+    assert '64 requests in flight' in json.loads(body)['description']
 
 
 # -- the container files, linted by the real tools ---------------------------------

@@ -975,8 +975,75 @@ def test_a_chunked_drip_is_cut_and_its_connection_closed(start, target, status, 
         answer = answer_of(client)  # NOTE: until the server closes the connection (or the 8 s timeout)
         took = time.monotonic() - started
     assert answer.startswith(b'HTTP/1.1 ' + status), answer
-    assert json.loads(answer.partition(b'\r\n\r\n')[2])['title'] == title
+    error = json.loads(answer.partition(b'\r\n\r\n')[2])
+    assert error['title'] == title
     assert took < 5, took  # ISS_BODY_TIMEOUT and a little, then the close
+    if status == b'408':
+        # NOTE: issue 29: it said keep-alive, then closed; and "Received 0 bytes" after ten chunks
+        assert b'\r\nConnection: close\r\n' in answer, answer
+        received = int(error['description'].split()[1])
+        assert received >= 5 * len(b'1\r\nx\r\n'), error['description']
+    assert not list((server.data_dir / 'tmp').glob('upload-*'))
+
+
+@pytest.mark.parametrize(
+    ('request_bytes', 'status', 'connection'),
+    [
+        (
+            b'POST /artifacts?kind=p HTTP/1.1\r\nHost: iss\r\nContent-Length: 5000000\r\n\r\n' + b'a' * 1000,
+            413,
+            b'close',
+        ),
+        (b'POST /health HTTP/1.1\r\nHost: iss\r\nContent-Length: 3\r\n\r\nabc', 405, b'keep-alive'),
+    ],
+    ids=['413-declared', '405-drained'],
+)
+def test_an_answer_says_connection_close_when_the_connection_closes_after_it(start, request_bytes, status, connection):
+    """Issue 29: a 413 to a declared 5 MB body said keep-alive, then closed (gunicorn drains at most 64 KiB)."""
+    server = start(ISS_MAX_UPLOAD_BYTES='1000000')
+    with socket.create_connection(('127.0.0.1', server.port), timeout=8) as client:
+        client.sendall(request_bytes)
+        answer = client.recv(65536)
+        client.settimeout(0.5)
+        with contextlib.suppress(TimeoutError):
+            answer += answer_of(client)
+        closed = not client.recv(1) if connection == b'close' else None
+
+    assert answer.startswith(b'HTTP/1.1 %d' % status), answer
+    assert b'\r\nConnection: ' + connection + b'\r\n' in answer, answer
+    assert closed in (True, None)
+
+
+def test_a_body_in_a_transfer_coding_iss_does_not_undo_is_501_and_stores_nothing(server):
+    """Issue 29: "Transfer-Encoding: gzip, chunked" was stored as the bytes came, still gzipped (nginx: 501)."""
+    with socket.create_connection(('127.0.0.1', server.port), timeout=5) as client:
+        client.sendall(
+            b'POST /artifacts?kind=coded HTTP/1.1\r\nHost: iss\r\nTransfer-Encoding: gzip, chunked\r\n\r\n'
+            b'3\r\nabc\r\n0\r\n\r\n'
+        )
+        answer = answer_of(client)
+
+    assert answer.startswith(b'HTTP/1.1 501'), answer
+    assert b'\r\nConnection: close\r\n' in answer
+    assert json.loads(answer.partition(b'\r\n\r\n')[2])['title'] == 'Transfer coding not implemented'
+    assert not list((server.data_dir / 'blobs').rglob('*'))
+
+
+@pytest.mark.parametrize('size', [b'fffffffffffffffffffff', b'%x' % 1_000_001])
+def test_a_chunk_larger_than_the_upload_limit_is_413_at_once(start, size):
+    """Issue 29: its size line promised more than the limit; ISS waited for the bytes (408 after ISS_BODY_TIMEOUT)."""
+    server = start(ISS_BODY_TIMEOUT='5', ISS_MAX_UPLOAD_BYTES='1000000')
+    started = time.monotonic()
+    with socket.create_connection(('127.0.0.1', server.port), timeout=8) as client:
+        client.sendall(
+            b'POST /artifacts?kind=huge HTTP/1.1\r\nHost: iss\r\nTransfer-Encoding: chunked\r\n\r\n' + size + b'\r\nabc'
+        )
+        answer = answer_of(client)
+
+    assert answer.startswith(b'HTTP/1.1 413'), answer
+    assert b'\r\nConnection: close\r\n' in answer
+    assert json.loads(answer.partition(b'\r\n\r\n')[2])['title'] == 'Upload too large'
+    assert time.monotonic() - started < 2
     assert not list((server.data_dir / 'tmp').glob('upload-*'))
 
 

@@ -122,6 +122,14 @@ class LengthRequired(ServiceError):
     title = 'Length required'
 
 
+class TransferCodingNotImplemented(ServiceError):
+    """A body sent in a transfer coding ISS does not undo (gzip, deflate...): its bytes are not the client's."""
+
+    status = 501
+    title = 'Transfer coding not implemented'
+    detail_format = 'Transfer-Encoding {!r}: only chunked is accepted (send the body as it is to be stored).'
+
+
 class UploadTooLarge(ServiceError):
     status = 413
     title = 'Upload too large'

@@ -158,7 +158,8 @@ class Sha256:
 
 # NOTE: 18 digits stay below 2**63, what the offsets of a file and of S3 can hold.
 _BYTE_COUNT = re.compile(r'[0-9]{1,18}')
-# NOTE: gunicorn refuses a header line over 8190 bytes; these bounds hold without it too.
+# NOTE: under gunicorn the whole head is at most 64 KiB (iss_server/worker.py's MAX_HEAD_BYTES, else 431), which
+# bounds Upload-Metadata a little below this; these bounds hold without it too.
 _MAX_METADATA_CHARS = 64 * 1024
 _MAX_METADATA_PAIRS = 64
 _MAX_METADATA_KEY_CHARS = 128
@@ -201,7 +202,10 @@ def parse_metadata(header: str | None) -> dict[str, str]:
     if not header:
         return {}
     if len(header) > _MAX_METADATA_CHARS or not header.isascii():
-        raise _invalid_metadata(f'Upload-Metadata is ASCII text of at most {_MAX_METADATA_CHARS} characters.')
+        raise _invalid_metadata(
+            f'Upload-Metadata is ASCII text of at most {_MAX_METADATA_CHARS} characters, '
+            'within the 64 KiB all request headers may take.'
+        )
     metadata: dict[str, str] = {}
     for pair in filter(None, (part.strip() for part in header.split(','))):
         key, _, encoded = pair.partition(' ')

@@ -343,10 +343,12 @@ class ThreadWorker(gthread.ThreadWorker):
             conn.close()
             return
         conn.head += data
-        if _complete(conn.head):
+        end = _head_end(conn.head)
+        if 0 <= end <= MAX_HEAD_BYTES:
             self._forget_arriving(conn, self._heads_of(conn), registered)
             self._hand_over(conn)
-        elif len(conn.head) > MAX_HEAD_BYTES:
+        # NOTE: a head that came whole in one receive is bounded too (gunicorn's own bounds are above it)
+        elif end >= 0 or len(conn.head) > MAX_HEAD_BYTES:
             self._refuse_head(
                 conn, 'head_too_large', f'The request headers exceed {MAX_HEAD_BYTES} bytes.', registered=registered
             )
