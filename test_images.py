@@ -1030,17 +1030,26 @@ def flat_avif(size: int = 256, mode: str = 'RGB', frames: int = 1) -> bytes:
     return encode(images_[0], 'AVIF', speed=10, save_all=frames > 1, append_images=images_[1:])
 
 
-@pytest.mark.parametrize('frames', [1, 2], ids=['image', 'sequence'])
-def test_an_avif_coded_larger_than_its_ispe_is_refused_before_any_decode(client, frames):
+@pytest.mark.parametrize(
+    ('make', 'media_type', 'named'),
+    [
+        (lambda: flat_avif(256), 'image/avif', 'AV1 item'),
+        (lambda: flat_avif(256, frames=2), 'image/avif', 'AV1 item'),
+        (lambda: flat_heic(256), 'image/heic', 'HEVC item 1'),
+    ],
+    ids=['avif-image', 'avif-sequence', 'heic'],
+)
+def test_an_image_coded_larger_than_its_ispe_is_refused_before_any_decode(client, make, media_type, named):
     """libavif decodes the frame the AV1 sequence header says, then scales it to the ispe: 3.5 KB declaring
-    100 x 100 decoded 16000 x 16000 (548 MiB) and passed ISS_MAX_IMAGE_PIXELS (issue 27)."""
-    lying = with_ispe(flat_avif(256, frames=frames), 16, 16)
+    100 x 100 decoded 16000 x 16000 (548 MiB) and passed ISS_MAX_IMAGE_PIXELS; libheif refuses such a picture
+    after its decode, and the HEIC was stored as 16 x 16 with no fingerprints, every derivative 422 (issue 27)."""
+    lying = with_ispe(make(), 16, 16)
     assert Image.open(io.BytesIO(lying)).size == (16, 16), 'Pillow believes the ispe'
 
-    refused = client.post('/images', lying, content_type='image/avif', status=413).json
+    refused = client.post('/images', lying, content_type=media_type, status=413).json
 
     assert refused['title'] == 'Image too large'
-    assert 'declares 16x16 pixels but is coded at 256x256' in refused['detail'], refused
+    assert named in refused['detail'] and 'declares 16x16 pixels but is coded at 256x256' in refused['detail'], refused
     assert client.get('/stats').json['count'] == 0
 
 
@@ -1094,19 +1103,6 @@ def with_sps_destroyed(heic: bytes) -> bytes:
     at = heic.index(b'\x42\x01', heic.index(b'hvcC'))  # NOTE: an SPS's NAL unit header: type 33, layer 0
     assert heic[at - 5] & 0x3F == 33, 'the hvcC array of SPSs, then its count and the NAL unit length'
     return heic[:at] + b'\x4e' + heic[at + 1 :]
-
-
-def test_a_heic_coded_larger_than_its_ispe_is_refused_before_any_decode(client):
-    """libheif decodes the picture the HEVC SPS codes and refuses it when it is not the ispe's size: such a HEIC
-    was stored as 16 x 16 with no fingerprints, every derivative 422 (issue 27)."""
-    lying = with_ispe(flat_heic(256), 16, 16)
-    assert Image.open(io.BytesIO(lying)).size == (16, 16), 'Pillow believes the ispe'
-
-    refused = client.post('/images', lying, content_type='image/heic', status=413).json
-
-    assert refused['title'] == 'Image too large'
-    assert 'its HEVC item 1 declares 16x16 pixels but is coded at 256x256' in refused['detail'], refused
-    assert client.get('/stats').json['count'] == 0
 
 
 def test_a_heic_coded_over_the_pixel_limit_is_refused_whatever_its_ispe_says(make_client):

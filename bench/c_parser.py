@@ -23,9 +23,7 @@ PNG, multipart, content already stored). Prints the medians and per-round ratios
 
 import argparse
 import importlib.util
-import os
 import pathlib
-import signal
 import socket
 import statistics
 import subprocess
@@ -191,14 +189,7 @@ def main() -> int:
             show=lambda value: f'{value[0]:,.0f} req/s, {value[1]:.3f} ms CPU',
         )
     finally:
-        for pid in pids:
-            os.killpg(pid, signal.SIGTERM)
-        time.sleep(2)
-        for pid in pids:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        small_requests.stop(pids)
         subprocess.run(['rm', '-rf', str(work)], check=False)
     load_after = pathlib.Path('/proc/loadavg').read_text().split()[:3]
     print(f'\n{started}, {small_requests.machine()}; 4 KiB, wrk -t2 -c16, {args.seconds:g} s x {args.rounds} rounds')

@@ -94,6 +94,18 @@ def start(command: list[str], cwd: str, env: dict[str, str], log: pathlib.Path, 
     sys.exit(f'{command} did not come up; see {log}')
 
 
+def stop(pids: list[int]) -> None:
+    """Stop the servers ``start`` started (each a process group): SIGTERM, then SIGKILL for what is left."""
+    for pid in pids:
+        os.killpg(pid, signal.SIGTERM)
+    time.sleep(2)
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def wrk(url: str, seconds: float, script: str | None = None) -> dict:
     command = ['wrk', '-t2', '-c16', f'-d{seconds:g}s', '--timeout', '30s', '--latency']
     done = subprocess.run(
@@ -246,14 +258,7 @@ def main() -> int:
                 after_round=s3_reads if args.s3 else None,
             )
     finally:
-        for pid in pids:
-            os.killpg(pid, signal.SIGTERM)
-        time.sleep(2)
-        for pid in pids:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop(pids)
         for engine in engines:
             engine.stop()
         subprocess.run(['rm', '-rf', str(work)], check=False)
