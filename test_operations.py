@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -683,6 +684,12 @@ def test_a_store_of_100000_blobs_is_listed_in_full_through_gunicorn(start, tmp_p
     assert first_page < 1.0, f'first page of 1000 took {first_page:.2f} s'
     assert walked < 20.0, f'100 pages of 1000 took {walked:.2f} s'
     print(f'reindex {indexed["seconds"]} s, first page {first_page * 1000:.0f} ms, all 100 pages {walked:.2f} s')
+    # PERF: pytest removed the 330,000 files and folders after the test, in Python: 50-75 s of the suite's
+    # 30 minutes. Moved out of tmp_path, they go in a detached rm beside the next tests instead.
+    server.stop()
+    discarded = pathlib.Path(tempfile.mkdtemp(prefix='iss-discarded-', dir=tmp_path.parent.parent))  # same disk
+    data_dir.rename(discarded / 'big')
+    subprocess.Popen(['rm', '-rf', str(discarded)], start_new_session=True)
 
 
 # -- observability ------------------------------------------------------------------
