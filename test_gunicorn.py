@@ -377,6 +377,25 @@ def start_under_strace(start, tmp_path: pathlib.Path, calls: str) -> tuple[Gunic
     return start(wrapper=[strace, '-f', '-qq', '-e', f'trace={calls}', '-o', str(trace)]), trace
 
 
+def traced_calls(trace: pathlib.Path) -> list[tuple[str, str]]:
+    """Each call of the trace as (thread, the whole call with its result), in the order strace wrote them.
+
+    NOTE: a call another thread interrupted is written in two lines (``<unfinished ...>``, then
+    ``<... resumed>``); its result is on the second: they are joined here.
+    """
+    unfinished: dict[str, str] = {}
+    calls = []
+    for line in trace.read_text().splitlines():
+        thread, call = line.split(maxsplit=1)  # NOTE: strace pads a pid of under 5 digits with spaces
+        if call.endswith('<unfinished ...>'):
+            unfinished[thread] = call.removesuffix('<unfinished ...>')
+            continue
+        if call.startswith('<... '):
+            call = unfinished.pop(thread, '') + call.split('resumed>', 1)[1]
+        calls.append((thread, call))
+    return calls
+
+
 def put_random(server: Gunicorn, size: int) -> tuple[bytes, str]:
     data = os.urandom(size)
     digest = 'sha256:' + hashlib.sha256(data).hexdigest()
@@ -397,9 +416,8 @@ def test_downloads_go_out_with_sendfile(start, tmp_path):
     # NOTE: strace writes a call's line after it returns, maybe after the client has the bytes. A response
     # goes in as many calls as the kernel has room for (iss_server/sending.py), each from where the last ended.
     def sent() -> list[tuple[int, int]]:
-        return [
-            (int(a), int(b)) for a, b in re.findall(r'sendfile\(\d+, \d+, \[(\d+)\] => \[(\d+)\]', trace.read_text())
-        ]
+        moved = (re.match(r'sendfile\(\d+, \d+, \[(\d+)\]\s*=>\s*\[(\d+)\]', call) for _, call in traced_calls(trace))
+        return [(int(found[1]), int(found[2])) for found in moved if found]
 
     wait_for(lambda: (1000, 3000) in sent() and (max(sent())[1] == 5 * MIB), message=f'sendfile in {trace.read_text()}')
     full = sorted(call for call in sent() if call != (1000, 3000))
@@ -461,18 +479,10 @@ def upload_steps(trace: pathlib.Path) -> list[list[str]]:
     ``answer`` (the body of the answer, which names the artifact, sent). Whatever a thread did
     before its previous answer (a /health probe's, another upload's) is not counted.
     """
-    # NOTE: a call another thread interrupted is written in two lines; its result is on the second.
-    unfinished: dict[str, str] = {}
     steps: dict[str, list[str]] = {}
     temp_fds: dict[str, set[str]] = {}
     answers = []
-    for line in trace.read_text().splitlines():
-        thread, call = line.split(maxsplit=1)  # NOTE: strace pads a pid of under 5 digits with spaces
-        if call.endswith('<unfinished ...>'):
-            unfinished[thread] = call.removesuffix('<unfinished ...>')
-            continue
-        if call.startswith('<... '):
-            call = unfinished.pop(thread, '') + call.split('resumed>', 1)[1]
+    for thread, call in traced_calls(trace):
         done = steps.setdefault(thread, [])
         step = None
         if 'O_TMPFILE' in call and (fd := re.search(r'= (\d+)$', call)):
