@@ -46,10 +46,13 @@ class Pace:
         self.started = time.monotonic()
         self.moved = 0
 
+    def deadline(self) -> float:
+        """The moment (``time.monotonic``) the body falls behind its pace unless more of it goes."""
+        return self.started + self.timeout + self.moved / self.min_rate
+
     def behind(self) -> float:
         """Seconds the body is behind its pace (negative: how long it may still take for what has gone)."""
-        allowed = self.timeout + self.moved / self.min_rate
-        return time.monotonic() - self.started - allowed
+        return time.monotonic() - self.deadline()
 
     def next_wait(self) -> float:
         """How long the next byte may take when the body is not :meth:`behind`: a full pause at first, then until
@@ -58,6 +61,13 @@ class Pace:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    def shortfall(self) -> str:
+        """What a body that fell behind did, and what the pace asks (a 408's description)."""
+        return (
+            f'Received {self.moved} bytes in {self.elapsed():.0f} s: a body must average '
+            f'{self.min_rate} bytes a second after its first {self.timeout} s (ISS_BODY_MIN_RATE).'
+        )
 
 
 class RequestBody:
@@ -178,10 +188,7 @@ class RequestBody:
             raise UploadTooLarge(self._limit)
 
     def _too_slow(self) -> BodyTooSlow:
-        return BodyTooSlow(
-            f'Received {self._pace.moved} bytes in {self._pace.elapsed():.0f} s: a body must average '
-            f'{self._pace.min_rate} bytes a second after its first {self._pace.timeout} s (ISS_BODY_MIN_RATE).'
-        )
+        return BodyTooSlow(self._pace.shortfall())
 
     def _count(self, received: int, asked: int) -> None:
         self._received += received

@@ -373,7 +373,8 @@ class ThreadWorker(gthread.ThreadWorker):
         conn.head = bytearray(conn.parser.unreader.take_buffered())
         conn.body_start = _head_length(conn.head)
         conn.body_end = conn.body_start + length
-        conn.body_started = time.monotonic()
+        conn.body_pace = bodies.Pace(self._body_wait, self._body_min_rate)
+        conn.body_pace.moved = len(conn.head) - conn.body_start
         self._arriving_per_client[_address(conn.client)] += 1
         self._await_body(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_body_bytes, conn))
@@ -383,8 +384,7 @@ class ThreadWorker(gthread.ThreadWorker):
 
         Past its address's MAX_ARRIVING_PER_CLIENT, by the end of its ARRIVING_GRACE at the latest.
         """
-        received = len(conn.head) - conn.body_start
-        paced = float(conn.body_started + self._body_wait + received / self._body_min_rate)
+        paced: float = conn.body_pace.deadline()
         return paced if conn.past_the_bound_until is None else min(paced, conn.past_the_bound_until)
 
     def _await_body(self, conn: gthread.TConn) -> None:
@@ -397,18 +397,14 @@ class ThreadWorker(gthread.ThreadWorker):
         if conn.past_the_bound_until is not None and conn.past_the_bound_until <= time.monotonic():
             _refuse(conn, 'too_many_arriving', _TOO_MANY_ARRIVING, conn.head)
             return
-        received = len(conn.head) - conn.body_start
-        description = (
-            f'Received {received} bytes in {time.monotonic() - conn.body_started:.0f} s: a body must average '
-            f'{self._body_min_rate} bytes a second after its first {self._body_wait} s (ISS_BODY_MIN_RATE).'
-        )
-        _refuse(conn, 'body_too_slow', description, conn.head)
+        _refuse(conn, 'body_too_slow', conn.body_pace.shortfall(), conn.head)
 
     def _on_body_bytes(self, conn: gthread.TConn, client: socket.socket) -> None:
         data = _receive(conn.sock)
         if data is None:
             return
         conn.head += data
+        conn.body_pace.moved += len(data)
         if data and self._body_deadline(conn) <= time.monotonic():
             self._refuse_slow_body(conn)  # NOTE: a drip never pauses: it is cut when it falls behind, as it arrives
             return
