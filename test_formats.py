@@ -94,6 +94,7 @@ def test_a_jxl_header_says_the_size_and_mode_libjxl_decodes(mode, options):
 
     assert (header.width, header.height, header.mode) == (37, 21, mode)
     assert declared == (opened.size, opened.mode) == ((37, 21), mode)
+    assert header.bits_per_sample == opened.info['bit_depth'] == {'I;16': 16, 'F': 32}.get(mode, 8)
 
 
 def test_a_jxl_header_cut_short_or_not_a_jxl_is_a_value_error():

@@ -421,7 +421,8 @@ def test_downloads_go_out_with_sendfile(start, tmp_path):
 
     # NOTE: strace lags its tracees under load. The full download may go in one call: the test waits for its end
     # (not for the call starting last, which the ranged one's is then)
-    wait_for(lambda: (1000, 3000) in sent() and max(end for _, end in sent()) == 5 * MIB, seconds=30, message='both sendfiles')
+    both = lambda: (1000, 3000) in sent() and max(end for _, end in sent()) == 5 * MIB  # noqa: E731
+    wait_for(both, seconds=30, message='both sendfiles')
     full = sorted(call for call in sent() if call != (1000, 3000))
     assert full[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(full)), full
 

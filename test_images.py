@@ -1065,6 +1065,20 @@ def test_an_avif_without_a_sequence_header_is_refused_as_not_an_image(client):
     assert client.get('/stats').json['count'] == 0
 
 
+def test_an_avif_whose_sequence_header_is_no_av1_is_refused_as_not_an_image(client):
+    """Its header of 0xFF bytes read as a reduced one of 65536 x 65536: refused as too large (issue 27's trial)."""
+    avif = flat_avif(64)
+    item = avif.index(b'mdat') + 4
+    assert avif[item + 2] == 0x0A, 'the sequence header OBU, with its size'
+    size = avif[item + 3]
+    broken = avif[: item + 4] + b'\xff' * size + avif[item + 4 + size :]
+
+    refused = client.post('/images', broken, content_type='image/avif', expect_errors=True)
+
+    assert (refused.status_int, refused.json['title']) == (415, 'Not an image'), refused.json
+    assert client.get('/stats').json['count'] == 0
+
+
 @pytest.mark.parametrize(('mode', 'frames'), [('RGB', 1), ('RGBA', 1), ('RGB', 2)], ids=['plain', 'alpha', 'sequence'])
 def test_an_honest_avif_is_stored_and_rendered(client, mode, frames):
     stored = client.post('/images', flat_avif(64, mode, frames), content_type='image/avif').json
@@ -1130,6 +1144,16 @@ def ten_bit_heic(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     pillow_heif.from_bytes('RGB;16', (width, height), samples).save(buffer, quality=50)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ('heic', 'depth'), [(lambda: flat_heic(64), 8), (lambda: ten_bit_heic(40, 24), 10)], ids=['8', '10']
+)
+def test_a_heic_records_the_bit_depth_it_is_coded_at(client, heic, depth):
+    """pillow-heif decodes a 10-bit HEIC (a phone's HDR photo) to 8-bit RGB: its meta said 8 (issue 27's trial)."""
+    stored = client.post('/images', heic(), content_type='image/heic').json
+
+    assert client.get(f'/images/{stored["image_id"]}/meta').json['bit_depth'] == depth
 
 
 def two_sub_layer_heic() -> bytes:

@@ -91,6 +91,7 @@ class JxlHeader:
     height: int
     mode: str  # NOTE: the one pillow-jxl-plugin decodes it to: L, LA, RGB, RGBA, I;16 or F
     exif: bytes | None  # the TIFF data of its Exif box, as the plugin gives it to Pillow
+    bits_per_sample: int  # as coded: a 10-bit colour image decodes to RGB (8 bits a sample)
 
 
 def jxl_header(file: Readable) -> JxlHeader:
@@ -158,7 +159,7 @@ def _codestream_headers(data: bytes, exif: bytes | None) -> JxlHeader:
         mode = ('L' if grey else 'RGB') + ('A' if alpha else '')
     if exif is not None and exif[4:8] in (b'II*\x00', b'MM\x00*'):
         exif = exif[4:]  # NOTE: the box starts with the offset of the TIFF header; the plugin skips it too
-    return JxlHeader(width, height, mode, exif)
+    return JxlHeader(width, height, mode, exif, bits_per_sample)
 
 
 class _Bits:
@@ -728,10 +729,16 @@ _SELECT = 2  # SELECT_SCREEN_CONTENT_TOOLS, SELECT_INTEGER_MV
 
 
 def _sequence_header(bits: _MsbBits) -> _Av1Sequence:
-    """Read a sequence_header_obu up to order_hint_bits_minus_1 (AV1 5.5.1 to 5.5.5)."""
-    bits(3)  # seq_profile
-    bits(1)  # still_picture
-    reduced = bits(1)
+    """Read a sequence_header_obu up to order_hint_bits_minus_1 (AV1 5.5.1 to 5.5.5).
+
+    NOTE: a header that breaks the conformance rules these fields have is no AV1 (dav1d refuses it): bytes of
+    0xFF read as a reduced header of 65536 x 65536, which is no image's size to refuse as too large.
+    """
+    profile, still_picture, reduced = bits(3), bits(1), bits(1)
+    if profile > 2:
+        raise ValueError(f'an AV1 sequence header of the reserved profile {profile}')
+    if reduced and not still_picture:
+        raise ValueError('an AV1 reduced still picture header that is not of a still picture')
     presentation_time_bits = 0
     if reduced:
         bits(5)  # seq_level_idx[0]
@@ -811,6 +818,7 @@ class _JxlImageFile(ImageFile.ImageFile):
         self._mode = header.mode
         if header.exif is not None:
             self.info['exif'] = header.exif
+        self.info['bit_depth'] = header.bits_per_sample  # NOTE: as pillow-heif says a HEIC's
         self.is_animated = False
         self.n_frames = 1
         self.tile = []

@@ -310,6 +310,17 @@ def _check_coded_images(file: _BudgetedFile) -> None:
         _bomb_check(coded.coded)
 
 
+def _bit_depth(image: Image.Image) -> int:
+    """Bits per sample as the image is coded.
+
+    NOTE: pillow-heif and ISS's JPEG XL opener decode a 10- or 12-bit colour image to RGB (8 bits) and say
+    the coded depth in ``info['bit_depth']``: a phone's HDR HEIC was recorded as 8-bit. Pillow's own
+    formats' modes say theirs (I;16 for a 16-bit PNG). libavif's depth is not given (an AVIF's is its mode's).
+    """
+    coded = image.info.get('bit_depth')
+    return coded if type(coded) is int and 1 <= coded <= 32 else _BITS.get(image.mode, 8)
+
+
 def identify(file: IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Identify an image from its header, without decoding the pixels.
 
@@ -324,7 +335,7 @@ def identify(file: IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo
         image_format = image.format or ''
         fields: dict[str, Any] = {
             'mode': image.mode,
-            'bit_depth': _BITS.get(image.mode, 8),
+            'bit_depth': _bit_depth(image),
             'channels': len(image.getbands()),
         }
         fields.update(_exif_fields(image))
