@@ -37,7 +37,7 @@ if not _settings.metrics_dir:
 
 # NOTE: only now: prometheus_client picks its multiprocess mode when first imported.
 from iss_server import telemetry  # noqa: E402
-from iss_server.worker import MAX_HEAD_BYTES  # noqa: E402
+from iss_server.worker import MAX_HEAD_BYTES, log_parser_refusal  # noqa: E402
 
 wsgi_app = 'iss:app'
 bind = f'{_settings.host}:{_settings.port}'
@@ -136,7 +136,7 @@ def _write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: s
     """Answer the requests gunicorn refuses itself (400, 414, 431...) in JSON, like ISS does.
 
     gunicorn writes these before ISS sees the request, as an HTML page, through this one
-    function; the body is that of every ISS error.
+    function; the body is that of every ISS error. Each has its access line and count too.
     """
     body = json.dumps(error_body(status_int, reason, mesg)).encode()
     head = (
@@ -144,6 +144,7 @@ def _write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: s
         f'Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n'
     )
     gunicorn.util.write_nonblock(sock, head.encode('latin-1') + body)
+    log_parser_refusal(sock, status_int)
 
 
 gunicorn.util.write_error = _write_json_error

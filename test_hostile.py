@@ -1125,7 +1125,8 @@ def test_one_client_holds_its_share_of_the_body_places_and_another_uploads_at_on
 
 
 def test_the_requests_the_worker_refuses_have_their_access_line_and_their_count(start):
-    """The worker's own 408, 431 and 503 had no access line (the 503's was a line of plain text) and no metric."""
+    """The worker's own 408, 431 and 503, and gunicorn's parser's 400 and 414, had no access line (the 503's was a
+    line of plain text) and no metric."""
     server = start(ISS_WORKERS='1', ISS_HEADER_TIMEOUT='1', ISS_LOG_LEVEL='info')
     huge = socket.create_connection(('127.0.0.1', server.port), timeout=5)
     huge.sendall(b'GET /health?huge=1 HTTP/1.1\r\n' + b'X-Big: 1\r\n' * 7000)
@@ -1135,13 +1136,22 @@ def test_the_requests_the_worker_refuses_have_their_access_line_and_their_count(
     assert answer_of(slow).startswith(b'HTTP/1.1 408')
     huge.close()
     slow.close()
+    # NOTE: and those gunicorn's parser refuses (it answers them before ISS sees a request)
+    for unparsable, status in ((b'GE\x01T / HTTP/1.1\r\n\r\n', b'400'), (b'GET /' + b'a' * 9000, b'414')):
+        with socket.create_connection(('127.0.0.1', server.port), timeout=5) as sent:
+            sent.sendall(unparsable + b' HTTP/1.1\r\nHost: x\r\n\r\n')
+            assert answer_of(sent).startswith(b'HTTP/1.1 ' + status)
     metrics = server.request('GET', '/metrics')[2].decode()
     assert 'iss_worker_refused_total{reason="head_too_large",status="431"} 1.0' in metrics, metrics
     assert 'iss_worker_refused_total{reason="head_timeout",status="408"} 1.0' in metrics, metrics
+    assert 'iss_worker_refused_total{reason="unparsable",status="400"} 1.0' in metrics, metrics
+    assert 'iss_worker_refused_total{reason="unparsable",status="414"} 1.0' in metrics, metrics
     refused = [line for line in server.json_log() if line.get('refused')]
     assert [(line['status'], line['refused'], line['method'], line['path'], line['query']) for line in refused] == [
         (431, 'head_too_large', 'GET', '/health', 'huge=1'),
         (408, 'head_timeout', 'PUT', '/artifacts/x', None),
+        (400, 'unparsable', None, None, None),
+        (414, 'unparsable', None, None, None),
     ]
     assert all(line['logger'] == 'iss.access' and len(line['request_id']) == 32 for line in refused)
     assert refused[0]['remote'] == '127.0.0.1'

@@ -444,13 +444,26 @@ def _refuse(conn: gthread.TConn, refused: str, description: str, head: bytes | b
     """
     status, title = REFUSALS[refused]
     _answer(conn.sock, status, HTTPStatus(status).phrase, title, description, retry_after=1 if status == 503 else None)
-    _log_refusal(conn, refused, head)
+    _log_refusal(_address(conn.client), status, refused, head)
     conn.close(graceful=True)
 
 
-def _log_refusal(conn: gthread.TConn, refused: str, head: bytes | bytearray) -> None:
-    """The access line and the count of a request the worker refused itself; ``head``: what arrived of it."""
-    status = REFUSALS[refused][0]
+def log_parser_refusal(sock: socket.socket, status: int) -> None:
+    """The access line and the count of a request gunicorn's parser refused, answered in JSON (gunicorn.conf.py).
+
+    NOTE: gunicorn answers these before ISS sees a request: a malformed request line or header (400), a
+    request line over ``limit_request_line`` (414), a transfer coding it does not undo (501); and 500 when
+    it failed itself. ``refused`` is ``unparsable``, or ``gunicorn_failed`` for the 500.
+    """
+    try:
+        remote = _address(sock.getpeername())
+    except OSError:
+        remote = ''
+    _log_refusal(remote, status, 'gunicorn_failed' if status == 500 else 'unparsable', b'')
+
+
+def _log_refusal(remote: str, status: int, refused: str, head: bytes | bytearray) -> None:
+    """The access line and the count of a request refused before the app; ``head``: what arrived of it."""
     telemetry.worker_refusals().labels(str(status), refused).inc()
     if not telemetry.access_log.isEnabledFor(logging.INFO):
         return
@@ -465,7 +478,7 @@ def _log_refusal(conn: gthread.TConn, refused: str, head: bytes | bytearray) -> 
         'status': status,
         'bytes_in': 0,
         'bytes_out': 0,
-        'remote': _address(conn.client),
+        'remote': remote,
         'refused': refused,
     }
     telemetry.access_log.info('request', extra={'request': entry})
