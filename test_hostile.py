@@ -749,6 +749,58 @@ def test_past_the_connections_one_address_may_have_arriving_the_next_have_a_seco
             client.close()
 
 
+#: A documentation prefix (RFC 3849: never routed) made local on loopback for the test: any address of it may connect.
+IPV6_PREFIX = '2001:db8:5::/48'
+IPV6_FREEBIND = 78  # NOTE: linux/in6.h; Python's socket module does not name it
+
+
+@pytest.fixture
+def ipv6_prefix():
+    """Every address of :data:`IPV6_PREFIX` a local one, as a host given a /64 has all of its own (root, ``ip``)."""
+    route = ['ip', '-6', 'route', 'replace', 'local', IPV6_PREFIX, 'dev', 'lo', 'table', 'local']
+    made = subprocess.run(route, capture_output=True, text=True)
+    assert made.returncode == 0, f'{" ".join(route)} (root and iproute2 are needed; .ci/run has both): {made.stderr}'
+    try:
+        yield
+    finally:
+        subprocess.run(['ip', '-6', 'route', 'del', 'local', IPV6_PREFIX, 'dev', 'lo', 'table', 'local'], check=False)
+
+
+def test_the_addresses_of_one_ipv6_64_are_one_client_to_the_bounds_per_address(start, ipv6_prefix):
+    """Counted by address, the 2**64 addresses a host has in its /64 were as many clients: its slow connections,
+    each from an address of its own, passed MAX_ARRIVING_PER_CLIENT without end."""
+    server = start(ISS_WORKERS='1', ISS_HEADER_TIMEOUT='5', ISS_HOST='[::]')
+
+    def connect(source: str) -> socket.socket:
+        client = socket.socket(socket.AF_INET6)
+        client.settimeout(10)
+        client.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)  # NOTE: an address not on any interface
+        client.bind((source, 0))
+        client.connect(('::1', server.port))
+        return client
+
+    clients = [connect(f'2001:db8:5::{number:x}') for number in range(1, 65)]  # NOTE: all in 2001:db8:5::/64
+    try:
+        for client in clients:
+            client.sendall(b'GET /health HTTP/1.1\r\n')
+        late = connect('2001:db8:5::ffff:1')
+        late.sendall(b'GET /health HTTP/1.1\r\n')
+        started = time.monotonic()
+        answer = answer_of(late)
+        late.close()
+        assert answer.startswith(b'HTTP/1.1 503'), answer
+        assert time.monotonic() - started < ARRIVING_GRACE + 1.5
+        assert json.loads(answer.partition(b'\r\n\r\n')[2])['title'] == 'Too many slow requests'
+        # NOTE: the next /64 is another client; and IPv4 through the same dual-stack socket
+        with connect('2001:db8:5:1::1') as neighbour:
+            neighbour.sendall(b'GET /health HTTP/1.1\r\nHost: iss\r\nConnection: close\r\n\r\n')
+            assert answer_of(neighbour).startswith(b'HTTP/1.1 200')
+        assert server.request('GET', '/health')[0] == 200
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_three_hundred_fast_requests_of_one_address_at_once_are_all_answered(start):
     """Accepted faster than their bytes came, they counted as still arriving: 172 of 300 got 503 in 0.17 s."""
     server = start()

@@ -258,11 +258,11 @@ class ThreadWorker(gthread.ThreadWorker):
         """
         peer = _address(conn.client)
         if isinstance(conn.client, tuple) and not self._trusts(peer):
-            return peer  # NOTE: a Unix socket's peer is trusted, as gunicorn trusts it
+            return conn.counted_as  # NOTE: a Unix socket's peer is trusted, as gunicorn trusts it
         forwarded = _FORWARDED_FOR.search(ahead, 0, head)
         if forwarded is None:
-            return peer
-        return forwarded[1].rpartition(b',')[2].strip()[:64].decode('latin-1') or peer
+            return conn.counted_as
+        return _counted_as(forwarded[1].rpartition(b',')[2].strip()[:64].decode('latin-1') or peer)
 
     def _trusts(self, address: str) -> bool:
         """Whether ``address`` is one of gunicorn's ``forwarded_allow_ips`` (a proxy whose forwarding is believed)."""
@@ -309,7 +309,7 @@ class ThreadWorker(gthread.ThreadWorker):
         ):
             super().enqueue_req(conn)  # NOTE: gunicorn's own path (never ISS's configuration)
             return
-        address = _address(conn.client)
+        address = conn.counted_as
         now = time.monotonic()
         # NOTE: past its address's bound a connection is admitted all the same, with ARRIVING_GRACE for its whole
         # request (headers, and a small body): nothing tells a fast request from a slow one until it has arrived.
@@ -375,7 +375,7 @@ class ThreadWorker(gthread.ThreadWorker):
         conn.body_end = conn.body_start + length
         conn.body_pace = bodies.Pace(self._body_wait, self._body_min_rate)
         conn.body_pace.moved = len(conn.head) - conn.body_start
-        self._arriving_per_client[_address(conn.client)] += 1
+        self._arriving_per_client[conn.counted_as] += 1
         self._await_body(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_body_bytes, conn))
 
@@ -431,7 +431,7 @@ class ThreadWorker(gthread.ThreadWorker):
         del arriving[conn]
         if registered:
             self.poller.unregister(conn.sock)
-        address = _address(conn.client)
+        address = conn.counted_as
         self._arriving_per_client[address] -= 1
         if not self._arriving_per_client[address]:
             del self._arriving_per_client[address]
@@ -489,9 +489,32 @@ def _address(client: object) -> str:
     return str(client[0]) if isinstance(client, tuple) else str(client)
 
 
+def _counted_as(address: str) -> str:
+    """What the bounds per client count ``address`` as: an IPv6 address's /64, any other address whole.
+
+    APPSEC: one host is given a /64 at least (RFC 6177) and may send from any of its 2**64 addresses:
+    counted by address, each connection of a slowloris was a client of its own. An IPv4 address mapped
+    into IPv6 (a dual-stack listener's) counts as the IPv4 address.
+    """
+    if ':' not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.partition('%')[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
 class _Connection(gthread.TConn):
     #: Until when the request must have arrived, when it came past its address's MAX_ARRIVING_PER_CLIENT.
     past_the_bound_until: float | None = None
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        #: The client the bounds per address count it against (:func:`_counted_as`)
+        self.counted_as = _counted_as(_address(self.client))
 
     def close(self, graceful: bool = False) -> None:
         """Close without lingering: gunicorn's graceful close waits up to 2 s on the main loop for a dripping peer.
