@@ -380,6 +380,24 @@ def test_an_error_that_retrying_cannot_mend_is_raised_at_once(start):
     assert time.monotonic() - started < 1, 'a 400 was retried'
 
 
+@pytest.mark.parametrize('size', [20 * MIB, 40 * MIB], ids=['by-id', 'while-hashing'])
+def test_a_file_over_the_servers_upload_limit_is_its_413_sent_once(start, tmp_path, size):
+    """The server answers 413 before reading such a body and closes; the rest of the file met a broken pipe,
+    and the client said "Unreachable: Broken pipe" after retries that each sent the whole file again."""
+    server = start(ISS_MAX_UPLOAD_BYTES=str(MIB))
+    path = tmp_path / 'too-large.bin'
+    path.write_bytes(os.urandom(size))
+    assert iss_client.library.upload_way(size, id_known=False) == ('by-id' if size < 32 * MIB else 'while-hashing')
+
+    with pytest.raises(iss_client.ISSError) as refused:
+        iss_client.Client(server.url, retries=4).put(path, kind='big')
+
+    assert (refused.value.status, refused.value.title) == (413, 'Upload too large'), refused.value
+    metrics = server.request('GET', '/metrics')[2].decode().splitlines()
+    refused = [line for line in metrics if line.startswith('iss_http_requests_total') and 'status="413"' in line]
+    assert len(refused) == 1 and refused[0].endswith(' 1.0'), ('the file was sent once', refused)
+
+
 # -- resumable uploads (tus) -----------------------------------------------------------
 
 
