@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+import zlib
 
 import pytest
 import webtest
@@ -1156,6 +1157,37 @@ def test_a_heic_records_the_bit_depth_it_is_coded_at(client, heic, depth):
     assert client.get(f'/images/{stored["image_id"]}/meta').json['bit_depth'] == depth
 
 
+def png_coded_at(bits: int, colour_type: int, width: int = 8, height: int = 4) -> bytes:
+    """A PNG of ``bits`` a sample, written by hand (Pillow writes no 16-bit colour PNG): grey or RGB(A) noise."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, 'big') + kind + data + zlib.crc32(kind + data).to_bytes(4, 'big')
+
+    samples = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
+    row = (width * samples * bits + 7) // 8
+    pixels = b''.join(b'\x00' + bytes(range(row)) for _ in range(height))
+    header = width.to_bytes(4, 'big') + height.to_bytes(4, 'big') + bytes([bits, colour_type, 0, 0, 0])
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(pixels)) + chunk(b'IEND', b'')
+
+
+@pytest.mark.parametrize(
+    ('image', 'depth'),
+    [
+        (lambda: png_coded_at(16, 2), 16),  # NOTE: Pillow decodes it to RGB, 8 bits a sample
+        (lambda: png_coded_at(16, 6), 16),
+        (lambda: png_coded_at(16, 4), 16),  # grey and alpha, decoded to RGBA
+        (lambda: png_coded_at(2, 0), 2),  # decoded to L
+        (lambda: png_coded_at(8, 2), 8),
+    ],
+    ids=['png-rgb16', 'png-rgba16', 'png-la16', 'png-grey2', 'png-rgb8'],
+)
+def test_an_image_records_the_bit_depth_its_file_holds(client, image, depth):
+    """A 16-bit colour PNG said 8 (the mode Pillow decodes it to), as a 10-bit HEIC did (issue 27's trial)."""
+    stored = client.post('/images', image(), content_type='image/png').json
+
+    assert client.get(f'/images/{stored["image_id"]}/meta').json['bit_depth'] == depth
+
+
 def two_sub_layer_heic() -> bytes:
     """A 130 x 66 HEIC (coded 136 x 72) whose SPS has sps_max_sub_layers_minus1 = 1: profile_tier_level's fillers."""
     heic = encode(Image.new('RGB', (130, 66), 'teal'), 'HEIF', quality=50, enc_params={'x265:temporal-layers': '2'})
@@ -1205,6 +1237,24 @@ def test_an_hevc_sps_with_sub_layers_and_a_conformance_window_gives_its_coded_an
     assert formats._sps_size(b'\x42\x01' + escaped) == ((8000, 6000), (8000 - 2 * 6, 6000 - 2 * 3))
     coded = formats.coded_images(io.BytesIO(two_sub_layer_heic()))
     assert [(image.declared, image.coded, image.shown) for image in coded] == [((130, 66), (136, 72), (130, 66))]
+
+
+@pytest.mark.parametrize(('width', 'height', 'window'), [(0, 128, 0), (64, 77, 0), (64, 8, 4)])
+def test_an_hevc_sps_of_no_size_a_conforming_stream_has_is_no_hevc(width, height, window):
+    """A mutated SPS coding 0 x 129 (or 64 x 77) was refused as too large (413), not as no image (issue 27's trial).
+    A size is whole minimum coding blocks (8 x 8 at least); a conformance window may not leave nothing."""
+
+    def ue(value: int) -> str:
+        code = format(value + 1, 'b')
+        return '0' * (len(code) - 1) + code
+
+    text = format(0, '04b') + format(0, '03b') + '1' + '0' * 96 + ue(0) + ue(1) + ue(width) + ue(height)
+    text += ('1' + ue(0) + ue(0) + ue(0) + ue(window)) if window else '0'
+    text += '1' + '0' * (-(len(text) + 1) % 8)
+    payload = int(text, 2).to_bytes(len(text) // 8, 'big').replace(b'\x00\x00', b'\x00\x00\x03')
+
+    with pytest.raises(ValueError, match='not a multiple of 8 x 8|leaves nothing'):
+        formats._sps_size(b'\x42\x01' + payload)
 
 
 def box(kind: bytes, *content: bytes, version: int | None = None) -> bytes:

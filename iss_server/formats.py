@@ -635,10 +635,16 @@ def _sps_size(nal_unit: bytes) -> tuple[tuple[int, int], tuple[int, int]]:
     if chroma_format == 3 and bits(1):  # separate_colour_plane_flag: each plane coded as monochrome
         unit_width, unit_height = 1, 1
     width, height = bits.uvlc(), bits.uvlc()
+    # NOTE: a conforming size is a whole number of minimum coding blocks, of 8 x 8 at least (7.4.3.2.1): one that
+    # is not (0 x 129) is no HEVC to decode, and no size to refuse as too large
+    if not (width and height) or width % 8 or height % 8:
+        raise ValueError(f'an HEVC sequence parameter set coding {width}x{height}, not a multiple of 8 x 8')
     left = right = top = bottom = 0
     if bits(1):  # conformance_window_flag
         left, right, top, bottom = bits.uvlc(), bits.uvlc(), bits.uvlc(), bits.uvlc()
-    shown = (max(0, width - unit_width * (left + right)), max(0, height - unit_height * (top + bottom)))
+    shown = (width - unit_width * (left + right), height - unit_height * (top + bottom))
+    if min(shown) <= 0:
+        raise ValueError(f'an HEVC conformance window that leaves nothing of {width}x{height}')
     return (width, height), shown
 
 

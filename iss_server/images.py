@@ -78,6 +78,8 @@ _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 # What of an EXIF text field is kept (a camera's make or model is a few dozen characters).
 _MAX_EXIF_TEXT = 256
 _BITS = {'1': 1, 'I;16': 16, 'I;16B': 16, 'I;16L': 16, 'I;16N': 16, 'I': 32, 'F': 32}
+#: A raw mode's bits a sample (Pillow's names: RGB;16B, L;2, F;32F).
+_RAW_BITS = re.compile(r'[A-Z]+;(\d+)')
 
 #: Keys an image's meta file gets from one small decode at upload (:func:`fingerprints`): the
 #: perceptual hash (16 hex digits) and the placeholders; null when the pixels do not decode.
@@ -313,12 +315,26 @@ def _check_coded_images(file: _BudgetedFile) -> None:
 def _bit_depth(image: Image.Image) -> int:
     """Bits per sample as the image is coded.
 
-    NOTE: pillow-heif and ISS's JPEG XL opener decode a 10- or 12-bit colour image to RGB (8 bits) and say
-    the coded depth in ``info['bit_depth']``: a phone's HDR HEIC was recorded as 8-bit. Pillow's own
-    formats' modes say theirs (I;16 for a 16-bit PNG). libavif's depth is not given (an AVIF's is its mode's).
+    NOTE: Pillow decodes a 16-bit colour PNG or TIFF to RGB(A) (8 bits) and a 2- or 4-bit grey PNG to L: its
+    raw mode, what the file holds, says the depth (Pillow names them MODE;BITS..., "RGB;16B"). pillow-heif and
+    ISS's JPEG XL opener decode a 10- or 12-bit image to RGB and say the coded depth in ``info['bit_depth']``
+    (a phone's HDR HEIC was recorded as 8). libavif's is not given: an AVIF's is its mode's.
     """
     coded = image.info.get('bit_depth')
-    return coded if type(coded) is int and 1 <= coded <= 32 else _BITS.get(image.mode, 8)
+    if type(coded) is int and 1 <= coded <= 32:
+        return coded
+    raw = _RAW_BITS.match(_raw_mode(image))
+    return int(raw[1]) if raw and 1 <= int(raw[1]) <= 64 else _BITS.get(image.mode, 8)
+
+
+def _raw_mode(image: Image.Image) -> str:
+    """The raw mode of the image's first tile ('' for none): the samples as its file holds them."""
+    tiles = getattr(image, 'tile', None)  # NOTE: an opened file's (ImageFile); an Image has none
+    if not tiles:
+        return ''
+    args = tiles[0].args
+    raw = args[0] if isinstance(args, tuple) and args else args
+    return raw if isinstance(raw, str) else ''
 
 
 def identify(file: IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
