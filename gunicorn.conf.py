@@ -4,7 +4,6 @@
 """
 
 import errno
-import json
 import os
 import resource
 import shutil
@@ -23,7 +22,7 @@ from gunicorn.http.parser import _DRAIN_MAX_BYTES
 
 from iss_server import syscalls
 from iss_server.config import Settings
-from iss_server.errors import ServiceError, error_body
+from iss_server.errors import ServiceError
 from iss_server.sending import ClientStoppedReading
 
 _settings = Settings.from_env()
@@ -37,7 +36,7 @@ if not _settings.metrics_dir:
 
 # NOTE: only now: prometheus_client picks its multiprocess mode when first imported.
 from iss_server import telemetry  # noqa: E402
-from iss_server.worker import MAX_HEAD_BYTES, log_parser_refusal  # noqa: E402
+from iss_server.worker import MAX_HEAD_BYTES, answer_parser_refusal  # noqa: E402
 
 wsgi_app = 'iss:app'
 bind = f'{_settings.host}:{_settings.port}'
@@ -132,22 +131,9 @@ limit_request_line = 8190
 limit_request_field_size = MAX_HEAD_BYTES
 
 
-def _write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
-    """Answer the requests gunicorn refuses itself (400, 414, 431...) in JSON, like ISS does.
-
-    gunicorn writes these before ISS sees the request, as an HTML page, through this one
-    function; the body is that of every ISS error. Each has its access line and count too.
-    """
-    body = json.dumps(error_body(status_int, reason, mesg)).encode()
-    head = (
-        f'HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n'
-        f'Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n'
-    )
-    gunicorn.util.write_nonblock(sock, head.encode('latin-1') + body)
-    log_parser_refusal(sock, status_int)
-
-
-gunicorn.util.write_error = _write_json_error
+# NOTE: gunicorn answers the requests it refuses itself (400, 414, 431...) through this one function, as an HTML
+# page; ISS answers them in its JSON, with an access line and a count.
+gunicorn.util.write_error = answer_parser_refusal
 
 
 def _return_large_buffers_to_the_os() -> None:

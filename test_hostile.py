@@ -38,7 +38,7 @@ from PIL import Image
 import iss
 from iss_server import cli, errors, images, resumable
 from iss_server.config import Settings
-from iss_server.worker import ARRIVING_GRACE, MAX_WAITING_PER_CLIENT
+from iss_server.worker import ARRIVING_GRACE, LINGER_SECONDS, MAX_WAITING_PER_CLIENT
 from iss_testing import HERE
 from iss_testing.cli import upload_image
 from iss_testing.data import blob_id, make_png
@@ -1007,6 +1007,45 @@ def test_a_body_slower_than_the_minimum_rate_is_408_and_keeps_nothing(start):
 
 
 @pytest.mark.parametrize(
+    ('headers', 'status', 'title'),
+    [({}, 413, 'Upload too large'), ({'Authorization': 'Bearer wrong'}, 401, 'Token required')],
+    ids=['over-the-limit', 'wrong-token'],
+)
+def test_a_client_that_reads_only_once_its_body_is_sent_gets_the_answer_given_before_it(start, headers, status, title):
+    """Answered before its body was read, and the connection closed with the rest unread: the kernel reset it, and
+    http.client (which reads once it has sent all) met a broken pipe, never the answer (curl and urllib3 read it)."""
+    server = start(ISS_MAX_UPLOAD_BYTES=str(MIB), ISS_API_TOKEN='right')
+    body = os.urandom(48 * MIB)
+    with_token = {'Authorization': 'Bearer right'} if status == 413 else {}
+
+    for _ in range(3):
+        connection = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+        connection.request('POST', '/artifacts?kind=big', body=body, headers={**with_token, **headers})
+        answer = connection.getresponse()
+        assert (answer.status, json.loads(answer.read())['title']) == (status, title)
+        connection.close()
+
+
+def test_a_client_that_sends_on_after_its_answer_is_closed_within_the_lingering_time(start):
+    """The worker reads a closed connection's rest for LINGER_SECONDS at most, in its main loop: /health answers."""
+    server = start(ISS_MAX_UPLOAD_BYTES=str(MIB), ISS_WORKERS='1')
+    endless = socket.create_connection(('127.0.0.1', server.port), timeout=10)
+    endless.sendall(b'POST /artifacts?kind=big HTTP/1.1\r\nHost: iss\r\nContent-Length: 100000000000\r\n\r\n')
+    started = time.monotonic()
+    block = bytes(65536)
+    with contextlib.suppress(OSError):
+        while time.monotonic() - started < LINGER_SECONDS + 10:
+            endless.sendall(block)
+            if time.monotonic() - started > 1:
+                assert server.request('GET', '/health')[0] == 200
+    cut_after = time.monotonic() - started
+    answer = answer_of(endless)
+    endless.close()
+    assert LINGER_SECONDS - 1 < cut_after < LINGER_SECONDS + 3, cut_after
+    assert answer.startswith(b'HTTP/1.1 413'), answer[:200]
+
+
+@pytest.mark.parametrize(
     ('target', 'status', 'title'),
     [
         (b'/artifacts?kind=slow', b'408', 'Request body too slow'),
@@ -1189,24 +1228,38 @@ def test_the_requests_the_worker_refuses_have_their_access_line_and_their_count(
     huge.close()
     slow.close()
     # NOTE: and those gunicorn's parser refuses (it answers them before ISS sees a request)
-    for unparsable, status in ((b'GE\x01T / HTTP/1.1\r\n\r\n', b'400'), (b'GET /' + b'a' * 9000, b'414')):
+    for unparsable, status in (
+        (b'GE\x01T / HTTP/1.1\r\n', b'400 Bad Request'),
+        (b'GET /' + b'a' * 9000 + b' HTTP/1.1\r\n', b'414 URI Too Long'),
+        # NOTE: gunicorn's reason for its 501 is "Bad Request"
+        (b'POST / HTTP/1.1\r\nTransfer-Encoding: x-foo, chunked\r\n', b'501 Not Implemented'),
+    ):
         with socket.create_connection(('127.0.0.1', server.port), timeout=5) as sent:
-            sent.sendall(unparsable + b' HTTP/1.1\r\nHost: x\r\n\r\n')
-            assert answer_of(sent).startswith(b'HTTP/1.1 ' + status)
+            sent.sendall(unparsable + b'Host: x\r\n\r\n')
+            answer = answer_of(sent)
+            assert answer.startswith(b'HTTP/1.1 ' + status + b'\r\n'), answer
+            assert json.loads(answer.partition(b'\r\n\r\n')[2])['title'] == status[4:].decode()
+    for _ in range(5):  # NOTE: its client gone before the answer: the address is still known
+        with socket.create_connection(('127.0.0.1', server.port), timeout=5) as gone:
+            gone.sendall(b'GARBAGE\r\n\r\n')
+    all_in = 'iss_worker_refused_total{reason="unparsable",status="400"} 6.0'
+    wait_for(lambda: all_in in server.request('GET', '/metrics')[2].decode(), message='the gone clients refused')
     metrics = server.request('GET', '/metrics')[2].decode()
     assert 'iss_worker_refused_total{reason="head_too_large",status="431"} 1.0' in metrics, metrics
     assert 'iss_worker_refused_total{reason="head_timeout",status="408"} 1.0' in metrics, metrics
-    assert 'iss_worker_refused_total{reason="unparsable",status="400"} 1.0' in metrics, metrics
     assert 'iss_worker_refused_total{reason="unparsable",status="414"} 1.0' in metrics, metrics
+    assert 'iss_worker_refused_total{reason="unparsable",status="501"} 1.0' in metrics, metrics
     refused = [line for line in server.json_log() if line.get('refused')]
     assert [(line['status'], line['refused'], line['method'], line['path'], line['query']) for line in refused] == [
         (431, 'head_too_large', 'GET', '/health', 'huge=1'),
         (408, 'head_timeout', 'PUT', '/artifacts/x', None),
         (400, 'unparsable', None, None, None),
         (414, 'unparsable', None, None, None),
-    ]
+        (501, 'unparsable', None, None, None),
+    ] + [(400, 'unparsable', None, None, None)] * 5
+    assert all(line['bytes_out'] > 0 for line in refused[:5]), 'the body of each answer was sent'
     assert all(line['logger'] == 'iss.access' and len(line['request_id']) == 32 for line in refused)
-    assert refused[0]['remote'] == '127.0.0.1'
+    assert {line['remote'] for line in refused} == {'127.0.0.1'}
 
 
 # -- the change feed lets a node stop -------------------------------------------------

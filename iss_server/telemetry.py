@@ -151,7 +151,8 @@ def worker_refusals() -> prometheus_client.Counter:
     return prometheus_client.Counter(
         'iss_worker_refused',
         'Requests the worker answered itself before the app: 408, 431 (slow or huge headers, a small body '
-        'behind ISS_BODY_MIN_RATE), 503 (too many of one address arriving or waiting, no body place in time).',
+        'behind ISS_BODY_MIN_RATE), 503 (too many of one address arriving or waiting, no body place in time); '
+        "and those gunicorn's parser refused (reason unparsable: 400, 414, 501...; gunicorn_failed: 500).",
         ['status', 'reason'],
         registry=None,
     )

@@ -37,6 +37,7 @@ import logging
 import re
 import selectors
 import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -69,6 +70,12 @@ MAX_WAITING_PER_CLIENT = 64
 MAX_BUFFERED_BODY = 256 * 1024
 #: Seconds a thread drains a body the app left unread, to keep the connection (gunicorn: 5).
 DRAIN_SECONDS = 1.0
+#: Seconds a connection closed after its answer is still read from by the main loop (its bytes dropped), as
+#: nginx's lingering close does: a client still sending the body the answer did not wait for (a 413, a 401) gets
+#: that answer, not a reset, once it has sent it (Python's http.client, Java's HttpURLConnection read only then).
+LINGER_SECONDS = 5.0
+#: Connections a worker lingers on at once; the next ones are closed at once.
+MAX_LINGERING = 64
 #: One client holds at most this fraction of a worker's body places (at least one): 3 of 14. Slow but legal
 #: uploads of one address (above ISS_BODY_MIN_RATE, never cut) held every place for as long as they lasted
 #: (issue 29's trial); with a quarter, three quarters stay to the others, and iss-client's 8 parallel jobs
@@ -121,6 +128,8 @@ class ThreadWorker(gthread.ThreadWorker):
         self._waiting_bodies: dict[gthread.TConn, float] = {}
         self._waiting_per_client: Counter[str] = Counter()
         self._body_wait = settings.body_timeout
+        # NOTE: each connection lingering after its close, with its deadline, in the order they started.
+        self._lingering: dict[gthread.TConn, float] = {}
         # PERF: whether a connection may need gunicorn's own path (TLS, HTTP/2 prior knowledge), decided
         # once: asking the config per request was 2% of a small GET's samples (py-spy).
         self._maybe_gunicorns_path = bool(self.cfg.is_ssl) or self.cfg.http2_cleartext in ('prior-knowledge', 'both')
@@ -146,6 +155,7 @@ class ThreadWorker(gthread.ThreadWorker):
             return
         self.nr_conns += 1
         conn = _Connection(self.cfg, client_sock, client_addr, listener.getsockname())
+        conn.linger = self._linger
         self._collect_head(conn)
 
     def on_client_socket_readable(self, conn: gthread.TConn, client: socket.socket) -> None:
@@ -232,6 +242,11 @@ class ThreadWorker(gthread.ThreadWorker):
                 break
             self._forget_waiting(conn)
             self._refuse_busy(conn, 'no_body_place')
+        while self._lingering:
+            conn, deadline = next(iter(self._lingering.items()))
+            if deadline > now:
+                break
+            self._stop_lingering(conn)
 
     def _wait_for_a_body_place(self, conn: gthread.TConn, client: str) -> None:
         """Let the request wait its turn for a body place; past :data:`MAX_WAITING_PER_CLIENT` of ``client``, 503.
@@ -413,6 +428,28 @@ class ThreadWorker(gthread.ThreadWorker):
             self._forget_arriving(conn, self._bodies)
             self._hand_over(conn, to_thread=True)
 
+    # -- lingering after the close ------------------------------------------------------
+
+    def _linger(self, conn: gthread.TConn) -> bool:
+        """Read ``conn``, closed for writing, in the poller until its client is done or :data:`LINGER_SECONDS`.
+
+        False when the worker lingers on :data:`MAX_LINGERING` already, or is stopping: close it now.
+        """
+        if len(self._lingering) >= MAX_LINGERING or not self.alive:
+            return False
+        self._lingering[conn] = time.monotonic() + LINGER_SECONDS
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_lingering_bytes, conn))
+        return True
+
+    def _on_lingering_bytes(self, conn: gthread.TConn, client: socket.socket) -> None:
+        if _read_away(conn.sock):
+            self._stop_lingering(conn)
+
+    def _stop_lingering(self, conn: gthread.TConn) -> None:
+        del self._lingering[conn]
+        self.poller.unregister(conn.sock)
+        gunicorn.util.close(conn.sock)
+
     # -- both ----------------------------------------------------------------------------
 
     def _hand_over(self, conn: gthread.TConn, to_thread: bool = False) -> None:
@@ -443,27 +480,34 @@ def _refuse(conn: gthread.TConn, refused: str, description: str, head: bytes | b
     ``refused``: one of :data:`REFUSALS`; ``head``: what arrived of the request.
     """
     status, title = REFUSALS[refused]
-    _answer(conn.sock, status, HTTPStatus(status).phrase, title, description, retry_after=1 if status == 503 else None)
-    _log_refusal(_address(conn.client), status, refused, head)
+    retry_after = 1 if status == 503 else None
+    sent = _answer(conn.sock, status, HTTPStatus(status).phrase, title, description, retry_after=retry_after)
+    _log_refusal(_address(conn.client), status, refused, head, sent)
     conn.close(graceful=True)
 
 
-def log_parser_refusal(sock: socket.socket, status: int) -> None:
-    """The access line and the count of a request gunicorn's parser refused, answered in JSON (gunicorn.conf.py).
+def answer_parser_refusal(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """Answer a request gunicorn's parser refused in ISS's JSON (gunicorn writes an HTML page through
+    ``gunicorn.util.write_error``, which gunicorn.conf.py points here), and log and count it.
 
     NOTE: gunicorn answers these before ISS sees a request: a malformed request line or header (400), a
     request line over ``limit_request_line`` (414), a transfer coding it does not undo (501); and 500 when
-    it failed itself. ``refused`` is ``unparsable``, or ``gunicorn_failed`` for the 500.
+    it failed itself. ``refused`` is ``unparsable``, or ``gunicorn_failed`` for the 500. gunicorn keeps its
+    reason "Bad Request" for its 500 and 501: the status's own is said then.
     """
+    if reason == 'Bad Request' and status != 400:
+        reason = HTTPStatus(status).phrase
     try:
-        remote = _address(sock.getpeername())
+        remote = _address(sock.getpeername())  # NOTE: before the answer: a client gone makes the write reset it
     except OSError:
         remote = ''
-    _log_refusal(remote, status, 'gunicorn_failed' if status == 500 else 'unparsable', b'')
+    sent = _answer(sock, status, reason, reason, message)
+    _log_refusal(remote, status, 'gunicorn_failed' if status == 500 else 'unparsable', b'', sent)
 
 
-def _log_refusal(remote: str, status: int, refused: str, head: bytes | bytearray) -> None:
-    """The access line and the count of a request refused before the app; ``head``: what arrived of it."""
+def _log_refusal(remote: str, status: int, refused: str, head: bytes | bytearray, sent: int) -> None:
+    """The access line and the count of a request refused before the app; ``head``: what arrived of it,
+    ``sent``: the bytes of its answer's body the kernel took."""
     telemetry.worker_refusals().labels(str(status), refused).inc()
     if not telemetry.access_log.isEnabledFor(logging.INFO):
         return
@@ -477,7 +521,7 @@ def _log_refusal(remote: str, status: int, refused: str, head: bytes | bytearray
         'route': None,
         'status': status,
         'bytes_in': 0,
-        'bytes_out': 0,
+        'bytes_out': sent,
         'remote': remote,
         'refused': refused,
     }
@@ -510,6 +554,8 @@ def _counted_as(address: str) -> str:
 class _Connection(gthread.TConn):
     #: Until when the request must have arrived, when it came past its address's MAX_ARRIVING_PER_CLIENT.
     past_the_bound_until: float | None = None
+    #: The worker's :meth:`ThreadWorker._linger`: whether it goes on reading the connection after its close.
+    linger: Callable[[gthread.TConn], bool] = staticmethod(lambda conn: False)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -517,17 +563,18 @@ class _Connection(gthread.TConn):
         self.counted_as = _counted_as(_address(self.client))
 
     def close(self, graceful: bool = False) -> None:
-        """Close without lingering: gunicorn's graceful close waits up to 2 s on the main loop for a dripping peer.
+        """Close; gracefully, as nginx does: the answer sent, what the client still sends is read and dropped.
 
-        NOTE: what has arrived is read first, so the kernel sends FIN, not RST (which could cut the answer).
+        NOTE: unread bytes make the kernel send a reset, which may cut the answer before the client read it.
+        What has arrived is read here; a client still sending is read by the worker's main loop (gunicorn's
+        graceful close waited there up to 2 s for a dripping peer, every other connection with it).
         """
-        if graceful:
+        if graceful and not _set_to_reset(self.sock):
             try:
                 self.sock.setblocking(False)
                 self.sock.shutdown(socket.SHUT_WR)
-                for _ in range(16):
-                    if not self.sock.recv(4096):
-                        break
+                if not _read_away(self.sock) and self.linger(self):
+                    return
             except OSError:
                 pass
         gunicorn.util.close(self.sock)
@@ -602,6 +649,28 @@ def _receive(sock: socket.socket) -> bytes | None:
         return b''
 
 
+def _set_to_reset(sock: socket.socket) -> bool:
+    """Whether the socket is to be reset at its close (SO_LINGER of 0 s): a response cut short (sending.py)."""
+    try:
+        on, seconds = struct.unpack('ii', sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
+    except OSError:
+        return True
+    return bool(on) and not seconds
+
+
+def _read_away(sock: socket.socket) -> bool:
+    """Drop what arrived on a non-blocking socket (at most 1 MiB at a time); whether its client is done sending."""
+    try:
+        for _ in range(16):
+            if not sock.recv(65536):
+                return True
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    return False
+
+
 def _receive_by(deadline: float, sock: socket.socket, receive: Callable[[], bytes]) -> bytes:
     """``receive()`` from ``sock``, waiting no later than ``deadline`` (:func:`time.monotonic`)."""
     remaining = deadline - time.monotonic()
@@ -613,8 +682,9 @@ def _receive_by(deadline: float, sock: socket.socket, receive: Callable[[], byte
 
 def _answer(
     sock: socket.socket, status: int, reason: str, title: str, description: str, retry_after: int | None = None
-) -> None:
-    """Answer in ISS's JSON from the main loop, without blocking: a client that reads nothing gets the close alone."""
+) -> int:
+    """Answer in ISS's JSON without blocking (a client that reads nothing gets the close alone); the body's bytes
+    the kernel took (0 when it took not all of the answer)."""
     body = json.dumps(error_body(status, title, description)).encode()
     retry = f'Retry-After: {retry_after}\r\n' if retry_after is not None else ''
     head = (
@@ -625,4 +695,5 @@ def _answer(
         sock.setblocking(False)
         gunicorn.util.write(sock, head.encode() + body)
     except OSError:
-        pass
+        return 0
+    return len(body)
