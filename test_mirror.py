@@ -24,10 +24,18 @@ UPLOAD = 'upload-token'
 TOKENS = {'ISS_API_TOKEN': UPLOAD, 'ISS_ADMIN_TOKEN': ADMIN}
 
 
+#: ``python -m iss_client``, with Ctrl-C's KeyboardInterrupt as a person's terminal gives it. NOTE: a test run started
+#: in the background of a script inherits SIGINT ignored, and Python then leaves it so: the watch never stopped.
+CTRL_C_ABLE = (
+    'import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); '
+    "runpy.run_module('iss_client', run_name='__main__', alter_sys=True)"
+)
+
+
 def iss_client(*args: str, **popen) -> subprocess.Popen:
     """``python -m iss_client ARGS`` as its own process (killed by the test as a person's Ctrl-C or a crash would)."""
     return subprocess.Popen(
-        [sys.executable, '-m', 'iss_client', *args],
+        [sys.executable, '-c', CTRL_C_ABLE, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
