@@ -459,6 +459,8 @@ class BlobStore:
         # NOTE: the index down here, nothing is written (503, nothing stored).
         intent_ids = dict(zip(unfinished, self.index.record_intents('put', unfinished, time.time()), strict=True))
         with self._writing(list(intent_ids.values())):
+            # NOTE: a driver with locks holds each blob from its check to its row: a removal waits its turn there
+            self._wait_for_removals([hex_digest for hex_digest in unfinished if hex_digest in unasked])
             for hex_digest, staged, _ in list(new):
                 if staged.size >= _SINGLE_FLIGHT_MIN_BYTES and self._stored_by_an_earlier_writer(
                     hex_digest, intent_ids[hex_digest]
@@ -675,9 +677,41 @@ class BlobStore:
                 self.index.finish_puts([row], [intent.id])
             return 'put_completed'
         if not dry_run:
+            if not self._may_remove(intent):
+                return None
             self._remove_unlisted(hex_digest)
             self.index.drop_intent(intent.id)
-        return 'put_undone' if intent.op == 'put' else 'delete_completed'
+        return 'delete_completed' if intent.op == 'delete' else 'put_undone'
+
+    def _may_remove(self, intent: index.Intent) -> bool:
+        """Mark ``intent`` a removal at work, then look again for a writer of its content: whether none is.
+
+        APPSEC: on a bucket nothing holds a blob (no lock): a writer of the same content that began after
+        the looks of :meth:`settle` found the leavings there (its put answered "exists"), wrote its row,
+        and the removal then took its blob: a 201 whose bytes were gone (the fault suite's frozen S3).
+        Each side says what it does before it looks at the other (its intent, then the other's): of a
+        writer and a removal, at least one sees the other. The writer waits for the removal to end
+        (:meth:`_wait_for_removals`); a removal that sees a writer gives way (its intent made old, it is
+        settled again by a later pass).
+        """
+        removing = 'delete' if intent.op == 'delete' else 'undo'
+        self.index.mark_intent(intent.id, removing, time.time())
+        if not self._live_puts(intent.hex, other_than=intent.id) and self.index.get(intent.hex) is None:
+            return True
+        self.index.mark_intent(intent.id, intent.op if intent.op == 'delete' else 'put', 0.0)
+        return False
+
+    def _wait_for_removals(self, hexes: Sequence[str]) -> None:
+        """Wait while a delete or an undo at work removes the objects of any of ``hexes`` (see :meth:`_may_remove`).
+
+        Raises:
+            StoreUnavailable: one went on past :data:`_SINGLE_FLIGHT_SECONDS` (its remover is stuck).
+        """
+        deadline = time.monotonic() + _SINGLE_FLIGHT_SECONDS
+        while self.index.removals(hexes, time.time() - self.intent_grace):
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable('a removal of the same content is taking its time; try again')
+            time.sleep(_SINGLE_FLIGHT_POLL_SECONDS)
 
     def settle_orphan(self, hex_digest: str, *, dry_run: bool = False) -> str | None:
         """Settle a blob or meta that has neither row nor intent (a write the bucket took after its writer gave up).

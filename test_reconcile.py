@@ -190,6 +190,60 @@ def test_an_old_intent_waits_while_another_writer_of_its_content_is_at_work(clie
     assert store.is_stored(blob_id[7:])
 
 
+def test_an_undo_marks_itself_then_gives_way_to_a_writer_that_began_meanwhile(client, store):
+    """On a bucket nothing holds a blob: a writer that began after the undo's first looks found the leavings, wrote
+    its row, and the undo then removed its blob (a 201 whose bytes were gone, in the fault suite's frozen S3)."""
+    blob_id = upload(client, b'left half-written')
+    store.index.remove(blob_id[7:])
+    store.remove_meta(blob_id[7:])
+    [left] = store.index.record_intents('put', [blob_id[7:]], LONG_AGO)
+    store.index.record_intents('put', [blob_id[7:]], time.time())  # NOTE: the writer, after the undo's looks
+
+    assert store._may_remove(store.index.intents(hex_digest=blob_id[7:])[0]) is False
+    assert [(intent.id, intent.op, intent.alive_at) for intent in store.index.intents(hex_digest=blob_id[7:])][0] == (
+        left,
+        'put',
+        0.0,
+    ), 'made old again: a later pass settles it'
+    assert store.is_stored(blob_id[7:])
+
+
+def test_an_undo_with_no_writer_at_work_says_so_before_it_removes(client, store):
+    blob_id = upload(client, b'left alone')
+    store.index.remove(blob_id[7:])
+    store.remove_meta(blob_id[7:])
+    store.index.record_intents('put', [blob_id[7:]], LONG_AGO)
+
+    assert store._may_remove(store.index.intents(hex_digest=blob_id[7:])[0]) is True
+    [marked] = store.index.intents(hex_digest=blob_id[7:])
+    assert marked.op == 'undo' and marked.alive_at > time.time() - 5
+    assert store.index.removals([blob_id[7:]], time.time() - 60) == [blob_id[7:]]
+
+
+def test_an_upload_waits_while_a_removal_of_its_content_is_at_work(client, store, store_backend):
+    """What makes the undo's mark a guard: a writer on a bucket (no lock) looks for it after recording its intent."""
+    data = b'removed while uploaded again'
+    hex_digest = hashlib.sha256(data).hexdigest()
+    [removal] = store.index.record_intents('put', [hex_digest], time.time())
+    store.index.mark_intent(removal, 'undo', time.time())
+    answers: list[int] = []
+    uploader = threading.Thread(
+        target=lambda: answers.append(
+            client.post('/artifacts?kind=half', data, {'Content-Type': 'application/octet-stream'}).status_int
+        )
+    )
+    uploader.start()
+    time.sleep(0.5)
+    waited = not answers
+    store.index.drop_intent(removal)
+    uploader.join(10)
+
+    # NOTE: a file store holds the blob from its check to its row (a removal takes the same lock): no wait
+    assert waited is bool(store_backend), answers
+    assert answers == [201]
+    assert_complete(client, store, 'sha256:' + hex_digest, data)
+
+
 def test_the_sweep_indexes_a_whole_orphan_and_removes_the_rest(client, store):
     """Objects with neither row nor intent (a PUT the bucket took after its writer gave up)."""
     whole = upload(client, b'blob and meta')

@@ -124,7 +124,7 @@ CREATE TABLE IF NOT EXISTS webhooks (
 CREATE TABLE IF NOT EXISTS intents (
     id TEXT PRIMARY KEY,           -- one per writer: two uploads of the same content each have theirs
     hex TEXT NOT NULL,
-    op TEXT NOT NULL,              -- 'put' or 'delete'
+    op TEXT NOT NULL,              -- 'put' or 'delete'; 'undo': the reconciler removing a put's leavings
     at REAL NOT NULL,              -- Unix seconds it was recorded
     alive_at REAL NOT NULL         -- when its writer last said it is at work (0: it gave up)
 ) WITHOUT ROWID;
@@ -224,7 +224,7 @@ class Intent:
 
     id: str
     hex: str
-    op: str  # NOTE: 'put' or 'delete'
+    op: str  # NOTE: 'put' or 'delete'; 'undo': the reconciler removing what a put left (storage.settle)
     at: float
     alive_at: float
 
@@ -403,6 +403,24 @@ class _Queries:
         if intent_ids:
             marks = ', '.join('?' * len(intent_ids))
             self._run(f'UPDATE intents SET alive_at = ? WHERE id IN ({marks})', [alive_at, *intent_ids])
+
+    def mark_intent(self, intent_id: str, op: str, alive_at: float) -> None:
+        """Say what an intent's writer does now (a put the reconciler undoes becomes 'undo'), and since when."""
+        self._run('UPDATE intents SET op = ?, alive_at = ? WHERE id = ?', (op, alive_at, intent_id))
+
+    def removals(self, hexes: Sequence[str], alive_since: float) -> list[str]:
+        """Those of ``hexes`` whose objects a delete or an undo at work since ``alive_since`` is removing."""
+        if not hexes:
+            return []
+        marks = ', '.join('?' * len(hexes))
+        return [
+            hex_digest
+            for (hex_digest,) in self._run(
+                "SELECT DISTINCT hex FROM intents WHERE op IN ('delete', 'undo') AND alive_at >= ? "
+                f'AND hex IN ({marks})',
+                [alive_since, *hexes],
+            )
+        ]
 
     def drop_intent(self, intent_id: str) -> bool:
         """Remove an intent whose write is finished or undone; whether it was there."""
