@@ -535,7 +535,9 @@ def test_a_put_whose_timed_out_attempt_lands_before_its_retry_says_it_stored_the
 def test_new_content_sent_while_s3_freezes_and_thaws_is_never_answered_as_found_there(tmp_path, seaweedfs, postgres):
     """A request answers 201 for content it stored, or 503 (not acknowledged). The write may land after
     the 503 all the same (the service took it before it froze), so the client's retry answers 200
-    "created": false: the truth, as the content is stored and that request did not create it."""
+    "created": false: the truth, as the content is stored and that request did not create it; or not
+    land, and the retry stores it (201). Either way the content is there to read: the reconciler's undo
+    of the frozen write once removed what the retry had stored."""
     node = Gunicorn(
         tmp_path / 'data',
         tmp_path / 'gunicorn.log',
