@@ -688,7 +688,9 @@ def tus_js() -> pathlib.Path:
 @pytest.mark.slow
 def test_tus_js_client_uploads_cut_off_at_a_random_point_and_resumed(server, tmp_path, tus_js, size):
     path, expected_id = a_file(tmp_path, size)
-    proxy = CuttingProxy(server.port, cut_after=random.randrange(200, max(size, 400)))
+    # NOTE: tus-js-client sends 394 bytes in all for a 1-byte file (its POST 190, its PATCH 204): a cut drawn past
+    # them never came (one run in about 30 failed so)
+    proxy = CuttingProxy(server.port, cut_after=random.randrange(200, max(size, 380)))
     chunk_size = 16 * 1024 * 1024 if size > 50_000_000 else 1024 * 1024
     fields = json.dumps({'kind': 'tus-js', 'filename': path.name})
 
