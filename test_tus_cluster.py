@@ -357,9 +357,9 @@ def listed(server: Gunicorn) -> set[str]:
 
 @pytest.mark.timeout(3600)
 def test_uploads_survive_repeated_kills_at_random_points(nodes):
-    """A node SIGKILLed again and again (ISS_TUS_KILLS, 8 unless set) while four clients upload through
+    """A node SIGKILLed again and again (ISS_TUS_KILLS, 5 unless set) while four clients upload through
     both nodes at random, one upload after another: each upload ends whole with its id, nothing else is listed."""
-    kills = int(os.environ.get('ISS_TUS_KILLS', '8'))
+    kills = int(os.environ.get('ISS_TUS_KILLS', '5'))
     a, b = nodes('a'), nodes('b')
     a_port = a.port
     servers = {'a': a, 'b': b}
